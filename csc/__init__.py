@@ -1,0 +1,3 @@
+"""CSC, the alias switching center."""
+
+__version__ = "0.1.0"

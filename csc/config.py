@@ -1,0 +1,156 @@
+"""The switching center's configuration: :class:`CSCConfig` and how it is loaded.
+
+Defaults live in the dataclass; :func:`load_csc_config` overlays a TOML file, ``CSC_*``
+environment variables and command-line overrides (see :mod:`shared.config`). ``CSC_AGENT_*``,
+``CSC_PORTAL_*`` and ``CSC_BOOTLOADER_*`` variables belong to the other programs and are ignored
+here, so no CSC setting may start with ``agent_``, ``portal_`` or ``bootloader_``.
+
+Invariants of a loaded config: addresses parse as host:port, ``initial_window <= max_window <=
+session_budget``, ``max_frame`` is within 16 KiB..16 MiB, ``heartbeat_timeout >
+heartbeat_interval``, and ``tls_cert``/``tls_key`` are both set (to existing files) or both unset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import (
+    duration_field,
+    heartbeat_problems,
+    link_limit_problems,
+    load_config,
+    meta,
+    parse_hostport,
+    size_field,
+)
+
+ENV_PREFIX = "CSC_"
+#: Environment prefixes of the other programs, which share ``CSC_``.
+OTHER_PREFIXES = ("CSC_AGENT_", "CSC_PORTAL_", "CSC_BOOTLOADER_")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+KIB = 1024
+MIB = 1024 * 1024
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    """``$XDG_STATE_HOME/csc`` when that is an absolute path, else ``~/.local/state/csc``."""
+    xdg = env.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "csc"
+    home = env.get("HOME")
+    return (Path(home) if home else Path.home()) / ".local" / "state" / "csc"
+
+
+def _state_dir_from_process_env() -> Path:
+    # Only for direct construction (tests, embedding); load_csc_config uses the env passed in.
+    return default_state_dir(os.environ)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CSCConfig:
+    """Every setting of ``csc serve``; see README.md's configuration section."""
+
+    listen: str = field(
+        default="127.0.0.1:8080",
+        metadata=meta(kind="hostport", help="HTTP listener: agents' WebSocket and bootloaders"),
+    )
+    tcp_listen: str | None = field(
+        default="127.0.0.1:8081",
+        metadata=meta(kind="hostport", help="TCP ingress (`CONNECT alias`); `off` disables it"),
+    )
+    state_dir: Path = field(
+        default_factory=_state_dir_from_process_env,
+        metadata=meta(
+            env_default=default_state_dir,
+            doc_default="`$XDG_STATE_HOME/csc` or `~/.local/state/csc`",
+            help="signing key, `tenants.json`",
+        ),
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata=meta(help="PEM certificate chain; with `tls_key` enables TLS")
+    )
+    tls_key: Path | None = field(default=None, metadata=meta(help="PEM private key of `tls_cert`"))
+    token_audience: str = field(
+        default="csc-agent", metadata=meta(help="`aud` required in agent tokens")
+    )
+    token_issuer: str = field(default="csc", metadata=meta(help="`iss` required in agent tokens"))
+    drain_timeout: float = duration_field(
+        30.0, "on SIGTERM, how long in-flight streams may finish", minimum=0
+    )
+    heartbeat_interval: float = duration_field(10.0, "heartbeat period on agent links")
+    heartbeat_timeout: float = duration_field(30.0, "a link silent this long is closed")
+    open_timeout: float = duration_field(30.0, "how long the agent may take to answer OPEN")
+    tcp_handshake_timeout: float = duration_field(
+        10.0, "how long a TCP client may take to send CONNECT"
+    )
+    max_streams_per_session: int = field(
+        default=1024, metadata=meta(minimum=1, help="concurrent streams on one agent session")
+    )
+    initial_window: int = size_field(256 * KIB, "initial per-stream flow-control window", minimum=1)
+    max_window: int = size_field(32 * MIB, "largest auto-tuned per-stream window", minimum=1)
+    session_budget: int = size_field(
+        64 * MIB, "buffered bytes allowed per agent session", minimum=1
+    )
+    max_frame: int = size_field(
+        256 * KIB, "largest frame payload (16KiB..16MiB)", minimum=16 * KIB, maximum=16 * MIB
+    )
+    max_body_size: int | None = field(
+        default=None,
+        metadata=meta(kind="size", minimum=0, help="largest request body; unset means unlimited"),
+    )
+    log_level: str = field(
+        default="info", metadata=meta(choices=LOG_LEVELS, help="debug, info, warning or error")
+    )
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_hostport(self.listen)
+
+    @property
+    def tcp_listen_address(self) -> tuple[str, int] | None:
+        return None if self.tcp_listen is None else parse_hostport(self.tcp_listen)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None and self.tls_key is not None
+
+    def validate(self) -> list[str]:
+        """Cross-field checks; single-field ranges are checked by the loader."""
+        problems = link_limit_problems(
+            initial_window=self.initial_window,
+            max_window=self.max_window,
+            session_budget=self.session_budget,
+            max_frame=self.max_frame,
+        )
+        problems += heartbeat_problems(self.heartbeat_interval, self.heartbeat_timeout)
+        problems += self._tls_problems()
+        for name in ("token_audience", "token_issuer"):
+            if not getattr(self, name).strip():
+                problems.append(f"{name} must not be empty")
+        return problems
+
+    def _tls_problems(self) -> list[str]:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            return ["tls_cert and tls_key must be set together (or neither)"]
+        return [
+            f"{name} {path}: no such file"
+            for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key))
+            if path is not None and not path.is_file()
+        ]
+
+
+def load_csc_config(
+    *, file: Path | None, env: Mapping[str, str], overrides: Mapping[str, object] | None = None
+) -> CSCConfig:
+    """Load :class:`CSCConfig`; raises :class:`shared.config.ConfigError` with every problem."""
+    return load_config(
+        CSCConfig,
+        file=file,
+        env=env,
+        env_prefix=ENV_PREFIX,
+        overrides=overrides,
+        ignore_env_prefixes=OTHER_PREFIXES,
+    )

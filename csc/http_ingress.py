@@ -1,0 +1,256 @@
+"""Bootloader-facing HTTP: ``GET /v1/resolve/{alias}`` and the tunnel ``ANY /t/{alias}/{path}``.
+
+A tunneled request becomes one stream: OPEN carries the request head (hop-by-hop headers
+removed per RFC 9110 §7.6.1, ``X-Forwarded-*`` and ``X-Request-Id`` added), DATA carries the
+body as it arrives, OPEN_OK carries the response head and DATA the response body, each written
+to the bootloader before its credit goes back. Bodies are never held whole in memory.
+
+Errors before the response head are JSON ``{"error", "message", "request_id"}`` with the status
+of shared/errors.py; after the head has been sent an error aborts the connection, so a cut-off
+response can never pass for a complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from csc.gateway import AgentSession
+from csc.registry import Lookup
+from csc.state import NodeState
+from shared.aliases import normalise_alias
+from shared.errors import (
+    Cancelled,
+    CSCError,
+    GoingAway,
+    PayloadTooLarge,
+    PortalOffline,
+    UnknownAlias,
+    UpstreamError,
+    UpstreamTimeout,
+    http_body,
+)
+from shared.headers import HOP_BY_HOP, decode_raw, header_pairs, strip_hop_by_hop
+from shared.link import LinkStream, cancel_quietly
+
+log = logging.getLogger("csc.http")
+
+_REPLACED = frozenset({"host", "expect", "x-forwarded-proto", "x-forwarded-host", "x-request-id"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+RETRY_AFTER_OFFLINE = "5"
+
+
+def request_id_for(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def tunnel_target(raw_path: str) -> str:
+    """The upstream target of ``/t/{alias}{rest}``: ``rest`` (``/`` when empty), raw."""
+    rest = raw_path[3:]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    rest = rest[cut:]
+    if not rest.startswith("/"):
+        rest = "/" + rest
+    return rest
+
+
+def error_response(err: CSCError, request_id: str, **extra: Any) -> web.Response:
+    headers = {"X-Request-Id": request_id}
+    if isinstance(err, PortalOffline | GoingAway):
+        headers["Retry-After"] = RETRY_AFTER_OFFLINE
+    return web.Response(
+        status=err.spec.http_status,
+        body=http_body(err.code, err.message, request_id=request_id, **extra),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def lookup_alias(state: NodeState, raw_alias: str) -> tuple[str, Lookup[AgentSession]]:
+    alias = normalise_alias(raw_alias)
+    found = state.registry.lookup(alias)
+    if found.tenant is None:
+        raise UnknownAlias(f"no tenant serves the alias {alias}")
+    return alias, found
+
+
+def open_stream(
+    state: NodeState, alias: str, found: Lookup[AgentSession], info: dict[str, Any]
+) -> LinkStream:
+    """Open a stream on the least-loaded session that takes it, or raise PortalOffline."""
+    if state.draining:
+        raise GoingAway("this node is draining")
+    last: CSCError | None = None
+    for session in found.sessions:
+        try:
+            stream = session.link.open(info)
+        except CSCError as err:
+            last = err
+            continue
+        session.streams_opened += 1
+        return stream
+    if last is not None and not isinstance(last, GoingAway):
+        raise last
+    raise PortalOffline(f"the portal of {alias} is offline (no agent connected)")
+
+
+async def resolve(request: web.Request) -> web.Response:
+    state = request.app[NodeState.KEY]
+    request_id = request_id_for(request)
+    try:
+        alias, found = lookup_alias(state, request.match_info["alias"])
+        if not found.sessions:
+            raise PortalOffline(f"the portal of {alias} is offline (no agent connected)")
+    except CSCError as err:
+        return error_response(err, request_id)
+    body = {"alias": alias, "online": True, "tunnel": f"/t/{alias}/"}
+    return web.json_response(body, headers={"X-Request-Id": request_id})
+
+
+def _forwarded_head(
+    request: web.Request, state: NodeState, alias: str, request_id: str
+) -> dict[str, Any]:
+    pairs = [
+        (n, v)
+        for n, v in strip_hop_by_hop(decode_raw(request.raw_headers))
+        if n.lower() not in _REPLACED
+    ]
+    client_ip = request.remote or ""
+    prior = [v for n, v in pairs if n.lower() == "x-forwarded-for"]
+    pairs = [(n, v) for n, v in pairs if n.lower() != "x-forwarded-for"]
+    pairs += [
+        ("X-Forwarded-For", ", ".join([*prior, client_ip]) if prior else client_ip),
+        ("X-Forwarded-Proto", "https" if state.tls else "http"),
+        ("X-Forwarded-Host", request.host),
+        ("X-Request-Id", request_id),
+    ]
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return {
+        "kind": "http",
+        "alias": alias,
+        "client": f"{peer[0]}:{peer[1]}" if peer else client_ip,
+        "request_id": request_id,
+        "method": request.method,
+        "target": tunnel_target(request.raw_path),
+        "headers": pairs,
+        "body": request.body_exists,
+    }
+
+
+async def _send_body(request: web.Request, stream: LinkStream, limit: int | None) -> None:
+    sent = 0
+    if request.body_exists:
+        content = request.content
+        while chunk := await content.readany():
+            sent += len(chunk)
+            if limit is not None and sent > limit:
+                raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+            await stream.write(chunk)
+    await stream.write_eof()
+
+
+async def tunnel(request: web.Request) -> web.StreamResponse:
+    state = request.app[NodeState.KEY]
+    request_id = request_id_for(request)
+    limit = state.config.max_body_size
+    try:
+        if limit is not None and (request.content_length or 0) > limit:
+            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+        alias, found = lookup_alias(state, request.match_info["alias"])
+        info = _forwarded_head(request, state, alias, request_id)
+        stream = open_stream(state, alias, found, info)
+    except CSCError as err:
+        return error_response(err, request_id)
+    state.active_streams += 1
+    body = asyncio.ensure_future(_send_body(request, stream, limit))
+    try:
+        return await _relay_response(request, state, stream, body, request_id)
+    finally:
+        state.active_streams -= 1
+        await cancel_quietly(body)
+
+
+async def _await_head(
+    stream: LinkStream, body: asyncio.Future[None], timeout: float
+) -> dict[str, Any]:
+    """The response head, or the first error of the open or of the body upload."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not stream.opened.done():
+        waiting: set[asyncio.Future[Any]] = {stream.opened}
+        if not body.done():
+            waiting.add(body)
+        remaining = deadline - loop.time()
+        done, _ = await asyncio.wait(
+            waiting, timeout=max(remaining, 0), return_when="FIRST_COMPLETED"
+        )
+        if not done:
+            raise UpstreamTimeout(f"the portal did not answer within {timeout:g} s")
+        if body in done and not body.cancelled():
+            exc = body.exception()
+            if isinstance(exc, CSCError):
+                raise exc
+    return stream.opened.result()
+
+
+async def _relay_response(
+    request: web.Request,
+    state: NodeState,
+    stream: LinkStream,
+    body: asyncio.Future[None],
+    request_id: str,
+) -> web.StreamResponse:
+    try:
+        head = await _await_head(stream, body, state.config.open_timeout)
+        resp = _response_from_head(head, request_id)
+    except CSCError as err:
+        stream.reset(err)
+        log.info("request %s to %s failed: %s", request_id, stream.info["alias"], err.code)
+        return error_response(err, request_id)
+    await resp.prepare(request)
+    try:
+        while data := await stream.read():
+            await resp.write(data)
+            stream.consumed(len(data))
+        await resp.write_eof()
+    except CSCError as err:
+        log.warning("request %s aborted mid-response: %s", request_id, err.message)
+        _abort(request)
+    except (ConnectionError, asyncio.CancelledError):
+        stream.reset(Cancelled("the client went away"))
+        raise
+    return resp
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _response_from_head(head: dict[str, Any], request_id: str) -> web.StreamResponse:
+    status = head.get("status")
+    headers = header_pairs(head.get("headers"))
+    if not isinstance(status, int) or not 100 <= status <= 999 or headers is None:
+        raise UpstreamError("the agent sent an invalid response head")
+    reason = head.get("reason")
+    resp = web.StreamResponse(status=status, reason=reason if isinstance(reason, str) else None)
+    length: int | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            continue
+        if lname == "content-length":
+            length = int(value) if value.isdigit() else None
+            continue
+        resp.headers.add(name, value)
+    if length is not None:
+        resp.content_length = length
+    resp.headers["X-Request-Id"] = request_id
+    return resp

@@ -1,0 +1,231 @@
+"""``csc serve``: the app factory, the listeners and the graceful stop.
+
+:func:`create_app` builds the aiohttp application (agent gateway, resolve, tunnel, health);
+:func:`run_node` starts the HTTP listener and the TCP ingress, writes the ready file, and on
+SIGTERM/SIGINT drains: it stops accepting, sends GOAWAY on every agent session, lets in-flight
+streams finish within ``drain_timeout``, then closes the links with 1001 and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from shared.tokens import load_or_create_signing_key
+
+from csc import gateway, http_ingress
+from csc.config import CSCConfig
+from csc.registry import MemoryRegistry
+from csc.state import NodeState
+from csc.tcp_ingress import READ_LIMIT, make_handler
+from csc.tenants import TenantsFile
+from shared.errors import GoingAway
+
+log = logging.getLogger("csc")
+
+TUNNEL_METHODS = "*"
+
+
+def _assignments_loader(state_dir: Path) -> Any:
+    """A loader of ``tenants.json`` that re-reads the file only when it changed."""
+    tenants = TenantsFile(state_dir)
+    cache: dict[str, Any] = {"mtime": None, "data": {}}
+
+    def load() -> dict[str, str]:
+        mtime = tenants.mtime()
+        if mtime != cache["mtime"]:
+            cache["mtime"], cache["data"] = mtime, tenants.load()
+        data: dict[str, str] = cache["data"]
+        return data
+
+    return load
+
+
+def build_state(config: CSCConfig) -> NodeState:
+    """Load (or create, on first start) the signing key and the recorded tenant aliases."""
+    key, created = load_or_create_signing_key(config.state_dir)
+    if created:
+        print(f"csc: created a signing key pair in {config.state_dir}", file=sys.stderr)
+    registry: MemoryRegistry[gateway.AgentSession] = MemoryRegistry(
+        load_assignments=_assignments_loader(config.state_dir)
+    )
+    registry.refresh()
+    return NodeState(
+        config=config,
+        registry=registry,
+        public_keys=[key.public_key()],
+        tls=config.tls_enabled,
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[NodeState.KEY]
+    if state.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready", "sessions": len(state.sessions)})
+
+
+async def _close_sessions(app: web.Application) -> None:
+    """on_shutdown: end every agent link with 1001 before aiohttp cancels handlers."""
+    state = app[NodeState.KEY]
+    for session in list(state.sessions.values()):
+        session.link.close(GoingAway("the CSC is shutting down"))
+
+
+def create_app(config: CSCConfig, *, state: NodeState | None = None) -> web.Application:
+    app = web.Application(client_max_size=1024**2)
+    app[NodeState.KEY] = state or build_state(config)
+    app.router.add_get("/v1/agent/connect", gateway.agent_connect)
+    app.router.add_get("/v1/resolve/{alias}", http_ingress.resolve)
+    app.router.add_route(TUNNEL_METHODS, "/t/{alias}", http_ingress.tunnel)
+    app.router.add_route(TUNNEL_METHODS, "/t/{alias}/{tail:.*}", http_ingress.tunnel)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.on_shutdown.append(_close_sessions)
+    return app
+
+
+def _ssl_context(config: CSCConfig) -> ssl.SSLContext | None:
+    if not config.tls_enabled:
+        return None
+    assert config.tls_cert is not None and config.tls_key is not None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    return ctx
+
+
+def _hostport(sockname: Any) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def write_ready_file(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class Node:
+    """A running CSC node: the HTTP site, the TCP ingress and the drain logic."""
+
+    def __init__(self, config: CSCConfig, app: web.Application) -> None:
+        self.config = config
+        self.app = app
+        self.state = app[NodeState.KEY]
+        self.runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
+        self.tcp_server: asyncio.Server | None = None
+        self.http_address = ""
+        self.tcp_address: str | None = None
+
+    async def start(self) -> None:
+        ssl_ctx = _ssl_context(self.config)
+        await self.runner.setup()
+        host, port = self.config.listen_address
+        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_ctx, backlog=1024)
+        await site.start()
+        self.http_address = _hostport(self.runner.addresses[0])
+        tcp = self.config.tcp_listen_address
+        if tcp is not None:
+            self.tcp_server = await asyncio.start_server(
+                make_handler(self.state), tcp[0], tcp[1], ssl=ssl_ctx, limit=READ_LIMIT
+            )
+            self.tcp_address = _hostport(self.tcp_server.sockets[0].getsockname())
+
+    async def drain(self) -> None:
+        """Stop taking work, GOAWAY every agent, wait for streams, then close everything."""
+        state = self.state
+        state.draining = True
+        log.info(
+            "draining: up to %.0f s for %d streams", self.config.drain_timeout, state.active_streams
+        )
+        if self.tcp_server is not None:
+            self.tcp_server.close()
+        for site in list(self.runner.sites):
+            server = getattr(site, "_server", None)
+            if server is not None:
+                server.close()
+        for session in list(state.sessions.values()):
+            session.link.go_away("going_away", "the CSC is shutting down")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
+        while state.active_streams > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if state.active_streams:
+            log.warning("drain deadline passed with %d streams in flight", state.active_streams)
+        await self.stop()
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        if self.tcp_server is not None:
+            self.tcp_server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.tcp_server.wait_closed(), 1.0)
+
+
+@contextlib.asynccontextmanager
+async def running_node(config: CSCConfig) -> AsyncIterator[Node]:
+    """Start a node for the duration of the block (used by tests and by :func:`serve`)."""
+    node = Node(config, create_app(config))
+    await node.start()
+    try:
+        yield node
+    finally:
+        if not node.state.draining:
+            await node.stop()
+
+
+async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_node(config) as node:
+        log.info(
+            "listening: http %s (agents: /v1/agent/connect), tcp %s; state dir %s",
+            node.http_address,
+            node.tcp_address or "off",
+            config.state_dir,
+        )
+        print(
+            f"csc: listening on {'https' if config.tls_enabled else 'http'}://"
+            f"{node.http_address}, tcp ingress {node.tcp_address or 'off'}, "
+            f"state dir {config.state_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if ready_file is not None:
+            write_ready_file(
+                ready_file,
+                {"http": node.http_address, "tcp": node.tcp_address, "pid": os.getpid()},
+            )
+        await stop.wait()
+        await node.drain()
+    log.info("stopped")
+    return 0
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def serve(config: CSCConfig, *, ready_file: Path | None = None) -> int:
+    install_uvloop()
+    return asyncio.run(run_node(config, ready_file))

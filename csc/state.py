@@ -1,0 +1,51 @@
+"""Per-node state shared by the gateway and the ingresses (one object, stored on the app)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from aiohttp import web
+
+from csc.config import CSCConfig
+from csc.registry import MemoryRegistry
+from shared.protocol import LinkSettings
+
+if TYPE_CHECKING:
+    from csc.gateway import AgentSession
+
+
+def link_settings(config: CSCConfig) -> LinkSettings:
+    return LinkSettings(
+        initial_window=config.initial_window,
+        max_window=config.max_window,
+        session_budget=config.session_budget,
+        max_frame=config.max_frame,
+        max_streams=config.max_streams_per_session,
+        heartbeat_interval=config.heartbeat_interval,
+        heartbeat_timeout=config.heartbeat_timeout,
+    )
+
+
+@dataclass(eq=False)
+class NodeState:
+    KEY: ClassVar[web.AppKey[NodeState]]
+
+    config: CSCConfig
+    registry: MemoryRegistry[AgentSession]
+    public_keys: list[Any]
+    node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    sessions: dict[str, AgentSession] = field(default_factory=dict)
+    draining: bool = False
+    auth_failures: int = 0
+    active_streams: int = 0
+    tls: bool = False
+    link_settings: LinkSettings = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.link_settings = link_settings(self.config)
+
+
+NodeState.KEY = web.AppKey("csc_node_state", NodeState)

@@ -1,0 +1,95 @@
+"""The raw TCP ingress: ``CONNECT <alias>\\r\\n``, then ``OK\\r\\n`` and bytes both ways.
+
+The first line (at most :data:`MAX_LINE` bytes, within the handshake timeout) names the alias;
+every refusal is one ``ERR <status> <code>: <message>\\r\\n`` line (shared/errors.py) followed by
+a close. After ``OK`` the connection is spliced to a ``tcp`` stream with half-close both ways;
+the CSC never interprets those bytes (they are usually TLS end to end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+from csc.http_ingress import lookup_alias, open_stream
+from csc.state import NodeState
+from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
+from shared.link import splice
+
+log = logging.getLogger("csc.tcp")
+
+MAX_LINE = 512
+#: StreamReader buffer limit: large, so that spliced bytes flow in big reads.
+READ_LIMIT = 256 * 1024
+
+
+async def _read_alias(reader: asyncio.StreamReader, timeout: float) -> str:
+    try:
+        line = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
+    except TimeoutError:
+        raise BadRequest(f"no CONNECT line within {timeout:g} s") from None
+    except asyncio.LimitOverrunError:
+        raise BadRequest(f"the CONNECT line is longer than {MAX_LINE} bytes") from None
+    except asyncio.IncompleteReadError:
+        raise BadRequest("the connection closed before a complete CONNECT line") from None
+    if len(line) > MAX_LINE:
+        raise BadRequest(f"the CONNECT line is longer than {MAX_LINE} bytes")
+    try:
+        text = line.decode("ascii").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise BadRequest("the CONNECT line must be ASCII") from None
+    verb, _, alias = text.partition(" ")
+    if verb != "CONNECT" or not alias.strip():
+        raise BadRequest("expected 'CONNECT <alias>'")
+    return alias.strip()
+
+
+def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await _serve(state, reader, writer)
+        finally:
+            writer.close()
+
+    return handle
+
+
+async def _serve(
+    state: NodeState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    request_id = uuid.uuid4().hex
+    peer = writer.get_extra_info("peername")
+    client = f"{peer[0]}:{peer[1]}" if peer else "?"
+    try:
+        raw_alias = await _read_alias(reader, state.config.tcp_handshake_timeout)
+        alias, found = lookup_alias(state, raw_alias)
+        info = {"kind": "tcp", "alias": alias, "client": client, "request_id": request_id}
+        stream = open_stream(state, alias, found, info)
+    except CSCError as err:
+        await _refuse(writer, err)
+        return
+    state.active_streams += 1
+    try:
+        try:
+            await asyncio.wait_for(asyncio.shield(stream.opened), state.config.open_timeout)
+        except TimeoutError:
+            timeout = UpstreamTimeout("the portal did not answer in time")
+            stream.reset(timeout)
+            await _refuse(writer, timeout)
+            return
+        except CSCError as exc:
+            await _refuse(writer, exc)
+            return
+        writer.write(b"OK\r\n")
+        await splice(stream, reader, writer, reset_code=Cancelled.code)
+    finally:
+        state.active_streams -= 1
+
+
+async def _refuse(writer: asyncio.StreamWriter, err: CSCError) -> None:
+    log.info("tcp ingress refused: %s", err.code)
+    writer.write(tcp_err_line(err.code, err.message))
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()

@@ -1,0 +1,60 @@
+"""Small helpers shared by the command-line entry points (``csc``, ``csc-agent``).
+
+Conventions they enforce: messages go to stderr prefixed with the program name; a configuration
+error prints ``<prog>: configuration error:`` and then every problem, one per line, and exits 2;
+argparse's own usage errors also exit 2; ``main`` returns the exit code instead of raising.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import TypeVar
+
+from shared.config import ConfigError
+
+T = TypeVar("T")
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def version() -> str:
+    try:
+        return metadata.version("csc")
+    except metadata.PackageNotFoundError:  # running from a source tree without install
+        return "0+unknown"
+
+
+def fail(prog: str, message: str, code: int = EXIT_FAILURE) -> int:
+    print(f"{prog}: {message}", file=sys.stderr)
+    return code
+
+
+def config_file(arg: Path | None, env: Mapping[str, str], prefix: str) -> Path | None:
+    """The ``--config`` file, else ``{prefix}CONFIG`` from the environment, else None."""
+    if arg is not None:
+        return arg
+    from_env = env.get(f"{prefix}CONFIG", "").strip()
+    return Path(from_env).expanduser() if from_env else None
+
+
+def load_or_report(prog: str, load: Callable[[], T]) -> T | None:
+    """Run a config loader; on ConfigError print every problem and return None."""
+    try:
+        return load()
+    except ConfigError as exc:
+        lines = "".join(f"\n  {problem}" for problem in exc.problems)
+        print(f"{prog}: configuration error:{lines}", file=sys.stderr)
+        return None
+
+
+def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    """Parse ``argv``; argparse's exits (``--help``, usage errors) become a returned code."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or EXIT_OK
+        return EXIT_USAGE

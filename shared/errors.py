@@ -1,0 +1,202 @@
+"""Typed errors of the relay and the one table that translates them.
+
+Every error that can reach a peer (a bootloader over HTTP or the TCP ingress, an agent over the
+WebSocket link, a stream over the multiplexer) is a subclass of :class:`CSCError` with a stable
+``code``. :data:`ERRORS` maps each code to its HTTP status, WebSocket close code, TCP ``ERR``
+number and log level, so translation happens in exactly one place. Internal details never reach
+the peer: only ``code`` and ``message`` do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    code: str
+    http_status: int
+    close_code: int
+    log_level: int
+    default_message: str
+
+
+def _spec(code: str, http: int, close: int, level: int, message: str) -> ErrorSpec:
+    return ErrorSpec(code, http, close, level, message)
+
+
+_INFO, _WARN, _ERR = logging.INFO, logging.WARNING, logging.ERROR
+
+#: code -> how it is presented on every surface (docs/protocol.md §8 lists the close codes).
+ERRORS: dict[str, ErrorSpec] = {
+    s.code: s
+    for s in (
+        _spec("bad_request", 400, 4400, _INFO, "the request is malformed"),
+        _spec("bad_alias", 400, 4400, _INFO, "the alias is malformed"),
+        _spec("auth_failed", 401, 4401, _WARN, "authentication failed"),
+        _spec("alias_forbidden", 403, 4403, _WARN, "the token does not cover this alias"),
+        _spec("unknown_alias", 404, 4404, _INFO, "no tenant serves this alias"),
+        _spec("alias_taken", 409, 4409, _WARN, "the alias is held by another tenant"),
+        _spec("payload_too_large", 413, 4413, _INFO, "the request body is too large"),
+        _spec("headers_too_large", 431, 4431, _INFO, "the request head is too large"),
+        _spec("version_unsupported", 426, 4426, _WARN, "unsupported protocol version"),
+        _spec("too_many_streams", 429, 4429, _WARN, "too many concurrent streams"),
+        _spec("internal", 500, 1011, _ERR, "internal error"),
+        _spec("upstream_refused", 502, 4502, _WARN, "the portal refused the connection"),
+        _spec("upstream_reset", 502, 4502, _WARN, "the portal reset the connection"),
+        _spec("upstream_error", 502, 4502, _WARN, "the portal answered with an invalid response"),
+        _spec("agent_lost", 502, 4502, _WARN, "the tenant agent's link was lost"),
+        _spec("portal_offline", 503, 4503, _INFO, "the portal for this alias is offline"),
+        _spec("going_away", 503, 1001, _INFO, "the server is shutting down"),
+        _spec("upstream_timeout", 504, 4504, _WARN, "the portal did not answer in time"),
+        _spec("protocol_error", 400, 4400, _WARN, "protocol violation"),
+        _spec("flow_control", 400, 4400, _WARN, "flow-control violation"),
+        _spec("frame_too_large", 400, 4400, _WARN, "frame too large"),
+        _spec("heartbeat_timeout", 504, 4408, _WARN, "the peer stopped answering heartbeats"),
+        _spec("cancelled", 499, 4499, _INFO, "the client went away"),
+    )
+}
+
+
+class CSCError(Exception):
+    """Base of every typed error; ``code`` is a key of :data:`ERRORS`."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or ERRORS[self.code].default_message
+        super().__init__(self.message)
+
+    @property
+    def spec(self) -> ErrorSpec:
+        return ERRORS[self.code]
+
+    def to_json(self, **extra: Any) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **extra}
+
+
+def error_for_code(code: str, message: str | None = None) -> CSCError:
+    """Rebuild a typed error from a code received from a peer (unknown codes become internal)."""
+    cls = _BY_CODE.get(code, InternalError)
+    return cls(message)
+
+
+def http_body(code: str, message: str, **extra: Any) -> bytes:
+    return json.dumps({"error": code, "message": message, **extra}).encode()
+
+
+def tcp_err_line(code: str, message: str) -> bytes:
+    """The TCP ingress answer for an error: ``ERR <status> <code>: <message>\\r\\n``."""
+    status = ERRORS.get(code, ERRORS["internal"]).http_status
+    clean = " ".join(message.split())[:200]
+    return f"ERR {status} {code}: {clean}\r\n".encode()
+
+
+class BadRequest(CSCError):
+    code = "bad_request"
+
+
+class BadAlias(CSCError):
+    code = "bad_alias"
+
+
+class AuthFailed(CSCError):
+    code = "auth_failed"
+
+
+class AliasForbidden(CSCError):
+    code = "alias_forbidden"
+
+
+class UnknownAlias(CSCError):
+    code = "unknown_alias"
+
+
+class AliasTaken(CSCError):
+    code = "alias_taken"
+
+
+class PayloadTooLarge(CSCError):
+    code = "payload_too_large"
+
+
+class HeadersTooLarge(CSCError):
+    code = "headers_too_large"
+
+
+class VersionUnsupported(CSCError):
+    code = "version_unsupported"
+
+
+class TooManyStreams(CSCError):
+    code = "too_many_streams"
+
+
+class InternalError(CSCError):
+    code = "internal"
+
+
+class UpstreamRefused(CSCError):
+    code = "upstream_refused"
+
+
+class UpstreamReset(CSCError):
+    code = "upstream_reset"
+
+
+class UpstreamError(CSCError):
+    code = "upstream_error"
+
+
+class AgentLost(CSCError):
+    code = "agent_lost"
+
+
+class PortalOffline(CSCError):
+    code = "portal_offline"
+
+
+class GoingAway(CSCError):
+    code = "going_away"
+
+
+class UpstreamTimeout(CSCError):
+    code = "upstream_timeout"
+
+
+class Cancelled(CSCError):
+    code = "cancelled"
+
+
+class HeartbeatTimeout(CSCError):
+    code = "heartbeat_timeout"
+
+
+class ProtocolError(CSCError):
+    """A violation of docs/protocol.md by the peer. Link-level unless raised for one stream."""
+
+    code = "protocol_error"
+
+
+class FlowControlError(ProtocolError):
+    code = "flow_control"
+
+
+class FrameTooLarge(ProtocolError):
+    code = "frame_too_large"
+
+
+_BY_CODE: dict[str, type[CSCError]] = {}
+
+
+def _register(cls: type[CSCError]) -> None:
+    _BY_CODE.setdefault(cls.code, cls)
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(CSCError)
+assert set(_BY_CODE) == set(ERRORS), sorted(set(ERRORS) ^ set(_BY_CODE))

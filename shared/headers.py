@@ -1,0 +1,54 @@
+"""HTTP header handling both relay sides need (RFC 9110 §7.6.1 hop-by-hop fields)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop hop-by-hop fields and every field the Connection header names."""
+    pairs = list(headers)
+    named = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    drop = HOP_BY_HOP | named
+    return [(n, v) for n, v in pairs if n.lower() not in drop]
+
+
+def decode_raw(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """aiohttp's ``raw_headers`` as text pairs (latin-1 keeps every byte)."""
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
+
+
+def header_pairs(value: object) -> list[tuple[str, str]] | None:
+    """Validate a ``[[name, value], ...]`` list from the wire; None if malformed."""
+    if not isinstance(value, list):
+        return None
+    pairs: list[tuple[str, str]] = []
+    for item in value:
+        if not (isinstance(item, list | tuple) and len(item) == 2):
+            return None
+        name, val = item
+        if not isinstance(name, str) or not isinstance(val, str) or not name:
+            return None
+        if any(c in name for c in ":\r\n ") or "\r" in val or "\n" in val:
+            return None
+        pairs.append((name, val))
+    return pairs

@@ -1,0 +1,472 @@
+"""The asyncio adapter of the agent link: a thin shell around :class:`shared.protocol.Connection`.
+
+Both the CSC and the agent run one :class:`Link` per WebSocket session. The owner feeds every
+received message to :meth:`Link.feed`; a writer task sends what the multiplexer queued, one
+WebSocket message per flush; a timer task runs heartbeats. Streams are :class:`LinkStream`
+objects with ``read()``/``write()`` coroutines that respect flow control.
+
+Invariants (docs/protocol.md §5): ``write()`` never queues more than the peer's credit, and the
+credit of received bytes is returned only when the consumer calls :meth:`LinkStream.consumed`
+after delivering them to the next hop. When the link ends, every live stream fails with the
+link's error, so no reader or writer waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from aiohttp import WSMessage, WSMsgType
+
+from shared.errors import AgentLost, CSCError, ProtocolError, error_for_code
+from shared.protocol import (
+    Connection,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    LinkState,
+    PongReceived,
+    SendCreditAvailable,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamRejected,
+    StreamReset,
+)
+
+log = logging.getLogger(__name__)
+
+#: Largest WebSocket message a flush builds (several frames may share one message).
+MAX_MESSAGE = 1024 * 1024
+
+SendFn = Callable[[bytes], Awaitable[None]]
+
+
+class LinkStream:
+    """One multiplexed stream as seen by asyncio code on either side."""
+
+    __slots__ = (
+        "_chunks",
+        "_credit",
+        "_eof",
+        "_error",
+        "_local_eof",
+        "_waiter",
+        "id",
+        "info",
+        "link",
+        "opened",
+    )
+
+    def __init__(self, link: Link, sid: int, info: dict[str, Any]) -> None:
+        self.link = link
+        self.id = sid
+        self.info = info
+        self.opened: asyncio.Future[dict[str, Any]] = link.loop.create_future()
+        self._chunks: deque[bytes | memoryview] = deque()
+        self._eof = False
+        self._local_eof = False
+        self._error: CSCError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._credit = asyncio.Event()
+
+    @property
+    def error(self) -> CSCError | None:
+        return self._error
+
+    async def read(self) -> bytes | memoryview:
+        """The next received chunk; ``b""`` at the peer's FIN; raises the stream's error."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._waiter = self.link.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._chunks.popleft()
+
+    def consumed(self, nbytes: int) -> None:
+        """Report ``nbytes`` delivered to the next hop: the peer may send that much more."""
+        self.link.conn.consumed(self.id, nbytes, self.link.loop.time())
+        self.link.kick()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        """Send ``data``, waiting for credit as needed. Raises the stream's error."""
+        conn = self.link.conn
+        view = memoryview(data)
+        while True:
+            if self._error is not None:
+                raise self._error
+            taken = conn.send_data(self.id, view)
+            if taken:
+                self.link.kick()
+                view = view[taken:]
+            if not view:
+                return
+            self._credit.clear()
+            await self._credit.wait()
+
+    async def write_eof(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._local_eof:
+            self._local_eof = True
+            self.link.conn.send_fin(self.id)
+            self.link.kick()
+            self.link.forget_if_done(self)
+
+    def accept(self, info: dict[str, Any]) -> None:
+        self.link.conn.accept_stream(self.id, info)
+        self.link.kick()
+
+    def reject(self, err: CSCError) -> None:
+        self.link.conn.reject_stream(self.id, err.code, err.message)
+        self.link.kick()
+        self._fail(err)
+
+    def reset(self, err: CSCError) -> None:
+        """Abort the stream in both directions and tell the peer why."""
+        if self._error is None:
+            self.link.conn.reset_stream(self.id, err.code, err.message)
+            self.link.kick()
+        self._fail(err)
+
+    # -- called by Link ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, err: CSCError) -> None:
+        if self._error is None:
+            self._error = err
+        if not self.opened.done():
+            self.opened.set_exception(err)
+            self.opened.exception()  # retrieved: a failed open is reported by the caller
+        self._wake()
+        self._credit.set()
+        self.link.forget(self)
+
+    @property
+    def done(self) -> bool:
+        return self._error is not None or (self._eof and self._local_eof)
+
+
+StreamHandler = Callable[[LinkStream], Awaitable[None]]
+
+
+class Link:
+    """One agent-link session over a message transport (a WebSocket)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        send: SendFn,
+        *,
+        on_stream: StreamHandler | None = None,
+        on_goaway: Callable[[GoAwayReceived], None] | None = None,
+        name: str = "link",
+        pending: list[Event] | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.conn = conn
+        self.name = name
+        self._send = send
+        self._on_stream = on_stream
+        self._on_goaway = on_goaway
+        self.streams: dict[int, LinkStream] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._kick = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.closed: asyncio.Future[CSCError] = self.loop.create_future()
+        self._tasks = [
+            self.loop.create_task(self._writer(), name=f"{name}-writer"),
+            self.loop.create_task(self._timer(), name=f"{name}-timer"),
+        ]
+        self._dispatch([*(pending or ()), *conn.events()])
+        self.kick()
+
+    # -- feeding and sending -----------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Process one received message. A link-level fault closes the link and is raised."""
+        try:
+            self.conn.receive_data(data, self.loop.time())
+        except CSCError as err:
+            self.close(err)
+            raise
+        self._dispatch(self.conn.events())
+        if self.conn.has_output:
+            self.kick()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def open(self, info: dict[str, Any]) -> LinkStream:
+        """Open a stream (raises GoingAway / TooManyStreams / ProtocolError synchronously)."""
+        sid = self.conn.open_stream(info)
+        stream = LinkStream(self, sid, info)
+        self._track(stream)
+        self.kick()
+        return stream
+
+    def go_away(self, code: str = "going_away", message: str = "") -> None:
+        self.conn.go_away(code, message)
+        self.kick()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed.done()
+
+    @property
+    def rtt(self) -> float | None:
+        return self.conn.rtt
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no stream is live (True) or ``timeout`` passes (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self, err: CSCError | None = None) -> None:
+        """End the link: fail every live stream with ``err`` (default: agent lost)."""
+        if self.closed.done():
+            return
+        err = err or AgentLost("the agent link closed")
+        self.closed.set_result(err)
+        self.conn.close()
+        for stream in list(self.streams.values()):
+            stream._fail(err)
+        for task in self._tasks:
+            task.cancel()
+
+    async def aclose(self, err: CSCError | None = None) -> None:
+        """Close and wait for the link's own tasks and stream handlers to finish."""
+        self.close(err)
+        tasks = [*self._tasks, *self._handlers]
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def flush(self) -> None:
+        """Send whatever is queued now (used before closing the transport)."""
+        await self._send_pending()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _track(self, stream: LinkStream) -> None:
+        self.streams[stream.id] = stream
+        self._idle.clear()
+
+    def forget(self, stream: LinkStream) -> None:
+        if self.streams.pop(stream.id, None) is not None and not self.streams:
+            self._idle.set()
+
+    def forget_if_done(self, stream: LinkStream) -> None:
+        if stream.done:
+            self.forget(stream)
+
+    def _dispatch(self, events: list[Event]) -> None:
+        streams = self.streams
+        for event in events:
+            if isinstance(event, DataReceived):
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._chunks.append(event.data)
+                    stream._wake()
+            elif isinstance(event, SendCreditAvailable):
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._credit.set()
+            else:
+                self._dispatch_control(event)
+
+    def _dispatch_control(self, event: Event) -> None:
+        if isinstance(event, StreamOpened):
+            self._start_handler(event)
+            return
+        if isinstance(event, GoAwayReceived):
+            if self._on_goaway is not None:
+                self._on_goaway(event)
+            return
+        if isinstance(event, PongReceived):
+            return
+        stream = self.streams.get(getattr(event, "stream_id", -1))
+        if stream is None:
+            return
+        if isinstance(event, StreamAccepted):
+            if not stream.opened.done():
+                stream.opened.set_result(event.info)
+        elif isinstance(event, StreamEnded):
+            stream._eof = True
+            stream._wake()
+            self.forget_if_done(stream)
+        elif isinstance(event, (StreamRejected, StreamReset)):
+            stream._fail(error_for_code(event.code, event.message))
+
+    def _start_handler(self, event: StreamOpened) -> None:
+        stream = LinkStream(self, event.stream_id, event.info)
+        self._track(stream)
+        if self._on_stream is None:
+            stream.reject(CSCError("this side does not accept streams"))
+            return
+        task = self.loop.create_task(self._run_handler(stream), name=f"{self.name}-s{stream.id}")
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _run_handler(self, stream: LinkStream) -> None:
+        assert self._on_stream is not None
+        try:
+            await self._on_stream(stream)
+        except CSCError as err:
+            stream.reset(err)
+        except Exception:
+            log.exception("%s: stream %d handler failed", self.name, stream.id)
+            stream.reset(CSCError("internal error in the stream handler"))
+
+    async def _send_pending(self) -> None:
+        batch: list[bytes | memoryview] = []
+        size = 0
+        for chunk in self.conn.data_to_send():
+            batch.append(chunk)
+            size += len(chunk)
+            if size >= MAX_MESSAGE:
+                await self._send(b"".join(batch))
+                batch, size = [], 0
+        if batch:
+            await self._send(b"".join(batch))
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                await self._kick.wait()
+                self._kick.clear()
+                await self._send_pending()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the transport failed: the link is gone
+            log.debug("%s: send failed: %r", self.name, exc)
+            self.close(AgentLost(f"the link failed: {exc.__class__.__name__}"))
+
+    async def _timer(self) -> None:
+        conn = self.conn
+        while conn.state is not LinkState.CLOSED:
+            delay = conn.next_deadline() - self.loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                conn.handle_timer(self.loop.time())
+            except CSCError as err:
+                self.close(err)
+                return
+            self.kick()
+
+
+async def splice(
+    stream: LinkStream,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    reset_code: str,
+    chunk_size: int = 256 * 1024,
+) -> None:
+    """Copy bytes both ways between a socket and a stream, with half-close, until both end.
+
+    A socket error resets the stream with ``reset_code``; a stream error aborts the socket.
+    """
+
+    async def outbound() -> None:
+        while data := await reader.read(chunk_size):
+            await stream.write(data)
+        await stream.write_eof()
+
+    async def inbound() -> None:
+        while data := await stream.read():
+            writer.write(data)
+            await writer.drain()
+            stream.consumed(len(data))
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    tasks = [asyncio.ensure_future(outbound()), asyncio.ensure_future(inbound())]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            await next_done
+    except CSCError:
+        writer.transport.abort()
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        stream.reset(error_for_code(reset_code, f"connection reset: {exc.__class__.__name__}"))
+        writer.transport.abort()
+    finally:
+        for task in tasks:
+            await cancel_quietly(task)
+
+
+class WebSocketLike(Protocol):
+    """What both aiohttp WebSocket classes (server and client side) offer."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
+
+    async def send_bytes(self, data: bytes) -> None: ...
+
+    def __aiter__(self) -> Any: ...
+
+    async def __anext__(self) -> WSMessage: ...
+
+
+async def close_websocket(ws: WebSocketLike, err: CSCError) -> None:
+    """Close with the error's close code and ``code: message`` as the reason (≤ 123 bytes)."""
+    reason = f"{err.code}: {err.message}".encode()[:120]
+    with contextlib.suppress(Exception):
+        await ws.close(code=err.spec.close_code, message=reason)
+
+
+async def _close_when_link_ends(ws: WebSocketLike, link: Link) -> None:
+    err = await link.closed
+    if not ws.closed:
+        await close_websocket(ws, err)
+
+
+async def run_websocket(ws: WebSocketLike, link: Link) -> None:
+    """Feed received messages to the link until either side ends it; then close the link."""
+    watcher = asyncio.ensure_future(_close_when_link_ends(ws, link))
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                try:
+                    link.feed(msg.data)
+                except CSCError as err:
+                    await close_websocket(ws, err)
+                    return
+            elif msg.type == WSMsgType.ERROR:
+                return
+            else:
+                violation = ProtocolError("text messages are not part of the protocol")
+                link.close(violation)
+                await close_websocket(ws, violation)
+                return
+    finally:
+        link.close()
+        await cancel_quietly(watcher)
+
+
+async def cancel_quietly(task: asyncio.Task[Any] | None) -> None:
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

@@ -1,0 +1,281 @@
+"""``csc-agent``: N dial-out sessions to the CSC, each serving the streams the CSC opens.
+
+Each session slot connects (token in the ``Authorization`` header only), says HELLO, serves
+streams until the link ends, then reconnects after a capped, jittered backoff that resets once
+a link has been stable. On GOAWAY from the CSC the slot connects a new session first and lets
+the old one finish its streams (make-before-break). On SIGTERM the agent sends GOAWAY on every
+session, lets in-flight streams finish within ``drain_timeout`` and exits.
+
+Errors that retrying cannot fix (token refused, alias not covered, protocol version) stop the
+agent with a clear message and exit status 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from shared.errors import CSCError, GoingAway, ProtocolError
+from shared.link import Link, cancel_quietly, close_websocket, run_websocket
+from shared.protocol import Connection, Event, LinkSettings, Side, WelcomeReceived
+from tenant_agent import __version__
+from tenant_agent.backoff import FATAL_CLOSE_CODES, FATAL_HTTP_STATUSES, Backoff
+from tenant_agent.config import AgentConfig
+from tenant_agent.upstream import Upstreams
+
+log = logging.getLogger("csc_agent")
+
+EXIT_FATAL = 3
+
+
+class FatalError(Exception):
+    """Retrying cannot help: the agent stops with this message."""
+
+
+@dataclass(eq=False)
+class AgentSession:
+    slot: int
+    ws: aiohttp.ClientWebSocketResponse
+    link: Link
+    welcome: dict[str, Any]
+    goaway: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def id(self) -> str:
+        return str(self.welcome.get("session_id", "?"))
+
+
+def link_settings(config: AgentConfig) -> LinkSettings:
+    return LinkSettings(
+        initial_window=config.initial_window,
+        max_window=config.max_window,
+        session_budget=config.session_budget,
+        max_frame=config.max_frame,
+        heartbeat_interval=config.heartbeat_interval,
+        heartbeat_timeout=config.heartbeat_timeout,
+    )
+
+
+def connect_url(csc: str) -> str:
+    """The agent endpoint of a CSC base URL (``http(s)``/``ws(s)``, any path prefix)."""
+    url = csc.rstrip("/")
+    if url.startswith("http://"):
+        url = "ws://" + url[len("http://") :]
+    elif url.startswith("https://"):
+        url = "wss://" + url[len("https://") :]
+    return url + "/v1/agent/connect"
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.settings = link_settings(config)
+        self.upstreams = Upstreams(config)
+        self.sessions: set[AgentSession] = set()
+        self.stopping = asyncio.Event()
+        self.fatal: str | None = None
+        self._draining: set[asyncio.Task[None]] = set()
+        self._http: aiohttp.ClientSession | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        ssl_ctx: ssl.SSLContext | bool = True
+        if self.config.ca_file is not None:
+            ssl_ctx = ssl.create_default_context(cafile=str(self.config.ca_file))
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_ctx))
+        await self.upstreams.start()
+        slots = [
+            asyncio.create_task(self._slot(i), name=f"slot-{i}")
+            for i in range(self.config.sessions)
+        ]
+        try:
+            await self.stopping.wait()
+            await self._drain()
+        finally:
+            for task in slots:
+                await cancel_quietly(task)
+            for task in list(self._draining):
+                await cancel_quietly(task)
+            await self.upstreams.close()
+            await self._http.close()
+        if self.fatal is not None:
+            log.error("stopping: %s", self.fatal)
+            return EXIT_FATAL
+        return 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _drain(self) -> None:
+        """GOAWAY on every session, wait for in-flight streams, then close the links."""
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.link.go_away("going_away", "the agent is shutting down")
+        if sessions and self.fatal is None:
+            log.info(
+                "draining %d sessions (up to %.0f s)", len(sessions), self.config.drain_timeout
+            )
+            await asyncio.gather(*(s.link.wait_idle(self.config.drain_timeout) for s in sessions))
+        for session in sessions:
+            await session.link.flush()
+            await close_websocket(session.ws, GoingAway("the agent is shutting down"))
+
+    # -- one session slot --------------------------------------------------------------------
+
+    async def _slot(self, slot: int) -> None:
+        cfg = self.config
+        backoff = Backoff(cfg.backoff_initial, cfg.backoff_max, cfg.backoff_reset_after)
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            started = loop.time()
+            try:
+                session = await self._connect(slot)
+            except FatalError as exc:
+                self.fatal = str(exc)
+                self.stop()
+                return
+            except (CSCError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.warning("session %d: cannot connect to %s: %s", slot, cfg.csc, _describe(exc))
+            else:
+                replaced = await self._serve(session)
+                if replaced:
+                    backoff.attempt = 0
+                    continue  # make-before-break: connect the successor right away
+                backoff.connected_for(loop.time() - started)
+            if self.fatal is not None or self.stopping.is_set():
+                return
+            delay = backoff.next_delay(random.random())
+            log.info("session %d: reconnecting in %.1f s", slot, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+
+    async def _connect(self, slot: int) -> AgentSession:
+        assert self._http is not None
+        cfg = self.config
+        try:
+            ws = await self._http.ws_connect(
+                connect_url(cfg.csc),
+                headers={"Authorization": f"Bearer {cfg.token.reveal()}"},
+                max_msg_size=cfg.max_frame * 8 + 4 * 1024 * 1024,
+                autoping=True,
+                compress=0,
+                timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in FATAL_HTTP_STATUSES:
+                message = f"the CSC refused the agent (HTTP {exc.status}): {exc.message}"
+                raise FatalError(message) from None
+            raise
+        try:
+            return await asyncio.wait_for(self._handshake(slot, ws), cfg.connect_timeout)
+        except BaseException:
+            await ws.close()
+            raise
+
+    async def _handshake(self, slot: int, ws: aiohttp.ClientWebSocketResponse) -> AgentSession:
+        loop = asyncio.get_running_loop()
+        conn = Connection(Side.CLIENT, self.settings, accept_streams=True, now=loop.time())
+        conn.send_hello({"agent": f"csc-agent/{__version__}", "aliases": self.config.aliases})
+        await ws.send_bytes(b"".join(conn.data_to_send()))
+        welcome: dict[str, Any] | None = None
+        pending: list[Event] = []
+        while welcome is None:
+            msg = await ws.receive()
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                conn.receive_data(msg.data, loop.time())
+                events = conn.events()
+                for i, event in enumerate(events):
+                    if isinstance(event, WelcomeReceived):
+                        welcome, pending = event.info, events[i + 1 :]
+                continue
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                code, reason = ws.close_code or 0, str(msg.extra or "")
+                if code in FATAL_CLOSE_CODES:
+                    raise FatalError(f"the CSC refused the session ({code}): {reason}")
+                raise ProtocolError(f"the CSC closed the link in the handshake ({code}): {reason}")
+            raise ProtocolError(f"unexpected {msg.type.name} message during the handshake")
+        session: AgentSession
+        link = Link(
+            conn,
+            ws.send_bytes,
+            on_stream=self.upstreams.handle,
+            on_goaway=lambda _ev: session.goaway.set(),
+            name=f"session {slot}",
+            pending=pending,
+        )
+        session = AgentSession(slot, ws, link, welcome)
+        log.info(
+            "session %d up: %s on node %s, aliases %s",
+            slot,
+            session.id,
+            welcome.get("node", "?"),
+            ",".join(map(str, welcome.get("aliases", []))),
+        )
+        return session
+
+    async def _serve(self, session: AgentSession) -> bool:
+        """Serve until the link ends (False) or the CSC asks to drain (True: replace it)."""
+        self.sessions.add(session)
+        run = asyncio.create_task(run_websocket(session.ws, session.link))
+        goaway = asyncio.create_task(session.goaway.wait())
+        try:
+            await asyncio.wait({run, goaway}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_quietly(goaway)
+        if run.done():
+            self.sessions.discard(session)
+            reason = session.link.closed.result().message if session.link.closed.done() else ""
+            code = session.ws.close_code
+            log.warning("session %d down (close code %s): %s", session.slot, code, reason)
+            if code in FATAL_CLOSE_CODES:
+                self.fatal = f"the CSC closed the session ({code})"
+                self.stop()
+            return False
+        log.info("session %d: the CSC is draining; connecting a successor", session.slot)
+        task = asyncio.create_task(self._retire(session, run))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+        return True
+
+    async def _retire(self, session: AgentSession, run: asyncio.Task[None]) -> None:
+        """Let a drained session finish its streams; the CSC closes it when done."""
+        try:
+            await session.link.wait_idle(self.config.drain_timeout)
+            await session.link.flush()
+            await close_websocket(session.ws, GoingAway("drained"))
+            await run
+        finally:
+            self.sessions.discard(session)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, CSCError):
+        return exc.message
+    if isinstance(exc, aiohttp.WSServerHandshakeError):
+        return f"HTTP {exc.status} {exc.message}"
+    return str(exc) or exc.__class__.__name__
+
+
+async def run_async(config: AgentConfig) -> int:
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    return await agent.run()
+
+
+def run(config: AgentConfig) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(run_async(config))
+    return uvloop.run(run_async(config))

@@ -1,0 +1,95 @@
+"""``csc-agent``: the tenant agent's command line.
+
+Builds an :class:`~tenant_agent.config.AgentConfig` from ``--config`` (or ``$CSC_AGENT_CONFIG``),
+``CSC_AGENT_*`` environment variables and the flags, then runs the agent until it is stopped.
+
+Invariants: only this module (the entry point) reads ``os.environ``; every configuration problem
+is printed at once (exit 2); the token never appears in output. Prefer ``--token-file`` or
+``CSC_AGENT_TOKEN`` to ``--token``, which other local users can see in the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from shared.cli_support import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    config_file,
+    load_or_report,
+    run_parser,
+    version,
+)
+from shared.logsetup import configure_logging
+from tenant_agent.config import ENV_PREFIX, LOG_LEVELS, load_agent_config
+
+PROG = "csc-agent"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="The CSC tenant agent: dials out to the CSC and relays its streams to the "
+        "tenant's portal. Every option can also be set in the config file or as CSC_AGENT_<NAME>.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML file (or $CSC_AGENT_CONFIG)"
+    )
+    parser.add_argument("--csc", metavar="URL", help="URL of the CSC, e.g. wss://csc.example.com")
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token", metavar="TOKEN", help="agent token (visible in ps: prefer a file)"
+    )
+    token.add_argument("--token-file", metavar="PATH", help="file holding the agent token")
+    parser.add_argument("--upstream", metavar="URL", help="URL of the tenant portal")
+    parser.add_argument("--tcp-upstream", metavar="HOST:PORT", help="target of TCP streams")
+    parser.add_argument("--sessions", metavar="N", help="parallel links to the CSC (1..16)")
+    parser.add_argument(
+        "--alias",
+        action="append",
+        dest="aliases",
+        metavar="ALIAS",
+        help="alias to bind (repeatable; default: all the token grants)",
+    )
+    parser.add_argument("--ca-file", metavar="PATH", help="CA bundle to verify the CSC's TLS")
+    parser.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    names = ("csc", "token", "token_file", "upstream", "tcp_upstream", "sessions", "aliases")
+    overrides: dict[str, object] = {name: getattr(args, name) for name in names}
+    overrides["ca_file"] = args.ca_file
+    overrides["log_level"] = args.log_level
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None) -> int:
+    """Entry point of ``csc-agent``; returns the exit code."""
+    parsed = run_parser(build_parser(), list(argv) if argv is not None else None)
+    if isinstance(parsed, int):
+        return parsed
+    environ = os.environ if env is None else env
+    file = config_file(parsed.config, environ, ENV_PREFIX)
+    overrides = _overrides(parsed)
+    config = load_or_report(
+        PROG, lambda: load_agent_config(file=file, env=environ, overrides=overrides)
+    )
+    if config is None:
+        return EXIT_USAGE
+    configure_logging(config.log_level, PROG)
+    from tenant_agent.agent import run  # lazy: the CLI and config stay importable on their own
+
+    try:
+        return run(config)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

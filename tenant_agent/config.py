@@ -1,0 +1,148 @@
+"""The tenant agent's configuration: :class:`AgentConfig` and how it is loaded.
+
+Defaults live in the dataclass; :func:`load_agent_config` overlays a TOML file, ``CSC_AGENT_*``
+environment variables and command-line overrides (see :mod:`shared.config`).
+
+Invariants of a loaded config: ``csc`` is an http/https/ws/wss URL and ``upstream`` an http/https
+URL; ``token`` holds the agent token (read from ``token_file`` when that is given; setting both is
+an error); ``aliases`` are normalised grants; ``initial_window <= max_window <= session_budget``;
+``backoff_initial <= backoff_max``; ``heartbeat_timeout > heartbeat_interval``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.aliases import normalise_grant
+from shared.config import (
+    ConfigError,
+    Secret,
+    duration_field,
+    heartbeat_problems,
+    link_limit_problems,
+    load_config,
+    meta,
+    parse_hostport,
+    size_field,
+)
+
+ENV_PREFIX = "CSC_AGENT_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+KIB = 1024
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """Every setting of ``csc-agent``; see README.md's configuration section."""
+
+    csc: str = field(
+        metadata=meta(
+            kind="url", schemes=("http", "https", "ws", "wss"), help="URL of the CSC (required)"
+        )
+    )
+    token: Secret = field(
+        default=Secret(""),
+        metadata=meta(doc_default="(required unless `token_file`)", help="agent token (a JWT)"),
+    )
+    token_file: Path | None = field(
+        default=None, metadata=meta(help="file holding the agent token")
+    )
+    upstream: str = field(
+        metadata=meta(
+            kind="url", schemes=("http", "https"), help="URL of the tenant portal (required)"
+        )
+    )
+    tcp_upstream: str | None = field(
+        default=None,
+        metadata=meta(kind="hostport", help="HOST:PORT for TCP streams; unset refuses them"),
+    )
+    sessions: int = field(
+        default=2, metadata=meta(minimum=1, maximum=16, help="parallel links to the CSC (1..16)")
+    )
+    aliases: list[str] = field(
+        default_factory=list,
+        metadata=meta(
+            check=normalise_grant,
+            doc_default="[] (all the token grants)",
+            help="aliases to bind; comma-separated in the environment",
+        ),
+    )
+    ca_file: Path | None = field(
+        default=None, metadata=meta(help="PEM CA bundle to verify the CSC's certificate")
+    )
+    connect_timeout: float = duration_field(10.0, "timeout of one connection attempt to the CSC")
+    upstream_connect_timeout: float = duration_field(5.0, "timeout connecting to the upstream")
+    upstream_timeout: float = duration_field(60.0, "timeout waiting for the upstream's answer")
+    heartbeat_interval: float = duration_field(10.0, "heartbeat period on the link")
+    heartbeat_timeout: float = duration_field(30.0, "a link silent this long is closed")
+    backoff_initial: float = duration_field(0.5, "first reconnect delay")
+    backoff_max: float = duration_field(30.0, "largest reconnect delay")
+    backoff_reset_after: float = duration_field(
+        60.0, "a link up this long resets the reconnect delay"
+    )
+    drain_timeout: float = duration_field(
+        30.0, "on SIGTERM, how long in-flight streams may finish", minimum=0
+    )
+    initial_window: int = size_field(256 * KIB, "initial per-stream flow-control window", minimum=1)
+    max_window: int = size_field(32 * MIB, "largest auto-tuned per-stream window", minimum=1)
+    session_budget: int = size_field(64 * MIB, "buffered bytes allowed per session", minimum=1)
+    max_frame: int = size_field(
+        256 * KIB, "largest frame payload (16KiB..16MiB)", minimum=16 * KIB, maximum=16 * MIB
+    )
+    log_level: str = field(
+        default="info", metadata=meta(choices=LOG_LEVELS, help="debug, info, warning or error")
+    )
+
+    @property
+    def tcp_upstream_address(self) -> tuple[str, int] | None:
+        return None if self.tcp_upstream is None else parse_hostport(self.tcp_upstream)
+
+    def resolve(self) -> AgentConfig:
+        """Read ``token_file`` into ``token`` (called by the loader before :meth:`validate`)."""
+        if self.token_file is None:
+            return self
+        if self.token:
+            raise ConfigError(["set token or token_file, not both"])
+        try:
+            text = self.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError([f"token_file {self.token_file}: cannot read: {reason}"]) from None
+        if not text:
+            raise ConfigError([f"token_file {self.token_file}: the file is empty"])
+        return dataclasses.replace(self, token=Secret(text))
+
+    def validate(self) -> list[str]:
+        """Cross-field checks; single-field ranges are checked by the loader."""
+        problems: list[str] = []
+        if not self.token and self.token_file is None:
+            problems.append(
+                "missing required setting 'token' (set token or token_file in the file, "
+                "CSC_AGENT_TOKEN, CSC_AGENT_TOKEN_FILE, --token or --token-file)"
+            )
+        problems += link_limit_problems(
+            initial_window=self.initial_window,
+            max_window=self.max_window,
+            session_budget=self.session_budget,
+            max_frame=self.max_frame,
+        )
+        problems += heartbeat_problems(self.heartbeat_interval, self.heartbeat_timeout)
+        if self.backoff_initial > self.backoff_max:
+            problems.append(
+                f"backoff_initial ({self.backoff_initial:g}s) must not exceed "
+                f"backoff_max ({self.backoff_max:g}s)"
+            )
+        if self.ca_file is not None and not self.ca_file.is_file():
+            problems.append(f"ca_file {self.ca_file}: no such file")
+        return problems
+
+
+def load_agent_config(
+    *, file: Path | None, env: Mapping[str, str], overrides: Mapping[str, object] | None = None
+) -> AgentConfig:
+    """Load :class:`AgentConfig`; raises :class:`shared.config.ConfigError` with every problem."""
+    return load_config(AgentConfig, file=file, env=env, env_prefix=ENV_PREFIX, overrides=overrides)

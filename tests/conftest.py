@@ -1,0 +1,58 @@
+"""Suite-wide pytest fixtures: real processes, tracked per test and stopped by PID at teardown.
+
+* ``procs``: a :class:`tests.support.procs.ProcFactory` for the test (``procs.csc()``,
+  ``procs.agent(...)``, ``procs.upstream()``, ``procs.spawn(...)``, ``procs.track(proc)``).
+  At teardown every tracked process gets SIGTERM, then SIGKILL if it lingers; when the test
+  failed, each process's command line and log tails are printed (pytest shows them with the
+  failure).
+* ``upstream_proc``: one upstream process (HTTP + TCP echo) for the whole session. It is
+  stateless; a test that needs to kill or restart an upstream starts its own with ``procs``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:  # `pytest` (not `python -m pytest`) leaves the root off
+    sys.path.insert(0, _REPO_ROOT)
+
+from tests.support.procs import ProcFactory, UpstreamProc, start_upstream  # noqa: E402
+
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Remember each phase's report so fixtures can tell whether their test failed."""
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
+def _failed(node: pytest.Item) -> bool:
+    reports = node.stash.get(_REPORTS, {})
+    return any(rep.failed for rep in reports.values())
+
+
+@pytest.fixture
+def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProcFactory]:
+    factory = ProcFactory(tmp_path)
+    yield factory
+    factory.stop_all()
+    node = request.node
+    if isinstance(node, pytest.Item) and _failed(node):
+        factory.dump_logs(sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def upstream_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpstreamProc]:
+    proc = start_upstream(tmp_path_factory.mktemp("upstream"))
+    yield proc
+    proc.stop()

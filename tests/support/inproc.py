@@ -1,0 +1,128 @@
+"""A whole relay in one event loop, for integration tests over real loopback sockets.
+
+:func:`relay` starts the test upstream (HTTP + TCP echo), a CSC node and an agent, and yields a
+:class:`Relay` once the alias resolves. Everything binds 127.0.0.1 on port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from csc.config import CSCConfig
+from csc.server import Node, running_node
+from csc.tenants import TenantsFile
+from shared.config import Secret
+from shared.tokens import issue_token, load_or_create_signing_key
+from tenant_agent.agent import Agent
+from tenant_agent.config import AgentConfig
+from tests.support.procs import scaled
+from tests.support.upstream import UpstreamServer, start_upstream_server
+
+ALIAS = "acme@example.com"
+
+
+@dataclasses.dataclass
+class Relay:
+    node: Node
+    upstream: UpstreamServer
+    agent: Agent | None
+    agent_task: asyncio.Task[int] | None
+    token: str
+    state_dir: Path
+
+    @property
+    def csc_url(self) -> str:
+        return f"http://{self.node.http_address}"
+
+    @property
+    def tcp_address(self) -> tuple[str, int]:
+        assert self.node.tcp_address is not None
+        host, _, port = self.node.tcp_address.rpartition(":")
+        return host, int(port)
+
+    def tunnel(self, path: str = "/", alias: str = ALIAS) -> str:
+        return f"{self.csc_url}/t/{alias}{path}"
+
+    async def stop_agent(self) -> int | None:
+        if self.agent is None or self.agent_task is None:
+            return None
+        self.agent.stop()
+        code = await asyncio.wait_for(self.agent_task, scaled(30))
+        self.agent = self.agent_task = None
+        return code
+
+
+def make_token(state_dir: Path, tenant: str, aliases: list[str], ttl: float = 3600) -> str:
+    key, _ = load_or_create_signing_key(state_dir)
+    TenantsFile(state_dir).assign(tenant, aliases)
+    return issue_token(
+        key, tenant=tenant, aliases=aliases, ttl_seconds=ttl, audience="csc-agent", issuer="csc"
+    )
+
+
+def agent_config(csc_url: str, token: str, upstream: UpstreamServer, **over: Any) -> AgentConfig:
+    tcp = f"127.0.0.1:{upstream.tcp_echo_port}" if upstream.tcp_echo_port else None
+    values: dict[str, Any] = {
+        "csc": csc_url,
+        "token": Secret(token),
+        "upstream": upstream.http_url,
+        "tcp_upstream": tcp,
+        "backoff_initial": 0.05,
+        "backoff_max": 0.5,
+        **over,
+    }
+    return AgentConfig(**values)
+
+
+async def wait_online(csc_url: str, alias: str = ALIAS, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + scaled(timeout)
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"{csc_url}/v1/resolve/{alias}") as resp:
+                if resp.status == 200:
+                    return
+            if loop.time() > deadline:
+                raise TimeoutError(f"{alias} did not come online")
+            await asyncio.sleep(0.02)
+
+
+async def start_agent(relay: Relay, **over: Any) -> None:
+    config = agent_config(relay.csc_url, relay.token, relay.upstream, **over)
+    relay.agent = Agent(config)
+    relay.agent_task = asyncio.create_task(relay.agent.run())
+
+
+@contextlib.asynccontextmanager
+async def relay(
+    tmp_path: Path,
+    *,
+    csc: dict[str, Any] | None = None,
+    agent: dict[str, Any] | None = None,
+    start: bool = True,
+) -> AsyncIterator[Relay]:
+    state_dir = tmp_path / "csc-state"
+    token = make_token(state_dir, "acme", [ALIAS])
+    config = CSCConfig(
+        listen="127.0.0.1:0", tcp_listen="127.0.0.1:0", state_dir=state_dir, **(csc or {})
+    )
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with running_node(config) as node:
+            r = Relay(node, upstream, None, None, token, state_dir)
+            if start:
+                await start_agent(r, **(agent or {}))
+                await wait_online(r.csc_url)
+            try:
+                yield r
+            finally:
+                await r.stop_agent()
+    finally:
+        await upstream.close()
