@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from shared.tokens import AgentClaims, verify_token
 
 from csc.state import NodeState
 from shared.aliases import covered, normalise_grant
@@ -32,6 +31,7 @@ from shared.errors import (
 from shared.link import Link, run_websocket
 from shared.link import close_websocket as _close
 from shared.protocol import Connection, GoAwayReceived, HelloReceived, Side
+from shared.tokens import AgentClaims, verify_token
 
 log = logging.getLogger("csc.gateway")
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -47,7 +47,7 @@ RETRY_AFTER_OFFLINE = "5"
 
 def request_id_for(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
 
 
 def tunnel_target(raw_path: str) -> str:
@@ -152,7 +152,7 @@ async def _send_body(request: web.Request, stream: LinkStream, limit: int | None
             if limit is not None and sent > limit:
                 raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
             await stream.write(chunk)
-    await stream.write_eof()
+    stream.write_eof()
 
 
 async def tunnel(request: web.Request) -> web.StreamResponse:
@@ -168,7 +168,11 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
     except CSCError as err:
         return error_response(err, request_id)
     state.active_streams += 1
-    body = asyncio.ensure_future(_send_body(request, stream, limit))
+    body: asyncio.Future[None] | None = None
+    if request.body_exists:
+        body = asyncio.ensure_future(_send_body(request, stream, limit))
+    else:
+        stream.write_eof()  # in the same message as OPEN
     try:
         return await _relay_response(request, state, stream, body, request_id)
     finally:
@@ -177,9 +181,15 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
 
 
 async def _await_head(
-    stream: LinkStream, body: asyncio.Future[None], timeout: float
+    stream: LinkStream, body: asyncio.Future[None] | None, timeout: float
 ) -> dict[str, Any]:
     """The response head, or the first error of the open or of the body upload."""
+    if body is None:
+        try:
+            async with asyncio.timeout(timeout):
+                return await stream.opened
+        except TimeoutError:
+            raise UpstreamTimeout(f"the portal did not answer within {timeout:g} s") from None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not stream.opened.done():
@@ -203,7 +213,7 @@ async def _relay_response(
     request: web.Request,
     state: NodeState,
     stream: LinkStream,
-    body: asyncio.Future[None],
+    body: asyncio.Future[None] | None,
     request_id: str,
 ) -> web.StreamResponse:
     try:
@@ -213,6 +223,15 @@ async def _relay_response(
         stream.reset(err)
         log.info("request %s to %s failed: %s", request_id, stream.info["alias"], err.code)
         return error_response(err, request_id)
+    if _may_have_body(request.method, resp.status):
+        complete = stream.read_complete()
+        if complete is not None and resp.content_length in (None, len(complete)):
+            # the whole (small) body came with the head: answer in one write
+            stream.consumed(len(complete))
+            resp.content_length = len(complete)
+            await resp.prepare(request)
+            await resp.write_eof(complete)
+            return resp
     await resp.prepare(request)
     try:
         while data := await stream.read():
@@ -226,6 +245,10 @@ async def _relay_response(
         stream.reset(Cancelled("the client went away"))
         raise
     return resp
+
+
+def _may_have_body(method: str, status: int) -> bool:
+    return method != "HEAD" and status >= 200 and status not in (204, 304)
 
 
 def _abort(request: web.Request) -> None:

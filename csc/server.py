@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from shared.tokens import load_or_create_signing_key
 
 from csc import gateway, http_ingress
 from csc.config import CSCConfig
@@ -30,6 +29,7 @@ from csc.state import NodeState
 from csc.tcp_ingress import READ_LIMIT, make_handler
 from csc.tenants import TenantsFile
 from shared.errors import GoingAway
+from shared.tokens import load_or_create_signing_key
 
 log = logging.getLogger("csc")
 

@@ -37,6 +37,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from shared.errors import CSCError
 from shared.units import PLAIN_NUMBER, check_url, parse_duration, parse_hostport, parse_size
 
 __all__ = [
@@ -111,6 +112,7 @@ def meta(
     check: Callable[[str], str] | None = None,
     env_default: Callable[[Mapping[str, str]], Any] | None = None,
     doc_default: str | None = None,
+    required_unless: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Field metadata :func:`load_config` understands: ``field(default=..., metadata=meta(...))``.
 
@@ -118,7 +120,9 @@ def meta(
     ``maximum`` are inclusive bounds, ``above`` an exclusive lower bound; ``choices`` a set of
     allowed (lower-case) words; ``check`` normalises each string (or each list item) and raises
     ``ValueError``/an error with a message; ``env_default`` computes the default from the
-    environment given to :func:`load_config`; ``doc_default`` is what the docs show as default.
+    environment given to :func:`load_config`; ``doc_default`` is what the docs show as default;
+    ``required_unless`` names fields any of which, when given, make this defaulted field optional
+    (otherwise it is reported missing like a field without a default).
     """
     result: dict[str, Any] = {"help": help}
     for key, value in (
@@ -131,6 +135,7 @@ def meta(
         ("check", check),
         ("env_default", env_default),
         ("doc_default", doc_default),
+        ("required_unless", tuple(required_unless) if required_unless is not None else None),
     ):
         if value is not None:
             result[key] = value
@@ -188,37 +193,35 @@ def _as_text(value: object, expected: str) -> str:
     return value
 
 
-def _check_item(text: str, meta: Mapping[str, Any]) -> str:
-    check = meta.get("check")
+def _check_item(text: str, spec: Mapping[str, Any]) -> str:
+    check = spec.get("check")
     if check is None:
         return text
     try:
         result: str = check(text)
-    except ValueError:
-        raise
-    except Exception as exc:  # a typed error (e.g. BadAlias) from a normaliser
-        raise ValueError(str(exc)) from None
+    except CSCError as exc:  # a typed error (e.g. BadAlias) from a normaliser
+        raise ValueError(exc.message) from None
     return result
 
 
-def _convert_str(value: object, meta: Mapping[str, Any]) -> str:
+def _convert_str(value: object, spec: Mapping[str, Any]) -> str:
     text = _as_text(value, "a string")
-    kind = meta.get("kind")
+    kind = spec.get("kind")
     if kind == "hostport":
         text = text.strip()
         parse_hostport(text)
     elif kind == "url":
-        text = check_url(text.strip(), meta.get("schemes", ("http", "https")))
-    choices = meta.get("choices")
+        text = check_url(text.strip(), spec.get("schemes", ("http", "https")))
+    choices = spec.get("choices")
     if choices is not None:
         text = text.strip().lower()
         if text not in choices:
             raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
-    return _check_item(text, meta)
+    return _check_item(text, spec)
 
 
-def _convert_int(value: object, meta: Mapping[str, Any]) -> int:
-    if meta.get("kind") == "size":
+def _convert_int(value: object, spec: Mapping[str, Any]) -> int:
+    if spec.get("kind") == "size":
         if isinstance(value, str | int):
             return parse_size(value)
         raise ValueError(f"expected a size, got {type(value).__name__} {value!r}")
@@ -229,8 +232,8 @@ def _convert_int(value: object, meta: Mapping[str, Any]) -> int:
     raise ValueError(f"expected a whole number, got {value!r}")
 
 
-def _convert_float(value: object, meta: Mapping[str, Any]) -> float:
-    if meta.get("kind") == "duration":
+def _convert_float(value: object, spec: Mapping[str, Any]) -> float:
+    if spec.get("kind") == "duration":
         if isinstance(value, str | int | float):
             return parse_duration(value)
         raise ValueError(f"expected a duration, got {type(value).__name__} {value!r}")
@@ -241,7 +244,7 @@ def _convert_float(value: object, meta: Mapping[str, Any]) -> float:
     raise ValueError(f"expected a number, got {value!r}")
 
 
-def _convert_bool(value: object, meta: Mapping[str, Any]) -> bool:
+def _convert_bool(value: object, spec: Mapping[str, Any]) -> bool:
     if isinstance(value, bool):
         return value
     word = _as_text(value, "true or false").strip().lower()
@@ -252,7 +255,7 @@ def _convert_bool(value: object, meta: Mapping[str, Any]) -> bool:
     raise ValueError(f"{value!r} is not a boolean (expected true/false, yes/no, 1/0, on/off)")
 
 
-def _convert_path(value: object, meta: Mapping[str, Any]) -> Path:
+def _convert_path(value: object, spec: Mapping[str, Any]) -> Path:
     if isinstance(value, Path):
         return value
     text = _as_text(value, "a path")
@@ -261,7 +264,7 @@ def _convert_path(value: object, meta: Mapping[str, Any]) -> Path:
     return Path(text).expanduser()
 
 
-def _convert_secret(value: object, meta: Mapping[str, Any]) -> Secret:
+def _convert_secret(value: object, spec: Mapping[str, Any]) -> Secret:
     if isinstance(value, Secret):
         return value
     return Secret(_as_text(value, "a string"))
@@ -277,7 +280,7 @@ _SCALARS: dict[Any, Callable[[object, Mapping[str, Any]], object]] = {
 }
 
 
-def _convert_list(value: object, meta: Mapping[str, Any]) -> list[str]:
+def _convert_list(value: object, spec: Mapping[str, Any]) -> list[str]:
     if isinstance(value, str):
         items: list[object] = [part.strip() for part in value.split(",") if part.strip()]
     elif isinstance(value, list | tuple):
@@ -286,34 +289,38 @@ def _convert_list(value: object, meta: Mapping[str, Any]) -> list[str]:
         raise ValueError(f"expected a list of strings, got {type(value).__name__} {value!r}")
     result: list[str] = []
     for item in items:
-        text = _check_item(_as_text(item, "a string in the list").strip(), meta)
+        text = _check_item(_as_text(item, "a string in the list").strip(), spec)
         if text not in result:
             result.append(text)
     return result
 
 
-def _check_bounds(value: object, meta: Mapping[str, Any]) -> None:
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _check_bounds(value: object, spec: Mapping[str, Any]) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
-    low, high, above = meta.get("minimum"), meta.get("maximum"), meta.get("above")
+    low, high, above = spec.get("minimum"), spec.get("maximum"), spec.get("above")
     if low is not None and value < low:
-        raise ValueError(f"{value!r} is below the minimum {low!r}")
+        raise ValueError(f"{_num(value)} is below the minimum {_num(low)}")
     if high is not None and value > high:
-        raise ValueError(f"{value!r} is above the maximum {high!r}")
+        raise ValueError(f"{_num(value)} is above the maximum {_num(high)}")
     if above is not None and value <= above:
-        raise ValueError(f"{value!r} must be greater than {above!r}")
+        raise ValueError(f"{_num(value)} must be greater than {_num(above)}")
 
 
-def convert_value(value: object, ftype: _FieldType, meta: Mapping[str, Any]) -> object:
+def convert_value(value: object, ftype: _FieldType, spec: Mapping[str, Any]) -> object:
     """Convert one raw value (TOML, environment text or an override) to the field's type."""
     if ftype.optional and (
         value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS)
     ):
         return None
     if ftype.is_list:
-        return _convert_list(value, meta)
-    result = _SCALARS[ftype.base](value, meta)
-    _check_bounds(result, meta)
+        return _convert_list(value, spec)
+    result = _SCALARS[ftype.base](value, spec)
+    _check_bounds(result, spec)
     return result
 
 
@@ -400,6 +407,20 @@ def _from_overrides(
     return raw
 
 
+def _missing(
+    name: str, fld: dataclasses.Field[Any], given: Collection[str], prefix: str
+) -> str | None:
+    how = f"set it in the file, {env_var(prefix, name)} or {option_name(name)}"
+    alternatives = fld.metadata.get("required_unless")
+    if alternatives is not None:
+        if any(alt in given for alt in alternatives):
+            return None
+        return f"missing required setting {name!r} ({how}; or set {' or '.join(alternatives)})"
+    if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+        return f"missing required setting {name!r} ({how})"
+    return None
+
+
 def _run_hooks(instance: T, problems: list[str]) -> T:
     resolve = getattr(instance, "resolve", None)
     if callable(resolve):
@@ -440,18 +461,17 @@ def load_config(
         _from_env(env, env_prefix, fields, ignore_env_prefixes, problems),
         _from_overrides(overrides or {}, fields, problems),
     ]
+    given = {name for layer in layers for name in layer}
     values: dict[str, object] = {}
     for name, fld in fields.items():
         ftype = _field_type(hints[name])
         raw = next((layer[name] for layer in reversed(layers) if name in layer), None)
         if raw is None:
-            if "env_default" in fld.metadata:
+            missing = _missing(name, fld, given, env_prefix)
+            if missing is not None:
+                problems.append(missing)
+            elif "env_default" in fld.metadata:
                 values[name] = fld.metadata["env_default"](env)
-            elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
-                problems.append(
-                    f"missing required setting {name!r} (set it in the file, "
-                    f"{env_var(env_prefix, name)} or {option_name(name)})"
-                )
             continue
         try:
             values[name] = convert_value(raw.value, ftype, fld.metadata)
@@ -521,10 +541,10 @@ def config_reference(cls: type[Any], env_prefix: str) -> list[SettingDoc]:
 def reference_table(cls: type[Any], env_prefix: str) -> str:
     """A Markdown table of :func:`config_reference` (the README's tables are checked against it)."""
     lines = ["| key | environment | default | meaning |", "|---|---|---|---|"]
-    lines += [
-        f"| `{d.key}` | `{d.env}` | {d.default} | {d.help} |"
-        for d in config_reference(cls, env_prefix)
-    ]
+    for d in config_reference(cls, env_prefix):
+        literal = not d.default.startswith(("(", "`", "["))
+        default = f"`{d.default}`" if literal else d.default
+        lines.append(f"| `{d.key}` | `{d.env}` | {default} | {d.help} |")
     return "\n".join(lines)
 
 

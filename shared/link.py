@@ -113,7 +113,8 @@ class LinkStream:
             self._credit.clear()
             await self._credit.wait()
 
-    async def write_eof(self) -> None:
+    def write_eof(self) -> None:
+        """Half-close: queue FIN (in the same flush as anything queued before it)."""
         if self._error is not None:
             raise self._error
         if not self._local_eof:
@@ -121,6 +122,14 @@ class LinkStream:
             self.link.conn.send_fin(self.id)
             self.link.kick()
             self.link.forget_if_done(self)
+
+    def read_complete(self) -> bytes | None:
+        """Everything the peer sent, if its FIN has already arrived (else None)."""
+        if not self._eof or self._error is not None:
+            return None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
 
     def accept(self, info: dict[str, Any]) -> None:
         self.link.conn.accept_stream(self.id, info)
@@ -389,7 +398,7 @@ async def splice(
     async def outbound() -> None:
         while data := await reader.read(chunk_size):
             await stream.write(data)
-        await stream.write_eof()
+        stream.write_eof()
 
     async def inbound() -> None:
         while data := await stream.read():
@@ -464,7 +473,7 @@ async def run_websocket(ws: WebSocketLike, link: Link) -> None:
         await cancel_quietly(watcher)
 
 
-async def cancel_quietly(task: asyncio.Task[Any] | None) -> None:
+async def cancel_quietly(task: asyncio.Future[Any] | None) -> None:
     if task is None or task.done():
         return
     task.cancel()

@@ -276,10 +276,8 @@ def _verified_payload(token: str, keys: Sequence[VerifyKey], alg: str) -> bytes:
     for key in keys:
         try:
             result = jws.decode_complete(token, key, algorithms=[alg])
-        except jwt.InvalidSignatureError:
-            continue
-        except (jwt.InvalidKeyError, jwt.InvalidAlgorithmError):
-            continue
+        except (jwt.InvalidSignatureError, jwt.InvalidKeyError, jwt.InvalidAlgorithmError):
+            continue  # not this key: try the next one
         except jwt.DecodeError:
             raise AuthFailed("malformed token") from None
         payload: bytes = result["payload"]
@@ -288,9 +286,9 @@ def _verified_payload(token: str, keys: Sequence[VerifyKey], alg: str) -> bytes:
 
 
 def _numeric(payload: Mapping[str, Any], name: str) -> float | None:
-    value = payload.get(name)
-    if value is None and name not in payload:
+    if name not in payload:
         return None
+    value = payload[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise AuthFailed(f"invalid claim {name!r}")
     return float(value)
@@ -303,9 +301,9 @@ def _require(payload: Mapping[str, Any], name: str) -> Any:
 
 
 def _check_times(payload: Mapping[str, Any], now: float, leeway: float) -> float:
-    _require(payload, "exp")
     exp = _numeric(payload, "exp")
-    assert exp is not None
+    if exp is None:
+        raise AuthFailed("missing claim 'exp'")
     if exp <= now - leeway:
         raise AuthFailed("token expired")
     for name in ("nbf", "iat"):

@@ -40,21 +40,21 @@ class AgentConfig:
     """Every setting of ``csc-agent``; see README.md's configuration section."""
 
     csc: str = field(
-        metadata=meta(
-            kind="url", schemes=("http", "https", "ws", "wss"), help="URL of the CSC (required)"
-        )
+        metadata=meta(kind="url", schemes=("http", "https", "ws", "wss"), help="URL of the CSC")
     )
     token: Secret = field(
         default=Secret(""),
-        metadata=meta(doc_default="(required unless `token_file`)", help="agent token (a JWT)"),
+        metadata=meta(
+            required_unless=("token_file",),
+            doc_default="(required unless `token_file`)",
+            help="agent token (a JWT)",
+        ),
     )
     token_file: Path | None = field(
         default=None, metadata=meta(help="file holding the agent token")
     )
     upstream: str = field(
-        metadata=meta(
-            kind="url", schemes=("http", "https"), help="URL of the tenant portal (required)"
-        )
+        metadata=meta(kind="url", schemes=("http", "https"), help="URL of the tenant portal")
     )
     tcp_upstream: str | None = field(
         default=None,
@@ -120,10 +120,7 @@ class AgentConfig:
         """Cross-field checks; single-field ranges are checked by the loader."""
         problems: list[str] = []
         if not self.token and self.token_file is None:
-            problems.append(
-                "missing required setting 'token' (set token or token_file in the file, "
-                "CSC_AGENT_TOKEN, CSC_AGENT_TOKEN_FILE, --token or --token-file)"
-            )
+            problems.append("token must not be empty")
         problems += link_limit_problems(
             initial_window=self.initial_window,
             max_window=self.max_window,

@@ -32,6 +32,8 @@ from tenant_agent.config import AgentConfig
 log = logging.getLogger("csc_agent.upstream")
 
 READ_LIMIT = 256 * 1024
+#: Responses up to this size are read whole and sent with their head.
+SMALL_BODY = 64 * 1024
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _METHOD_CHARS = frozenset(
     "!#$%&'*+-.^_`|~ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
@@ -123,17 +125,24 @@ class Upstreams:
             stream.reject(failure)
             return
         async with resp:
-            stream.accept(
-                {
-                    "status": resp.status,
-                    "reason": resp.reason or "",
-                    "headers": decode_raw(resp.raw_headers),
-                }
-            )
+            head = {
+                "status": resp.status,
+                "reason": resp.reason or "",
+                "headers": decode_raw(resp.raw_headers),
+            }
             try:
+                if resp.content_length is not None and resp.content_length <= SMALL_BODY:
+                    # a small body goes out with the head: one message, one write at the CSC
+                    whole = await resp.content.read()
+                    stream.accept(head)
+                    if whole:
+                        await stream.write(whole)
+                    stream.write_eof()
+                    return
+                stream.accept(head)
                 while data := await resp.content.readany():
                     await stream.write(data)
-                await stream.write_eof()
+                stream.write_eof()
             except CSCError:
                 resp.close()
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:

@@ -67,12 +67,12 @@ def make_token(state_dir: Path, tenant: str, aliases: list[str], ttl: float = 36
     )
 
 
-def agent_config(csc_url: str, token: str, upstream: UpstreamServer, **over: Any) -> AgentConfig:
-    tcp = f"127.0.0.1:{upstream.tcp_echo_port}" if upstream.tcp_echo_port else None
+def agent_config(csc_url: str, token: str, server: UpstreamServer, **over: Any) -> AgentConfig:
+    tcp = f"127.0.0.1:{server.tcp_echo_port}" if server.tcp_echo_port else None
     values: dict[str, Any] = {
         "csc": csc_url,
         "token": Secret(token),
-        "upstream": upstream.http_url,
+        "upstream": server.http_url,
         "tcp_upstream": tcp,
         "backoff_initial": 0.05,
         "backoff_max": 0.5,

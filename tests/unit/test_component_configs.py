@@ -152,11 +152,16 @@ def test_agent_minimal() -> None:
 
 def test_agent_required_settings() -> None:
     problems = agent_problems({})
-    assert len(problems) == 2
+    assert len(problems) == 3
     assert any("'csc'" in p and "CSC_AGENT_CSC" in p for p in problems)
     assert any("'upstream'" in p and "--upstream" in p for p in problems)
+    assert (
+        "missing required setting 'token' (set it in the file, CSC_AGENT_TOKEN or --token; "
+        "or set token_file)"
+    ) in problems
     problems = agent_problems(AGENT_ENV)
     assert len(problems) == 1 and "missing required setting 'token'" in problems[0]
+    assert agent_problems({**AGENT_ENV, "CSC_AGENT_TOKEN": ""}) == ["token must not be empty"]
 
 
 def test_agent_token_file(tmp_path: Path) -> None:
