@@ -165,7 +165,7 @@ async def _run_session(
         await link.aclose(err)
         await _close(ws, err)
         return
-    link._on_goaway = lambda ev: _on_agent_goaway(session, ev)
+    link.on_goaway = lambda ev: _on_agent_goaway(session, ev)
     conn.send_welcome(
         {
             "session_id": session_id,

@@ -167,7 +167,7 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
         stream = open_stream(state, alias, found, info)
     except CSCError as err:
         return error_response(err, request_id)
-    state.active_streams += 1
+    state.stream_started()
     body: asyncio.Future[None] | None = None
     if request.body_exists:
         body = asyncio.ensure_future(_send_body(request, stream, limit))
@@ -176,7 +176,7 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
     try:
         return await _relay_response(request, state, stream, body, request_id)
     finally:
-        state.active_streams -= 1
+        state.stream_finished()
         await cancel_quietly(body)
 
 

@@ -13,6 +13,7 @@ alias's owner.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -121,6 +122,7 @@ class MemoryRegistry(Generic[S]):
         if domain is not None:
             found.extend(self._live.get(f"*@{domain}", ()))
         sessions = [s for s in found if s.tenant == tenant and s.accepting]
+        random.shuffle(sessions)  # equally loaded sessions take turns (the sort is stable)
         sessions.sort(key=lambda s: s.load)
         return Lookup(tenant, tuple(sessions))
 

@@ -155,15 +155,12 @@ class Node:
         if self.tcp_server is not None:
             self.tcp_server.close()
         for site in list(self.runner.sites):
-            server = getattr(site, "_server", None)
-            if server is not None:
-                server.close()
+            await site.stop()  # closes the listening socket; connections carry on
         for session in list(state.sessions.values()):
             session.link.go_away("going_away", "the CSC is shutting down")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.drain_timeout
-        while state.active_streams > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.drain_timeout):
+                await state.idle.wait()
         if state.active_streams:
             log.warning("drain deadline passed with %d streams in flight", state.active_streams)
         await self.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from dataclasses import dataclass, field
@@ -41,11 +42,22 @@ class NodeState:
     draining: bool = False
     auth_failures: int = 0
     active_streams: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
     tls: bool = False
     link_settings: LinkSettings = field(init=False)
 
     def __post_init__(self) -> None:
         self.link_settings = link_settings(self.config)
+        self.idle.set()
+
+    def stream_started(self) -> None:
+        self.active_streams += 1
+        self.idle.clear()
+
+    def stream_finished(self) -> None:
+        self.active_streams -= 1
+        if not self.active_streams:
+            self.idle.set()
 
 
 NodeState.KEY = web.AppKey("csc_node_state", NodeState)

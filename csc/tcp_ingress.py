@@ -70,7 +70,7 @@ async def _serve(
     except CSCError as err:
         await _refuse(writer, err)
         return
-    state.active_streams += 1
+    state.stream_started()
     try:
         try:
             await asyncio.wait_for(asyncio.shield(stream.opened), state.config.open_timeout)
@@ -85,7 +85,7 @@ async def _serve(
         writer.write(b"OK\r\n")
         await splice(stream, reader, writer, reset_code=Cancelled.code)
     finally:
-        state.active_streams -= 1
+        state.stream_finished()
 
 
 async def _refuse(writer: asyncio.StreamWriter, err: CSCError) -> None:

@@ -190,7 +190,7 @@ class Link:
         self.name = name
         self._send = send
         self._on_stream = on_stream
-        self._on_goaway = on_goaway
+        self.on_goaway = on_goaway
         self.streams: dict[int, LinkStream] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self._kick = asyncio.Event()
@@ -306,8 +306,8 @@ class Link:
             self._start_handler(event)
             return
         if isinstance(event, GoAwayReceived):
-            if self._on_goaway is not None:
-                self._on_goaway(event)
+            if self.on_goaway is not None:
+                self.on_goaway(event)
             return
         if isinstance(event, PongReceived):
             return
