@@ -87,7 +87,7 @@ class CSCConfig:
         10.0, "how long a TCP client may take to send CONNECT"
     )
     max_streams_per_session: int = field(
-        default=1024, metadata=meta(minimum=1, help="concurrent streams on one agent session")
+        default=256, metadata=meta(minimum=1, help="concurrent streams on one agent session")
     )
     initial_window: int = size_field(256 * KIB, "initial per-stream flow-control window", minimum=1)
     max_window: int = size_field(32 * MIB, "largest auto-tuned per-stream window", minimum=1)

@@ -30,6 +30,7 @@ from shared.errors import (
     GoingAway,
     PayloadTooLarge,
     PortalOffline,
+    ProtocolError,
     UnknownAlias,
     UpstreamError,
     UpstreamTimeout,
@@ -222,6 +223,8 @@ async def _relay_response(
     except CSCError as err:
         stream.reset(err)
         log.info("request %s to %s failed: %s", request_id, stream.info["alias"], err.code)
+        if isinstance(err, ProtocolError):  # the agent misbehaved, not the bootloader
+            err = UpstreamError(f"the tenant agent broke the protocol: {err.message}")
         return error_response(err, request_id)
     if _may_have_body(request.method, resp.status):
         complete = stream.read_complete()

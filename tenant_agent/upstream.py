@@ -19,6 +19,7 @@ from yarl import URL
 
 from shared.errors import (
     CSCError,
+    HeadersTooLarge,
     ProtocolError,
     UpstreamError,
     UpstreamRefused,
@@ -131,23 +132,31 @@ class Upstreams:
                 "headers": decode_raw(resp.raw_headers),
             }
             try:
-                if resp.content_length is not None and resp.content_length <= SMALL_BODY:
-                    # a small body goes out with the head: one message, one write at the CSC
-                    whole = await resp.content.read()
-                    stream.accept(head)
-                    if whole:
-                        await stream.write(whole)
-                    stream.write_eof()
-                    return
-                stream.accept(head)
-                while data := await resp.content.readany():
-                    await stream.write(data)
-                stream.write_eof()
+                await self._relay_response(stream, resp, head)
             except CSCError:
                 resp.close()
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 log.info("request %s: the portal's response broke off: %r", request_id, exc)
                 stream.reset(UpstreamReset("the portal's response broke off"))
+
+    @staticmethod
+    async def _relay_response(
+        stream: LinkStream, resp: aiohttp.ClientResponse, head: dict[str, Any]
+    ) -> None:
+        small = resp.content_length is not None and resp.content_length <= SMALL_BODY
+        # a small body goes out with the head: one message, one write at the CSC
+        whole = await resp.content.read() if small else b""
+        try:
+            stream.accept(head)
+        except HeadersTooLarge:
+            stream.reject(UpstreamError("the portal's response head is too large"))
+            return
+        if whole:
+            await stream.write(whole)
+        if not small:
+            while data := await resp.content.readany():
+                await stream.write(data)
+        stream.write_eof()
 
     async def _tcp(self, stream: LinkStream) -> None:
         if self.tcp is None:

@@ -178,6 +178,7 @@ class Connection:
         self._events: list[Event] = []
         self._next_id = 1 if side is Side.CLIENT else 2
         self._max_remote_id = 0
+        self._counts = {True: 0, False: 0}  # live streams opened locally / by the peer
         self._last_remote_accepted = 0
         self._window_total = 0
         self._last_received = now
@@ -231,8 +232,9 @@ class Connection:
         peer = self._require_open()
         if self.peer_going_away or self.local_going_away:
             raise GoingAway("the link is draining")
-        if sum(1 for s in self.streams.values() if s.local) >= peer.max_streams:
-            raise TooManyStreams(f"peer allows {peer.max_streams} concurrent streams")
+        limit = min(peer.max_streams, self.settings.max_streams)
+        if self._counts[True] >= limit:
+            raise TooManyStreams(f"the link allows {limit} concurrent streams")
         payload = self._head_payload(info)
         sid = self._next_id
         self._next_id += 2
@@ -402,11 +404,13 @@ class Connection:
             info=info,
         )
         self._window_total += window
+        self._counts[local] += 1
 
     def _remove(self, sid: int) -> None:
         stream = self.streams.pop(sid, None)
         if stream is not None:
             self._window_total -= stream.recv_window
+            self._counts[stream.local] -= 1
 
     def _local_fin(self, stream: Stream) -> None:
         stream.local_fin = True
@@ -532,7 +536,7 @@ class Connection:
             payload = encode_json({"code": "going_away", "message": "draining"})
             self._out.append(encode_frame(FrameType.OPEN_FAIL, 0, sid, payload))
             return
-        if sum(1 for s in self.streams.values() if not s.local) >= self.settings.max_streams:
+        if self._counts[False] >= self.settings.max_streams:
             payload = encode_json({"code": "too_many_streams", "message": "stream limit"})
             self._out.append(encode_frame(FrameType.OPEN_FAIL, 0, sid, payload))
             return
