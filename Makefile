@@ -44,7 +44,9 @@ demo: venv
 	$(BIN)/python -m demo
 
 bench: venv
-	$(BIN)/python bench/run.py
+	@command -v wrk >/dev/null && command -v curl >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq wrk curl; }
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache .hypothesis bench/out *.egg-info

@@ -175,9 +175,11 @@ async def _scenario_on_current_loop() -> None:
     """Delay, order, half-close and kill on one loop (run under uvloop below)."""
     echo = await start_tcp_echo_server()
     port = int(echo.sockets[0].getsockname()[1])
-    async with DelayProxy("127.0.0.1", port, delay=0.05) as proxy:
+    async with DelayProxy("127.0.0.1", port, delay=0) as proxy:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        await _roundtrip(reader, writer)
+        writer.write(b"sent before the target is connected\n")
+        assert await reader.readline() == b"sent before the target is connected\n"
+        proxy.delay = 0.05
         assert await _roundtrip(reader, writer) >= 0.1
         proxy.delay = 0
         payload = body_bytes(8 * MiB)

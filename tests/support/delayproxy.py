@@ -63,7 +63,7 @@ class _Pipe:
     def feed(self, data: bytes | None) -> None:
         """Queue ``data`` (``None``: EOF) for delivery after the current delay."""
         delay = self._proxy.delay
-        if delay <= 0 and not self._queue:
+        if delay <= 0 and not self._queue and self.dst is not None:
             self._deliver(data)
             return
         self._queue.append((self._loop.time() + delay, data))
@@ -71,7 +71,15 @@ class _Pipe:
         if self._queued > self._proxy.queue_limit and not self._over_limit:
             self._over_limit = True
             self._update_reading()
-        if self._timer is None:
+        self._schedule()
+
+    def attach(self, dst: asyncio.Transport) -> None:
+        """Start delivering to ``dst``; bytes read before it existed are queued until now."""
+        self.dst = dst
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._timer is None and self._queue and self.dst is not None:
             self._timer = self._loop.call_at(self._queue[0][0], self._flush)
 
     def _flush(self) -> None:
@@ -86,8 +94,7 @@ class _Pipe:
         if self._over_limit and self._queued <= self._proxy.queue_limit // 2:
             self._over_limit = False
             self._update_reading()
-        if self._queue:
-            self._timer = self._loop.call_at(self._queue[0][0], self._flush)
+        self._schedule()
 
     def _deliver(self, data: bytes | None) -> None:
         dst = self.dst
@@ -168,20 +175,21 @@ class _Connection:
         self._done = False
 
     def side_made(self, side: _Side) -> None:
+        transport = side.transport
+        assert transport is not None
         if side is self.client:
-            assert side.transport is not None
-            side.transport.pause_reading()  # until the target is connected
+            self.up.src = transport
+            transport.pause_reading()  # until the target is connected (bytes before are queued)
             self._proxy._connections.add(self)
             self._connect_task = asyncio.get_running_loop().create_task(self._connect())
-            return
-        client_t, target_t = self.client.transport, self.target.transport
-        assert client_t is not None and target_t is not None
-        if self._done:
-            target_t.abort()
-            return
-        # Wire both directions before the target can deliver its first byte.
-        self.up.src, self.up.dst = client_t, target_t
-        self.down.src, self.down.dst = target_t, client_t
+        elif self._done:
+            transport.abort()
+        else:
+            # Wire both directions before the target can deliver its first byte.
+            assert self.client.transport is not None
+            self.down.src = transport
+            self.down.attach(self.client.transport)
+            self.up.attach(transport)
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()

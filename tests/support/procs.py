@@ -354,6 +354,18 @@ class UpstreamProc(Proc):
         return parse_hostport(self.ready["tcp_echo"])
 
 
+class DelayProxyProc(Proc):
+    """A ``tests.support.delayproxy`` process: ``addr``, ``url``."""
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return parse_hostport(self.ready["listen"])
+
+    @property
+    def url(self) -> str:
+        return _url(self.ready["listen"])
+
+
 # --- starting the product ------------------------------------------------------------------
 
 
@@ -477,6 +489,28 @@ def start_upstream(
         argv,
         log_dir=tmp_path / "logs",
         env=env,
+        ready_file=ready,
+        ready_timeout=ready_timeout,
+    )
+
+
+def start_delay_proxy(
+    tmp_path: Path,
+    target: str,
+    delay: float,
+    *,
+    ready_timeout: float = READY_TIMEOUT,
+) -> DelayProxyProc:
+    """Start ``python -m tests.support.delayproxy`` forwarding to ``target`` (``host:port``)
+    with ``delay`` seconds per direction; its address is ``proc.url`` / ``proc.addr``."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    ready = tmp_path / f"delayproxy-{next(_names)}.ready.json"
+    argv = [sys.executable, "-m", "tests.support.delayproxy"]
+    argv += flag_args({"target": target, "delay": delay, "ready_file": ready})
+    return DelayProxyProc.spawn(
+        "delayproxy",
+        argv,
+        log_dir=tmp_path / "logs",
         ready_file=ready,
         ready_timeout=ready_timeout,
     )
@@ -637,9 +671,33 @@ class ProcFactory:
     def upstream(self, **kwargs: Any) -> UpstreamProc:
         return self.track(start_upstream(self.tmp_path, **kwargs))
 
+    def delay_proxy(self, target: str, delay: float, **kwargs: Any) -> DelayProxyProc:
+        return self.track(start_delay_proxy(self.tmp_path, target, delay, **kwargs))
+
     def spawn(self, name: str, argv: Sequence[str], **kwargs: Any) -> Proc:
         kwargs.setdefault("log_dir", self.log_dir)
         return self.track(Proc.spawn(name, argv, **kwargs))
+
+    def relay(
+        self,
+        upstream: UpstreamProc,
+        *,
+        alias: str = "acme@example.com",
+        tenant: str = "acme",
+        sessions: int = 2,
+        csc_env: Mapping[str, str] | None = None,
+        agent_env: Mapping[str, str] | None = None,
+        agent_args: Sequence[str] = (),
+        start_agent: bool = True,
+    ) -> RelayProcs:
+        """A CSC process, a token for ``tenant``/``alias`` and (unless ``start_agent`` is
+        false) an agent serving ``upstream``, returned once the alias resolves."""
+        csc = self.csc(env=csc_env)
+        token = issue_token(csc.state_dir, tenant, alias)
+        relay = RelayProcs(csc, upstream, token, alias, self)
+        if start_agent:
+            relay.start_agent(sessions=sessions, env=agent_env, extra_args=agent_args)
+        return relay
 
     def dump_logs(self, stream: IO[str] | None = None) -> None:
         for proc in self.procs:
@@ -655,3 +713,51 @@ class ProcFactory:
             except TimeoutError:
                 proc.kill()
                 proc.wait(STOP_TIMEOUT)
+
+
+class RelayProcs:
+    """A relay of real processes (see :meth:`ProcFactory.relay`): CSC, upstream, agent."""
+
+    def __init__(
+        self, csc: CscProc, upstream: UpstreamProc, token: str, alias: str, factory: ProcFactory
+    ) -> None:
+        self.csc = csc
+        self.upstream = upstream
+        self.token = token
+        self.alias = alias
+        self.factory = factory
+        self.agent: Proc | None = None
+
+    def url(self, path: str = "/") -> str:
+        """A URL through the tunnel: ``{csc}/t/{alias}/{path}``."""
+        return tunnel_url(self.csc.http_url, self.alias, path)
+
+    @property
+    def resolve_url(self) -> str:
+        return resolve_url(self.csc.http_url, self.alias)
+
+    def start_agent(
+        self,
+        *,
+        csc_url: str | None = None,
+        sessions: int = 2,
+        env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+        wait_online: bool = True,
+    ) -> Proc:
+        """Start an agent (dialing ``csc_url``, default the CSC itself) and by default wait
+        until the alias resolves."""
+        self.agent = self.factory.agent(
+            csc_url or self.csc.http_url,
+            self.token,
+            self.upstream.http_url,
+            sessions=sessions,
+            env=env,
+            extra_args=extra_args,
+        )
+        if wait_online:
+            try:
+                wait_alias_online(self.csc.http_url, self.alias)
+            except TimeoutError as exc:
+                raise ProcError(f"{exc}\n{self.agent.describe()}") from None
+        return self.agent
