@@ -244,7 +244,10 @@ async def _relay_response(
     except CSCError as err:
         log.warning("request %s aborted mid-response: %s", request_id, err.message)
         _abort(request)
-    except (ConnectionError, asyncio.CancelledError):
+    except ConnectionError:
+        log.info("request %s: the client went away mid-response", request_id)
+        stream.reset(Cancelled("the client went away"))
+    except asyncio.CancelledError:
         stream.reset(Cancelled("the client went away"))
         raise
     return resp

@@ -83,6 +83,7 @@ class Agent:
         self.stopping = asyncio.Event()
         self.fatal: str | None = None
         self._draining: set[asyncio.Task[None]] = set()
+        self._retiring: dict[int, int] = {}  # slot -> sessions draining after a GOAWAY
         self._http: aiohttp.ClientSession | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -153,6 +154,8 @@ class Agent:
                 backoff.connected_for(loop.time() - started)
             if self.fatal is not None or self.stopping.is_set():
                 return
+            if self._retiring.get(slot):
+                backoff.attempt = 0  # the drained session still serves: retry at the start pace
             delay = backoff.next_delay(random.random())
             log.info("session %d: reconnecting in %.1f s", slot, delay)
             with contextlib.suppress(TimeoutError):
@@ -172,7 +175,8 @@ class Agent:
             )
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in FATAL_HTTP_STATUSES:
-                message = f"the CSC refused the agent (HTTP {exc.status}): {exc.message}"
+                reason = await self._refusal_reason() or exc.message
+                message = f"the CSC refused the agent (HTTP {exc.status}): {reason}"
                 raise FatalError(message) from None
             raise
         try:
@@ -180,6 +184,21 @@ class Agent:
         except BaseException:
             await ws.close()
             raise
+
+    async def _refusal_reason(self) -> str | None:
+        """The CSC's JSON reason for refusing the upgrade (aiohttp's exception lacks the body)."""
+        assert self._http is not None
+        try:
+            async with self._http.get(
+                connect_url(self.config.csc).replace("ws", "http", 1),
+                headers={"Authorization": f"Bearer {self.config.token.reveal()}"},
+                timeout=aiohttp.ClientTimeout(total=self.config.connect_timeout),
+            ) as resp:
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        message = body.get("message") if isinstance(body, dict) else None
+        return message if isinstance(message, str) else None
 
     async def _handshake(self, slot: int, ws: aiohttp.ClientWebSocketResponse) -> AgentSession:
         loop = asyncio.get_running_loop()
@@ -235,7 +254,8 @@ class Agent:
             self.sessions.discard(session)
             reason = session.link.closed.result().message if session.link.closed.done() else ""
             code = session.ws.close_code
-            log.warning("session %d down (close code %s): %s", session.slot, code, reason)
+            level = logging.INFO if self.stopping.is_set() else logging.WARNING
+            log.log(level, "session %d down (close code %s): %s", session.slot, code, reason)
             if code in FATAL_CLOSE_CODES:
                 self.fatal = f"the CSC closed the session ({code})"
                 self.stop()
@@ -248,12 +268,14 @@ class Agent:
 
     async def _retire(self, session: AgentSession, run: asyncio.Task[None]) -> None:
         """Let a drained session finish its streams; the CSC closes it when done."""
+        self._retiring[session.slot] = self._retiring.get(session.slot, 0) + 1
         try:
             await session.link.wait_idle(self.config.drain_timeout)
             await session.link.flush()
             await close_websocket(session.ws, GoingAway("drained"))
             await run
         finally:
+            self._retiring[session.slot] -= 1
             self.sessions.discard(session)
 
 

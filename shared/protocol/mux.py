@@ -318,7 +318,7 @@ class Connection:
         if stream.remote_fin:
             return
         stream.recv_unacked += nbytes
-        if stream.recv_unacked < stream.recv_window // 2:
+        if stream.recv_unacked < self._update_threshold(stream):
             return
         increment = stream.recv_unacked + self._grow(stream, now)
         stream.recv_unacked = 0
@@ -416,6 +416,12 @@ class Connection:
         stream.local_fin = True
         if stream.remote_fin:
             self._remove(stream.id)
+
+    def _update_threshold(self, stream: Stream) -> int:
+        """Credit goes back after half the initial window, or a quarter of a grown one (§5):
+        on a long link a grown window must be refilled well before the sender runs dry."""
+        window = stream.recv_window
+        return window // 2 if window <= self.settings.initial_window else window // 4
 
     def _grow(self, stream: Stream, now: float) -> int:
         """Auto-tuning (§5): double the window when it, not the consumer, limits the rate."""
