@@ -18,18 +18,6 @@ if TYPE_CHECKING:
     from csc.gateway import AgentSession
 
 
-def link_settings(config: CSCConfig) -> LinkSettings:
-    return LinkSettings(
-        initial_window=config.initial_window,
-        max_window=config.max_window,
-        session_budget=config.session_budget,
-        max_frame=config.max_frame,
-        max_streams=config.max_streams_per_session,
-        heartbeat_interval=config.heartbeat_interval,
-        heartbeat_timeout=config.heartbeat_timeout,
-    )
-
-
 @dataclass(eq=False)
 class NodeState:
     KEY: ClassVar[web.AppKey[NodeState]]
@@ -47,7 +35,9 @@ class NodeState:
     link_settings: LinkSettings = field(init=False)
 
     def __post_init__(self) -> None:
-        self.link_settings = link_settings(self.config)
+        self.link_settings = LinkSettings.from_config(
+            self.config, max_streams=self.config.max_streams_per_session
+        )
         self.idle.set()
 
     def stream_started(self) -> None:

@@ -53,17 +53,6 @@ class AgentSession:
         return str(self.welcome.get("session_id", "?"))
 
 
-def link_settings(config: AgentConfig) -> LinkSettings:
-    return LinkSettings(
-        initial_window=config.initial_window,
-        max_window=config.max_window,
-        session_budget=config.session_budget,
-        max_frame=config.max_frame,
-        heartbeat_interval=config.heartbeat_interval,
-        heartbeat_timeout=config.heartbeat_timeout,
-    )
-
-
 def connect_url(csc: str) -> str:
     """The agent endpoint of a CSC base URL (``http(s)``/``ws(s)``, any path prefix)."""
     url = csc.rstrip("/")
@@ -77,7 +66,7 @@ def connect_url(csc: str) -> str:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.settings = link_settings(config)
+        self.settings = LinkSettings.from_config(config)
         self.upstreams = Upstreams(config)
         self.sessions: set[AgentSession] = set()
         self.stopping = asyncio.Event()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from shared.errors import (
     CSCError,
@@ -71,7 +71,25 @@ from shared.protocol.events import (
 )
 
 MIN_FRAME = 16 * 1024
+DEFAULT_MAX_STREAMS = 1024
 MAX_MESSAGE = 1000  # characters of an error message on the wire; 6 bytes each at most in JSON
+
+
+class LinkLimits(Protocol):
+    """The flow-control and heartbeat settings a program's configuration carries."""
+
+    @property
+    def initial_window(self) -> int: ...
+    @property
+    def max_window(self) -> int: ...
+    @property
+    def session_budget(self) -> int: ...
+    @property
+    def max_frame(self) -> int: ...
+    @property
+    def heartbeat_interval(self) -> float: ...
+    @property
+    def heartbeat_timeout(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +100,21 @@ class LinkSettings:
     max_window: int = 32 * 1024 * 1024
     session_budget: int = 64 * 1024 * 1024
     max_frame: int = 256 * 1024
-    max_streams: int = 1024
+    max_streams: int = DEFAULT_MAX_STREAMS
     heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 30.0
+
+    @classmethod
+    def from_config(cls, config: LinkLimits, *, max_streams: int | None = None) -> LinkSettings:
+        return cls(
+            initial_window=config.initial_window,
+            max_window=config.max_window,
+            session_budget=config.session_budget,
+            max_frame=config.max_frame,
+            max_streams=DEFAULT_MAX_STREAMS if max_streams is None else max_streams,
+            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_timeout=config.heartbeat_timeout,
+        )
 
     def to_wire(self) -> dict[str, int]:
         return {
