@@ -177,8 +177,9 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
     try:
         return await _relay_response(request, state, stream, body, request_id)
     finally:
-        state.stream_finished()
         await cancel_quietly(body)
+        stream.finish()
+        state.stream_finished()
 
 
 async def _await_head(

@@ -85,6 +85,7 @@ async def _serve(
         writer.write(b"OK\r\n")
         await splice(stream, reader, writer, reset_code=Cancelled.code)
     finally:
+        stream.finish()
         state.stream_finished()
 
 

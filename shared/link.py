@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from aiohttp import WSMessage, WSMsgType
 
-from shared.errors import AgentLost, CSCError, ProtocolError, error_for_code
+from shared.errors import AgentLost, Cancelled, CSCError, ProtocolError, error_for_code
 from shared.protocol import (
     Connection,
     DataReceived,
@@ -146,6 +146,12 @@ class LinkStream:
             self.link.conn.reset_stream(self.id, err.code, err.message)
             self.link.kick()
         self._fail(err)
+
+    def finish(self) -> None:
+        """Called when the stream's owner is done with it: reset it if either side still runs,
+        so that neither the link nor the peer keeps it (and a drain does not wait for it)."""
+        if not self.done:
+            self.reset(Cancelled("the stream was abandoned"))
 
     # -- called by Link ----------------------------------------------------------------------
 
@@ -343,6 +349,8 @@ class Link:
         except Exception:
             log.exception("%s: stream %d handler failed", self.name, stream.id)
             stream.reset(CSCError("internal error in the stream handler"))
+        finally:
+            stream.finish()
 
     async def _send_pending(self) -> None:
         batch: list[bytes | memoryview] = []
