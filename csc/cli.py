@@ -21,6 +21,7 @@ from pathlib import Path
 from csc.config import LOG_LEVELS, CSCConfig, load_csc_config
 from csc.tenants import TenantsFile, TenantsFileError
 from shared.aliases import normalise_grant
+from shared.allocator import keep_freed_memory
 from shared.cli_support import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -122,6 +123,7 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if config is None:
         return EXIT_USAGE
     configure_logging(config.log_level, PROG)
+    keep_freed_memory()
     from csc.server import serve  # lazy: keeps `csc token` free of the server's imports
 
     try:

@@ -126,7 +126,11 @@ class Node:
         self.config = config
         self.app = app
         self.state = app[NodeState.KEY]
-        self.runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
+        # handler_cancellation: a bootloader that hangs up cancels its handler, which resets
+        # the stream, so the agent stops working for it at once.
+        self.runner = web.AppRunner(
+            app, shutdown_timeout=1.0, access_log=None, handler_cancellation=True
+        )
         self.tcp_server: asyncio.Server | None = None
         self.http_address = ""
         self.tcp_address: str | None = None

@@ -81,10 +81,10 @@ class LinkStream:
     async def read(self) -> bytes | memoryview:
         """The next received chunk; ``b""`` at the peer's FIN; raises the stream's error."""
         while not self._chunks:
+            if self._eof:  # the peer's direction ended cleanly, whatever happened after
+                return b""
             if self._error is not None:
                 raise self._error
-            if self._eof:
-                return b""
             self._waiter = self.link.loop.create_future()
             try:
                 await self._waiter

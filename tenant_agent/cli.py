@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from shared.allocator import keep_freed_memory
 from shared.cli_support import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -83,6 +84,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     if config is None:
         return EXIT_USAGE
     configure_logging(config.log_level, PROG)
+    keep_freed_memory()
     from tenant_agent.agent import run  # lazy: the CLI and config stay importable on their own
 
     try:
