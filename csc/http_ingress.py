@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from csc.gateway import AgentSession
 from csc.registry import Lookup
@@ -220,22 +221,23 @@ async def _relay_response(
 ) -> web.StreamResponse:
     try:
         head = await _await_head(stream, body, state.config.open_timeout)
-        resp = _response_from_head(head, request_id)
+        status, reason, headers, length = _parse_head(head)
     except CSCError as err:
         stream.reset(err)
         log.info("request %s to %s failed: %s", request_id, stream.info["alias"], err.code)
         if isinstance(err, ProtocolError):  # the agent misbehaved, not the bootloader
             err = UpstreamError(f"the tenant agent broke the protocol: {err.message}")
         return error_response(err, request_id)
-    if _may_have_body(request.method, resp.status):
+    headers["X-Request-Id"] = request_id
+    if _may_have_body(request.method, status):
         complete = stream.read_complete()
-        if complete is not None and resp.content_length in (None, len(complete)):
-            # the whole (small) body came with the head: answer in one write
+        if complete is not None and length in (None, len(complete)):
+            # the whole (small) body came with the head: head and body in one write
             stream.consumed(len(complete))
-            resp.content_length = len(complete)
-            await resp.prepare(request)
-            await resp.write_eof(complete)
-            return resp
+            return web.Response(status=status, reason=reason, headers=headers, body=complete)
+    resp = web.StreamResponse(status=status, reason=reason, headers=headers)
+    if length is not None:
+        resp.content_length = length
     await resp.prepare(request)
     try:
         while data := await stream.read():
@@ -264,23 +266,23 @@ def _abort(request: web.Request) -> None:
         transport.abort()
 
 
-def _response_from_head(head: dict[str, Any], request_id: str) -> web.StreamResponse:
+def _parse_head(head: dict[str, Any]) -> tuple[int, str | None, CIMultiDict[str], int | None]:
+    """Status, reason, end-to-end headers and Content-Length of an OPEN_OK response head."""
     status = head.get("status")
-    headers = header_pairs(head.get("headers"))
-    if not isinstance(status, int) or not 100 <= status <= 999 or headers is None:
-        raise UpstreamError("the agent sent an invalid response head")
+    pairs = header_pairs(head.get("headers"))
     reason = head.get("reason")
-    resp = web.StreamResponse(status=status, reason=reason if isinstance(reason, str) else None)
+    if not isinstance(status, int) or not 100 <= status <= 999 or pairs is None:
+        raise UpstreamError("the agent sent an invalid response head")
+    if not isinstance(reason, str) or "\r" in reason or "\n" in reason:
+        reason = None
+    headers: CIMultiDict[str] = CIMultiDict()
     length: int | None = None
-    for name, value in headers:
+    for name, value in pairs:
         lname = name.lower()
         if lname in HOP_BY_HOP:
             continue
         if lname == "content-length":
             length = int(value) if value.isdigit() else None
             continue
-        resp.headers.add(name, value)
-    if length is not None:
-        resp.content_length = length
-    resp.headers["X-Request-Id"] = request_id
-    return resp
+        headers.add(name, value)
+    return status, reason or None, headers, length
