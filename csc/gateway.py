@@ -28,7 +28,7 @@ from shared.errors import (
     ProtocolError,
     http_body,
 )
-from shared.link import Link, run_websocket
+from shared.link import Link, max_message_size, run_websocket
 from shared.link import close_websocket as _close
 from shared.protocol import Connection, GoAwayReceived, HelloReceived, Side
 from shared.tokens import AgentClaims, verify_token
@@ -124,7 +124,7 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
         state.auth_failures += 1
         return _refuse(err, remote)
     ws = web.WebSocketResponse(
-        max_msg_size=state.config.max_frame * 8 + 4 * 1024 * 1024,
+        max_msg_size=max_message_size(state.config.max_frame),
         compress=False,
         autoping=True,
     )

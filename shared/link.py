@@ -37,6 +37,7 @@ from shared.protocol import (
     StreamRejected,
     StreamReset,
 )
+from shared.protocol.codec import HEADER_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 1024 * 1024
 
 SendFn = Callable[[bytes], Awaitable[None]]
+
+
+def max_message_size(max_frame: int) -> int:
+    """The largest WebSocket message a peer may send: one flush (up to MAX_MESSAGE of frames
+    plus the frame that crossed it), with room to spare."""
+    return 2 * (MAX_MESSAGE + max_frame + HEADER_SIZE)
 
 
 class LinkStream:

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 
 from shared.errors import CSCError, GoingAway, ProtocolError
-from shared.link import Link, cancel_quietly, close_websocket, run_websocket
+from shared.link import Link, cancel_quietly, close_websocket, max_message_size, run_websocket
 from shared.protocol import Connection, Event, LinkSettings, Side, WelcomeReceived
 from tenant_agent import __version__
 from tenant_agent.backoff import FATAL_CLOSE_CODES, FATAL_HTTP_STATUSES, Backoff
@@ -157,7 +157,7 @@ class Agent:
             ws = await self._http.ws_connect(
                 connect_url(cfg.csc),
                 headers={"Authorization": f"Bearer {cfg.token.reveal()}"},
-                max_msg_size=cfg.max_frame * 8 + 4 * 1024 * 1024,
+                max_msg_size=max_message_size(cfg.max_frame),
                 autoping=True,
                 compress=0,
                 timeout=aiohttp.ClientWSTimeout(ws_close=5.0),

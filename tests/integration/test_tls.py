@@ -1,0 +1,114 @@
+"""Real TLS (trustme certificates) on both CSC listeners; the agent verifies the CSC."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+
+from csc.config import CSCConfig
+from csc.server import running_node
+from tenant_agent.agent import Agent
+from tests.support.inproc import ALIAS, agent_config, make_token
+from tests.support.procs import scaled
+from tests.support.upstream import start_upstream_server
+
+
+def _certs(tmp_path: Path) -> tuple[trustme.CA, Path, Path, Path]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return ca, cert_file, key_file, ca_file
+
+
+async def _wait_online(http: aiohttp.ClientSession, url: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + scaled(10)
+    while True:
+        async with http.get(url) as resp:
+            if resp.status == 200:
+                return
+        assert loop.time() < deadline, "the alias did not come online over TLS"
+        await asyncio.sleep(0.02)
+
+
+async def test_https_and_tls_tcp_ingress_with_a_verifying_agent(tmp_path: Path) -> None:
+    ca, cert_file, key_file, ca_file = _certs(tmp_path)
+    state_dir = tmp_path / "state"
+    token = make_token(state_dir, "acme", [ALIAS])
+    config = CSCConfig(
+        listen="127.0.0.1:0",
+        tcp_listen="127.0.0.1:0",
+        state_dir=state_dir,
+        tls_cert=cert_file,
+        tls_key=key_file,
+    )
+    client_ctx = ssl.create_default_context(cafile=str(ca_file))
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with running_node(config) as node:
+            base = f"https://{node.http_address}"
+            agent = Agent(agent_config(base, token, upstream, ca_file=ca_file))
+            task = asyncio.create_task(agent.run())
+            connector = aiohttp.TCPConnector(ssl=client_ctx)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                await _wait_online(http, f"{base}/v1/resolve/{ALIAS}")
+                async with http.get(f"{base}/t/{ALIAS}/echo/tls") as resp:
+                    assert resp.status == 200
+                    headers = {k.lower(): v for k, v in (await resp.json())["headers"]}
+                assert headers["x-forwarded-proto"] == "https"
+            assert node.tcp_address is not None
+            host, _, port = node.tcp_address.rpartition(":")
+            reader, writer = await asyncio.open_connection(
+                host, int(port), ssl=client_ctx, server_hostname="127.0.0.1"
+            )
+            writer.write(f"CONNECT {ALIAS}\r\n".encode())
+            assert await reader.readline() == b"OK\r\n"
+            writer.write(b"over tls")
+            assert await asyncio.wait_for(reader.readexactly(8), scaled(10)) == b"over tls"
+            writer.close()
+            agent.stop()
+            assert await asyncio.wait_for(task, scaled(30)) == 0
+    finally:
+        await upstream.close()
+
+
+async def test_agent_refuses_an_untrusted_csc_certificate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, cert_file, key_file, _ = _certs(tmp_path)
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    state_dir = tmp_path / "state"
+    token = make_token(state_dir, "acme", [ALIAS])
+    config = CSCConfig(
+        listen="127.0.0.1:0",
+        tcp_listen=None,
+        state_dir=state_dir,
+        tls_cert=cert_file,
+        tls_key=key_file,
+    )
+    upstream = await start_upstream_server()
+    try:
+        async with running_node(config) as node:
+            base = f"https://{node.http_address}"
+            agent = Agent(agent_config(base, token, upstream, ca_file=other_ca))
+            task = asyncio.create_task(agent.run())
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + scaled(10)
+            while sum("CERTIFICATE_VERIFY_FAILED" in r.getMessage() for r in caplog.records) < 2:
+                assert loop.time() < deadline, "the agent did not retry"
+                assert not node.state.sessions
+                await asyncio.sleep(0.02)
+            assert not node.state.sessions
+            agent.stop()
+            assert await asyncio.wait_for(task, scaled(30)) == 0
+    finally:
+        await upstream.close()
