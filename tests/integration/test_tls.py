@@ -18,14 +18,14 @@ from tests.support.procs import scaled
 from tests.support.upstream import start_upstream_server
 
 
-def _certs(tmp_path: Path) -> tuple[trustme.CA, Path, Path, Path]:
+def _certs(tmp_path: Path) -> tuple[Path, Path, Path]:
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
     cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
     ca.cert_pem.write_to_path(str(ca_file))
-    return ca, cert_file, key_file, ca_file
+    return cert_file, key_file, ca_file
 
 
 async def _wait_online(http: aiohttp.ClientSession, url: str) -> None:
@@ -40,7 +40,7 @@ async def _wait_online(http: aiohttp.ClientSession, url: str) -> None:
 
 
 async def test_https_and_tls_tcp_ingress_with_a_verifying_agent(tmp_path: Path) -> None:
-    ca, cert_file, key_file, ca_file = _certs(tmp_path)
+    cert_file, key_file, ca_file = _certs(tmp_path)
     state_dir = tmp_path / "state"
     token = make_token(state_dir, "acme", [ALIAS])
     config = CSCConfig(
@@ -83,7 +83,7 @@ async def test_https_and_tls_tcp_ingress_with_a_verifying_agent(tmp_path: Path) 
 async def test_agent_refuses_an_untrusted_csc_certificate(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, cert_file, key_file, _ = _certs(tmp_path)
+    cert_file, key_file, _ = _certs(tmp_path)
     other_ca = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
     state_dir = tmp_path / "state"
