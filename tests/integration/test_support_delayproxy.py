@@ -195,6 +195,7 @@ async def _scenario_on_current_loop() -> None:
 
 def test_on_uvloop() -> None:
     """The command-line tools run on uvloop, whose transports are not asyncio's classes."""
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop  # a dependency on Linux, where the tests run
+
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_scenario_on_current_loop())
