@@ -21,10 +21,8 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from csc.gateway import AgentSession
-from csc.registry import Lookup
+from csc.routing import lookup_alias, open_stream
 from csc.state import NodeState
-from shared.aliases import normalise_alias
 from shared.errors import (
     Cancelled,
     CSCError,
@@ -32,7 +30,6 @@ from shared.errors import (
     PayloadTooLarge,
     PortalOffline,
     ProtocolError,
-    UnknownAlias,
     UpstreamError,
     UpstreamTimeout,
     http_body,
@@ -72,34 +69,6 @@ def error_response(err: CSCError, request_id: str, **extra: Any) -> web.Response
         content_type="application/json",
         headers=headers,
     )
-
-
-def lookup_alias(state: NodeState, raw_alias: str) -> tuple[str, Lookup[AgentSession]]:
-    alias = normalise_alias(raw_alias)
-    found = state.registry.lookup(alias)
-    if found.tenant is None:
-        raise UnknownAlias(f"no tenant serves the alias {alias}")
-    return alias, found
-
-
-def open_stream(
-    state: NodeState, alias: str, found: Lookup[AgentSession], info: dict[str, Any]
-) -> LinkStream:
-    """Open a stream on the least-loaded session that takes it, or raise PortalOffline."""
-    if state.draining:
-        raise GoingAway("this node is draining")
-    last: CSCError | None = None
-    for session in found.sessions:
-        try:
-            stream = session.link.open(info)
-        except CSCError as err:
-            last = err
-            continue
-        session.streams_opened += 1
-        return stream
-    if last is not None and not isinstance(last, GoingAway):
-        raise last
-    raise PortalOffline(f"the portal of {alias} is offline (no agent connected)")
 
 
 async def resolve(request: web.Request) -> web.Response:

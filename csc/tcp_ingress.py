@@ -13,7 +13,7 @@ import contextlib
 import logging
 import uuid
 
-from csc.http_ingress import lookup_alias, open_stream
+from csc.routing import lookup_alias, open_stream
 from csc.state import NodeState
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
 from shared.link import splice
