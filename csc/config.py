@@ -90,9 +90,9 @@ class CSCConfig:
         default=256, metadata=meta(minimum=1, help="concurrent streams on one agent session")
     )
     initial_window: int = size_field(256 * KIB, "initial per-stream flow-control window", minimum=1)
-    max_window: int = size_field(32 * MIB, "largest auto-tuned per-stream window", minimum=1)
+    max_window: int = size_field(64 * MIB, "largest auto-tuned per-stream window", minimum=1)
     session_budget: int = size_field(
-        64 * MIB, "buffered bytes allowed per agent session", minimum=1
+        128 * MIB, "buffered bytes allowed per agent session", minimum=1
     )
     max_frame: int = size_field(
         256 * KIB, "largest frame payload (16KiB..16MiB)", minimum=16 * KIB, maximum=16 * MIB

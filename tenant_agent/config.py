@@ -88,8 +88,8 @@ class AgentConfig:
         30.0, "on SIGTERM, how long in-flight streams may finish", minimum=0
     )
     initial_window: int = size_field(256 * KIB, "initial per-stream flow-control window", minimum=1)
-    max_window: int = size_field(32 * MIB, "largest auto-tuned per-stream window", minimum=1)
-    session_budget: int = size_field(64 * MIB, "buffered bytes allowed per session", minimum=1)
+    max_window: int = size_field(64 * MIB, "largest auto-tuned per-stream window", minimum=1)
+    session_budget: int = size_field(128 * MIB, "buffered bytes allowed per session", minimum=1)
     max_frame: int = size_field(
         256 * KIB, "largest frame payload (16KiB..16MiB)", minimum=16 * KIB, maximum=16 * MIB
     )

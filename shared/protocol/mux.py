@@ -72,6 +72,8 @@ from shared.protocol.events import (
 
 MIN_FRAME = 16 * 1024
 DEFAULT_MAX_STREAMS = 1024
+#: At most this factor of window growth per WINDOW update (docs/protocol.md §5).
+MAX_GROWTH = 8
 MAX_MESSAGE = 1000  # characters of an error message on the wire; 6 bytes each at most in JSON
 
 
@@ -97,8 +99,8 @@ class LinkSettings:
     """What this side grants its peer; sent in HELLO/WELCOME (docs/protocol.md §4)."""
 
     initial_window: int = 256 * 1024
-    max_window: int = 32 * 1024 * 1024
-    session_budget: int = 64 * 1024 * 1024
+    max_window: int = 64 * 1024 * 1024
+    session_budget: int = 128 * 1024 * 1024
     max_frame: int = 256 * 1024
     max_streams: int = DEFAULT_MAX_STREAMS
     heartbeat_interval: float = 10.0
@@ -454,14 +456,20 @@ class Connection:
         return window // 2 if window <= self.settings.initial_window else window // 4
 
     def _grow(self, stream: Stream, now: float) -> int:
-        """Auto-tuning (§5): double the window when it, not the consumer, limits the rate."""
+        """Auto-tuning (§5): when the window, not the consumer, limits the rate, grow it toward
+        twice the measured rate x RTT: at least doubling, at most MAX_GROWTH-fold per update."""
         s = self.settings
         if self.rtt is None or stream.last_update_at is None:
             return 0
-        if now - stream.last_update_at >= 2 * max(self.rtt, 0.001):
+        rtt = max(self.rtt, 0.001)
+        interval = now - stream.last_update_at
+        if interval >= 2 * rtt:
             return 0
+        window = stream.recv_window
+        rate = stream.recv_unacked / max(interval, 1e-6)  # bytes/s consumed since last update
+        target = min(MAX_GROWTH * window, max(2 * window, int(2 * rate * rtt)))
         room = max(s.session_budget - self._window_total, 0)
-        delta = min(stream.recv_window, s.max_window - stream.recv_window, room)
+        delta = min(target - window, s.max_window - window, room)
         if delta <= 0:
             return 0
         stream.recv_window += delta

@@ -2,7 +2,7 @@
 
 The agent dials the CSC through a :mod:`tests.support.delayproxy` process (``--csc`` points at
 the proxy). A fixed 256 KiB window would cap one stream at window / RTT (5 MiB/s at a 50 ms
-round trip); the windows must grow (up to 32 MiB) toward rate x RTT. Criterion: one stream's
+round trip); the windows must grow (up to 64 MiB) toward rate x RTT. Criterion: one stream's
 download rate with 25 ms per direction reaches at least half of its rate through the same proxy
 at delay 0; a body far larger than any window arrives with the right SHA-256.
 
@@ -24,7 +24,7 @@ from tests.support.procs import ProcFactory, RelayProcs, UpstreamProc, scaled
 from tests.support.upstream import expected_sha256
 
 MiB = 1024 * 1024
-SIZE = 256 * MiB  # 8x the largest window, 1000x the initial one
+SIZE = 512 * MiB  # 8x the largest window, 2000x the initial one
 DELAY = 0.025
 MIN_RATIO = 0.5
 RUNS = 2

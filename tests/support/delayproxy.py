@@ -32,6 +32,7 @@ import struct
 from collections import deque
 from typing import Any, cast
 
+from shared.allocator import keep_freed_memory
 from tests.support.readyfile import (
     format_hostport,
     parse_hostport,
@@ -345,6 +346,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # like the relay: held chunks must not fault in fresh pages each time
     run_main(_serve(_parse_args(argv)))
     return 0
 

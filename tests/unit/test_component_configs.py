@@ -37,8 +37,8 @@ def test_csc_defaults() -> None:
     assert cfg.state_dir == Path("/home/u/.local/state/csc")
     assert (cfg.initial_window, cfg.max_window, cfg.session_budget) == (
         262144,
-        32 * 1024**2,
         64 * 1024**2,
+        128 * 1024**2,
     )
     assert cfg.max_frame == 262144
     assert cfg.max_body_size is None
@@ -92,8 +92,8 @@ def test_csc_unknown_env_var() -> None:
         ({"CSC_LISTEN": "127.0.0.1:70000"}, "CSC_LISTEN"),
         ({"CSC_MAX_FRAME": "8KiB"}, "below the minimum 16384"),
         ({"CSC_MAX_FRAME": "32MiB"}, "above the maximum 16777216"),
-        ({"CSC_INITIAL_WINDOW": "64MiB"}, "initial_window (67108864) <= max_window"),
-        ({"CSC_MAX_WINDOW": "128MiB"}, "<= session_budget"),
+        ({"CSC_INITIAL_WINDOW": "128MiB"}, "initial_window (134217728) <= max_window"),
+        ({"CSC_MAX_WINDOW": "256MiB"}, "<= session_budget"),
         ({"CSC_HEARTBEAT_TIMEOUT": "5s"}, "heartbeat_timeout (5s) must be greater"),
         ({"CSC_HEARTBEAT_INTERVAL": "0"}, "must be greater than 0"),
         ({"CSC_MAX_STREAMS_PER_SESSION": "0"}, "below the minimum 1"),
