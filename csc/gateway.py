@@ -19,6 +19,8 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from csc.state import NodeState
+from csc.websocket import close_websocket as _close
+from csc.websocket import run_websocket
 from shared.aliases import covered, normalise_grant
 from shared.errors import (
     AliasForbidden,
@@ -28,8 +30,7 @@ from shared.errors import (
     ProtocolError,
     http_body,
 )
-from shared.link import Link, max_message_size, run_websocket
-from shared.link import close_websocket as _close
+from shared.link import Link, joined, max_message_size
 from shared.protocol import Connection, GoAwayReceived, HelloReceived, Side
 from shared.tokens import AgentClaims, verify_token
 
@@ -147,7 +148,7 @@ async def _run_session(
         await _close(ws, err)
         return
     session_id = f"{state.node_id}-{next(_session_ids)}-{os.urandom(3).hex()}"
-    link = Link(conn, ws.send_bytes, name=f"session {session_id}")
+    link = Link(conn, joined(ws.send_bytes), name=f"session {session_id}")
     session = AgentSession(
         id=session_id,
         tenant=claims.tenant,

@@ -2,8 +2,9 @@
 
 Both the CSC and the agent run one :class:`Link` per WebSocket session. The owner feeds every
 received message to :meth:`Link.feed`; a writer task sends what the multiplexer queued, one
-WebSocket message per flush; a timer task runs heartbeats. Streams are :class:`LinkStream`
-objects with ``read()``/``write()`` coroutines that respect flow control.
+WebSocket message per flush, handed to the sender as a list of chunks (never joined here); a
+timer task runs heartbeats. Streams are :class:`LinkStream` objects with ``read()``/``write()``
+coroutines that respect flow control.
 
 Invariants (docs/protocol.md §5): ``write()`` never queues more than the peer's credit, and the
 credit of received bytes is returned only when the consumer calls :meth:`LinkStream.consumed`
@@ -17,12 +18,10 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
-from aiohttp import WSMessage, WSMsgType
-
-from shared.errors import AgentLost, Cancelled, CSCError, ProtocolError, error_for_code
+from shared.errors import AgentLost, Cancelled, CSCError, error_for_code
 from shared.protocol import (
     Connection,
     DataReceived,
@@ -44,7 +43,18 @@ log = logging.getLogger(__name__)
 #: Largest WebSocket message a flush builds (several frames may share one message).
 MAX_MESSAGE = 1024 * 1024
 
-SendFn = Callable[[bytes], Awaitable[None]]
+#: Sends one WebSocket message made of these chunks, in order (a sender may mask or copy them
+#: piecewise; it must not keep them after it returns).
+SendFn = Callable[[Sequence[bytes | memoryview]], Awaitable[None]]
+
+
+def joined(send_bytes: Callable[[bytes], Awaitable[None]]) -> SendFn:
+    """A :data:`SendFn` for a sender of whole messages (aiohttp's ``send_bytes``)."""
+
+    async def send(chunks: Sequence[bytes | memoryview]) -> None:
+        await send_bytes(b"".join(chunks))
+
+    return send
 
 
 def max_message_size(max_frame: int) -> int:
@@ -366,10 +376,10 @@ class Link:
             batch.append(chunk)
             size += len(chunk)
             if size >= MAX_MESSAGE:
-                await self._send(b"".join(batch))
+                await self._send(batch)
                 batch, size = [], 0
         if batch:
-            await self._send(b"".join(batch))
+            await self._send(batch)
 
     async def _writer(self) -> None:
         try:
@@ -435,57 +445,6 @@ async def splice(
     finally:
         for task in tasks:
             await cancel_quietly(task)
-
-
-class WebSocketLike(Protocol):
-    """What both aiohttp WebSocket classes (server and client side) offer."""
-
-    @property
-    def closed(self) -> bool: ...
-
-    async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
-
-    async def send_bytes(self, data: bytes) -> None: ...
-
-    def __aiter__(self) -> Any: ...
-
-    async def __anext__(self) -> WSMessage: ...
-
-
-async def close_websocket(ws: WebSocketLike, err: CSCError) -> None:
-    """Close with the error's close code and ``code: message`` as the reason (≤ 123 bytes)."""
-    reason = f"{err.code}: {err.message}".encode()[:120]
-    with contextlib.suppress(Exception):
-        await ws.close(code=err.spec.close_code, message=reason)
-
-
-async def _close_when_link_ends(ws: WebSocketLike, link: Link) -> None:
-    err = await link.closed
-    if not ws.closed:
-        await close_websocket(ws, err)
-
-
-async def run_websocket(ws: WebSocketLike, link: Link) -> None:
-    """Feed received messages to the link until either side ends it; then close the link."""
-    watcher = asyncio.ensure_future(_close_when_link_ends(ws, link))
-    try:
-        async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
-                try:
-                    link.feed(msg.data)
-                except CSCError as err:
-                    await close_websocket(ws, err)
-                    return
-            elif msg.type == WSMsgType.ERROR:
-                return
-            else:
-                violation = ProtocolError("text messages are not part of the protocol")
-                link.close(violation)
-                await close_websocket(ws, violation)
-                return
-    finally:
-        link.close()
-        await cancel_quietly(watcher)
 
 
 async def cancel_quietly(task: asyncio.Future[Any] | None) -> None:

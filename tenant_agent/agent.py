@@ -21,15 +21,21 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from shared.errors import CSCError, GoingAway, ProtocolError
-from shared.link import Link, cancel_quietly, close_websocket, max_message_size, run_websocket
+from shared.link import Link, cancel_quietly, max_message_size
 from shared.protocol import Connection, Event, LinkSettings, Side, WelcomeReceived
 from tenant_agent import __version__
 from tenant_agent.backoff import FATAL_CLOSE_CODES, FATAL_HTTP_STATUSES, Backoff
 from tenant_agent.config import AgentConfig
 from tenant_agent.upstream import Upstreams
+from tenant_agent.websocket import (
+    AgentWebSocket,
+    HandshakeError,
+    HandshakeRefused,
+    close_for,
+    connect,
+    run_link,
+)
 
 log = logging.getLogger("csc_agent")
 
@@ -43,7 +49,7 @@ class FatalError(Exception):
 @dataclass(eq=False)
 class AgentSession:
     slot: int
-    ws: aiohttp.ClientWebSocketResponse
+    ws: AgentWebSocket
     link: Link
     welcome: dict[str, Any]
     goaway: asyncio.Event = field(default_factory=asyncio.Event)
@@ -73,15 +79,13 @@ class Agent:
         self.fatal: str | None = None
         self._draining: set[asyncio.Task[None]] = set()
         self._retiring: dict[int, int] = {}  # slot -> sessions draining after a GOAWAY
-        self._http: aiohttp.ClientSession | None = None
+        self._ssl: ssl.SSLContext | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> int:
-        ssl_ctx: ssl.SSLContext | bool = True
         if self.config.ca_file is not None:
-            ssl_ctx = ssl.create_default_context(cafile=str(self.config.ca_file))
-        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_ctx))
+            self._ssl = ssl.create_default_context(cafile=str(self.config.ca_file))
         await self.upstreams.start()
         slots = [
             asyncio.create_task(self._slot(i), name=f"slot-{i}")
@@ -96,7 +100,6 @@ class Agent:
             for task in list(self._draining):
                 await cancel_quietly(task)
             await self.upstreams.close()
-            await self._http.close()
         if self.fatal is not None:
             log.error("stopping: %s", self.fatal)
             return EXIT_FATAL
@@ -117,7 +120,7 @@ class Agent:
             await asyncio.gather(*(s.link.wait_idle(self.config.drain_timeout) for s in sessions))
         for session in sessions:
             await session.link.flush()
-            await close_websocket(session.ws, GoingAway("the agent is shutting down"))
+            await close_for(session.ws, GoingAway("the agent is shutting down"))
 
     # -- one session slot --------------------------------------------------------------------
 
@@ -133,7 +136,7 @@ class Agent:
                 self.fatal = str(exc)
                 self.stop()
                 return
-            except (CSCError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
                 log.warning("session %d: cannot connect to %s: %s", slot, cfg.csc, _describe(exc))
             else:
                 replaced = await self._serve(session)
@@ -151,21 +154,22 @@ class Agent:
                 await asyncio.wait_for(self.stopping.wait(), delay)
 
     async def _connect(self, slot: int) -> AgentSession:
-        assert self._http is not None
+        """Upgrade, then HELLO/WELCOME, each within ``connect_timeout``."""
         cfg = self.config
+        headers = {
+            "Authorization": f"Bearer {cfg.token.reveal()}",
+            "User-Agent": f"csc-agent/{__version__}",
+        }
+        url = connect_url(cfg.csc)
+        max_size = max_message_size(cfg.max_frame)
         try:
-            ws = await self._http.ws_connect(
-                connect_url(cfg.csc),
-                headers={"Authorization": f"Bearer {cfg.token.reveal()}"},
-                max_msg_size=max_message_size(cfg.max_frame),
-                autoping=True,
-                compress=0,
-                timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+            ws = await asyncio.wait_for(
+                connect(url, headers, max_size=max_size, ssl_context=self._ssl),
+                cfg.connect_timeout,
             )
-        except aiohttp.WSServerHandshakeError as exc:
+        except HandshakeRefused as exc:
             if exc.status in FATAL_HTTP_STATUSES:
-                reason = await self._refusal_reason() or exc.message
-                message = f"the CSC refused the agent (HTTP {exc.status}): {reason}"
+                message = f"the CSC refused the agent (HTTP {exc.status}): {exc.reason}"
                 raise FatalError(message) from None
             raise
         try:
@@ -174,47 +178,29 @@ class Agent:
             await ws.close()
             raise
 
-    async def _refusal_reason(self) -> str | None:
-        """The CSC's JSON reason for refusing the upgrade (aiohttp's exception lacks the body)."""
-        assert self._http is not None
-        try:
-            async with self._http.get(
-                connect_url(self.config.csc).replace("ws", "http", 1),
-                headers={"Authorization": f"Bearer {self.config.token.reveal()}"},
-                timeout=aiohttp.ClientTimeout(total=self.config.connect_timeout),
-            ) as resp:
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-        message = body.get("message") if isinstance(body, dict) else None
-        return message if isinstance(message, str) else None
-
-    async def _handshake(self, slot: int, ws: aiohttp.ClientWebSocketResponse) -> AgentSession:
+    async def _handshake(self, slot: int, ws: AgentWebSocket) -> AgentSession:
         loop = asyncio.get_running_loop()
         conn = Connection(Side.CLIENT, self.settings, accept_streams=True, now=loop.time())
         conn.send_hello({"agent": f"csc-agent/{__version__}", "aliases": self.config.aliases})
-        await ws.send_bytes(b"".join(conn.data_to_send()))
+        await ws.send_chunks(conn.data_to_send())
         welcome: dict[str, Any] | None = None
         pending: list[Event] = []
         while welcome is None:
-            msg = await ws.receive()
-            if msg.type == aiohttp.WSMsgType.BINARY:
-                conn.receive_data(msg.data, loop.time())
-                events = conn.events()
-                for i, event in enumerate(events):
-                    if isinstance(event, WelcomeReceived):
-                        welcome, pending = event.info, events[i + 1 :]
-                continue
-            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
-                code, reason = ws.close_code or 0, str(msg.extra or "")
+            data = await ws.receive()
+            if data is None:
+                code, reason = ws.close_code, ws.close_reason
                 if code in FATAL_CLOSE_CODES:
                     raise FatalError(f"the CSC refused the session ({code}): {reason}")
                 raise ProtocolError(f"the CSC closed the link in the handshake ({code}): {reason}")
-            raise ProtocolError(f"unexpected {msg.type.name} message during the handshake")
+            conn.receive_data(data, loop.time())
+            events = conn.events()
+            for i, event in enumerate(events):
+                if isinstance(event, WelcomeReceived):
+                    welcome, pending = event.info, events[i + 1 :]
         session: AgentSession
         link = Link(
             conn,
-            ws.send_bytes,
+            ws.send_chunks,
             on_stream=self.upstreams.handle,
             on_goaway=lambda _ev: session.goaway.set(),
             name=f"session {slot}",
@@ -233,7 +219,7 @@ class Agent:
     async def _serve(self, session: AgentSession) -> bool:
         """Serve until the link ends (False) or the CSC asks to drain (True: replace it)."""
         self.sessions.add(session)
-        run = asyncio.create_task(run_websocket(session.ws, session.link))
+        run = asyncio.create_task(run_link(session.ws, session.link))
         goaway = asyncio.create_task(session.goaway.wait())
         try:
             await asyncio.wait({run, goaway}, return_when=asyncio.FIRST_COMPLETED)
@@ -261,7 +247,7 @@ class Agent:
         try:
             await session.link.wait_idle(self.config.drain_timeout)
             await session.link.flush()
-            await close_websocket(session.ws, GoingAway("drained"))
+            await close_for(session.ws, GoingAway("drained"))
             await run
         finally:
             self._retiring[session.slot] -= 1
@@ -271,8 +257,8 @@ class Agent:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, CSCError):
         return exc.message
-    if isinstance(exc, aiohttp.WSServerHandshakeError):
-        return f"HTTP {exc.status} {exc.message}"
+    if isinstance(exc, HandshakeRefused):
+        return f"HTTP {exc.status} {exc.reason}"
     return str(exc) or exc.__class__.__name__
 
 

@@ -13,7 +13,7 @@ import base64
 import hashlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -22,6 +22,7 @@ import trustme
 from aiohttp import web
 
 from shared.errors import Cancelled
+from shared.link import SendFn
 from shared.protocol import FrameDecoder, FrameType
 from tenant_agent.http_upstream import HIGH_WATER, HttpUpstream
 from tests.support.inproc import Relay, relay, start_agent, wait_online
@@ -201,9 +202,9 @@ async def test_small_response_is_one_link_message(tmp_path: Path) -> None:
         for session in r.agent.sessions:
             send = session.link._send
 
-            async def recording(data: bytes, send: Callable[[bytes], Awaitable[None]] = send):
-                sent.append(bytes(data))
-                await send(data)
+            async def recording(chunks: Sequence[bytes | memoryview], send: SendFn = send) -> None:
+                sent.append(b"".join(chunks))
+                await send(chunks)
 
             session.link._send = recording
         async with http.get(r.tunnel("/small")) as resp:
