@@ -473,10 +473,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, setup: Rig) -> tuple[list[Row], list[Memory], list[str]]:
+    before = idle_rss(setup, args.settle)  # at rest: the agent connected, no traffic yet
     sanity_check(setup.direct)
     if setup.csc is not None:
         sanity_check(setup.tunnel)
-    before = idle_rss(setup, args.settle)
     for proc in setup.procs:
         proc.reset_peak_rss()
     rows = [measure_download(setup, args)]
