@@ -51,6 +51,7 @@ from shared.errors import (
 from shared.headers import strip_hop_by_hop
 from shared.link import LinkStream
 from tenant_agent.http_request import Request, build_request, parse_origin
+from tenant_agent.writeflow import WriteFlow
 
 log = logging.getLogger("csc_agent.upstream")
 
@@ -72,7 +73,7 @@ class _Surplus(Exception):
     """Bytes after the end of the response: stop parsing (the connection is not reused)."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(WriteFlow, asyncio.Protocol):
     """One HTTP/1.1 connection to the portal; one exchange at a time.
 
     The parser callbacks fill in the exchange's state (head, body chunks, completion, error)
@@ -89,8 +90,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.lost = False
         self.reused = False
         self.idle_since = 0.0
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -192,18 +191,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(UpstreamReset("the portal's response broke off"))
         self._cancel_timer()
         self._wake()
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.writing_lost()
 
     # -- httptools callbacks -----------------------------------------------------------------
 
@@ -327,17 +315,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.lost or self.transport is None:
             raise ConnectionResetError("the upstream connection is closed")
         self.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
-
-    async def drain(self) -> None:
-        """Return once the transport accepts more; raises ConnectionResetError when lost."""
-        if self._write_paused and not self.lost:
-            self._drain_waiter = waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._drain_waiter = None
-        if self.lost:
-            raise ConnectionResetError("the upstream connection is closed")
 
     def touch(self) -> None:
         """The request made progress: the read timeout starts again."""

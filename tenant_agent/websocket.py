@@ -51,6 +51,7 @@ except ImportError:  # pragma: no cover
 
 from shared.errors import CSCError, ProtocolError
 from shared.link import Link, cancel_quietly
+from tenant_agent.writeflow import WriteFlow
 
 #: Wait this long for the CSC to close TCP after the closing handshake, then abort.
 CLOSE_TIMEOUT = 5.0
@@ -127,7 +128,7 @@ def mask_chunks(chunks: Sequence[bytes | memoryview], key: bytes) -> list[bytes]
     return out
 
 
-class AgentWebSocket(asyncio.Protocol):
+class AgentWebSocket(WriteFlow, asyncio.Protocol):
     """One client WebSocket; make it with :func:`connect`."""
 
     def __init__(self, protocol: ClientProtocol, headers: Mapping[str, str]) -> None:
@@ -142,8 +143,6 @@ class AgentWebSocket(asyncio.Protocol):
         self._receive_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._text_seen = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self.close_code: int | None = None
         self.close_reason = ""
@@ -189,18 +188,7 @@ class AgentWebSocket(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
         self._wake_receiver()
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(lost)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.writing_lost()
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -212,12 +200,8 @@ class AgentWebSocket(asyncio.Protocol):
         key = os.urandom(4)
         payload = mask_chunks(chunks, key)
         transport.writelines([frame_header(sum(map(len, chunks)), key), *payload])
-        if self._write_paused:
+        if self.writing_paused:
             await self.drain()
-
-    @property
-    def writing_paused(self) -> bool:
-        return self._write_paused
 
     @property
     def write_buffer_size(self) -> int:
@@ -226,17 +210,6 @@ class AgentWebSocket(asyncio.Protocol):
 
     async def send_bytes(self, data: bytes) -> None:
         await self.send_chunks((data,))
-
-    async def drain(self) -> None:
-        """Return once the transport accepts more data; raise if the connection is gone."""
-        while self._write_paused:
-            if self.closed.done():
-                raise ConnectionResetError("the connection to the CSC was lost")
-            self._drain_waiter = self.loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Run the closing handshake (at most ``CLOSE_TIMEOUT``), then drop the connection."""

@@ -1,0 +1,49 @@
+"""Write flow control for the agent's own asyncio protocols (upstream HTTP, WebSocket to the CSC).
+
+The transport calls ``pause_writing``/``resume_writing`` around its high/low water marks;
+:meth:`WriteFlow.drain` waits while writing is paused and raises ``ConnectionResetError`` once
+:meth:`WriteFlow.writing_lost` was called, so no writer waits on a dead connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class WriteFlow:
+    """Mix into an ``asyncio.Protocol``; call :meth:`writing_lost` from ``connection_lost``."""
+
+    _write_paused = False
+    _write_lost = False
+    _drain_waiter: asyncio.Future[None] | None = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._release_drain()
+
+    def writing_lost(self) -> None:
+        self._write_lost = True
+        self._release_drain()
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._write_paused
+
+    async def drain(self) -> None:
+        """Return once the transport accepts more data; raise if the connection is gone."""
+        while self._write_paused and not self._write_lost:
+            waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._drain_waiter = None
+        if self._write_lost:
+            raise ConnectionResetError("the connection is closed")
+
+    def _release_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
