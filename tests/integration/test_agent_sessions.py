@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
 from tests.support.inproc import relay
-from tests.support.procs import scaled
+from tests.support.procs import async_wait_until
 from tests.support.upstream import expected_sha256
 
 
-async def _until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + scaled(timeout)
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+async def _until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    await async_wait_until(predicate, timeout, 0.01)
 
 
 async def test_agent_opens_two_sessions_and_streams_spread(tmp_path: Path) -> None:

@@ -36,19 +36,15 @@ from tenant_agent.websocket import (
     mask_chunks,
     run_link,
 )
-from tests.support.procs import scaled
+from tests.support.procs import async_wait_until, scaled
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX = 4 * 1024 * 1024
 KEY = bytes((0x12, 0x34, 0x56, 0x78))
 
 
-async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + scaled(timeout)
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+async def _until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    await async_wait_until(predicate, timeout, 0.01)
 
 
 @contextlib.asynccontextmanager

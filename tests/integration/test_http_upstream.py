@@ -26,7 +26,7 @@ from shared.link import SendFn
 from shared.protocol import FrameDecoder, FrameType
 from tenant_agent.http_upstream import HIGH_WATER, HttpUpstream
 from tests.support.inproc import Relay, relay, start_agent, wait_online
-from tests.support.procs import scaled
+from tests.support.procs import async_wait_until, scaled
 from tests.support.upstream import SMALL_BODY, create_upstream_app, expected_sha256
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -81,12 +81,8 @@ def ok(body: bytes, *extra: str) -> bytes:
     return "\r\n".join(lines).encode() + body
 
 
-async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + scaled(timeout)
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+async def _until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    await async_wait_until(predicate, timeout, 0.01)
 
 
 def pool(r: Relay) -> HttpUpstream:
