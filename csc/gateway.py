@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -51,10 +51,8 @@ class AgentSession:
     claims: AgentClaims
     link: Link
     agent: str = ""
-    peer_draining: bool = False
     opened_at: float = 0.0
     streams_opened: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def accepting(self) -> bool:
@@ -200,5 +198,4 @@ async def _run_session(
 
 
 def _on_agent_goaway(session: AgentSession, event: GoAwayReceived) -> None:
-    session.peer_draining = True
     log.info("agent session %s is draining: %s", session.id, event.message or event.code)

@@ -97,7 +97,7 @@ def _forwarded_head(
     pairs = [(n, v) for n, v in pairs if n.lower() != "x-forwarded-for"]
     pairs += [
         ("X-Forwarded-For", ", ".join([*prior, client_ip]) if prior else client_ip),
-        ("X-Forwarded-Proto", "https" if state.tls else "http"),
+        ("X-Forwarded-Proto", "https" if state.config.tls_enabled else "http"),
         ("X-Forwarded-Host", request.host),
         ("X-Request-Id", request_id),
     ]

@@ -64,7 +64,6 @@ def build_state(config: CSCConfig) -> NodeState:
         config=config,
         registry=registry,
         public_keys=[key.public_key()],
-        tls=config.tls_enabled,
     )
 
 

@@ -31,7 +31,6 @@ class NodeState:
     auth_failures: int = 0
     active_streams: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    tls: bool = False
     link_settings: LinkSettings = field(init=False)
 
     def __post_init__(self) -> None:
