@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed.stamp
 export PIP_NO_INPUT := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test lint fmt typecheck unit demo bench clean distclean
+.PHONY: venv test lint fmt typecheck unit demo bench readme clean distclean
 
 venv: $(STAMP)
 
@@ -39,6 +39,9 @@ test: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+readme: venv
+	$(BIN)/python scripts/readme_tables.py
 
 demo: venv
 	$(BIN)/python -m demo

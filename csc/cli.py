@@ -122,7 +122,7 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     config = _load(args, env, overrides)
     if config is None:
         return EXIT_USAGE
-    configure_logging(config.log_level, PROG)
+    configure_logging(config.log_level, PROG, fmt=config.log_format)
     keep_freed_memory()
     from csc.server import serve  # lazy: keeps `csc token` free of the server's imports
 

@@ -26,11 +26,12 @@ from shared.config import (
     parse_hostport,
     size_field,
 )
+from shared.logsetup import FORMATS, LEVELS
 
 ENV_PREFIX = "CSC_"
 #: Environment prefixes of the other programs, which share ``CSC_``.
 OTHER_PREFIXES = ("CSC_AGENT_", "CSC_PORTAL_", "CSC_BOOTLOADER_")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = tuple(LEVELS)
 KIB = 1024
 MIB = 1024 * 1024
 
@@ -103,6 +104,10 @@ class CSCConfig:
     )
     log_level: str = field(
         default="info", metadata=meta(choices=LOG_LEVELS, help="debug, info, warning or error")
+    )
+    log_format: str = field(
+        default="json",
+        metadata=meta(choices=FORMATS, help="json (one object per line) or text"),
     )
 
     @property

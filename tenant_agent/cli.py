@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     )
     if config is None:
         return EXIT_USAGE
-    configure_logging(config.log_level, PROG)
+    configure_logging(config.log_level, PROG, fmt=config.log_format)
     keep_freed_memory()
     from tenant_agent.agent import run  # lazy: the CLI and config stay importable on their own
 

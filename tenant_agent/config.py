@@ -28,9 +28,10 @@ from shared.config import (
     parse_hostport,
     size_field,
 )
+from shared.logsetup import FORMATS, LEVELS
 
 ENV_PREFIX = "CSC_AGENT_"
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = tuple(LEVELS)
 KIB = 1024
 MIB = 1024 * 1024
 
@@ -95,6 +96,10 @@ class AgentConfig:
     )
     log_level: str = field(
         default="info", metadata=meta(choices=LOG_LEVELS, help="debug, info, warning or error")
+    )
+    log_format: str = field(
+        default="json",
+        metadata=meta(choices=FORMATS, help="json (one object per line) or text"),
     )
 
     @property
