@@ -34,7 +34,11 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest -q tests/unit
 
+# programs the tests drive for real, installed from Debian when missing
+SYSTEM_DEPS := chromium:chromium
+
 test: venv
+	scripts/system_deps.sh $(SYSTEM_DEPS)
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
