@@ -1,7 +1,10 @@
 """``csc``: the switching center's command line.
 
-``csc serve`` runs a node; ``csc token issue`` signs an agent token (creating the signing key on
-first use) and records its grants in ``tenants.json``; ``csc token verify`` checks one.
+``csc serve`` runs a node; ``csc token issue`` signs an agent token for aliases assigned to a
+tenant (creating the signing key on first use; ``--assign`` creates the tenant and assigns the
+aliases first) and records its metadata in ``csc.db``; ``csc token verify`` checks one;
+``csc operator add|list|remove`` manages the admin API's operators offline; ``csc admin ...``
+drives a running node's admin API (:mod:`csc.admin_cli`).
 
 Invariants: only this module (the entry point) reads ``os.environ``; ``token issue`` prints the
 token and nothing else on stdout; exit codes are 0 success, 1 failure, 2 usage or configuration
@@ -13,13 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from csc import admin_cli
 from csc.config import LOG_LEVELS, CSCConfig, load_csc_config
-from csc.tenants import TenantsFile, TenantsFileError
+from csc.store import Store, StoreError
+from csc.tenants import Actor, Conflict, NotFound, TokenRecord
 from shared.aliases import normalise_grant
 from shared.allocator import keep_freed_memory
 from shared.cli_support import (
@@ -32,12 +38,12 @@ from shared.cli_support import (
     run_parser,
     version,
 )
-from shared.errors import AliasTaken, AuthFailed, BadAlias
+from shared.errors import AuthFailed, BadAlias
+from shared.files import create_exclusive
 from shared.logsetup import configure_logging
 from shared.tokens import (
     SigningKeyError,
     check_tenant_id,
-    issue_token,
     load_or_create_signing_key,
     load_public_keys,
     parse_ttl,
@@ -50,7 +56,7 @@ ENV_PREFIX = "CSC_"
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file (or $CSC_CONFIG)")
-    parser.add_argument("--state-dir", metavar="DIR", help="state directory (keys, tenants.json)")
+    parser.add_argument("--state-dir", metavar="DIR", help="state directory (keys, csc.db)")
 
 
 def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,6 +64,7 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     _add_config_args(serve)
     serve.add_argument("--listen", metavar="HOST:PORT", help="HTTP listener")
     serve.add_argument("--tcp-listen", metavar="HOST:PORT|off", help="TCP ingress listener")
+    serve.add_argument("--admin-listen", metavar="HOST:PORT|off", help="admin API listener")
     serve.add_argument("--ready-file", type=Path, metavar="PATH", help="write addresses when up")
     serve.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))
     serve.set_defaults(handler=_cmd_serve)
@@ -78,6 +85,11 @@ def _token_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         help="alias or *@domain pattern the agent may serve (repeatable)",
     )
     issue.add_argument("--ttl", default="30d", help="lifetime, e.g. 12h, 30d (default 30d)")
+    issue.add_argument(
+        "--assign",
+        action="store_true",
+        help="create the tenant if missing and assign it the aliases first",
+    )
     issue.add_argument("--audience", help="token audience (default: token_audience)")
     issue.add_argument("--issuer", help="token issuer (default: token_issuer)")
     issue.set_defaults(handler=_cmd_token_issue)
@@ -96,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(commands)
     _token_parser(commands)
+    _operator_parser(commands)
+    admin_cli.add_parser(commands)
     parser.set_defaults(handler=lambda args, env: _usage(parser))
     return parser
 
@@ -116,6 +130,7 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     overrides = {
         "listen": args.listen,
         "tcp_listen": args.tcp_listen,
+        "admin_listen": args.admin_listen,
         "state_dir": args.state_dir,
         "log_level": args.log_level,
     }
@@ -130,6 +145,19 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return serve(config, ready_file=args.ready_file)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except (StoreError, SigningKeyError) as exc:
+        return fail(PROG, f"cannot start: {exc}")
+    except OSError as exc:
+        return fail(PROG, f"cannot start: {exc.strerror or exc}")
+
+
+def local_actor() -> Actor:
+    """The audit identity of a command run on the CSC host: ``local:<user>``."""
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    return Actor(f"local:{user}", "local")
 
 
 def _check_issue_args(args: argparse.Namespace) -> tuple[float, list[str]] | str:
@@ -148,6 +176,29 @@ def _check_issue_args(args: argparse.Namespace) -> tuple[float, list[str]] | str
     return ttl, grants
 
 
+def _issue_offline(
+    config: CSCConfig, tenant: str, grants: list[str], ttl: float, assign: bool
+) -> tuple[str, TokenRecord]:
+    """Sign and record a token on the state directory (creating the key on first use)."""
+    key, created = load_or_create_signing_key(config.state_dir)
+    if created:
+        print(f"{PROG}: created a new signing key in {config.state_dir}", file=sys.stderr)
+    store = Store(config.state_dir)
+    try:
+        return store.issue_token(
+            key,
+            tenant=tenant,
+            grants=grants,
+            ttl=ttl,
+            audience=config.token_audience,
+            issuer=config.token_issuer,
+            actor=local_actor(),
+            assign=assign,
+        )
+    finally:
+        store.close()
+
+
 def _cmd_token_issue(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     checked = _check_issue_args(args)
     if isinstance(checked, str):
@@ -162,27 +213,20 @@ def _cmd_token_issue(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if config is None:
         return EXIT_USAGE
     try:
-        key, created = load_or_create_signing_key(config.state_dir)
-        if created:
-            print(f"{PROG}: created a new signing key in {config.state_dir}", file=sys.stderr)
-        TenantsFile(config.state_dir).assign(args.tenant, grants)
-    except AliasTaken as exc:
-        return fail(PROG, f"cannot issue the token: {exc.message}", EXIT_USAGE)
-    except (SigningKeyError, TenantsFileError) as exc:
+        token, record = _issue_offline(config, args.tenant, grants, ttl, args.assign)
+    except NotFound:
+        hint = f"create it with 'csc admin tenants create {args.tenant}', or pass --assign"
+        return fail(PROG, f"cannot issue the token: no tenant {args.tenant!r} ({hint})", EXIT_USAGE)
+    except Conflict as exc:
+        return fail(PROG, f"cannot issue the token: {'; '.join(exc.problems)}", EXIT_USAGE)
+    except (SigningKeyError, StoreError) as exc:
         return fail(PROG, str(exc))
     except OSError as exc:
         return fail(PROG, f"state directory {config.state_dir}: {exc}")
-    token = issue_token(
-        key,
-        tenant=args.tenant,
-        aliases=grants,
-        ttl_seconds=ttl,
-        audience=config.token_audience,
-        issuer=config.token_issuer,
-    )
-    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + ttl))
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires_at))
     print(
-        f"{PROG}: token for tenant {args.tenant!r}, aliases {', '.join(grants)}, expires {expires}",
+        f"{PROG}: token {record.jti} for tenant {args.tenant!r}, aliases {', '.join(grants)}, "
+        f"expires {expires}",
         file=sys.stderr,
     )
     print(token)
@@ -211,6 +255,89 @@ def _cmd_token_verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "expires_at": claims.expires_at,
     }
     print(json.dumps(data, indent=2))
+    return EXIT_OK
+
+
+# --- csc operator (offline, on the state directory) ----------------------------------------------
+
+
+def _operator_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    operator = commands.add_parser("operator", help="manage admin API operators (offline)")
+    actions = operator.add_subparsers(dest="action", metavar="ACTION")
+    add = actions.add_parser("add", help="create an operator and print its bearer token")
+    _add_config_args(add)
+    add.add_argument("name", help="operator name, e.g. alice")
+    add.add_argument("--token-file", type=Path, metavar="PATH", help="write the token here (0600)")
+    add.set_defaults(handler=_cmd_operator_add)
+    listing = actions.add_parser("list", help="list the operators")
+    _add_config_args(listing)
+    listing.set_defaults(handler=_cmd_operator_list)
+    remove = actions.add_parser("remove", help="remove an operator (its token stops working)")
+    _add_config_args(remove)
+    remove.add_argument("name")
+    remove.set_defaults(handler=_cmd_operator_remove)
+    operator.set_defaults(handler=lambda args, env: _usage(operator))
+
+
+def _open_store(args: argparse.Namespace, env: Mapping[str, str]) -> Store | int:
+    config = _load(args, env, {"state_dir": args.state_dir})
+    if config is None:
+        return EXIT_USAGE
+    try:
+        return Store(config.state_dir)
+    except StoreError as exc:
+        return fail(PROG, str(exc))
+
+
+def _cmd_operator_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    try:
+        check_tenant_id(args.name)
+    except ValueError as exc:
+        return fail(PROG, f"operator name: {exc}", EXIT_USAGE)
+    store = _open_store(args, env)
+    if isinstance(store, int):
+        return store
+    try:
+        token = store.add_operator(args.name, local_actor())
+        if args.token_file is not None:
+            try:
+                create_exclusive(args.token_file, (token + "\n").encode(), mode=0o600)
+            except OSError as exc:
+                store.remove_operator(args.name, local_actor())
+                return fail(PROG, f"{args.token_file}: {exc.strerror or exc}; nothing created")
+    except Conflict as exc:
+        return fail(PROG, "; ".join(exc.problems))
+    finally:
+        store.close()
+    if args.token_file is None:
+        print(token)
+    else:
+        print(f"{PROG}: operator {args.name!r}: token in {args.token_file}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_operator_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    store = _open_store(args, env)
+    if isinstance(store, int):
+        return store
+    try:
+        for name, created in store.operators():
+            print(f"{name}\t{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(created))}")
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _cmd_operator_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    store = _open_store(args, env)
+    if isinstance(store, int):
+        return store
+    try:
+        store.remove_operator(args.name, local_actor())
+    except NotFound as exc:
+        return fail(PROG, str(exc))
+    finally:
+        store.close()
     return EXIT_OK
 
 

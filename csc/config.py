@@ -3,7 +3,8 @@
 Defaults live in the dataclass; :func:`load_csc_config` overlays a TOML file, ``CSC_*``
 environment variables and command-line overrides (see :mod:`shared.config`). ``CSC_AGENT_*``,
 ``CSC_PORTAL_*`` and ``CSC_BOOTLOADER_*`` variables belong to the other programs and are ignored
-here, so no CSC setting may start with ``agent_``, ``portal_`` or ``bootloader_``.
+here, so no CSC setting may start with ``agent_``, ``portal_`` or ``bootloader_``; nor may one be
+named ``admin_url``, ``admin_token*`` or ``admin_ca_file`` (``csc admin`` reads those).
 
 Invariants of a loaded config: addresses parse as host:port, ``initial_window <= max_window <=
 session_budget``, ``max_frame`` is within 16 KiB..16 MiB, ``heartbeat_timeout >
@@ -30,7 +31,14 @@ from shared.logsetup import FORMATS, LEVELS
 
 ENV_PREFIX = "CSC_"
 #: Environment prefixes of the other programs, which share ``CSC_``.
-OTHER_PREFIXES = ("CSC_AGENT_", "CSC_PORTAL_", "CSC_BOOTLOADER_")
+OTHER_PREFIXES = (
+    "CSC_AGENT_",
+    "CSC_PORTAL_",
+    "CSC_BOOTLOADER_",
+    "CSC_ADMIN_URL",
+    "CSC_ADMIN_TOKEN",  # and CSC_ADMIN_TOKEN_FILE
+    "CSC_ADMIN_CA_FILE",
+)
 LOG_LEVELS = tuple(LEVELS)
 KIB = 1024
 MIB = 1024 * 1024
@@ -62,12 +70,18 @@ class CSCConfig:
         default="127.0.0.1:8081",
         metadata=meta(kind="hostport", help="TCP ingress (`CONNECT alias`); `off` disables it"),
     )
+    admin_listen: str | None = field(
+        default="127.0.0.1:8082",
+        metadata=meta(
+            kind="hostport", help="admin API (`/v1/admin/`, operator token); `off` disables it"
+        ),
+    )
     state_dir: Path = field(
         default_factory=_state_dir_from_process_env,
         metadata=meta(
             env_default=default_state_dir,
             doc_default="`$XDG_STATE_HOME/csc` or `~/.local/state/csc`",
-            help="signing key, `tenants.json`",
+            help="signing key, `csc.db` (tenants, aliases, tokens, audit), `admin-token`",
         ),
     )
     tls_cert: Path | None = field(
@@ -86,6 +100,9 @@ class CSCConfig:
     open_timeout: float = duration_field(75.0, "how long the agent may take to answer OPEN")
     tcp_handshake_timeout: float = duration_field(
         10.0, "how long a TCP client may take to send CONNECT"
+    )
+    registry_refresh: float = duration_field(
+        2.0, "how often revocations, suspensions and token expiry are checked"
     )
     max_streams_per_session: int = field(
         default=256, metadata=meta(minimum=1, help="concurrent streams on one agent session")
@@ -117,6 +134,10 @@ class CSCConfig:
     @property
     def tcp_listen_address(self) -> tuple[str, int] | None:
         return None if self.tcp_listen is None else parse_hostport(self.tcp_listen)
+
+    @property
+    def admin_listen_address(self) -> tuple[str, int] | None:
+        return None if self.admin_listen is None else parse_hostport(self.admin_listen)
 
     @property
     def tls_enabled(self) -> bool:

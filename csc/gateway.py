@@ -1,29 +1,40 @@
 """The agent gateway: ``GET /v1/agent/connect``, one :class:`AgentSession` per WebSocket.
 
 The token is read from the ``Authorization`` header only and verified before the upgrade (401
-with the reason logged). After the upgrade the agent's first message must be HELLO; the session
-binds the aliases it asks for (default: all its token grants) if the token covers them and no
-other tenant holds them, answers WELCOME, and from then on carries streams the CSC opens.
-Refusals after the upgrade are WebSocket closes with the codes of docs/protocol.md §8.
+with the reason logged); a revoked token or one of a tenant that does not exist is refused the
+same way, and a suspended tenant gets 503 ``tenant_suspended``. After the upgrade the agent's
+first message must be HELLO; the session binds the aliases it asks for if the token covers them
+and they are assigned to its tenant (default: those of its token grants that are), answers
+WELCOME, and from then on carries streams the CSC opens. Refusals after the upgrade are
+WebSocket closes with the codes of docs/protocol.md §8.
+
+:func:`end_sessions` closes every session that lost its right to run (token revoked or expired,
+tenant suspended or deleted); the admin API calls it after each change and
+:func:`enforce_rights` every ``registry_refresh`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from csc.registry import MemoryRegistry, admission_error
 from csc.state import NodeState
+from csc.websocket import Traffic, counting, run_websocket
 from csc.websocket import close_websocket as _close
-from csc.websocket import run_websocket
 from shared.aliases import covered, normalise_grant
 from shared.errors import (
     AliasForbidden,
+    AliasTaken,
     AuthFailed,
     CSCError,
     GoingAway,
@@ -53,6 +64,9 @@ class AgentSession:
     agent: str = ""
     opened_at: float = 0.0
     streams_opened: int = 0
+    #: wall-clock time the session came up (``opened_at`` is the loop's clock)
+    since: float = 0.0
+    traffic: Traffic = field(default_factory=Traffic)
 
     @property
     def accepting(self) -> bool:
@@ -62,6 +76,18 @@ class AgentSession:
     @property
     def load(self) -> int:
         return self.link.conn.active_streams
+
+    @property
+    def jti(self) -> str:
+        return self.claims.jti
+
+    @property
+    def expires_at(self) -> float:
+        return self.claims.expires_at
+
+    def end(self, err: CSCError) -> None:
+        """Close the session with ``err``'s close code (its streams fail with ``err``)."""
+        self.link.close(err)
 
 
 def _bearer(request: web.Request) -> str:
@@ -83,15 +109,30 @@ def _refuse(err: CSCError, remote: str) -> web.Response:
     )
 
 
-def _requested_grants(info: dict[str, Any], claims: AgentClaims) -> tuple[str, ...]:
-    raw = info.get("aliases") or list(claims.aliases)
+def _requested_grants(
+    info: dict[str, Any], claims: AgentClaims, registry: MemoryRegistry[AgentSession]
+) -> tuple[str, ...]:
+    """The grants to bind: those asked for (all must be the tenant's), else the token's grants
+    that are assigned to the tenant now (at least one)."""
+    asked = info.get("aliases")
+    raw = asked or list(claims.aliases)
     if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
         raise ProtocolError("HELLO 'aliases' must be a list of strings")
     grants = tuple(dict.fromkeys(normalise_grant(a) for a in raw))
+    bindable: list[str] = []
     for grant in grants:
         if not covered(claims.aliases, grant):
             raise AliasForbidden(f"alias {grant} is not covered by the agent's token")
-    return grants
+        owner = registry.owner(grant)
+        if owner is not None and owner != claims.tenant:
+            raise AliasTaken(f"alias {grant} is held by another tenant")
+        if owner is None and asked:
+            raise AliasForbidden(f"alias {grant} is not assigned to tenant {claims.tenant}")
+        if owner is not None:
+            bindable.append(grant)
+    if not bindable:
+        raise AliasForbidden(f"none of the token's aliases is assigned to tenant {claims.tenant}")
+    return tuple(bindable)
 
 
 async def _receive_hello(ws: web.WebSocketResponse, conn: Connection) -> dict[str, Any]:
@@ -111,6 +152,7 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
     state = request.app[NodeState.KEY]
     remote = request.remote or "?"
     if state.draining:
+        state.metrics.session_refused(GoingAway.code)
         return _refuse(GoingAway("this node is draining; connect to another"), remote)
     try:
         claims = verify_token(
@@ -120,8 +162,16 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
             issuer=state.config.token_issuer,
         )
     except AuthFailed as err:
-        state.auth_failures += 1
+        state.metrics.auth_failed(err)
         return _refuse(err, remote)
+    state.registry.refresh()  # a revocation or suspension by another process counts at once
+    refusal = admission_error(state.registry.catalog, claims.tenant, claims.jti)
+    if refusal is not None:
+        if isinstance(refusal, AuthFailed):
+            state.metrics.auth_failed(refusal)
+        else:
+            state.metrics.session_refused(refusal.code)
+        return _refuse(refusal, remote)
     ws = web.WebSocketResponse(
         max_msg_size=max_message_size(state.config.max_frame),
         compress=False,
@@ -139,14 +189,18 @@ async def _run_session(
     conn = Connection(Side.SERVER, state.link_settings, accept_streams=False, now=loop.time())
     try:
         hello = await _receive_hello(ws, conn)
-        grants = _requested_grants(hello, claims)
+        grants = _requested_grants(hello, claims, state.registry)
     except (CSCError, TimeoutError) as exc:
         err = exc if isinstance(exc, CSCError) else ProtocolError("no HELLO in time")
+        state.metrics.session_refused(err.code)
         log.warning("agent %s (tenant %s) refused: %s", remote, claims.tenant, err.message)
         await _close(ws, err)
         return
     session_id = f"{state.node_id}-{next(_session_ids)}-{os.urandom(3).hex()}"
-    link = Link(conn, joined(ws.send_bytes), name=f"session {session_id}")
+    counters = state.metrics.link_counters(claims.tenant)
+    traffic = Traffic()
+    send = counting(joined(ws.send_bytes), traffic)
+    link = Link(conn, send, name=f"session {session_id}", counters=counters)
     session = AgentSession(
         id=session_id,
         tenant=claims.tenant,
@@ -156,10 +210,13 @@ async def _run_session(
         link=link,
         agent=str(hello.get("agent", ""))[:100],
         opened_at=loop.time(),
+        since=time.time(),
+        traffic=traffic,
     )
     try:
         state.registry.bind(session)
     except CSCError as err:
+        state.metrics.session_refused(err.code)
         log.warning("agent %s (tenant %s) refused: %s", remote, claims.tenant, err.message)
         await link.aclose(err)
         await _close(ws, err)
@@ -176,6 +233,7 @@ async def _run_session(
     )
     link.kick()
     state.sessions[session_id] = session
+    state.metrics.session_opened(session.tenant)
     log.info(
         "agent session %s up: tenant %s, aliases %s, from %s",
         session_id,
@@ -186,11 +244,12 @@ async def _run_session(
     if state.draining:
         link.go_away("going_away", "this node is draining")
     try:
-        await run_websocket(ws, link)
+        await run_websocket(ws, link, traffic)
     finally:
         state.registry.unbind(session)
         state.sessions.pop(session_id, None)
         reason = link.closed.result() if link.closed.done() else None
+        state.metrics.session_closed(session.tenant, reason, ws.close_code)
         await link.aclose()
         if not ws.closed:
             await _close(ws, reason or GoingAway("session ended"))
@@ -199,3 +258,36 @@ async def _run_session(
 
 def _on_agent_goaway(session: AgentSession, event: GoAwayReceived) -> None:
     log.info("agent session %s is draining: %s", session.id, event.message or event.code)
+
+
+def end_sessions(state: NodeState) -> int:
+    """Close every live session that lost its right to run; how many were closed."""
+    ended = 0
+    for session, err in state.registry.ending(time.time()):
+        if session.link.is_closed:
+            continue
+        log.warning(
+            "agent session %s (tenant %s) ended: %s", session.id, session.tenant, err.message
+        )
+        session.end(err)
+        ended += 1
+    return ended
+
+
+async def _enforce_forever(state: NodeState) -> None:
+    while True:
+        await asyncio.sleep(state.config.registry_refresh)
+        try:
+            state.registry.refresh()
+        except Exception:  # the store is unreadable for now: keep the last catalog
+            log.exception("cannot re-read the registry; keeping the last known state")
+        end_sessions(state)
+
+
+async def enforce_rights(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: re-read the registry and end sessions every ``registry_refresh`` seconds."""
+    task = asyncio.create_task(_enforce_forever(app[NodeState.KEY]), name="enforce-rights")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
+import time
 from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
 
-from csc.routing import lookup_alias, open_stream
+from csc.metrics import outcome_of
+from csc.routing import lookup_alias, offline_error, open_stream
 from csc.state import NodeState
 from shared.errors import (
     Cancelled,
     CSCError,
     GoingAway,
+    InternalError,
     PayloadTooLarge,
     PortalOffline,
     ProtocolError,
@@ -34,19 +35,23 @@ from shared.errors import (
     UpstreamTimeout,
     http_body,
 )
-from shared.headers import HOP_BY_HOP, decode_raw, header_pairs, strip_hop_by_hop
+from shared.headers import (
+    HOP_BY_HOP,
+    decode_raw,
+    header_pairs,
+    strip_hop_by_hop,
+)
+from shared.headers import request_id_for as _request_id_rule
 from shared.link import LinkStream, cancel_quietly
 
 log = logging.getLogger("csc.http")
 
 _REPLACED = frozenset({"host", "expect", "x-forwarded-proto", "x-forwarded-host", "x-request-id"})
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 RETRY_AFTER_OFFLINE = "5"
 
 
 def request_id_for(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
+    return _request_id_rule(request.headers.get("X-Request-Id"))
 
 
 def tunnel_target(raw_path: str) -> str:
@@ -65,7 +70,7 @@ def error_response(err: CSCError, request_id: str, **extra: Any) -> web.Response
         headers["Retry-After"] = RETRY_AFTER_OFFLINE
     return web.Response(
         status=err.spec.http_status,
-        body=http_body(err.code, err.message, request_id=request_id, **extra),
+        body=http_body(err.code, err.message, request_id=request_id, **err.details, **extra),
         content_type="application/json",
         headers=headers,
     )
@@ -77,9 +82,11 @@ async def resolve(request: web.Request) -> web.Response:
     try:
         alias, found = lookup_alias(state, request.match_info["alias"])
         if not found.sessions:
-            raise PortalOffline(f"the portal of {alias} is offline (no agent connected)")
+            raise offline_error(alias, found)
     except CSCError as err:
+        state.metrics.resolved(err.code)
         return error_response(err, request_id)
+    state.metrics.resolved("ok")
     body = {"alias": alias, "online": True, "tunnel": f"/t/{alias}/"}
     return web.json_response(body, headers={"X-Request-Id": request_id})
 
@@ -128,28 +135,41 @@ async def _send_body(request: web.Request, stream: LinkStream, limit: int | None
 
 async def tunnel(request: web.Request) -> web.StreamResponse:
     state = request.app[NodeState.KEY]
+    started = time.monotonic()
     request_id = request_id_for(request)
     limit = state.config.max_body_size
+    tenant: str | None = None
     try:
         if limit is not None and (request.content_length or 0) > limit:
             raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
         alias, found = lookup_alias(state, request.match_info["alias"])
+        tenant = found.tenant
         info = _forwarded_head(request, state, alias, request_id)
         stream = open_stream(state, alias, found, info)
     except CSCError as err:
+        state.metrics.request_done("http", tenant, err.code, time.monotonic() - started)
         return error_response(err, request_id)
     state.stream_started()
+    state.metrics.stream_started(tenant, "http")
     body: asyncio.Future[None] | None = None
     if request.body_exists:
         body = asyncio.ensure_future(_send_body(request, stream, limit))
     else:
         stream.write_eof()  # in the same message as OPEN
+    outcome = InternalError.code
     try:
-        return await _relay_response(request, state, stream, body, request_id)
+        response = await _relay_response(request, state, stream, body, request_id)
+        outcome = outcome_of(stream.error)
+        return response
+    except asyncio.CancelledError:
+        outcome = Cancelled.code
+        raise
     finally:
         await cancel_quietly(body)
         stream.finish()
         state.stream_finished()
+        state.metrics.stream_finished("http")
+        state.metrics.request_done("http", tenant, outcome, time.monotonic() - started)
 
 
 async def _await_head(

@@ -1,25 +1,32 @@
-"""Which tenant owns an alias and which live agent sessions serve it (the embedded registry).
+"""The node's registry: which tenant owns an alias, which live agent sessions serve it, and
+which sessions have lost the right to run.
 
-An alias (or a ``*@domain`` grant) belongs to exactly one tenant. Ownership comes from the
-assignments recorded by ``csc token issue`` (``tenants.json`` in the state directory, re-read
-when it changes) and from the grants bound by agent sessions since the node started, so an
-alias stays *known* (503 ``portal_offline``) after its agent goes away rather than turning into
-404 ``unknown_alias``.
+:class:`Registry` is the interface the gateway, the ingresses and the admin API use.
+:class:`MemoryRegistry` is the one-node implementation (DESIGN.md "State and scale-out"): live
+sessions in this process's memory, and a :class:`~csc.tenants.Catalog` snapshot of the managed
+objects (tenants, assignments, revoked token ids, operators) from a :class:`CatalogSource` (the
+SQLite store). The snapshot is re-read when the source changed: on a lookup miss, before an agent
+is admitted, after every admin change (``refresh(force=True)``) and periodically; a change made
+by another process (``csc token issue``) is therefore seen at once by a lookup that needs it.
+A Redis implementation for several nodes keeps this interface and adds leases and pub/sub.
 
-Invariants: a grant bound by one tenant's session is never bound by another tenant's session
-at the same time; :meth:`MemoryRegistry.pick` returns only live, non-draining sessions of the
-alias's owner.
+Invariants: :meth:`MemoryRegistry.lookup` returns only live, accepting sessions of the tenant
+that owns the alias *now* (an alias reassigned or unassigned stops reaching the old tenant's
+sessions at once); :meth:`MemoryRegistry.ending` names every live session whose tenant is gone
+or suspended, or whose token is revoked or expired.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from shared.aliases import domain_of, grant_covers, is_pattern
-from shared.errors import AliasTaken
+from csc.tenants import Catalog, Tenant
+from shared.aliases import domain_of
+from shared.errors import AliasForbidden, AliasTaken, AuthFailed, CSCError, TenantSuspended
+from shared.tokens import DEFAULT_LEEWAY
 
 
 class Session(Protocol):
@@ -37,69 +44,127 @@ class Session(Protocol):
     @property
     def load(self) -> int: ...
 
+    @property
+    def jti(self) -> str: ...
+
+    @property
+    def expires_at(self) -> float: ...
+
 
 S = TypeVar("S", bound=Session)
 
 
+class CatalogSource(Protocol):
+    """Where the managed objects come from (:class:`csc.store.Store`)."""
+
+    def data_version(self) -> int: ...
+
+    def catalog(self) -> Catalog: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Lookup(Generic[S]):
-    """The answer to "who serves this alias": its owner (None: unknown) and live sessions."""
+    """Who serves an alias: its owner's id (None: unknown), live sessions, the owner itself."""
 
     tenant: str | None
     sessions: tuple[S, ...] = ()
+    owner: Tenant | None = None
 
 
-@dataclass(slots=True)
+class Registry(Protocol[S]):
+    """The registry interface (one node: :class:`MemoryRegistry`)."""
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    def refresh(self, *, force: bool = False) -> bool: ...
+
+    def lookup(self, alias: str) -> Lookup[S]: ...
+
+    def tenant(self, tenant_id: str) -> Tenant | None: ...
+
+    def is_revoked(self, jti: str) -> bool: ...
+
+    def operator(self, token_sha256: str) -> str | None: ...
+
+    def bind(self, session: S) -> None: ...
+
+    def unbind(self, session: S) -> None: ...
+
+    def sessions(self) -> Iterable[S]: ...
+
+    def ending(self, now: float) -> list[tuple[S, CSCError]]: ...
+
+
+def admission_error(catalog: Catalog, tenant: str, jti: str) -> CSCError | None:
+    """Why a session of ``tenant`` with token ``jti`` may not run now (None: it may)."""
+    record = catalog.tenants.get(tenant)
+    if record is None:
+        return AuthFailed(f"tenant {tenant!r} does not exist")
+    if jti in catalog.revoked:
+        return AuthFailed("token revoked")
+    if record.suspended:
+        return TenantSuspended(f"tenant {tenant!r} is suspended")
+    return None
+
+
+@dataclass(eq=False)
 class MemoryRegistry(Generic[S]):
-    """The one-node registry: everything in this process's memory."""
+    """The one-node registry: sessions in memory, the catalog cached from ``source``."""
 
-    load_assignments: Callable[[], dict[str, str]] = dict
-    _assigned: dict[str, str] = field(default_factory=dict)
-    _learned: dict[str, str] = field(default_factory=dict)
+    source: CatalogSource | None = None
+    catalog: Catalog = field(default_factory=Catalog)
+    _version: int | None = None
     _live: dict[str, list[S]] = field(default_factory=dict)
+    _sessions: dict[int, S] = field(default_factory=dict)
 
-    def refresh(self) -> None:
-        """Re-read the recorded assignments (grant -> tenant)."""
-        self._assigned = dict(self.load_assignments())
+    def refresh(self, *, force: bool = False) -> bool:
+        """Re-read the catalog if the source changed (or ``force``); whether it was re-read."""
+        if self.source is None:
+            return False
+        version = self.source.data_version()
+        if not force and version == self._version:
+            return False
+        self.catalog = self.source.catalog()
+        self._version = version
+        return True
 
     def owner(self, alias: str) -> str | None:
-        """The tenant owning ``alias`` (a normalised alias or grant), or None."""
-        for table in (self._assigned, self._learned):
-            tenant = table.get(alias)
-            if tenant is not None:
-                return tenant
-        domain = domain_of(alias)
-        if domain is not None and not is_pattern(alias):
-            pattern = f"*@{domain}"
-            for table in (self._assigned, self._learned):
-                tenant = table.get(pattern)
-                if tenant is not None:
-                    return tenant
-        return None
+        """The tenant owning a normalised alias or pattern, re-reading the catalog on a miss."""
+        owner = self.catalog.owner(alias)
+        if owner is None and self.refresh():
+            owner = self.catalog.owner(alias)
+        return owner
 
-    def _conflict(self, tenant: str, grant: str) -> str | None:
-        """Another tenant that holds ``grant`` or an alias it covers, if any."""
-        owner = self.owner(grant)
-        if owner is not None and owner != tenant:
-            return owner
-        if is_pattern(grant):
-            for table in (self._assigned, self._learned):
-                for other, other_tenant in table.items():
-                    if other_tenant != tenant and grant_covers(grant, other):
-                        return other_tenant
-        return None
+    def tenant(self, tenant_id: str) -> Tenant | None:
+        found = self.catalog.tenants.get(tenant_id)
+        if found is None and self.refresh():
+            found = self.catalog.tenants.get(tenant_id)
+        return found
+
+    def is_revoked(self, jti: str) -> bool:
+        return jti in self.catalog.revoked
+
+    def operator(self, token_sha256: str) -> str | None:
+        name = self.catalog.operators.get(token_sha256)
+        if name is None and self.refresh():
+            name = self.catalog.operators.get(token_sha256)
+        return name
 
     def bind(self, session: S) -> None:
-        """Register a live session for its grants; raise AliasTaken naming the first conflict."""
+        """Register a live session for its grants, each of which must be its tenant's."""
         for grant in session.grants:
-            other = self._conflict(session.tenant, grant)
-            if other is not None:
+            owner = self.owner(grant)
+            if owner is None:
+                raise AliasForbidden(f"alias {grant} is not assigned to tenant {session.tenant}")
+            if owner != session.tenant:
                 raise AliasTaken(f"alias {grant} is held by another tenant")
         for grant in session.grants:
-            self._learned[grant] = session.tenant
             self._live.setdefault(grant, []).append(session)
+        self._sessions[id(session)] = session
 
     def unbind(self, session: S) -> None:
+        self._sessions.pop(id(session), None)
         for grant in session.grants:
             live = self._live.get(grant)
             if live is None:
@@ -113,10 +178,7 @@ class MemoryRegistry(Generic[S]):
         """Owner and live accepting sessions of a normalised alias, least loaded first."""
         tenant = self.owner(alias)
         if tenant is None:
-            self.refresh()
-            tenant = self.owner(alias)
-            if tenant is None:
-                return Lookup(None)
+            return Lookup(None)
         found: list[S] = list(self._live.get(alias, ()))
         domain = domain_of(alias)
         if domain is not None:
@@ -124,11 +186,22 @@ class MemoryRegistry(Generic[S]):
         sessions = [s for s in found if s.tenant == tenant and s.accepting]
         random.shuffle(sessions)  # equally loaded sessions take turns (the sort is stable)
         sessions.sort(key=lambda s: s.load)
-        return Lookup(tenant, tuple(sessions))
+        return Lookup(tenant, tuple(sessions), self.catalog.tenants.get(tenant))
 
     def sessions(self) -> Iterable[S]:
-        seen: dict[int, S] = {}
-        for live in self._live.values():
-            for s in live:
-                seen[id(s)] = s
-        return seen.values()
+        return list(self._sessions.values())
+
+    def ending(self, now: float) -> list[tuple[S, CSCError]]:
+        """Live sessions that must end now, each with the error to close it with.
+
+        A token expires ``DEFAULT_LEEWAY`` after its ``exp``, as at connect time, so a session
+        ended for expiry cannot come straight back.
+        """
+        result: list[tuple[S, CSCError]] = []
+        for session in self._sessions.values():
+            err = admission_error(self.catalog, session.tenant, session.jti)
+            if err is None and session.expires_at <= now - DEFAULT_LEEWAY:
+                err = AuthFailed("token expired")
+            if err is not None:
+                result.append((session, err))
+        return result

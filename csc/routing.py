@@ -1,8 +1,11 @@
 """Routing a bootloader's alias to a live agent session (shared by the HTTP and TCP ingress).
 
-The alias is normalised once; an alias no tenant owns is ``unknown_alias``; an owned alias with
-no accepting session is ``portal_offline``; a draining node opens nothing (``going_away``).
-Among the sessions that serve the alias, the least loaded that accepts the stream gets it.
+The alias is normalised once; an alias no tenant owns is ``unknown_alias``; an alias of a
+suspended tenant is ``tenant_suspended``; an owned alias with no accepting session is
+``portal_offline``; a draining node opens nothing (``going_away``). The two 503s of a tenant
+name it and its support contact (message and ``tenant`` member of the JSON body), so a user
+knows whom to call. Among the sessions that serve the alias, the least loaded that accepts the
+stream gets it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from csc.gateway import AgentSession
 from csc.registry import Lookup
 from csc.state import NodeState
 from shared.aliases import normalise_alias
-from shared.errors import CSCError, GoingAway, PortalOffline, UnknownAlias
+from shared.errors import CSCError, GoingAway, PortalOffline, TenantSuspended, UnknownAlias
 from shared.link import LinkStream
 
 
@@ -22,7 +25,22 @@ def lookup_alias(state: NodeState, raw_alias: str) -> tuple[str, Lookup[AgentSes
     found = state.registry.lookup(alias)
     if found.tenant is None:
         raise UnknownAlias(f"no tenant serves the alias {alias}")
+    if found.owner is not None and found.owner.suspended:
+        raise TenantSuspended(
+            f"the service of {alias} is suspended; {found.owner.who()}",
+            details={"tenant": found.owner.public()},
+        )
     return alias, found
+
+
+def offline_error(alias: str, found: Lookup[AgentSession]) -> PortalOffline:
+    """``portal_offline`` for ``alias``, naming its tenant and support contact."""
+    message = f"the portal of {alias} is offline (no agent connected)"
+    if found.owner is None:
+        return PortalOffline(message)
+    return PortalOffline(
+        f"{message}; {found.owner.who()}", details={"tenant": found.owner.public()}
+    )
 
 
 def open_stream(
@@ -42,4 +60,4 @@ def open_stream(
         return stream
     if last is not None and not isinstance(last, GoingAway):
         raise last
-    raise PortalOffline(f"the portal of {alias} is offline (no agent connected)")
+    raise offline_error(alias, found)

@@ -1,8 +1,10 @@
 """``csc serve``: the app factory, the listeners and the graceful stop.
 
-:func:`create_app` builds the aiohttp application (agent gateway, resolve, tunnel, health);
-:func:`run_node` starts the HTTP listener and the TCP ingress, writes the ready file, and on
-SIGTERM/SIGINT drains: it stops accepting, sends GOAWAY on every agent session, lets in-flight
+:func:`create_app` builds the aiohttp application (agent gateway, resolve, tunnel, health,
+``/metrics``);
+:func:`run_node` starts the HTTP listener, the TCP ingress and the admin API (its own
+listener, :mod:`csc.admin_api`), writes the ready file, and on SIGTERM/SIGINT or an admin
+``drain`` drains: it stops accepting, sends GOAWAY on every agent session, lets in-flight
 streams finish within ``drain_timeout``, then closes the links with 1001 and returns.
 """
 
@@ -22,12 +24,13 @@ from typing import Any
 
 from aiohttp import web
 
-from csc import gateway, http_ingress
+from csc import admin_api, gateway, http_ingress
 from csc.config import CSCConfig
+from csc.metrics import CSCMetrics, add_metrics_route
 from csc.registry import MemoryRegistry
 from csc.state import NodeState
+from csc.store import Store
 from csc.tcp_ingress import READ_LIMIT, make_handler
-from csc.tenants import TenantsFile
 from shared.errors import GoingAway
 from shared.tokens import load_or_create_signing_key
 
@@ -36,34 +39,28 @@ log = logging.getLogger("csc")
 TUNNEL_METHODS = "*"
 
 
-def _assignments_loader(state_dir: Path) -> Any:
-    """A loader of ``tenants.json`` that re-reads the file only when it changed."""
-    tenants = TenantsFile(state_dir)
-    cache: dict[str, Any] = {"mtime": None, "data": {}}
+def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> NodeState:
+    """Load (or create, on first start) the signing key, the store (``csc.db``) and, when the
+    admin API is on and no operator exists yet, the ``admin`` operator and its token file.
 
-    def load() -> dict[str, str]:
-        mtime = tenants.mtime()
-        if mtime != cache["mtime"]:
-            cache["mtime"], cache["data"] = mtime, tenants.load()
-        data: dict[str, str] = cache["data"]
-        return data
-
-    return load
-
-
-def build_state(config: CSCConfig) -> NodeState:
-    """Load (or create, on first start) the signing key and the recorded tenant aliases."""
+    Raises :class:`csc.store.StoreError` when ``csc.db`` cannot be used.
+    """
     key, created = load_or_create_signing_key(config.state_dir)
     if created:
         print(f"csc: created a signing key pair in {config.state_dir}", file=sys.stderr)
-    registry: MemoryRegistry[gateway.AgentSession] = MemoryRegistry(
-        load_assignments=_assignments_loader(config.state_dir)
-    )
-    registry.refresh()
+    store = Store(config.state_dir)
+    if config.admin_listen is not None:
+        token_file = store.ensure_operator()
+        if token_file is not None:
+            log.warning("created operator 'admin'; its admin API token is in %s", token_file)
+    registry: MemoryRegistry[gateway.AgentSession] = MemoryRegistry(source=store)
+    registry.refresh(force=True)
     return NodeState(
         config=config,
         registry=registry,
         public_keys=[key.public_key()],
+        metrics=metrics or CSCMetrics(),
+        store=store,
     )
 
 
@@ -85,9 +82,20 @@ async def _close_sessions(app: web.Application) -> None:
         session.link.close(GoingAway("the CSC is shutting down"))
 
 
-def create_app(config: CSCConfig, *, state: NodeState | None = None) -> web.Application:
+async def _close_store(app: web.Application) -> None:
+    store = app[NodeState.KEY].store
+    if store is not None:
+        store.close()
+
+
+def create_app(
+    config: CSCConfig, *, state: NodeState | None = None, metrics: CSCMetrics | None = None
+) -> web.Application:
+    """The node's app. A given ``state`` brings its own metrics; else ``metrics`` (default: new
+    ones on their own registry) go into the state built here."""
     app = web.Application(client_max_size=1024**2)
-    app[NodeState.KEY] = state or build_state(config)
+    app[NodeState.KEY] = state = state or build_state(config, metrics=metrics)
+    add_metrics_route(app, state.metrics)
     app.router.add_get("/v1/agent/connect", gateway.agent_connect)
     app.router.add_get("/v1/resolve/{alias}", http_ingress.resolve)
     app.router.add_route(TUNNEL_METHODS, "/t/{alias}", http_ingress.tunnel)
@@ -95,6 +103,8 @@ def create_app(config: CSCConfig, *, state: NodeState | None = None) -> web.Appl
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.on_shutdown.append(_close_sessions)
+    app.cleanup_ctx.append(gateway.enforce_rights)
+    app.on_cleanup.append(_close_store)
     return app
 
 
@@ -133,6 +143,7 @@ class Node:
         self.tcp_server: asyncio.Server | None = None
         self.http_address = ""
         self.tcp_address: str | None = None
+        self.admin: admin_api.AdminListener | None = None
 
     async def start(self) -> None:
         ssl_ctx = _ssl_context(self.config)
@@ -147,6 +158,12 @@ class Node:
                 make_handler(self.state), tcp[0], tcp[1], ssl=ssl_ctx, limit=READ_LIMIT
             )
             self.tcp_address = _hostport(self.tcp_server.sockets[0].getsockname())
+        if self.config.admin_listen_address is not None:
+            self.admin = await admin_api.start_listener(self.state, ssl_ctx)
+
+    @property
+    def admin_address(self) -> str | None:
+        return self.admin.address if self.admin is not None else None
 
     async def drain(self) -> None:
         """Stop taking work, GOAWAY every agent, wait for streams, then close everything."""
@@ -169,6 +186,8 @@ class Node:
         await self.stop()
 
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
         await self.runner.cleanup()
         if self.tcp_server is not None:
             self.tcp_server.close()
@@ -180,7 +199,11 @@ class Node:
 async def running_node(config: CSCConfig) -> AsyncIterator[Node]:
     """Start a node for the duration of the block (used by tests and by :func:`serve`)."""
     node = Node(config, create_app(config))
-    await node.start()
+    try:
+        await node.start()
+    except BaseException:
+        await node.stop()  # whatever did start (a listener that could not bind: OSError)
+        raise
     try:
         yield node
     finally:
@@ -189,28 +212,34 @@ async def running_node(config: CSCConfig) -> AsyncIterator[Node]:
 
 
 async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     async with running_node(config) as node:
+        stop = node.state.stop_requested  # set by a signal or by the admin API's drain
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         log.info(
-            "listening: http %s (agents: /v1/agent/connect), tcp %s; state dir %s",
+            "listening: http %s (agents: /v1/agent/connect), tcp %s, admin %s; state dir %s",
             node.http_address,
             node.tcp_address or "off",
+            node.admin_address or "off",
             config.state_dir,
         )
         print(
             f"csc: listening on {'https' if config.tls_enabled else 'http'}://"
             f"{node.http_address}, tcp ingress {node.tcp_address or 'off'}, "
-            f"state dir {config.state_dir}",
+            f"admin API {node.admin_address or 'off'}, state dir {config.state_dir}",
             file=sys.stderr,
             flush=True,
         )
         if ready_file is not None:
             write_ready_file(
                 ready_file,
-                {"http": node.http_address, "tcp": node.tcp_address, "pid": os.getpid()},
+                {
+                    "http": node.http_address,
+                    "tcp": node.tcp_address,
+                    "admin": node.admin_address,
+                    "pid": os.getpid(),
+                },
             )
         await stop.wait()
         await node.drain()

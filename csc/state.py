@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from aiohttp import web
 
 from csc.config import CSCConfig
+from csc.metrics import CSCMetrics
 from csc.registry import MemoryRegistry
+from csc.store import Store
 from shared.protocol import LinkSettings
 
 if TYPE_CHECKING:
@@ -28,16 +30,26 @@ class NodeState:
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     sessions: dict[str, AgentSession] = field(default_factory=dict)
     draining: bool = False
-    auth_failures: int = 0
+    metrics: CSCMetrics = field(default_factory=CSCMetrics)
     active_streams: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     link_settings: LinkSettings = field(init=False)
+    #: the managed objects (tenants, aliases, tokens, operators, audit); None: no admin API
+    store: Store | None = None
+    #: set to ask the node to drain and stop (SIGTERM, or the admin API)
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.link_settings = LinkSettings.from_config(
             self.config, max_streams=self.config.max_streams_per_session
         )
         self.idle.set()
+        self.metrics.track_sessions(lambda: self.sessions.values())
+
+    @property
+    def auth_failures(self) -> int:
+        """Agent tokens refused so far (all reasons; by reason in the metrics)."""
+        return self.metrics.auth_failures_total()
 
     def stream_started(self) -> None:
         self.active_streams += 1

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
+from csc.metrics import outcome_of
 from csc.routing import lookup_alias, open_stream
 from csc.state import NodeState
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
@@ -60,17 +62,22 @@ async def _serve(
     state: NodeState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     request_id = uuid.uuid4().hex
+    started = time.monotonic()
     peer = writer.get_extra_info("peername")
     client = f"{peer[0]}:{peer[1]}" if peer else "?"
+    tenant: str | None = None
     try:
         raw_alias = await _read_alias(reader, state.config.tcp_handshake_timeout)
         alias, found = lookup_alias(state, raw_alias)
+        tenant = found.tenant
         info = {"kind": "tcp", "alias": alias, "client": client, "request_id": request_id}
         stream = open_stream(state, alias, found, info)
     except CSCError as err:
+        state.metrics.request_done("tcp", tenant, err.code, time.monotonic() - started)
         await _refuse(writer, err)
         return
     state.stream_started()
+    state.metrics.stream_started(tenant, "tcp")
     try:
         try:
             await asyncio.wait_for(asyncio.shield(stream.opened), state.config.open_timeout)
@@ -85,8 +92,11 @@ async def _serve(
         writer.write(b"OK\r\n")
         await splice(stream, reader, writer, reset_code=Cancelled.code)
     finally:
+        outcome = outcome_of(stream.error)
         stream.finish()
         state.stream_finished()
+        state.metrics.stream_finished("tcp")
+        state.metrics.request_done("tcp", tenant, outcome, time.monotonic() - started)
 
 
 async def _refuse(writer: asyncio.StreamWriter, err: CSCError) -> None:

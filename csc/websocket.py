@@ -2,19 +2,40 @@
 
 Every received binary message goes to :meth:`Link.feed`; a link-level fault closes the
 WebSocket with the error's close code (docs/protocol.md §8); when the link ends for any other
-reason (heartbeat timeout, shutdown) the WebSocket is closed with that reason too.
+reason (heartbeat timeout, shutdown) the WebSocket is closed with that reason too. A
+:class:`Traffic` counts the message bytes each way (plain integer additions, one per message).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import WSMessage, WSMsgType
 
 from shared.errors import CSCError, ProtocolError
-from shared.link import Link, cancel_quietly
+from shared.link import Link, SendFn, cancel_quietly
+
+
+@dataclass(slots=True)
+class Traffic:
+    """Bytes of WebSocket messages one session carried: from the agent and to it."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+def counting(send: SendFn, traffic: Traffic) -> SendFn:
+    """``send``, adding the size of every message to ``traffic.bytes_out``."""
+
+    async def counted(chunks: Sequence[bytes | memoryview]) -> None:
+        traffic.bytes_out += sum(map(len, chunks))
+        await send(chunks)
+
+    return counted
 
 
 class WebSocketLike(Protocol):
@@ -45,12 +66,14 @@ async def _close_when_link_ends(ws: WebSocketLike, link: Link) -> None:
         await close_websocket(ws, err)
 
 
-async def run_websocket(ws: WebSocketLike, link: Link) -> None:
+async def run_websocket(ws: WebSocketLike, link: Link, traffic: Traffic | None = None) -> None:
     """Feed received messages to the link until either side ends it; then close the link."""
     watcher = asyncio.ensure_future(_close_when_link_ends(ws, link))
+    counted = traffic if traffic is not None else Traffic()
     try:
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:
+                counted.bytes_in += len(msg.data)
                 try:
                     link.feed(msg.data)
                 except CSCError as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,6 +52,7 @@ ERRORS: dict[str, ErrorSpec] = {
         _spec("agent_lost", 502, 4502, _WARN, "the tenant agent's link was lost"),
         _spec("portal_offline", 503, 4503, _INFO, "the portal for this alias is offline"),
         _spec("going_away", 503, 1001, _INFO, "the server is shutting down"),
+        _spec("tenant_suspended", 503, 4423, _INFO, "the tenant is suspended"),
         _spec("upstream_timeout", 504, 4504, _WARN, "the portal did not answer in time"),
         _spec("protocol_error", 400, 4400, _WARN, "protocol violation"),
         _spec("flow_control", 400, 4400, _WARN, "flow-control violation"),
@@ -62,12 +64,19 @@ ERRORS: dict[str, ErrorSpec] = {
 
 
 class CSCError(Exception):
-    """Base of every typed error; ``code`` is a key of :data:`ERRORS`."""
+    """Base of every typed error; ``code`` is a key of :data:`ERRORS`.
+
+    ``details`` are extra JSON members of the HTTP error body (e.g. the ``tenant`` of a 503),
+    never internal information.
+    """
 
     code: ClassVar[str] = "internal"
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, details: Mapping[str, Any] | None = None
+    ) -> None:
         self.message = message or ERRORS[self.code].default_message
+        self.details: dict[str, Any] = dict(details or {})
         super().__init__(self.message)
 
     @property
@@ -75,7 +84,7 @@ class CSCError(Exception):
         return ERRORS[self.code]
 
     def to_json(self, **extra: Any) -> dict[str, Any]:
-        return {"error": self.code, "message": self.message, **extra}
+        return {"error": self.code, "message": self.message, **self.details, **extra}
 
 
 def error_for_code(code: str, message: str | None = None) -> CSCError:
@@ -161,6 +170,10 @@ class PortalOffline(CSCError):
 
 class GoingAway(CSCError):
     code = "going_away"
+
+
+class TenantSuspended(CSCError):
+    code = "tenant_suspended"
 
 
 class UpstreamTimeout(CSCError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable
 
 HOP_BY_HOP = frozenset(
@@ -52,3 +54,17 @@ def header_pairs(value: object) -> list[tuple[str, str]] | None:
             return None
         pairs.append((name, val))
     return pairs
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_for(given: str | None) -> str:
+    """The client's ``X-Request-Id`` when well formed, else a new random one.
+
+    The CSC's ingress and the agent's local proxy use this one rule, so an id survives
+    either path (and both in a row) unchanged.
+    """
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return os.urandom(16).hex()

@@ -10,6 +10,11 @@ Invariants (docs/protocol.md §5): ``write()`` never queues more than the peer's
 credit of received bytes is returned only when the consumer calls :meth:`LinkStream.consumed`
 after delivering them to the next hop. When the link ends, every live stream fails with the
 link's error, so no reader or writer waits forever.
+
+Each link adds its DATA payload bytes (sent and received) and its flow-control stalls (a write
+that found data left and no credit) to a :class:`LinkCounters`, which several links may share;
+they are plain integers, read by the programs' metrics at scrape time (``shared`` never imports
+a metrics library).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import AgentLost, Cancelled, CSCError, error_for_code
@@ -46,6 +52,18 @@ MAX_MESSAGE = 1024 * 1024
 #: Sends one WebSocket message made of these chunks, in order (a sender may mask or copy them
 #: piecewise; it must not keep them after it returns).
 SendFn = Callable[[Sequence[bytes | memoryview]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class LinkCounters:
+    """Running totals of one or more links (never reset; only ever added to)."""
+
+    #: DATA payload bytes handed to the multiplexer for the peer.
+    data_sent: int = 0
+    #: DATA payload bytes received from the peer.
+    data_received: int = 0
+    #: Writes that had bytes left to send and had to wait for the peer's credit.
+    stalls: int = 0
 
 
 def joined(send_bytes: Callable[[bytes], Awaitable[None]]) -> SendFn:
@@ -123,10 +141,12 @@ class LinkStream:
                 raise self._error
             taken = conn.send_data(self.id, view)
             if taken:
+                self.link.counters.data_sent += taken
                 self.link.kick()
                 view = view[taken:]
             if not view:
                 return
+            self.link.counters.stalls += 1
             self._credit.clear()
             await self._credit.wait()
 
@@ -207,9 +227,11 @@ class Link:
         on_goaway: Callable[[GoAwayReceived], None] | None = None,
         name: str = "link",
         pending: list[Event] | None = None,
+        counters: LinkCounters | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.conn = conn
+        self.counters = counters if counters is not None else LinkCounters()
         self.name = name
         self._send = send
         self._on_stream = on_stream
@@ -311,8 +333,10 @@ class Link:
 
     def _dispatch(self, events: list[Event]) -> None:
         streams = self.streams
+        counters = self.counters
         for event in events:
             if isinstance(event, DataReceived):
+                counters.data_received += len(event.data)
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream._chunks.append(event.data)

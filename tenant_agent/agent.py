@@ -27,6 +27,12 @@ from shared.protocol import Connection, Event, LinkSettings, Side, WelcomeReceiv
 from tenant_agent import __version__
 from tenant_agent.backoff import FATAL_CLOSE_CODES, FATAL_HTTP_STATUSES, Backoff
 from tenant_agent.config import AgentConfig
+from tenant_agent.metrics import (
+    AgentMetrics,
+    MetricsServer,
+    reconnect_reason,
+    session_end_reason,
+)
 from tenant_agent.upstream import Upstreams
 from tenant_agent.websocket import (
     AgentWebSocket,
@@ -70,22 +76,27 @@ def connect_url(csc: str) -> str:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, metrics: AgentMetrics | None = None) -> None:
         self.config = config
         self.settings = LinkSettings.from_config(config)
-        self.upstreams = Upstreams(config)
+        self.metrics = metrics if metrics is not None else AgentMetrics()
+        self.metrics_server = MetricsServer(self.metrics)
+        self.upstreams = Upstreams(config, metrics=self.metrics)
         self.sessions: set[AgentSession] = set()
         self.stopping = asyncio.Event()
         self.fatal: str | None = None
         self._draining: set[asyncio.Task[None]] = set()
         self._retiring: dict[int, int] = {}  # slot -> sessions draining after a GOAWAY
         self._ssl: ssl.SSLContext | None = None
+        self.metrics.track_draining(lambda: sum(self._retiring.values()))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> int:
         if self.config.ca_file is not None:
             self._ssl = ssl.create_default_context(cafile=str(self.config.ca_file))
+        if not await self._start_metrics():
+            return EXIT_FATAL
         await self.upstreams.start()
         slots = [
             asyncio.create_task(self._slot(i), name=f"slot-{i}")
@@ -100,6 +111,7 @@ class Agent:
             for task in list(self._draining):
                 await cancel_quietly(task)
             await self.upstreams.close()
+            await self.metrics_server.close()
         if self.fatal is not None:
             log.error("stopping: %s", self.fatal)
             return EXIT_FATAL
@@ -107,6 +119,22 @@ class Agent:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    async def _start_metrics(self) -> bool:
+        """Serve ``/metrics`` on ``metrics_listen`` when set; False if it cannot be bound."""
+        address = self.config.metrics_listen_address
+        if address is None:
+            return True
+        try:
+            bound = await self.metrics_server.start(*address)
+        except OSError as exc:
+            reason = exc.strerror or exc.__class__.__name__
+            log.error(
+                "stopping: cannot serve metrics on %s: %s", self.config.metrics_listen, reason
+            )
+            return False
+        log.info("metrics on http://%s/metrics", bound)
+        return True
 
     async def _drain(self) -> None:
         """GOAWAY on every session, wait for in-flight streams, then close the links."""
@@ -130,6 +158,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
             started = loop.time()
+            self.metrics.slot_state(slot, "connecting")
             try:
                 session = await self._connect(slot)
             except FatalError as exc:
@@ -138,14 +167,23 @@ class Agent:
                 return
             except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
                 log.warning("session %d: cannot connect to %s: %s", slot, cfg.csc, _describe(exc))
+                reason = reconnect_reason(exc)
             else:
+                self.metrics.slot_state(slot, "up")
                 replaced = await self._serve(session)
                 if replaced:
                     backoff.attempt = 0
+                    self.metrics.reconnect("goaway")
                     continue  # make-before-break: connect the successor right away
                 backoff.connected_for(loop.time() - started)
+                closed = session.link.closed
+                reason = session_end_reason(
+                    closed.result() if closed.done() else None, session.ws.close_reason
+                )
             if self.fatal is not None or self.stopping.is_set():
                 return
+            self.metrics.reconnect(reason)
+            self.metrics.slot_state(slot, "backoff")
             if self._retiring.get(slot):
                 backoff.attempt = 0  # the drained session still serves: retry at the start pace
             delay = backoff.next_delay(random.random())
@@ -202,6 +240,7 @@ class Agent:
             conn,
             ws.send_chunks,
             on_stream=self.upstreams.handle,
+            counters=self.metrics.links,
             on_goaway=lambda _ev: session.goaway.set(),
             name=f"session {slot}",
             pending=pending,
@@ -232,7 +271,7 @@ class Agent:
             level = logging.INFO if self.stopping.is_set() else logging.WARNING
             log.log(level, "session %d down (close code %s): %s", session.slot, code, reason)
             if code in FATAL_CLOSE_CODES:
-                self.fatal = f"the CSC closed the session ({code})"
+                self.fatal = f"the CSC closed the session ({code}): {session.ws.close_reason}"
                 self.stop()
             return False
         log.info("session %d: the CSC is draining; connecting a successor", session.slot)

@@ -2,6 +2,9 @@
 
 Builds an :class:`~tenant_agent.config.AgentConfig` from ``--config`` (or ``$CSC_AGENT_CONFIG``),
 ``CSC_AGENT_*`` environment variables and the flags, then runs the agent until it is stopped.
+``csc-agent proxy`` instead runs the local/DMZ proxy (:mod:`tenant_agent.proxy`), configured by
+a :class:`~tenant_agent.proxy_config.ProxyConfig` from ``--config`` (or
+``$CSC_AGENT_PROXY_CONFIG``), ``CSC_AGENT_PROXY_*`` variables and its own flags.
 
 Invariants: only this module (the entry point) reads ``os.environ``; every configuration problem
 is printed at once (exit 2); the token never appears in output. Prefer ``--token-file`` or
@@ -27,6 +30,8 @@ from shared.cli_support import (
 )
 from shared.logsetup import configure_logging
 from tenant_agent.config import ENV_PREFIX, LOG_LEVELS, load_agent_config
+from tenant_agent.proxy_config import ENV_PREFIX as PROXY_ENV_PREFIX
+from tenant_agent.proxy_config import load_proxy_config
 
 PROG = "csc-agent"
 
@@ -36,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="The CSC tenant agent: dials out to the CSC and relays its streams to the "
         "tenant's portal. Every option can also be set in the config file or as CSC_AGENT_<NAME>.",
+        epilog=f"The local/DMZ proxy mode has its own options: {PROG} proxy --help",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument(
@@ -58,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="alias to bind (repeatable; default: all the token grants)",
     )
     parser.add_argument("--ca-file", metavar="PATH", help="CA bundle to verify the CSC's TLS")
+    parser.add_argument(
+        "--metrics-listen", metavar="HOST:PORT|off", help="serve Prometheus /metrics there"
+    )
     parser.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))
     return parser
 
@@ -66,16 +75,67 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     names = ("csc", "token", "token_file", "upstream", "tcp_upstream", "sessions", "aliases")
     overrides: dict[str, object] = {name: getattr(args, name) for name in names}
     overrides["ca_file"] = args.ca_file
+    overrides["metrics_listen"] = args.metrics_listen
     overrides["log_level"] = args.log_level
     return overrides
 
 
-def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None) -> int:
-    """Entry point of ``csc-agent``; returns the exit code."""
-    parsed = run_parser(build_parser(), list(argv) if argv is not None else None)
+def build_proxy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} proxy",
+        description="The local/DMZ proxy: bootloaders configured with Host and Port connect "
+        "here and are forwarded to the portal (HTTP reverse proxy for an http(s):// upstream, "
+        "byte forwarding for tcp://HOST:PORT). Every option can also be set in the config file "
+        "or as CSC_AGENT_PROXY_<NAME>.",
+    )
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML file (or $CSC_AGENT_PROXY_CONFIG)"
+    )
+    parser.add_argument("--listen", metavar="HOST:PORT", help="where bootloaders connect")
+    parser.add_argument(
+        "--upstream", metavar="URL", help="http(s)://HOST:PORT[/PREFIX] or tcp://HOST:PORT"
+    )
+    parser.add_argument("--ca-file", metavar="PATH", help="CA bundle to verify an https upstream")
+    parser.add_argument("--tls-cert", metavar="PATH", help="certificate chain: the listener's TLS")
+    parser.add_argument("--tls-key", metavar="PATH", help="private key of --tls-cert")
+    parser.add_argument(
+        "--ready-file", type=Path, metavar="PATH", help="write the bound address when up"
+    )
+    parser.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))
+    return parser
+
+
+def _proxy_main(argv: list[str], environ: Mapping[str, str]) -> int:
+    """``csc-agent proxy ...``: load the proxy's configuration and run it."""
+    parsed = run_parser(build_proxy_parser(), argv)
     if isinstance(parsed, int):
         return parsed
+    file = config_file(parsed.config, environ, PROXY_ENV_PREFIX)
+    names = ("listen", "upstream", "ca_file", "tls_cert", "tls_key", "log_level")
+    overrides: dict[str, object] = {name: getattr(parsed, name) for name in names}
+    config = load_or_report(
+        f"{PROG} proxy", lambda: load_proxy_config(file=file, env=environ, overrides=overrides)
+    )
+    if config is None:
+        return EXIT_USAGE
+    configure_logging(config.log_level, PROG, fmt=config.log_format)
+    from tenant_agent.proxy import run  # lazy, like the agent
+
+    try:
+        return run(config, ready_file=parsed.ready_file)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None) -> int:
+    """Entry point of ``csc-agent`` (and ``csc-agent proxy``); returns the exit code."""
+    args = list(argv) if argv is not None else sys.argv[1:]
     environ = os.environ if env is None else env
+    if args[:1] == ["proxy"]:
+        return _proxy_main(args[1:], environ)
+    parsed = run_parser(build_parser(), args)
+    if isinstance(parsed, int):
+        return parsed
     file = config_file(parsed.config, environ, ENV_PREFIX)
     overrides = _overrides(parsed)
     config = load_or_report(

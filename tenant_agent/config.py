@@ -31,6 +31,8 @@ from shared.config import (
 from shared.logsetup import FORMATS, LEVELS
 
 ENV_PREFIX = "CSC_AGENT_"
+#: The proxy mode's prefix (tenant_agent/proxy_config.py): no agent setting starts `proxy_`.
+PROXY_ENV_PREFIX = "CSC_AGENT_PROXY_"
 LOG_LEVELS = tuple(LEVELS)
 KIB = 1024
 MIB = 1024 * 1024
@@ -94,6 +96,14 @@ class AgentConfig:
     max_frame: int = size_field(
         256 * KIB, "largest frame payload (16KiB..16MiB)", minimum=16 * KIB, maximum=16 * MIB
     )
+    metrics_listen: str | None = field(
+        default=None,
+        metadata=meta(
+            kind="hostport",
+            doc_default="off",
+            help="HOST:PORT serving Prometheus `/metrics`, e.g. 127.0.0.1:9465",
+        ),
+    )
     log_level: str = field(
         default="info", metadata=meta(choices=LOG_LEVELS, help="debug, info, warning or error")
     )
@@ -105,6 +115,10 @@ class AgentConfig:
     @property
     def tcp_upstream_address(self) -> tuple[str, int] | None:
         return None if self.tcp_upstream is None else parse_hostport(self.tcp_upstream)
+
+    @property
+    def metrics_listen_address(self) -> tuple[str, int] | None:
+        return None if self.metrics_listen is None else parse_hostport(self.metrics_listen)
 
     def resolve(self) -> AgentConfig:
         """Read ``token_file`` into ``token`` (called by the loader before :meth:`validate`)."""
@@ -146,5 +160,15 @@ class AgentConfig:
 def load_agent_config(
     *, file: Path | None, env: Mapping[str, str], overrides: Mapping[str, object] | None = None
 ) -> AgentConfig:
-    """Load :class:`AgentConfig`; raises :class:`shared.config.ConfigError` with every problem."""
-    return load_config(AgentConfig, file=file, env=env, env_prefix=ENV_PREFIX, overrides=overrides)
+    """Load :class:`AgentConfig`; raises :class:`shared.config.ConfigError` with every problem.
+
+    ``CSC_AGENT_PROXY_*`` variables belong to ``csc-agent proxy`` and are ignored here.
+    """
+    return load_config(
+        AgentConfig,
+        file=file,
+        env=env,
+        env_prefix=ENV_PREFIX,
+        overrides=overrides,
+        ignore_env_prefixes=(PROXY_ENV_PREFIX,),
+    )

@@ -34,7 +34,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -49,7 +49,6 @@ from shared.errors import (
     UpstreamTimeout,
 )
 from shared.headers import strip_hop_by_hop
-from shared.link import LinkStream
 from tenant_agent.http_request import Request, build_request, parse_origin
 from tenant_agent.writeflow import WriteFlow
 
@@ -65,6 +64,39 @@ LOW_WATER = 64 * 1024
 MAX_IDLE = 64
 #: An idle connection unused for this long is closed.
 IDLE_TIMEOUT = 30.0
+
+
+class RelayedStream(Protocol):
+    """What :class:`HttpUpstream` needs of the stream it serves: a link stream
+    (:class:`shared.link.LinkStream`) or a request of the local/DMZ proxy
+    (:class:`tenant_agent.proxy_exchange.InboundExchange`)."""
+
+    info: dict[str, Any]
+    #: Watched only for its failure: it fails when the stream does.
+    opened: asyncio.Future[dict[str, Any]]
+
+    @property
+    def error(self) -> CSCError | None: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    async def read(self) -> bytes | memoryview: ...
+
+    def read_complete(self) -> bytes | None: ...
+
+    def consumed(self, nbytes: int) -> None: ...
+
+    async def write(self, data: bytes | memoryview) -> None: ...
+
+    def write_eof(self) -> None: ...
+
+    def accept(self, info: dict[str, Any]) -> None: ...
+
+    def reject(self, err: CSCError) -> None: ...
+
+    def reset(self, err: CSCError) -> None: ...
+
 
 # --- one connection ---------------------------------------------------------------------
 
@@ -421,7 +453,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
 # --- one exchange -----------------------------------------------------------------------
 
 
-async def send_body(conn: UpstreamConnection, stream: LinkStream, length: int | None) -> None:
+async def send_body(conn: UpstreamConnection, stream: RelayedStream, length: int | None) -> None:
     """Copy the request body from the stream to the portal; credit each chunk once drained."""
     left = length
     try:
@@ -460,7 +492,7 @@ async def send_body(conn: UpstreamConnection, stream: LinkStream, length: int | 
         conn.waiting_for_body = False
 
 
-async def drain_upload(stream: LinkStream, timeout: float) -> None:
+async def drain_upload(stream: RelayedStream, timeout: float) -> None:
     """The response ended before the CSC's FIN: wait for the FIN or the CSC's RST.
 
     The bytes are not credited, so the CSC's upload stops at the window; it resets the stream
@@ -481,7 +513,7 @@ class _Exchange:
 
     __slots__ = ("conn", "request", "request_id", "sender", "stream")
 
-    def __init__(self, conn: UpstreamConnection, stream: LinkStream, request: Request) -> None:
+    def __init__(self, conn: UpstreamConnection, stream: RelayedStream, request: Request) -> None:
         self.conn = conn
         self.stream = stream
         self.request = request
@@ -610,7 +642,7 @@ class HttpUpstream:
         """Request bytes waiting in the busy connections' transports right now."""
         return sum(c.transport.get_write_buffer_size() for c in self._busy if c.transport)
 
-    async def handle(self, stream: LinkStream) -> None:
+    async def handle(self, stream: RelayedStream) -> None:
         whole = stream.read_complete() if stream.info.get("body") else None
         try:
             request = build_request(stream.info, self.origin, whole)

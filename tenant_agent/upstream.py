@@ -16,6 +16,7 @@ from shared.errors import ProtocolError, UpstreamRefused, UpstreamReset, Upstrea
 from shared.link import LinkStream, splice
 from tenant_agent.config import AgentConfig
 from tenant_agent.http_upstream import SMALL_BODY, HttpUpstream
+from tenant_agent.metrics import AgentMetrics
 
 __all__ = ["READ_LIMIT", "SMALL_BODY", "Upstreams"]
 
@@ -27,8 +28,9 @@ READ_LIMIT = 256 * 1024
 class Upstreams:
     """The configured upstreams and the client pool used to reach them."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, metrics: AgentMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else AgentMetrics()
         self.base = config.upstream.rstrip("/")
         self.tcp = config.tcp_upstream_address
         self.http = HttpUpstream(
@@ -45,12 +47,14 @@ class Upstreams:
 
     async def handle(self, stream: LinkStream) -> None:
         kind = stream.info.get("kind")
-        if kind == "http":
-            await self._http(stream)
-        elif kind == "tcp":
-            await self._tcp(stream)
-        else:
+        if kind not in ("http", "tcp"):
             stream.reject(ProtocolError(f"unknown stream kind {kind!r}"))
+            return
+        self.metrics.stream_started(kind)
+        try:
+            await (self._http(stream) if kind == "http" else self._tcp(stream))
+        finally:
+            self.metrics.stream_finished(kind, stream.error)
 
     async def _http(self, stream: LinkStream) -> None:
         await self.http.handle(stream)

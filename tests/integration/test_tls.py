@@ -46,6 +46,7 @@ async def test_https_and_tls_tcp_ingress_with_a_verifying_agent(tmp_path: Path) 
     config = CSCConfig(
         listen="127.0.0.1:0",
         tcp_listen="127.0.0.1:0",
+        admin_listen="127.0.0.1:0",
         state_dir=state_dir,
         tls_cert=cert_file,
         tls_key=key_file,
@@ -91,6 +92,7 @@ async def test_agent_refuses_an_untrusted_csc_certificate(
     config = CSCConfig(
         listen="127.0.0.1:0",
         tcp_listen=None,
+        admin_listen=None,
         state_dir=state_dir,
         tls_cert=cert_file,
         tls_key=key_file,

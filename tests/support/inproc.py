@@ -17,9 +17,10 @@ import aiohttp
 
 from csc.config import CSCConfig
 from csc.server import Node, running_node
-from csc.tenants import TenantsFile
+from csc.store import Store
+from csc.tenants import Actor
 from shared.config import Secret
-from shared.tokens import issue_token, load_or_create_signing_key
+from shared.tokens import load_or_create_signing_key
 from tenant_agent.agent import Agent
 from tenant_agent.config import AgentConfig
 from tests.support.procs import scaled
@@ -60,11 +61,23 @@ class Relay:
 
 
 def make_token(state_dir: Path, tenant: str, aliases: list[str], ttl: float = 3600) -> str:
+    """A token for ``tenant``, creating the tenant and assigning it ``aliases`` as needed."""
     key, _ = load_or_create_signing_key(state_dir)
-    TenantsFile(state_dir).assign(tenant, aliases)
-    return issue_token(
-        key, tenant=tenant, aliases=aliases, ttl_seconds=ttl, audience="csc-agent", issuer="csc"
-    )
+    store = Store(state_dir)
+    try:
+        token, _ = store.issue_token(
+            key,
+            tenant=tenant,
+            grants=aliases,
+            ttl=ttl,
+            audience="csc-agent",
+            issuer="csc",
+            actor=Actor("test", "local"),
+            assign=True,
+        )
+    finally:
+        store.close()
+    return token
 
 
 def agent_config(csc_url: str, token: str, server: UpstreamServer, **over: Any) -> AgentConfig:
@@ -110,8 +123,9 @@ async def relay(
 ) -> AsyncIterator[Relay]:
     state_dir = tmp_path / "csc-state"
     token = make_token(state_dir, "acme", [ALIAS])
+    settings: dict[str, Any] = {"admin_listen": "127.0.0.1:0", **(csc or {})}
     config = CSCConfig(
-        listen="127.0.0.1:0", tcp_listen="127.0.0.1:0", state_dir=state_dir, **(csc or {})
+        listen="127.0.0.1:0", tcp_listen="127.0.0.1:0", state_dir=state_dir, **settings
     )
     upstream = await start_upstream_server(tcp_echo_port=0)
     try:

@@ -335,6 +335,10 @@ class CscProc(Proc):
     def tcp_addr(self) -> tuple[str, int]:
         return parse_hostport(self.ready["tcp"])
 
+    @property
+    def admin_url(self) -> str:
+        return _url(self.ready["admin"])
+
 
 class UpstreamProc(Proc):
     """A ``tests.support.upstream`` process: ``http_url``, ``tcp_echo_addr``."""
@@ -393,6 +397,7 @@ def start_csc(
     state_dir: Path | None = None,
     listen: str = "127.0.0.1:0",
     tcp_listen: str | None = "127.0.0.1:0",
+    admin_listen: str = "127.0.0.1:0",
     env: Mapping[str, str] | None = None,
     ready_timeout: float = READY_TIMEOUT,
     **flags: FlagValue,
@@ -400,13 +405,15 @@ def start_csc(
     """Start ``python -m csc serve`` and wait until it is listening.
 
     ``state_dir`` defaults to ``tmp_path / "csc-state"`` (shared by CSCs of one test, so a
-    restarted CSC keeps its keys); other keyword arguments become flags (see :func:`flag_args`).
+    restarted CSC keeps its keys); the admin API listens on a free port (``"off"``: none);
+    other keyword arguments become flags (see :func:`flag_args`).
     """
     state = state_dir if state_dir is not None else tmp_path / "csc-state"
     state.mkdir(parents=True, exist_ok=True)
     ready = tmp_path / f"csc-{next(_names)}.ready.json"
     argv = [sys.executable, "-m", "csc", "serve"]
     argv += flag_args({"listen": listen, "tcp_listen": tcp_listen, "state_dir": state})
+    argv += flag_args({"admin_listen": admin_listen})
     argv += flag_args({"ready_file": ready, **flags})
     proc = CscProc.spawn(
         "csc",
@@ -429,9 +436,10 @@ def issue_token(
     env: Mapping[str, str] | None = None,
     timeout: float = 30.0,
 ) -> str:
-    """Run ``python -m csc token issue`` and return the token it prints."""
+    """Run ``python -m csc token issue --assign`` (creating the tenant and assigning it the
+    aliases when needed) and return the token it prints."""
     alias_list = [aliases] if isinstance(aliases, str) else list(aliases)
-    argv = [sys.executable, "-m", "csc", "token", "issue", "--tenant", tenant]
+    argv = [sys.executable, "-m", "csc", "token", "issue", "--assign", "--tenant", tenant]
     argv += flag_args({"alias": alias_list, "ttl": ttl, "state_dir": state_dir})
     result = subprocess.run(
         argv,

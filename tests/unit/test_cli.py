@@ -14,12 +14,13 @@ import pytest
 
 from csc import cli as csc_cli
 from csc.config import CSCConfig
-from csc.tenants import TenantsFile
+from csc.store import Store
 from shared.tokens import PUBLIC_KEY_FILE, SIGNING_KEY_FILE, load_public_keys, verify_token
 from tenant_agent import cli as agent_cli
 from tenant_agent.config import AgentConfig
 
 REPO = Path(__file__).resolve().parents[2]
+PY_CSC = (sys.executable, "-m", "csc")
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +120,7 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_token_issue_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / "state"
     argv = ["token", "issue", "--tenant", "acme", "--alias", "Acme@Example.com"]
-    argv += ["--alias", "*@acme.org", "--ttl", "1h", "--state-dir", str(state)]
+    argv += ["--alias", "*@acme.org", "--ttl", "1h", "--state-dir", str(state), "--assign"]
     assert csc(*argv) == 0
     out, err = capsys.readouterr()
     token = out.strip()
@@ -129,13 +130,21 @@ def test_token_issue_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[st
     claims = verify_token(token, load_public_keys(state), audience="csc-agent", issuer="csc")
     assert claims.tenant == "acme"
     assert claims.aliases == ("acme@example.com", "*@acme.org")
-    assert TenantsFile(state).load() == {"acme@example.com": "acme", "*@acme.org": "acme"}
+    store = Store(state)
+    try:
+        assert store.catalog().assigned == {"acme@example.com": "acme", "*@acme.org": "acme"}
+        [record] = store.tokens("acme")
+        assert record.jti == claims.jti and record.aliases == claims.aliases
+        assert record.issued_by.startswith("local:")
+    finally:
+        store.close()
 
     assert csc("token", "verify", token, "--state-dir", str(state)) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["tenant"] == "acme" and shown["aliases"] == ["acme@example.com", "*@acme.org"]
 
-    # a second token reuses the key and says nothing about creating one
+    # a second token reuses the key and says nothing about creating one; b@acme.org is the
+    # tenant's through its pattern, so no --assign is needed
     assert (
         csc(
             "token", "issue", "--tenant", "acme", "--alias", "b@acme.org", "--state-dir", str(state)
@@ -145,11 +154,27 @@ def test_token_issue_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "created" not in capsys.readouterr().err
 
 
+def test_token_issue_refuses_aliases_not_assigned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["token", "issue", "--state-dir", str(tmp_path), "--tenant", "acme"]
+    assert csc(*base, "--alias", "a@example.com") == 2
+    assert "no tenant 'acme'" in capsys.readouterr().err
+    assert csc(*base, "--alias", "a@example.com", "--assign") == 0
+    capsys.readouterr()
+    assert csc(*base, "--alias", "a@example.com", "--alias", "b@example.com") == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "'b@example.com' is not assigned to tenant 'acme'" in err
+    assert "a@example.com'" not in err.split("cannot issue the token:")[1]
+
+
 def test_token_issue_uses_env_state_dir_and_audience(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = {"CSC_STATE_DIR": str(tmp_path), "CSC_TOKEN_AUDIENCE": "other"}
-    assert csc("token", "issue", "--tenant", "t1", "--alias", "a@example.com", env=env) == 0
+    argv = ["token", "issue", "--tenant", "t1", "--alias", "a@example.com", "--assign"]
+    assert csc(*argv, env=env) == 0
     token = capsys.readouterr().out.strip()
     claims = verify_token(token, load_public_keys(tmp_path), audience="other", issuer="csc")
     assert claims.tenant == "t1"
@@ -159,6 +184,7 @@ def test_token_issue_uses_env_state_dir_and_audience(
 
 def test_token_issue_alias_taken(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["token", "issue", "--state-dir", str(tmp_path), "--alias", "acme@example.com"]
+    base.append("--assign")
     assert csc(*base, "--tenant", "acme") == 0
     capsys.readouterr()
     assert csc(*base, "--tenant", "evil") == 2
@@ -191,7 +217,17 @@ def test_token_verify_failures(
     assert csc("token", "verify", "x.y.z", "--state-dir", str(tmp_path / "empty")) == 1
     assert "no public key" in capsys.readouterr().err
     assert (
-        csc("token", "issue", "--tenant", "a", "--alias", "a@x.org", "--state-dir", str(tmp_path))
+        csc(
+            "token",
+            "issue",
+            "--tenant",
+            "a",
+            "--alias",
+            "a@x.org",
+            "--assign",
+            "--state-dir",
+            str(tmp_path),
+        )
         == 0
     )
     capsys.readouterr()
@@ -202,7 +238,7 @@ def test_token_verify_failures(
 
 def test_python_dash_m_csc(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "csc", "token", "issue", "--tenant", "acme", "--alias", "a@b.org"],
+        [*PY_CSC, "token", "issue", "--assign", "--tenant", "acme", "--alias", "a@b.org"],
         cwd=REPO,
         env={"CSC_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
         capture_output=True,

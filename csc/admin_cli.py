@@ -1,0 +1,624 @@
+"""``csc admin ...``: a running node's admin API from the command line.
+
+Commands: ``tenants list|show|create|update|suspend|resume|delete``, ``aliases
+list|assign|unassign``, ``tokens list|issue|revoke``, ``sessions list|disconnect``, ``audit``,
+``drain``. Each prints an aligned table or a short sentence, or with ``--json`` the API's JSON
+as it came. ``tokens issue`` prints the token alone on stdout (its details go to stderr).
+
+Where the API is: ``--url``, else ``$CSC_ADMIN_URL``, else ``<state-dir>/admin-url`` (written by
+the running node). The operator token: ``--token-file``, else ``$CSC_ADMIN_TOKEN``, else
+``$CSC_ADMIN_TOKEN_FILE``, else ``<state-dir>/admin-token``. The state directory: ``--state-dir``,
+else ``$CSC_STATE_DIR``, else the default of ``csc serve``. ``--ca-file`` (or
+``$CSC_ADMIN_CA_FILE``) verifies an HTTPS admin API with a private CA.
+
+Exit codes: 0 success; 1 the API refused (its error code and message, and every problem of a
+400/409, are printed) or could not be reached; 2 usage error or no URL / token to be found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import ssl
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from csc.config import default_state_dir
+from csc.store import ADMIN_TOKEN_FILE
+from shared.cli_support import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail
+
+PROG = "csc admin"
+URL_FILE = "admin-url"  # csc.admin_api.URL_FILE (not imported: keeps the CLI free of aiohttp)
+API_PREFIX = "/v1/admin"
+
+
+class UsageProblem(Exception):
+    """No URL or token could be found, or the arguments make no request."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, problems: list[str]) -> None:
+        self.status, self.code, self.message, self.problems = status, code, message, problems
+        super().__init__(message)
+
+
+class Unreachable(Exception):
+    pass
+
+
+# --- the client --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdminClient:
+    url: str
+    token: str
+    context: ssl.SSLContext | None = None
+    timeout: float = 30.0
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        query: Mapping[str, str] | None = None,
+    ) -> Any:
+        """One API call; the decoded JSON answer. Raises ApiError or Unreachable."""
+        full = self.url.rstrip("/") + API_PREFIX + path
+        if query:
+            full += "?" + urllib.parse.urlencode(query)
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(full, data=data, method=method, headers=headers)
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if self.context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=self.context))
+        opener = urllib.request.build_opener(*handlers)
+        try:
+            with opener.open(request, timeout=self.timeout) as response:
+                return _decode(response.read(), self.url)
+        except urllib.error.HTTPError as err:
+            raise _api_error(err) from None
+        except urllib.error.URLError as err:
+            raise Unreachable(f"cannot reach the admin API at {self.url}: {err.reason}") from None
+        except OSError as err:
+            raise Unreachable(f"admin API at {self.url}: {err}") from None
+
+
+def _decode(raw: bytes, url: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise Unreachable(f"{url} did not answer with JSON: is it the admin API?") from None
+
+
+def _api_error(err: urllib.error.HTTPError) -> ApiError:
+    try:
+        body = json.loads(err.read())
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return ApiError(err.code, "http_error", f"HTTP {err.code} {err.reason}", [])
+    problems = body.get("problems")
+    return ApiError(
+        err.code,
+        str(body.get("error", "error")),
+        str(body.get("message", "")),
+        [str(p) for p in problems] if isinstance(problems, list) else [],
+    )
+
+
+def _segment(text: str) -> str:
+    return urllib.parse.quote(text, safe="@*+")
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageProblem(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+    if not value:
+        raise UsageProblem(f"the {what} {path} is empty")
+    return value
+
+
+def _state_dir(args: argparse.Namespace, env: Mapping[str, str]) -> Path:
+    if args.state_dir:
+        return Path(args.state_dir).expanduser()
+    if env.get("CSC_STATE_DIR", "").strip():
+        return Path(env["CSC_STATE_DIR"].strip()).expanduser()
+    return default_state_dir(env)
+
+
+def _find_url(args: argparse.Namespace, env: Mapping[str, str]) -> str:
+    if args.url:
+        return str(args.url)
+    if env.get("CSC_ADMIN_URL", "").strip():
+        return env["CSC_ADMIN_URL"].strip()
+    path = _state_dir(args, env) / URL_FILE
+    if not path.exists():
+        raise UsageProblem(
+            f"no admin API URL: pass --url, set CSC_ADMIN_URL, or run where the node's state "
+            f"directory is ({path} not found: is 'csc serve' running with the admin API on?)"
+        )
+    return _read_secret(path, "admin URL file")
+
+
+def _find_token(args: argparse.Namespace, env: Mapping[str, str]) -> str:
+    if args.token_file is not None:
+        return _read_secret(args.token_file, "token file")
+    if env.get("CSC_ADMIN_TOKEN", "").strip():
+        return env["CSC_ADMIN_TOKEN"].strip()
+    if env.get("CSC_ADMIN_TOKEN_FILE", "").strip():
+        return _read_secret(Path(env["CSC_ADMIN_TOKEN_FILE"].strip()), "token file")
+    path = _state_dir(args, env) / ADMIN_TOKEN_FILE
+    if not path.exists():
+        raise UsageProblem(
+            f"no operator token: pass --token-file, set CSC_ADMIN_TOKEN or CSC_ADMIN_TOKEN_FILE, "
+            f"or run where the node's state directory is ({path} not found)"
+        )
+    return _read_secret(path, "operator token file")
+
+
+def client_for(args: argparse.Namespace, env: Mapping[str, str]) -> AdminClient:
+    args = _with_defaults(args)
+    url = _find_url(args, env)
+    if not url.startswith(("http://", "https://")):
+        raise UsageProblem(f"admin API URL {url!r}: expected http://HOST:PORT or https://...")
+    ca_file = args.ca_file or (env.get("CSC_ADMIN_CA_FILE", "").strip() or None)
+    context = None
+    if url.startswith("https://"):
+        try:
+            context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageProblem(f"CA file {ca_file}: {exc}") from None
+    return AdminClient(url, _find_token(args, env), context, args.timeout)
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], empty: str) -> str:
+    """Left-aligned columns separated by two spaces; ``empty`` when there are no rows."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    if not cells:
+        return empty
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = [list(headers), *cells]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines
+    )
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value)) or "-"
+    return str(value)
+
+
+def human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{count} B"  # pragma: no cover - the loop always returns
+
+
+def _limits(limits: Mapping[str, Any]) -> str:
+    parts = [f"{k.removeprefix('max_')}={v}" for k, v in limits.items() if v is not None]
+    return ",".join(parts) or "unlimited"
+
+
+def _tenant_text(t: Mapping[str, Any]) -> str:
+    lines = [
+        f"tenant    {t['id']}",
+        f"name      {t['name']}",
+        f"contact   {t['contact'] or '-'}",
+        f"state     {t['state']}",
+        f"limits    {_limits(t['limits'])}",
+        f"aliases   {', '.join(t['aliases']) or '-'}",
+        f"sessions  {t['sessions']}",
+        f"created   {t['created_at']}",
+    ]
+    return "\n".join(lines)
+
+
+def _tokens_table(tokens: list[Mapping[str, Any]]) -> str:
+    rows = [
+        (t["jti"], t["tenant"], t["status"], t["expires_at"], t["aliases"], t["issued_by"])
+        for t in tokens
+    ]
+    headers = ("JTI", "TENANT", "STATUS", "EXPIRES", "ALIASES", "ISSUED BY")
+    return table(headers, rows, "(no tokens)")
+
+
+def _sessions_table(sessions: list[Mapping[str, Any]]) -> str:
+    rows = [
+        (
+            s["id"],
+            s["tenant"],
+            s["aliases"],
+            s["remote"],
+            s["since"],
+            s["streams"],
+            human_bytes(s["bytes_in"]),
+            human_bytes(s["bytes_out"]),
+            s["state"],
+        )
+        for s in sessions
+    ]
+    headers = ("SESSION", "TENANT", "ALIASES", "REMOTE", "SINCE", "STREAMS", "IN", "OUT", "STATE")
+    return table(headers, rows, "(no live sessions)")
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A command's result: the API's JSON and how it reads as text."""
+
+    data: Any
+    text: str
+
+
+Command = Callable[[AdminClient, argparse.Namespace], Shown]
+
+
+def _tenants_list(c: AdminClient, args: argparse.Namespace) -> Shown:
+    data = c.call("GET", "/tenants")
+    rows = [
+        (t["id"], t["name"], t["state"], t["aliases"], t["sessions"], t["contact"] or None)
+        for t in data["tenants"]
+    ]
+    headers = ("TENANT", "NAME", "STATE", "ALIASES", "SESSIONS", "CONTACT")
+    return Shown(data, table(headers, rows, "(no tenants)"))
+
+
+def _tenants_show(c: AdminClient, args: argparse.Namespace) -> Shown:
+    t = c.call("GET", f"/tenants/{_segment(args.tenant)}")
+    text = "\n\n".join(
+        [_tenant_text(t), _tokens_table(t["tokens"]), _sessions_table(t["live_sessions"])]
+    )
+    return Shown(t, text)
+
+
+def _tenant_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for name in ("name", "contact"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    limits = {
+        name: (None if value == UNLIMITED else value)
+        for name in ("max_sessions", "max_streams", "max_request_rate")
+        if (value := getattr(args, name)) is not None
+    }
+    if limits:
+        body["limits"] = limits
+    return body
+
+
+def _tenants_create(c: AdminClient, args: argparse.Namespace) -> Shown:
+    t = c.call("POST", "/tenants", {"id": args.tenant, **_tenant_body(args)})
+    return Shown(t, f"created tenant {t['id']}\n{_tenant_text(t)}")
+
+
+def _tenants_update(c: AdminClient, args: argparse.Namespace) -> Shown:
+    body = _tenant_body(args)
+    if not body:
+        raise UsageProblem("nothing to change: give --name, --contact or a limit")
+    t = c.call("PATCH", f"/tenants/{_segment(args.tenant)}", body)
+    return Shown(t, f"updated tenant {t['id']}\n{_tenant_text(t)}")
+
+
+def _set_state(state: str) -> Command:
+    def run(c: AdminClient, args: argparse.Namespace) -> Shown:
+        t = c.call("PATCH", f"/tenants/{_segment(args.tenant)}", {"state": state})
+        closed = t.get("sessions_closed", 0)
+        return Shown(t, f"tenant {t['id']} is {t['state']} ({closed} sessions closed)")
+
+    return run
+
+
+def _tenants_delete(c: AdminClient, args: argparse.Namespace) -> Shown:
+    query = {"cascade": "true"} if args.cascade else None
+    d = c.call("DELETE", f"/tenants/{_segment(args.tenant)}", query=query)
+    freed = ", ".join(d["aliases_freed"]) or "none"
+    text = (
+        f"deleted tenant {d['deleted']}: aliases freed: {freed}; "
+        f"{d['tokens_revoked']} tokens revoked; {d['sessions_closed']} sessions closed"
+    )
+    return Shown(d, text)
+
+
+def _aliases_list(c: AdminClient, args: argparse.Namespace) -> Shown:
+    query = {"tenant": args.tenant} if args.tenant else None
+    data = c.call("GET", "/aliases", query=query)
+    rows = [(a["alias"], a["tenant"], a["sessions"], a["assigned_at"]) for a in data["aliases"]]
+    headers = ("ALIAS", "TENANT", "SESSIONS", "ASSIGNED")
+    return Shown(data, table(headers, rows, "(no aliases)"))
+
+
+def _aliases_assign(c: AdminClient, args: argparse.Namespace) -> Shown:
+    d = c.call("POST", f"/tenants/{_segment(args.tenant)}/aliases", {"aliases": args.aliases})
+    added = ", ".join(d["assigned"]) or "nothing new"
+    return Shown(
+        d, f"tenant {d['tenant']}: assigned {added}; aliases now {', '.join(d['aliases'])}"
+    )
+
+
+def _aliases_unassign(c: AdminClient, args: argparse.Namespace) -> Shown:
+    path = f"/tenants/{_segment(args.tenant)}/aliases/{_segment(args.alias)}"
+    d = c.call("DELETE", path)
+    return Shown(d, f"tenant {d['tenant']}: unassigned {d['unassigned']}")
+
+
+def _tokens_list(c: AdminClient, args: argparse.Namespace) -> Shown:
+    data = c.call("GET", "/tokens", query={"tenant": args.tenant} if args.tenant else None)
+    return Shown(data, _tokens_table(data["tokens"]))
+
+
+def _tokens_issue(c: AdminClient, args: argparse.Namespace) -> Shown:
+    body = {"tenant": args.tenant, "aliases": args.aliases, "ttl": args.ttl}
+    d = c.call("POST", "/tokens", body)
+    aliases = ", ".join(d["aliases"])
+    print(
+        f"{PROG}: token {d['jti']} for tenant {d['tenant']!r}, aliases {aliases}, "
+        f"expires {d['expires_at']}",
+        file=sys.stderr,
+    )
+    return Shown(d, d["token"])
+
+
+def _tokens_revoke(c: AdminClient, args: argparse.Namespace) -> Shown:
+    d = c.call("POST", f"/tokens/{_segment(args.jti)}/revoke")
+    note = " (it already was)" if d["already_revoked"] else ""
+    unknown = "" if d["token"] is not None else " (not issued by this CSC's records)"
+    return Shown(
+        d, f"revoked token {d['jti']}{note}{unknown}; {d['sessions_closed']} sessions closed"
+    )
+
+
+def _sessions_list(c: AdminClient, args: argparse.Namespace) -> Shown:
+    data = c.call("GET", "/sessions", query={"tenant": args.tenant} if args.tenant else None)
+    return Shown(data, _sessions_table(data["sessions"]))
+
+
+def _sessions_disconnect(c: AdminClient, args: argparse.Namespace) -> Shown:
+    d = c.call("DELETE", f"/sessions/{_segment(args.session)}")
+    return Shown(d, f"disconnected session {d['disconnected']} of tenant {d['tenant']}")
+
+
+def _audit(c: AdminClient, args: argparse.Namespace) -> Shown:
+    data = c.call("GET", "/audit", query={"limit": str(args.limit)})
+    rows = [
+        (
+            e["id"],
+            e["at"],
+            e["operator"],
+            e["remote"],
+            e["action"],
+            e["target"],
+            json.dumps(e["details"], separators=(",", ":")),
+        )
+        for e in data["entries"]
+    ]
+    headers = ("ID", "TIME", "OPERATOR", "REMOTE", "ACTION", "TARGET", "DETAILS")
+    return Shown(data, table(headers, rows, "(no audit entries)"))
+
+
+def _drain(c: AdminClient, args: argparse.Namespace) -> Shown:
+    d = c.call("POST", "/drain")
+    already = " (already draining)" if d["already_draining"] else ""
+    text = (
+        f"node {d['node']} is draining{already}: {d['sessions']} sessions, "
+        f"{d['streams']} streams in flight"
+    )
+    return Shown(d, text)
+
+
+# --- the parser --------------------------------------------------------------------------------
+
+UNLIMITED = "unlimited"
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float | str]:
+    def parse(text: str) -> int | float | str:
+        if text.lower() in ("none", UNLIMITED):
+            return UNLIMITED
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a positive number or 'none', not {text!r}"
+            ) from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number or 'none', not {text!r}")
+        return value
+
+    return parse
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 1000, not {text!r}")
+    return int(text)
+
+
+#: The options every ``csc admin`` command takes, after ``admin`` or after the command.
+COMMON_DEFAULTS: dict[str, Any] = {
+    "url": None,
+    "token_file": None,
+    "state_dir": None,
+    "ca_file": None,
+    "timeout": 30.0,
+    "json": False,
+}
+
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS: an option given after ``admin`` is not reset by the command's parser
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    group = common.add_argument_group("admin API")
+    group.add_argument("--url", help="admin API URL (or $CSC_ADMIN_URL, or <state-dir>/admin-url)")
+    group.add_argument("--token-file", type=Path, metavar="PATH", help="operator token file")
+    group.add_argument("--state-dir", metavar="DIR", help="the node's state directory")
+    group.add_argument("--ca-file", type=Path, metavar="FILE", help="CA bundle for https")
+    group.add_argument("--timeout", type=float, help="seconds per request (default 30)")
+    group.add_argument("--json", action="store_true", help="print the API's JSON")
+    return common
+
+
+def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    for name, value in COMMON_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
+def _tenant_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help="display name")
+    parser.add_argument("--contact", help="support contact shown to users when the portal is down")
+    parser.add_argument("--max-sessions", type=_positive(int), metavar="N|none")
+    parser.add_argument("--max-streams", type=_positive(int), metavar="N|none")
+    parser.add_argument(
+        "--max-request-rate", type=_positive(float), metavar="R|none", help="requests/s"
+    )
+
+
+Setup = Callable[[argparse.ArgumentParser], None]
+
+
+def _positional(*names: str) -> Setup:
+    def setup(parser: argparse.ArgumentParser) -> None:
+        for name in names:
+            parser.add_argument(name)
+
+    return setup
+
+
+def _tenant_filter(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", help="only this tenant's")
+
+
+def _create_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tenant", help="tenant id, e.g. acme")
+    _tenant_options(parser)
+
+
+def _update_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tenant")
+    _tenant_options(parser)
+
+
+def _delete_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tenant")
+    parser.add_argument("--cascade", action="store_true", help="also unassign its aliases")
+
+
+def _assign_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tenant")
+    parser.add_argument("aliases", nargs="+", metavar="ALIAS")
+
+
+def _issue_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tenant")
+    parser.add_argument("--alias", action="append", required=True, dest="aliases", metavar="ALIAS")
+    parser.add_argument("--ttl", default="30d", help="lifetime, e.g. 12h, 30d (default 30d)")
+
+
+def _audit_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=_count, default=50, metavar="N", help="1..1000")
+
+
+GROUPS = {
+    "tenants": "tenants: list, show, create, update, suspend, resume, delete",
+    "aliases": "alias assignments: list, assign, unassign",
+    "tokens": "agent tokens: list, issue, revoke",
+    "sessions": "live agent sessions: list, disconnect",
+}
+#: (group or None, command, what it runs, help, its arguments)
+COMMANDS: tuple[tuple[str | None, str, Command, str, Setup], ...] = (
+    ("tenants", "list", _tenants_list, "list the tenants", _positional()),
+    ("tenants", "show", _tenants_show, "a tenant, its tokens and sessions", _positional("tenant")),
+    ("tenants", "create", _tenants_create, "create a tenant", _create_args),
+    ("tenants", "update", _tenants_update, "change name, contact or limits", _update_args),
+    (
+        "tenants",
+        "suspend",
+        _set_state("suspended"),
+        "suspend (sessions close)",
+        _positional("tenant"),
+    ),
+    ("tenants", "resume", _set_state("active"), "make it active again", _positional("tenant")),
+    ("tenants", "delete", _tenants_delete, "delete (revokes its tokens)", _delete_args),
+    ("aliases", "list", _aliases_list, "list assignments", _tenant_filter),
+    ("aliases", "assign", _aliases_assign, "assign aliases or *@domain patterns", _assign_args),
+    ("aliases", "unassign", _aliases_unassign, "take one back", _positional("tenant", "alias")),
+    ("tokens", "list", _tokens_list, "list issued tokens", _tenant_filter),
+    ("tokens", "issue", _tokens_issue, "issue a token (alone on stdout)", _issue_args),
+    ("tokens", "revoke", _tokens_revoke, "revoke a token by its jti", _positional("jti")),
+    ("sessions", "list", _sessions_list, "list live sessions", _tenant_filter),
+    ("sessions", "disconnect", _sessions_disconnect, "close one", _positional("session")),
+    (None, "audit", _audit, "the audit log, newest first", _audit_args),
+    (None, "drain", _drain, "drain the node and stop it", _positional()),
+)
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``admin`` and its commands to the ``csc`` parser."""
+    common = _common()
+    admin = commands.add_parser("admin", help="drive a running node's admin API", parents=[common])
+    admin.set_defaults(handler=_usage_of(admin))
+    groups = admin.add_subparsers(dest="group", metavar="GROUP")
+    actions: dict[str | None, argparse._SubParsersAction[argparse.ArgumentParser]] = {None: groups}
+    for name, help in GROUPS.items():
+        parser = groups.add_parser(name, help=help)
+        parser.set_defaults(handler=_usage_of(parser))
+        actions[name] = parser.add_subparsers(dest="action", metavar="ACTION")
+    for group, name, run, help, setup in COMMANDS:
+        parser = actions[group].add_parser(name, help=help, parents=[common])
+        setup(parser)
+        parser.set_defaults(handler=_handler(run))
+
+
+def _usage_of(
+    parser: argparse.ArgumentParser,
+) -> Callable[[argparse.Namespace, Mapping[str, str]], int]:
+    def usage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+
+    return usage
+
+
+def _handler(run: Command) -> Callable[[argparse.Namespace, Mapping[str, str]], int]:
+    def handle(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+        _with_defaults(args)
+        try:
+            shown = run(client_for(args, env), args)
+        except UsageProblem as exc:
+            return fail(PROG, str(exc), EXIT_USAGE)
+        except Unreachable as exc:
+            return fail(PROG, str(exc))
+        except ApiError as err:
+            print(f"{PROG}: {err.message} ({err.code}, HTTP {err.status})", file=sys.stderr)
+            if err.problems != [err.message]:
+                for problem in err.problems:
+                    print(f"  {problem}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(json.dumps(shown.data, indent=2) if args.json else shown.text)
+        return EXIT_OK
+
+    return handle

@@ -1,0 +1,386 @@
+"""Prometheus metrics of a CSC node (names ``csc_*``; docs/metrics.md describes every one).
+
+:class:`CSCMetrics` holds the node's metric objects on its own ``CollectorRegistry`` (injected,
+so tests and several nodes in one process never share state). The gateway and the ingresses
+call one method per event (a session opened, a request done, ...). Totals that grow per chunk
+(bytes relayed, flow-control stalls) are plain integers in a :class:`shared.link.LinkCounters`
+per tenant that every link of that tenant adds to; they and the gauges derived from live state
+(sessions per tenant) are read by a custom collector at scrape time, so the hot path never
+touches a labelled metric. :func:`add_metrics_route` serves the registry on any aiohttp app.
+
+Invariants: every label value comes from a bounded set: tenant ids (created by the operator),
+``kind`` (``http``/``tcp``), ``direction`` (``in``/``out``), ``outcome``/``reason`` (``ok`` or a
+code of :data:`shared.errors.ERRORS`, or a fixed reason of this module) and ``limit`` (a fixed
+set). An alias, a path, an address or a request id is never a label value; an unexpected code
+is exported as ``internal``. Counters only grow, except that :meth:`CSCMetrics.forget_tenant`
+removes a deleted tenant's series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Protocol, TypeVar
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
+
+from csc import __version__
+from shared.errors import ERRORS, AgentLost, CSCError, GoingAway
+from shared.link import LinkCounters
+
+OK = "ok"
+KINDS = ("http", "tcp")
+#: Outcomes of ``GET /v1/resolve/{alias}`` (their series exist from the start, at 0).
+RESOLVE_OUTCOMES = (OK, "bad_alias", "unknown_alias", "portal_offline")
+#: Limits a request or a session can be refused for.
+LIMITS = frozenset(
+    {"body_size", "header_size", "streams_per_session", "streams_per_tenant", "client_rate"}
+)
+#: Error codes that mean a limit refused the request, and which limit.
+LIMIT_OF_CODE = {
+    "payload_too_large": "body_size",
+    "headers_too_large": "header_size",
+    "too_many_streams": "streams_per_session",
+}
+#: Bounds of the tunnel request duration histogram, in seconds (the request's whole life,
+#: body transfer included).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+#: How shared/tokens.py (and the gateway) word an ``auth_failed``: message prefix -> reason.
+_AUTH_PREFIXES = (
+    ("missing 'Authorization", "missing_token"),
+    ("tokens are accepted only in the Authorization", "token_in_query"),
+    ("malformed token", "malformed"),
+    ("algorithm ", "algorithm"),
+    ("no key for algorithm", "algorithm"),
+    ("bad signature", "bad_signature"),
+    ("token expired", "expired"),
+    ("token not yet valid", "not_yet_valid"),
+    ("wrong audience", "audience"),
+    ("invalid claim 'aud'", "audience"),
+    ("wrong issuer", "issuer"),
+    ("missing claim", "claims"),
+    ("invalid claim", "claims"),
+    ("invalid tenant id", "claims"),
+    ("invalid alias in claims", "claims"),
+    ("claim ", "claims"),
+    ("tenant ", "unknown_tenant"),
+)
+#: Every value the ``reason`` label of ``csc_auth_failures_total`` can take.
+AUTH_REASONS = frozenset({reason for _, reason in _AUTH_PREFIXES} | {"revoked", "other"})
+
+
+def auth_reason(message: str) -> str:
+    """The bounded reason label of an ``auth_failed`` refusal, from its message."""
+    if "revoked" in message:
+        return "revoked"
+    for prefix, reason in _AUTH_PREFIXES:
+        if message.startswith(prefix):
+            return reason
+    return "other"
+
+
+def known_code(code: str) -> str:
+    """``code`` when it is ``ok`` or a code of shared/errors.py, else ``internal``."""
+    return code if code == OK or code in ERRORS else "internal"
+
+
+def outcome_of(error: CSCError | None) -> str:
+    """The outcome label of a stream that ended with ``error`` (None: it succeeded)."""
+    return OK if error is None else known_code(error.code)
+
+
+def session_close_reason(error: CSCError | None, close_code: int | None) -> str:
+    """Why an agent session ended: the link's error, except that a link that merely lost its
+    WebSocket to a normal close (1000/1001: the agent stopped or drained) is ``going_away``."""
+    if error is None or error.code == AgentLost.code:
+        return GoingAway.code if close_code in (1000, 1001) else AgentLost.code
+    return known_code(error.code)
+
+
+class _Session(Protocol):
+    @property
+    def tenant(self) -> str: ...
+
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+def _child(cache: dict[tuple[str, ...], M], metric: M, key: tuple[str, ...]) -> M:
+    """The labelled child of ``metric`` for ``key``, looked up in ``cache`` first."""
+    child = cache.get(key)
+    if child is None:
+        child = cache[key] = metric.labels(*key)
+    return child
+
+
+def add_process_collectors(registry: CollectorRegistry) -> None:
+    """prometheus-client's ``process_*`` and ``python_*`` collectors, on ``registry``."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+
+
+class CSCMetrics:
+    """The metrics of one CSC node; see docs/metrics.md."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        self._links: dict[str, LinkCounters] = {}
+        self._sessions: Callable[[], Iterable[_Session]] = tuple
+        self._session_metrics(reg)
+        self._request_metrics(reg)
+        reg.register(_LiveCollector(self))
+        if process_metrics:
+            add_process_collectors(reg)
+        self._active = {kind: self.streams_active.labels(kind) for kind in KINDS}
+        self._resolved = {o: self.resolves.labels(o) for o in RESOLVE_OUTCOMES}
+        self._durations = {OK: self.request_duration.labels(OK)}
+        self._requests: dict[tuple[str, ...], Counter] = {}
+        self._opened: dict[tuple[str, ...], Counter] = {}
+        self._closed: dict[tuple[str, ...], Counter] = {}
+        self._limits: dict[tuple[str, ...], Counter] = {}
+        self._sessions_opened: dict[tuple[str, ...], Counter] = {}
+
+    def _session_metrics(self, reg: CollectorRegistry) -> None:
+        info = Gauge(
+            "csc_build_info", "Version of the running CSC (always 1).", ["version"], registry=reg
+        )
+        info.labels(__version__).set(1)
+        self.sessions_opened = Counter(
+            "csc_sessions_opened", "Agent sessions established.", ["tenant"], registry=reg
+        )
+        self.sessions_closed = Counter(
+            "csc_sessions_closed",
+            "Agent sessions ended, by the error code that ended them.",
+            ["tenant", "reason"],
+            registry=reg,
+        )
+        self.sessions_refused = Counter(
+            "csc_sessions_refused",
+            "Agent connections refused (token, alias grants, draining), by error code.",
+            ["reason"],
+            registry=reg,
+        )
+        self.auth_failures = Counter(
+            "csc_auth_failures",
+            "Agent tokens refused at /v1/agent/connect, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+
+    def _request_metrics(self, reg: CollectorRegistry) -> None:
+        self.streams_active = Gauge(
+            "csc_streams_active", "Streams in flight on this node.", ["kind"], registry=reg
+        )
+        self.streams_opened = Counter(
+            "csc_streams_opened", "Streams opened to agents.", ["tenant", "kind"], registry=reg
+        )
+        self.requests = Counter(
+            "csc_requests",
+            "Bootloader requests (HTTP tunnel requests, TCP connections) by outcome.",
+            ["tenant", "kind", "outcome"],
+            registry=reg,
+        )
+        self.request_duration = Histogram(
+            "csc_tunnel_request_duration_seconds",
+            "Duration of HTTP tunnel requests, arrival to last response byte, by outcome.",
+            ["outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=reg,
+        )
+        self.resolves = Counter(
+            "csc_resolve", "GET /v1/resolve/{alias} answers by outcome.", ["outcome"], registry=reg
+        )
+        self.limit_rejections = Counter(
+            "csc_limit_rejections",
+            "Requests or sessions refused by a configured limit.",
+            ["tenant", "limit"],
+            registry=reg,
+        )
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def track_sessions(self, source: Callable[[], Iterable[_Session]]) -> None:
+        """Where the live agent sessions are found at scrape time."""
+        self._sessions = source
+
+    def link_counters(self, tenant: str) -> LinkCounters:
+        """The totals every link of ``tenant`` adds to (bytes and stalls)."""
+        counters = self._links.get(tenant)
+        if counters is None:
+            counters = self._links[tenant] = LinkCounters()
+        return counters
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+    # -- agent sessions ----------------------------------------------------------------------
+
+    def session_opened(self, tenant: str) -> None:
+        _child(self._sessions_opened, self.sessions_opened, (tenant,)).inc()
+
+    def session_closed(self, tenant: str, error: CSCError | None, close_code: int | None) -> None:
+        """A session ended with the link's ``error`` and the WebSocket's ``close_code``."""
+        reason = session_close_reason(error, close_code)
+        _child(self._closed, self.sessions_closed, (tenant, reason)).inc()
+
+    def session_refused(self, code: str) -> None:
+        self.sessions_refused.labels(known_code(code)).inc()
+
+    def auth_failed(self, err: CSCError) -> None:
+        """A token was refused: counted by reason, and as a refused session."""
+        self.auth_failures.labels(auth_reason(err.message)).inc()
+        self.session_refused(err.code)
+
+    def auth_failures_total(self) -> int:
+        """Refused tokens so far, all reasons together."""
+        return int(
+            sum(
+                sample.value
+                for family in self.auth_failures.collect()
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            )
+        )
+
+    # -- bootloader requests -----------------------------------------------------------------
+
+    def resolved(self, outcome: str) -> None:
+        outcome = known_code(outcome)
+        child = self._resolved.get(outcome)
+        if child is None:
+            child = self._resolved[outcome] = self.resolves.labels(outcome)
+        child.inc()
+
+    def stream_started(self, tenant: str | None, kind: str) -> None:
+        """A stream was opened to the tenant's agent (pair with :meth:`stream_finished`)."""
+        self._active[kind].inc()
+        _child(self._opened, self.streams_opened, (tenant or "", kind)).inc()
+
+    def stream_finished(self, kind: str) -> None:
+        self._active[kind].dec()
+
+    def request_done(self, kind: str, tenant: str | None, outcome: str, seconds: float) -> None:
+        """A bootloader request ended: ``outcome`` is ``ok`` or the error code it ended with;
+        ``tenant`` is None when the alias named no tenant."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown stream kind {kind!r}")
+        outcome = known_code(outcome)
+        tenant = tenant or ""
+        _child(self._requests, self.requests, (tenant, kind, outcome)).inc()
+        if kind == "http":
+            duration = self._durations.get(outcome)
+            if duration is None:
+                duration = self._durations[outcome] = self.request_duration.labels(outcome)
+            duration.observe(seconds)
+        limit = LIMIT_OF_CODE.get(outcome)
+        if limit is not None:
+            self.limit_rejected(tenant, limit)
+
+    def limit_rejected(self, tenant: str | None, limit: str) -> None:
+        """A configured limit refused something of ``tenant`` (None: not known yet)."""
+        if limit not in LIMITS:
+            raise ValueError(f"unknown limit {limit!r}; expected one of {sorted(LIMITS)}")
+        _child(self._limits, self.limit_rejections, (tenant or "", limit)).inc()
+
+    # -- tenants -------------------------------------------------------------------------------
+
+    def tenants(self) -> list[str]:
+        """Tenants with series (link totals) on this node."""
+        return sorted(self._links)
+
+    def forget_tenant(self, tenant: str) -> None:
+        """Remove every series labelled with ``tenant`` (call when the tenant is deleted)."""
+        self._links.pop(tenant, None)
+        for cache, metric in (
+            (self._sessions_opened, self.sessions_opened),
+            (self._closed, self.sessions_closed),
+            (self._opened, self.streams_opened),
+            (self._requests, self.requests),
+            (self._limits, self.limit_rejections),
+        ):
+            for key in [k for k in cache if k[0] == tenant]:
+                metric.remove(*key)
+                del cache[key]
+
+
+class _LiveCollector:
+    """Series read from live state at scrape time: sessions per tenant, link totals."""
+
+    def __init__(self, metrics: CSCMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}, {}))
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        per_tenant = dict.fromkeys(m._links, 0)
+        for session in m._sessions():
+            per_tenant[session.tenant] = per_tenant.get(session.tenant, 0) + 1
+        return self._families(per_tenant, m._links)
+
+    @staticmethod
+    def _families(per_tenant: dict[str, int], links: dict[str, LinkCounters]) -> Iterator[Metric]:
+        sessions = GaugeMetricFamily(
+            "csc_agent_sessions", "Live agent sessions on this node.", labels=["tenant"]
+        )
+        for tenant, count in sorted(per_tenant.items()):
+            sessions.add_metric([tenant], count)
+        yield sessions
+        yield GaugeMetricFamily(
+            "csc_agents_connected",
+            "Tenants with at least one live agent session on this node.",
+            value=sum(1 for count in per_tenant.values() if count),
+        )
+        relayed = CounterMetricFamily(
+            "csc_bytes",
+            "Stream payload bytes relayed: in = bootloader to agent, out = agent to bootloader.",
+            labels=["tenant", "direction"],
+        )
+        stalls = CounterMetricFamily(
+            "csc_flow_control_stalls",
+            "Writes toward an agent that waited for flow-control credit.",
+            labels=["tenant"],
+        )
+        for tenant, counters in sorted(links.items()):
+            relayed.add_metric([tenant, "in"], counters.data_sent)
+            relayed.add_metric([tenant, "out"], counters.data_received)
+            stalls.add_metric([tenant], counters.stalls)
+        yield relayed
+        yield stalls
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def metrics_handler(metrics: CSCMetrics) -> Handler:
+    """An aiohttp handler answering with the registry in the Prometheus text format."""
+
+    async def serve_metrics(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return serve_metrics
+
+
+def add_metrics_route(app: web.Application, metrics: CSCMetrics, path: str = "/metrics") -> None:
+    """Serve ``metrics`` at ``GET path`` of ``app`` (the main listener, an admin listener)."""
+    app.router.add_get(path, metrics_handler(metrics))

@@ -1,0 +1,487 @@
+"""The ``csc-portal`` commands: one handler per command, on an opened :class:`Context`.
+
+:func:`run` opens the state directory (database created and migrated, signing key created on
+first use), calls the handler and turns every expected failure into a message on stderr and an
+exit code: :class:`portal.store.Invalid` (bad input) exits 2; any other
+:class:`portal.store.StoreError` (unknown name, duplicate, still in use), a database, key or
+I/O error exits 1. Lists print aligned columns, or JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, TextIO
+
+from portal import catalog, store
+from portal.blobs import BlobStore, collect_files
+from portal.config import PortalConfig
+from portal.db import Database, DatabaseError
+from portal.getsite import BootloaderUnavailable, build_bootloader_pyz, write_site
+from portal.keys import PortalKey, PortalKeyError, load_or_create_key
+from portal.passwords import Passwords, check_password
+from portal.sms import length_warning, sms_length, sms_text
+from shared.cli_support import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from shared.errors import BadAlias
+
+
+@dataclass
+class Context:
+    prog: str
+    config: PortalConfig
+    db: Database
+    key: PortalKey
+    stdin: TextIO
+    stdout: TextIO
+    stderr: TextIO
+
+    @contextmanager
+    def conn(self) -> Iterator[sqlite3.Connection]:
+        with self.db.connect() as conn:
+            yield conn
+
+    def say(self, message: str) -> None:
+        """A message for the operator (stderr)."""
+        print(f"{self.prog}: {message}", file=self.stderr)
+
+    def out(self, text: str) -> None:
+        print(text, file=self.stdout)
+
+
+def run(prog: str, config: PortalConfig, args: argparse.Namespace) -> int:
+    """Open the state directory and run ``args.handler``; see the module doc for exit codes."""
+    try:
+        db = Database(config.state_dir)
+        for step in db.open():
+            print(f"{prog}: database {db.path}: {step}", file=sys.stderr)
+        key, created = load_or_create_key(config.state_dir)
+        if created:
+            print(f"{prog}: created the portal key in {config.state_dir}", file=sys.stderr)
+        ctx = Context(prog, config, db, key, sys.stdin, sys.stdout, sys.stderr)
+        code: int = args.handler(ctx, args)
+        return code
+    except store.Invalid as exc:
+        return _fail(prog, str(exc), EXIT_USAGE)
+    except (store.StoreError, DatabaseError, PortalKeyError, BootloaderUnavailable) as exc:
+        return _fail(prog, str(exc), EXIT_FAILURE)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(prog, f"{where}{exc.strerror or exc}", EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _fail(prog: str, message: str, code: int) -> int:
+    print(f"{prog}: {message}", file=sys.stderr)
+    return code
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(stamp))
+
+
+def table(ctx: Context, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    if not rows:
+        ctx.say("(none)")
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    for line in [headers, *rows]:
+        ctx.out("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def as_json(ctx: Context, data: Any) -> None:
+    ctx.out(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+# --- users ---------------------------------------------------------------------------------
+
+
+def read_password(ctx: Context, args: argparse.Namespace) -> str:
+    """The new password from ``--password``, ``--password-stdin``, ``--password-file`` or a
+    terminal prompt (twice); :class:`store.Invalid` when there is none or it is unacceptable."""
+    if args.password is not None:
+        password = args.password
+    elif args.password_stdin:
+        password = ctx.stdin.readline().rstrip("\r\n")
+    elif args.password_file is not None:
+        with open(args.password_file, encoding="utf-8") as fh:
+            password = fh.readline().rstrip("\r\n")
+    elif ctx.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat the password: ") != password:
+            raise store.Invalid("the two passwords differ")
+    else:
+        raise store.Invalid(
+            "no password: use --password-stdin or --password-file (or run in a terminal)"
+        )
+    try:
+        return check_password(password)
+    except ValueError as exc:
+        raise store.Invalid(str(exc)) from None
+
+
+def _hash(ctx: Context, password: str) -> str:
+    return Passwords(ctx.config.password_hash_cost).hash(password)
+
+
+def user_add(ctx: Context, args: argparse.Namespace) -> int:
+    name = store.check_user_name(args.name)
+    with ctx.conn() as conn:  # fail early (before the prompt) on a duplicate
+        if store.credentials(conn, name) is not None:
+            raise store.AlreadyExists(f"a user named {name!r} already exists")
+    password_hash = _hash(ctx, read_password(ctx, args))
+    with ctx.conn() as conn:
+        store.add_user(conn, name, password_hash, args.groups)
+    ctx.say(f"user {name!r} created")
+    return EXIT_OK
+
+
+def user_passwd(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        store.user_id(conn, args.name)
+    password_hash = _hash(ctx, read_password(ctx, args))
+    with ctx.conn() as conn:
+        store.set_password_hash(conn, args.name, password_hash)
+    ctx.say(f"password of {store.check_user_name(args.name)!r} changed")
+    return EXIT_OK
+
+
+def user_remove(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        store.remove_user(conn, args.name)
+    ctx.say(f"user {store.check_user_name(args.name)!r} removed")
+    return EXIT_OK
+
+
+def user_list(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        users = store.list_users(conn)
+    if args.json:
+        as_json(ctx, [asdict(u) for u in users])
+        return EXIT_OK
+    rows = [[u.name, ",".join(u.groups) or "-", str(u.devices), when(u.created_at)] for u in users]
+    table(ctx, ["USER", "GROUPS", "DEVICES", "CREATED"], rows)
+    return EXIT_OK
+
+
+# --- groups --------------------------------------------------------------------------------
+
+
+def group_add(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        name = store.add_group(conn, args.name)
+    ctx.say(f"group {name!r} created")
+    return EXIT_OK
+
+
+def group_remove(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        store.remove_group(conn, args.name)
+    ctx.say(f"group {store.check_name(args.name, 'group')!r} removed")
+    return EXIT_OK
+
+
+def group_list(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        groups = store.list_groups(conn)
+    if args.json:
+        as_json(ctx, [asdict(g) for g in groups])
+        return EXIT_OK
+    table(ctx, ["GROUP", "MEMBERS"], [[g.name, ",".join(g.members) or "-"] for g in groups])
+    return EXIT_OK
+
+
+def group_add_member(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        added = store.add_members(conn, args.group, args.users)
+    ctx.say(
+        f"added to {store.check_name(args.group, 'group')!r}: {', '.join(added) or 'nobody new'}"
+    )
+    return EXIT_OK
+
+
+def group_remove_member(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        store.remove_members(conn, args.group, args.users)
+    ctx.say(f"removed from {store.check_name(args.group, 'group')!r}: {', '.join(args.users)}")
+    return EXIT_OK
+
+
+# --- device types --------------------------------------------------------------------------
+
+
+def device_type_add(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        name = store.add_device_type(conn, args.name, args.description)
+    ctx.say(f"device type {name!r} created")
+    return EXIT_OK
+
+
+def device_type_remove(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        store.remove_device_type(conn, args.name)
+    ctx.say(f"device type {store.check_name(args.name, 'device type')!r} removed")
+    return EXIT_OK
+
+
+def device_type_list(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        types = store.list_device_types(conn)
+    if args.json:
+        as_json(ctx, [asdict(t) for t in types])
+        return EXIT_OK
+    table(ctx, ["DEVICE TYPE", "DESCRIPTION"], [[t.name, t.description] for t in types])
+    return EXIT_OK
+
+
+# --- apps ----------------------------------------------------------------------------------
+
+
+def _split_version(spec: str) -> tuple[str, str | None]:
+    name, at, version = spec.partition("@")
+    if at and not version:
+        raise store.Invalid(f"{spec!r}: a version must follow '@' (NAME@VERSION)")
+    return name, version if at else None
+
+
+def app_add(ctx: Context, args: argparse.Namespace) -> int:
+    name = store.check_name(args.name, "app")
+    version = catalog.check_version(args.app_version)
+    with ctx.conn() as conn:
+        store.device_type_id(conn, args.device_type)
+    files = collect_files(name, args.paths)
+    blobs = BlobStore(ctx.config.state_dir / "blobs")
+    entries = []
+    for source in files:
+        sha256, size = blobs.put_file(source.source)
+        entries.append(catalog.FileEntry(source.package_path, sha256, size, source.mode))
+    with ctx.conn() as conn:
+        catalog.add_app_version(conn, name, version, args.device_type, entries)
+    total = sum(e.size for e in entries)
+    ctx.say(
+        f"app {name} {version} for {store.check_name(args.device_type, 'device type')}: "
+        f"{len(entries)} files, {total} bytes"
+    )
+    return EXIT_OK
+
+
+def app_list(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        versions = catalog.list_app_versions(conn)
+    if args.json:
+        as_json(ctx, [asdict(v) for v in versions])
+        return EXIT_OK
+    rows = [
+        [v.name, v.version, v.device_type, str(v.files), str(v.size), when(v.created_at)]
+        for v in versions
+    ]
+    table(ctx, ["APP", "VERSION", "DEVICE TYPE", "FILES", "BYTES", "ADDED"], rows)
+    return EXIT_OK
+
+
+def app_remove(ctx: Context, args: argparse.Namespace) -> int:
+    name, version = _split_version(args.name)
+    with ctx.conn() as conn:
+        count = catalog.remove_app(conn, name, version, args.device_type)
+    ctx.say(f"removed {count} version(s) of {store.check_name(name, 'app')!r}")
+    return EXIT_OK
+
+
+# --- policies ------------------------------------------------------------------------------
+
+
+def _settings(items: Sequence[str]) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise store.Invalid(f"{item!r} is not KEY=VALUE")
+        settings[key.strip()] = value
+    return settings
+
+
+def policy_set(ctx: Context, args: argparse.Namespace) -> int:
+    settings = _settings(args.settings)
+    with ctx.conn() as conn:
+        created = catalog.set_policy(conn, args.name, settings)
+    what = "created" if created else "updated"
+    ctx.say(f"policy {store.check_name(args.name, 'policy')!r} {what}: {', '.join(settings)}")
+    return EXIT_OK
+
+
+def policy_unset(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        catalog.unset_policy_keys(conn, args.name, args.keys)
+    ctx.say(f"policy {store.check_name(args.name, 'policy')!r}: removed {', '.join(args.keys)}")
+    return EXIT_OK
+
+
+def policy_remove(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        catalog.remove_policy(conn, args.name)
+    ctx.say(f"policy {store.check_name(args.name, 'policy')!r} removed")
+    return EXIT_OK
+
+
+def policy_list(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        policies = catalog.list_policies(conn)
+    if args.json:
+        as_json(ctx, [asdict(p) for p in policies])
+        return EXIT_OK
+    rows = [[p.name, k, v] for p in policies for k, v in p.settings.items()]
+    rows += [[p.name, "-", ""] for p in policies if not p.settings]
+    table(ctx, ["POLICY", "KEY", "VALUE"], sorted(rows))
+    return EXIT_OK
+
+
+# --- deployments and devices ---------------------------------------------------------------
+
+
+def _target(args: argparse.Namespace) -> tuple[store.TargetKind, str]:
+    return ("user", args.user) if args.user is not None else ("group", args.group)
+
+
+def deploy(ctx: Context, args: argparse.Namespace) -> int:
+    name, version = _split_version(args.name) if args.kind == "app" else (args.name, None)
+    kind, target = _target(args)
+    with ctx.conn() as conn:
+        outcome = catalog.deploy(conn, args.kind, name, kind, target, version)
+    pinned = f" (pinned to {version})" if version else ""
+    ctx.say(f"{args.kind} {name}{pinned} deployed to {kind} {target}: {outcome}")
+    return EXIT_OK
+
+
+def undeploy(ctx: Context, args: argparse.Namespace) -> int:
+    kind, target = _target(args)
+    with ctx.conn() as conn:
+        catalog.undeploy(conn, args.kind, args.name, kind, target)
+    ctx.say(f"{args.kind} {args.name} no longer deployed to {kind} {target}")
+    return EXIT_OK
+
+
+def deployments(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        rows = catalog.list_deployments(conn)
+    if args.json:
+        as_json(ctx, [asdict(d) for d in rows])
+        return EXIT_OK
+    table(
+        ctx,
+        ["KIND", "NAME", "VERSION", "TO"],
+        [[d.kind, d.name, d.version or "-", f"{d.target_kind} {d.target}"] for d in rows],
+    )
+    return EXIT_OK
+
+
+def devices(ctx: Context, args: argparse.Namespace) -> int:
+    with ctx.conn() as conn:
+        rows = store.list_devices(conn)
+    if args.json:
+        as_json(ctx, [asdict(d) for d in rows])
+        return EXIT_OK
+    table(
+        ctx,
+        ["DEVICE", "USER", "DEVICE TYPE", "LAST LOGON", "FROM", "PACKAGE"],
+        [
+            [
+                d.device_id,
+                d.user,
+                d.device_type,
+                when(d.last_logon),
+                d.last_address,
+                d.last_package[:16],
+            ]
+            for d in rows
+        ],
+    )
+    return EXIT_OK
+
+
+# --- key, SMS, get site, serve -------------------------------------------------------------
+
+
+def key_show(ctx: Context, args: argparse.Namespace) -> int:
+    if args.json:
+        as_json(ctx, {"key": ctx.key.public_b64, "fingerprint": ctx.key.fingerprint})
+    else:
+        ctx.out(f"public key:  {ctx.key.public_b64}")
+        ctx.out(f"fingerprint: {ctx.key.fingerprint}")
+    return EXIT_OK
+
+
+def _sms_destination(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    if args.alias is not None and (args.host is not None or args.port is not None):
+        raise store.Invalid("give --alias or --host/--port, not both")
+    if (args.host is None) != (args.port is None):
+        raise store.Invalid("--host and --port go together")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise store.Invalid(f"--port {args.port}: not a port number (1..65535)")
+    if args.alias is not None:
+        return {"alias": args.alias}
+    if args.host is not None:
+        return {"host": args.host, "port": args.port}
+    config = ctx.config
+    if config.sms_alias is not None:
+        return {"alias": config.sms_alias}
+    if config.sms_host is not None:
+        return {"host": config.sms_host, "port": config.sms_port}
+    raise store.Invalid(
+        "the SMS needs an alias or a proxy: give --alias or --host/--port, "
+        "or set sms_alias or sms_host/sms_port"
+    )
+
+
+def sms(ctx: Context, args: argparse.Namespace) -> int:
+    destination = _sms_destination(ctx, args)
+    if ctx.config.get_url is None:
+        raise store.Invalid("the SMS needs the get site's URL: give --get-url or set get_url")
+    user = None
+    if args.user is not None:
+        with ctx.conn() as conn:
+            store.user_id(conn, args.user)
+        user = store.check_user_name(args.user)
+    try:
+        text = sms_text(ctx.config.get_url, ctx.key.fingerprint, user=user, **destination)
+    except BadAlias as exc:
+        raise store.Invalid(f"--alias: {exc.message}") from None
+    ctx.out(text)
+    warning = length_warning(sms_length(text))
+    if warning is not None:
+        ctx.say(f"warning: {warning}")
+    return EXIT_OK
+
+
+def get_site(ctx: Context, args: argparse.Namespace) -> int:
+    pyz = build_bootloader_pyz(args.bootloader_source)
+    with ctx.conn() as conn:
+        types = store.list_device_types(conn)
+    written = write_site(args.out, ctx.config.name, ctx.key.fingerprint, types, pyz)
+    ctx.say(f"wrote {len(written)} files to {args.out}")
+    return EXIT_OK
+
+
+def serve(ctx: Context, args: argparse.Namespace) -> int:
+    from portal import server  # lazy: the admin commands stay free of aiohttp
+    from portal.state import build_state
+    from shared.logsetup import configure_logging
+
+    configure_logging(ctx.config.log_level, ctx.prog, fmt=ctx.config.log_format)
+    state, _ = build_state(ctx.config)
+    try:
+        return server.serve(
+            ctx.config, state, ready_file=args.ready_file, bootloader_dir=args.bootloader_source
+        )
+    except OSError as exc:
+        ctx.say(f"cannot listen on {ctx.config.listen}: {exc.strerror or exc}")
+        return EXIT_FAILURE

@@ -1,0 +1,158 @@
+"""The provisioning portal's configuration: :class:`PortalConfig` and how it is loaded.
+
+Defaults live in the dataclass; :func:`load_portal_config` overlays a TOML file, ``CSC_PORTAL_*``
+environment variables and command-line overrides (see :mod:`shared.config`).
+
+Invariants of a loaded config: ``listen`` parses as host:port; ``get_url`` (when set) is an
+http/https URL; ``sms_alias`` is a normalised alias; ``sms_host`` and ``sms_port`` are set together
+and never together with ``sms_alias``; every ``trusted_proxies`` entry is an IP network;
+``throttle_lockout <= throttle_max_lockout``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.aliases import normalise_alias
+from shared.config import duration_field, load_config, meta, parse_hostport
+from shared.logsetup import FORMATS as LOG_FORMATS
+
+ENV_PREFIX = "CSC_PORTAL_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Password hashing profiles (see :mod:`portal.passwords`); ``test`` is for tests only.
+HASH_COSTS = ("standard", "test")
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    """``$XDG_STATE_HOME/csc-portal`` when that is absolute, else ``~/.local/state/csc-portal``."""
+    xdg = env.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "csc-portal"
+    home = env.get("HOME")
+    return (Path(home) if home else Path.home()) / ".local" / "state" / "csc-portal"
+
+
+def _state_dir_from_process_env() -> Path:
+    # Only for direct construction (tests, embedding); the loader uses the env passed in.
+    return default_state_dir(os.environ)
+
+
+def check_network(text: str) -> str:
+    """Normalise one trusted-proxy entry: an IP address or network (``10.0.0.0/8``)."""
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PortalConfig:
+    """Every setting of ``csc-portal``; see README.md's "Portal" section."""
+
+    name: str = field(
+        default="Provisioning portal",
+        metadata=meta(help="the portal's name, shown to users and signed into packages"),
+    )
+    listen: str = field(
+        default="127.0.0.1:8000", metadata=meta(kind="hostport", help="HTTP listener")
+    )
+    state_dir: Path = field(
+        default_factory=_state_dir_from_process_env,
+        metadata=meta(
+            env_default=default_state_dir,
+            doc_default="`$XDG_STATE_HOME/csc-portal` or `~/.local/state/csc-portal`",
+            help="`portal.db`, `portal-key.pem`, `blobs/`, `packages/`",
+        ),
+    )
+    get_url: str | None = field(
+        default=None,
+        metadata=meta(kind="url", help="public URL of the bootloader download site, for the SMS"),
+    )
+    sms_alias: str | None = field(
+        default=None,
+        metadata=meta(check=normalise_alias, help="alias the SMS names (or `sms_host`)"),
+    )
+    sms_host: str | None = field(
+        default=None, metadata=meta(help="host of the local/DMZ proxy the SMS names")
+    )
+    sms_port: int | None = field(
+        default=None,
+        metadata=meta(minimum=1, maximum=65535, help="port of that proxy (with `sms_host`)"),
+    )
+    session_ttl: float = duration_field(900.0, "lifetime of a logon session (package download)")
+    throttle_failures: int = field(
+        default=5, metadata=meta(minimum=1, help="failed logons of one user before a lockout")
+    )
+    throttle_address_failures: int = field(
+        default=20,
+        metadata=meta(minimum=1, help="failed logons from one client address before a lockout"),
+    )
+    throttle_window: float = duration_field(300.0, "period in which those failures count")
+    throttle_lockout: float = duration_field(60.0, "first lockout; doubles with each further one")
+    throttle_max_lockout: float = duration_field(3600.0, "longest lockout")
+    trusted_proxies: list[str] = field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        metadata=meta(
+            check=check_network,
+            help="peers whose `X-Forwarded-For` (rightmost entry) names the client",
+        ),
+    )
+    password_hash_cost: str = field(
+        default="standard",
+        metadata=meta(
+            choices=HASH_COSTS,
+            help="argon2id cost: `standard` (RFC 9106, 64 MiB); `test` only for tests",
+        ),
+    )
+    hash_workers: int = field(
+        default=4,
+        metadata=meta(minimum=1, maximum=64, help="password verifications run at once"),
+    )
+    log_level: str = field(
+        default="info", metadata=meta(choices=LOG_LEVELS, help="debug, info, warning or error")
+    )
+    log_format: str = field(
+        default="json",
+        metadata=meta(choices=LOG_FORMATS, help="json (one object per line) or text"),
+    )
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_hostport(self.listen)
+
+    def validate(self) -> list[str]:
+        """Cross-field checks; single-field ranges are checked by the loader."""
+        problems: list[str] = []
+        if not self.name.strip():
+            problems.append("name must not be empty")
+        if (self.sms_host is None) != (self.sms_port is None):
+            problems.append("sms_host and sms_port must be set together (or neither)")
+        if self.sms_alias is not None and self.sms_host is not None:
+            problems.append("set sms_alias or sms_host/sms_port, not both")
+        if self.sms_host is not None and not _valid_host(self.sms_host):
+            problems.append(f"sms_host {self.sms_host!r} is not a host name or IP address")
+        if self.throttle_lockout > self.throttle_max_lockout:
+            problems.append(
+                f"throttle_lockout ({self.throttle_lockout:g}s) must not exceed "
+                f"throttle_max_lockout ({self.throttle_max_lockout:g}s)"
+            )
+        return problems
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        parse_hostport(f"[{host}]:1" if ":" in host else f"{host}:1")
+    except ValueError:
+        return False
+    return True
+
+
+def load_portal_config(
+    *, file: Path | None, env: Mapping[str, str], overrides: Mapping[str, object] | None = None
+) -> PortalConfig:
+    """Load :class:`PortalConfig`; raises :class:`shared.config.ConfigError` with every problem."""
+    return load_config(PortalConfig, file=file, env=env, env_prefix=ENV_PREFIX, overrides=overrides)
