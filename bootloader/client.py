@@ -128,6 +128,7 @@ class Answer:
         self.reason = resp.reason
         self.headers = resp.headers
         self.request_id: str | None = resp.getheader("X-Request-Id")
+        self.contact: str | None = None  # whom to ask, from the CSC's "tenant" of an error body
 
     def __enter__(self) -> Self:
         return self
@@ -178,6 +179,12 @@ class Answer:
             return "", ""
         if self.request_id is None and isinstance(data.get("request_id"), str):
             self.request_id = data["request_id"]
+        tenant = data.get("tenant")
+        contact = tenant.get("contact") if isinstance(tenant, dict) else None
+        if isinstance(tenant, dict) and isinstance(contact, str) and contact.strip():
+            name = tenant.get("name")
+            who = f"{printable(name, 80)}: " if isinstance(name, str) and name.strip() else ""
+            self.contact = who + printable(contact, 120)
         code, message = data.get("error"), data.get("message")
         return (
             code if isinstance(code, str) else "",
@@ -277,6 +284,8 @@ def failure(
     template = (known or {}).get(code) or _COMMON.get(code)
     if template is not None:
         text = template.format(who=who, subject=subject, retry=retry, message=message or code)
+        if answer.contact:
+            text += f"; for help, contact {answer.contact}"
         return answer.fail(text, code)
     detail = f": {message}" if message else ""
     status = f"HTTP {answer.status} {printable(answer.reason, 80)}"

@@ -3,7 +3,10 @@
 Every request needs ``Authorization: Bearer <operator token>`` (401 otherwise); the token is
 looked up by its SHA-256 among the operators of the store and never logged. Routes (documented
 in docs/openapi.json, which a test compares with :data:`ROUTES`): tenants CRUD, alias assign and
-unassign, agent token issue/list/revoke, live sessions and disconnect, drain, the audit log.
+unassign, agent token issue/list/revoke, live sessions and disconnect, drain, the audit log,
+the node's status and its recent error answers. The same listener serves the read-only web
+console (:mod:`csc.console`) at ``/console/`` without a token: its files hold no data, and its
+script reads this API with the operator's token.
 
 Every change goes to the store in one transaction with its audit entry (operator, remote
 address, action, target, details; never a secret), then the node re-reads the registry and ends
@@ -32,6 +35,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from csc import console
 from csc.gateway import AgentSession, end_sessions
 from csc.state import NodeState
 from csc.store import Store, token_hash
@@ -118,6 +122,8 @@ def _bearer(request: web.Request) -> str:
 
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if console.is_console_path(request.path):
+        return await handler(request)  # the console's files: no data, no token (csc.console)
     state = request.app[NodeState.KEY]
     remote = request.remote or "?"
     try:
@@ -293,7 +299,8 @@ async def list_aliases(request: web.Request) -> web.Response:
     rows = []
     for a in assignments:
         live = [s for s in _sessions_of(state, a.tenant) if covered(s.grants, a.alias)]
-        rows.append({**a.to_json(), "sessions": len(live)})
+        online = any(s.accepting for s in live)
+        rows.append({**a.to_json(), "sessions": len(live), "online": online})
     return web.json_response({"aliases": rows})
 
 
@@ -438,6 +445,32 @@ async def audit(request: web.Request) -> web.Response:
     return web.json_response({"entries": [e.to_json() for e in entries]})
 
 
+async def node_status(request: web.Request) -> web.Response:
+    state, _ = _state(request)
+    body = {
+        "node": state.node_id,
+        "draining": state.draining or state.stop_requested.is_set(),
+        "sessions": len(state.sessions),
+        "streams": state.active_streams,
+        "errors_total": state.errors.total,
+    }
+    return web.json_response(body)
+
+
+async def recent_errors(request: web.Request) -> web.Response:
+    """The node's last error answers (csc/errorlog.py), newest first."""
+    state, _ = _state(request)
+    limit = _query_int(request, "limit", 100, 1, 1000)
+    entries = state.errors.recent(limit, tenant=_tenant_filter(request))
+    body = {
+        "node": state.node_id,
+        "capacity": state.errors.capacity,
+        "total": state.errors.total,
+        "errors": [e.to_json() for e in entries],
+    }
+    return web.json_response(body)
+
+
 #: (method, path, handler): every route of the admin API (docs/openapi.json documents each).
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/tenants", list_tenants),
@@ -455,6 +488,8 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("DELETE", "/sessions/{session}", disconnect_session),
     ("POST", "/drain", drain),
     ("GET", "/audit", audit),
+    ("GET", "/node", node_status),
+    ("GET", "/errors", recent_errors),
 )
 
 
@@ -501,7 +536,9 @@ async def start_listener(state: NodeState, ssl_ctx: ssl.SSLContext | None) -> Ad
     """Serve the admin API on ``admin_listen``; its URL goes to ``<state-dir>/admin-url``."""
     listen = state.config.admin_listen_address
     assert listen is not None
-    runner = web.AppRunner(create_admin_app(state), access_log=None, shutdown_timeout=1.0)
+    app = create_admin_app(state)
+    console.mount(app)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, listen[0], listen[1], ssl_context=ssl_ctx).start()
@@ -517,5 +554,7 @@ async def start_listener(state: NodeState, ssl_ctx: ssl.SSLContext | None) -> Ad
     url_file.write_text(url + "\n")
     if not ipaddress.ip_address(sockname[0]).is_loopback:
         log.warning("the admin API listens on %s, beyond loopback", state.config.admin_listen)
-    log.info("admin API on %s/v1/admin/ (URL in %s)", url, url_file)
+    log.info(
+        "admin API on %s/v1/admin/ (URL in %s), web console on %s/console/", url, url_file, url
+    )
     return AdminListener(runner, url, address, url_file)

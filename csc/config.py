@@ -126,6 +126,10 @@ class CSCConfig:
         default="json",
         metadata=meta(choices=FORMATS, help="json (one object per line) or text"),
     )
+    access_log: bool = field(
+        default=True,
+        metadata=meta(help="log one `info` event per bootloader request (logger `csc.access`)"),
+    )
 
     @property
     def listen_address(self) -> tuple[str, int]:

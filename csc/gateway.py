@@ -2,7 +2,9 @@
 
 The token is read from the ``Authorization`` header only and verified before the upgrade (401
 with the reason logged); a revoked token or one of a tenant that does not exist is refused the
-same way, and a suspended tenant gets 503 ``tenant_suspended``. After the upgrade the agent's
+same way, a suspended tenant gets 503 ``tenant_suspended``, and a tenant that already has its
+``max_sessions`` sessions on this node 429 ``tenant_limit`` with ``Retry-After`` (the agent
+retries; the count covers a session from here to its end). After the upgrade the agent's
 first message must be HELLO; the session binds the aliases it asks for if the token covers them
 and they are assigned to its tenant (default: those of its token grants that are), answers
 WELCOME, and from then on carries streams the CSC opens. Refusals after the upgrade are
@@ -27,6 +29,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from csc.limits import UNLIMITED
 from csc.registry import MemoryRegistry, admission_error
 from csc.state import NodeState
 from csc.websocket import Traffic, counting, run_websocket
@@ -39,6 +42,7 @@ from shared.errors import (
     CSCError,
     GoingAway,
     ProtocolError,
+    TenantLimit,
     http_body,
 )
 from shared.link import Link, joined, max_message_size
@@ -92,11 +96,13 @@ class AgentSession:
 
 def _bearer(request: web.Request) -> str:
     if any(k in request.query for k in ("token", "access_token")):
-        raise AuthFailed("tokens are accepted only in the Authorization header")
+        raise AuthFailed(
+            "tokens are accepted only in the Authorization header", reason="token_in_query"
+        )
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise AuthFailed("missing 'Authorization: Bearer <token>' header")
+        raise AuthFailed("missing 'Authorization: Bearer <token>' header", reason="missing_token")
     return token.strip()
 
 
@@ -106,6 +112,7 @@ def _refuse(err: CSCError, remote: str) -> web.Response:
         status=err.spec.http_status,
         body=http_body(err.code, err.message),
         content_type="application/json",
+        headers={"Retry-After": str(err.retry_after)} if isinstance(err, TenantLimit) else None,
     )
 
 
@@ -172,13 +179,23 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
         else:
             state.metrics.session_refused(refusal.code)
         return _refuse(refusal, remote)
-    ws = web.WebSocketResponse(
-        max_msg_size=max_message_size(state.config.max_frame),
-        compress=False,
-        autoping=True,
-    )
-    await ws.prepare(request)
-    await _run_session(state, ws, claims, remote)
+    owner = state.registry.tenant(claims.tenant)
+    try:
+        state.limits.acquire_session(claims.tenant, owner.limits if owner else UNLIMITED)
+    except TenantLimit as err:
+        state.metrics.session_refused(err.code)
+        state.metrics.limit_rejected(claims.tenant, err.limit)
+        return _refuse(err, remote)
+    try:
+        ws = web.WebSocketResponse(
+            max_msg_size=max_message_size(state.config.max_frame),
+            compress=False,
+            autoping=True,
+        )
+        await ws.prepare(request)
+        await _run_session(state, ws, claims, remote)
+    finally:
+        state.limits.release_session(claims.tenant)
     return ws
 
 

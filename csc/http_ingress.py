@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from csc import accesslog
 from csc.metrics import outcome_of
 from csc.routing import lookup_alias, offline_error, open_stream
 from csc.state import NodeState
@@ -31,6 +32,7 @@ from shared.errors import (
     PayloadTooLarge,
     PortalOffline,
     ProtocolError,
+    TenantLimit,
     UpstreamError,
     UpstreamTimeout,
     http_body,
@@ -68,6 +70,8 @@ def error_response(err: CSCError, request_id: str, **extra: Any) -> web.Response
     headers = {"X-Request-Id": request_id}
     if isinstance(err, PortalOffline | GoingAway):
         headers["Retry-After"] = RETRY_AFTER_OFFLINE
+    elif isinstance(err, TenantLimit):
+        headers["Retry-After"] = str(err.retry_after)
     return web.Response(
         status=err.spec.http_status,
         body=http_body(err.code, err.message, request_id=request_id, **err.details, **extra),
@@ -76,16 +80,26 @@ def error_response(err: CSCError, request_id: str, **extra: Any) -> web.Response
     )
 
 
+def refuse(
+    state: NodeState, kind: str, err: CSCError, request_id: str, tenant: str | None
+) -> web.Response:
+    """The error answer for ``err``, kept among the node's recent errors (csc/errorlog.py)."""
+    state.errors.record(kind, err, request_id=request_id, tenant=tenant)
+    return error_response(err, request_id)
+
+
 async def resolve(request: web.Request) -> web.Response:
     state = request.app[NodeState.KEY]
     request_id = request_id_for(request)
+    tenant: str | None = None
     try:
         alias, found = lookup_alias(state, request.match_info["alias"])
+        tenant = found.tenant
         if not found.sessions:
             raise offline_error(alias, found)
     except CSCError as err:
         state.metrics.resolved(err.code)
-        return error_response(err, request_id)
+        return refuse(state, "resolve", err, request_id, tenant)
     state.metrics.resolved("ok")
     body = {"alias": alias, "online": True, "tunnel": f"/t/{alias}/"}
     return web.json_response(body, headers={"X-Request-Id": request_id})
@@ -139,16 +153,21 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
     request_id = request_id_for(request)
     limit = state.config.max_body_size
     tenant: str | None = None
+    record = accesslog.RequestRecord(
+        "http", request_id, request.remote or "", started, request.match_info["alias"]
+    )
     try:
         if limit is not None and (request.content_length or 0) > limit:
             raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
         alias, found = lookup_alias(state, request.match_info["alias"])
-        tenant = found.tenant
+        tenant, record.alias = found.tenant, alias
         info = _forwarded_head(request, state, alias, request_id)
         stream = open_stream(state, alias, found, info)
     except CSCError as err:
         state.metrics.request_done("http", tenant, err.code, time.monotonic() - started)
-        return error_response(err, request_id)
+        refused = refuse(state, "http", err, request_id, tenant)
+        _log_request(state, request, record, tenant, err.code, refused.status)
+        return refused
     state.stream_started()
     state.metrics.stream_started(tenant, "http")
     body: asyncio.Future[None] | None = None
@@ -158,7 +177,9 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
         stream.write_eof()  # in the same message as OPEN
     outcome = InternalError.code
     try:
-        response = await _relay_response(request, state, stream, body, request_id)
+        response = await _relay_response(
+            request, state, stream, body, request_id, tenant, record=record
+        )
         outcome = outcome_of(stream.error)
         return response
     except asyncio.CancelledError:
@@ -167,9 +188,28 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
     finally:
         await cancel_quietly(body)
         stream.finish()
+        state.limits.release_stream(tenant or "")
         state.stream_finished()
         state.metrics.stream_finished("http")
         state.metrics.request_done("http", tenant, outcome, time.monotonic() - started)
+        _log_request(state, request, record, tenant, outcome, record.status)
+
+
+def _log_request(
+    state: NodeState,
+    request: web.Request,
+    record: accesslog.RequestRecord,
+    tenant: str | None,
+    outcome: str,
+    status: int | None,
+) -> None:
+    """The access-log event of a tunneled request (csc/accesslog.py), if enabled."""
+    if accesslog.enabled(state.config.access_log):
+        record.method = request.method
+        record.path = accesslog.path_only(tunnel_target(request.raw_path))
+        record.status = status
+        record.bytes_in = request.content.total_bytes
+        accesslog.request_done(record, tenant, outcome)
 
 
 async def _await_head(
@@ -207,22 +247,32 @@ async def _relay_response(
     stream: LinkStream,
     body: asyncio.Future[None] | None,
     request_id: str,
+    tenant: str | None = None,
+    *,
+    record: accesslog.RequestRecord,
 ) -> web.StreamResponse:
+    where = {"request_id": request_id, "tenant": tenant or ""}
     try:
         head = await _await_head(stream, body, state.config.open_timeout)
         status, reason, headers, length = _parse_head(head)
     except CSCError as err:
         stream.reset(err)
-        log.info("request %s to %s failed: %s", request_id, stream.info["alias"], err.code)
+        log.info(
+            "request %s to %s failed: %s", request_id, stream.info["alias"], err.code, extra=where
+        )
         if isinstance(err, ProtocolError):  # the agent misbehaved, not the bootloader
             err = UpstreamError(f"the tenant agent broke the protocol: {err.message}")
-        return error_response(err, request_id)
+        refused = refuse(state, "http", err, request_id, tenant)
+        record.status = refused.status
+        return refused
     headers["X-Request-Id"] = request_id
+    record.status = status
     if _may_have_body(request.method, status):
         complete = stream.read_complete()
         if complete is not None and length in (None, len(complete)):
             # the whole (small) body came with the head: head and body in one write
             stream.consumed(len(complete))
+            record.bytes_out = len(complete)
             return web.Response(status=status, reason=reason, headers=headers, body=complete)
     resp = web.StreamResponse(status=status, reason=reason, headers=headers)
     if length is not None:
@@ -232,12 +282,13 @@ async def _relay_response(
         while data := await stream.read():
             await resp.write(data)
             stream.consumed(len(data))
+            record.bytes_out += len(data)
         await resp.write_eof()
     except CSCError as err:
-        log.warning("request %s aborted mid-response: %s", request_id, err.message)
+        log.warning("request %s aborted mid-response: %s", request_id, err.message, extra=where)
         _abort(request)
     except ConnectionError:
-        log.info("request %s: the client went away mid-response", request_id)
+        log.info("request %s: the client went away mid-response", request_id, extra=where)
         stream.reset(Cancelled("the client went away"))
     except asyncio.CancelledError:
         stream.reset(Cancelled("the client went away"))

@@ -47,13 +47,26 @@ KINDS = ("http", "tcp")
 RESOLVE_OUTCOMES = (OK, "bad_alias", "unknown_alias", "portal_offline")
 #: Limits a request or a session can be refused for.
 LIMITS = frozenset(
-    {"body_size", "header_size", "streams_per_session", "streams_per_tenant", "client_rate"}
+    {
+        "body_size",
+        "header_size",
+        "streams_per_session",
+        "streams_per_tenant",
+        "client_rate",
+        "rate",
+        "streams",
+        "sessions",
+    }
 )
-#: Error codes that mean a limit refused the request, and which limit.
+#: Error codes that mean a limit refused the request, and which limit (the tenant's limits of
+#: csc/limits.py: ``rate``, ``streams``; a session refused for ``sessions`` is counted by the
+#: gateway).
 LIMIT_OF_CODE = {
     "payload_too_large": "body_size",
     "headers_too_large": "header_size",
     "too_many_streams": "streams_per_session",
+    "rate_limited": "rate",
+    "tenant_limit": "streams",
 }
 #: Bounds of the tunnel request duration histogram, in seconds (the request's whole life,
 #: body transfer included).
@@ -247,7 +260,10 @@ class CSCMetrics:
 
     def auth_failed(self, err: CSCError) -> None:
         """A token was refused: counted by reason, and as a refused session."""
-        self.auth_failures.labels(auth_reason(err.message)).inc()
+        reason = getattr(err, "reason", None)
+        if reason not in AUTH_REASONS:
+            reason = auth_reason(err.message)
+        self.auth_failures.labels(reason).inc()
         self.session_refused(err.code)
 
     def auth_failures_total(self) -> int:

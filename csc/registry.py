@@ -100,9 +100,9 @@ def admission_error(catalog: Catalog, tenant: str, jti: str) -> CSCError | None:
     """Why a session of ``tenant`` with token ``jti`` may not run now (None: it may)."""
     record = catalog.tenants.get(tenant)
     if record is None:
-        return AuthFailed(f"tenant {tenant!r} does not exist")
+        return AuthFailed(f"tenant {tenant!r} does not exist", reason="unknown_tenant")
     if jti in catalog.revoked:
-        return AuthFailed("token revoked")
+        return AuthFailed("token revoked", reason="revoked")
     if record.suspended:
         return TenantSuspended(f"tenant {tenant!r} is suspended")
     return None
@@ -201,7 +201,7 @@ class MemoryRegistry(Generic[S]):
         for session in self._sessions.values():
             err = admission_error(self.catalog, session.tenant, session.jti)
             if err is None and session.expires_at <= now - DEFAULT_LEEWAY:
-                err = AuthFailed("token expired")
+                err = AuthFailed("token expired", reason="expired")
             if err is not None:
                 result.append((session, err))
         return result

@@ -4,8 +4,9 @@ The alias is normalised once; an alias no tenant owns is ``unknown_alias``; an a
 suspended tenant is ``tenant_suspended``; an owned alias with no accepting session is
 ``portal_offline``; a draining node opens nothing (``going_away``). The two 503s of a tenant
 name it and its support contact (message and ``tenant`` member of the JSON body), so a user
-knows whom to call. Among the sessions that serve the alias, the least loaded that accepts the
-stream gets it.
+knows whom to call. A request over one of its tenant's limits is refused (``tenant_limit``,
+``rate_limited``) before a stream is opened. Among the sessions that serve the alias, the least
+loaded that accepts the stream gets it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from csc.gateway import AgentSession
+from csc.limits import UNLIMITED
 from csc.registry import Lookup
 from csc.state import NodeState
 from shared.aliases import normalise_alias
@@ -46,9 +48,25 @@ def offline_error(alias: str, found: Lookup[AgentSession]) -> PortalOffline:
 def open_stream(
     state: NodeState, alias: str, found: Lookup[AgentSession], info: dict[str, Any]
 ) -> LinkStream:
-    """Open a stream on the least-loaded session that takes it, or raise PortalOffline."""
+    """Open a stream on the least-loaded session that takes it, or raise PortalOffline.
+
+    The stream counts against its tenant's limits (csc/limits.py) before anything reaches the
+    agent (``tenant_limit``, ``rate_limited``) until the ingress releases it when it ends.
+    """
     if state.draining:
         raise GoingAway("this node is draining")
+    if not found.sessions:
+        raise offline_error(alias, found)
+    tenant = found.tenant or ""
+    state.limits.acquire_stream(tenant, found.owner.limits if found.owner else UNLIMITED, alias)
+    try:
+        return _open_on_session(alias, found, info)
+    except BaseException:
+        state.limits.release_stream(tenant)
+        raise
+
+
+def _open_on_session(alias: str, found: Lookup[AgentSession], info: dict[str, Any]) -> LinkStream:
     last: CSCError | None = None
     for session in found.sessions:
         try:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from aiohttp import web
 
 from csc.config import CSCConfig
+from csc.errorlog import ErrorLog
+from csc.limits import TenantLimiter
 from csc.metrics import CSCMetrics
 from csc.registry import MemoryRegistry
 from csc.store import Store
@@ -31,6 +33,8 @@ class NodeState:
     sessions: dict[str, AgentSession] = field(default_factory=dict)
     draining: bool = False
     metrics: CSCMetrics = field(default_factory=CSCMetrics)
+    #: per-tenant request rate, concurrent streams and agent sessions (csc/limits.py)
+    limits: TenantLimiter = field(default_factory=TenantLimiter)
     active_streams: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     link_settings: LinkSettings = field(init=False)
@@ -38,6 +42,8 @@ class NodeState:
     store: Store | None = None
     #: set to ask the node to drain and stop (SIGTERM, or the admin API)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the last error answers of the ingresses (admin API ``/errors``, the console)
+    errors: ErrorLog = field(default_factory=ErrorLog)
 
     def __post_init__(self) -> None:
         self.link_settings = LinkSettings.from_config(

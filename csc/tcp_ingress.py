@@ -14,11 +14,12 @@ import logging
 import time
 import uuid
 
+from csc import accesslog
 from csc.metrics import outcome_of
 from csc.routing import lookup_alias, open_stream
 from csc.state import NodeState
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
-from shared.link import splice
+from shared.link import LinkCounters, splice
 
 log = logging.getLogger("csc.tcp")
 
@@ -66,15 +67,19 @@ async def _serve(
     peer = writer.get_extra_info("peername")
     client = f"{peer[0]}:{peer[1]}" if peer else "?"
     tenant: str | None = None
+    record = accesslog.RequestRecord("tcp", request_id, client, started)
+    traffic = LinkCounters()
     try:
-        raw_alias = await _read_alias(reader, state.config.tcp_handshake_timeout)
+        raw_alias = record.alias = await _read_alias(reader, state.config.tcp_handshake_timeout)
         alias, found = lookup_alias(state, raw_alias)
-        tenant = found.tenant
+        tenant, record.alias = found.tenant, alias
         info = {"kind": "tcp", "alias": alias, "client": client, "request_id": request_id}
         stream = open_stream(state, alias, found, info)
     except CSCError as err:
         state.metrics.request_done("tcp", tenant, err.code, time.monotonic() - started)
-        await _refuse(writer, err)
+        await _refuse(state, writer, err, request_id, tenant)
+        record.status = err.spec.http_status
+        _log_connection(state, record, tenant, err, traffic)
         return
     state.stream_started()
     state.metrics.stream_started(tenant, "tcp")
@@ -84,23 +89,53 @@ async def _serve(
         except TimeoutError:
             timeout = UpstreamTimeout("the portal did not answer in time")
             stream.reset(timeout)
-            await _refuse(writer, timeout)
+            await _refuse(state, writer, timeout, request_id, tenant)
+            record.status = timeout.spec.http_status
             return
         except CSCError as exc:
-            await _refuse(writer, exc)
+            await _refuse(state, writer, exc, request_id, tenant)
+            record.status = exc.spec.http_status
             return
         writer.write(b"OK\r\n")
-        await splice(stream, reader, writer, reset_code=Cancelled.code)
+        await splice(stream, reader, writer, reset_code=Cancelled.code, traffic=traffic)
     finally:
         outcome = outcome_of(stream.error)
         stream.finish()
+        state.limits.release_stream(tenant or "")
         state.stream_finished()
         state.metrics.stream_finished("tcp")
         state.metrics.request_done("tcp", tenant, outcome, time.monotonic() - started)
+        _log_connection(state, record, tenant, stream.error, traffic)
 
 
-async def _refuse(writer: asyncio.StreamWriter, err: CSCError) -> None:
-    log.info("tcp ingress refused: %s", err.code)
+def _log_connection(
+    state: NodeState,
+    record: accesslog.RequestRecord,
+    tenant: str | None,
+    error: CSCError | None,
+    traffic: LinkCounters,
+) -> None:
+    """The access-log event of a TCP connection (csc/accesslog.py), if enabled; ``status`` is
+    that of the ``ERR`` line when one was sent."""
+    if accesslog.enabled(state.config.access_log):
+        record.bytes_in, record.bytes_out = traffic.data_sent, traffic.data_received
+        accesslog.request_done(record, tenant, outcome_of(error))
+
+
+async def _refuse(
+    state: NodeState,
+    writer: asyncio.StreamWriter,
+    err: CSCError,
+    request_id: str,
+    tenant: str | None,
+) -> None:
+    """Answer the ``ERR`` line for ``err``, kept among the node's recent errors."""
+    log.info(
+        "tcp ingress refused: %s",
+        err.code,
+        extra={"request_id": request_id, "tenant": tenant or ""},
+    )
+    state.errors.record("tcp", err, request_id=request_id, tenant=tenant)
     writer.write(tcp_err_line(err.code, err.message))
     with contextlib.suppress(ConnectionError):
         await writer.drain()

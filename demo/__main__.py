@@ -1,242 +1,316 @@
-"""``python -m demo``: the whole relay on this machine, step by step.
+"""``python -m demo`` (``make demo``): provision a device through the alias switching center.
 
-Starts a stand-in portal (the test upstream), ``csc serve`` with a temporary state directory,
-issues an agent token for tenant ``acme`` and alias ``acme@example.com``, starts the tenant
-agent, waits until the alias resolves, then sends a bootloader's requests through the tunnel:
-``GET /t/acme@example.com/echo/hello``, a 10 MiB download checked against its SHA-256, and a
-raw TCP ``CONNECT`` to the echo server. Finally every process gets SIGTERM and must exit 0.
+Everything runs on 127.0.0.1, on ports the OS picks, with every state directory, log file and the
+provisioned device under one scratch directory (printed, and kept afterwards to look around):
 
-Exit status: 0 when every step succeeded; 1 with a message naming the failed step (and the
-tails of the processes' logs) otherwise. Everything listens on 127.0.0.1, on ports the OS picks.
+1. ``csc serve``; tenant ``acme`` is given the alias ``acme@example.com`` and an agent token
+   (``csc token issue --assign``);
+2. a portal set up with ``csc-portal`` commands (also written to ``portal-setup.sh``): two device
+   types, users alice and bob, apps for both device types, two policies, deployments; then
+   ``csc-portal serve``;
+3. ``csc-agent`` dials out to the CSC; the demo waits until the alias resolves;
+4. the administrator's provisioning SMS from ``csc-portal sms``;
+5. ``csc-bootloader --sms …`` as alice's Android phone (user by ``--user``, password in
+   ``CSC_BOOTLOADER_PASSWORD``) into ``DIR/device``; then what it installed.
+
+Afterwards it keeps running and prints the URLs to try until Ctrl-C or SIGTERM; then every child
+process is stopped by its PID and the demo exits 0. When stdin is not a terminal, ``CI=true`` or
+``DEMO_EXIT=1`` (or ``--exit``), it stops everything and exits 0 right after the story.
+
+Exit status: 0 success; 1 a step failed (the message names the step, followed by the tails of the
+processes' logs); 2 bad usage; 130 interrupted before the story ended.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import os
+import shlex
 import signal
-import socket
 import sys
 import tempfile
 import threading
-import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
+from tests.support.catalog import (
+    DEVICE_TYPES,
+    PASSWORDS,
+    POLICIES,
+    app_sources,
+    password_for_command,
+    portal_commands,
+    run_portal_cli,
+)
 from tests.support.procs import (
     CscProc,
     Proc,
     ProcError,
-    UpstreamProc,
-    http_request,
+    ProcFactory,
     issue_token,
-    scaled,
-    start_agent,
-    start_csc,
-    start_upstream,
-    tunnel_url,
     wait_alias_online,
 )
-from tests.support.upstream import expected_sha256
+from tests.support.stack import (
+    ALIAS,
+    TENANT,
+    BootRun,
+    PortalProc,
+    portal_env,
+    run_bootloader,
+    spawn_portal,
+)
 
-TENANT = "acme"
-ALIAS = "acme@example.com"
-DOWNLOAD = 10 * 1024 * 1024
-SHOWN_HEADERS = ("Host", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id")
+USER = "alice"
+DEVICE_TYPE = "android-arm64"
+INDENT = "      "
 
 
 class DemoFailure(Exception):
     """A step did not do what it should; the message says what happened."""
 
 
-class Demo:
-    """The processes of the demo and the steps that use them."""
+class Stopped(Exception):
+    """SIGTERM arrived while the story was being told."""
 
-    def __init__(self, workdir: Path, use_tcp: bool) -> None:
+
+class Demo:
+    """The processes of the demo and the steps that use them; each step returns its lines."""
+
+    def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.use_tcp = use_tcp
-        self.upstream: UpstreamProc | None = None
+        self.procs = ProcFactory(workdir)
+        self.env = portal_env(workdir / "portal-state", hash_cost="standard")
+        self.device = workdir / "device"
         self.csc: CscProc | None = None
+        self.portal: PortalProc | None = None
         self.agent: Proc | None = None
-        self.token = ""
+        self.token_file = workdir / "agent-token"
+        self.sms = ""
 
     @property
-    def procs(self) -> list[Proc]:
-        return [p for p in (self.agent, self.csc, self.upstream) if p is not None]
-
-    def url(self, path: str) -> str:
+    def csc_url(self) -> str:
         assert self.csc is not None
-        return tunnel_url(self.csc.http_url, ALIAS, path)
+        return self.csc.http_url
 
-    # steps: each returns a one-line result
+    def tunnel(self, path: str = "") -> str:
+        return f"{self.csc_url}/t/{ALIAS}/{path}"
 
-    def start_upstream(self) -> str:
-        self.upstream = start_upstream(self.workdir)
-        return f"HTTP {self.upstream.http_url}, TCP echo {_addr(self.upstream.tcp_echo_addr)}"
+    # --- the steps ----------------------------------------------------------------------------
 
-    def start_csc(self) -> str:
-        self.csc = start_csc(self.workdir, state_dir=self.workdir / "csc-state")
-        return f"HTTP {self.csc.http_url}, TCP ingress {_addr(self.csc.tcp_addr)}"
-
-    def issue_token(self) -> str:
-        assert self.csc is not None
-        self.token = issue_token(self.csc.state_dir, TENANT, [ALIAS], ttl="1d")
-        return f"tenant {TENANT!r}, alias {ALIAS!r}: {self.token[:16]}... ({len(self.token)} chars)"
-
-    def start_agent(self) -> str:
-        assert self.csc is not None and self.upstream is not None
-        tcp = _addr(self.upstream.tcp_echo_addr) if self.use_tcp else None
-        self.agent = start_agent(
-            self.csc.http_url,
-            self.token,
-            self.upstream.http_url,
-            tcp_upstream=tcp,
-            log_dir=self.workdir / "logs",
+    def start_csc(self) -> list[str]:
+        self.csc = self.procs.csc(
+            state_dir=self.workdir / "csc-state", env={"CSC_LOG_FORMAT": "text"}
         )
-        answer = wait_alias_online(self.csc.http_url, ALIAS)
-        return f"pid {self.agent.pid}; GET /v1/resolve/{ALIAS} -> {json.dumps(answer)}"
+        return [f"{self.csc.http_url} for bootloaders and agents, admin API {self.csc.admin_url}"]
 
-    def echo_request(self) -> str:
-        status, _, body = http_request(self.url("/echo/hello?from=demo"))
-        if status != 200:
-            raise DemoFailure(f"expected 200, got {status}: {body[:300]!r}")
-        echo = json.loads(body)
-        if echo.get("path") != "/echo/hello":
-            raise DemoFailure(f"the portal saw path {echo.get('path')!r}, not '/echo/hello'")
-        seen = {name.lower(): value for name, value in echo["headers"]}
-        lines = [f"200; the portal saw {echo['method']} {echo['path']}?{echo['query']}"]
-        lines += [f"      {name}: {seen.get(name.lower(), '(not set)')}" for name in SHOWN_HEADERS]
-        return "\n".join(lines)
-
-    def download(self) -> str:
-        url = self.url(f"/bytes/{DOWNLOAD}")
-        started = time.monotonic()
-        digest, size = _download_sha256(url)
-        elapsed = time.monotonic() - started
-        expected = expected_sha256(DOWNLOAD)
-        if (size, digest) != (DOWNLOAD, expected):
-            raise DemoFailure(f"got {size} bytes with SHA-256 {digest}, expected {expected}")
-        return f"{size} bytes in {elapsed:.2f}s ({size / elapsed / 1e6:.0f} MB/s), SHA-256 {digest[:16]}... ok"
-
-    def tcp_connect(self) -> str:
+    def assign_alias(self) -> list[str]:
         assert self.csc is not None
-        payload = b"hello over the raw TCP ingress"
-        reply, echoed = _tcp_roundtrip(self.csc.tcp_addr, ALIAS, payload)
-        if reply != b"OK\r\n":
-            raise DemoFailure(f"CONNECT answered {reply!r}")
-        if echoed != payload:
-            raise DemoFailure(f"the echo server sent back {echoed!r}")
-        return f"CONNECT {ALIAS} -> OK; sent {len(payload)} bytes, half-closed, got them back"
+        token = issue_token(self.csc.state_dir, TENANT, ALIAS, ttl="1d")
+        self.token_file.write_text(token + "\n")
+        self.token_file.chmod(0o600)
+        return [f"tenant {TENANT} owns {ALIAS}; its agent token is in {self.token_file.name}"]
 
-    def stop_all(self) -> str:
-        codes = {}
-        for proc in self.procs:  # agent first, upstream last
-            proc.terminate()
-            codes[proc.name] = proc.wait(15)
-        bad = {name: code for name, code in codes.items() if code != 0}
-        if bad:
-            raise DemoFailure(f"non-zero exit status after SIGTERM: {bad}")
-        return ", ".join(f"{name} exited {code}" for name, code in codes.items())
+    def set_up_portal(self) -> list[str]:
+        commands = portal_commands(self.workdir / "app-sources")
+        script = self.workdir / "portal-setup.sh"
+        script.write_text(_setup_script(commands, self.env))
+        for argv in commands:
+            run_portal_cli(argv, self.env, password_for_command(argv) or "")
+        apps = sorted({app.name for app in app_sources()})
+        return [
+            f"{len(commands)} commands, in {script.name}: device types "
+            f"{', '.join(DEVICE_TYPES)}; users {', '.join(PASSWORDS)}; apps {', '.join(apps)}; "
+            f"policies {', '.join(POLICIES)}",
+            f"demo user: {USER}, password {PASSWORDS[USER]!r}",
+        ]
 
-    def kill_leftovers(self) -> None:
-        for proc in self.procs:
-            if proc.running:
-                proc.stop(5)
+    def start_portal(self) -> list[str]:
+        self.portal = spawn_portal(self.procs, self.env)
+        key = json.loads(run_portal_cli(["key", "show", "--json"], self.env))
+        return [f"{self.portal.url}, signing key fingerprint {key['fingerprint']}"]
 
+    def start_agent(self) -> list[str]:
+        assert self.portal is not None
+        argv = [sys.executable, "-m", "tenant_agent", "--csc", self.csc_url]
+        argv += ["--token-file", str(self.token_file), "--upstream", self.portal.url]
+        self.agent = self.procs.spawn("agent", argv, env={"CSC_AGENT_LOG_FORMAT": "text"})
+        answer = wait_alias_online(self.csc_url, ALIAS)
+        return [f"GET /v1/resolve/{ALIAS} -> {json.dumps(answer)}"]
 
-def _addr(addr: tuple[str, int]) -> str:
-    return f"{addr[0]}:{addr[1]}"
+    def make_sms(self) -> list[str]:
+        argv = ["sms", "--alias", ALIAS, "--get-url", self.tunnel("get/")]
+        self.sms = run_portal_cli(argv, self.env).strip()
+        return [self.sms]
 
+    def run_bootloader(self) -> list[str]:
+        args = ["--sms", self.sms, "--csc", self.csc_url, "--user", USER]
+        args += ["--device-type", DEVICE_TYPE]
+        run: BootRun = run_bootloader(args, self.device, password=PASSWORDS[USER])
+        if run.code != 0:
+            raise DemoFailure(f"the bootloader exited {run.code}: {run.line or run.err}")
+        return run.out.rstrip().splitlines()
 
-def _download_sha256(url: str) -> tuple[str, int]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    digest, size = hashlib.sha256(), 0
-    with opener.open(url, timeout=scaled(60)) as resp:
-        if resp.status != 200:
-            raise DemoFailure(f"download answered {resp.status}")
-        while chunk := resp.read(256 * 1024):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+    def show_device(self) -> list[str]:
+        return device_listing(self.device)
 
-
-def _tcp_roundtrip(addr: tuple[str, int], alias: str, payload: bytes) -> tuple[bytes, bytes]:
-    """``CONNECT alias``; returns the reply line and what came back after sending ``payload``."""
-    with socket.create_connection(addr, timeout=scaled(10)) as sock:
-        sock.sendall(f"CONNECT {alias}\r\n".encode())
-        reply = b""
-        while not reply.endswith(b"\n"):
-            data = sock.recv(1)
-            if not data:
-                break
-            reply += data
-        if reply != b"OK\r\n":
-            return reply, b""
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        echoed = b""
-        while data := sock.recv(65536):
-            echoed += data
-    return reply, echoed
+    def stop(self) -> None:
+        self.procs.stop_all(timeout=10)
 
 
-def _run_steps(steps: Sequence[tuple[str, Callable[[], str]]]) -> None:
+def _setup_script(commands: Sequence[Sequence[str]], env: dict[str, str]) -> str:
+    lines = ["#!/bin/sh", "# The csc-portal commands that set up the demo's portal.", "set -e"]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
+    for argv in commands:
+        command = shlex.join(["csc-portal", *argv])
+        password = password_for_command(argv)
+        if password is not None:
+            command = f"printf '%s\\n' {shlex.quote(password.strip())} | {command}"
+        lines.append(command)
+    return "\n".join(lines) + "\n"
+
+
+def device_listing(device: Path) -> list[str]:
+    """``current ->`` its release, then each installed file with its size and permissions."""
+    current = device / "current"
+    release = current.resolve()
+    lines = [f"{device}/current -> {os.readlink(current)}"]
+    for path in sorted(p for p in release.rglob("*") if p.is_file()):
+        rel = path.relative_to(release).as_posix()
+        if rel.startswith(".csc/"):
+            continue
+        st = path.stat()
+        lines.append(f"  {rel:<28} {st.st_size:>8} bytes  {_mode(st.st_mode)}")
+    lines.append("  .csc/manifest.json, .csc/manifest.sig: the signed manifest, for the next run")
+    return lines
+
+
+def _mode(mode: int) -> str:
+    bits = "rwxrwxrwx"
+    return "".join(ch if mode & (1 << (8 - i)) else "-" for i, ch in enumerate(bits))
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def _run_steps(steps: Sequence[tuple[str, Callable[[], list[str]]]]) -> None:
     for number, (title, step) in enumerate(steps, 1):
-        print(f"[{number}/{len(steps)}] {title} ...", flush=True)
+        print(f"[{number}/{len(steps)}] {title}", flush=True)
         try:
-            result = step()
-        except (DemoFailure, ProcError, TimeoutError, OSError, ValueError, KeyError) as exc:
+            lines = step()
+        except (DemoFailure, ProcError, TimeoutError, OSError, RuntimeError, ValueError) as exc:
             raise DemoFailure(f"step {number} ({title}) failed: {exc}") from exc
-        print(f"      {result}", flush=True)
+        for line in lines:
+            print(f"{INDENT}{line}", flush=True)
 
 
-def _hold(demo: Demo) -> None:
-    assert demo.csc is not None
-    print("\nThe relay is running. Try:")
-    print(f"  curl -s '{demo.url('/echo/hello')}'")
-    if demo.use_tcp:
-        host, port = demo.csc.tcp_addr
-        print(f"  printf 'CONNECT {ALIAS}\\r\\nhello\\n' | nc -q1 {host} {port}")
-    print("Press Ctrl-C to stop.", flush=True)
+def _steps(demo: Demo) -> list[tuple[str, Callable[[], list[str]]]]:
+    return [
+        ("Start the switching center: csc serve", demo.start_csc),
+        (
+            "Give tenant acme its alias and an agent token: csc token issue --assign",
+            demo.assign_alias,
+        ),
+        (
+            "Set up the portal: csc-portal device-type/group/user/app/policy/deploy",
+            demo.set_up_portal,
+        ),
+        ("Start the portal: csc-portal serve", demo.start_portal),
+        ("Start the tenant agent, which dials out to the CSC: csc-agent", demo.start_agent),
+        ("The administrator's provisioning SMS: csc-portal sms", demo.make_sms),
+        (
+            f"The device runs the bootloader on it: csc-bootloader --sms … --user {USER}",
+            demo.run_bootloader,
+        ),
+        ("What the device has now", demo.show_device),
+    ]
+
+
+def _urls(demo: Demo) -> list[str]:
+    laptop = ["--user", "bob", "--device-type", "win-x64", "--target", str(demo.workdir / "laptop")]
+    again = shlex.join(["csc-bootloader", "--sms", demo.sms, "--csc", demo.csc_url, *laptop])
+    return [
+        f"  resolve the alias  curl {demo.csc_url}/v1/resolve/{ALIAS}",
+        f"  the tunnel         curl {demo.tunnel('v1/portal')}",
+        f"  the get site       {demo.tunnel('get/')}",
+        f"  the SMS            {demo.sms}",
+        f"  bob's laptop       CSC_BOOTLOADER_PASSWORD={PASSWORDS['bob']} {again}",
+    ]
+
+
+def _wait_for_signal() -> str:
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    received: list[str] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
     stop.wait()
-    print()
+    return received[0]
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise Stopped
+
+
+def should_wait(explicit_exit: bool) -> bool:
+    """Stay up after the story unless told not to, or nobody is there to press Ctrl-C."""
+    if explicit_exit or os.environ.get("DEMO_EXIT", "") not in ("", "0"):
+        return False
+    if os.environ.get("CI", "").lower() == "true":
+        return False
+    return sys.stdin.isatty()
+
+
+def _workdir(given: Path | None) -> Path:
+    if given is None:
+        return Path(tempfile.mkdtemp(prefix="csc-demo-"))
+    given.mkdir(parents=True, exist_ok=True)
+    if any(given.iterdir()):
+        raise DemoFailure(f"--workdir {given} is not empty; give a new or empty directory")
+    return given.resolve()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--no-tcp", action="store_true", help="skip the raw TCP ingress step")
-    parser.add_argument("--hold", action="store_true", help="keep running until Ctrl-C")
+    parser.add_argument(
+        "--workdir", type=Path, metavar="DIR", help="scratch directory (new or empty)"
+    )
+    parser.add_argument("--exit", action="store_true", help="exit after the story (as DEMO_EXIT=1)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="csc-demo-") as tmp:
-        demo = Demo(Path(tmp), use_tcp=not args.no_tcp)
-        setup: list[tuple[str, Callable[[], str]]] = [
-            ("Start the stand-in portal (tests.support.upstream)", demo.start_upstream),
-            ("Start the switching center (csc serve)", demo.start_csc),
-            ("Issue an agent token (csc token issue)", demo.issue_token),
-            ("Start the tenant agent and wait for the alias", demo.start_agent),
-            (f"GET /t/{ALIAS}/echo/hello through the tunnel", demo.echo_request),
-            (f"Download {DOWNLOAD // (1024 * 1024)} MiB through the tunnel", demo.download),
-        ]
-        if demo.use_tcp:
-            setup.append((f"Raw TCP: CONNECT {ALIAS} on the TCP ingress", demo.tcp_connect))
-        try:
-            _run_steps(setup)
-            if args.hold:
-                _hold(demo)
-            _run_steps([("Stop everything with SIGTERM", demo.stop_all)])
-        except DemoFailure as exc:
-            print(f"\nDEMO FAILED: {exc}\n", file=sys.stderr)
-            for proc in demo.procs:
-                proc.dump_logs(sys.stderr)
-            return 1
-        finally:
-            demo.kill_leftovers()
-    print("\nDemo succeeded: the bootloader reached the portal through the alias.")
+    try:
+        workdir = _workdir(args.workdir)
+    except (DemoFailure, OSError) as exc:
+        print(f"python -m demo: {exc}", file=sys.stderr)
+        return 2
+    wait = should_wait(args.exit)
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    print("CSC demo: a device is provisioned through the alias switching center")
+    print(f"Scratch directory (state, logs, the device): {workdir}\n", flush=True)
+    demo = Demo(workdir)
+    try:
+        _run_steps(_steps(demo))
+        if wait:
+            print("\nEverything keeps running; try:", flush=True)
+            print("\n".join(_urls(demo)), flush=True)
+            print("Press Ctrl-C to stop.", flush=True)
+            print(f"\n{_wait_for_signal()}: stopping.", flush=True)
+        else:
+            print("\nNot waiting (stdin is not a terminal, or CI=true, DEMO_EXIT=1, --exit).")
+    except DemoFailure as exc:
+        print(f"\nDEMO FAILED: {exc}\n", file=sys.stderr)
+        demo.procs.dump_logs(sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Stopped):
+        print("\nInterrupted: stopping.", file=sys.stderr)
+        return 130
+    finally:
+        demo.stop()
+    print(f"Stopped every process. The device stays in {demo.device}")
     return 0
 
 

@@ -45,6 +45,8 @@ ERRORS: dict[str, ErrorSpec] = {
         _spec("headers_too_large", 431, 4431, _INFO, "the request head is too large"),
         _spec("version_unsupported", 426, 4426, _WARN, "unsupported protocol version"),
         _spec("too_many_streams", 429, 4429, _WARN, "too many concurrent streams"),
+        _spec("tenant_limit", 429, 4429, _INFO, "a limit of the tenant was reached"),
+        _spec("rate_limited", 429, 4429, _INFO, "too many requests for this tenant"),
         _spec("internal", 500, 1011, _ERR, "internal error"),
         _spec("upstream_refused", 502, 4502, _WARN, "the portal refused the connection"),
         _spec("upstream_reset", 502, 4502, _WARN, "the portal reset the connection"),
@@ -113,7 +115,20 @@ class BadAlias(CSCError):
 
 
 class AuthFailed(CSCError):
+    """A refused credential. ``reason`` is a short, stable word for the metrics (``revoked``,
+    ``unknown_tenant``, ...); None leaves it to be derived from the message."""
+
     code = "auth_failed"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, details=details)
+        self.reason = reason
 
 
 class AliasForbidden(CSCError):
@@ -142,6 +157,34 @@ class VersionUnsupported(CSCError):
 
 class TooManyStreams(CSCError):
     code = "too_many_streams"
+
+
+class TenantLimit(CSCError):
+    """A limit of the tenant refused a request or an agent session (429, ``Retry-After``).
+
+    ``retry_after`` is in whole seconds; ``limit`` names the limit (``streams``, ``sessions``,
+    ``rate``: the ``limit`` label of the metrics).
+    """
+
+    code = "tenant_limit"
+    default_limit: ClassVar[str] = "streams"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after: int = 1,
+        limit: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+        self.limit = limit or self.default_limit
+
+
+class RateLimited(TenantLimit):
+    code = "rate_limited"
+    default_limit = "rate"
 
 
 class InternalError(CSCError):

@@ -438,15 +438,20 @@ async def splice(
     *,
     reset_code: str,
     chunk_size: int = 256 * 1024,
+    traffic: LinkCounters | None = None,
 ) -> None:
     """Copy bytes both ways between a socket and a stream, with half-close, until both end.
 
     A socket error resets the stream with ``reset_code``; a stream error aborts the socket.
+    ``traffic`` (optional) counts this splice's bytes: ``data_sent`` from the socket to the
+    stream, ``data_received`` from the stream to the socket.
     """
+    tally = traffic if traffic is not None else LinkCounters()
 
     async def outbound() -> None:
         while data := await reader.read(chunk_size):
             await stream.write(data)
+            tally.data_sent += len(data)
         stream.write_eof()
 
     async def inbound() -> None:
@@ -454,6 +459,7 @@ async def splice(
             writer.write(data)
             await writer.drain()
             stream.consumed(len(data))
+            tally.data_received += len(data)
         if writer.can_write_eof():
             writer.write_eof()
 

@@ -570,16 +570,25 @@ class _Exchange:
             return False  # the CSC gave up on the stream
         if isinstance(err, UpstreamReset) and self.conn.retryable and not self.request.body:
             return True
-        log.info("request %s: %s", self.request_id, err.message)
+        log.info("request %s: %s", self.request_id, err.message, extra=self._where(err))
         self.stream.reject(err)
         return False
+
+    def _where(self, err: CSCError) -> dict[str, str]:
+        """The ``extra`` of a log line about this exchange's failure."""
+        return {"request_id": self.request_id, "code": err.code}
 
     async def _relay_body(self) -> None:
         conn, stream = self.conn, self.stream
         while True:
             if conn.error is not None:
                 if stream.error is None:
-                    log.info("request %s: %s", self.request_id, conn.error.message)
+                    log.info(
+                        "request %s: %s",
+                        self.request_id,
+                        conn.error.message,
+                        extra=self._where(conn.error),
+                    )
                     stream.reset(conn.error)
                 return
             if conn.chunks:
@@ -658,7 +667,9 @@ class HttpUpstream:
             try:
                 conn = await (self._connect() if fresh else self._acquire())
             except CSCError as err:
-                log.info("request %s: %s", stream.info.get("request_id", ""), err.message)
+                request_id = stream.info.get("request_id", "")
+                where = {"request_id": request_id, "code": err.code}
+                log.info("request %s: %s", request_id, err.message, extra=where)
                 stream.reject(err)
                 return
             try:

@@ -506,7 +506,12 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
                 self._rearm()
                 return
             what = "sending its request body" if self._waiting_for_body else "reading"
-            log.info("request %s: the client stopped %s", exchange.request_id, what)
+            log.info(
+                "request %s: the client stopped %s",
+                exchange.request_id,
+                what,
+                extra={"request_id": exchange.request_id},
+            )
             exchange.reset(Cancelled(f"the client stopped {what}"))
             return
         if self._head_started is not None:

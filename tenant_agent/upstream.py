@@ -5,14 +5,26 @@ target is a path appended to ``upstream``, a ``tcp`` stream always goes to ``tcp
 nothing the CSC sends can name another host. HTTP goes through one pooled keep-alive client
 (:mod:`tenant_agent.http_upstream`); bodies stream both ways and received bytes are credited
 back only once written upstream.
+
+Logs carry the stream's request id (from its OPEN, also sent to the portal as ``X-Request-Id``):
+every upstream failure at ``info``, and at ``debug`` one line per stream when it ends (kind,
+alias, method, path without its query string, outcome, duration). Never a header value, a
+query string or a body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
-from shared.errors import ProtocolError, UpstreamRefused, UpstreamReset, UpstreamTimeout
+from shared.errors import (
+    CSCError,
+    ProtocolError,
+    UpstreamRefused,
+    UpstreamReset,
+    UpstreamTimeout,
+)
 from shared.link import LinkStream, splice
 from tenant_agent.config import AgentConfig
 from tenant_agent.http_upstream import SMALL_BODY, HttpUpstream
@@ -51,10 +63,13 @@ class Upstreams:
             stream.reject(ProtocolError(f"unknown stream kind {kind!r}"))
             return
         self.metrics.stream_started(kind)
+        started = time.monotonic()
         try:
             await (self._http(stream) if kind == "http" else self._tcp(stream))
         finally:
             self.metrics.stream_finished(kind, stream.error)
+            if log.isEnabledFor(logging.DEBUG):
+                _log_stream(stream, kind, started)
 
     async def _http(self, stream: LinkStream) -> None:
         await self.http.handle(stream)
@@ -70,13 +85,47 @@ class Upstreams:
                 self.config.upstream_connect_timeout,
             )
         except TimeoutError:
-            stream.reject(UpstreamTimeout(f"connecting to {host}:{port} timed out"))
+            _refuse(stream, UpstreamTimeout(f"connecting to {host}:{port} timed out"))
             return
         except OSError as exc:
-            stream.reject(UpstreamRefused(f"connecting to {host}:{port} failed: {exc.strerror}"))
+            reason = exc.strerror or exc.__class__.__name__
+            _refuse(stream, UpstreamRefused(f"connecting to {host}:{port} failed: {reason}"))
             return
         stream.accept({})
         try:
             await splice(stream, reader, writer, reset_code=UpstreamReset.code)
         finally:
             writer.close()
+
+
+def _refuse(stream: LinkStream, err: CSCError) -> None:
+    request_id = stream.info.get("request_id", "")
+    log.info(
+        "request %s: %s",
+        request_id,
+        err.message,
+        extra={"request_id": request_id, "code": err.code},
+    )
+    stream.reject(err)
+
+
+def _log_stream(stream: LinkStream, kind: str, started: float) -> None:
+    """The debug line of a stream that ended (no header, query string or body)."""
+    info = stream.info
+    target = str(info.get("target", ""))
+    error = stream.error
+    log.debug(
+        "stream %s %s ended: %s",
+        kind,
+        info.get("alias", ""),
+        "ok" if error is None else error.code,
+        extra={
+            "request_id": info.get("request_id", ""),
+            "kind": kind,
+            "alias": info.get("alias", ""),
+            "method": info.get("method", ""),
+            "path": target.partition("?")[0].partition("#")[0],
+            "outcome": "ok" if error is None else error.code,
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        },
+    )

@@ -23,6 +23,8 @@ Invariants:
   ``RECEIVE_HIGH`` bytes wait to be received.
 * :meth:`receive` returns ``None`` once the closing handshake started (either side) or the
   connection is lost; :attr:`closed` is set once the transport is gone, whatever the cause.
+* The protocol logs to :data:`WIRE_LOG`, which never logs below ``info``: websockets' debug
+  lines echo the handshake's headers (the token) and frames' bytes (request bodies).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import ssl
 import struct
@@ -53,6 +56,9 @@ from shared.errors import CSCError, ProtocolError
 from shared.link import Link, cancel_quietly
 from tenant_agent.writeflow import WriteFlow
 
+#: websockets' logger for our connections, held at ``info`` whatever the agent's log level.
+WIRE_LOG = logging.getLogger("csc_agent.websocket")
+WIRE_LOG.setLevel(logging.INFO)
 #: Wait this long for the CSC to close TCP after the closing handshake, then abort.
 CLOSE_TIMEOUT = 5.0
 #: Pause reading while this many received bytes wait for :meth:`AgentWebSocket.receive`.
@@ -325,7 +331,7 @@ async def connect(
     bounds the time it takes.
     """
     uri = parse_uri(url)
-    protocol = ClientProtocol(uri, max_size=max_size)
+    protocol = ClientProtocol(uri, max_size=max_size, logger=WIRE_LOG)
     loop = asyncio.get_running_loop()
     tls: ssl.SSLContext | None = None
     if uri.secure:

@@ -1,0 +1,178 @@
+"""Per-tenant limits of one CSC node: request rate, concurrent streams and agent sessions.
+
+The operator sets a tenant's limits through the admin API (:class:`csc.tenants.Limits`:
+``max_request_rate`` per second, ``max_streams``, ``max_sessions``; ``None`` is unlimited, the
+default). :class:`TenantLimiter` enforces them on the node's hot path, without I/O and with an
+injected clock, so every decision costs a few dictionary operations (O(1)):
+
+* **rate**: a token bucket per tenant that refills at ``max_request_rate`` tokens a second and
+  holds at most ``burst_for(rate)`` (one second's worth, at least one). A request takes one
+  token; without one it is refused with ``rate_limited`` and a ``Retry-After`` of the whole
+  seconds until the next token. A request refused for any reason takes no token.
+* **streams**: the streams the tenant has in flight on this node, counted whatever the cap; a
+  new one beyond ``max_streams`` is refused with ``tenant_limit`` (``Retry-After: 1``).
+* **sessions**: the tenant's agent sessions on this node (from before the WebSocket upgrade to
+  the end of the session), refused beyond ``max_sessions`` with ``tenant_limit``.
+
+The limits are read at each decision from the catalog snapshot the caller passes, so a change
+made through the admin API applies within the registry refresh period, to new requests and
+sessions only: lowering a cap never ends what already runs.
+
+Invariants: counts are never negative (a release without a matching acquire is ignored) and an
+acquire never takes a count beyond its cap; over any interval of length ``t`` during which the
+rate stays ``r`` a tenant's bucket admits at most ``r * t + burst_for(r)`` requests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from csc.tenants import Limits
+from shared.errors import RateLimited, TenantLimit
+
+#: The limits of a tenant that sets none.
+UNLIMITED = Limits()
+#: Retry-After of a refusal for concurrency (streams or sessions), in seconds.
+RETRY_AFTER_BUSY = 1
+#: The ``limit`` labels of ``csc_limit_rejections_total`` this module's refusals count under.
+RATE, STREAMS, SESSIONS = "rate", "streams", "sessions"
+#: Tolerance for floating-point refills: a bucket this close to one token has one.
+EPSILON = 1e-9
+
+
+def burst_for(rate: float) -> float:
+    """How many requests a full bucket lets through at once: one second's worth, at least 1."""
+    return max(1.0, rate)
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """A token bucket: ``rate`` tokens a second, at most ``burst`` held, ``tokens`` now."""
+
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+
+    @classmethod
+    def full(cls, rate: float, now: float) -> TokenBucket:
+        burst = burst_for(rate)
+        return cls(rate, burst, burst, now)
+
+    def retune(self, rate: float, now: float) -> None:
+        """Change the rate (after refilling at the old one); the tokens held stay, capped."""
+        self._refill(now)
+        self.rate = rate
+        self.burst = burst_for(rate)
+        self.tokens = min(self.tokens, self.burst)
+
+    def take(self, now: float) -> float:
+        """Take one token: 0.0 when taken, else the seconds until one is available."""
+        self._refill(now)
+        if self.tokens >= 1.0 - EPSILON:
+            self.tokens = max(0.0, self.tokens - 1.0)
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.stamp = now
+
+
+def retry_after(seconds: float) -> int:
+    """``Retry-After`` in whole seconds (at least 1) for a wait of ``seconds``."""
+    return max(1, math.ceil(seconds))
+
+
+class TenantLimiter:
+    """The per-tenant counts and buckets of one node (see the module docstring)."""
+
+    __slots__ = ("_buckets", "_clock", "_sessions", "_streams")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+        self._streams: dict[str, int] = {}
+        self._sessions: dict[str, int] = {}
+
+    # -- streams (bootloader requests) -------------------------------------------------------
+
+    def acquire_stream(self, tenant: str, limits: Limits, alias: str) -> None:
+        """Admit one stream of ``tenant`` (counted until :meth:`release_stream`), or raise
+        :class:`TenantLimit` (streams) or :class:`RateLimited` (rate); ``alias`` is for the
+        message."""
+        held = self._streams.get(tenant, 0)
+        cap = limits.max_streams
+        if cap is not None and held >= cap:
+            raise TenantLimit(
+                f"too many requests in progress for {alias} (at most {cap} at once); "
+                f"try again in {RETRY_AFTER_BUSY} s",
+                retry_after=RETRY_AFTER_BUSY,
+                limit=STREAMS,
+            )
+        self._take_token(tenant, limits.max_request_rate, alias)
+        self._streams[tenant] = held + 1
+
+    def release_stream(self, tenant: str) -> None:
+        """One stream of ``tenant`` ended (whatever the outcome)."""
+        _decrement(self._streams, tenant)
+
+    def streams(self, tenant: str) -> int:
+        """Streams of ``tenant`` in flight on this node."""
+        return self._streams.get(tenant, 0)
+
+    def _take_token(self, tenant: str, rate: float | None, alias: str) -> None:
+        if rate is None:
+            self._buckets.pop(tenant, None)
+            return
+        now = self._clock()
+        bucket = self._buckets.get(tenant)
+        if bucket is None:
+            bucket = self._buckets[tenant] = TokenBucket.full(rate, now)
+        elif bucket.rate != rate:
+            bucket.retune(rate, now)
+        wait = bucket.take(now)
+        if wait:
+            after = retry_after(wait)
+            raise RateLimited(
+                f"too many requests for {alias} (at most {rate:g} a second); "
+                f"try again in {after} s",
+                retry_after=after,
+                limit=RATE,
+            )
+
+    # -- agent sessions ----------------------------------------------------------------------
+
+    def acquire_session(self, tenant: str, limits: Limits) -> None:
+        """Admit one agent session of ``tenant`` (counted until :meth:`release_session`), or
+        raise :class:`TenantLimit` (sessions)."""
+        held = self._sessions.get(tenant, 0)
+        cap = limits.max_sessions
+        if cap is not None and held >= cap:
+            raise TenantLimit(
+                f"tenant {tenant!r} already has {held} agent sessions on this node "
+                f"(at most {cap}); try again later",
+                retry_after=RETRY_AFTER_BUSY,
+                limit=SESSIONS,
+            )
+        self._sessions[tenant] = held + 1
+
+    def release_session(self, tenant: str) -> None:
+        _decrement(self._sessions, tenant)
+
+    def sessions(self, tenant: str) -> int:
+        """Agent sessions of ``tenant`` on this node, including those still in the handshake."""
+        return self._sessions.get(tenant, 0)
+
+
+def _decrement(counts: dict[str, int], tenant: str) -> None:
+    held = counts.get(tenant, 0)
+    if held > 1:
+        counts[tenant] = held - 1
+    else:
+        counts.pop(tenant, None)
