@@ -23,11 +23,13 @@ from shared.config import (
     heartbeat_problems,
     link_limit_problems,
     load_config,
+    log_format_field,
+    log_level_field,
     meta,
     parse_hostport,
     size_field,
 )
-from shared.logsetup import FORMATS, LEVELS
+from shared.logsetup import LEVELS
 
 ENV_PREFIX = "CSC_"
 #: Environment prefixes of the other programs, which share ``CSC_``.
@@ -119,13 +121,8 @@ class CSCConfig:
         default=None,
         metadata=meta(kind="size", minimum=0, help="largest request body; unset means unlimited"),
     )
-    log_level: str = field(
-        default="info", metadata=meta(choices=LOG_LEVELS, help="debug, info, warning or error")
-    )
-    log_format: str = field(
-        default="json",
-        metadata=meta(choices=FORMATS, help="json (one object per line) or text"),
-    )
+    log_level: str = log_level_field()
+    log_format: str = log_format_field()
     access_log: bool = field(
         default=True,
         metadata=meta(help="log one `info` event per bootloader request (logger `csc.access`)"),

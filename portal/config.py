@@ -18,11 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.aliases import normalise_alias
-from shared.config import duration_field, load_config, meta, parse_hostport
-from shared.logsetup import FORMATS as LOG_FORMATS
+from shared.config import (
+    duration_field,
+    load_config,
+    log_format_field,
+    log_level_field,
+    meta,
+    parse_hostport,
+)
+from shared.logsetup import LEVELS
 
 ENV_PREFIX = "CSC_PORTAL_"
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = tuple(LEVELS)
 #: Password hashing profiles (see :mod:`portal.passwords`); ``test`` is for tests only.
 HASH_COSTS = ("standard", "test")
 
@@ -112,13 +119,8 @@ class PortalConfig:
         default=4,
         metadata=meta(minimum=1, maximum=64, help="password verifications run at once"),
     )
-    log_level: str = field(
-        default="info", metadata=meta(choices=LOG_LEVELS, help="debug, info, warning or error")
-    )
-    log_format: str = field(
-        default="json",
-        metadata=meta(choices=LOG_FORMATS, help="json (one object per line) or text"),
-    )
+    log_level: str = log_level_field()
+    log_format: str = log_format_field()
 
     @property
     def listen_address(self) -> tuple[str, int]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from shared.errors import CSCError
+from shared.logsetup import FORMATS, LEVELS
 from shared.units import PLAIN_NUMBER, check_url, parse_duration, parse_hostport, parse_size
 
 __all__ = [
@@ -140,6 +141,18 @@ def meta(
         if value is not None:
             result[key] = value
     return result
+
+
+def log_level_field() -> Any:
+    """The ``log_level`` setting every program has (``info`` by default)."""
+    spec = meta(choices=tuple(LEVELS), help="debug, info, warning or error")
+    return dataclasses.field(default="info", metadata=spec)
+
+
+def log_format_field() -> Any:
+    """The ``log_format`` setting every program has (JSON lines by default)."""
+    spec = meta(choices=FORMATS, help="json (one object per line) or text")
+    return dataclasses.field(default="json", metadata=spec)
 
 
 def duration_field(default: float, help: str, *, minimum: float | None = None) -> Any:

@@ -24,11 +24,13 @@ from shared.config import (
     heartbeat_problems,
     link_limit_problems,
     load_config,
+    log_format_field,
+    log_level_field,
     meta,
     parse_hostport,
     size_field,
 )
-from shared.logsetup import FORMATS, LEVELS
+from shared.logsetup import LEVELS
 
 ENV_PREFIX = "CSC_AGENT_"
 #: The proxy mode's prefix (tenant_agent/proxy_config.py): no agent setting starts `proxy_`.
@@ -104,13 +106,8 @@ class AgentConfig:
             help="HOST:PORT serving Prometheus `/metrics`, e.g. 127.0.0.1:9465",
         ),
     )
-    log_level: str = field(
-        default="info", metadata=meta(choices=LOG_LEVELS, help="debug, info, warning or error")
-    )
-    log_format: str = field(
-        default="json",
-        metadata=meta(choices=FORMATS, help="json (one object per line) or text"),
-    )
+    log_level: str = log_level_field()
+    log_format: str = log_format_field()
 
     @property
     def tcp_upstream_address(self) -> tuple[str, int] | None:

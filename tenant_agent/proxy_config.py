@@ -19,8 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from shared.config import duration_field, load_config, meta, parse_hostport, size_field
-from shared.logsetup import FORMATS, LEVELS
+from shared.config import (
+    duration_field,
+    load_config,
+    log_format_field,
+    log_level_field,
+    meta,
+    parse_hostport,
+    size_field,
+)
+from shared.logsetup import LEVELS
 
 ENV_PREFIX = "CSC_AGENT_PROXY_"
 LOG_LEVELS = tuple(LEVELS)
@@ -68,13 +76,8 @@ class ProxyConfig:
     drain_timeout: float = duration_field(
         30.0, "on SIGTERM, how long requests in flight may finish", minimum=0
     )
-    log_level: str = field(
-        default="info", metadata=meta(choices=LOG_LEVELS, help="debug, info, warning or error")
-    )
-    log_format: str = field(
-        default="json",
-        metadata=meta(choices=FORMATS, help="json (one object per line) or text"),
-    )
+    log_level: str = log_level_field()
+    log_format: str = log_format_field()
 
     @property
     def listen_address(self) -> tuple[str, int]:

@@ -5,12 +5,15 @@
   At teardown every tracked process gets SIGTERM, then SIGKILL if it lingers; when the test
   failed, each process's command line and log tails are printed (pytest shows them with the
   failure).
+* Every test gets the root logger's handlers and level back afterwards, so a test that runs
+  an entry point's ``configure_logging`` cannot change what later tests log.
 * ``upstream_proc``: one upstream process (HTTP + TCP echo) for the whole session. It is
   stateless; a test that needs to kill or restart an upstream starts its own with ``procs``.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -22,6 +25,16 @@ if _REPO_ROOT not in sys.path:  # `pytest` (not `python -m pytest`) leaves the r
     sys.path.insert(0, _REPO_ROOT)
 
 from tests.support.procs import ProcFactory, UpstreamProc, start_upstream  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 

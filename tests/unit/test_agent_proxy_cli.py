@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import logging
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +51,6 @@ def fake_proxy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[ProxyConfig, Path 
     module.run = run  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tenant_agent.proxy", module)
     return calls
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_cli_builds_the_proxy_config(

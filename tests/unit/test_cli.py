@@ -23,15 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 PY_CSC = (sys.executable, "-m", "csc")
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Any:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.fixture
 def fake_server(monkeypatch: pytest.MonkeyPatch) -> list[tuple[CSCConfig, Path | None]]:
     calls: list[tuple[CSCConfig, Path | None]] = []
