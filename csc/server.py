@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import ssl
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
     """
     key, created = load_or_create_signing_key(config.state_dir)
     if created:
-        print(f"csc: created a signing key pair in {config.state_dir}", file=sys.stderr)
+        log.warning("created a signing key pair in %s", config.state_dir)
     store = Store(config.state_dir)
     if config.admin_listen is not None:
         token_file = store.ensure_operator()
@@ -223,13 +222,6 @@ async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
             node.tcp_address or "off",
             node.admin_address or "off",
             config.state_dir,
-        )
-        print(
-            f"csc: listening on {'https' if config.tls_enabled else 'http'}://"
-            f"{node.http_address}, tcp ingress {node.tcp_address or 'off'}, "
-            f"admin API {node.admin_address or 'off'}, state dir {config.state_dir}",
-            file=sys.stderr,
-            flush=True,
         )
         if ready_file is not None:
             write_ready_file(

@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -266,11 +265,11 @@ async def run_portal(
         site = web.TCPSite(runner, host, port, backlog=512)
         await site.start()
         address = _hostport(runner.addresses[0])
-        print(
-            f"csc-portal: listening on http://{address}, state dir {config.state_dir}, "
-            f"key {state.key.fingerprint}",
-            file=sys.stderr,
-            flush=True,
+        log.info(
+            "listening on http://%s, state dir %s, key %s",
+            address,
+            config.state_dir,
+            state.key.fingerprint,
         )
         if ready_file is not None:
             _write_ready_file(ready_file, {"http": address, "pid": os.getpid()})

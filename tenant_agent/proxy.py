@@ -168,7 +168,6 @@ async def run_proxy(config: ProxyConfig, ready_file: Path | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     target = upstream_name(config)
     log.info("proxy listening on %s, forwarding to %s", server.url, target)
-    print(f"{PROG}: listening on {server.url}, forwarding to {target}", file=sys.stderr, flush=True)
     await stop.wait()
     await server.drain()
     log.info("stopped")

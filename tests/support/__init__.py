@@ -1,5 +1,9 @@
-"""Test support: a deterministic upstream, a delay proxy and helpers to run real processes.
+"""Test support shared by the test suite, ``bench/`` and ``demo/``.
 
-These modules are shared by the test suite, ``bench/`` and ``demo/``; they never import the
-product's packages, they drive them through their command lines.
+Real processes and the servers they talk to: ``procs`` (start, wait for, stop by PID),
+``stack`` (the whole provisioning stack), ``upstream`` (a deterministic test portal),
+``delayproxy`` and ``mitm`` (a slow link; a man in the middle that cuts, holds or forges),
+``browser`` (headless Chromium over DevTools), and fixtures that use the product's own code
+where a test needs its data: ``admin`` and ``inproc`` (a CSC in the test's loop), ``portal`` and
+``catalog`` (portal set-up), ``packages`` (signed and tampered packages, a fake portal).
 """
