@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.files import create_exclusive, ensure_private_dir
+from shared.tokens import SigningKeyError, create_ed25519_key_file, load_private_key_file
 
 KEY_FILE = "portal-key.pem"
 
@@ -55,11 +55,9 @@ class PortalKey:
 
 def _load(path: Path) -> PortalKey:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except OSError as exc:
-        raise PortalKeyError(f"{path}: cannot read the portal key: {exc.strerror}") from None
-    except (ValueError, TypeError) as exc:
-        raise PortalKeyError(f"{path}: not a usable PEM private key: {exc}") from None
+        key = load_private_key_file(path, "portal key")
+    except SigningKeyError as exc:
+        raise PortalKeyError(str(exc)) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise PortalKeyError(f"{path}: the portal key must be Ed25519, not {type(key).__name__}")
     return PortalKey(key)
@@ -69,16 +67,8 @@ def load_or_create_key(state_dir: Path) -> tuple[PortalKey, bool]:
     """The portal key of ``state_dir`` and whether it was created now."""
     path = state_dir / KEY_FILE
     if not path.exists():
-        ensure_private_dir(state_dir)
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
         try:
-            create_exclusive(path, pem, mode=0o600)
-            return PortalKey(key), True
+            return PortalKey(create_ed25519_key_file(path)), True
         except FileExistsError:
             pass  # created concurrently: use that one
     return _load(path), False

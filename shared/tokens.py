@@ -118,28 +118,43 @@ def _public_pem(key: PrivateKey) -> bytes:
     )
 
 
-def generate_keypair(state_dir: Path) -> Ed25519PrivateKey:
-    """Create a new Ed25519 key pair in ``state_dir``; FileExistsError if a key is already there."""
-    ensure_private_dir(state_dir)
+def create_ed25519_key_file(path: Path) -> Ed25519PrivateKey:
+    """A new Ed25519 private key, written to ``path`` (PKCS#8 PEM, mode 0600) exactly once.
+
+    FileExistsError if ``path`` exists: the file is published with a hard link, which never
+    replaces one, so concurrent creators end up sharing the first key.
+    """
+    ensure_private_dir(path.parent)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    create_exclusive(state_dir / SIGNING_KEY_FILE, pem, mode=0o600)
+    create_exclusive(path, pem, mode=0o600)
+    return key
+
+
+def load_private_key_file(path: Path, what: str) -> object:
+    """The PEM private key in ``path`` (any type), or SigningKeyError naming ``what`` it is."""
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise SigningKeyError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+    except (ValueError, TypeError) as exc:
+        raise SigningKeyError(f"{path}: not a usable PEM private key: {exc}") from None
+
+
+def generate_keypair(state_dir: Path) -> Ed25519PrivateKey:
+    """Create a new Ed25519 key pair in ``state_dir``; FileExistsError if a key is already there."""
+    key = create_ed25519_key_file(state_dir / SIGNING_KEY_FILE)
     write_atomic(state_dir / PUBLIC_KEY_FILE, _public_pem(key), mode=0o644)
     return key
 
 
 def load_signing_key(path: Path) -> PrivateKey:
     """Load a PEM private key (Ed25519, RSA or EC) or raise SigningKeyError."""
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except OSError as exc:
-        raise SigningKeyError(f"{path}: cannot read the signing key: {exc.strerror}") from None
-    except (ValueError, TypeError) as exc:
-        raise SigningKeyError(f"{path}: not a usable PEM private key: {exc}") from None
+    key = load_private_key_file(path, "signing key")
     if not isinstance(key, PrivateKey):
         raise SigningKeyError(f"{path}: unsupported key type {type(key).__name__}")
     return key
