@@ -28,6 +28,7 @@ from shared.config import (
     meta,
     parse_hostport,
     size_field,
+    xdg_state_dir,
 )
 from shared.logsetup import LEVELS
 
@@ -48,11 +49,7 @@ MIB = 1024 * 1024
 
 def default_state_dir(env: Mapping[str, str]) -> Path:
     """``$XDG_STATE_HOME/csc`` when that is an absolute path, else ``~/.local/state/csc``."""
-    xdg = env.get("XDG_STATE_HOME", "")
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "csc"
-    home = env.get("HOME")
-    return (Path(home) if home else Path.home()) / ".local" / "state" / "csc"
+    return xdg_state_dir(env, "csc")
 
 
 def _state_dir_from_process_env() -> Path:

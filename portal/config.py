@@ -25,6 +25,7 @@ from shared.config import (
     log_level_field,
     meta,
     parse_hostport,
+    xdg_state_dir,
 )
 from shared.logsetup import LEVELS
 
@@ -36,11 +37,7 @@ HASH_COSTS = ("standard", "test")
 
 def default_state_dir(env: Mapping[str, str]) -> Path:
     """``$XDG_STATE_HOME/csc-portal`` when that is absolute, else ``~/.local/state/csc-portal``."""
-    xdg = env.get("XDG_STATE_HOME", "")
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "csc-portal"
-    home = env.get("HOME")
-    return (Path(home) if home else Path.home()) / ".local" / "state" / "csc-portal"
+    return xdg_state_dir(env, "csc-portal")
 
 
 def _state_dir_from_process_env() -> Path:

@@ -143,6 +143,15 @@ def meta(
     return result
 
 
+def xdg_state_dir(env: Mapping[str, str], program: str) -> Path:
+    """``$XDG_STATE_HOME/<program>`` when that is absolute, else ``~/.local/state/<program>``."""
+    xdg = env.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / program
+    home = env.get("HOME")
+    return (Path(home) if home else Path.home()) / ".local" / "state" / program
+
+
 def log_level_field() -> Any:
     """The ``log_level`` setting every program has (``info`` by default)."""
     spec = meta(choices=tuple(LEVELS), help="debug, info, warning or error")
