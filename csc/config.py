@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import (
+    Secret,
     duration_field,
     heartbeat_problems,
     link_limit_problems,
@@ -124,6 +125,58 @@ class CSCConfig:
         default=True,
         metadata=meta(help="log one `info` event per bootloader request (logger `csc.access`)"),
     )
+    # -- several nodes as one CSC (docs/operations.md "Running a cluster") --------------------
+    redis_url: Secret | None = field(
+        default=None,
+        metadata=meta(
+            help="routing state shared by the nodes: `redis://`, `rediss://`, `unix://`, "
+            "`redis+sentinel://H:P,H:P/?sentinel_master_name=NAME` or `redis+cluster://H:P,H:P`; "
+            "unset: one node, routes in memory"
+        ),
+    )
+    database_url: Secret | None = field(
+        default=None,
+        metadata=meta(
+            help="`postgresql://…` for tenants, aliases, tokens, operators and audit; "
+            "unset: SQLite `csc.db` in `state_dir`"
+        ),
+    )
+    node_id: str | None = field(
+        default=None,
+        metadata=meta(
+            doc_default="host name + a per-boot id",
+            help="this node's name in the cluster (sessions, logs, metrics)",
+        ),
+    )
+    peer_listen: str | None = field(
+        default=None,
+        metadata=meta(kind="hostport", help="node-to-node listener; required with `redis_url`"),
+    )
+    peer_advertise: str | None = field(
+        default=None,
+        metadata=meta(
+            kind="hostport",
+            doc_default="`peer_listen`",
+            help="the address other nodes dial to reach this one",
+        ),
+    )
+    cluster_key: Secret | None = field(
+        default=None,
+        metadata=meta(help="secret shared by the nodes (at least 32 bytes); or `cluster_key_file`"),
+    )
+    cluster_key_file: Path | None = field(
+        default=None, metadata=meta(help="file holding the cluster secret (first line)")
+    )
+    signing_key_file: Path | None = field(
+        default=None,
+        metadata=meta(
+            doc_default="`signing-key.pem` in `state_dir`",
+            help="PEM private key that signs and verifies agent tokens; the same on every node",
+        ),
+    )
+    route_lease: float = duration_field(
+        6.0, "a node's routes expire this long after its last heartbeat to Redis"
+    )
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -151,9 +204,41 @@ class CSCConfig:
         )
         problems += heartbeat_problems(self.heartbeat_interval, self.heartbeat_timeout)
         problems += self._tls_problems()
+        problems += self._cluster_problems()
         for name in ("token_audience", "token_issuer"):
             if not getattr(self, name).strip():
                 problems.append(f"{name} must not be empty")
+        return problems
+
+    @property
+    def clustered(self) -> bool:
+        """Whether this node shares routing state with others (``redis_url`` is set)."""
+        return self.redis_url is not None
+
+    def _cluster_problems(self) -> list[str]:
+        problems: list[str] = []
+        if self.database_url is not None and not self.database_url.reveal().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            problems.append("database_url must be a postgresql:// URL")
+        if not self.clustered:
+            return problems
+        if self.database_url is None:
+            problems.append(
+                "redis_url needs database_url: every node must read the same tenants, "
+                "aliases and tokens (set database_url to the shared PostgreSQL)"
+            )
+        if self.peer_listen is None:
+            problems.append("redis_url needs peer_listen (HOST:PORT of the node-to-node listener)")
+        if self.cluster_key is not None and self.cluster_key_file is not None:
+            problems.append("set cluster_key or cluster_key_file, not both")
+        elif self.cluster_key is None and self.cluster_key_file is None:
+            problems.append(
+                "redis_url needs a cluster secret: cluster_key_file or CSC_CLUSTER_KEY "
+                "(at least 32 bytes, the same on every node)"
+            )
+        elif self.cluster_key is not None and len(self.cluster_key.reveal().encode()) < 32:
+            problems.append("cluster_key must be at least 32 bytes long")
         return problems
 
     def _tls_problems(self) -> list[str]:
