@@ -14,6 +14,7 @@ heartbeat_interval``, and ``tls_cert``/``tls_key`` are both set (to existing fil
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,12 @@ class CSCConfig:
             help="PEM private key that signs and verifies agent tokens; the same on every node",
         ),
     )
+    redis_prefix: str = field(
+        default="csc",
+        metadata=meta(
+            help="prefix of every Redis key and channel (clusters sharing a Redis need their own)"
+        ),
+    )
     route_lease: float = duration_field(
         6.0, "a node's routes expire this long after its last heartbeat to Redis"
     )
@@ -239,7 +246,29 @@ class CSCConfig:
             )
         elif self.cluster_key is not None and len(self.cluster_key.reveal().encode()) < 32:
             problems.append("cluster_key must be at least 32 bytes long")
+        if re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.redis_prefix) is None:
+            problems.append("redis_prefix must be 1-64 letters, digits or _.:-")
         return problems
+
+    def cluster_secret(self) -> bytes:
+        """The cluster secret from ``cluster_key`` or the first line of ``cluster_key_file``;
+        raises ValueError when it cannot be read or is shorter than 32 bytes."""
+        if self.cluster_key is not None:
+            return self.cluster_key.reveal().encode()
+        if self.cluster_key_file is None:
+            raise ValueError("no cluster secret: set cluster_key_file or CSC_CLUSTER_KEY")
+        try:
+            text = self.cluster_key_file.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(
+                f"cluster_key_file {self.cluster_key_file}: {exc.strerror or exc}"
+            ) from None
+        secret = (text[0] if text else "").strip().encode()
+        if len(secret) < 32:
+            raise ValueError(
+                f"cluster_key_file {self.cluster_key_file}: the secret must be at least 32 bytes"
+            )
+        return secret
 
     def _tls_problems(self) -> list[str]:
         if (self.tls_cert is None) != (self.tls_key is None):

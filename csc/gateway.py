@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
 
 from csc.limits import UNLIMITED
 from csc.registry import MemoryRegistry, admission_error
@@ -39,6 +40,7 @@ from shared.errors import (
     AliasForbidden,
     AliasTaken,
     AuthFailed,
+    ClusterUnavailable,
     CSCError,
     GoingAway,
     ProtocolError,
@@ -171,7 +173,13 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
     except AuthFailed as err:
         state.metrics.auth_failed(err)
         return _refuse(err, remote)
-    state.registry.refresh()  # a revocation or suspension by another process counts at once
+    if state.cluster is not None and not state.cluster.healthy:
+        state.metrics.session_refused(ClusterUnavailable.code)
+        unavailable = ClusterUnavailable("the cluster's routing state (Redis) cannot be reached")
+        return _refuse(unavailable, remote)
+    # a revocation or suspension by another process counts at once (in a worker thread: the
+    # store may be a remote database)
+    await asyncio.to_thread(state.registry.refresh)
     refusal = admission_error(state.registry.catalog, claims.tenant, claims.jti)
     if refusal is not None:
         if isinstance(refusal, AuthFailed):
@@ -238,11 +246,23 @@ async def _run_session(
         await link.aclose(err)
         await _close(ws, err)
         return
+    if state.cluster is not None:
+        try:
+            await state.cluster.sync_routes()
+        except RedisError as exc:
+            state.registry.unbind(session)
+            down = ClusterUnavailable(f"cannot register the session's routes: {exc}")
+            state.metrics.session_refused(down.code)
+            log.warning("agent %s (tenant %s) refused: %s", remote, claims.tenant, down.message)
+            await link.aclose(down)
+            await _close(ws, down)
+            return
     link.on_goaway = lambda ev: _on_agent_goaway(session, ev)
     conn.send_welcome(
         {
             "session_id": session_id,
             "node": state.node_id,
+            "cluster_nodes": state.cluster.accepting_nodes if state.cluster else 1,
             "aliases": list(grants),
             "heartbeat_interval": state.link_settings.heartbeat_interval,
         },
@@ -265,6 +285,9 @@ async def _run_session(
     finally:
         state.registry.unbind(session)
         state.sessions.pop(session_id, None)
+        if state.cluster is not None:
+            with contextlib.suppress(RedisError):
+                await state.cluster.sync_routes()
         reason = link.closed.result() if link.closed.done() else None
         state.metrics.session_closed(session.tenant, reason, ws.close_code)
         await link.aclose()
@@ -295,7 +318,7 @@ async def _enforce_forever(state: NodeState) -> None:
     while True:
         await asyncio.sleep(state.config.registry_refresh)
         try:
-            state.registry.refresh()
+            await asyncio.to_thread(state.registry.refresh)
         except Exception:  # the store is unreadable for now: keep the last catalog
             log.exception("cannot re-read the registry; keeping the last known state")
         end_sessions(state)

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 
 from csc import accesslog
 from csc.metrics import outcome_of
-from csc.routing import lookup_alias, offline_error, open_stream
+from csc.routing import lookup_alias, offline_error, online, open_stream
 from csc.state import NodeState
 from shared.errors import (
     Cancelled,
@@ -44,7 +44,7 @@ from shared.headers import (
     strip_hop_by_hop,
 )
 from shared.headers import request_id_for as _request_id_rule
-from shared.link import LinkStream, cancel_quietly
+from shared.link import TunnelStream, cancel_quietly
 
 log = logging.getLogger("csc.http")
 
@@ -95,7 +95,7 @@ async def resolve(request: web.Request) -> web.Response:
     try:
         alias, found = lookup_alias(state, request.match_info["alias"])
         tenant = found.tenant
-        if not found.sessions:
+        if not await online(state, alias, found):
             raise offline_error(alias, found)
     except CSCError as err:
         state.metrics.resolved(err.code)
@@ -135,7 +135,7 @@ def _forwarded_head(
     }
 
 
-async def _send_body(request: web.Request, stream: LinkStream, limit: int | None) -> None:
+async def _send_body(request: web.Request, stream: TunnelStream, limit: int | None) -> None:
     sent = 0
     if request.body_exists:
         content = request.content
@@ -162,7 +162,7 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
         alias, found = lookup_alias(state, request.match_info["alias"])
         tenant, record.alias = found.tenant, alias
         info = _forwarded_head(request, state, alias, request_id)
-        stream = open_stream(state, alias, found, info)
+        stream = await open_stream(state, alias, found, info)
     except CSCError as err:
         state.metrics.request_done("http", tenant, err.code, time.monotonic() - started)
         refused = refuse(state, "http", err, request_id, tenant)
@@ -213,7 +213,7 @@ def _log_request(
 
 
 async def _await_head(
-    stream: LinkStream, body: asyncio.Future[None] | None, timeout: float
+    stream: TunnelStream, body: asyncio.Future[None] | None, timeout: float
 ) -> dict[str, Any]:
     """The response head, or the first error of the open or of the body upload."""
     if body is None:
@@ -244,7 +244,7 @@ async def _await_head(
 async def _relay_response(
     request: web.Request,
     state: NodeState,
-    stream: LinkStream,
+    stream: TunnelStream,
     body: asyncio.Future[None] | None,
     request_id: str,
     tenant: str | None = None,

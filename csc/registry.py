@@ -114,6 +114,9 @@ class MemoryRegistry(Generic[S]):
 
     source: CatalogSource | None = None
     catalog: Catalog = field(default_factory=Catalog)
+    #: re-read the source when a lookup misses (False when the source is a remote database:
+    #: then only the refresh loop and change events re-read it, never a request)
+    refresh_on_miss: bool = True
     _version: int | None = None
     _live: dict[str, list[S]] = field(default_factory=dict)
     _sessions: dict[int, S] = field(default_factory=dict)
@@ -132,13 +135,13 @@ class MemoryRegistry(Generic[S]):
     def owner(self, alias: str) -> str | None:
         """The tenant owning a normalised alias or pattern, re-reading the catalog on a miss."""
         owner = self.catalog.owner(alias)
-        if owner is None and self.refresh():
+        if owner is None and self.refresh_on_miss and self.refresh():
             owner = self.catalog.owner(alias)
         return owner
 
     def tenant(self, tenant_id: str) -> Tenant | None:
         found = self.catalog.tenants.get(tenant_id)
-        if found is None and self.refresh():
+        if found is None and self.refresh_on_miss and self.refresh():
             found = self.catalog.tenants.get(tenant_id)
         return found
 
@@ -147,7 +150,7 @@ class MemoryRegistry(Generic[S]):
 
     def operator(self, token_sha256: str) -> str | None:
         name = self.catalog.operators.get(token_sha256)
-        if name is None and self.refresh():
+        if name is None and self.refresh_on_miss and self.refresh():
             name = self.catalog.operators.get(token_sha256)
         return name
 
@@ -190,6 +193,10 @@ class MemoryRegistry(Generic[S]):
 
     def sessions(self) -> Iterable[S]:
         return list(self._sessions.values())
+
+    def local_grants(self) -> set[str]:
+        """Grants with at least one live session that takes new streams."""
+        return {grant for grant, live in self._live.items() if any(s.accepting for s in live)}
 
     def ending(self, now: float) -> list[tuple[S, CSCError]]:
         """Live sessions that must end now, each with the error to close it with.

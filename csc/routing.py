@@ -7,19 +7,35 @@ name it and its support contact (message and ``tenant`` member of the JSON body)
 knows whom to call. A request over one of its tenant's limits is refused (``tenant_limit``,
 ``rate_limited``) before a stream is opened. Among the sessions that serve the alias, the least
 loaded that accepts the stream gets it.
+
+In a cluster (csc/cluster/), an alias with no accepting session on this node is served through
+another node that has one: the stream is forwarded over the peer link to it, after this node
+made every check (alias, tenant, limits); if that node cannot take it the next one is tried,
+and only then is the answer ``portal_offline``. A draining node of a cluster keeps forwarding
+what reaches it (the load balancer stops sending as soon as ``/readyz`` fails); a lone node
+opens nothing while draining.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from csc.cluster.node import strip_peer_keys
 from csc.gateway import AgentSession
 from csc.limits import UNLIMITED
 from csc.registry import Lookup
 from csc.state import NodeState
 from shared.aliases import normalise_alias
-from shared.errors import CSCError, GoingAway, PortalOffline, TenantSuspended, UnknownAlias
-from shared.link import LinkStream
+from shared.errors import (
+    CSCError,
+    GoingAway,
+    PortalOffline,
+    ProtocolError,
+    TenantSuspended,
+    UnknownAlias,
+)
+from shared.link import LinkStream, TunnelStream
 
 
 def lookup_alias(state: NodeState, raw_alias: str) -> tuple[str, Lookup[AgentSession]]:
@@ -45,25 +61,65 @@ def offline_error(alias: str, found: Lookup[AgentSession]) -> PortalOffline:
     )
 
 
-def open_stream(
+async def online(state: NodeState, alias: str, found: Lookup[AgentSession]) -> bool:
+    """Whether a stream for ``alias`` can be opened now, here or on another node."""
+    if found.sessions:
+        return True
+    return state.cluster is not None and bool(await state.cluster.nodes_for(alias))
+
+
+async def open_stream(
     state: NodeState, alias: str, found: Lookup[AgentSession], info: dict[str, Any]
-) -> LinkStream:
-    """Open a stream on the least-loaded session that takes it, or raise PortalOffline.
+) -> TunnelStream:
+    """Open a stream on the least-loaded session that takes it (or, in a cluster, on another
+    node that serves the alias), or raise PortalOffline.
 
     The stream counts against its tenant's limits (csc/limits.py) before anything reaches the
     agent (``tenant_limit``, ``rate_limited``) until the ingress releases it when it ends.
     """
-    if state.draining:
+    cluster = state.cluster
+    if state.draining and cluster is None:
         raise GoingAway("this node is draining")
-    if not found.sessions:
+    if not found.sessions and cluster is None:
         raise offline_error(alias, found)
     tenant = found.tenant or ""
     state.limits.acquire_stream(tenant, found.owner.limits if found.owner else UNLIMITED, alias)
     try:
-        return _open_on_session(alias, found, info)
+        if found.sessions:
+            try:
+                stream = _open_on_session(alias, found, info)
+            except CSCError:
+                if cluster is None:
+                    raise
+            else:
+                if cluster is not None:
+                    cluster.stats.lookups["local"] += 1
+                return stream
+        assert cluster is not None
+        try:
+            forwarded = await cluster.open_remote(alias, tenant, info)
+        except PortalOffline:
+            cluster.stats.lookups["miss"] += 1
+            raise offline_error(alias, found) from None
+        cluster.stats.lookups["remote"] += 1
+        return forwarded
     except BaseException:
         state.limits.release_stream(tenant)
         raise
+
+
+def open_for_peer(state: NodeState, info: dict[str, Any]) -> LinkStream:
+    """Open a stream another node forwarded (csc/cluster/peer.py) on one of this node's own
+    sessions of the tenant it names; PortalOffline when there is none."""
+    alias, tenant = info.get("alias"), info.get("tenant")
+    if not isinstance(alias, str) or not isinstance(tenant, str):
+        raise ProtocolError("a forwarded OPEN must name its alias and tenant")
+    found = state.registry.lookup(alias)
+    sessions = tuple(s for s in found.sessions if s.tenant == tenant)
+    if not sessions:
+        raise PortalOffline(f"no agent session of {alias} on node {state.node_id}")
+    mine = dataclasses.replace(found, sessions=sessions)
+    return _open_on_session(alias, mine, strip_peer_keys(info))
 
 
 def _open_on_session(alias: str, found: Lookup[AgentSession], info: dict[str, Any]) -> LinkStream:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import ssl
 from collections.abc import AsyncIterator
@@ -24,10 +25,11 @@ from typing import Any
 from aiohttp import web
 
 from csc import admin_api, gateway, http_ingress
+from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
 from csc.metrics import CSCMetrics, add_metrics_route
 from csc.registry import MemoryRegistry
-from csc.state import NodeState
+from csc.state import NodeState, default_node_id
 from csc.store import Store
 from csc.tcp_ingress import READ_LIMIT, make_handler
 from shared.errors import GoingAway
@@ -56,6 +58,7 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
     registry.refresh(force=True)
     return NodeState(
         config=config,
+        node_id=config.node_id or default_node_id(),
         registry=registry,
         public_keys=[key.public_key()],
         metrics=metrics or CSCMetrics(),
@@ -102,6 +105,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.on_shutdown.append(_close_sessions)
+    app.cleanup_ctx.append(cluster_context)
     app.cleanup_ctx.append(gateway.enforce_rights)
     app.on_cleanup.append(_close_store)
     return app
@@ -119,6 +123,21 @@ def _ssl_context(config: CSCConfig) -> ssl.SSLContext | None:
 def _hostport(sockname: Any) -> str:
     host, port = sockname[0], sockname[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _spread_goaways(state: NodeState, window: float) -> None:
+    """GOAWAY every agent session, at random moments within ``window`` seconds."""
+    sessions = list(state.sessions.values())
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for at in sorted(random.uniform(0, window) for _ in sessions) if window > 0 else ():
+        await asyncio.sleep(max(0.0, start + at - loop.time()))
+        session = sessions.pop()
+        if not session.link.is_closed:
+            session.link.go_away("going_away", "the CSC is shutting down")
+    for session in sessions:
+        if not session.link.is_closed:
+            session.link.go_away("going_away", "the CSC is shutting down")
 
 
 def write_ready_file(path: Path, data: dict[str, Any]) -> None:
@@ -165,21 +184,33 @@ class Node:
         return self.admin.address if self.admin is not None else None
 
     async def drain(self) -> None:
-        """Stop taking work, GOAWAY every agent, wait for streams, then close everything."""
+        """Stop taking work, GOAWAY every agent, wait for streams, then close everything.
+
+        In a cluster the node first withdraws its routes and flags itself draining in the
+        directory (other nodes stop forwarding to it), keeps forwarding what still reaches it,
+        and spreads the GOAWAYs over the first half of the drain window with jitter, so its
+        agents reconnect to the other nodes gradually (make-before-break).
+        """
         state = self.state
         state.draining = True
         log.info(
             "draining: up to %.0f s for %d streams", self.config.drain_timeout, state.active_streams
         )
+        if state.cluster is not None:
+            await state.cluster.drain()
         if self.tcp_server is not None:
             self.tcp_server.close()
         for site in list(self.runner.sites):
             await site.stop()  # closes the listening socket; connections carry on
-        for session in list(state.sessions.values()):
-            session.link.go_away("going_away", "the CSC is shutting down")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.config.drain_timeout):
-                await state.idle.wait()
+        spread = self.config.drain_timeout / 2 if state.cluster is not None else 0.0
+        goaways = asyncio.ensure_future(_spread_goaways(state, spread))
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.drain_timeout):
+                    await goaways
+                    await state.idle.wait()
+        finally:
+            goaways.cancel()
         if state.active_streams:
             log.warning("drain deadline passed with %d streams in flight", state.active_streams)
         await self.stop()
@@ -230,6 +261,8 @@ async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
                     "http": node.http_address,
                     "tcp": node.tcp_address,
                     "admin": node.admin_address,
+                    "peer": node.state.cluster.advertised if node.state.cluster else None,
+                    "node": node.state.node_id,
                     "pid": os.getpid(),
                 },
             )

@@ -19,7 +19,13 @@ from csc.store import Store
 from shared.protocol import LinkSettings
 
 if TYPE_CHECKING:
+    from csc.cluster.node import Cluster
     from csc.gateway import AgentSession
+
+
+def default_node_id() -> str:
+    """Host name plus a per-boot id: unique even when a host runs the node again."""
+    return f"{socket.gethostname()}-{os.urandom(4).hex()}"
 
 
 @dataclass(eq=False)
@@ -29,7 +35,7 @@ class NodeState:
     config: CSCConfig
     registry: MemoryRegistry[AgentSession]
     public_keys: list[Any]
-    node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    node_id: str = field(default_factory=default_node_id)
     sessions: dict[str, AgentSession] = field(default_factory=dict)
     draining: bool = False
     metrics: CSCMetrics = field(default_factory=CSCMetrics)
@@ -44,6 +50,8 @@ class NodeState:
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     #: the last error answers of the ingresses (admin API ``/errors``, the console)
     errors: ErrorLog = field(default_factory=ErrorLog)
+    #: the node's membership of a cluster (``redis_url`` set; csc/cluster/node.py), else None
+    cluster: Cluster | None = None
 
     def __post_init__(self) -> None:
         self.link_settings = LinkSettings.from_config(

@@ -74,7 +74,7 @@ async def _serve(
         alias, found = lookup_alias(state, raw_alias)
         tenant, record.alias = found.tenant, alias
         info = {"kind": "tcp", "alias": alias, "client": client, "request_id": request_id}
-        stream = open_stream(state, alias, found, info)
+        stream = await open_stream(state, alias, found, info)
     except CSCError as err:
         state.metrics.request_done("tcp", tenant, err.code, time.monotonic() - started)
         await _refuse(state, writer, err, request_id, tenant)

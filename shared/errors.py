@@ -55,6 +55,9 @@ ERRORS: dict[str, ErrorSpec] = {
         _spec("portal_offline", 503, 4503, _INFO, "the portal for this alias is offline"),
         _spec("going_away", 503, 1001, _INFO, "the server is shutting down"),
         _spec("tenant_suspended", 503, 4423, _INFO, "the tenant is suspended"),
+        _spec(
+            "cluster_unavailable", 503, 1013, _WARN, "the cluster's routing state is unavailable"
+        ),
         _spec("upstream_timeout", 504, 4504, _WARN, "the portal did not answer in time"),
         _spec("protocol_error", 400, 4400, _WARN, "protocol violation"),
         _spec("flow_control", 400, 4400, _WARN, "flow-control violation"),
@@ -213,6 +216,12 @@ class PortalOffline(CSCError):
 
 class GoingAway(CSCError):
     code = "going_away"
+
+
+class ClusterUnavailable(CSCError):
+    """The node cannot reach the cluster's routing state (Redis): no new agent sessions."""
+
+    code = "cluster_unavailable"
 
 
 class TenantSuspended(CSCError):

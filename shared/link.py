@@ -25,7 +25,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from shared.errors import AgentLost, Cancelled, CSCError, error_for_code
 from shared.protocol import (
@@ -210,6 +210,31 @@ class LinkStream:
     @property
     def done(self) -> bool:
         return self._error is not None or (self._eof and self._local_eof)
+
+
+class TunnelStream(Protocol):
+    """What an ingress needs of a stream: a :class:`LinkStream` to an agent, or a stream
+    forwarded to another node (csc/cluster/peer.py ``PeerStream``)."""
+
+    info: dict[str, Any]
+    opened: asyncio.Future[dict[str, Any]]
+
+    @property
+    def error(self) -> CSCError | None: ...
+
+    async def read(self) -> bytes | memoryview: ...
+
+    def consumed(self, nbytes: int) -> None: ...
+
+    async def write(self, data: bytes | memoryview) -> None: ...
+
+    def write_eof(self) -> None: ...
+
+    def read_complete(self) -> bytes | None: ...
+
+    def reset(self, err: CSCError) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 StreamHandler = Callable[[LinkStream], Awaitable[None]]
@@ -432,7 +457,7 @@ class Link:
 
 
 async def splice(
-    stream: LinkStream,
+    stream: TunnelStream,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     *,

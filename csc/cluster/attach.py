@@ -1,0 +1,103 @@
+"""Wiring a node into its cluster: the ``cleanup_ctx`` that connects Redis, starts the
+:class:`~csc.cluster.node.Cluster` with the node's hooks, and withdraws it at the end.
+
+With ``redis_url`` unset nothing happens here and the node runs alone, exactly as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from csc.admin_api import session_view
+from csc.cluster.node import Cluster, ClusterHooks
+from csc.cluster.redisconn import connect_redis
+from csc.cluster.routes import Keys
+from csc.gateway import end_sessions
+from csc.routing import open_for_peer
+from csc.state import NodeState
+from shared.errors import GoingAway
+
+log = logging.getLogger("csc.cluster")
+
+
+class ClusterStartError(Exception):
+    """The node cannot join its cluster (Redis unreachable, bad secret, peer listener)."""
+
+
+def _hooks(state: NodeState) -> ClusterHooks:
+    async def catalog_changed() -> None:
+        try:
+            await asyncio.to_thread(state.registry.refresh, force=True)
+        except Exception:  # the store is unreachable: keep the last catalog
+            log.exception("cannot re-read the store; keeping the last known catalog")
+            return
+        end_sessions(state)
+
+    def disconnect(session_id: str) -> bool:
+        session = state.sessions.get(session_id)
+        if session is None:
+            return False
+        session.end(GoingAway("disconnected by an operator"))
+        log.info("session %s disconnected at an operator's request", session_id)
+        return True
+
+    def fenced() -> None:
+        for session in list(state.sessions.values()):
+            session.end(GoingAway("this node lost its cluster lease; reconnect"))
+
+    def views() -> list[dict[str, Any]]:
+        return [session_view(s, state.node_id) for s in state.sessions.values()]
+
+    return ClusterHooks(
+        local_grants=state.registry.local_grants,
+        open_local=lambda info: open_for_peer(state, info),
+        session_views=views,
+        catalog_changed=catalog_changed,
+        disconnect=disconnect,
+        fenced=fenced,
+        stream_started=state.stream_started,
+        stream_finished=state.stream_finished,
+    )
+
+
+async def cluster_context(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: join the cluster for the app's lifetime (a no-op without ``redis_url``)."""
+    state = app[NodeState.KEY]
+    config = state.config
+    if config.redis_url is None:
+        yield
+        return
+    try:
+        secret = config.cluster_secret()
+    except ValueError as exc:
+        raise ClusterStartError(str(exc)) from None
+    redis = await connect_redis(config.redis_url.reveal())
+    assert config.peer_listen is not None  # the config refuses redis_url without it
+    cluster = Cluster(
+        node_id=state.node_id,
+        redis=redis,
+        keys=Keys(config.redis_prefix),
+        key=secret,
+        lease=config.route_lease,
+        settings=state.link_settings,
+        hooks=_hooks(state),
+    )
+    state.registry.refresh_on_miss = False  # the store is remote: never read it on a hot path
+    try:
+        await cluster.start(config.peer_listen, config.peer_advertise)
+    except (OSError, ValueError) as exc:
+        await cluster.server.stop()
+        await redis.aclose()
+        raise ClusterStartError(f"peer listener {config.peer_listen}: {exc}") from None
+    state.cluster = cluster
+    try:
+        yield
+    finally:
+        state.cluster = None
+        await cluster.stop()
+        await redis.aclose()

@@ -1,0 +1,342 @@
+"""A CSC node's membership of the cluster: lease heartbeats, routes, events and peer links.
+
+:class:`Cluster` is created by ``csc serve`` when ``redis_url`` is set and lives as long as the
+node's app (a ``cleanup_ctx``). It owns
+
+* the :class:`~csc.cluster.routes.RouteTable` (this node's lease and routes in Redis, the
+  directory of live nodes, cached lookups of other nodes' routes);
+* the peer listener (:class:`~csc.cluster.peer.PeerServer`), which relays streams other nodes
+  forward to this node's agent sessions, and the :class:`~csc.cluster.peer.PeerPool` of links
+  to the other nodes;
+* the heartbeat task (every third of ``route_lease``: refresh the lease, re-read the directory,
+  bring this node's routes in line with its live sessions, publish its sessions for the admin
+  views) and the subscription to the cluster's event channel.
+
+Events (JSON on ``P:events``): ``route`` (an alias's routes changed: drop the cached answer),
+``nodes`` (the directory changed: re-read it), ``catalog`` (tenants, aliases or tokens changed
+in the store: re-read them and end the sessions that lost their right to run) and
+``disconnect`` (an operator ended a session by id, on whichever node holds it).
+
+Invariants: this node's routes in Redis name exactly the grants for which it has a live
+accepting session, as of its last heartbeat or session change (``sync_routes``); a Redis failure
+never ends a tunnel or a session by itself: the node keeps serving on what it knows, counts the
+error, and re-asserts its lease and routes when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from csc.cluster.peer import PEER_KEYS, PeerPool, PeerServer, PeerStream
+from csc.cluster.routes import Keys, NodeInfo, RouteTable
+from shared.errors import CSCError, PortalOffline
+from shared.link import LinkStream, cancel_quietly
+from shared.protocol import LinkSettings
+from shared.units import parse_hostport
+
+log = logging.getLogger("csc.cluster")
+
+#: Streams one peer link may carry at once (each node's bootloader traffic to one other node).
+PEER_MAX_STREAMS = 8192
+
+
+@dataclass(eq=False)
+class ClusterHooks:
+    """What the node does for the cluster (wired by csc/server.py)."""
+
+    #: grants with at least one live, accepting session on this node
+    local_grants: Callable[[], set[str]]
+    #: open a stream on one of this node's sessions for a forwarded OPEN
+    open_local: Callable[[dict[str, Any]], LinkStream]
+    #: the admin views of this node's sessions
+    session_views: Callable[[], list[dict[str, Any]]]
+    #: the store changed somewhere: re-read it and end sessions that may no longer run
+    catalog_changed: Callable[[], Awaitable[None]]
+    #: an operator asked to end session ``id`` (True: it was here)
+    disconnect: Callable[[str], bool]
+    #: this node was paused past its lease: end every session it holds
+    fenced: Callable[[], None]
+    stream_started: Callable[[], None]
+    stream_finished: Callable[[], None]
+
+
+@dataclass(eq=False)
+class ClusterStats:
+    """Plain counters the metrics read at scrape time."""
+
+    redis_errors: int = 0
+    redis_reconnects: int = 0
+    lookups: dict[str, int] = field(default_factory=lambda: {"local": 0, "remote": 0, "miss": 0})
+    fenced: int = 0
+
+
+@dataclass(eq=False)
+class Cluster:
+    node_id: str
+    redis: Any
+    keys: Keys
+    key: bytes
+    lease: float
+    settings: LinkSettings
+    hooks: ClusterHooks
+    stats: ClusterStats = field(default_factory=ClusterStats)
+    routes: RouteTable = field(init=False)
+    peers: PeerPool = field(init=False)
+    server: PeerServer = field(init=False)
+    registered: set[str] = field(default_factory=set)
+    healthy: bool = True
+    draining: bool = False
+    #: the peer address other nodes dial (known once started)
+    advertised: str = ""
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _last_beat: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.routes = RouteTable(self.redis, self.keys, self.node_id, self.lease, self._redis_error)
+        peer_settings = LinkSettings(
+            initial_window=self.settings.initial_window,
+            max_window=self.settings.max_window,
+            session_budget=self.settings.session_budget,
+            max_frame=self.settings.max_frame,
+            max_streams=PEER_MAX_STREAMS,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+        )
+        self.peers = PeerPool(self.node_id, self.key, peer_settings)
+        self.server = PeerServer(
+            self.node_id,
+            self.key,
+            peer_settings,
+            self.hooks.open_local,
+            self.hooks.stream_started,
+            self.hooks.stream_finished,
+        )
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    async def start(self, peer_listen: str, peer_advertise: str | None) -> str:
+        """Listen for peers, join the directory, start the heartbeat and the subscription;
+        returns the advertised peer address."""
+        host, port = parse_hostport(peer_listen)
+        if peer_advertise is None and host in ("0.0.0.0", "::", ""):
+            raise ValueError(
+                f"peer_listen {peer_listen} is a wildcard address: set peer_advertise to the "
+                "address other nodes can dial"
+            )
+        _, bound_port = await self.server.start(host, port)
+        advertise = peer_advertise or _hostport(host, bound_port)
+        self.advertised = advertise
+        await self.routes.join(advertise)
+        await self.routes.read_directory()
+        await self.publish({"t": "nodes"})
+        self._last_beat = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._heartbeat_forever(), name="cluster-heartbeat"),
+            loop.create_task(self._subscribe_forever(), name="cluster-events"),
+        ]
+        log.info(
+            "node %s joined the cluster (epoch %d, peer %s, %d live nodes)",
+            self.node_id,
+            self.routes.epoch,
+            advertise,
+            len(self.routes.directory),
+        )
+        return advertise
+
+    async def drain(self) -> None:
+        """Tell the others this node takes no new work: directory flag and routes withdrawn."""
+        self.draining = True
+        with contextlib.suppress(RedisError):
+            await self.routes.set_draining()
+            await self.routes.unregister(self.registered)
+            self.registered.clear()
+            await self.publish({"t": "nodes"})
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            await cancel_quietly(task)
+        try:
+            await self.routes.leave(self.registered | self.hooks.local_grants())
+            await self.publish({"t": "nodes"})
+        except RedisError as exc:
+            log.warning("could not withdraw this node from Redis: %s", exc)
+        await self.server.stop()
+        await self.peers.aclose()
+
+    # -- routes ------------------------------------------------------------------------------
+
+    async def sync_routes(self, *, reassert: bool = False) -> None:
+        """Make this node's routes in Redis match its live sessions (all again if
+        ``reassert``); raises RedisError (the caller decides what that means)."""
+        async with self._sync_lock:
+            desired = set() if self.draining else self.hooks.local_grants()
+            changed = desired ^ self.registered
+            removed = self.registered - desired
+            added = desired if reassert else desired - self.registered
+            if added:
+                await self.routes.register(added)
+            if removed:
+                await self.routes.unregister(removed)
+            self.registered = desired
+            for grant in sorted(changed):
+                await self.publish({"t": "route", "alias": grant})
+
+    def cached_nodes(self, alias: str) -> tuple[NodeInfo, ...] | None:
+        return self.routes.cached(alias)
+
+    async def nodes_for(self, alias: str) -> list[NodeInfo]:
+        """Other nodes that can serve ``alias`` now, those recently unreachable left out."""
+        found = await self.routes.nodes_for(alias)
+        nodes = [n for n in found if not self.peers.suspect(n.id)]
+        random.shuffle(nodes)
+        return nodes
+
+    async def open_remote(self, alias: str, tenant: str, info: dict[str, Any]) -> PeerStream:
+        """Forward a stream to another node that serves ``alias``; the refusal of the last
+        one tried (or PortalOffline) when none admits it."""
+        last: CSCError | None = None
+        forwarded = {**info, "tenant": tenant}
+        for node in await self.nodes_for(alias):
+            try:
+                return await self.peers.open(node.id, node.peer, forwarded)
+            except CSCError as err:
+                last = err
+                log.info("node %s did not take a stream for %s: %s", node.id, alias, err.code)
+        if last is not None and not isinstance(last, PortalOffline):
+            raise last
+        raise PortalOffline(f"no node serves {alias}")
+
+    @property
+    def accepting_nodes(self) -> int:
+        """Live nodes that take agents (this one included while it is not draining)."""
+        return max(1, len(self.routes.live_nodes(accepting=True)))
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        try:
+            await self.redis.publish(self.keys.events, json.dumps(event))
+        except RedisError as exc:
+            self._redis_error(exc)
+
+    async def _on_event(self, raw: bytes | str) -> None:
+        try:
+            event = json.loads(raw)
+            kind = event["t"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if kind == "route":
+            self.routes.forget(str(event.get("alias", "")) or None)
+        elif kind == "nodes":
+            with contextlib.suppress(RedisError):
+                await self.routes.read_directory()
+                await self.peers.retain(set(self.routes.directory))
+        elif kind == "catalog":
+            await self.hooks.catalog_changed()
+        elif kind == "disconnect":
+            self.hooks.disconnect(str(event.get("session", "")))
+
+    async def _subscribe_forever(self) -> None:
+        """Listen on the event channel, subscribing again after any connection loss; each
+        (re)subscription is followed by a full resync (a message may have been missed)."""
+        delay = 0.1
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.keys.events)
+                delay = 0.1
+                await self._resync()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        await self._on_event(message["data"])
+            except (RedisError, OSError) as exc:
+                self._redis_error(exc)
+                self.stats.redis_reconnects += 1
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _resync(self) -> None:
+        self.routes.forget()
+        with contextlib.suppress(RedisError):
+            await self.routes.read_directory()
+        await self.hooks.catalog_changed()
+
+    # -- heartbeat ---------------------------------------------------------------------------
+
+    async def _heartbeat_forever(self) -> None:
+        period = self.lease / 3
+        while True:
+            await asyncio.sleep(period * random.uniform(0.9, 1.1))
+            await self.beat()
+
+    async def beat(self) -> None:
+        """One heartbeat: lease, directory, routes, session views."""
+        now = time.monotonic()
+        gap, self._last_beat = now - self._last_beat, now
+        try:
+            status = await self.routes.heartbeat()
+            if status != "ok" and (gap > self.lease or status == "taken"):
+                await self._fence(gap, status)
+            reassert = status != "ok" or not self.healthy
+            await self.routes.read_directory()
+            await self.peers.retain(set(self.routes.directory))
+            await self.sync_routes(reassert=reassert)
+            await self.routes.publish_sessions(self.hooks.session_views())
+        except RedisError as exc:
+            self._redis_error(exc)
+            return
+        if not self.healthy:
+            log.info("Redis answers again; lease and routes re-asserted")
+        self.healthy = True
+
+    async def _fence(self, gap: float, status: str) -> None:
+        """This node's epoch is void (it was paused past its lease, or its id was taken):
+        take a new one and end the sessions it held; their agents reconnect."""
+        self.stats.fenced += 1
+        old = self.routes.epoch
+        assert self.routes.info is not None
+        peer = self.routes.info.peer
+        await self.routes.join(peer)
+        self.registered.clear()
+        log.warning(
+            "node %s lost its lease (%s after %.1f s without a heartbeat): epoch %d is void, "
+            "now %d; ending its agent sessions",
+            self.node_id,
+            status,
+            gap,
+            old,
+            self.routes.epoch,
+        )
+        self.hooks.fenced()
+        await self.publish({"t": "nodes"})
+
+    def _redis_error(self, exc: Exception) -> None:
+        self.stats.redis_errors += 1
+        if self.healthy:
+            log.warning("Redis error: %s; serving on what this node knows", exc)
+        self.healthy = False
+
+
+def strip_peer_keys(info: dict[str, Any]) -> dict[str, Any]:
+    """A forwarded OPEN's info as the agent sees it."""
+    return {k: v for k, v in info.items() if k not in PEER_KEYS}
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,499 @@
+"""Node-to-node peer links: a bootloader stream that arrives at node B for an alias whose agent is
+on node A travels B→A over one persistent, authenticated link (docs/protocol.md §10).
+
+A peer link is the agent-link protocol (shared/protocol: frames, streams, per-stream credit,
+heartbeats) carried directly over TCP, without a WebSocket: the frame codec delimits frames by
+itself. B dials (``Side.CLIENT``) and opens streams; A accepts them (``Side.SERVER``). B's HELLO
+carries a short-lived HS256 token signed with the cluster secret (``iss`` = B's node id,
+``aud`` = ``csc-peer:<A's node id>``), so only nodes holding the secret can open streams and a
+token meant for one node is refused by another.
+
+Streams on a peer link differ from agent-link streams in one way, so that B can try another node
+when A cannot serve: A answers OPEN_OK as soon as it has opened the stream on one of its own agent
+sessions (*admission*), or OPEN_FAIL at once when it has none (``portal_offline``) or is draining
+(``going_away``). The agent's answer (the response head of an HTTP request, ``{}`` for TCP) then
+comes as the first DATA bytes of the stream: a 4-byte big-endian length and that JSON object;
+an agent refusal after admission is an RST with the agent's code. :class:`PeerStream` turns that
+back into what the ingress expects of an agent stream (``opened`` resolves to the head).
+
+A only relays: B has already checked the alias, the tenant and its limits, logs the request and
+counts it. A copies bytes between the two streams and returns credit only for bytes the next hop
+took, so flow control holds end to end (B→A→agent) and memory stays bounded on every hop.
+
+Invariants: a stream forwarded by B is admitted by A only to a live, accepting session of the
+tenant named in its OPEN; a relay never outlives either of its streams (an error on one resets
+the other with the same code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from shared.errors import (
+    AuthFailed,
+    CSCError,
+    GoingAway,
+    PortalOffline,
+    ProtocolError,
+    UpstreamError,
+)
+from shared.link import Link, LinkStream, cancel_quietly
+from shared.protocol import (
+    Connection,
+    Event,
+    HelloReceived,
+    LinkSettings,
+    Side,
+    WelcomeReceived,
+)
+from shared.units import parse_hostport
+
+log = logging.getLogger("csc.peer")
+
+AUDIENCE_PREFIX = "csc-peer:"
+TOKEN_TTL = 60
+HANDSHAKE_TIMEOUT = 5.0
+DIAL_TIMEOUT = 3.0
+READ_SIZE = 256 * 1024
+#: How long a node whose link could not be dialled is skipped before it is tried again.
+SUSPECT_FOR = 3.0
+_HEAD_LEN = struct.Struct(">I")
+MAX_HEAD = 1024 * 1024
+
+#: Stream ``info`` keys that only the peer link uses (removed before the agent sees the OPEN).
+PEER_KEYS = ("tenant",)
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+def peer_token(key: bytes, source: str, target: str, now: float | None = None) -> str:
+    """The HELLO credential of ``source`` dialling ``target``, valid for a minute."""
+    issued = int(time.time() if now is None else now)
+    claims = {
+        "iss": source,
+        "aud": AUDIENCE_PREFIX + target,
+        "iat": issued,
+        "exp": issued + TOKEN_TTL,
+    }
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+def verify_peer_token(key: bytes, token: object, me: str) -> str:
+    """The dialling node's id, or AuthFailed (wrong secret, wrong target, expired)."""
+    if not isinstance(token, str):
+        raise AuthFailed("the peer HELLO lacks its token", reason="missing_token")
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=["HS256"],
+            audience=AUDIENCE_PREFIX + me,
+            options={"require": ["iss", "aud", "exp"]},
+            leeway=5,
+        )
+    except jwt.PyJWTError as exc:
+        raise AuthFailed(f"peer token refused: {exc}", reason="peer_token") from None
+    source = claims.get("iss")
+    if not isinstance(source, str) or not source:
+        raise AuthFailed("peer token without a node id", reason="peer_token")
+    return source
+
+
+# -- the head of a forwarded stream ------------------------------------------------------------
+
+
+def encode_head(head: dict[str, Any]) -> bytes:
+    body = json.dumps(head, separators=(",", ":")).encode()
+    return _HEAD_LEN.pack(len(body)) + body
+
+
+class PeerStream:
+    """A stream forwarded to another node, with the interface of an agent :class:`LinkStream`.
+
+    Created once the remote node admitted the stream; ``opened`` resolves to the agent's answer
+    read from the first DATA bytes (or fails with the stream's error).
+    """
+
+    __slots__ = ("_head_task", "_pending", "info", "inner", "node", "opened")
+
+    def __init__(self, inner: LinkStream, node: str) -> None:
+        self.inner = inner
+        self.node = node
+        self.info = inner.info
+        loop = inner.link.loop
+        self.opened: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._pending: bytes | None = None
+        self._head_task = loop.create_task(self._read_head(), name=f"peer-head-{inner.id}")
+
+    async def _read_head(self) -> None:
+        buf = bytearray()
+        size: int | None = None
+        try:
+            while size is None or len(buf) < _HEAD_LEN.size + size:
+                chunk = await self.inner.read()
+                if not chunk:
+                    raise UpstreamError("the peer node ended the stream before the answer")
+                buf += chunk
+                if size is None and len(buf) >= _HEAD_LEN.size:
+                    (size,) = _HEAD_LEN.unpack_from(buf)
+                    if size > MAX_HEAD:
+                        raise ProtocolError(f"forwarded head of {size} bytes")
+                # credit the head's bytes now; bytes after it are credited by the reader
+                end = len(buf) if size is None else min(len(buf), _HEAD_LEN.size + size)
+                self.inner.consumed(len(chunk) - (len(buf) - end))
+            end = _HEAD_LEN.size + size
+            head = json.loads(bytes(buf[_HEAD_LEN.size : end]))
+            if not isinstance(head, dict):
+                raise ProtocolError("forwarded head is not an object")
+        except CSCError as err:
+            self._fail_open(err)
+            return
+        except ValueError:
+            bad = ProtocolError("forwarded head is not JSON")
+            self.inner.reset(bad)
+            self._fail_open(bad)
+            return
+        if len(buf) > end:
+            self._pending = bytes(buf[end:])
+        self.opened.set_result(head)
+
+    def _fail_open(self, err: CSCError) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(err)
+            self.opened.exception()  # retrieved: the ingress reports it
+
+    # -- the LinkStream interface the ingresses use -----------------------------------------
+
+    @property
+    def error(self) -> CSCError | None:
+        return self.inner.error
+
+    @property
+    def done(self) -> bool:
+        return self.inner.done
+
+    async def read(self) -> bytes | memoryview:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            return pending
+        return await self.inner.read()
+
+    def consumed(self, nbytes: int) -> None:
+        self.inner.consumed(nbytes)
+
+    async def write(self, data: bytes | memoryview) -> None:
+        await self.inner.write(data)
+
+    def write_eof(self) -> None:
+        self.inner.write_eof()
+
+    def read_complete(self) -> bytes | None:
+        rest = self.inner.read_complete()
+        if rest is None:
+            return None
+        pending, self._pending = self._pending or b"", None
+        return pending + rest
+
+    def reset(self, err: CSCError) -> None:
+        self.inner.reset(err)
+        self._fail_open(err)
+
+    def finish(self) -> None:
+        self._head_task.cancel()
+        self.inner.finish()
+
+
+# -- transport ---------------------------------------------------------------------------------
+
+
+def _sender(writer: asyncio.StreamWriter) -> Callable[[Sequence[bytes | memoryview]], Any]:
+    async def send(chunks: Sequence[bytes | memoryview]) -> None:
+        writer.writelines(chunks)
+        await writer.drain()
+
+    return send
+
+
+async def _pump(reader: asyncio.StreamReader, link: Link) -> None:
+    """Feed the socket's bytes to the link until either ends; then close the link."""
+    try:
+        while data := await reader.read(READ_SIZE):
+            link.feed(data)
+    except (CSCError, OSError):
+        pass
+    finally:
+        link.close()
+
+
+async def _handshake_events(
+    reader: asyncio.StreamReader, conn: Connection, want: type[Event]
+) -> tuple[Event, list[Event]]:
+    """Read until ``want`` arrives: that event and the ones after it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        data = await reader.read(READ_SIZE)
+        if not data:
+            raise ProtocolError("the peer closed the link in the handshake")
+        conn.receive_data(data, loop.time())
+        events = conn.events()
+        for i, event in enumerate(events):
+            if isinstance(event, want):
+                return event, events[i + 1 :]
+
+
+# -- the accepting side (node A) ---------------------------------------------------------------
+
+#: Open a stream on one of this node's own sessions for the forwarded OPEN ``info`` (raises
+#: PortalOffline / GoingAway when it cannot), counting it as the node's stream until it ends.
+LocalOpener = Callable[[dict[str, Any]], LinkStream]
+
+
+@dataclass(eq=False)
+class PeerServer:
+    """The node-to-node listener: authenticates dialling nodes and relays their streams."""
+
+    node_id: str
+    key: bytes
+    settings: LinkSettings
+    open_local: LocalOpener
+    stream_started: Callable[[], None]
+    stream_finished: Callable[[], None]
+    links: set[Link] = field(default_factory=set)
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    draining: bool = False
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._accept, host, port, limit=READ_SIZE)
+        sockname = self._server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        loop = asyncio.get_running_loop()
+        conn = Connection(Side.SERVER, self.settings, accept_streams=True, now=loop.time())
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                hello, pending = await _handshake_events(reader, conn, HelloReceived)
+            assert isinstance(hello, HelloReceived)
+            source = verify_peer_token(self.key, hello.info.get("token"), self.node_id)
+        except (CSCError, TimeoutError, OSError) as exc:
+            log.warning("peer link from %s refused: %s", peer, getattr(exc, "message", exc))
+            writer.close()
+            return
+        conn.send_welcome({"node": self.node_id}, loop.time())
+        link = Link(
+            conn,
+            _sender(writer),
+            on_stream=self._relay,
+            name=f"peer {source}",
+            pending=pending,
+        )
+        self.links.add(link)
+        log.info("peer link from node %s up", source)
+        try:
+            await _pump(reader, link)
+        finally:
+            self.links.discard(link)
+            await link.aclose()
+            writer.close()
+            log.info("peer link from node %s down", source)
+
+    async def _relay(self, stream: LinkStream) -> None:
+        if self.draining:
+            stream.reject(GoingAway("this node is draining"))
+            return
+        try:
+            inner = self.open_local(stream.info)
+        except CSCError as err:
+            stream.reject(err)
+            return
+        stream.accept({"node": self.node_id})
+        self.stream_started()
+        upload = asyncio.ensure_future(_pipe(stream, inner))
+        try:
+            try:
+                head = await inner.opened
+            except CSCError as err:
+                stream.reset(err)
+                return
+            await stream.write(encode_head(head))
+            await _pipe(inner, stream)
+            await upload
+        except CSCError as err:
+            stream.reset(err)
+            inner.reset(err)
+        finally:
+            await cancel_quietly(upload)
+            inner.finish()
+            self.stream_finished()
+
+    def go_away(self) -> None:
+        """Refuse new streams from now on (streams in flight go on)."""
+        self.draining = True
+        for link in list(self.links):
+            with contextlib.suppress(CSCError):
+                link.go_away("going_away", "this node is draining")
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in list(self.links):
+            link.close(GoingAway("the node is stopping"))
+        for task in list(self._tasks):
+            await cancel_quietly(task)
+
+
+async def _pipe(src: LinkStream, dst: LinkStream) -> None:
+    """Copy ``src`` to ``dst`` until ``src`` ends, crediting ``src`` only for bytes ``dst``
+    took; an error on either side resets the other with the same code."""
+    try:
+        while data := await src.read():
+            await dst.write(data)
+            src.consumed(len(data))
+        dst.write_eof()
+    except CSCError as err:
+        dst.reset(err)
+        src.reset(err)
+        raise
+
+
+# -- the dialling side (node B) ----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Dialled:
+    address: str
+    link: Link
+    pump: asyncio.Task[None]
+    writer: asyncio.StreamWriter
+
+
+@dataclass(eq=False)
+class PeerPool:
+    """Persistent links from this node to the others, dialled on first use."""
+
+    node_id: str
+    key: bytes
+    settings: LinkSettings
+    on_link_change: Callable[[], None] = lambda: None
+    _links: dict[str, _Dialled] = field(default_factory=dict)
+    _dialling: dict[str, asyncio.Future[_Dialled]] = field(default_factory=dict)
+    _suspect: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def up(self) -> int:
+        return sum(1 for d in self._links.values() if not d.link.is_closed)
+
+    def suspect(self, node: str) -> bool:
+        """Whether dialling ``node`` failed moments ago (it is skipped for a few seconds)."""
+        until = self._suspect.get(node)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._suspect[node]
+            return False
+        return True
+
+    def mark_suspect(self, node: str) -> None:
+        self._suspect[node] = time.monotonic() + SUSPECT_FOR
+
+    async def open(self, node: str, address: str, info: dict[str, Any]) -> PeerStream:
+        """Open a stream to ``node`` and wait for its admission; raises the refusal."""
+        dialled = await self._link(node, address)
+        stream = dialled.link.open(info)
+        try:
+            await stream.opened
+        except BaseException:
+            stream.finish()
+            raise
+        return PeerStream(stream, node)
+
+    async def _link(self, node: str, address: str) -> _Dialled:
+        current = self._links.get(node)
+        if current is not None and not current.link.is_closed and current.address == address:
+            return current
+        if current is not None:
+            await self._drop(node)
+        waiting = self._dialling.get(node)
+        if waiting is None:
+            waiting = asyncio.ensure_future(self._dial(node, address))
+            self._dialling[node] = waiting
+            waiting.add_done_callback(lambda _f: self._dialling.pop(node, None))
+        try:
+            return await asyncio.shield(waiting)
+        except (OSError, TimeoutError, CSCError) as exc:
+            self.mark_suspect(node)
+            raise PortalOffline(f"node {node} cannot be reached ({exc!r})") from None
+
+    async def _dial(self, node: str, address: str) -> _Dialled:
+        host, port = parse_hostport(address)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(DIAL_TIMEOUT):
+            reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
+            try:
+                conn = Connection(Side.CLIENT, self.settings, accept_streams=False, now=loop.time())
+                conn.send_hello(
+                    {"node": self.node_id, "token": peer_token(self.key, self.node_id, node)}
+                )
+                writer.writelines(conn.data_to_send())
+                _, pending = await _handshake_events(reader, conn, WelcomeReceived)
+            except BaseException:
+                writer.close()
+                raise
+        link = Link(conn, _sender(writer), name=f"peer to {node}", pending=pending)
+        pump = loop.create_task(self._run(node, reader, link), name=f"peer-pump-{node}")
+        dialled = _Dialled(address, link, pump, writer)
+        self._links[node] = dialled
+        self._suspect.pop(node, None)
+        log.info("peer link to node %s (%s) up", node, address)
+        self.on_link_change()
+        return dialled
+
+    async def _run(self, node: str, reader: asyncio.StreamReader, link: Link) -> None:
+        try:
+            await _pump(reader, link)
+        finally:
+            current = self._links.get(node)
+            if current is not None and current.link is link:
+                del self._links[node]
+                current.writer.close()
+                log.info("peer link to node %s down", node)
+                self.on_link_change()
+
+    async def _drop(self, node: str) -> None:
+        dialled = self._links.pop(node, None)
+        if dialled is None:
+            return
+        dialled.link.close(GoingAway("peer link replaced"))
+        dialled.writer.close()
+        await cancel_quietly(dialled.pump)
+        await dialled.link.aclose()
+
+    async def retain(self, nodes: set[str]) -> None:
+        """Close the links of nodes that are no longer in the directory."""
+        for node in [n for n in self._links if n not in nodes]:
+            await self._drop(node)
+
+    async def aclose(self) -> None:
+        for waiting in list(self._dialling.values()):
+            await cancel_quietly(waiting)
+        for node in list(self._links):
+            await self._drop(node)

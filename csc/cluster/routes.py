@@ -1,0 +1,318 @@
+"""Routing state in Redis: the node directory, this node's lease, and which nodes serve an alias.
+
+Everything here can be rebuilt from the nodes themselves (DESIGN.md "State and scale-out"): a
+Redis flush or failover costs no operator data; each node re-asserts its lease and routes on its
+next heartbeat.
+
+Keys (``P`` is ``redis_prefix``; hash tags keep each group in one slot, so Redis Cluster works):
+
+* ``{P:nodes}`` hash: node id -> JSON ``{peer, epoch, draining, since}`` (the directory);
+* ``{P:nodes}:lease:<node>``: the node's epoch, expiring ``route_lease`` after its last
+  heartbeat; a node is live while this key holds the epoch its directory entry names;
+* ``{P:nodes}:epoch``: the counter epochs are taken from (INCR);
+* ``{P:nodes}:version``: bumped on every route change (a backstop for missed invalidations);
+* ``{P:nodes}:sessions:<node>``: JSON list of the node's live agent sessions (admin views),
+  expiring with the lease;
+* ``P:r:{<alias>}`` hash: node id -> the epoch under which that node registered the alias.
+
+**Epochs (fencing).** A node takes a fresh epoch from the counter when it starts, and again
+whenever it finds its lease gone after a pause longer than the lease (SIGSTOP, a frozen VM): its
+old epoch is then void, and so is every route it wrote under it, because a route entry counts
+only while its node's live lease carries the same epoch. A node that was paused therefore can
+never bring an old route back; it also ends the sessions it held (the agents reconnect). A node
+that kept running while Redis was away (its heartbeats simply failed) keeps its epoch and
+re-asserts its lease and routes when Redis answers again, without agents reconnecting.
+
+**Lookups** for an alias served by no local session read ``P:r:{alias}`` (and the ``*@domain``
+pattern), keep the entries whose node is live, not draining and of the same epoch, and cache
+the answer (empty ones too) for ``LOOKUP_TTL``. Invalidation messages on the ``P:events``
+channel drop cached answers at once; the version counter, polled with the directory every
+heartbeat, drops the whole cache if a message was missed. When Redis cannot be read, the last
+known answer is used, however old (tunnels keep working on what the node knows).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from shared.aliases import domain_of
+
+log = logging.getLogger("csc.cluster")
+
+#: Seconds a lookup answer (positive or negative) is reused without asking Redis.
+LOOKUP_TTL = 1.0
+#: A directory read older than this is not trusted to tell dead route entries apart.
+DIRECTORY_FRESH = 5.0
+PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+#: Deletes a route field only if it still holds the given (stale) epoch.
+_DELETE_IF = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key and channel names under one prefix."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        if PREFIX_RE.fullmatch(self.prefix) is None:
+            raise ValueError(f"redis_prefix {self.prefix!r}: use letters, digits and _.:- only")
+
+    @property
+    def nodes(self) -> str:
+        return f"{{{self.prefix}:nodes}}"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.nodes}:epoch"
+
+    @property
+    def version(self) -> str:
+        return f"{self.nodes}:version"
+
+    def lease(self, node: str) -> str:
+        return f"{self.nodes}:lease:{node}"
+
+    def sessions(self, node: str) -> str:
+        return f"{self.nodes}:sessions:{node}"
+
+    def route(self, grant: str) -> str:
+        return f"{self.prefix}:r:{{{grant}}}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A node as the directory shows it."""
+
+    id: str
+    peer: str
+    epoch: int
+    draining: bool = False
+    since: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"peer": self.peer, "epoch": self.epoch, "draining": self.draining, "since": self.since}
+        )
+
+    @classmethod
+    def from_json(cls, node: str, raw: str | bytes) -> NodeInfo | None:
+        try:
+            data = json.loads(raw)
+            return cls(
+                node,
+                str(data["peer"]),
+                int(data["epoch"]),
+                bool(data.get("draining", False)),
+                float(data.get("since", 0.0)),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(eq=False)
+class RouteTable:
+    """This node's lease and routes in Redis, and its cached view of the others'."""
+
+    redis: Any  # redis.asyncio.Redis | redis.asyncio.RedisCluster
+    keys: Keys
+    node_id: str
+    lease: float
+    on_error: Callable[[Exception], None] = lambda exc: None
+    clock: Callable[[], float] = time.monotonic
+    epoch: int = 0
+    info: NodeInfo | None = None
+    #: live nodes (this one included) from the last directory read
+    directory: dict[str, NodeInfo] = field(default_factory=dict)
+    directory_read_at: float = float("-inf")
+    _version: int | None = None
+    _cache: dict[str, tuple[float, tuple[NodeInfo, ...]]] = field(default_factory=dict)
+    _delete_if: Any = None
+
+    # -- this node ---------------------------------------------------------------------------
+
+    async def join(self, peer: str, *, draining: bool = False) -> int:
+        """Take a fresh epoch and write this node's lease and directory entry."""
+        self.epoch = int(await self.redis.incr(self.keys.epoch))
+        self.info = NodeInfo(self.node_id, peer, self.epoch, draining, time.time())
+        await self._write_lease()
+        return self.epoch
+
+    async def _write_lease(self) -> None:
+        assert self.info is not None
+        await self.redis.set(self.keys.lease(self.node_id), self.epoch, px=self._lease_ms)
+        await self.redis.hset(self.keys.nodes, self.node_id, self.info.to_json())
+
+    @property
+    def _lease_ms(self) -> int:
+        return max(1, int(self.lease * 1000))
+
+    async def heartbeat(self) -> str:
+        """Refresh the lease: ``ok``, ``lost`` (the key was gone: flush, failover or expiry;
+        re-created) or ``taken`` (another node holds this id's lease under another epoch)."""
+        assert self.info is not None
+        old = await self.redis.set(
+            self.keys.lease(self.node_id), self.epoch, px=self._lease_ms, xx=True, get=True
+        )
+        await self.redis.hset(self.keys.nodes, self.node_id, self.info.to_json())
+        if old is None:
+            await self.redis.set(self.keys.lease(self.node_id), self.epoch, px=self._lease_ms)
+            return "lost"
+        return "ok" if _text(old) == str(self.epoch) else "taken"
+
+    async def set_draining(self) -> None:
+        assert self.info is not None
+        self.info = NodeInfo(self.node_id, self.info.peer, self.epoch, True, self.info.since)
+        await self.redis.hset(self.keys.nodes, self.node_id, self.info.to_json())
+
+    async def leave(self, grants: Iterable[str]) -> None:
+        """Remove this node's routes, lease and directory entry (a clean stop)."""
+        for grant in grants:
+            await self.redis.hdel(self.keys.route(grant), self.node_id)
+        await self.redis.delete(self.keys.lease(self.node_id), self.keys.sessions(self.node_id))
+        await self.redis.hdel(self.keys.nodes, self.node_id)
+        await self.redis.incr(self.keys.version)
+
+    async def publish_sessions(self, views: list[dict[str, Any]]) -> None:
+        await self.redis.set(self.keys.sessions(self.node_id), json.dumps(views), px=self._lease_ms)
+
+    # -- routes of this node -----------------------------------------------------------------
+
+    async def register(self, grants: Iterable[str]) -> None:
+        for grant in grants:
+            await self.redis.hset(self.keys.route(grant), self.node_id, self.epoch)
+        await self.redis.incr(self.keys.version)
+
+    async def unregister(self, grants: Iterable[str]) -> None:
+        for grant in grants:
+            await self.redis.hdel(self.keys.route(grant), self.node_id)
+        await self.redis.incr(self.keys.version)
+
+    # -- the directory -----------------------------------------------------------------------
+
+    async def read_directory(self) -> dict[str, NodeInfo]:
+        """Re-read the live nodes; drops the lookup cache when the route version moved."""
+        raw = await self.redis.hgetall(self.keys.nodes)
+        entries = {
+            info.id: info
+            for node, value in raw.items()
+            if (info := NodeInfo.from_json(_text(node), value)) is not None
+        }
+        names = sorted(entries)
+        leases = await self.redis.mget([self.keys.lease(n) for n in names]) if names else []
+        version = await self.redis.get(self.keys.version)
+        live: dict[str, NodeInfo] = {}
+        for name, lease in zip(names, leases, strict=True):
+            info = entries[name]
+            if lease is not None and _text(lease) == str(info.epoch):
+                live[name] = info
+        dead = [n for n in names if n not in live]
+        if dead:  # their entries go; a live node writes its own back on its next heartbeat
+            await self.redis.hdel(self.keys.nodes, *dead)
+        self.directory = live
+        self.directory_read_at = self.clock()
+        current = int(version) if version is not None else 0
+        if current != self._version:
+            self._version = current
+            self._cache.clear()
+        return live
+
+    def live_nodes(self, *, accepting: bool = False) -> list[NodeInfo]:
+        return [n for n in self.directory.values() if not (accepting and n.draining)]
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def forget(self, grant: str | None = None) -> None:
+        """Drop cached answers: for one alias (a pattern drops them all), or all of them."""
+        if grant is None or grant.startswith("*@"):
+            self._cache.clear()
+        else:
+            self._cache.pop(grant, None)
+
+    def cached(self, alias: str) -> tuple[NodeInfo, ...] | None:
+        hit = self._cache.get(alias)
+        if hit is None or hit[0] < self.clock():
+            return None
+        return hit[1]
+
+    async def nodes_for(self, alias: str) -> tuple[NodeInfo, ...]:
+        """Other live, accepting nodes that registered ``alias`` (or its ``*@domain``)."""
+        hit = self.cached(alias)
+        if hit is not None:
+            return hit
+        grants = [alias]
+        domain = domain_of(alias)
+        if domain is not None:
+            grants.append(f"*@{domain}")
+        try:
+            found: list[NodeInfo] = []
+            for grant in grants:
+                entries = await self.redis.hgetall(self.keys.route(grant))
+                found += await self._valid(grant, entries)
+        except RedisError as exc:
+            self.on_error(exc)
+            stale = self._cache.get(alias)
+            return stale[1] if stale is not None else ()
+        answer = tuple({n.id: n for n in found}.values())
+        self._cache[alias] = (self.clock() + LOOKUP_TTL, answer)
+        return answer
+
+    async def _valid(self, grant: str, entries: dict[Any, Any]) -> list[NodeInfo]:
+        fresh = self.clock() - self.directory_read_at < DIRECTORY_FRESH
+        result: list[NodeInfo] = []
+        for raw_node, raw_epoch in entries.items():
+            node, epoch = _text(raw_node), _text(raw_epoch)
+            info = self.directory.get(node)
+            if info is not None and str(info.epoch) == epoch:
+                if node != self.node_id and not info.draining:
+                    result.append(info)
+            elif fresh and (info is None or str(info.epoch) != epoch):
+                await self._delete_stale(grant, node, epoch)
+        return result
+
+    async def _delete_stale(self, grant: str, node: str, epoch: str) -> None:
+        if node == self.node_id and epoch == str(self.epoch):
+            return
+        if self._delete_if is None:
+            self._delete_if = self.redis.register_script(_DELETE_IF)
+        await self._delete_if(keys=[self.keys.route(grant)], args=[node, epoch])
+
+    async def other_sessions(self) -> dict[str, list[dict[str, Any]]]:
+        """The session views other live nodes published: node id -> sessions."""
+        names = [n for n in sorted(self.directory) if n != self.node_id]
+        if not names:
+            return {}
+        raws = await self.redis.mget([self.keys.sessions(n) for n in names])
+        result: dict[str, list[dict[str, Any]]] = {}
+        for name, raw in zip(names, raws, strict=True):
+            if raw is None:
+                continue
+            try:
+                views = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(views, list):
+                result[name] = [v for v in views if isinstance(v, dict)]
+        return result
