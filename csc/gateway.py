@@ -303,7 +303,9 @@ def _on_agent_goaway(session: AgentSession, event: GoAwayReceived) -> None:
 def end_sessions(state: NodeState) -> int:
     """Close every live session that lost its right to run; how many were closed."""
     ended = 0
-    for session, err in state.registry.ending(time.time()):
+    ending = state.registry.ending(time.time())
+    state.metrics.pending_end = sum(1 for s, _ in ending if not s.link.is_closed)
+    for session, err in ending:
         if session.link.is_closed:
             continue
         log.warning(

@@ -129,6 +129,28 @@ class _Session(Protocol):
     def tenant(self) -> str: ...
 
 
+class ClusterView(Protocol):
+    """What the metrics read of a node's cluster membership (csc/cluster/node.py)."""
+
+    @property
+    def redis_errors(self) -> int: ...
+
+    @property
+    def redis_reconnects(self) -> int: ...
+
+    @property
+    def lookups(self) -> dict[str, int]: ...
+
+    @property
+    def live_nodes(self) -> int: ...
+
+    @property
+    def peer_links(self) -> int: ...
+
+    @property
+    def peer_streams(self) -> int: ...
+
+
 M = TypeVar("M", bound=MetricWrapperBase)
 
 
@@ -157,6 +179,9 @@ class CSCMetrics:
         reg = self.registry
         self._links: dict[str, LinkCounters] = {}
         self._sessions: Callable[[], Iterable[_Session]] = tuple
+        self._cluster: Callable[[], ClusterView | None] = lambda: None
+        self.draining: Callable[[], bool] = lambda: False
+        self.pending_end: int = 0
         self._session_metrics(reg)
         self._request_metrics(reg)
         reg.register(_LiveCollector(self))
@@ -229,6 +254,10 @@ class CSCMetrics:
         )
 
     # -- wiring ----------------------------------------------------------------------------
+
+    def track_cluster(self, source: Callable[[], ClusterView | None]) -> None:
+        """Where the node's cluster membership is found at scrape time (None: alone)."""
+        self._cluster = source
 
     def track_sessions(self, source: Callable[[], Iterable[_Session]]) -> None:
         """Where the live agent sessions are found at scrape time."""
@@ -345,14 +374,15 @@ class _LiveCollector:
         self._metrics = metrics
 
     def describe(self) -> list[Metric]:
-        return list(self._families({}, {}))
+        return [*self._families({}, {}), *self._node_families()]
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
         per_tenant = dict.fromkeys(m._links, 0)
         for session in m._sessions():
             per_tenant[session.tenant] = per_tenant.get(session.tenant, 0) + 1
-        return self._families(per_tenant, m._links)
+        yield from self._families(per_tenant, m._links)
+        yield from self._node_families()
 
     @staticmethod
     def _families(per_tenant: dict[str, int], links: dict[str, LinkCounters]) -> Iterator[Metric]:
@@ -383,6 +413,55 @@ class _LiveCollector:
             stalls.add_metric([tenant], counters.stalls)
         yield relayed
         yield stalls
+
+    def _node_families(self) -> Iterator[Metric]:
+        m = self._metrics
+        yield GaugeMetricFamily(
+            "csc_node_draining",
+            "1 while this node drains (SIGTERM or admin drain).",
+            value=1 if m.draining() else 0,
+        )
+        yield GaugeMetricFamily(
+            "csc_sessions_pending_end",
+            "Live sessions that lost their right to run (revoked, expired, suspended) and are "
+            "not closed yet, as of the last check.",
+            value=m.pending_end,
+        )
+        view = m._cluster()
+        lookups = CounterMetricFamily(
+            "csc_route_lookups",
+            "Streams routed: to a session on this node, forwarded to another node, or none found.",
+            labels=["result"],
+        )
+        counts = view.lookups if view is not None else {}
+        for result in ("local", "remote", "miss"):
+            lookups.add_metric([result], counts.get(result, 0))
+        yield lookups
+        yield CounterMetricFamily(
+            "csc_redis_errors",
+            "Failed Redis operations.",
+            value=view.redis_errors if view is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "csc_redis_reconnects",
+            "Times the event subscription was set up again.",
+            value=view.redis_reconnects if view is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "csc_cluster_nodes",
+            "Live nodes this node sees in the directory (itself included).",
+            value=view.live_nodes if view is not None else 1,
+        )
+        yield GaugeMetricFamily(
+            "csc_peer_links",
+            "Links from this node to other nodes that are up.",
+            value=view.peer_links if view is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "csc_peer_streams_active",
+            "Streams other nodes forwarded that this node relays to its agents now.",
+            value=view.peer_streams if view is not None else 0,
+        )
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -59,6 +59,8 @@ class NodeState:
         )
         self.idle.set()
         self.metrics.track_sessions(lambda: self.sessions.values())
+        self.metrics.track_cluster(lambda: self.cluster)
+        self.metrics.draining = lambda: self.draining
 
     @property
     def auth_failures(self) -> int:

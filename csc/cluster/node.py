@@ -175,6 +175,32 @@ class Cluster:
         await self.server.stop()
         await self.peers.aclose()
 
+    # -- what the metrics read (csc.metrics.ClusterView) ---------------------------------------
+
+    @property
+    def redis_errors(self) -> int:
+        return self.stats.redis_errors
+
+    @property
+    def redis_reconnects(self) -> int:
+        return self.stats.redis_reconnects
+
+    @property
+    def lookups(self) -> dict[str, int]:
+        return self.stats.lookups
+
+    @property
+    def live_nodes(self) -> int:
+        return len(self.routes.directory)
+
+    @property
+    def peer_links(self) -> int:
+        return self.peers.up
+
+    @property
+    def peer_streams(self) -> int:
+        return self.server.relaying
+
     # -- routes ------------------------------------------------------------------------------
 
     async def sync_routes(self, *, reassert: bool = False) -> None:

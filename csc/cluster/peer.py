@@ -274,6 +274,8 @@ class PeerServer:
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False
+    #: streams being relayed now
+    relaying: int = 0
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._server = await asyncio.start_server(self._accept, host, port, limit=READ_SIZE)
@@ -327,6 +329,7 @@ class PeerServer:
             return
         stream.accept({"node": self.node_id})
         self.stream_started()
+        self.relaying += 1
         upload = asyncio.ensure_future(_pipe(stream, inner))
         try:
             try:
@@ -343,6 +346,7 @@ class PeerServer:
         finally:
             await cancel_quietly(upload)
             inner.finish()
+            self.relaying -= 1
             self.stream_finished()
 
     def go_away(self) -> None:

@@ -36,7 +36,18 @@ AGENT_METRICS = {"metrics_listen": "127.0.0.1:0"}
 OTHER_ALIAS = "nobody@example.org"
 ALLOWED_LABELS = {
     # ours
-    *("tenant", "kind", "outcome", "reason", "direction", "limit", "slot", "state", "code"),
+    *(
+        "tenant",
+        "kind",
+        "outcome",
+        "reason",
+        "direction",
+        "limit",
+        "slot",
+        "state",
+        "code",
+        "result",
+    ),
     *("version", "le"),
     # prometheus-client: python_info, python_gc_*
     *("implementation", "major", "minor", "patchlevel", "generation"),
