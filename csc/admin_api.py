@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from csc import console
 from csc.gateway import AgentSession, end_sessions
@@ -160,10 +161,14 @@ async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-def _apply(state: NodeState) -> int:
-    """After a change: re-read the registry and end the sessions that may no longer run."""
-    state.registry.refresh(force=True)
-    return end_sessions(state)
+async def _apply(state: NodeState) -> int:
+    """After a change: re-read the registry and end the sessions that may no longer run, here
+    and (through the cluster's event channel) on every other node."""
+    await _run(state.registry.refresh, force=True)
+    closed = end_sessions(state)
+    if state.cluster is not None:
+        await state.cluster.publish({"t": "catalog"})
+    return closed
 
 
 async def _body(request: web.Request) -> Any:
@@ -250,7 +255,7 @@ async def create_tenant(request: web.Request) -> web.Response:
     state, store = _state(request)
     tenant = parse_new_tenant(await _body(request), time.time())
     await _run(store.create_tenant, tenant, _actor(request))
-    _apply(state)
+    await _apply(state)
     log.info("admin %s created tenant %s", request[OPERATOR], tenant.id)
     location = f"{PREFIX}/tenants/{tenant.id}"
     return web.json_response(
@@ -274,7 +279,7 @@ async def update_tenant(request: web.Request) -> web.Response:
     state, store = _state(request)
     update = parse_tenant_update(await _body(request))
     tenant = await _run(store.update_tenant, request.match_info["tenant"], update, _actor(request))
-    closed = _apply(state)
+    closed = await _apply(state)
     log.info("admin %s updated tenant %s (state %s)", request[OPERATOR], tenant.id, tenant.state)
     return web.json_response({**_tenant_view(state, tenant), "sessions_closed": closed})
 
@@ -284,7 +289,7 @@ async def delete_tenant(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant"]
     cascade = _query_flag(request, "cascade")
     summary = await _run(store.delete_tenant, tenant_id, cascade, _actor(request))
-    closed = _apply(state)
+    closed = await _apply(state)
     state.metrics.forget_tenant(tenant_id)
     log.info("admin %s deleted tenant %s", request[OPERATOR], tenant_id)
     return web.json_response({"deleted": tenant_id, **summary, "sessions_closed": closed})
@@ -316,7 +321,7 @@ async def assign_aliases(request: web.Request) -> web.Response:
     if problems:
         raise Invalid(problems)
     added = await _run(store.assign, tenant_id, grants, _actor(request))
-    _apply(state)
+    await _apply(state)
     aliases = state.registry.catalog.aliases_of(tenant_id)
     return web.json_response({"tenant": tenant_id, "assigned": added, "aliases": aliases})
 
@@ -326,7 +331,7 @@ async def unassign_alias(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant"]
     grant = _grant(request.match_info["alias"])
     await _run(store.unassign, tenant_id, grant, _actor(request))
-    _apply(state)
+    await _apply(state)
     aliases = state.registry.catalog.aliases_of(tenant_id)
     return web.json_response({"tenant": tenant_id, "unassigned": grant, "aliases": aliases})
 
@@ -387,7 +392,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     if not 0 < len(jti) <= 128 or not jti.isprintable():
         raise Invalid(["jti: expected 1 to 128 printable characters"])
     record, fresh = await _run(store.revoke_token, jti, _actor(request))
-    closed = _apply(state)
+    closed = await _apply(state)
     log.info("admin %s revoked token %s (%d sessions closed)", request[OPERATOR], jti, closed)
     return web.json_response(
         {
@@ -404,11 +409,23 @@ async def revoke_token(request: web.Request) -> web.Response:
 
 
 async def list_sessions(request: web.Request) -> web.Response:
+    """The live sessions of this node and, in a cluster, of every other live node (each view
+    names its node; other nodes' views are as of their last heartbeat)."""
     state, _ = _state(request)
-    sessions = _sessions_of(state, _tenant_filter(request))
-    return web.json_response(
-        {"node": state.node_id, "sessions": [session_view(s, state.node_id) for s in sessions]}
-    )
+    tenant = _tenant_filter(request)
+    views = [session_view(s, state.node_id) for s in _sessions_of(state, tenant)]
+    nodes = [state.node_id]
+    if state.cluster is not None:
+        try:
+            others = await state.cluster.routes.other_sessions()
+        except RedisError as exc:
+            raise AdminError(
+                503, "cluster_unavailable", f"cannot read other nodes: {exc}"
+            ) from None
+        for node, node_views in sorted(others.items()):
+            nodes.append(node)
+            views += [v for v in node_views if tenant is None or v.get("tenant") == tenant]
+    return web.json_response({"node": state.node_id, "nodes": nodes, "sessions": views})
 
 
 async def disconnect_session(request: web.Request) -> web.Response:
@@ -416,12 +433,34 @@ async def disconnect_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session"]
     session = state.sessions.get(session_id)
     if session is None:
-        raise NotFound(f"no live session {session_id!r} on this node")
+        return await _disconnect_elsewhere(request, state, store, session_id)
     details = {"tenant": session.tenant, "remote": session.remote}
     await _run(store.record_event, _actor(request), "session.disconnect", session_id, details)
     session.end(GoingAway("disconnected by an operator"))
     log.info("admin %s disconnected session %s", request[OPERATOR], session_id)
     return web.json_response({"disconnected": session_id, **details})
+
+
+async def _disconnect_elsewhere(
+    request: web.Request, state: NodeState, store: Store, session_id: str
+) -> web.Response:
+    """A session held by another node of the cluster: that node ends it on an event."""
+    if state.cluster is None:
+        raise NotFound(f"no live session {session_id!r} on this node")
+    try:
+        others = await state.cluster.routes.other_sessions()
+    except RedisError as exc:
+        raise AdminError(503, "cluster_unavailable", f"cannot read other nodes: {exc}") from None
+    for node, views in others.items():
+        view = next((v for v in views if v.get("id") == session_id), None)
+        if view is None:
+            continue
+        details = {"tenant": view.get("tenant"), "remote": view.get("remote"), "node": node}
+        await _run(store.record_event, _actor(request), "session.disconnect", session_id, details)
+        await state.cluster.publish({"t": "disconnect", "session": session_id})
+        log.info("admin %s disconnected session %s on node %s", request[OPERATOR], session_id, node)
+        return web.json_response({"disconnected": session_id, **details})
+    raise NotFound(f"no live session {session_id!r} on any node")
 
 
 async def drain(request: web.Request) -> web.Response:
@@ -454,6 +493,16 @@ async def node_status(request: web.Request) -> web.Response:
         "streams": state.active_streams,
         "errors_total": state.errors.total,
     }
+    if state.cluster is not None:
+        body["cluster"] = {
+            "epoch": state.cluster.routes.epoch,
+            "peer": state.cluster.advertised,
+            "redis": "ok" if state.cluster.healthy else "unreachable",
+            "nodes": [
+                {"node": n.id, "peer": n.peer, "draining": n.draining}
+                for n in sorted(state.cluster.routes.directory.values(), key=lambda n: n.id)
+            ],
+        }
     return web.json_response(body)
 
 

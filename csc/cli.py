@@ -65,6 +65,9 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--listen", metavar="HOST:PORT", help="HTTP listener")
     serve.add_argument("--tcp-listen", metavar="HOST:PORT|off", help="TCP ingress listener")
     serve.add_argument("--admin-listen", metavar="HOST:PORT|off", help="admin API listener")
+    serve.add_argument("--node-id", metavar="NAME", help="this node's name in a cluster")
+    serve.add_argument("--peer-listen", metavar="HOST:PORT", help="node-to-node listener")
+    serve.add_argument("--peer-advertise", metavar="HOST:PORT", help="address peers dial")
     serve.add_argument("--ready-file", type=Path, metavar="PATH", help="write addresses when up")
     serve.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))
     serve.set_defaults(handler=_cmd_serve)
@@ -133,19 +136,24 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "admin_listen": args.admin_listen,
         "state_dir": args.state_dir,
         "log_level": args.log_level,
+        "node_id": args.node_id,
+        "peer_listen": args.peer_listen,
+        "peer_advertise": args.peer_advertise,
     }
     config = _load(args, env, overrides)
     if config is None:
         return EXIT_USAGE
     configure_logging(config.log_level, PROG, fmt=config.log_format)
     keep_freed_memory()
-    from csc.server import serve  # lazy: keeps `csc token` free of the server's imports
+    # lazy: keeps `csc token` free of the server's imports
+    from csc.cluster.attach import ClusterStartError
+    from csc.server import serve
 
     try:
         return serve(config, ready_file=args.ready_file)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except (StoreError, SigningKeyError) as exc:
+    except (StoreError, SigningKeyError, ClusterStartError) as exc:
         return fail(PROG, f"cannot start: {exc}")
     except OSError as exc:
         return fail(PROG, f"cannot start: {exc.strerror or exc}")

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from csc.admin_api import session_view
 from csc.cluster.node import Cluster, ClusterHooks
@@ -76,7 +77,10 @@ async def cluster_context(app: web.Application) -> AsyncIterator[None]:
         secret = config.cluster_secret()
     except ValueError as exc:
         raise ClusterStartError(str(exc)) from None
-    redis = await connect_redis(config.redis_url.reveal())
+    try:
+        redis = await connect_redis(config.redis_url.reveal())
+    except (RedisError, OSError) as exc:
+        raise ClusterStartError(f"Redis cannot be reached: {exc}") from None
     assert config.peer_listen is not None  # the config refuses redis_url without it
     cluster = Cluster(
         node_id=state.node_id,
