@@ -84,6 +84,16 @@ class TokenBucket:
             self.stamp = now
 
 
+def rate_limited(alias: str, rate: float, wait: float) -> RateLimited:
+    """The refusal of a request over its tenant's rate, with the wait until the next token."""
+    after = retry_after(wait)
+    return RateLimited(
+        f"too many requests for {alias} (at most {rate:g} a second); try again in {after} s",
+        retry_after=after,
+        limit=RATE,
+    )
+
+
 def retry_after(seconds: float) -> int:
     """``Retry-After`` in whole seconds (at least 1) for a wait of ``seconds``."""
     return max(1, math.ceil(seconds))
@@ -115,7 +125,7 @@ class TenantLimiter:
                 retry_after=RETRY_AFTER_BUSY,
                 limit=STREAMS,
             )
-        self._take_token(tenant, limits.max_request_rate, alias)
+        self.take_token(tenant, limits.max_request_rate, alias)
         self._streams[tenant] = held + 1
 
     def release_stream(self, tenant: str) -> None:
@@ -126,7 +136,8 @@ class TenantLimiter:
         """Streams of ``tenant`` in flight on this node."""
         return self._streams.get(tenant, 0)
 
-    def _take_token(self, tenant: str, rate: float | None, alias: str) -> None:
+    def take_token(self, tenant: str, rate: float | None, alias: str) -> None:
+        """Take one token of the tenant's bucket at ``rate``, or raise RateLimited."""
         if rate is None:
             self._buckets.pop(tenant, None)
             return
@@ -138,13 +149,7 @@ class TenantLimiter:
             bucket.retune(rate, now)
         wait = bucket.take(now)
         if wait:
-            after = retry_after(wait)
-            raise RateLimited(
-                f"too many requests for {alias} (at most {rate:g} a second); "
-                f"try again in {after} s",
-                retry_after=after,
-                limit=RATE,
-            )
+            raise rate_limited(alias, rate, wait)
 
     # -- agent sessions ----------------------------------------------------------------------
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from csc.cluster.node import strip_peer_keys
+from csc.cluster.node import Cluster, strip_peer_keys
 from csc.gateway import AgentSession
-from csc.limits import UNLIMITED
+from csc.limits import UNLIMITED, rate_limited
 from csc.registry import Lookup
 from csc.state import NodeState
 from shared.aliases import normalise_alias
@@ -83,8 +83,17 @@ async def open_stream(
     if not found.sessions and cluster is None:
         raise offline_error(alias, found)
     tenant = found.tenant or ""
-    state.limits.acquire_stream(tenant, found.owner.limits if found.owner else UNLIMITED, alias)
+    limits = found.owner.limits if found.owner else UNLIMITED
+    rate = limits.max_request_rate
+    if cluster is not None and rate is not None:  # the rate is the whole cluster's
+        state.limits.acquire_stream(
+            tenant, dataclasses.replace(limits, max_request_rate=None), alias
+        )
+    else:
+        state.limits.acquire_stream(tenant, limits, alias)
     try:
+        if cluster is not None and rate is not None:
+            await _take_cluster_token(state, cluster, tenant, rate, alias)
         if found.sessions:
             try:
                 stream = _open_on_session(alias, found, info)
@@ -106,6 +115,16 @@ async def open_stream(
     except BaseException:
         state.limits.release_stream(tenant)
         raise
+
+
+async def _take_cluster_token(
+    state: NodeState, cluster: Cluster, tenant: str, rate: float, alias: str
+) -> None:
+    wait = await cluster.take_token(tenant, rate)
+    if wait is None:  # Redis is away: this node's share of the rate
+        state.limits.take_token(tenant, rate / max(1, cluster.live_nodes), alias)
+    elif wait > 0:
+        raise rate_limited(alias, rate, wait)
 
 
 def open_for_peer(state: NodeState, info: dict[str, Any]) -> LinkStream:

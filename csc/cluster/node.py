@@ -37,6 +37,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from csc.cluster.limits import ClusterRate
 from csc.cluster.peer import PEER_KEYS, PeerPool, PeerServer, PeerStream
 from csc.cluster.routes import Keys, NodeInfo, RouteTable
 from shared.errors import CSCError, PortalOffline
@@ -91,6 +92,7 @@ class Cluster:
     hooks: ClusterHooks
     stats: ClusterStats = field(default_factory=ClusterStats)
     routes: RouteTable = field(init=False)
+    rate: ClusterRate = field(init=False)
     peers: PeerPool = field(init=False)
     server: PeerServer = field(init=False)
     registered: set[str] = field(default_factory=set)
@@ -104,6 +106,7 @@ class Cluster:
 
     def __post_init__(self) -> None:
         self.routes = RouteTable(self.redis, self.keys, self.node_id, self.lease, self._redis_error)
+        self.rate = ClusterRate(self.redis, self.keys.prefix)
         peer_settings = LinkSettings(
             initial_window=self.settings.initial_window,
             max_window=self.settings.max_window,
@@ -243,6 +246,15 @@ class Cluster:
         if last is not None and not isinstance(last, PortalOffline):
             raise last
         raise PortalOffline(f"no node serves {alias}")
+
+    async def take_token(self, tenant: str, rate: float) -> float | None:
+        """The cluster-wide bucket of ``tenant``: 0.0 (taken), the seconds to wait, or None
+        when Redis cannot answer (the caller then uses its share of the rate locally)."""
+        try:
+            return await self.rate.take(tenant, rate)
+        except RedisError as exc:
+            self._redis_error(exc)
+            return None
 
     @property
     def accepting_nodes(self) -> int:

@@ -18,7 +18,10 @@ import aiohttp
 import pytest
 
 from csc.config import CSCConfig
+from csc.limits import burst_for
 from csc.server import Node, running_node
+from csc.store import Store
+from csc.tenants import Actor, TenantUpdate
 from shared.config import Secret
 from tenant_agent.agent import Agent
 from tests.support.inproc import ALIAS, agent_config, make_token
@@ -150,5 +153,110 @@ async def test_http_and_tcp_through_b_reach_the_agent_on_a(tmp_path: Path, redis
                     return await _status(http, f"http://{b.http_address}/v1/resolve/{ALIAS}") == 503
 
                 await async_wait_until(offline, 10, message="alias offline through B")
+    finally:
+        await upstream.close()
+
+
+async def test_tenant_rate_limit_holds_across_nodes(tmp_path: Path, redis_url: str) -> None:
+    """max_request_rate is the whole cluster's: requests spread over two nodes (agent on A,
+    so B forwards) are admitted at most ``rate * t + burst`` times in all."""
+    rate = 10.0
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with two_nodes(tmp_path, redis_url) as (a, b, token):
+            store = Store(tmp_path / "state")
+            try:
+                store.update_tenant(
+                    "acme", TenantUpdate(limits={"max_request_rate": rate}), Actor("t", "local")
+                )
+            finally:
+                store.close()
+            for node in (a, b):
+                node.state.registry.refresh(force=True)
+            async with agent_on(a, token, upstream), aiohttp.ClientSession() as http:
+                urls = [f"http://{n.http_address}/t/{ALIAS}/small" for n in (a, b)]
+
+                async def online() -> bool:
+                    return await _status(http, f"http://{b.http_address}/v1/resolve/{ALIAS}") == 200
+
+                await async_wait_until(online, 10, message="alias online through B")
+                loop = asyncio.get_running_loop()
+                admitted = refused = 0
+                started = loop.time()
+                for i in range(120):
+                    status = await _status(http, urls[i % 2])
+                    assert status in (200, 429), status
+                    admitted += status == 200
+                    refused += status == 429
+                elapsed = loop.time() - started
+                assert refused > 0
+                assert admitted <= rate * elapsed + burst_for(rate) + 1, (admitted, elapsed)
+    finally:
+        await upstream.close()
+
+
+async def test_revocation_through_b_cuts_the_agent_on_a(tmp_path: Path, redis_url: str) -> None:
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with two_nodes(tmp_path, redis_url) as (a, b, token):
+            agent = Agent(agent_config(f"http://{a.http_address}", token, upstream, sessions=1))
+            task = asyncio.create_task(agent.run())
+            try:
+                await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+                jti = next(iter(a.state.sessions.values())).jti
+                store = Store(tmp_path / "state")
+                try:
+                    store.revoke_token(jti, Actor("t", "local"))
+                finally:
+                    store.close()
+                assert b.state.cluster is not None
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                # what B's admin API does after a change: tell every node
+                await b.state.cluster.publish({"t": "catalog"})
+                await async_wait_until(lambda: not a.state.sessions, 5)
+                assert loop.time() - started < scaled(1.0)
+                assert await asyncio.wait_for(task, scaled(10)) == 3  # the agent gives up
+            finally:
+                agent.stop()
+                await asyncio.wait_for(task, scaled(10))
+    finally:
+        await upstream.close()
+
+
+async def test_a_paused_node_is_fenced(tmp_path: Path, redis_url: str) -> None:
+    """A node whose lease expired while it did not run takes a new epoch, ends its sessions,
+    and its old routes no longer count anywhere."""
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with (
+            two_nodes(tmp_path, redis_url) as (a, b, token),
+            agent_on(a, token, upstream),
+            aiohttp.ClientSession() as http,
+        ):
+            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+            cluster_a, cluster_b = a.state.cluster, b.state.cluster
+            assert cluster_a is not None and cluster_b is not None
+            old_epoch = cluster_a.routes.epoch
+            # what a SIGSTOP longer than the lease looks like from inside: the lease key
+            # expired, and the last heartbeat is longer ago than the lease
+            await cluster_a.redis.delete(cluster_a.keys.lease("A"))
+            await cluster_b.routes.read_directory()
+            cluster_b.routes.forget()
+            assert await cluster_b.nodes_for(ALIAS) == []
+            cluster_a._last_beat -= 10 * cluster_a.lease
+            session = next(iter(a.state.sessions.values()))
+            await cluster_a.beat()
+            assert cluster_a.routes.epoch > old_epoch
+            assert cluster_a.stats.fenced == 1
+            await async_wait_until(lambda: session.link.is_closed, 5)
+            # the agent reconnects (to A here, the only node it knows) under the new epoch
+            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+            await cluster_a.beat()
+            await cluster_b.routes.read_directory()
+            cluster_b.routes.forget()
+            nodes = await cluster_b.nodes_for(ALIAS)
+            assert [(n.id, n.epoch) for n in nodes] == [("A", cluster_a.routes.epoch)]
+            assert await _status(http, f"http://{b.http_address}/t/{ALIAS}/small") == 200
     finally:
         await upstream.close()
