@@ -407,7 +407,8 @@ class PeerPool:
         return sum(1 for d in self._links.values() if not d.link.is_closed)
 
     def suspect(self, node: str) -> bool:
-        """Whether dialling ``node`` failed moments ago (it is skipped for a few seconds)."""
+        """Whether ``node``'s link broke or could not be dialled moments ago (it is then
+        skipped for a few seconds, sooner than its lease would tell)."""
         until = self._suspect.get(node)
         if until is None:
             return False
@@ -479,6 +480,7 @@ class PeerPool:
             if current is not None and current.link is link:
                 del self._links[node]
                 current.writer.close()
+                self.mark_suspect(node)  # skipped until it answers a dial again
                 log.info("peer link to node %s down", node)
                 self.on_link_change()
 
