@@ -1,5 +1,5 @@
-"""What lets several CSC nodes act as one CSC: the shared connection to Redis (``redisconn``),
-pub/sub that survives failovers (``subscriber``), and, on top of them, the cluster registry.
+"""What lets several CSC nodes act as one CSC: the shared connection to Redis (``redisconn``)
+and pub/sub that survives failovers (``subscriber``), on which the cluster registry builds.
 
 Nothing here runs in a single-node CSC: it is used only when ``redis_url`` is set.
 """

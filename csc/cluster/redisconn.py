@@ -70,9 +70,9 @@ RedisClient = Redis | RedisCluster
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 
-# Command retries: delays of 0.05-0.1 s, doubling, capped at 0.5-1 s (EqualJitterBackoff), so
-# 15 retries span about 6-12 s of connection errors, longer than a failover with
-# down-after-milliseconds/cluster-node-timeout of a second or two.
+# Command retries: the first delay is 0.1-0.2 s, doubling, capped at 0.5-1 s (EqualJitterBackoff),
+# so 15 retries span about 7-13 s of connection errors, longer than a failover with
+# down-after-milliseconds / cluster-node-timeout of a second or two.
 RETRY_BASE = 0.1
 RETRY_CAP = 1.0
 RETRIES = 15

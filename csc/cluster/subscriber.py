@@ -53,7 +53,7 @@ MessageHandler = Callable[[str, bytes], Awaitable[None] | None]
 #: ``on_subscribed()`` after each (re)subscription; may be a coroutine function.
 SubscribedHandler = Callable[[], Awaitable[None] | None]
 
-#: Delays before resubscribing: 0.05-0.1 s doubling up to 1-2 s (equal jitter).
+#: Delays before resubscribing: 0.1-0.2 s, doubling up to 1-2 s (equal jitter).
 RESUBSCRIBE_BACKOFF = EqualJitterBackoff(cap=2.0, base=0.1)
 
 
