@@ -35,7 +35,7 @@ unit: venv
 	$(BIN)/pytest -q tests/unit
 
 # programs the tests drive for real, installed from Debian when missing
-SYSTEM_DEPS := chromium:chromium
+SYSTEM_DEPS := chromium:chromium redis-server:redis-server redis-sentinel:redis-sentinel redis-cli:redis-tools
 
 test: venv
 	scripts/system_deps.sh $(SYSTEM_DEPS)

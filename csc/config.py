@@ -230,6 +230,13 @@ class CSCConfig:
             problems.append("database_url must be a postgresql:// URL")
         if not self.clustered:
             return problems
+        from csc.cluster.redisconn import parse_redis_url  # only when clustered: lazy import
+
+        assert self.redis_url is not None
+        try:
+            parse_redis_url(self.redis_url)
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.database_url is None:
             problems.append(
                 "redis_url needs database_url: every node must read the same tenants, "

@@ -26,6 +26,9 @@ if _REPO_ROOT not in sys.path:  # `pytest` (not `python -m pytest`) leaves the r
 
 from tests.support.procs import ProcFactory, UpstreamProc, start_upstream  # noqa: E402
 
+# real Redis topologies: redis_single, redis_sentinel, redis_cluster, redis_topology, redis_prefix
+pytest_plugins = ["tests.support.redis"]
+
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:

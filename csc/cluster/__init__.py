@@ -1,1 +1,5 @@
-"""What lets several CSC nodes act as one: routing state in Redis, node-to-node peer links."""
+"""What lets several CSC nodes act as one CSC: the shared connection to Redis (``redisconn``)
+and pub/sub that survives failovers (``subscriber``), on which the cluster registry builds.
+
+Nothing here runs in a single-node CSC: it is used only when ``redis_url`` is set.
+"""

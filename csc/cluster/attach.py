@@ -12,11 +12,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from csc.admin_api import session_view
 from csc.cluster.node import Cluster, ClusterHooks
-from csc.cluster.redisconn import connect_redis
+from csc.cluster.redisconn import RedisUnavailable, connect_redis
 from csc.cluster.routes import Keys
 from csc.gateway import end_sessions
 from csc.routing import open_for_peer
@@ -78,9 +77,9 @@ async def cluster_context(app: web.Application) -> AsyncIterator[None]:
     except ValueError as exc:
         raise ClusterStartError(str(exc)) from None
     try:
-        redis = await connect_redis(config.redis_url.reveal())
-    except (RedisError, OSError) as exc:
-        raise ClusterStartError(f"Redis cannot be reached: {exc}") from None
+        redis = await connect_redis(config.redis_url, client_name=f"csc:{state.node_id}")
+    except RedisUnavailable as exc:
+        raise ClusterStartError(str(exc)) from None
     assert config.peer_listen is not None  # the config refuses redis_url without it
     cluster = Cluster(
         node_id=state.node_id,

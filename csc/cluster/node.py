@@ -12,7 +12,9 @@ node's app (a ``cleanup_ctx``). It owns
   bring this node's routes in line with its live sessions, publish its sessions for the admin
   views) and the subscription to the cluster's event channel.
 
-Events (JSON on ``P:events``): ``route`` (an alias's routes changed: drop the cached answer),
+Events (JSON on ``P:events``, received through a
+:class:`~csc.cluster.subscriber.Subscriber`, which subscribes again after any loss and then
+triggers a full resync: directory, route cache and store): ``route`` (an alias's routes changed: drop the cached answer),
 ``nodes`` (the directory changed: re-read it), ``catalog`` (tenants, aliases or tokens changed
 in the store: re-read them and end the sessions that lost their right to run) and
 ``disconnect`` (an operator ended a session by id, on whichever node holds it).
@@ -40,6 +42,7 @@ from redis.exceptions import RedisError
 from csc.cluster.limits import ClusterRate
 from csc.cluster.peer import PEER_KEYS, PeerPool, PeerServer, PeerStream
 from csc.cluster.routes import Keys, NodeInfo, RouteTable
+from csc.cluster.subscriber import Subscriber
 from shared.errors import CSCError, PortalOffline
 from shared.link import LinkStream, cancel_quietly
 from shared.protocol import LinkSettings
@@ -76,7 +79,6 @@ class ClusterStats:
     """Plain counters the metrics read at scrape time."""
 
     redis_errors: int = 0
-    redis_reconnects: int = 0
     lookups: dict[str, int] = field(default_factory=lambda: {"local": 0, "remote": 0, "miss": 0})
     fenced: int = 0
 
@@ -100,6 +102,7 @@ class Cluster:
     draining: bool = False
     #: the peer address other nodes dial (known once started)
     advertised: str = ""
+    subscriber: Subscriber | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _last_beat: float = 0.0
@@ -145,10 +148,14 @@ class Cluster:
         await self.publish({"t": "nodes"})
         self._last_beat = time.monotonic()
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._heartbeat_forever(), name="cluster-heartbeat"),
-            loop.create_task(self._subscribe_forever(), name="cluster-events"),
-        ]
+        self.subscriber = Subscriber(
+            self.redis,
+            [self.keys.events],
+            lambda _channel, data: self._on_event(data),
+            on_subscribed=self._resync,
+        )
+        await self.subscriber.start()
+        self._tasks = [loop.create_task(self._heartbeat_forever(), name="cluster-heartbeat")]
         log.info(
             "node %s joined the cluster (epoch %d, peer %s, %d live nodes)",
             self.node_id,
@@ -170,6 +177,8 @@ class Cluster:
     async def stop(self) -> None:
         for task in self._tasks:
             await cancel_quietly(task)
+        if self.subscriber is not None:
+            await self.subscriber.aclose()
         try:
             await self.routes.leave(self.registered | self.hooks.local_grants())
             await self.publish({"t": "nodes"})
@@ -182,11 +191,12 @@ class Cluster:
 
     @property
     def redis_errors(self) -> int:
-        return self.stats.redis_errors
+        sub = self.subscriber
+        return self.stats.redis_errors + (sub.errors if sub is not None else 0)
 
     @property
     def redis_reconnects(self) -> int:
-        return self.stats.redis_reconnects
+        return self.subscriber.reconnects if self.subscriber is not None else 0
 
     @property
     def lookups(self) -> dict[str, int]:
@@ -269,7 +279,7 @@ class Cluster:
         except RedisError as exc:
             self._redis_error(exc)
 
-    async def _on_event(self, raw: bytes | str) -> None:
+    async def _on_event(self, raw: bytes) -> None:
         try:
             event = json.loads(raw)
             kind = event["t"]
@@ -285,29 +295,6 @@ class Cluster:
             await self.hooks.catalog_changed()
         elif kind == "disconnect":
             self.hooks.disconnect(str(event.get("session", "")))
-
-    async def _subscribe_forever(self) -> None:
-        """Listen on the event channel, subscribing again after any connection loss; each
-        (re)subscription is followed by a full resync (a message may have been missed)."""
-        delay = 0.1
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(self.keys.events)
-                delay = 0.1
-                await self._resync()
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        await self._on_event(message["data"])
-            except (RedisError, OSError) as exc:
-                self._redis_error(exc)
-                self.stats.redis_reconnects += 1
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
     async def _resync(self) -> None:
         self.routes.forget()

@@ -1,5 +1,6 @@
-"""Two CSC nodes in one event loop sharing a real redis-server: streams for an alias whose agent
-is on node A, arriving at node B, are forwarded over the peer link B→A (csc/cluster/)."""
+"""Two CSC nodes in one event loop sharing a real Redis (single server, Sentinel and Cluster):
+streams for an alias whose agent is on node A, arriving at node B, are forwarded over the peer
+link B→A (csc/cluster/)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import shutil
-import socket
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +24,16 @@ from shared.config import Secret
 from tenant_agent.agent import Agent
 from tests.support.inproc import ALIAS, agent_config, make_token
 from tests.support.procs import async_wait_until, scaled
+from tests.support.redis import RedisTopology
 from tests.support.upstream import UpstreamServer, start_upstream_server
 
 CLUSTER_KEY = Secret("k" * 40)
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    exe = shutil.which("redis-server")
-    assert exe is not None, "redis-server is missing (scripts/system_deps.sh installs it)"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = scaled(10)
-        import time
-
-        start = time.monotonic()
-        while time.monotonic() - start < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+@pytest.fixture
+def redis_url(redis_topology: RedisTopology) -> str:
+    """Every test here runs against a single server, Sentinel and Cluster in turn."""
+    return redis_topology.url
 
 
 def node_config(state_dir: Path, redis_url: str, prefix: str, **over: Any) -> CSCConfig:
