@@ -6,6 +6,14 @@ a link has been stable. On GOAWAY from the CSC the slot connects a new session f
 the old one finish its streams (make-before-break). On SIGTERM the agent sends GOAWAY on every
 session, lets in-flight streams finish within ``drain_timeout`` and exits.
 
+In a CSC cluster the slots spread their sessions over distinct nodes (tenant_agent/spread.py
+holds the policy and explains it): a session that lands on a node another live session holds
+is sent GOAWAY and closed before it carries a stream, and the slot dials again after a short
+pause; after ``max_redials`` in a row it keeps the duplicate and later moves it,
+make-before-break. The check of a new session against the live ones and its entry into
+:attr:`Agent.sessions` happen in one step (no ``await`` between), so two slots never both
+keep, or both drop, sessions that came up on the same node at once.
+
 Errors that retrying cannot fix (token refused, alias not covered, protocol version) stop the
 agent with a clear message and exit status 3.
 """
@@ -32,6 +40,15 @@ from tenant_agent.metrics import (
     MetricsServer,
     reconnect_reason,
     session_end_reason,
+)
+from tenant_agent.spread import (
+    ClusterView,
+    SlotSpread,
+    SpreadPolicy,
+    Verdict,
+    replacement_is_better,
+    welcome_cluster_nodes,
+    welcome_node,
 )
 from tenant_agent.upstream import Upstreams
 from tenant_agent.websocket import (
@@ -64,6 +81,16 @@ class AgentSession:
     def id(self) -> str:
         return str(self.welcome.get("session_id", "?"))
 
+    @property
+    def node(self) -> str | None:
+        return welcome_node(self.welcome)
+
+    @property
+    def live(self) -> bool:
+        """Serving new streams: not draining after a GOAWAY from either side, not closed."""
+        link = self.link
+        return not (self.goaway.is_set() or link.is_closed or link.conn.local_going_away)
+
 
 def connect_url(csc: str) -> str:
     """The agent endpoint of a CSC base URL (``http(s)``/``ws(s)``, any path prefix)."""
@@ -76,8 +103,16 @@ def connect_url(csc: str) -> str:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, *, metrics: AgentMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        metrics: AgentMetrics | None = None,
+        spread: SpreadPolicy | None = None,
+    ) -> None:
         self.config = config
+        self.spread = spread if spread is not None else SpreadPolicy()
+        self.cluster = ClusterView()
         self.settings = LinkSettings.from_config(config)
         self.metrics = metrics if metrics is not None else AgentMetrics()
         self.metrics_server = MetricsServer(self.metrics)
@@ -155,23 +190,36 @@ class Agent:
     async def _slot(self, slot: int) -> None:
         cfg = self.config
         backoff = Backoff(cfg.backoff_initial, cfg.backoff_max, cfg.backoff_reset_after)
+        spread = SlotSpread(self.spread)
         loop = asyncio.get_running_loop()
+        successor: AgentSession | None = None  # a replacement already up (a move)
         while not self.stopping.is_set():
             started = loop.time()
-            self.metrics.slot_state(slot, "connecting")
-            try:
-                session = await self._connect(slot)
-            except FatalError as exc:
-                self.fatal = str(exc)
-                self.stop()
-                return
-            except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
-                log.warning("session %d: cannot connect to %s: %s", slot, cfg.csc, _describe(exc))
-                reason = reconnect_reason(exc)
-            else:
+            session, successor = successor, None
+            if session is None:
+                self.metrics.slot_state(slot, "connecting")
+                try:
+                    session = await self._connect(slot)
+                except FatalError as exc:
+                    self.fatal = str(exc)
+                    self.stop()
+                    return
+                except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
+                    log.warning(
+                        "session %d: cannot connect to %s: %s", slot, cfg.csc, _describe(exc)
+                    )
+                    reason = reconnect_reason(exc)
+                else:
+                    if self._place(session, spread) is Verdict.REDIAL:
+                        await self._redial(session, spread.redials)
+                        continue
+            if session is not None:
                 self.metrics.slot_state(slot, "up")
-                replaced = await self._serve(session)
-                if replaced:
+                outcome = await self._serve(session)
+                if isinstance(outcome, AgentSession):
+                    successor = outcome
+                    continue
+                if outcome == "drained":
                     backoff.attempt = 0
                     self.metrics.reconnect("goaway")
                     continue  # make-before-break: connect the successor right away
@@ -188,8 +236,127 @@ class Agent:
                 backoff.attempt = 0  # the drained session still serves: retry at the start pace
             delay = backoff.next_delay(random.random())
             log.info("session %d: reconnecting in %.1f s", slot, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), delay)
+            await self._pause(delay)
+
+    async def _pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds or until the agent stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), delay)
+
+    def _other_nodes(self, *exclude: AgentSession) -> list[str | None]:
+        """The nodes of the live sessions other than ``exclude``."""
+        return [s.node for s in self.sessions if s.live and s not in exclude]
+
+    def _place(self, session: AgentSession, spread: SlotSpread) -> Verdict:
+        """Judge a new session against the live ones and enter it, in one step (no await)."""
+        count = self.cluster.saw(session.welcome)
+        verdict = spread.on_session_up(session.node, self._other_nodes(session), count)
+        self.sessions.add(session)
+        if verdict is Verdict.KEEP_DUPLICATE:
+            log.info(
+                "session %d: keeping a second session on node %s after %d re-dials; "
+                "will try to move it every ~%g s",
+                session.slot,
+                session.node,
+                self.spread.max_redials,
+                self.spread.move_interval,
+            )
+        return verdict
+
+    async def _redial(self, session: AgentSession, tries: int) -> None:
+        """Close a duplicate (GOAWAY first: it gets no stream) and pause briefly."""
+        delay = self.spread.redial_delay(random.random())
+        log.info(
+            "session %d: node %s already holds a session of this agent (%d nodes in the "
+            "cluster); re-dialling in %.2f s (try %d of %d)",
+            session.slot,
+            session.node,
+            welcome_cluster_nodes(session.welcome),
+            delay,
+            tries,
+            self.spread.max_redials,
+        )
+        self.metrics.reconnect("duplicate_node")
+        self._dismiss(session, None)
+        await self._pause(delay)
+
+    def _dismiss(self, session: AgentSession, run: asyncio.Task[None] | None) -> None:
+        """Send GOAWAY on a session of ours and let it drain and close in the background."""
+        session.link.go_away("going_away", "the agent moves this session to another node")
+        task = asyncio.create_task(self._retire(session, run))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _serve(self, session: AgentSession) -> AgentSession | str:
+        """Serve until the link ends (``"ended"``), the CSC asks to drain (``"drained"``: the
+        slot connects a successor) or a replacement on a node of its own took over (returned:
+        the slot serves it; this one drains)."""
+        self.sessions.add(session)
+        run = asyncio.create_task(run_link(session.ws, session.link))
+        goaway = asyncio.create_task(session.goaway.wait())
+        moved: AgentSession | None = None
+        try:
+            while moved is None:
+                done, _ = await asyncio.wait(
+                    {run, goaway},
+                    timeout=self.spread.move_delay(random.random()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if done:
+                    break
+                if self.cluster.should_move(session.node, self._other_nodes(session)):
+                    moved = await self._try_move(session)
+        finally:
+            await cancel_quietly(goaway)
+        if moved is not None:
+            if run.done():
+                self.sessions.discard(session)
+            else:
+                self._dismiss(session, run)
+            return moved
+        if run.done():
+            self.sessions.discard(session)
+            reason = session.link.closed.result().message if session.link.closed.done() else ""
+            code = session.ws.close_code
+            level = logging.INFO if self.stopping.is_set() else logging.WARNING
+            log.log(level, "session %d down (close code %s): %s", session.slot, code, reason)
+            if code in FATAL_CLOSE_CODES:
+                self.fatal = f"the CSC closed the session ({code}): {session.ws.close_reason}"
+                self.stop()
+            return "ended"
+        log.info("session %d: the CSC is draining; connecting a successor", session.slot)
+        task = asyncio.create_task(self._retire(session, run))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+        return "drained"
+
+    async def _try_move(self, session: AgentSession) -> AgentSession | None:
+        """Dial a replacement for a duplicate; the replacement if it is on a node of its own
+        (entered in :attr:`sessions`), else None (it is dismissed; the duplicate serves on)."""
+        slot = session.slot
+        log.info(
+            "session %d: node %s holds another session of this agent; dialling a replacement",
+            slot,
+            session.node,
+        )
+        self.metrics.reconnect("duplicate_node")
+        try:
+            new = await self._connect(slot)
+        except FatalError as exc:
+            self.fatal = str(exc)
+            self.stop()
+            return None
+        except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
+            log.warning("session %d: no replacement: %s", slot, _describe(exc))
+            return None
+        self.cluster.saw(new.welcome)
+        self.sessions.add(new)
+        if replacement_is_better(new.node, session.node, self._other_nodes(session, new)):
+            log.info("session %d: moved from node %s to node %s", slot, session.node, new.node)
+            return new
+        log.info("session %d: the replacement landed on node %s too; keeping", slot, new.node)
+        self._dismiss(new, None)
+        return None
 
     async def _connect(self, slot: int) -> AgentSession:
         """Upgrade, then HELLO/WELCOME, each within ``connect_timeout``."""
@@ -255,33 +422,11 @@ class Agent:
         )
         return session
 
-    async def _serve(self, session: AgentSession) -> bool:
-        """Serve until the link ends (False) or the CSC asks to drain (True: replace it)."""
-        self.sessions.add(session)
-        run = asyncio.create_task(run_link(session.ws, session.link))
-        goaway = asyncio.create_task(session.goaway.wait())
-        try:
-            await asyncio.wait({run, goaway}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            await cancel_quietly(goaway)
-        if run.done():
-            self.sessions.discard(session)
-            reason = session.link.closed.result().message if session.link.closed.done() else ""
-            code = session.ws.close_code
-            level = logging.INFO if self.stopping.is_set() else logging.WARNING
-            log.log(level, "session %d down (close code %s): %s", session.slot, code, reason)
-            if code in FATAL_CLOSE_CODES:
-                self.fatal = f"the CSC closed the session ({code}): {session.ws.close_reason}"
-                self.stop()
-            return False
-        log.info("session %d: the CSC is draining; connecting a successor", session.slot)
-        task = asyncio.create_task(self._retire(session, run))
-        self._draining.add(task)
-        task.add_done_callback(self._draining.discard)
-        return True
-
-    async def _retire(self, session: AgentSession, run: asyncio.Task[None]) -> None:
-        """Let a drained session finish its streams; the CSC closes it when done."""
+    async def _retire(self, session: AgentSession, run: asyncio.Task[None] | None) -> None:
+        """Let a draining session finish its streams, then close it (the CSC closes it first
+        when it drains)."""
+        if run is None:
+            run = asyncio.create_task(run_link(session.ws, session.link))
         self._retiring[session.slot] = self._retiring.get(session.slot, 0) + 1
         try:
             await session.link.wait_idle(self.config.drain_timeout)
@@ -291,6 +436,7 @@ class Agent:
         finally:
             self._retiring[session.slot] -= 1
             self.sessions.discard(session)
+            await cancel_quietly(run)
 
 
 def _describe(exc: BaseException) -> str:

@@ -36,9 +36,17 @@ SLOT_STATES = ("connecting", "up", "backoff")
 UPSTREAM_CODES = frozenset(
     {"upstream_refused", "upstream_reset", "upstream_error", "upstream_timeout"}
 )
-#: Reconnect reasons that are not error codes: why a connection attempt failed, or ``goaway``
-#: (the CSC drained the session and the slot connected its successor).
-CONNECT_REASONS = ("connect_failed", "connect_timeout", "handshake_failed", "refused", "goaway")
+#: Reconnect reasons that are not error codes: why a connection attempt failed, ``goaway``
+#: (the CSC drained the session and the slot connected its successor) or ``duplicate_node``
+#: (the session shared a CSC node with another of the agent's: tenant_agent/spread.py).
+CONNECT_REASONS = (
+    "connect_failed",
+    "connect_timeout",
+    "handshake_failed",
+    "refused",
+    "goaway",
+    "duplicate_node",
+)
 
 
 def reconnect_reason(exc: BaseException) -> str:

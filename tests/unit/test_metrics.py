@@ -35,6 +35,7 @@ from shared.tokens import issue_token, verify_token
 from tenant_agent.cli import _overrides, build_parser
 from tenant_agent.config import load_agent_config
 from tenant_agent.metrics import (
+    CONNECT_REASONS,
     AgentMetrics,
     reconnect_reason,
     session_end_reason,
@@ -454,3 +455,13 @@ def test_a_bad_metrics_listen_is_reported_with_its_name() -> None:
         load_agent_config(file=None, env={**env, "CSC_AGENT_METRICS_LISTEN": "127.0.0.1:x"})
     assert len(bad.value.problems) == 1
     assert "CSC_AGENT_METRICS_LISTEN" in bad.value.problems[0]
+
+
+def test_docs_name_every_fixed_agent_reconnect_reason() -> None:
+    row = next(
+        line
+        for line in DOCS.read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `csc_agent_reconnects_total` |")
+    )
+    named = set(re.findall(r"`([a-z_]+)`", row))
+    assert set(CONNECT_REASONS) <= named, set(CONNECT_REASONS) - named

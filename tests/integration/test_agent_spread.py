@@ -1,0 +1,200 @@
+"""The agent spreads its sessions over CSC nodes: a real agent against a fake cluster.
+
+:class:`FakeCluster` is one loopback WebSocket endpoint that speaks the agent-link handshake
+(the real ``Connection``/``Link`` on the server side) and plays a cluster behind a round-robin
+load balancer: each new connection is "on" the next node of a script, and its WELCOME carries
+``node`` and, when set, ``cluster_nodes``. Until the cluster code exists this is the seam
+where the agent's placement is checked over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from csc.websocket import run_websocket
+from shared.link import Link
+from shared.protocol import Connection, HelloReceived, LinkSettings, Side
+from tenant_agent.agent import Agent
+from tenant_agent.spread import SpreadPolicy
+from tests.support.inproc import agent_config
+from tests.support.procs import async_wait_until, scaled
+from tests.support.upstream import start_upstream_server
+
+FAST = SpreadPolicy(redial_min=0.0, redial_max=0.02, max_redials=8, move_interval=30.0)
+
+
+async def _until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    await async_wait_until(predicate, timeout, 0.01)
+
+
+@dataclass(eq=False)
+class FakeSession:
+    node: str
+    link: Link
+    ws: web.WebSocketResponse
+    #: the nodes of the cluster's live sessions when the agent's GOAWAY arrived, else None
+    goaway_seen_with: list[str] | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def live(self) -> bool:
+        return not self.ended.is_set() and self.goaway_seen_with is None
+
+
+class FakeCluster:
+    def __init__(self, nodes: Iterable[str], cluster_nodes: int | None) -> None:
+        self.nodes = iter(nodes)
+        self.cluster_nodes = cluster_nodes
+        self.sessions: list[FakeSession] = []
+        self.url = ""
+
+    def live_nodes(self) -> list[str]:
+        return sorted(s.node for s in self.sessions if s.live)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        loop = asyncio.get_running_loop()
+        conn = Connection(Side.SERVER, LinkSettings(), accept_streams=False, now=loop.time())
+        while not any(isinstance(e, HelloReceived) for e in conn.events()):
+            msg = await ws.receive()
+            conn.receive_data(msg.data, loop.time())
+
+        async def send(chunks: Sequence[bytes | memoryview]) -> None:
+            await ws.send_bytes(b"".join(chunks))
+
+        session = FakeSession(next(self.nodes), Link(conn, send, name="fake"), ws)
+        session.link.on_goaway = lambda _ev: self._goaway(session)
+        welcome: dict[str, Any] = {"session_id": f"s{len(self.sessions)}", "node": session.node}
+        if self.cluster_nodes is not None:
+            welcome["cluster_nodes"] = self.cluster_nodes
+        conn.send_welcome(welcome, loop.time())
+        session.link.kick()
+        self.sessions.append(session)
+        try:
+            await run_websocket(ws, session.link)
+        finally:
+            session.ended.set()
+            await session.link.aclose()
+        return ws
+
+    def _goaway(self, session: FakeSession) -> None:
+        session.goaway_seen_with = self.live_nodes()
+
+
+@contextlib.asynccontextmanager
+async def fake_cluster(
+    nodes: Iterable[str],
+    cluster_nodes: int | None,
+    policy: SpreadPolicy = FAST,
+    sessions: int = 2,
+) -> AsyncIterator[tuple[FakeCluster, Agent]]:
+    cluster = FakeCluster(nodes, cluster_nodes)
+    app = web.Application()
+    app.router.add_get("/v1/agent/connect", cluster.handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    upstream = await start_upstream_server()
+    agent = Agent(
+        agent_config(
+            f"http://127.0.0.1:{runner.addresses[0][1]}", "token", upstream, sessions=sessions
+        ),
+        spread=policy,
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        yield cluster, agent
+    finally:
+        agent.stop()
+        assert await asyncio.wait_for(task, scaled(30)) == 0
+        await runner.cleanup()
+        await upstream.close()
+
+
+def _agent_nodes(agent: Agent) -> list[str | None]:
+    return sorted((s.node for s in agent.sessions if s.live), key=str)
+
+
+async def test_a_second_session_on_the_same_node_is_dialled_again() -> None:
+    async with fake_cluster(itertools.chain("aa", itertools.repeat("b")), 2) as (cluster, agent):
+        await _until(lambda: cluster.live_nodes() == ["a", "b"] and len(cluster.sessions) == 3)
+        await _until(lambda: _agent_nodes(agent) == ["a", "b"])
+        duplicate = cluster.sessions[1]
+        await asyncio.wait_for(duplicate.ended.wait(), scaled(10))
+        # dismissed politely: GOAWAY first, then a normal close, no stream ever opened
+        assert duplicate.goaway_seen_with is not None
+        assert duplicate.ws.close_code == 1001
+        assert duplicate.link.conn.active_streams == 0
+        assert agent.metrics.reconnects == {"duplicate_node": 1}
+
+
+async def test_a_single_node_keeps_both_sessions() -> None:
+    async with fake_cluster(itertools.repeat("a"), None) as (cluster, agent):
+        await _until(lambda: _agent_nodes(agent) == ["a", "a"])
+        assert agent.metrics.reconnects == {}
+        assert cluster.live_nodes() == ["a", "a"]
+
+
+async def test_three_sessions_on_two_nodes_share_one() -> None:
+    nodes = itertools.chain("aab", itertools.repeat("a"))
+    async with fake_cluster(nodes, 2, sessions=3) as (cluster, agent):
+        await _until(lambda: len(_agent_nodes(agent)) == 3)
+        assert _agent_nodes(agent).count("b") == 1
+        await _until(lambda: len(cluster.live_nodes()) == 3)
+
+
+async def test_after_the_bound_the_duplicate_is_kept_then_moved_make_before_break() -> None:
+    policy = SpreadPolicy(redial_min=0.0, redial_max=0.02, max_redials=3, move_interval=0.3)
+    nodes = itertools.chain("a" * 6, itertools.repeat("b"))  # 1 + 3 re-dials + kept + a probe
+    async with fake_cluster(nodes, 2, policy) as (cluster, agent):
+        await _until(lambda: _agent_nodes(agent) == ["a", "b"])
+        await _until(lambda: cluster.live_nodes() == ["a", "b"])
+        assert agent.metrics.reconnects["duplicate_node"] >= 3 + 2
+        moved = [
+            s
+            for s in cluster.sessions
+            if s.goaway_seen_with is not None and s.node == "a" and "b" in s.goaway_seen_with
+        ]
+        # the duplicate was sent away only once its replacement on b was up
+        assert moved, [(s.node, s.goaway_seen_with) for s in cluster.sessions]
+        kept = [s for s in cluster.sessions[:5] if s.live]
+        assert len(kept) == 1
+
+
+async def test_goaway_stays_make_before_break_and_a_returning_node_is_used_again() -> None:
+    """A rolling restart of a two-node cluster: b drains, its session's successor lands on a
+    (the only node left), and once b is back one session moves there."""
+    script: list[str] = ["a", "b"]
+    policy = SpreadPolicy(redial_min=0.0, redial_max=0.02, max_redials=8, move_interval=0.3)
+    async with fake_cluster(_follow(script), 2, policy) as (cluster, agent):
+        await _until(lambda: cluster.live_nodes() == ["a", "b"])
+        b = next(s for s in cluster.sessions if s.node == "b")
+        cluster.cluster_nodes = 1
+        script.append("a")  # the load balancer has taken b out
+        b.link.go_away("going_away", "node b drains")
+        await _until(lambda: _agent_nodes(agent) == ["a", "a"])
+        successor = cluster.sessions[2]
+        assert successor.node == "a"
+        assert successor.goaway_seen_with is None  # one node left: kept, not re-dialled
+        await asyncio.wait_for(b.ended.wait(), scaled(10))  # b drained and closed
+        assert agent.metrics.reconnects["goaway"] == 1
+        # b is back: the next probe's WELCOME comes from b
+        cluster.cluster_nodes = 2
+        script.append("b")
+        await _until(lambda: _agent_nodes(agent) == ["a", "b"])
+        await _until(lambda: cluster.live_nodes() == ["a", "b"])
+
+
+def _follow(script: list[str]) -> Iterable[str]:
+    """The script's nodes in order; past its end, its last node again."""
+    for i in itertools.count():
+        yield script[min(i, len(script) - 1)]
