@@ -26,7 +26,6 @@ from csc.store.core import (
 from csc.store.postgres import PostgresBackend, masked_url
 from csc.store.schema import MIGRATIONS
 from csc.store.sqlite import DB_FILE
-from shared.files import ensure_private_dir
 
 __all__ = [
     "ADMIN_TOKEN_FILE",
@@ -49,8 +48,4 @@ def open_store(config: CSCConfig) -> Store:
     in ``state_dir``. Raises StoreError (StoreUnavailable: the server cannot be reached)."""
     if config.database_url is None:
         return Store(config.state_dir)
-    try:
-        ensure_private_dir(config.state_dir)  # for the first operator's admin-token
-    except OSError as exc:
-        raise StoreError(f"state directory {config.state_dir}: {exc}") from None
     return Store(config.state_dir, backend=PostgresBackend(config.database_url.reveal()))

@@ -50,7 +50,7 @@ from csc.tenants import (
     read_legacy_tenants,
 )
 from shared.aliases import normalise_grant
-from shared.files import write_atomic
+from shared.files import ensure_private_dir, write_atomic
 from shared.tokens import DEFAULT_LEEWAY, PrivateKey, check_tenant_id, issue_token
 
 log = logging.getLogger("csc.store")
@@ -508,6 +508,7 @@ class Store:
         (and a token file that cannot be written creates nothing).
         """
         path = self.state_dir / ADMIN_TOKEN_FILE
+        ensure_private_dir(self.state_dir)
         with self._write() as tx:
             if tx.execute("SELECT 1 FROM operators LIMIT 1").first() is not None:
                 return None

@@ -145,7 +145,7 @@ class PostgresBackend:
         self._connect_timeout = connect_timeout
         self._main = _Link(self, fail_fast=False)
         self._hot = _Link(self, fail_fast=True)
-        self._down = False
+        self._down: bool | None = None  # None: never connected yet
         self._down_lock = threading.Lock()
 
     # -- connections and errors ---------------------------------------------------------------
@@ -186,11 +186,12 @@ class PostgresBackend:
         return kind(self.unavailable_message(self._clean(exc)))
 
     def _set_down(self, down: bool) -> None:
+        """Log the transitions between reachable and not (none before the first connection)."""
         with self._down_lock:
-            changed, self._down = self._down != down, down
-        if changed and down:
-            log.warning("PostgreSQL %s is unreachable; serving the last known catalog", self.where)
-        elif changed:
+            before, self._down = self._down, down
+        if before is False and down:
+            log.warning("PostgreSQL %s is unreachable; retrying on the next call", self.where)
+        elif before and not down:
             log.warning("PostgreSQL %s is reachable again", self.where)
 
     def close(self) -> None:
