@@ -74,7 +74,7 @@ def signing_key(config: CSCConfig, store: Store | None, *, create: bool = True) 
     """
     if config.signing_key_file is not None:
         path = config.signing_key_file
-        if not path.is_file():
+        if not path.exists():
             raise SigningKeyError(f"signing_key_file {path}: no such file (it is not created)")
         return SigningKey(load_signing_key(path), False, str(path))
     if config.database_url is not None:

@@ -69,7 +69,7 @@ def masked_url(url: str) -> str:
     if parts.password is not None:
         user += ":***"
     netloc = f"{user}@{host}{port}" if user else f"{host}{port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def _qmark(sql: str) -> str:
