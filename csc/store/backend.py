@@ -16,7 +16,7 @@ connection surfaces as :class:`StoreUnavailable`, never as a driver exception.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -109,13 +109,3 @@ class Backend(Protocol):
     def data_version(self) -> int: ...
 
     def close(self) -> None: ...
-
-
-@contextlib.contextmanager
-def closing_on_error(close: Callable[[], None]) -> Iterator[None]:
-    """Run ``close`` if the block raises (a half-opened backend releases its connections)."""
-    try:
-        yield
-    except BaseException:
-        close()
-        raise

@@ -264,7 +264,11 @@ def test_store_calls_fail_typed_and_recover(tmp_path: Path) -> None:
         url = server.url(server.create_database(), password=PASSWORD)
         store = Store(tmp_path, backend=PostgresBackend(url))
         try:
+            store.catalog()
+            server.stop()
+            server.start()  # both connections of the store are stale now: each is replaced
             store.create_tenant(_tenant("acme"), ALICE)
+            assert "acme" in store.catalog().tenants
             server.stop()
             for call in (store.tenants, store.catalog, store.data_version):
                 with pytest.raises(StoreUnavailable) as info:
