@@ -36,6 +36,7 @@ unit: venv
 
 # programs the tests drive for real, installed from Debian when missing
 SYSTEM_DEPS := chromium:chromium redis-server:redis-server redis-sentinel:redis-sentinel redis-cli:redis-tools
+SYSTEM_DEPS += pg_ctlcluster:postgresql
 
 test: venv
 	scripts/system_deps.sh $(SYSTEM_DEPS)

@@ -16,8 +16,9 @@ sessions close with 4401, a suspended tenant's with 4423, a deleted tenant's wit
 Errors are JSON ``{"error", "message"}`` (plus ``problems``, every one, for a 400 or a 409):
 400 ``bad_request``, 401 ``auth_failed``, 404 ``not_found``, 405 ``method_not_allowed``, 409
 ``conflict`` / ``alias_taken`` / ``not_assigned``, 413 ``payload_too_large``, 503
-``no_signing_key``, 500 ``internal`` (details only in the server log). Store calls run in a
-worker thread, so a busy database never stalls the relay.
+``no_signing_key``, 503 ``store_unavailable`` (the PostgreSQL store cannot be reached; retry
+later), 500 ``internal`` (details only in the server log). Store calls run in a worker thread,
+so a busy database never stalls the relay.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from redis.exceptions import RedisError
 
 from csc import console
 from csc.gateway import AgentSession, end_sessions
+from csc.signing import signing_key
 from csc.state import NodeState
-from csc.store import Store, token_hash
+from csc.store import Store, StoreUnavailable, token_hash
 from csc.tenants import (
     Actor,
     Conflict,
@@ -54,7 +56,7 @@ from csc.tenants import (
 )
 from shared.aliases import covered, normalise_grant
 from shared.errors import BadAlias, GoingAway
-from shared.tokens import SIGNING_KEY_FILE, PrivateKey, SigningKeyError, load_signing_key
+from shared.tokens import PrivateKey, SigningKeyError
 
 log = logging.getLogger("csc.admin")
 
@@ -98,6 +100,9 @@ def _translate(exc: Exception) -> AdminError:
         count = len(exc.problems)
         message = exc.problems[0] if count == 1 else f"the change conflicts in {count} ways"
         return AdminError(409, exc.code, message, exc.problems)
+    if isinstance(exc, StoreUnavailable):
+        log.warning("admin API: %s", exc)
+        return AdminError(503, "store_unavailable", str(exc))
     if isinstance(exc, web.HTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         return AdminError(exc.status, code.get(exc.status, "bad_request"), exc.reason)
@@ -346,9 +351,9 @@ async def list_tokens(request: web.Request) -> web.Response:
     return web.json_response({"tokens": [r.to_json(now) for r in records]})
 
 
-def _signing_key(state_dir: Path) -> PrivateKey:
+def _signing_key(state: NodeState) -> PrivateKey:
     try:
-        return load_signing_key(state_dir / SIGNING_KEY_FILE)
+        return signing_key(state.config, state.store, create=False).key
     except SigningKeyError as exc:
         raise AdminError(
             503, "no_signing_key", f"this node cannot sign agent tokens: {exc}"
@@ -370,7 +375,7 @@ async def issue_token(request: web.Request) -> web.Response:
         raise Invalid(problems)
     assert isinstance(tenant, str) and ttl is not None
     await _run(store.tenant, tenant)  # 404 before anything else
-    key = await _run(_signing_key, state.config.state_dir)
+    key = await _run(_signing_key, state)
     token, record = await _run(
         store.issue_token,
         key,

@@ -2,9 +2,11 @@
 
 ``csc serve`` runs a node; ``csc token issue`` signs an agent token for aliases assigned to a
 tenant (creating the signing key on first use; ``--assign`` creates the tenant and assigns the
-aliases first) and records its metadata in ``csc.db``; ``csc token verify`` checks one;
-``csc operator add|list|remove`` manages the admin API's operators offline; ``csc admin ...``
-drives a running node's admin API (:mod:`csc.admin_cli`).
+aliases first) and records its metadata in the store (``csc.db``, or the PostgreSQL database of
+``--database-url``); ``csc token verify`` checks one; ``csc operator add|list|remove`` manages
+the admin API's operators offline; ``csc admin ...`` drives a running node's admin API
+(:mod:`csc.admin_cli`). The store and the signing key are the node's own
+(:func:`csc.store.open_store`, :func:`csc.signing.signing_key`).
 
 Invariants: only this module (the entry point) reads ``os.environ``; ``token issue`` prints the
 token and nothing else on stdout; exit codes are 0 success, 1 failure, 2 usage or configuration
@@ -24,7 +26,8 @@ from pathlib import Path
 
 from csc import admin_cli
 from csc.config import LOG_LEVELS, CSCConfig, load_csc_config
-from csc.store import Store, StoreError
+from csc.signing import signing_key, verification_keys
+from csc.store import Store, StoreError, open_store
 from csc.tenants import Actor, Conflict, NotFound, TokenRecord
 from shared.aliases import normalise_grant
 from shared.allocator import keep_freed_memory
@@ -42,10 +45,9 @@ from shared.errors import AuthFailed, BadAlias
 from shared.files import create_exclusive
 from shared.logsetup import configure_logging
 from shared.tokens import (
+    PublicKey,
     SigningKeyError,
     check_tenant_id,
-    load_or_create_signing_key,
-    load_public_keys,
     parse_ttl,
     verify_token,
 )
@@ -57,6 +59,18 @@ ENV_PREFIX = "CSC_"
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file (or $CSC_CONFIG)")
     parser.add_argument("--state-dir", metavar="DIR", help="state directory (keys, csc.db)")
+
+
+def _add_database_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="the cluster's PostgreSQL store, postgresql://... (or $CSC_DATABASE_URL)",
+    )
+
+
+def _store_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {"state_dir": args.state_dir, "database_url": args.database_url}
 
 
 def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -78,6 +92,7 @@ def _token_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     actions = token.add_subparsers(dest="action", metavar="ACTION")
     issue = actions.add_parser("issue", help="sign a token for a tenant's agent")
     _add_config_args(issue)
+    _add_database_arg(issue)
     issue.add_argument("--tenant", required=True, help="tenant id, e.g. acme")
     issue.add_argument(
         "--alias",
@@ -98,6 +113,7 @@ def _token_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     issue.set_defaults(handler=_cmd_token_issue)
     verify = actions.add_parser("verify", help="verify a token and print its claims")
     _add_config_args(verify)
+    _add_database_arg(verify)
     verify.add_argument("token", metavar="TOKEN", help="the token, or - to read it from stdin")
     verify.set_defaults(handler=_cmd_token_verify)
     token.set_defaults(handler=lambda args, env: _usage(token))
@@ -187,14 +203,14 @@ def _check_issue_args(args: argparse.Namespace) -> tuple[float, list[str]] | str
 def _issue_offline(
     config: CSCConfig, tenant: str, grants: list[str], ttl: float, assign: bool
 ) -> tuple[str, TokenRecord]:
-    """Sign and record a token on the state directory (creating the key on first use)."""
-    key, created = load_or_create_signing_key(config.state_dir)
-    if created:
-        print(f"{PROG}: created a new signing key in {config.state_dir}", file=sys.stderr)
-    store = Store(config.state_dir)
+    """Sign and record a token in the node's store (creating the key on first use)."""
+    store = open_store(config)
     try:
+        signing = signing_key(config, store)
+        if signing.created:
+            print(f"{PROG}: created a new signing key in {signing.where}", file=sys.stderr)
         return store.issue_token(
-            key,
+            signing.key,
             tenant=tenant,
             grants=grants,
             ttl=ttl,
@@ -213,7 +229,7 @@ def _cmd_token_issue(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return fail(PROG, checked, EXIT_USAGE)
     ttl, grants = checked
     overrides = {
-        "state_dir": args.state_dir,
+        **_store_overrides(args),
         "token_audience": args.audience,
         "token_issuer": args.issuer,
     }
@@ -241,17 +257,29 @@ def _cmd_token_issue(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
+def _verification_keys(config: CSCConfig) -> list[PublicKey]:
+    """The keys ``csc token verify`` checks with: the public key file of the state directory,
+    or the public half of ``signing_key_file`` / the key in the database."""
+    if config.database_url is None:
+        return verification_keys(config, None)
+    store = open_store(config)
+    try:
+        return verification_keys(config, store)
+    finally:
+        store.close()
+
+
 def _cmd_token_verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    config = _load(args, env, {"state_dir": args.state_dir})
+    config = _load(args, env, _store_overrides(args))
     if config is None:
         return EXIT_USAGE
     token = sys.stdin.read().strip() if args.token == "-" else args.token.strip()
     try:
-        keys = load_public_keys(config.state_dir)
+        keys = _verification_keys(config)
         claims = verify_token(
             token, keys, audience=config.token_audience, issuer=config.token_issuer
         )
-    except SigningKeyError as exc:
+    except (SigningKeyError, StoreError) as exc:
         return fail(PROG, str(exc))
     except AuthFailed as exc:
         return fail(PROG, f"token rejected: {exc.message}")
@@ -266,7 +294,7 @@ def _cmd_token_verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
-# --- csc operator (offline, on the state directory) ----------------------------------------------
+# --- csc operator (offline, on the node's store) -------------------------------------------------
 
 
 def _operator_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -274,25 +302,28 @@ def _operator_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     actions = operator.add_subparsers(dest="action", metavar="ACTION")
     add = actions.add_parser("add", help="create an operator and print its bearer token")
     _add_config_args(add)
+    _add_database_arg(add)
     add.add_argument("name", help="operator name, e.g. alice")
     add.add_argument("--token-file", type=Path, metavar="PATH", help="write the token here (0600)")
     add.set_defaults(handler=_cmd_operator_add)
     listing = actions.add_parser("list", help="list the operators")
     _add_config_args(listing)
+    _add_database_arg(listing)
     listing.set_defaults(handler=_cmd_operator_list)
     remove = actions.add_parser("remove", help="remove an operator (its token stops working)")
     _add_config_args(remove)
+    _add_database_arg(remove)
     remove.add_argument("name")
     remove.set_defaults(handler=_cmd_operator_remove)
     operator.set_defaults(handler=lambda args, env: _usage(operator))
 
 
 def _open_store(args: argparse.Namespace, env: Mapping[str, str]) -> Store | int:
-    config = _load(args, env, {"state_dir": args.state_dir})
+    config = _load(args, env, _store_overrides(args))
     if config is None:
         return EXIT_USAGE
     try:
-        return Store(config.state_dir)
+        return open_store(config)
     except StoreError as exc:
         return fail(PROG, str(exc))
 
@@ -315,6 +346,8 @@ def _cmd_operator_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 return fail(PROG, f"{args.token_file}: {exc.strerror or exc}; nothing created")
     except Conflict as exc:
         return fail(PROG, "; ".join(exc.problems))
+    except StoreError as exc:
+        return fail(PROG, str(exc))
     finally:
         store.close()
     if args.token_file is None:
@@ -331,6 +364,8 @@ def _cmd_operator_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         for name, created in store.operators():
             print(f"{name}\t{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(created))}")
+    except StoreError as exc:
+        return fail(PROG, str(exc))
     finally:
         store.close()
     return EXIT_OK
@@ -342,7 +377,7 @@ def _cmd_operator_remove(args: argparse.Namespace, env: Mapping[str, str]) -> in
         return store
     try:
         store.remove_operator(args.name, local_actor())
-    except NotFound as exc:
+    except (NotFound, StoreError) as exc:
         return fail(PROG, str(exc))
     finally:
         store.close()

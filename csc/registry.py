@@ -5,9 +5,11 @@ which sessions have lost the right to run.
 :class:`MemoryRegistry` is the one-node implementation (DESIGN.md "State and scale-out"): live
 sessions in this process's memory, and a :class:`~csc.tenants.Catalog` snapshot of the managed
 objects (tenants, assignments, revoked token ids, operators) from a :class:`CatalogSource` (the
-SQLite store). The snapshot is re-read when the source changed: on a lookup miss, before an agent
+store: SQLite or PostgreSQL). The snapshot is re-read when the source changed: on a lookup miss, before an agent
 is admitted, after every admin change (``refresh(force=True)``) and periodically; a change made
 by another process (``csc token issue``) is therefore seen at once by a lookup that needs it.
+While the source is unavailable (PostgreSQL down: ``StoreUnavailable``) the last snapshot is
+kept and served.
 A Redis implementation for several nodes keeps this interface and adds leases and pub/sub.
 
 Invariants: :meth:`MemoryRegistry.lookup` returns only live, accepting sessions of the tenant
@@ -23,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from csc.store.backend import StoreUnavailable
 from csc.tenants import Catalog, Tenant
 from shared.aliases import domain_of
 from shared.errors import AliasForbidden, AliasTaken, AuthFailed, CSCError, TenantSuspended
@@ -125,10 +128,13 @@ class MemoryRegistry(Generic[S]):
         """Re-read the catalog if the source changed (or ``force``); whether it was re-read."""
         if self.source is None:
             return False
-        version = self.source.data_version()
-        if not force and version == self._version:
+        try:
+            version = self.source.data_version()
+            if not force and version == self._version:
+                return False
+            self.catalog = self.source.catalog()
+        except StoreUnavailable:  # logged by the store: keep serving the last catalog
             return False
-        self.catalog = self.source.catalog()
         self._version = version
         return True
 

@@ -29,11 +29,11 @@ from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
 from csc.metrics import CSCMetrics, add_metrics_route
 from csc.registry import MemoryRegistry
+from csc.signing import signing_key
 from csc.state import NodeState, default_node_id
-from csc.store import Store
+from csc.store import open_store
 from csc.tcp_ingress import READ_LIMIT, make_handler
 from shared.errors import GoingAway
-from shared.tokens import load_or_create_signing_key
 
 log = logging.getLogger("csc")
 
@@ -41,26 +41,35 @@ TUNNEL_METHODS = "*"
 
 
 def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> NodeState:
-    """Load (or create, on first start) the signing key, the store (``csc.db``) and, when the
-    admin API is on and no operator exists yet, the ``admin`` operator and its token file.
+    """Open the store (:func:`csc.store.open_store`: ``csc.db`` or PostgreSQL), load (or
+    create, on first start) the signing key (:func:`csc.signing.signing_key`) and, when the
+    admin API is on and no operator exists yet, create the ``admin`` operator and its token file.
 
-    Raises :class:`csc.store.StoreError` when ``csc.db`` cannot be used.
+    Raises :class:`csc.store.StoreError` when the store cannot be used (StoreUnavailable: its
+    server cannot be reached), SigningKeyError when the key cannot be.
     """
-    key, created = load_or_create_signing_key(config.state_dir)
-    if created:
-        log.warning("created a signing key pair in %s", config.state_dir)
-    store = Store(config.state_dir)
-    if config.admin_listen is not None:
-        token_file = store.ensure_operator()
-        if token_file is not None:
-            log.warning("created operator 'admin'; its admin API token is in %s", token_file)
-    registry: MemoryRegistry[gateway.AgentSession] = MemoryRegistry(source=store)
+    store = open_store(config)
+    try:
+        signing = signing_key(config, store)
+        if signing.created:
+            log.warning("created a signing key pair in %s", signing.where)
+        if config.admin_listen is not None:
+            token_file = store.ensure_operator()
+            if token_file is not None:
+                log.warning("created operator 'admin'; its admin API token is in %s", token_file)
+        registry: MemoryRegistry[gateway.AgentSession] = MemoryRegistry(source=store)
+        # a remote database is never read on a request's path: the refresh loop and change
+    # events re-read it (csc/gateway.py enforce_rights, csc/cluster/)
+    registry.refresh_on_miss = config.database_url is None
     registry.refresh(force=True)
+    except BaseException:
+        store.close()
+        raise
     return NodeState(
         config=config,
         node_id=config.node_id or default_node_id(),
         registry=registry,
-        public_keys=[key.public_key()],
+        public_keys=[signing.key.public_key()],
         metrics=metrics or CSCMetrics(),
         store=store,
     )

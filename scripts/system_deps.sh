@@ -2,6 +2,7 @@
 # Install the Debian packages the test suite drives as real programs, when they are missing:
 #   chromium  the admin console is rendered in headless Chromium
 #   redis-server, redis-sentinel, redis-cli  real Redis topologies (tests/support/redis.py)
+#   postgresql  the store's PostgreSQL backend (tests start their own server from its binaries)
 # Usage: scripts/system_deps.sh PROGRAM:PACKAGE...   (run by `make test`; idempotent, no prompts)
 set -euo pipefail
 

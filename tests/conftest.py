@@ -24,6 +24,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:  # `pytest` (not `python -m pytest`) leaves the root off
     sys.path.insert(0, _REPO_ROOT)
 
+from tests.support.postgres import postgres_server, postgres_url  # noqa: E402, F401
 from tests.support.procs import ProcFactory, UpstreamProc, start_upstream  # noqa: E402
 
 # real Redis topologies: redis_single, redis_sentinel, redis_cluster, redis_topology, redis_prefix

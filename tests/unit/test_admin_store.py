@@ -1,7 +1,12 @@
-"""csc/store (SQLite in the state directory) and csc/registry (the node's view of it)."""
+"""csc/store (SQLite in the state directory) and csc/registry (the node's view of it).
+
+The tests that take the ``db`` fixture (or ``store``, opened from it) are the store's contract:
+tests/integration/test_store_postgres.py runs them again with ``db`` on PostgreSQL.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -11,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -24,9 +30,50 @@ ALICE = Actor("alice", "127.0.0.1")
 NOW = time.time()
 
 
+class Db(Protocol):
+    """One database under test: stores open on it, and a few direct manipulations."""
+
+    state_dir: Path
+
+    def open(self) -> Store: ...
+
+    def set_schema_version(self, version: int) -> None: ...
+
+    def hold_write_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Another process holds the write lock (and has changed something) for the block."""
+        ...
+
+
+@dataclass
+class SQLiteDb:
+    state_dir: Path
+
+    def open(self) -> Store:
+        return Store(self.state_dir)
+
+    def set_schema_version(self, version: int) -> None:
+        with sqlite3.connect(self.state_dir / DB_FILE) as conn:
+            conn.execute(f"PRAGMA user_version = {version}")
+
+    @contextlib.contextmanager
+    def hold_write_lock(self) -> Iterator[None]:
+        with sqlite3.connect(self.state_dir / DB_FILE, isolation_level=None) as other:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("DELETE FROM aliases")
+            try:
+                yield
+            finally:
+                other.execute("ROLLBACK")
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "state")
+def db(tmp_path: Path) -> Db:
+    return SQLiteDb(tmp_path / "state")
+
+
+@pytest.fixture
+def store(db: Db) -> Iterator[Store]:
+    s = db.open()
     yield s
     s.close()
 
@@ -39,38 +86,33 @@ def _tenant(tenant_id: str, **over: object) -> Tenant:
 
 def test_fresh_store(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    s = Store(state)
-    try:
-        assert stat.S_IMODE((state / DB_FILE).stat().st_mode) == 0o600
-        assert stat.S_IMODE(state.stat().st_mode) == 0o700
-        assert s.tenants() == [] and s.operators() == [] and s.audit() == []
-        path = s.ensure_operator()
-        assert path == state / ADMIN_TOKEN_FILE
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        token = path.read_text().strip()
-        assert token.startswith("csc_op_") and len(token) > 40
-        assert s.catalog().operators == {token_hash(token): "admin"}
-        assert s.ensure_operator() is None  # only once
-        [entry] = s.audit()
-        assert (entry.operator, entry.action, entry.target) == (
-            "system",
-            "operator.create",
-            "admin",
-        )
-        assert token not in json.dumps(entry.to_json())
-    finally:
-        s.close()
+    Store(state).close()
+    assert stat.S_IMODE((state / DB_FILE).stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
     with sqlite3.connect(state / DB_FILE) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    Store(tmp_path).close()
-    with sqlite3.connect(tmp_path / DB_FILE) as conn:
-        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+def test_first_operator(db: Db, store: Store) -> None:
+    assert store.tenants() == [] and store.operators() == [] and store.audit() == []
+    path = store.ensure_operator()
+    assert path == db.state_dir / ADMIN_TOKEN_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = path.read_text().strip()
+    assert token.startswith("csc_op_") and len(token) > 40
+    assert store.catalog().operators == {token_hash(token): "admin"}
+    assert store.ensure_operator() is None  # only once
+    [entry] = store.audit()
+    assert (entry.operator, entry.action, entry.target) == ("system", "operator.create", "admin")
+    assert token not in json.dumps(entry.to_json())
+
+
+def test_newer_schema_is_refused(db: Db) -> None:
+    db.open().close()
+    db.set_schema_version(len(MIGRATIONS) + 1)
     with pytest.raises(StoreError, match="newer than this csc understands"):
-        Store(tmp_path)
+        db.open()
 
 
 def test_not_a_database(tmp_path: Path) -> None:
@@ -132,8 +174,8 @@ def test_assign_is_all_or_nothing(store: Store) -> None:
         store.unassign("acme", "acme@example.com", ALICE)
 
 
-def test_issue_record_and_revoke(store: Store) -> None:
-    key, _ = load_or_create_signing_key(store.state_dir)
+def test_issue_record_and_revoke(store: Store, tmp_path: Path) -> None:
+    key, _ = load_or_create_signing_key(tmp_path / "keys")
     args = {"ttl": 3600.0, "audience": "csc-agent", "issuer": "csc", "actor": ALICE}
     with pytest.raises(NotFound):
         store.issue_token(key, tenant="acme", grants=["a@acme.org"], **args)
@@ -161,8 +203,8 @@ def test_issue_record_and_revoke(store: Store) -> None:
     assert [e.action for e in store.audit(limit=2)] == ["token.revoke", "token.revoke"]
 
 
-def test_issue_with_assign_and_delete_revokes(store: Store) -> None:
-    key, _ = load_or_create_signing_key(store.state_dir)
+def test_issue_with_assign_and_delete_revokes(store: Store, tmp_path: Path) -> None:
+    key, _ = load_or_create_signing_key(tmp_path / "keys")
     args = {"ttl": 60.0, "audience": "a", "issuer": "i", "actor": ALICE, "assign": True}
     _, record = store.issue_token(key, tenant="acme", grants=["a@acme.org"], **args)
     assert store.tenant("acme").name == "acme" and store.catalog().owner("a@acme.org") == "acme"
@@ -177,8 +219,8 @@ def test_issue_with_assign_and_delete_revokes(store: Store) -> None:
     assert store.token(record.jti).status(time.time()) == "revoked"
 
 
-def test_another_process_changes_are_seen(tmp_path: Path) -> None:
-    first, second = Store(tmp_path), Store(tmp_path)
+def test_another_process_changes_are_seen(db: Db) -> None:
+    first, second = db.open(), db.open()
     try:
         version = first.data_version()
         second.create_tenant(_tenant("acme"), ALICE)
@@ -189,29 +231,22 @@ def test_another_process_changes_are_seen(tmp_path: Path) -> None:
         second.close()
 
 
-def test_own_writes_change_the_version_and_reads_never_wait(tmp_path: Path) -> None:
-    s = Store(tmp_path)
-    try:
-        version = s.data_version()
-        s.create_tenant(_tenant("acme"), ALICE)
-        assert s.data_version() != version
-        with sqlite3.connect(tmp_path / DB_FILE, isolation_level=None) as other:
-            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-            other.execute("DELETE FROM aliases")
-            started = time.monotonic()
-            assert "acme" in s.catalog().tenants
-            s.data_version()
-            assert time.monotonic() - started < 1.0  # not the 5 s busy timeout
-            other.execute("ROLLBACK")
-    finally:
-        s.close()
+def test_own_writes_change_the_version_and_reads_never_wait(db: Db, store: Store) -> None:
+    version = store.data_version()
+    store.create_tenant(_tenant("acme"), ALICE)
+    assert store.data_version() != version
+    with db.hold_write_lock():
+        started = time.monotonic()
+        assert "acme" in store.catalog().tenants
+        store.data_version()
+        assert time.monotonic() - started < 1.0  # not the 5 s busy timeout
 
 
-def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
-    Store(tmp_path).close()
+def test_concurrent_writers_lose_nothing(db: Db) -> None:
+    db.open().close()
 
     def work(i: int) -> None:
-        s = Store(tmp_path)
+        s = db.open()
         try:
             s.create_tenant(_tenant(f"t{i}"), ALICE)
             s.assign(f"t{i}", [f"a{i}@example.com"], ALICE)
@@ -223,19 +258,20 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    s = Store(tmp_path)
+    s = db.open()
     try:
         assert len(s.assignments()) == 8 and len(s.audit(limit=100)) == 16
     finally:
         s.close()
 
 
-def test_legacy_tenants_json_is_migrated_once(tmp_path: Path) -> None:
-    legacy = tmp_path / "tenants.json"
+def test_legacy_tenants_json_is_migrated_once(db: Db) -> None:
+    db.state_dir.mkdir(parents=True, exist_ok=True)
+    legacy = db.state_dir / "tenants.json"
     legacy.write_text(
         json.dumps({"acme@example.com": "acme", "*@acme.org": "acme", "b@x.org": "b"})
     )
-    s = Store(tmp_path)
+    s = db.open()
     try:
         assert [t.id for t in s.tenants()] == ["acme", "b"]
         assert s.tenant("acme").state == "active"
@@ -244,21 +280,22 @@ def test_legacy_tenants_json_is_migrated_once(tmp_path: Path) -> None:
         assert entry.action == "tenants.migrate" and entry.details == {"aliases": 3}
     finally:
         s.close()
-    assert not legacy.exists() and (tmp_path / "tenants.json.migrated").exists()
+    assert not legacy.exists() and (db.state_dir / "tenants.json.migrated").exists()
     legacy.write_text(json.dumps({"late@example.com": "late"}))  # not read again
-    s = Store(tmp_path)
+    s = db.open()
     try:
         assert [t.id for t in s.tenants()] == ["acme", "b"]
     finally:
         s.close()
 
 
-def test_corrupt_legacy_file_stops_the_migration(tmp_path: Path) -> None:
-    (tmp_path / "tenants.json").write_text("[1]")
+def test_corrupt_legacy_file_stops_the_migration(db: Db) -> None:
+    db.state_dir.mkdir(parents=True, exist_ok=True)
+    (db.state_dir / "tenants.json").write_text("[1]")
     with pytest.raises(StoreError, match="cannot migrate"):
-        Store(tmp_path)
-    (tmp_path / "tenants.json").write_text("{}")
-    Store(tmp_path).close()  # nothing was committed: the fixed file migrates
+        db.open()
+    (db.state_dir / "tenants.json").write_text("{}")
+    db.open().close()  # nothing was committed: the fixed file migrates
 
 
 # --- the registry ------------------------------------------------------------------------------

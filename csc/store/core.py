@@ -1,19 +1,20 @@
-"""The embedded store of managed objects: SQLite in ``<state-dir>/csc.db``.
+"""The store of managed objects, written once for every backend (SQLite or PostgreSQL).
 
 It holds tenants, alias assignments, the metadata of issued agent tokens (never a token itself),
-revoked token ids, operators (names and SHA-256 hashes of their bearer tokens) and the audit
-log. Both the running node and the offline CLI (``csc token issue``) open it, so it runs in WAL
-mode with a busy timeout, and every change is one ``BEGIN IMMEDIATE`` transaction that also
-appends its audit entry: a change and its audit entry are committed together or not at all.
+revoked token ids, operators (names and SHA-256 hashes of their bearer tokens), the audit log
+and, for a cluster, the shared token-signing key. Every change is one write transaction of the
+backend (serialised against every other writer, of any process or node) that also appends its
+audit entry: a change and its audit entry are committed together or not at all.
 
-The schema is versioned by ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades it step by step
-on open, and the first step imports a legacy ``tenants.json`` once (its grants become assignments
-of automatically created active tenants; the file is renamed ``tenants.json.migrated``).
+The schema is versioned (:data:`csc.store.schema.MIGRATIONS`, upgraded step by step on open; a
+newer schema is refused). The first step imports a legacy ``tenants.json`` of the state
+directory once (its grants become assignments of automatically created active tenants; the file
+is renamed ``tenants.json.migrated``).
 
 Invariants: an alias is assigned to at most one tenant and no tenant's pattern covers another
 tenant's alias (checked in the same transaction that writes); a deleted tenant's recorded tokens
-are revoked. Methods are synchronous and thread-safe (one connection behind a lock); the node
-calls the writing ones from a worker thread.
+are revoked. Methods are synchronous and thread-safe; the node calls them from worker threads,
+except :meth:`Store.data_version` and :meth:`Store.catalog` (the registry's polling).
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import secrets
-import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from csc.store.backend import Backend, Row, StoreError, Tx
+from csc.store.schema import MIGRATIONS
+from csc.store.sqlite import SQLiteBackend
 from csc.tenants import (
     LEGACY_TENANTS_FILE,
     Actor,
@@ -54,62 +55,10 @@ from shared.tokens import DEFAULT_LEEWAY, PrivateKey, check_tenant_id, issue_tok
 
 log = logging.getLogger("csc.store")
 
-DB_FILE = "csc.db"
 ADMIN_TOKEN_FILE = "admin-token"
 DEFAULT_OPERATOR = "admin"
 SYSTEM = Actor("system", "local")
-BUSY_TIMEOUT = 5.0
 MAX_AUDIT_PAGE = 1000
-
-_V1 = (
-    """CREATE TABLE tenants (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        contact TEXT NOT NULL DEFAULT '',
-        state TEXT NOT NULL CHECK (state IN ('active', 'suspended')),
-        max_sessions INTEGER,
-        max_streams INTEGER,
-        max_request_rate REAL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL)""",
-    """CREATE TABLE aliases (
-        alias TEXT PRIMARY KEY,
-        tenant TEXT NOT NULL REFERENCES tenants(id),
-        assigned_at REAL NOT NULL)""",
-    "CREATE INDEX aliases_by_tenant ON aliases(tenant)",
-    """CREATE TABLE tokens (
-        jti TEXT PRIMARY KEY,
-        tenant TEXT NOT NULL,
-        aliases TEXT NOT NULL,
-        issued_at REAL NOT NULL,
-        expires_at REAL NOT NULL,
-        issued_by TEXT NOT NULL)""",
-    "CREATE INDEX tokens_by_tenant ON tokens(tenant)",
-    """CREATE TABLE revoked (
-        jti TEXT PRIMARY KEY,
-        revoked_at REAL NOT NULL,
-        revoked_by TEXT NOT NULL,
-        expires_at REAL)""",
-    """CREATE TABLE operators (
-        name TEXT PRIMARY KEY,
-        token_sha256 TEXT NOT NULL UNIQUE,
-        created_at REAL NOT NULL)""",
-    """CREATE TABLE audit (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at REAL NOT NULL,
-        operator TEXT NOT NULL,
-        remote TEXT NOT NULL,
-        action TEXT NOT NULL,
-        target TEXT NOT NULL,
-        details TEXT NOT NULL)""",
-)
-
-#: Schema steps: MIGRATIONS[n] upgrades user_version n to n + 1.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
-
-
-class StoreError(Exception):
-    """``csc.db`` cannot be opened, is corrupt, or has a schema newer than this program."""
 
 
 def token_hash(token: str) -> str:
@@ -121,7 +70,7 @@ def new_operator_token() -> str:
     return "csc_op_" + secrets.token_urlsafe(32)
 
 
-def _tenant(row: sqlite3.Row) -> Tenant:
+def _tenant(row: Row) -> Tenant:
     return Tenant(
         id=row["id"],
         name=row["name"],
@@ -133,7 +82,7 @@ def _tenant(row: sqlite3.Row) -> Tenant:
     )
 
 
-def _token(row: sqlite3.Row) -> TokenRecord:
+def _token(row: Row) -> TokenRecord:
     return TokenRecord(
         jti=row["jti"],
         tenant=row["tenant"],
@@ -151,94 +100,65 @@ _TOKEN_SELECT = (
 )
 
 
-class Store:
-    """The managed objects of one state directory."""
+def _exists(tx: Tx, sql: str, *args: Any) -> bool:
+    return tx.execute(sql, args).first() is not None
 
-    def __init__(self, state_dir: Path, *, clock: Callable[[], float] = time.time) -> None:
+
+class Store:
+    """The managed objects: by default SQLite ``csc.db`` in ``state_dir``; another database
+    through ``backend`` (:func:`csc.store.open_store` picks it from the configuration).
+    ``state_dir`` is where a legacy ``tenants.json`` is imported from and the first operator's
+    ``admin-token`` is written."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        backend: Backend | None = None,
+    ) -> None:
         self.state_dir = state_dir
-        self.path = state_dir / DB_FILE
         self.clock = clock
-        self._lock = threading.RLock()
+        self._db: Backend = backend if backend is not None else SQLiteBackend(state_dir)
+        self._dialect = self._db.dialect
+        self.where = self._db.where
         try:
-            ensure_private_dir(state_dir)
-            created = not self.path.exists()
-            self._conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"{self.path}: cannot open the database: {exc}") from None
-        try:
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            if created:
-                os.chmod(self.path, 0o600)
             self._migrate()
-            self._reader = self._open_reader()
-        except sqlite3.Error as exc:
-            self._conn.close()
-            raise StoreError(f"{self.path}: {exc}") from None
         except BaseException:
-            self._conn.close()
+            self._db.close()
             raise
 
-    def _open_reader(self) -> sqlite3.Connection:
-        """The node's hot path reads here: in WAL mode a reader never waits for a writer, so
-        :meth:`data_version` and :meth:`catalog` never wait for a write held up by another
-        process (the writing connection's lock can be held for the busy timeout)."""
-        self._reader_lock = threading.Lock()
-        reader = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-        )
-        reader.row_factory = sqlite3.Row
-        reader.execute("PRAGMA query_only=ON")
-        return reader
-
     def close(self) -> None:
-        with self._reader_lock:
-            self._reader.close()
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
-    # -- transactions and schema --------------------------------------------------------------
+    # -- schema -------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _write(self) -> contextlib.AbstractContextManager[Tx]:
+        return self._db.write()
 
-    def _read(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, tuple(args)).fetchall()
+    def _read(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
+        return self._db.read(lambda tx: tx.execute(sql, tuple(args)).rows)
 
     def _migrate(self) -> None:
-        with self._write() as conn:
-            version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        with self._db.migration() as (tx, version):
             if version > len(MIGRATIONS):
                 raise StoreError(
-                    f"{self.path}: schema version {version} is newer than this csc understands "
+                    f"{self.where}: schema version {version} is newer than this csc understands "
                     f"({len(MIGRATIONS)}): upgrade csc"
                 )
             for step in range(version, len(MIGRATIONS)):
                 for statement in MIGRATIONS[step]:
-                    conn.execute(statement)
+                    tx.execute(self._dialect.ddl(statement))
                 if step == 0:
-                    self._import_legacy(conn)
-            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+                    self._import_legacy(tx)
+            if version < len(MIGRATIONS):
+                self._db.set_schema_version(tx, len(MIGRATIONS))
         legacy = self.state_dir / LEGACY_TENANTS_FILE
         if version == 0 and legacy.exists():
             with contextlib.suppress(OSError):
                 legacy.rename(legacy.with_name(legacy.name + ".migrated"))
 
-    def _import_legacy(self, conn: sqlite3.Connection) -> None:
+    def _import_legacy(self, tx: Tx) -> None:
         path = self.state_dir / LEGACY_TENANTS_FILE
         if not path.exists():
             return
@@ -248,23 +168,21 @@ class Store:
             raise StoreError(f"cannot migrate {path}: {exc}") from None
         now = self.clock()
         for tenant in sorted(set(grants.values())):
-            self._insert_tenant(
-                conn, Tenant(id=tenant, name=tenant, created_at=now, updated_at=now)
-            )
+            self._insert_tenant(tx, Tenant(id=tenant, name=tenant, created_at=now, updated_at=now))
         for grant, tenant in grants.items():
-            conn.execute("INSERT INTO aliases VALUES (?, ?, ?)", (grant, tenant, now))
-        self._audit(conn, SYSTEM, "tenants.migrate", str(path), {"aliases": len(grants)})
-        log.info("migrated %d aliases of %s into %s", len(grants), path, self.path)
+            tx.execute("INSERT INTO aliases VALUES (?, ?, ?)", (grant, tenant, now))
+        self._audit(tx, SYSTEM, "tenants.migrate", str(path), {"aliases": len(grants)})
+        log.info("migrated %d aliases of %s into %s", len(grants), path, self.where)
 
     def _audit(
         self,
-        conn: sqlite3.Connection,
+        tx: Tx,
         actor: Actor,
         action: str,
         target: str,
         details: Mapping[str, Any],
     ) -> None:
-        conn.execute(
+        tx.execute(
             "INSERT INTO audit (at, operator, remote, action, target, details) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (self.clock(), actor.operator, actor.remote, action, target, json.dumps(details)),
@@ -274,34 +192,30 @@ class Store:
 
     def data_version(self) -> int:
         """Changes whenever anything (this process's writes included) was committed since the
-        last call (``PRAGMA data_version`` of the reading connection)."""
-        with self._reader_lock:
-            value: int = self._reader.execute("PRAGMA data_version").fetchone()[0]
-            return value
+        last call; cheap, so the node polls it."""
+        return self._db.data_version()
 
     def catalog(self) -> Catalog:
         """The snapshot a node serves lookups from (revocations of expired tokens left out),
         read in one transaction, so it is consistent."""
         horizon = self.clock() - DEFAULT_LEEWAY
-        with self._reader_lock:
-            db = self._reader
-            db.execute("BEGIN")
-            try:
-                tenants = {r["id"]: _tenant(r) for r in db.execute("SELECT * FROM tenants")}
-                assigned = {r["alias"]: r["tenant"] for r in db.execute("SELECT * FROM aliases")}
-                revoked = frozenset(
-                    r["jti"]
-                    for r in db.execute(
-                        "SELECT jti FROM revoked WHERE expires_at IS NULL OR expires_at > ?",
-                        (horizon,),
-                    )
-                )
-                operators = {
-                    r["token_sha256"]: r["name"] for r in db.execute("SELECT * FROM operators")
-                }
-            finally:
-                db.execute("COMMIT")
-        return Catalog(tenants, assigned, revoked, operators)
+
+        def read(tx: Tx) -> Catalog:
+            rows = tx.execute("SELECT * FROM tenants").rows
+            tenants = {r["id"]: _tenant(r) for r in rows}
+            assigned = {r["alias"]: r["tenant"] for r in tx.execute("SELECT * FROM aliases").rows}
+            revoked = frozenset(
+                r["jti"]
+                for r in tx.execute(
+                    "SELECT jti FROM revoked WHERE expires_at IS NULL OR expires_at > ?",
+                    (horizon,),
+                ).rows
+            )
+            rows = tx.execute("SELECT * FROM operators").rows
+            operators = {r["token_sha256"]: r["name"] for r in rows}
+            return Catalog(tenants, assigned, revoked, operators)
+
+        return self._db.snapshot(read)
 
     def tenants(self) -> list[Tenant]:
         return [_tenant(row) for row in self._read("SELECT * FROM tenants ORDER BY id")]
@@ -356,8 +270,8 @@ class Store:
     # -- tenants ------------------------------------------------------------------------------
 
     @staticmethod
-    def _insert_tenant(conn: sqlite3.Connection, t: Tenant) -> None:
-        conn.execute(
+    def _insert_tenant(tx: Tx, t: Tenant) -> None:
+        tx.execute(
             "INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 t.id,
@@ -373,21 +287,21 @@ class Store:
         )
 
     def create_tenant(self, tenant: Tenant, actor: Actor) -> Tenant:
-        with self._write() as conn:
-            if conn.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant.id,)).fetchone():
+        with self._write() as tx:
+            if _exists(tx, "SELECT 1 FROM tenants WHERE id = ?", tenant.id):
                 raise Conflict([f"tenant {tenant.id!r} already exists"])
-            self._insert_tenant(conn, tenant)
-            self._audit(conn, actor, "tenant.create", tenant.id, tenant.to_json())
+            self._insert_tenant(tx, tenant)
+            self._audit(tx, actor, "tenant.create", tenant.id, tenant.to_json())
         return tenant
 
     def update_tenant(self, tenant_id: str, update: TenantUpdate, actor: Actor) -> Tenant:
-        with self._write() as conn:
-            rows = conn.execute("SELECT * FROM tenants WHERE id = ?", (tenant_id,)).fetchall()
+        with self._write() as tx:
+            rows = tx.execute("SELECT * FROM tenants WHERE id = ?", (tenant_id,)).rows
             if not rows:
                 raise NotFound(f"no tenant {tenant_id!r}")
             before = _tenant(rows[0])
             after = update.apply(before, self.clock())
-            conn.execute(
+            tx.execute(
                 "UPDATE tenants SET name = ?, contact = ?, state = ?, max_sessions = ?, "
                 "max_streams = ?, max_request_rate = ?, updated_at = ? WHERE id = ?",
                 (
@@ -405,7 +319,7 @@ class Store:
             action = "tenant.update"
             if "state" in changes:
                 action = "tenant.suspend" if after.suspended else "tenant.resume"
-            self._audit(conn, actor, action, tenant_id, changes)
+            self._audit(tx, actor, action, tenant_id, changes)
         return after
 
     def delete_tenant(self, tenant_id: str, cascade: bool, actor: Actor) -> dict[str, Any]:
@@ -413,14 +327,14 @@ class Store:
 
         The tenant's unrevoked tokens are revoked, so they stay dead if the id is reused.
         """
-        with self._write() as conn:
-            if not conn.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone():
+        with self._write() as tx:
+            if not _exists(tx, "SELECT 1 FROM tenants WHERE id = ?", tenant_id):
                 raise NotFound(f"no tenant {tenant_id!r}")
             aliases = [
                 r["alias"]
-                for r in conn.execute(
+                for r in tx.execute(
                     "SELECT alias FROM aliases WHERE tenant = ? ORDER BY alias", (tenant_id,)
-                )
+                ).rows
             ]
             if aliases and not cascade:
                 raise Conflict(
@@ -429,54 +343,52 @@ class Store:
                         "them first or delete with cascade"
                     ]
                 )
-            conn.execute("DELETE FROM aliases WHERE tenant = ?", (tenant_id,))
-            revoked = self._revoke_all(conn, tenant_id, actor)
-            conn.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,))
+            tx.execute("DELETE FROM aliases WHERE tenant = ?", (tenant_id,))
+            revoked = self._revoke_all(tx, tenant_id, actor)
+            tx.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,))
             summary = {"aliases_freed": aliases, "tokens_revoked": revoked}
-            self._audit(conn, actor, "tenant.delete", tenant_id, summary)
+            self._audit(tx, actor, "tenant.delete", tenant_id, summary)
         return summary
 
-    def _revoke_all(self, conn: sqlite3.Connection, tenant_id: str, actor: Actor) -> int:
-        cursor = conn.execute(
+    def _revoke_all(self, tx: Tx, tenant_id: str, actor: Actor) -> int:
+        result = tx.execute(
             "INSERT INTO revoked (jti, revoked_at, revoked_by, expires_at) "
             "SELECT jti, ?, ?, expires_at FROM tokens "
             "WHERE tenant = ? AND jti NOT IN (SELECT jti FROM revoked)",
             (self.clock(), actor.operator, tenant_id),
         )
-        return cursor.rowcount
+        return result.rowcount
 
     # -- aliases ------------------------------------------------------------------------------
 
     def assign(self, tenant_id: str, grants: Iterable[str], actor: Actor) -> list[str]:
         """Assign ``grants`` to a tenant (all or nothing); the newly assigned ones."""
         wanted = _normalised(grants)
-        with self._write() as conn:
-            return self._assign(conn, tenant_id, wanted, actor)
+        with self._write() as tx:
+            return self._assign(tx, tenant_id, wanted, actor)
 
-    def _assign(
-        self, conn: sqlite3.Connection, tenant_id: str, grants: list[str], actor: Actor
-    ) -> list[str]:
-        if not conn.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone():
+    def _assign(self, tx: Tx, tenant_id: str, grants: list[str], actor: Actor) -> list[str]:
+        if not _exists(tx, "SELECT 1 FROM tenants WHERE id = ?", tenant_id):
             raise NotFound(f"no tenant {tenant_id!r}")
-        current = {r["alias"]: r["tenant"] for r in conn.execute("SELECT * FROM aliases")}
+        current = {r["alias"]: r["tenant"] for r in tx.execute("SELECT * FROM aliases").rows}
         problems = conflicts(current, tenant_id, grants)
         if problems:
             raise Conflict(problems, code="alias_taken")
         added = [g for g in grants if current.get(g) != tenant_id]
         now = self.clock()
         for grant in added:
-            conn.execute("INSERT INTO aliases VALUES (?, ?, ?)", (grant, tenant_id, now))
-            self._audit(conn, actor, "alias.assign", grant, {"tenant": tenant_id})
+            tx.execute("INSERT INTO aliases VALUES (?, ?, ?)", (grant, tenant_id, now))
+            self._audit(tx, actor, "alias.assign", grant, {"tenant": tenant_id})
         return added
 
     def unassign(self, tenant_id: str, grant: str, actor: Actor) -> None:
-        with self._write() as conn:
-            cursor = conn.execute(
+        with self._write() as tx:
+            result = tx.execute(
                 "DELETE FROM aliases WHERE alias = ? AND tenant = ?", (grant, tenant_id)
             )
-            if cursor.rowcount == 0:
+            if result.rowcount == 0:
                 raise NotFound(f"{grant!r} is not assigned to tenant {tenant_id!r}")
-            self._audit(conn, actor, "alias.unassign", grant, {"tenant": tenant_id})
+            self._audit(tx, actor, "alias.unassign", grant, {"tenant": tenant_id})
 
     # -- tokens -------------------------------------------------------------------------------
 
@@ -500,11 +412,11 @@ class Store:
         """
         check_tenant_id(tenant)
         grants = _normalised(grants)
-        with self._write() as conn:
+        with self._write() as tx:
             if assign:
-                self._ensure_tenant(conn, tenant, actor)
-                self._assign(conn, tenant, grants, actor)
-            self._check_issuable(conn, tenant, grants)
+                self._ensure_tenant(tx, tenant, actor)
+                self._assign(tx, tenant, grants, actor)
+            self._check_issuable(tx, tenant, grants)
             now = self.clock()
             issued = float(int(now))  # as issue_token puts it in the claims
             record = TokenRecord(
@@ -520,42 +432,42 @@ class Store:
                 now=now,
                 jti=record.jti,
             )
-            conn.execute(
+            tx.execute(
                 "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
                 (record.jti, tenant, json.dumps(grants), issued, record.expires_at, actor.operator),
             )
             details = {"tenant": tenant, "aliases": grants, "expires_at": record.expires_at}
-            self._audit(conn, actor, "token.issue", record.jti, details)
+            self._audit(tx, actor, "token.issue", record.jti, details)
         return token, record
 
     @staticmethod
-    def _check_issuable(conn: sqlite3.Connection, tenant: str, grants: list[str]) -> None:
-        if not conn.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant,)).fetchone():
+    def _check_issuable(tx: Tx, tenant: str, grants: list[str]) -> None:
+        if not _exists(tx, "SELECT 1 FROM tenants WHERE id = ?", tenant):
             raise NotFound(f"no tenant {tenant!r}")
-        assigned = {r["alias"]: r["tenant"] for r in conn.execute("SELECT * FROM aliases")}
+        assigned = {r["alias"]: r["tenant"] for r in tx.execute("SELECT * FROM aliases").rows}
         problems = Catalog(assigned=assigned).not_assigned(tenant, grants)
         if problems:
             raise Conflict(problems, code="not_assigned")
 
-    def _ensure_tenant(self, conn: sqlite3.Connection, tenant: str, actor: Actor) -> None:
-        if conn.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant,)).fetchone():
+    def _ensure_tenant(self, tx: Tx, tenant: str, actor: Actor) -> None:
+        if _exists(tx, "SELECT 1 FROM tenants WHERE id = ?", tenant):
             return
         now = self.clock()
         created = Tenant(id=tenant, name=tenant, created_at=now, updated_at=now)
-        self._insert_tenant(conn, created)
-        self._audit(conn, actor, "tenant.create", tenant, created.to_json())
+        self._insert_tenant(tx, created)
+        self._audit(tx, actor, "tenant.create", tenant, created.to_json())
 
     def revoke_token(self, jti: str, actor: Actor) -> tuple[TokenRecord | None, bool]:
         """Revoke a token id (recorded or not); the record if known, and whether it was new."""
-        with self._write() as conn:
-            row = conn.execute("SELECT expires_at FROM tokens WHERE jti = ?", (jti,)).fetchone()
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO revoked VALUES (?, ?, ?, ?)",
+        with self._write() as tx:
+            row = tx.execute("SELECT expires_at FROM tokens WHERE jti = ?", (jti,)).first()
+            result = tx.execute(
+                self._dialect.insert_ignore("INTO revoked VALUES (?, ?, ?, ?)"),
                 (jti, self.clock(), actor.operator, row["expires_at"] if row else None),
             )
-            fresh = cursor.rowcount == 1
+            fresh = result.rowcount == 1
             if fresh:
-                self._audit(conn, actor, "token.revoke", jti, {"recorded": row is not None})
+                self._audit(tx, actor, "token.revoke", jti, {"recorded": row is not None})
         return self.token(jti), fresh
 
     # -- operators and other audited events ---------------------------------------------------
@@ -564,39 +476,73 @@ class Store:
         self, actor: Actor, action: str, target: str, details: Mapping[str, Any]
     ) -> None:
         """An audit entry for a change that is not a stored object (disconnect, drain)."""
-        with self._write() as conn:
-            self._audit(conn, actor, action, target, details)
+        with self._write() as tx:
+            self._audit(tx, actor, action, target, details)
 
     def add_operator(self, name: str, actor: Actor) -> str:
         """Create an operator; returns its bearer token (stored only as a hash)."""
         check_tenant_id(name)  # same syntax as tenant ids
+        with self._write() as tx:
+            return self._add_operator(tx, name, actor)
+
+    def _add_operator(self, tx: Tx, name: str, actor: Actor) -> str:
+        if _exists(tx, "SELECT 1 FROM operators WHERE name = ?", name):
+            raise Conflict([f"operator {name!r} already exists"])
         token = new_operator_token()
-        with self._write() as conn:
-            if conn.execute("SELECT 1 FROM operators WHERE name = ?", (name,)).fetchone():
-                raise Conflict([f"operator {name!r} already exists"])
-            conn.execute(
-                "INSERT INTO operators VALUES (?, ?, ?)", (name, token_hash(token), self.clock())
-            )
-            self._audit(conn, actor, "operator.create", name, {})
+        tx.execute(
+            "INSERT INTO operators VALUES (?, ?, ?)", (name, token_hash(token), self.clock())
+        )
+        self._audit(tx, actor, "operator.create", name, {})
         return token
 
     def remove_operator(self, name: str, actor: Actor) -> None:
-        with self._write() as conn:
-            if conn.execute("DELETE FROM operators WHERE name = ?", (name,)).rowcount == 0:
+        with self._write() as tx:
+            if tx.execute("DELETE FROM operators WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"no operator {name!r}")
-            self._audit(conn, actor, "operator.remove", name, {})
+            self._audit(tx, actor, "operator.remove", name, {})
 
     def ensure_operator(self) -> Path | None:
         """On a store without operators, create ``admin`` and write its token to the state
         directory's ``admin-token`` (mode 0600); returns that path, or None if nothing was done.
+        One transaction: of several nodes starting at once on one database, exactly one does it
+        (and a token file that cannot be written creates nothing).
         """
-        with self._lock:
-            if self.operators():
+        path = self.state_dir / ADMIN_TOKEN_FILE
+        ensure_private_dir(self.state_dir)
+        with self._write() as tx:
+            if tx.execute("SELECT 1 FROM operators LIMIT 1").first() is not None:
                 return None
-            token = self.add_operator(DEFAULT_OPERATOR, SYSTEM)
-            path = self.state_dir / ADMIN_TOKEN_FILE
+            token = self._add_operator(tx, DEFAULT_OPERATOR, SYSTEM)
             write_atomic(path, (token + "\n").encode(), mode=0o600)
         return path
+
+    # -- the shared signing key ---------------------------------------------------------------
+
+    def signing_key_pem(self, new_pem: Callable[[], bytes] | None = None) -> tuple[bytes, bool]:
+        """The signing key (PEM) kept in the store, and whether this call created it.
+
+        When there is none yet: with ``new_pem``, its result is stored, unless another node
+        stored one first (insert-or-ignore, then read back: every caller ends up with the same
+        key); without, StoreError.
+        """
+        rows = self._read("SELECT pem FROM signing_key WHERE id = 1")
+        if rows:
+            return str(rows[0]["pem"]).encode(), False
+        if new_pem is None:
+            raise StoreError(f"{self.where}: no signing key in the database yet")
+        pem = new_pem()
+        with self._write() as tx:
+            result = tx.execute(
+                self._dialect.insert_ignore("INTO signing_key VALUES (1, ?, ?)"),
+                (pem.decode(), self.clock()),
+            )
+            created = result.rowcount == 1
+            if created:
+                self._audit(tx, SYSTEM, "signing_key.create", "signing_key", {})
+            row = tx.execute("SELECT pem FROM signing_key WHERE id = 1").first()
+        if row is None:  # pragma: no cover - the insert or another node's just made it
+            raise StoreError(f"{self.where}: the signing key vanished")
+        return str(row["pem"]).encode(), created
 
 
 def _normalised(grants: Iterable[str]) -> list[str]:
