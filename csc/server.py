@@ -59,9 +59,9 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
                 log.warning("created operator 'admin'; its admin API token is in %s", token_file)
         registry: MemoryRegistry[gateway.AgentSession] = MemoryRegistry(source=store)
         # a remote database is never read on a request's path: the refresh loop and change
-    # events re-read it (csc/gateway.py enforce_rights, csc/cluster/)
-    registry.refresh_on_miss = config.database_url is None
-    registry.refresh(force=True)
+        # events re-read it (csc/gateway.py enforce_rights, csc/cluster/)
+        registry.refresh_on_miss = config.database_url is None
+        registry.refresh(force=True)
     except BaseException:
         store.close()
         raise
