@@ -46,7 +46,12 @@ def test_three_nodes_share_redis_postgres_and_keys(compose: dict[str, Any]) -> N
     services = compose["services"]
     assert {"redis", "postgres", "haproxy", "keys", *NODES} <= set(services)
     envs = [services[n]["environment"] for n in NODES]
-    for name in ("CSC_REDIS_URL", "CSC_DATABASE_URL", "CSC_SIGNING_KEY_FILE", "CSC_CLUSTER_KEY_FILE"):
+    for name in (
+        "CSC_REDIS_URL",
+        "CSC_DATABASE_URL",
+        "CSC_SIGNING_KEY_FILE",
+        "CSC_CLUSTER_KEY_FILE",
+    ):
         assert len({e[name] for e in envs}) == 1, name
     assert [e["CSC_NODE_ID"] for e in envs] == NODES
     assert [e["CSC_PEER_ADVERTISE"] for e in envs] == [f"{n}:8083" for n in NODES]

@@ -38,6 +38,8 @@ def test_two_stages_on_one_slim_base() -> None:
 
 
 def test_every_package_is_copied() -> None:
-    packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
+    packages = {
+        p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
     copied = {c.split()[0] for c in instructions("COPY") if not c.startswith("--from")}
     assert packages <= copied

@@ -32,7 +32,8 @@ def deployment(objs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def container(objs: list[dict[str, Any]]) -> dict[str, Any]:
     (c,) = deployment(objs)["spec"]["template"]["spec"]["containers"]
-    return c
+    spec: dict[str, Any] = c
+    return spec
 
 
 def env(objs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -58,7 +59,9 @@ def test_the_objects_a_cluster_needs(objs: list[dict[str, Any]]) -> None:
     assert all(o["metadata"]["namespace"] == "csc" for o in objs)
 
 
-def test_deployment_rolls_one_node_at_a_time_without_losing_capacity(objs: list[dict[str, Any]]) -> None:
+def test_deployment_rolls_one_node_at_a_time_without_losing_capacity(
+    objs: list[dict[str, Any]],
+) -> None:
     spec = deployment(objs)["spec"]
     assert spec["replicas"] == 3
     assert spec["strategy"] == {
@@ -225,7 +228,7 @@ def test_existing_secrets_are_used_by_name() -> None:
 def test_a_missing_secret_is_refused_by_name() -> None:
     v = values()
     v["secrets"]["redisUrl"] = {"value": ""}
-    with pytest.raises(helm.HelmRenderError, match="secrets.redisUrl"):
+    with pytest.raises(helm.HelmRenderError, match=r"secrets\.redisUrl"):
         render(CHART, v)
 
 
@@ -235,7 +238,9 @@ def test_servicemonitor_only_when_enabled(objs: list[dict[str, Any]]) -> None:
     (sm,) = by_kind(on, "ServiceMonitor")
     (endpoint,) = sm["spec"]["endpoints"]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
-    assert {"action": "replace", "targetLabel": "job", "replacement": "csc"} in endpoint["relabelings"]
+    assert {"action": "replace", "targetLabel": "job", "replacement": "csc"} in endpoint[
+        "relabelings"
+    ]
     (peer,) = [s for s in by_kind(on, "Service") if s["metadata"]["name"] == "csc-peer"]
     assert sm["spec"]["selector"]["matchLabels"].items() <= peer["metadata"]["labels"].items()
     metrics = {p["name"]: p["targetPort"] for p in peer["spec"]["ports"]}["metrics"]
@@ -248,7 +253,9 @@ def test_resources_are_tunable() -> None:
 
 
 def test_extra_settings_become_csc_variables() -> None:
-    e = env(objects(render(CHART, values(extraEnv={"LOG_LEVEL": "debug", "MAX_BODY_SIZE": "2GiB"}))))
+    e = env(
+        objects(render(CHART, values(extraEnv={"LOG_LEVEL": "debug", "MAX_BODY_SIZE": "2GiB"})))
+    )
     assert e["CSC_LOG_LEVEL"] == "debug" and e["CSC_MAX_BODY_SIZE"] == "2GiB"
 
 

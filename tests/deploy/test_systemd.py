@@ -3,6 +3,7 @@ a single warning, and each unit has the hardening and stop behaviour docs/deploy
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,14 @@ DRAIN_TIMEOUT = CSCConfig().drain_timeout
 def install(unit: str, root: Path) -> Path:
     """The unit as an operator installs it, but with ExecStart pointing at this checkout's
     console scripts (verify checks that the program exists)."""
-    import sys
-
     bin_dir = str(Path(sys.executable).parent)
     path = root / unit
     path.write_text((SYSTEMD / unit).read_text().replace("/opt/csc/bin", bin_dir))
     if unit == "csc.service":
         (root / "csc.service.d").mkdir()
-        (root / "csc.service.d" / "cluster.conf").write_text((SYSTEMD / "csc-cluster.conf").read_text())
+        (root / "csc.service.d" / "cluster.conf").write_text(
+            (SYSTEMD / "csc-cluster.conf").read_text()
+        )
     return path
 
 

@@ -10,6 +10,7 @@ that installs it; none is skipped.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -48,7 +49,9 @@ PLANNED_CLUSTER_METRICS = frozenset(
 
 #: Values that satisfy the chart's required secrets (never real ones).
 SECRETS: dict[str, Any] = {
-    "signingKey": {"value": "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n"},
+    "signingKey": {
+        "value": "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n"
+    },
     "clusterKey": {"value": "k" * 40},
     "databaseUrl": {"value": "postgresql://csc:pw@postgres:5432/csc"},
     "redisUrl": {"value": "redis://redis:6379/0"},
@@ -70,8 +73,6 @@ _INSTALL = {
 
 def tool(name: str) -> str:
     """The path of checker ``name``; fails the test, saying how to install it, when missing."""
-    import os
-
     if name == "checkov":
         path = Path(os.environ.get("CHECKOV", Path(sys.prefix) / "checkov" / "bin" / "checkov"))
         found = str(path) if path.is_file() else None
@@ -109,7 +110,9 @@ def run(argv: Sequence[str], *, cwd: Path | None = None, timeout: float = 60) ->
     return Run(done.returncode, done.stdout, done.stderr)
 
 
-def render(chart: Path, values: dict[str, Any], *, name: str = "csc", namespace: str = "csc") -> dict[str, str]:
+def render(
+    chart: Path, values: dict[str, Any], *, name: str = "csc", namespace: str = "csc"
+) -> dict[str, str]:
     """The chart's manifests rendered offline by the Helm engine: template path -> text."""
     with helm.Chart.load(chart) as loaded:
         return loaded.render(values, name=name, namespace=namespace, is_install=True)
@@ -135,7 +138,25 @@ _BRACES = re.compile(r"\{[^{}]*\}")
 _RANGE = re.compile(r"\[[^\]]*\]")
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 _IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
-_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right", "inf", "nan", "atan2", "e"})
+_KEYWORDS = frozenset(
+    {
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "inf",
+        "nan",
+        "atan2",
+        "e",
+    }
+)
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
