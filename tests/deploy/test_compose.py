@@ -11,6 +11,7 @@ import yaml
 
 from csc.config import CSCConfig
 from shared.config import config_reference
+from shared.tokens import SIGNING_KEY_FILE
 from tests.deploy.tools import CHART, DEPLOY, SECRETS, by_kind, objects, render, run, tool
 
 COMPOSE = DEPLOY / "compose.yaml"
@@ -76,3 +77,12 @@ def test_chart_sets_only_known_settings() -> None:
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     names = {e["name"] for e in c["env"] if e["name"].startswith("CSC_")}
     assert names <= KNOWN, names - KNOWN
+
+
+def test_nodes_read_the_key_files_the_keys_service_writes(compose: dict[str, Any]) -> None:
+    script = compose["services"]["keys"]["command"][-1]
+    compile(script, "compose keys", "exec")
+    env = compose["services"]["csc1"]["environment"]
+    assert env["CSC_SIGNING_KEY_FILE"] == f"/keys/{SIGNING_KEY_FILE}"
+    assert env["CSC_CLUSTER_KEY_FILE"] == "/keys/cluster-key"
+    assert 'keys / "cluster-key"' in script and "load_or_create_signing_key(keys)" in script
