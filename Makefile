@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed.stamp
 export PIP_NO_INPUT := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test lint fmt typecheck unit demo bench readme clean distclean
+.PHONY: venv deploy-tools test lint fmt typecheck unit demo bench readme clean distclean
 
 venv: $(STAMP)
 
@@ -37,8 +37,23 @@ unit: venv
 # programs the tests drive for real, installed from Debian when missing
 SYSTEM_DEPS := chromium:chromium redis-server:redis-server redis-sentinel:redis-sentinel redis-cli:redis-tools
 SYSTEM_DEPS += pg_ctlcluster:postgresql
+SYSTEM_DEPS += promtool:prometheus systemd-analyze:systemd haproxy:haproxy
 
-test: venv
+# the deploy artefacts' checkers (tests/deploy): the `deploy` extra in .venv, and checkov in a
+# venv of its own (its pinned dependencies would otherwise clash with the project's)
+DEPLOY_STAMP := $(VENV)/.deploy-tools.stamp
+CHECKOV_VENV := $(VENV)/checkov
+CHECKOV_VERSION := 3.3.30
+
+deploy-tools: $(DEPLOY_STAMP)
+
+$(DEPLOY_STAMP): $(STAMP) Makefile
+	$(BIN)/python -m pip install --quiet --editable '.[test,deploy]'
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet 'checkov==$(CHECKOV_VERSION)'
+	touch $@
+
+test: venv deploy-tools
 	scripts/system_deps.sh $(SYSTEM_DEPS)
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --check .

@@ -9,7 +9,10 @@ and, in ``field(metadata=meta(...))`` (see :func:`meta`), how a value is parsed 
 
 Invariants:
 
-* Unknown keys in the file and unknown ``{PREFIX}*`` environment variables are errors.
+* Unknown keys in the file and unknown ``{PREFIX}*`` environment variables are errors, except
+  the service-link variables Kubernetes (and Docker links) inject for every Service, such as
+  ``CSC_SERVICE_HOST`` or ``CSC_PORT_8080_TCP`` for a Service named ``csc``: an unknown variable
+  whose name and value both have that shape (:func:`is_service_link`) is ignored.
 * Every problem (unknown key, unparsable value, out-of-range value, cross-field conflict from the
   dataclass's optional ``validate(self) -> list[str]``) is collected, and all of them are raised
   together as one :class:`ConfigError`, each naming where the bad value came from.
@@ -46,6 +49,7 @@ __all__ = [
     "Secret",
     "config_reference",
     "duration_field",
+    "is_service_link",
     "load_config",
     "meta",
     "parse_duration",
@@ -387,6 +391,31 @@ def env_var(prefix: str, name: str) -> str:
     return f"{prefix}{name.upper()}"
 
 
+#: Kubernetes service-link variables (and Docker's legacy links): name suffix -> value shape.
+_SERVICE_LINK = re.compile(
+    r"_(?:(?P<host>SERVICE_HOST)|(?P<port>SERVICE_PORT(?:_[A-Z0-9_]+)?)"
+    r"|(?P<url>PORT(?:_[0-9]+_(?:TCP|UDP|SCTP))?)|PORT_[0-9]+_(?:TCP|UDP|SCTP)_(?P<part>PROTO|PORT|ADDR))$"
+)
+_LINK_URL = re.compile(r"(?:tcp|udp|sctp)://[0-9A-Fa-f.:\[\]]+:[0-9]+")
+_LINK_ADDR = re.compile(r"[0-9A-Fa-f.:]+")
+
+
+def is_service_link(var: str, value: str) -> bool:
+    """Whether ``var=value`` is a service-link variable Kubernetes injects for a Service (e.g.
+    ``CSC_SERVICE_HOST=10.0.0.7``, ``CSC_PORT=tcp://10.0.0.7:8080``,
+    ``CSC_PORT_8080_TCP_PROTO=tcp``), judged by the name's suffix and the value's shape."""
+    m = _SERVICE_LINK.search(var)
+    if m is None:
+        return False
+    if m["host"] or m["part"] == "ADDR":
+        return _LINK_ADDR.fullmatch(value) is not None
+    if m["port"] or m["part"] == "PORT":
+        return value.isdigit()
+    if m["part"] == "PROTO":
+        return value in ("tcp", "udp", "sctp")
+    return _LINK_URL.fullmatch(value) is not None
+
+
 def _from_env(
     env: Mapping[str, str],
     prefix: str,
@@ -402,6 +431,8 @@ def _from_env(
         if any(var.startswith(other) for other in ignore):
             continue
         name = var[len(prefix) :].lower()
+        if name not in fields and is_service_link(var, env[var]):
+            continue
         if name not in fields:
             known = [env_var(prefix, f) for f in fields]
             problems.append(f"environment {var}: unknown setting{_suggest(var, known)}")
