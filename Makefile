@@ -35,7 +35,7 @@ unit: venv
 	$(BIN)/pytest -q tests/unit
 
 # programs the tests drive for real, installed from Debian when missing
-SYSTEM_DEPS := chromium:chromium
+SYSTEM_DEPS := chromium:chromium haproxy:haproxy
 
 test: venv
 	scripts/system_deps.sh $(SYSTEM_DEPS)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives as real programs, when they are missing:
 #   chromium  the admin console is rendered in headless Chromium
+#   haproxy   the load balancer in front of CSC nodes in cluster tests
 # Usage: scripts/system_deps.sh PROGRAM:PACKAGE...   (run by `make test`; idempotent, no prompts)
 set -euo pipefail
 

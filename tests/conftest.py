@@ -7,6 +7,7 @@
   failure).
 * Every test gets the root logger's handlers and level back afterwards, so a test that runs
   an entry point's ``configure_logging`` cannot change what later tests log.
+* ``haproxy``: start Debian's HAProxy in front of backends (:mod:`tests.support.haproxy`).
 * ``upstream_proc``: one upstream process (HTTP + TCP echo) for the whole session. It is
   stateless; a test that needs to kill or restart an upstream starts its own with ``procs``.
 """
@@ -25,6 +26,9 @@ if _REPO_ROOT not in sys.path:  # `pytest` (not `python -m pytest`) leaves the r
     sys.path.insert(0, _REPO_ROOT)
 
 from tests.support.procs import ProcFactory, UpstreamProc, start_upstream  # noqa: E402
+
+#: ``haproxy``: a real HAProxy in front of test backends (tests/support/haproxy.py).
+pytest_plugins = ["tests.support.haproxy"]
 
 
 @pytest.fixture(autouse=True)
