@@ -4,6 +4,7 @@
 #   redis-server, redis-sentinel, redis-cli  real Redis topologies (tests/support/redis.py)
 #   postgresql  the store's PostgreSQL backend (tests start their own server from its binaries)
 #   promtool (prometheus), systemd-analyze (systemd), haproxy  check the artefacts in deploy/
+#   haproxy   also the load balancer in front of CSC nodes in cluster tests
 # Usage: scripts/system_deps.sh PROGRAM:PACKAGE...   (run by `make test`; idempotent, no prompts)
 set -euo pipefail
 

@@ -7,6 +7,7 @@
   failure).
 * Every test gets the root logger's handlers and level back afterwards, so a test that runs
   an entry point's ``configure_logging`` cannot change what later tests log.
+* ``haproxy``: start Debian's HAProxy in front of backends (:mod:`tests.support.haproxy`).
 * ``upstream_proc``: one upstream process (HTTP + TCP echo) for the whole session. It is
   stateless; a test that needs to kill or restart an upstream starts its own with ``procs``.
 """
@@ -27,8 +28,9 @@ if _REPO_ROOT not in sys.path:  # `pytest` (not `python -m pytest`) leaves the r
 from tests.support.postgres import postgres_server, postgres_url  # noqa: E402, F401
 from tests.support.procs import ProcFactory, UpstreamProc, start_upstream  # noqa: E402
 
-# real Redis topologies: redis_single, redis_sentinel, redis_cluster, redis_topology, redis_prefix
-pytest_plugins = ["tests.support.redis"]
+# real Redis topologies: redis_single, redis_sentinel, redis_cluster, redis_topology, redis_prefix;
+# ``haproxy``: a real HAProxy in front of test backends (tests/support/haproxy.py)
+pytest_plugins = ["tests.support.redis", "tests.support.haproxy"]
 
 
 @pytest.fixture(autouse=True)
