@@ -54,6 +54,8 @@ from shared.tokens import AgentClaims, verify_token
 log = logging.getLogger("csc.gateway")
 
 HANDSHAKE_TIMEOUT = 10.0
+#: How long a session's end may wait to withdraw its routes from Redis.
+ROUTES_TIMEOUT = 5.0
 _session_ids = itertools.count(1)
 
 
@@ -285,9 +287,10 @@ async def _run_session(
     finally:
         state.registry.unbind(session)
         state.sessions.pop(session_id, None)
-        if state.cluster is not None:
-            with contextlib.suppress(RedisError):
-                await state.cluster.sync_routes()
+        if state.cluster is not None:  # best effort: the heartbeat corrects it otherwise
+            with contextlib.suppress(RedisError, TimeoutError):
+                async with asyncio.timeout(ROUTES_TIMEOUT):
+                    await state.cluster.sync_routes()
         reason = link.closed.result() if link.closed.done() else None
         state.metrics.session_closed(session.tenant, reason, ws.close_code)
         await link.aclose()

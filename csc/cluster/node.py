@@ -52,6 +52,8 @@ log = logging.getLogger("csc.cluster")
 
 #: Streams one peer link may carry at once (each node's bootloader traffic to one other node).
 PEER_MAX_STREAMS = 8192
+#: How long a stopping node tries to withdraw itself from Redis before it lets the lease expire.
+STOP_TIMEOUT = 5.0
 
 
 @dataclass(eq=False)
@@ -177,13 +179,14 @@ class Cluster:
     async def stop(self) -> None:
         for task in self._tasks:
             await cancel_quietly(task)
-        if self.subscriber is not None:
-            await self.subscriber.aclose()
         try:
-            await self.routes.leave(self.registered | self.hooks.local_grants())
-            await self.publish({"t": "nodes"})
-        except RedisError as exc:
-            log.warning("could not withdraw this node from Redis: %s", exc)
+            async with asyncio.timeout(STOP_TIMEOUT):
+                if self.subscriber is not None:
+                    await self.subscriber.aclose()
+                await self.routes.leave(self.registered | self.hooks.local_grants())
+                await self.publish({"t": "nodes"})
+        except (RedisError, TimeoutError) as exc:
+            log.warning("could not withdraw this node from Redis (%r); its lease expires", exc)
         await self.server.stop()
         await self.peers.aclose()
 

@@ -57,7 +57,10 @@ async def two_nodes(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[Node,
     state_dir = tmp_path / "state"
     token = make_token(state_dir, "acme", [ALIAS])
     prefix = "t" + os.urandom(4).hex()
+    # a hang anywhere (test body or the nodes' stop) fails with the awaiting frame in the
+    # traceback, long before the suite's per-test timeout
     async with (
+        asyncio.timeout(scaled(60)),
         running_node(node_config(state_dir, redis_url, prefix, node_id="A")) as a,
         running_node(node_config(state_dir, redis_url, prefix, node_id="B")) as b,
     ):
