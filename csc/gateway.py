@@ -25,14 +25,15 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
-from csc.limits import UNLIMITED
+from csc.limits import RETRY_AFTER_BUSY, SESSIONS, UNLIMITED
 from csc.registry import MemoryRegistry, admission_error
 from csc.state import NodeState
+from csc.tenants import Limits
 from csc.websocket import Traffic, counting, run_websocket
 from csc.websocket import close_websocket as _close
 from shared.aliases import covered, normalise_grant
@@ -50,6 +51,9 @@ from shared.errors import (
 from shared.link import Link, joined, max_message_size
 from shared.protocol import Connection, GoAwayReceived, HelloReceived, Side
 from shared.tokens import AgentClaims, verify_token
+
+if TYPE_CHECKING:
+    from csc.cluster.node import Cluster
 
 log = logging.getLogger("csc.gateway")
 
@@ -190,8 +194,14 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
             state.metrics.session_refused(refusal.code)
         return _refuse(refusal, remote)
     owner = state.registry.tenant(claims.tenant)
+    limits = owner.limits if owner else UNLIMITED
+    slot: str | None = None
     try:
-        state.limits.acquire_session(claims.tenant, owner.limits if owner else UNLIMITED)
+        if state.cluster is None:
+            state.limits.acquire_session(claims.tenant, limits)
+        else:  # the cap is the whole cluster's
+            slot = await _cluster_session_slot(state, state.cluster, claims.tenant, limits)
+            state.limits.acquire_session(claims.tenant, UNLIMITED)
     except TenantLimit as err:
         state.metrics.session_refused(err.code)
         state.metrics.limit_rejected(claims.tenant, err.limit)
@@ -206,7 +216,31 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
         await _run_session(state, ws, claims, remote)
     finally:
         state.limits.release_session(claims.tenant)
+        if slot is not None and state.cluster is not None:
+            await state.cluster.release_slot(claims.tenant, SESSIONS, slot)
     return ws
+
+
+async def _cluster_session_slot(
+    state: NodeState, cluster: Cluster, tenant: str, limits: Limits
+) -> str | None:
+    """A cluster-wide session slot when the tenant has a ``max_sessions`` cap (None: no cap,
+    or Redis is away and this node's share of the cap still has room)."""
+    cap = limits.max_sessions
+    if cap is None:
+        return None
+    member = f"{state.node_id}:{next(_session_ids)}:{os.urandom(3).hex()}"
+    taken = await cluster.acquire_slot(tenant, SESSIONS, member, cap)
+    if taken:
+        return member
+    if taken is None and state.limits.sessions(tenant) < max(1, cap // max(1, cluster.live_nodes)):
+        return None
+    raise TenantLimit(
+        f"tenant {tenant!r} already has {cap} agent sessions in the cluster (at most {cap}); "
+        "try again later",
+        retry_after=RETRY_AFTER_BUSY,
+        limit=SESSIONS,
+    )
 
 
 async def _run_session(

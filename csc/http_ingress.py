@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 
 from csc import accesslog
 from csc.metrics import outcome_of
-from csc.routing import lookup_alias, offline_error, online, open_stream
+from csc.routing import lookup_alias, offline_error, online, open_stream, release_stream
 from csc.state import NodeState
 from shared.errors import (
     Cancelled,
@@ -188,7 +188,7 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
     finally:
         await cancel_quietly(body)
         stream.finish()
-        state.limits.release_stream(tenant or "")
+        await release_stream(state, tenant or "", stream)
         state.stream_finished()
         state.metrics.stream_finished("http")
         state.metrics.request_done("http", tenant, outcome, time.monotonic() - started)

@@ -19,11 +19,12 @@ opens nothing while draining.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 from csc.cluster.node import Cluster, strip_peer_keys
 from csc.gateway import AgentSession
-from csc.limits import UNLIMITED, rate_limited
+from csc.limits import RETRY_AFTER_BUSY, STREAMS, UNLIMITED, rate_limited
 from csc.registry import Lookup
 from csc.state import NodeState
 from shared.aliases import normalise_alias
@@ -32,10 +33,13 @@ from shared.errors import (
     GoingAway,
     PortalOffline,
     ProtocolError,
+    TenantLimit,
     TenantSuspended,
     UnknownAlias,
 )
 from shared.link import LinkStream, TunnelStream
+
+_slot_ids = itertools.count(1)
 
 
 def lookup_alias(state: NodeState, raw_alias: str) -> tuple[str, Lookup[AgentSession]]:
@@ -84,42 +88,92 @@ async def open_stream(
         raise offline_error(alias, found)
     tenant = found.tenant or ""
     limits = found.owner.limits if found.owner else UNLIMITED
-    rate = limits.max_request_rate
-    if cluster is not None and rate is not None:  # the rate is the whole cluster's
-        state.limits.acquire_stream(
-            tenant, dataclasses.replace(limits, max_request_rate=None), alias
-        )
-    else:
+    if cluster is None:
         state.limits.acquire_stream(tenant, limits, alias)
+    else:  # the rate and the stream cap are the whole cluster's; the node counts for drain
+        local = dataclasses.replace(limits, max_request_rate=None, max_streams=None)
+        state.limits.acquire_stream(tenant, local, alias)
+    slot: str | None = None
     try:
-        if cluster is not None and rate is not None:
-            await _take_cluster_token(state, cluster, tenant, rate, alias)
-        if found.sessions:
-            try:
-                stream = _open_on_session(alias, found, info)
-            except CSCError:
-                if cluster is None:
-                    raise
-            else:
-                if cluster is not None:
-                    cluster.stats.lookups["local"] += 1
-                return stream
-        assert cluster is not None
-        try:
-            forwarded = await cluster.open_remote(alias, tenant, info)
-        except PortalOffline:
-            cluster.stats.lookups["miss"] += 1
-            raise offline_error(alias, found) from None
-        cluster.stats.lookups["remote"] += 1
-        return forwarded
+        if cluster is not None:
+            await _take_cluster_token(state, cluster, tenant, limits.max_request_rate, alias)
+            slot = await _take_cluster_slot(state, cluster, tenant, limits.max_streams, alias)
+        stream = await _open(state, cluster, alias, found, tenant, info)
     except BaseException:
         state.limits.release_stream(tenant)
+        if slot is not None and cluster is not None:
+            await cluster.release_slot(tenant, STREAMS, slot)
         raise
+    if slot is not None and cluster is not None:
+        cluster.stream_slots[id(stream)] = slot
+    return stream
+
+
+async def release_stream(state: NodeState, tenant: str, stream: TunnelStream) -> None:
+    """The stream ended: its tenant's counts go down (here and, in a cluster, everywhere)."""
+    state.limits.release_stream(tenant)
+    cluster = state.cluster
+    if cluster is not None:
+        slot = cluster.stream_slots.pop(id(stream), None)
+        if slot is not None:
+            await cluster.release_slot(tenant, STREAMS, slot)
+
+
+async def _open(
+    state: NodeState,
+    cluster: Cluster | None,
+    alias: str,
+    found: Lookup[AgentSession],
+    tenant: str,
+    info: dict[str, Any],
+) -> TunnelStream:
+    if found.sessions:
+        try:
+            stream = _open_on_session(alias, found, info)
+        except CSCError:
+            if cluster is None:
+                raise
+        else:
+            if cluster is not None:
+                cluster.stats.lookups["local"] += 1
+            return stream
+    assert cluster is not None
+    try:
+        forwarded = await cluster.open_remote(alias, tenant, info)
+    except PortalOffline:
+        cluster.stats.lookups["miss"] += 1
+        raise offline_error(alias, found) from None
+    cluster.stats.lookups["remote"] += 1
+    return forwarded
+
+
+async def _take_cluster_slot(
+    state: NodeState, cluster: Cluster, tenant: str, cap: int | None, alias: str
+) -> str | None:
+    """A cluster-wide stream slot of ``tenant`` when it has a ``max_streams`` cap."""
+    if cap is None:
+        return None
+    member = f"{state.node_id}:{next(_slot_ids)}"
+    taken = await cluster.acquire_slot(tenant, STREAMS, member, cap)
+    if taken is None:  # Redis is away: this node's share of the cap
+        share = max(1, cap // max(1, cluster.live_nodes))
+        if state.limits.streams(tenant) <= share:
+            return None
+    elif taken:
+        return member
+    raise TenantLimit(
+        f"too many requests in progress for {alias} (at most {cap} at once); "
+        f"try again in {RETRY_AFTER_BUSY} s",
+        retry_after=RETRY_AFTER_BUSY,
+        limit=STREAMS,
+    )
 
 
 async def _take_cluster_token(
-    state: NodeState, cluster: Cluster, tenant: str, rate: float, alias: str
+    state: NodeState, cluster: Cluster, tenant: str, rate: float | None, alias: str
 ) -> None:
+    if rate is None:
+        return
     wait = await cluster.take_token(tenant, rate)
     if wait is None:  # Redis is away: this node's share of the rate
         state.limits.take_token(tenant, rate / max(1, cluster.live_nodes), alias)

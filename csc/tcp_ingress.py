@@ -16,7 +16,7 @@ import uuid
 
 from csc import accesslog
 from csc.metrics import outcome_of
-from csc.routing import lookup_alias, open_stream
+from csc.routing import lookup_alias, open_stream, release_stream
 from csc.state import NodeState
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
 from shared.link import LinkCounters, splice
@@ -101,7 +101,7 @@ async def _serve(
     finally:
         outcome = outcome_of(stream.error)
         stream.finish()
-        state.limits.release_stream(tenant or "")
+        await release_stream(state, tenant or "", stream)
         state.stream_finished()
         state.metrics.stream_finished("tcp")
         state.metrics.request_done("tcp", tenant, outcome, time.monotonic() - started)

@@ -1,4 +1,6 @@
-"""A tenant's request rate across the whole cluster: one token bucket per tenant in Redis.
+"""A tenant's limits across the whole cluster: the request rate as one token bucket per tenant
+in Redis (:class:`ClusterRate`), concurrent sessions and streams as expiring slots
+(:class:`ClusterSlots`).
 
 Only tenants with a ``max_request_rate`` pay for it (one Redis round trip per request); the
 bucket lives in one hash (``{P:limit:<tenant>}``) updated by a script with the server's clock,
@@ -59,3 +61,79 @@ class ClusterRate:
         Raises RedisError when Redis cannot be reached."""
         wait = await self._script(keys=[self.key(tenant)], args=[repr(rate), repr(burst_for(rate))])
         return float(wait)
+
+
+#: Drop expired members, then add ``ARGV[3]`` unless the set holds ``ARGV[1]`` (the cap)
+#: already; members expire ``ARGV[2]`` seconds from the server's now. 1: admitted, 0: full.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
+return 1
+"""
+
+#: Push the expiry of the members still held (``ARGV[2..]``) to ``ARGV[1]`` seconds from now.
+_REFRESH = """
+local t = redis.call('TIME')
+local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', until_, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
+return 0
+"""
+
+
+class ClusterSlots:
+    """A tenant's concurrent agent sessions and streams across the cluster.
+
+    Each held slot is a member of a sorted set (``{P:limit:<tenant>}:<kind>``) scored with its
+    expiry; the node that holds it pushes the expiry forward at every heartbeat and removes it
+    when the session or stream ends, so the slots of a node that died expire within ``ttl``.
+    Admission drops expired members and compares the count with the cap in one script.
+    """
+
+    def __init__(self, redis: Any, prefix: str, ttl: float) -> None:
+        self._redis = redis
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._refresh = redis.register_script(_REFRESH)
+        self._prefix = prefix
+        self.ttl = ttl
+        #: (tenant, kind) -> members this node holds
+        self.held: dict[tuple[str, str], set[str]] = {}
+
+    def key(self, tenant: str, kind: str) -> str:
+        return f"{{{self._prefix}:limit:{tenant}}}:{kind}"
+
+    async def acquire(self, tenant: str, kind: str, member: str, cap: int) -> bool:
+        """Take a slot (True) unless ``cap`` are held across the cluster (False); raises
+        RedisError."""
+        taken = await self._acquire(
+            keys=[self.key(tenant, kind)], args=[cap, repr(self.ttl), member]
+        )
+        if int(taken):
+            self.held.setdefault((tenant, kind), set()).add(member)
+            return True
+        return False
+
+    async def release(self, tenant: str, kind: str, member: str) -> None:
+        """Give a slot back (raises RedisError; the slot then expires by itself)."""
+        members = self.held.get((tenant, kind))
+        if members is not None:
+            members.discard(member)
+            if not members:
+                del self.held[(tenant, kind)]
+        await self._redis.zrem(self.key(tenant, kind), member)
+
+    async def refresh(self) -> None:
+        """Keep this node's slots alive (called at every heartbeat)."""
+        for (tenant, kind), members in list(self.held.items()):
+            if members:
+                await self._refresh(
+                    keys=[self.key(tenant, kind)], args=[repr(self.ttl), *sorted(members)]
+                )

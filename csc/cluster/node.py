@@ -39,7 +39,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from csc.cluster.limits import ClusterRate
+from csc.cluster.limits import ClusterRate, ClusterSlots
 from csc.cluster.peer import PEER_KEYS, PeerPool, PeerServer, PeerStream
 from csc.cluster.routes import Keys, NodeInfo, RouteTable
 from csc.cluster.subscriber import Subscriber
@@ -97,9 +97,12 @@ class Cluster:
     stats: ClusterStats = field(default_factory=ClusterStats)
     routes: RouteTable = field(init=False)
     rate: ClusterRate = field(init=False)
+    slots: ClusterSlots = field(init=False)
     peers: PeerPool = field(init=False)
     server: PeerServer = field(init=False)
     registered: set[str] = field(default_factory=set)
+    #: id(stream) -> its cluster-wide stream slot (csc/routing.py)
+    stream_slots: dict[int, str] = field(default_factory=dict)
     healthy: bool = True
     draining: bool = False
     #: the peer address other nodes dial (known once started)
@@ -112,6 +115,7 @@ class Cluster:
     def __post_init__(self) -> None:
         self.routes = RouteTable(self.redis, self.keys, self.node_id, self.lease, self._redis_error)
         self.rate = ClusterRate(self.redis, self.keys.prefix)
+        self.slots = ClusterSlots(self.redis, self.keys.prefix, self.lease)
         peer_settings = LinkSettings(
             initial_window=self.settings.initial_window,
             max_window=self.settings.max_window,
@@ -269,6 +273,24 @@ class Cluster:
             self._redis_error(exc)
             return None
 
+    async def acquire_slot(self, tenant: str, kind: str, member: str, cap: int) -> bool | None:
+        """A cluster-wide slot of ``kind`` (``sessions``, ``streams``) for ``tenant``: True
+        (taken), False (``cap`` are held), None (Redis cannot answer: the caller counts
+        locally)."""
+        try:
+            return await self.slots.acquire(tenant, kind, member, cap)
+        except RedisError as exc:
+            self._redis_error(exc)
+            return None
+
+    async def release_slot(self, tenant: str, kind: str, member: str) -> None:
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await self.slots.release(tenant, kind, member)
+        except (RedisError, TimeoutError) as exc:  # it expires with the next missed refresh
+            if isinstance(exc, RedisError):
+                self._redis_error(exc)
+
     @property
     def accepting_nodes(self) -> int:
         """Live nodes that take agents (this one included while it is not draining)."""
@@ -325,6 +347,7 @@ class Cluster:
             await self.routes.read_directory()
             await self.peers.retain(set(self.routes.directory))
             await self.sync_routes(reassert=reassert)
+            await self.slots.refresh()
             await self.routes.publish_sessions(self.hooks.session_views())
         except RedisError as exc:
             self._redis_error(exc)

@@ -229,3 +229,65 @@ async def test_a_paused_node_is_fenced(tmp_path: Path, redis_url: str) -> None:
             assert await _status(http, f"http://{b.http_address}/t/{ALIAS}/small") == 200
     finally:
         await upstream.close()
+
+
+def _set_limits(tmp_path: Path, nodes: tuple[Node, ...], **limits: Any) -> None:
+    store = Store(tmp_path / "state")
+    try:
+        store.update_tenant("acme", TenantUpdate(limits=limits), Actor("t", "local"))
+    finally:
+        store.close()
+    for node in nodes:
+        node.state.registry.refresh(force=True)
+
+
+async def test_tenant_stream_cap_holds_across_nodes(tmp_path: Path, redis_url: str) -> None:
+    """max_streams=1: while one download runs through A, a request through B is refused with
+    429 tenant_limit; once it ends (and its slot is given back) B is served."""
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with two_nodes(tmp_path, redis_url) as (a, b, token):
+            _set_limits(tmp_path, (a, b), max_streams=1)
+            async with agent_on(a, token, upstream), aiohttp.ClientSession() as http:
+                b_small = f"http://{b.http_address}/t/{ALIAS}/small"
+
+                async def online() -> bool:
+                    return await _status(http, f"http://{b.http_address}/v1/resolve/{ALIAS}") == 200
+
+                await async_wait_until(online, 10, message="alias online through B")
+                slow = f"http://{a.http_address}/t/{ALIAS}/bytes/400000?rate=200000"
+                async with http.get(slow) as held:
+                    assert held.status == 200
+                    async with http.get(b_small) as refused:
+                        assert refused.status == 429
+                        assert (await refused.json())["error"] == "tenant_limit"
+                    assert len(await held.read()) == 400000
+
+                async def served() -> bool:
+                    return await _status(http, b_small) == 200
+
+                await async_wait_until(served, 5, message="B serves once the slot is free")
+    finally:
+        await upstream.close()
+
+
+async def test_tenant_session_cap_holds_across_nodes(tmp_path: Path, redis_url: str) -> None:
+    """max_sessions=1: with the tenant's one session on A, a session on B is refused (429
+    before the upgrade); when A's session ends, B admits one."""
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with two_nodes(tmp_path, redis_url) as (a, b, token):
+            _set_limits(tmp_path, (a, b), max_sessions=1)
+            async with agent_on(a, token, upstream):
+                await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+                async with aiohttp.ClientSession() as http:
+                    headers = {"Authorization": f"Bearer {token}"}
+                    url = f"http://{b.http_address}/v1/agent/connect"
+                    async with http.get(url, headers=headers) as resp:
+                        assert resp.status == 429
+                        assert (await resp.json())["error"] == "tenant_limit"
+            await async_wait_until(lambda: not a.state.sessions, 10)
+            async with agent_on(b, token, upstream):
+                await async_wait_until(lambda: len(b.state.sessions) == 1, 10)
+    finally:
+        await upstream.close()
