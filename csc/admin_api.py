@@ -306,12 +306,30 @@ async def delete_tenant(request: web.Request) -> web.Response:
 async def list_aliases(request: web.Request) -> web.Response:
     state, store = _state(request)
     assignments = await _run(store.assignments, _tenant_filter(request))
+    elsewhere = await _other_nodes_sessions(state)
     rows = []
     for a in assignments:
         live = [s for s in _sessions_of(state, a.tenant) if covered(s.grants, a.alias)]
-        online = any(s.accepting for s in live)
-        rows.append({**a.to_json(), "sessions": len(live), "online": online})
+        remote = [
+            v
+            for v in elsewhere
+            if v.get("tenant") == a.tenant and covered(tuple(v.get("aliases", ())), a.alias)
+        ]
+        online = any(s.accepting for s in live) or any(v.get("state") == "active" for v in remote)
+        rows.append({**a.to_json(), "sessions": len(live) + len(remote), "online": online})
     return web.json_response({"aliases": rows})
+
+
+async def _other_nodes_sessions(state: NodeState) -> list[dict[str, Any]]:
+    """The session views other nodes of the cluster published (none on a lone node, or while
+    Redis cannot be read)."""
+    if state.cluster is None:
+        return []
+    try:
+        others = await state.cluster.routes.other_sessions()
+    except RedisError:
+        return []
+    return [view for views in others.values() for view in views]
 
 
 async def assign_aliases(request: web.Request) -> web.Response:

@@ -238,7 +238,7 @@
     $("count-errors").textContent = String(data.errorsTotal);
     fill("tenants", data.tenants.map(tenantRow), "no tenants");
     fill("aliases", data.aliases.map(aliasRow), "no aliases assigned");
-    fill("sessions", data.sessions.map(sessionRow), "no agent connected to this node");
+    fill("sessions", data.sessions.map(sessionRow), "no agent connected");
     fill("errors", data.errors.map(errorRow), "no errors recorded");
   }
 

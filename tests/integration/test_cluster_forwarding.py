@@ -53,7 +53,9 @@ def node_config(state_dir: Path, redis_url: str, prefix: str, **over: Any) -> CS
 
 
 @contextlib.asynccontextmanager
-async def two_nodes(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[Node, Node, str]]:
+async def two_nodes(
+    tmp_path: Path, redis_url: str, **over: Any
+) -> AsyncIterator[tuple[Node, Node, str]]:
     state_dir = tmp_path / "state"
     token = make_token(state_dir, "acme", [ALIAS])
     prefix = "t" + os.urandom(4).hex()
@@ -61,8 +63,8 @@ async def two_nodes(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[Node,
     # traceback, long before the suite's per-test timeout
     async with (
         asyncio.timeout(scaled(60)),
-        running_node(node_config(state_dir, redis_url, prefix, node_id="A")) as a,
-        running_node(node_config(state_dir, redis_url, prefix, node_id="B")) as b,
+        running_node(node_config(state_dir, redis_url, prefix, node_id="A", **over)) as a,
+        running_node(node_config(state_dir, redis_url, prefix, node_id="B", **over)) as b,
     ):
         yield a, b, token
 
@@ -289,5 +291,36 @@ async def test_tenant_session_cap_holds_across_nodes(tmp_path: Path, redis_url: 
             await async_wait_until(lambda: not a.state.sessions, 10)
             async with agent_on(b, token, upstream):
                 await async_wait_until(lambda: len(b.state.sessions) == 1, 10)
+    finally:
+        await upstream.close()
+
+
+async def test_admin_api_of_b_sees_and_ends_a_session_on_a(tmp_path: Path, redis_url: str) -> None:
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with (
+            two_nodes(tmp_path, redis_url, admin_listen="127.0.0.1:0") as (a, b, token),
+            agent_on(a, token, upstream),
+            aiohttp.ClientSession() as http,
+        ):
+            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+            assert a.state.cluster is not None
+            await a.state.cluster.beat()  # publishes A's session views now
+            operator = (tmp_path / "state" / "admin-token").read_text().strip()
+            headers = {"Authorization": f"Bearer {operator}"}
+            admin = f"http://{b.admin_address}/v1/admin"
+            async with http.get(f"{admin}/sessions", headers=headers) as resp:
+                listed = await resp.json()
+            assert listed["nodes"] == ["B", "A"]
+            [view] = listed["sessions"]
+            assert view["node"] == "A" and view["tenant"] == "acme"
+            async with http.get(f"{admin}/aliases", headers=headers) as resp:
+                [row] = (await resp.json())["aliases"]
+            assert row["alias"] == ALIAS and row["online"] is True and row["sessions"] == 1
+            session = next(iter(a.state.sessions.values()))
+            async with http.delete(f"{admin}/sessions/{view['id']}", headers=headers) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["node"] == "A"
+            await async_wait_until(lambda: session.link.is_closed, 5)
     finally:
         await upstream.close()
