@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from csc.websocket import run_websocket
+from shared.errors import CSCError
 from shared.link import Link
 from shared.protocol import Connection, HelloReceived, LinkSettings, Side
 from tenant_agent.agent import Agent
@@ -53,7 +54,11 @@ class FakeCluster:
         self.nodes = iter(nodes)
         self.cluster_nodes = cluster_nodes
         self.sessions: list[FakeSession] = []
-        self.url = ""
+        #: open a TCP stream on each session right after WELCOME (a request racing the GOAWAY)
+        self.open_at_once = False
+        #: per session: "served" or the error code of the stream opened at once
+        self.outcomes: dict[int, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def live_nodes(self) -> list[str]:
         return sorted(s.node for s in self.sessions if s.live)
@@ -78,12 +83,31 @@ class FakeCluster:
         conn.send_welcome(welcome, loop.time())
         session.link.kick()
         self.sessions.append(session)
+        if self.open_at_once:
+            task = asyncio.create_task(self._echo(len(self.sessions) - 1, session.link))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         try:
             await run_websocket(ws, session.link)
         finally:
             session.ended.set()
             await session.link.aclose()
         return ws
+
+    async def _echo(self, index: int, link: Link) -> None:
+        info = {"kind": "tcp", "alias": "acme@example.com", "client": "127.0.0.1:1"}
+        stream = link.open(info)
+        try:
+            await stream.opened
+            await stream.write(b"ping")
+            stream.write_eof()
+            received = b""
+            while chunk := await stream.read():
+                received += chunk
+                stream.consumed(len(chunk))
+            self.outcomes[index] = "served" if received == b"ping" else f"got {received!r}"
+        except CSCError as err:
+            self.outcomes[index] = err.code
 
     def _goaway(self, session: FakeSession) -> None:
         session.goaway_seen_with = self.live_nodes()
@@ -95,15 +119,17 @@ async def fake_cluster(
     cluster_nodes: int | None,
     policy: SpreadPolicy = FAST,
     sessions: int = 2,
+    open_at_once: bool = False,
 ) -> AsyncIterator[tuple[FakeCluster, Agent]]:
     cluster = FakeCluster(nodes, cluster_nodes)
+    cluster.open_at_once = open_at_once
     app = web.Application()
     app.router.add_get("/v1/agent/connect", cluster.handle)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    upstream = await start_upstream_server()
+    upstream = await start_upstream_server(tcp_echo_port=0)
     agent = Agent(
         agent_config(
             f"http://127.0.0.1:{runner.addresses[0][1]}", "token", upstream, sessions=sessions
@@ -128,13 +154,29 @@ async def test_a_second_session_on_the_same_node_is_dialled_again() -> None:
     async with fake_cluster(itertools.chain("aa", itertools.repeat("b")), 2) as (cluster, agent):
         await _until(lambda: cluster.live_nodes() == ["a", "b"] and len(cluster.sessions) == 3)
         await _until(lambda: _agent_nodes(agent) == ["a", "b"])
-        duplicate = cluster.sessions[1]
+        # the second session the agent saw on a (which of the two depends on timing)
+        (duplicate,) = [s for s in cluster.sessions if not s.live]
         await asyncio.wait_for(duplicate.ended.wait(), scaled(10))
         # dismissed politely: GOAWAY first, then a normal close, no stream ever opened
         assert duplicate.goaway_seen_with is not None
         assert duplicate.ws.close_code == 1001
         assert duplicate.link.conn.active_streams == 0
         assert agent.metrics.reconnects == {"duplicate_node": 1}
+
+
+async def test_a_request_racing_the_goaway_is_served_or_refused_never_cut() -> None:
+    nodes = itertools.chain("aa", itertools.repeat("b"))
+    async with fake_cluster(nodes, 2, open_at_once=True) as (cluster, _):
+        await _until(lambda: cluster.live_nodes() == ["a", "b"] and len(cluster.outcomes) == 3)
+        dismissed = {i for i, s in enumerate(cluster.sessions) if not s.live}
+        assert len(dismissed) == 1
+        for i, outcome in cluster.outcomes.items():
+            if i not in dismissed:
+                assert outcome == "served", cluster.outcomes
+            else:
+                # the duplicate serves what reached it before its GOAWAY and refuses the rest
+                # with going_away (a refusal the CSC may retry elsewhere), never cuts a stream
+                assert outcome in ("served", "going_away"), cluster.outcomes
 
 
 async def test_a_single_node_keeps_both_sessions() -> None:
