@@ -137,7 +137,8 @@ async def _open(
             if cluster is not None:
                 cluster.stats.lookups["local"] += 1
             return stream
-    assert cluster is not None
+    if cluster is None:  # a lone node with no session: open_stream answered before
+        raise offline_error(alias, found)
     try:
         forwarded = await cluster.open_remote(alias, tenant, info)
     except PortalOffline:

@@ -80,7 +80,8 @@ async def cluster_context(app: web.Application) -> AsyncIterator[None]:
         redis = await connect_redis(config.redis_url, client_name=f"csc:{state.node_id}")
     except RedisUnavailable as exc:
         raise ClusterStartError(str(exc)) from None
-    assert config.peer_listen is not None  # the config refuses redis_url without it
+    if config.peer_listen is None:  # the config loader refuses this; a direct caller may not
+        raise ClusterStartError("redis_url needs peer_listen")
     cluster = Cluster(
         node_id=state.node_id,
         redis=redis,

@@ -361,9 +361,7 @@ class Cluster:
         take a new one and end the sessions it held; their agents reconnect."""
         self.stats.fenced += 1
         old = self.routes.epoch
-        assert self.routes.info is not None
-        peer = self.routes.info.peer
-        await self.routes.join(peer)
+        await self.routes.join(self.routes.me.peer)
         self.registered.clear()
         log.warning(
             "node %s lost its lease (%s after %.1f s without a heartbeat): epoch %d is void, "

@@ -35,12 +35,13 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 
 from shared.errors import (
     AuthFailed,
+    Cancelled,
     CSCError,
     GoingAway,
     PortalOffline,
@@ -64,6 +65,9 @@ AUDIENCE_PREFIX = "csc-peer:"
 TOKEN_TTL = 60
 HANDSHAKE_TIMEOUT = 5.0
 DIAL_TIMEOUT = 3.0
+#: A node answers OPEN without waiting for anyone (admission); one that takes longer is stuck
+#: (paused, overloaded) and the next node is tried.
+ADMISSION_TIMEOUT = 2.0
 READ_SIZE = 256 * 1024
 #: How long a node whose link could not be dialled is skipped before it is tried again.
 SUSPECT_FOR = 3.0
@@ -237,9 +241,12 @@ async def _pump(reader: asyncio.StreamReader, link: Link) -> None:
         link.close()
 
 
+E = TypeVar("E", bound=Event)
+
+
 async def _handshake_events(
-    reader: asyncio.StreamReader, conn: Connection, want: type[Event]
-) -> tuple[Event, list[Event]]:
+    reader: asyncio.StreamReader, conn: Connection, want: type[E]
+) -> tuple[E, list[Event]]:
     """Read until ``want`` arrives: that event and the ones after it."""
     loop = asyncio.get_running_loop()
     while True:
@@ -294,7 +301,6 @@ class PeerServer:
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 hello, pending = await _handshake_events(reader, conn, HelloReceived)
-            assert isinstance(hello, HelloReceived)
             source = verify_peer_token(self.key, hello.info.get("token"), self.node_id)
         except (CSCError, TimeoutError, OSError) as exc:
             log.warning("peer link from %s refused: %s", peer, getattr(exc, "message", exc))
@@ -425,7 +431,12 @@ class PeerPool:
         dialled = await self._link(node, address)
         stream = dialled.link.open(info)
         try:
-            await stream.opened
+            async with asyncio.timeout(ADMISSION_TIMEOUT):
+                await stream.opened
+        except TimeoutError:
+            stream.reset(Cancelled("no admission in time"))
+            self.mark_suspect(node)  # alive enough to keep its link, too slow to use now
+            raise PortalOffline(f"node {node} did not admit the stream in time") from None
         except BaseException:
             stream.finish()
             raise

@@ -160,10 +160,16 @@ class RouteTable:
         await self._write_lease()
         return self.epoch
 
+    @property
+    def me(self) -> NodeInfo:
+        """This node's directory entry (after :meth:`join`)."""
+        if self.info is None:
+            raise RuntimeError("RouteTable.join() must come first")
+        return self.info
+
     async def _write_lease(self) -> None:
-        assert self.info is not None
         await self.redis.set(self.keys.lease(self.node_id), self.epoch, px=self._lease_ms)
-        await self.redis.hset(self.keys.nodes, self.node_id, self.info.to_json())
+        await self.redis.hset(self.keys.nodes, self.node_id, self.me.to_json())
 
     @property
     def _lease_ms(self) -> int:
@@ -172,19 +178,18 @@ class RouteTable:
     async def heartbeat(self) -> str:
         """Refresh the lease: ``ok``, ``lost`` (the key was gone: flush, failover or expiry;
         re-created) or ``taken`` (another node holds this id's lease under another epoch)."""
-        assert self.info is not None
         old = await self.redis.set(
             self.keys.lease(self.node_id), self.epoch, px=self._lease_ms, xx=True, get=True
         )
-        await self.redis.hset(self.keys.nodes, self.node_id, self.info.to_json())
+        await self.redis.hset(self.keys.nodes, self.node_id, self.me.to_json())
         if old is None:
             await self.redis.set(self.keys.lease(self.node_id), self.epoch, px=self._lease_ms)
             return "lost"
         return "ok" if _text(old) == str(self.epoch) else "taken"
 
     async def set_draining(self) -> None:
-        assert self.info is not None
-        self.info = NodeInfo(self.node_id, self.info.peer, self.epoch, True, self.info.since)
+        me = self.me
+        self.info = NodeInfo(self.node_id, me.peer, self.epoch, True, me.since)
         await self.redis.hset(self.keys.nodes, self.node_id, self.info.to_json())
 
     async def leave(self, grants: Iterable[str]) -> None:
