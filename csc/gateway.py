@@ -282,17 +282,6 @@ async def _run_session(
         await link.aclose(err)
         await _close(ws, err)
         return
-    if state.cluster is not None:
-        try:
-            await state.cluster.sync_routes()
-        except RedisError as exc:
-            state.registry.unbind(session)
-            down = ClusterUnavailable(f"cannot register the session's routes: {exc}")
-            state.metrics.session_refused(down.code)
-            log.warning("agent %s (tenant %s) refused: %s", remote, claims.tenant, down.message)
-            await link.aclose(down)
-            await _close(ws, down)
-            return
     link.on_goaway = lambda ev: _on_agent_goaway(session, ev)
     conn.send_welcome(
         {
@@ -316,6 +305,13 @@ async def _run_session(
     )
     if state.draining:
         link.go_away("going_away", "this node is draining")
+    elif state.cluster is not None:  # after WELCOME: the session serves before others route here
+        try:
+            await state.cluster.sync_routes()
+        except RedisError as exc:
+            down = ClusterUnavailable(f"cannot register the session's routes: {exc}")
+            log.warning("agent session %s (tenant %s) ended: %s", session_id, claims.tenant, down)
+            session.end(down)
     try:
         await run_websocket(ws, link, traffic)
     finally:

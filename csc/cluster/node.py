@@ -363,6 +363,11 @@ class Cluster:
         old = self.routes.epoch
         await self.routes.join(self.routes.me.peer)
         self.registered.clear()
+        if status == "taken":
+            log.error(
+                "another node runs with node_id %s: every node needs its own (node_id)",
+                self.node_id,
+            )
         log.warning(
             "node %s lost its lease (%s after %.1f s without a heartbeat): epoch %d is void, "
             "now %d; ending its agent sessions",

@@ -28,7 +28,6 @@ the other with the same code).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import struct
@@ -280,7 +279,6 @@ class PeerServer:
     links: set[Link] = field(default_factory=set)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    draining: bool = False
     #: streams being relayed now
     relaying: int = 0
 
@@ -325,9 +323,6 @@ class PeerServer:
             log.info("peer link from node %s down", source)
 
     async def _relay(self, stream: LinkStream) -> None:
-        if self.draining:
-            stream.reject(GoingAway("this node is draining"))
-            return
         try:
             inner = self.open_local(stream.info)
         except CSCError as err:
@@ -354,13 +349,6 @@ class PeerServer:
             inner.finish()
             self.relaying -= 1
             self.stream_finished()
-
-    def go_away(self) -> None:
-        """Refuse new streams from now on (streams in flight go on)."""
-        self.draining = True
-        for link in list(self.links):
-            with contextlib.suppress(CSCError):
-                link.go_away("going_away", "this node is draining")
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -181,9 +181,10 @@ class RouteTable:
         old = await self.redis.set(
             self.keys.lease(self.node_id), self.epoch, px=self._lease_ms, xx=True, get=True
         )
+        if old is None:  # the lease first, so no reader finds the entry without it
+            await self.redis.set(self.keys.lease(self.node_id), self.epoch, px=self._lease_ms)
         await self.redis.hset(self.keys.nodes, self.node_id, self.me.to_json())
         if old is None:
-            await self.redis.set(self.keys.lease(self.node_id), self.epoch, px=self._lease_ms)
             return "lost"
         return "ok" if _text(old) == str(self.epoch) else "taken"
 
