@@ -239,9 +239,6 @@ class Cluster:
             for grant in sorted(changed):
                 await self.publish({"t": "route", "alias": grant})
 
-    def cached_nodes(self, alias: str) -> tuple[NodeInfo, ...] | None:
-        return self.routes.cached(alias)
-
     async def nodes_for(self, alias: str) -> list[NodeInfo]:
         """Other nodes that can serve ``alias`` now, those recently unreachable left out."""
         found = await self.routes.nodes_for(alias)
