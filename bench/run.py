@@ -8,7 +8,9 @@ upstream, back to back, so both see the same machine:
 * 1 KiB ``/small`` requests with keep-alive at concurrency 1, 32 and 128 (``wrk --latency``:
   requests/s, p50, p99),
 * the same with a new connection per request (``Connection: close``) at concurrency 32,
-* idle RSS of the CSC and the agent before and after the load, and their peak RSS.
+* idle RSS of the CSC and the agent before and after the load, and their peak RSS,
+* then (bench/cluster.py) two nodes of a cluster: the keep-alive rows through B, forwarded to
+  the agent's node A, next to the same through A (``--no-cluster`` skips them).
 
 It prints a Markdown table (tunnel, direct, ratio, target) and, with ``--record``, appends it
 with machine information to ``bench/RESULTS.md``. ``--direct-only`` measures the upstream alone
@@ -232,9 +234,12 @@ class Target:
     text: str
     ratio_min: float | None = None
     ratio_max: float | None = None
+    added_max: float | None = None  # at most this much above the reference (same unit)
 
-    def met(self, ratio: float) -> bool:
+    def met(self, ratio: float, added: float = 0.0) -> bool:
         if self.ratio_min is not None and ratio < self.ratio_min:
+            return False
+        if self.added_max is not None and added > self.added_max:
             return False
         return self.ratio_max is None or ratio <= self.ratio_max
 
@@ -340,16 +345,17 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
-def render_table(rows: Sequence[Row]) -> str:
+def render_table(rows: Sequence[Row], sides: tuple[str, str] = ("tunnel", "direct")) -> str:
     lines = [
-        "| metric | unit | tunnel | direct | tunnel/direct | target | |",
+        f"| metric | unit | {sides[0]} | {sides[1]} | {sides[0]}/{sides[1]} | target | |",
         "|---|---|---:|---:|---:|---|---|",
     ]
     for row in rows:
         ratio = row.ratio
         verdict = ""
-        if row.target is not None and ratio is not None:
-            verdict = "met" if row.target.met(ratio) else "**missed**"
+        if row.target is not None and ratio is not None and row.tunnel is not None:
+            met = row.target.met(ratio, row.tunnel - row.direct)
+            verdict = "met" if met else "**missed**"
         lines.append(
             f"| {row.metric} | {row.unit} | {_fmt(row.tunnel, row.unit)} | "
             f"{_fmt(row.direct, row.unit)} | {'—' if ratio is None else f'{ratio:.2f}'} | "
@@ -409,10 +415,16 @@ def machine_info() -> dict[str, str]:
 
 
 def render_report(
-    args: argparse.Namespace, rows: Sequence[Row], memory: Sequence[Memory], notes: Sequence[str]
+    args: argparse.Namespace,
+    rows: Sequence[Row],
+    memory: Sequence[Memory],
+    notes: Sequence[str],
+    cluster_rows: Sequence[Row] = (),
 ) -> str:
     info = machine_info()
     mode = "direct only" if args.direct_only else "tunnel vs direct"
+    if cluster_rows:
+        mode = "forwarded B→A vs local" if not rows else f"{mode}; forwarded B→A vs local"
     settings = f"{args.duration} s per wrk row, download median of {args.repeat}"
     if not args.direct_only:
         settings += f", agent sessions {args.sessions}"
@@ -424,11 +436,16 @@ def render_report(
         f"- machine: {info['cpu']}, {info['cores']} cores, {info['os']}",
         f"- software: {info['python']}, commit {info['commit']}",
         f"- settings: {settings}",
-        "",
-        render_table(rows),
-        "",
-        render_memory(memory, ("csc", "agent")),
     ]
+    if rows:
+        parts += ["", render_table(rows), "", render_memory(memory, ("csc", "agent"))]
+    if cluster_rows:
+        parts += [
+            "",
+            "Two nodes (Redis, PostgreSQL), agent with one session on A; forwarded = through B:",
+            "",
+            render_table(cluster_rows, ("forwarded", "local")),
+        ]
     if notes:
         parts += ["", *[f"- note: {note}" for note in notes]]
     return "\n".join(parts) + "\n"
@@ -464,6 +481,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--csc-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--agent-arg", action="append", default=[], metavar="ARG")
+    parser.add_argument("--no-cluster", action="store_true", help="skip the B→A rows")
+    parser.add_argument("--cluster-only", action="store_true", help="only the B→A rows")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.download_mib, args.repeat = 2, 64, 1
@@ -494,12 +513,34 @@ def run(args: argparse.Namespace, setup: Rig) -> tuple[list[Row], list[Memory], 
     return rows, memory, notes
 
 
+def run_cluster(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+    """Local (through A) and forwarded (through B) rows: see bench/cluster.py."""
+    from bench.cluster import measure_cluster
+
+    return measure_cluster(
+        args,
+        log,
+        _env_pairs(args.csc_env),
+        run_wrk,
+        _wrk_rows,
+        Target,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_tools()
-    with tempfile.TemporaryDirectory(prefix="csc-bench-") as tmp, rig(args, Path(tmp)) as setup:
-        rows, memory, notes = run(args, setup)
-    report = render_report(args, rows, memory, notes)
+    rows: list[Row] = []
+    memory: list[Memory] = []
+    notes: list[str] = []
+    if not args.cluster_only:
+        with tempfile.TemporaryDirectory(prefix="csc-bench-") as tmp, rig(args, Path(tmp)) as setup:
+            rows, memory, notes = run(args, setup)
+    cluster_rows: list[Row] = []
+    if not (args.direct_only or args.no_cluster):
+        cluster_rows, more_notes = run_cluster(args)
+        notes += more_notes
+    report = render_report(args, rows, memory, notes, cluster_rows)
     print(report)
     if args.record:
         record(report)
@@ -507,6 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload: dict[str, Any] = {
             "machine": machine_info(),
             "rows": [dataclasses.asdict(row) | {"ratio": row.ratio} for row in rows],
+            "cluster_rows": [
+                dataclasses.asdict(row) | {"ratio": row.ratio} for row in cluster_rows
+            ],
             "memory": [dataclasses.asdict(m) for m in memory],
             "notes": notes,
         }

@@ -515,6 +515,7 @@ async def node_status(request: web.Request) -> web.Response:
         "sessions": len(state.sessions),
         "streams": state.active_streams,
         "errors_total": state.errors.total,
+        "tasks": len(asyncio.all_tasks()),
     }
     if state.cluster is not None:
         body["cluster"] = {
