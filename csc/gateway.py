@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
-from redis.exceptions import RedisError
 
 from csc.limits import RETRY_AFTER_BUSY, SESSIONS, UNLIMITED
 from csc.registry import MemoryRegistry, admission_error
@@ -58,8 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("csc.gateway")
 
 HANDSHAKE_TIMEOUT = 10.0
-#: How long a session's end may wait to withdraw its routes from Redis.
-ROUTES_TIMEOUT = 5.0
 _session_ids = itertools.count(1)
 
 
@@ -306,21 +303,14 @@ async def _run_session(
     if state.draining:
         link.go_away("going_away", "this node is draining")
     elif state.cluster is not None:  # after WELCOME: the session serves before others route here
-        try:
-            await state.cluster.sync_routes()
-        except RedisError as exc:
-            down = ClusterUnavailable(f"cannot register the session's routes: {exc}")
-            log.warning("agent session %s (tenant %s) ended: %s", session_id, claims.tenant, down)
-            session.end(down)
+        state.cluster.routes_changed()
     try:
         await run_websocket(ws, link, traffic)
     finally:
         state.registry.unbind(session)
         state.sessions.pop(session_id, None)
-        if state.cluster is not None:  # best effort: the heartbeat corrects it otherwise
-            with contextlib.suppress(RedisError, TimeoutError):
-                async with asyncio.timeout(ROUTES_TIMEOUT):
-                    await state.cluster.sync_routes()
+        if state.cluster is not None:
+            state.cluster.routes_changed()
         reason = link.closed.result() if link.closed.done() else None
         state.metrics.session_closed(session.tenant, reason, ws.close_code)
         await link.aclose()

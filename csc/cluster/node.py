@@ -110,6 +110,7 @@ class Cluster:
     subscriber: Subscriber | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _sync_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     _last_beat: float = 0.0
 
     def __post_init__(self) -> None:
@@ -161,7 +162,10 @@ class Cluster:
             on_subscribed=self._resync,
         )
         await self.subscriber.start()
-        self._tasks = [loop.create_task(self._heartbeat_forever(), name="cluster-heartbeat")]
+        self._tasks = [
+            loop.create_task(self._heartbeat_forever(), name="cluster-heartbeat"),
+            loop.create_task(self._sync_forever(), name="cluster-routes"),
+        ]
         log.info(
             "node %s joined the cluster (epoch %d, peer %s, %d live nodes)",
             self.node_id,
@@ -222,6 +226,20 @@ class Cluster:
         return self.server.relaying
 
     # -- routes ------------------------------------------------------------------------------
+
+    def routes_changed(self) -> None:
+        """A session came or went: bring the routes in Redis in line soon (never waits, so a
+        slow or failing Redis cannot hold up a session; the heartbeat re-asserts what fails)."""
+        self._sync_wanted.set()
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            try:
+                await self.sync_routes()
+            except RedisError as exc:
+                self._redis_error(exc)
 
     async def sync_routes(self, *, reassert: bool = False) -> None:
         """Make this node's routes in Redis match its live sessions (all again if
