@@ -268,12 +268,20 @@
     });
     const total = values.reduce((sum, v) => sum + v, 0);
     const title = svg("title", {});
-    title.textContent = `${label}: ${format(total)} in 15 minutes, at most ${format(max)} per bucket`;
-    graphic.append(title, svg("line", { x1: 0, y1: height - 0.5, x2: width, y2: height - 0.5, class: "axis" }));
+    title.textContent =
+      `${label}: ${format(total)} in 15 minutes, at most ${format(max)} per bucket`;
+    const axis = svg("line", { x1: 0, y1: height - 0.5, x2: width, y2: height - 0.5 });
+    axis.setAttribute("class", "axis");
+    graphic.append(title, axis);
     values.forEach((value, i) => {
       if (value > 0) {
         const h = Math.max(1.5, (value / max) * (height - 2));
-        const bar = svg("rect", { x: i * step + 0.5, y: height - h, width: Math.max(1, step - 1), height: h });
+        const bar = svg("rect", {
+          x: i * step + 0.5,
+          y: height - h,
+          width: Math.max(1, step - 1),
+          height: h,
+        });
         const tip = svg("title", {});
         tip.textContent = `${points[i] || ""}: ${format(value)}`;
         bar.append(tip);
@@ -305,7 +313,8 @@
     );
     const traffic = data.traffic || {};
     const points = traffic.points || [];
-    fill("traffic", (traffic.tenants || []).map((t) => trafficRow(t, points)), "no requests in the last 15 minutes");
+    const charts = (traffic.tenants || []).map((t) => trafficRow(t, points));
+    fill("traffic", charts, "no requests in the last 15 minutes");
     $("count-tenants").textContent = String(data.tenants.length);
     const online = data.aliases.filter((a) => a.online).length;
     $("count-online").textContent = `${online} of ${data.aliases.length}`;
