@@ -48,7 +48,6 @@ from csc.tenants import (
     Invalid,
     NotFound,
     Tenant,
-    iso,
     parse_grants,
     parse_new_tenant,
     parse_tenant_update,
@@ -56,6 +55,8 @@ from csc.tenants import (
 )
 from shared.aliases import covered, normalise_grant
 from shared.errors import BadAlias, GoingAway
+from shared.oserrors import describe_os_error
+from shared.timefmt import iso
 from shared.tokens import PrivateKey, SigningKeyError
 
 log = logging.getLogger("csc.admin")
@@ -316,7 +317,9 @@ async def list_aliases(request: web.Request) -> web.Response:
             if v.get("tenant") == a.tenant and covered(tuple(v.get("aliases", ())), a.alias)
         ]
         online = any(s.accepting for s in live) or any(v.get("state") == "active" for v in remote)
-        rows.append({**a.to_json(), "sessions": len(live) + len(remote), "online": online})
+        seen = None if online else iso(state.last_seen.alias(a.tenant, a.alias))
+        row = {**a.to_json(), "sessions": len(live) + len(remote), "online": online}
+        rows.append({**row, "last_seen": seen})
     return web.json_response({"aliases": rows})
 
 
@@ -414,6 +417,8 @@ async def revoke_token(request: web.Request) -> web.Response:
     jti = request.match_info["jti"]
     if not 0 < len(jti) <= 128 or not jti.isprintable():
         raise Invalid(["jti: expected 1 to 128 printable characters"])
+    if not _query_flag(request, "unrecorded") and await _run(store.token, jti) is None:
+        raise NotFound(f"no token {jti!r} was issued by this CSC (?unrecorded=true revokes it)")
     record, fresh = await _run(store.revoke_token, jti, _actor(request))
     closed = await _apply(state)
     log.info("admin %s revoked token %s (%d sessions closed)", request[OPERATOR], jti, closed)
@@ -544,6 +549,14 @@ async def recent_errors(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def traffic(request: web.Request) -> web.Response:
+    """This node's per-tenant requests, errors and bytes of the last 15 minutes (csc/traffic.py)."""
+    state, _ = _state(request)
+    return web.json_response(
+        {"node": state.node_id, **state.traffic.series(_tenant_filter(request))}
+    )
+
+
 #: (method, path, handler): every route of the admin API (docs/openapi.json documents each).
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/tenants", list_tenants),
@@ -563,6 +576,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/audit", audit),
     ("GET", "/node", node_status),
     ("GET", "/errors", recent_errors),
+    ("GET", "/traffic", traffic),
 )
 
 
@@ -617,9 +631,8 @@ async def start_listener(state: NodeState, ssl_ctx: ssl.SSLContext | None) -> Ad
         await web.TCPSite(runner, listen[0], listen[1], ssl_context=ssl_ctx).start()
     except OSError as exc:
         await runner.cleanup()
-        raise OSError(
-            exc.errno, f"admin API on {state.config.admin_listen}: {exc.strerror}"
-        ) from None
+        reason = describe_os_error(exc, state.config.admin_listen)
+        raise OSError(exc.errno, f"admin API: {reason}") from None
     sockname = runner.addresses[0]
     url = _url(sockname, ssl_ctx is not None)
     address = url.split("://", 1)[1]

@@ -206,6 +206,11 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 token``, ``2 tokens`` (``many`` for an irregular plural)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
 def human_bytes(count: int) -> str:
     size = float(count)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -288,8 +293,13 @@ def _tenants_list(c: AdminClient, args: argparse.Namespace) -> Shown:
 
 def _tenants_show(c: AdminClient, args: argparse.Namespace) -> Shown:
     t = c.call("GET", f"/tenants/{_segment(args.tenant)}")
+    tokens, sessions = t["tokens"], t["live_sessions"]
     text = "\n\n".join(
-        [_tenant_text(t), _tokens_table(t["tokens"]), _sessions_table(t["live_sessions"])]
+        [
+            _tenant_text(t),
+            f"Tokens ({len(tokens)})\n{_tokens_table(tokens)}",
+            f"Live sessions ({len(sessions)})\n{_sessions_table(sessions)}",
+        ]
     )
     return Shown(t, text)
 
@@ -326,7 +336,8 @@ def _set_state(state: str) -> Command:
     def run(c: AdminClient, args: argparse.Namespace) -> Shown:
         t = c.call("PATCH", f"/tenants/{_segment(args.tenant)}", {"state": state})
         closed = t.get("sessions_closed", 0)
-        return Shown(t, f"tenant {t['id']} is {t['state']} ({closed} sessions closed)")
+        closed_text = plural(closed, "session")
+        return Shown(t, f"tenant {t['id']} is {t['state']} ({closed_text} closed)")
 
     return run
 
@@ -337,7 +348,8 @@ def _tenants_delete(c: AdminClient, args: argparse.Namespace) -> Shown:
     freed = ", ".join(d["aliases_freed"]) or "none"
     text = (
         f"deleted tenant {d['deleted']}: aliases freed: {freed}; "
-        f"{d['tokens_revoked']} tokens revoked; {d['sessions_closed']} sessions closed"
+        f"{plural(d['tokens_revoked'], 'token')} revoked; "
+        f"{plural(d['sessions_closed'], 'session')} closed"
     )
     return Shown(d, text)
 
@@ -350,7 +362,23 @@ def _aliases_list(c: AdminClient, args: argparse.Namespace) -> Shown:
     return Shown(data, table(headers, rows, "(no aliases)"))
 
 
+def _looks_swapped(tenant: str, aliases: Sequence[str]) -> bool:
+    """``TENANT`` holds an ``@`` (tenant ids never do) and no ``ALIAS`` does: given the other
+    way round."""
+    return "@" in tenant and not any("@" in a for a in aliases)
+
+
+def _check_order(verb: str, tenant: str, aliases: Sequence[str]) -> None:
+    if _looks_swapped(tenant, aliases):
+        fixed = " ".join([*aliases, tenant])
+        raise UsageProblem(
+            f"the arguments look swapped: {tenant!r} is an alias, not a tenant id "
+            f"(the order is TENANT then ALIAS: csc admin aliases {verb} {fixed})"
+        )
+
+
 def _aliases_assign(c: AdminClient, args: argparse.Namespace) -> Shown:
+    _check_order("assign", args.tenant, args.aliases)
     d = c.call("POST", f"/tenants/{_segment(args.tenant)}/aliases", {"aliases": args.aliases})
     added = ", ".join(d["assigned"]) or "nothing new"
     return Shown(
@@ -359,6 +387,7 @@ def _aliases_assign(c: AdminClient, args: argparse.Namespace) -> Shown:
 
 
 def _aliases_unassign(c: AdminClient, args: argparse.Namespace) -> Shown:
+    _check_order("unassign", args.tenant, [args.alias])
     path = f"/tenants/{_segment(args.tenant)}/aliases/{_segment(args.alias)}"
     d = c.call("DELETE", path)
     return Shown(d, f"tenant {d['tenant']}: unassigned {d['unassigned']}")
@@ -382,12 +411,12 @@ def _tokens_issue(c: AdminClient, args: argparse.Namespace) -> Shown:
 
 
 def _tokens_revoke(c: AdminClient, args: argparse.Namespace) -> Shown:
-    d = c.call("POST", f"/tokens/{_segment(args.jti)}/revoke")
+    query = {"unrecorded": "true"} if args.unrecorded else None
+    d = c.call("POST", f"/tokens/{_segment(args.jti)}/revoke", query=query)
     note = " (it already was)" if d["already_revoked"] else ""
-    unknown = "" if d["token"] is not None else " (not issued by this CSC's records)"
-    return Shown(
-        d, f"revoked token {d['jti']}{note}{unknown}; {d['sessions_closed']} sessions closed"
-    )
+    unknown = "" if d["token"] is not None else " (not in this CSC's records)"
+    closed = plural(d["sessions_closed"], "session")
+    return Shown(d, f"revoked token {d['jti']}{note}{unknown}; {closed} closed")
 
 
 def _sessions_list(c: AdminClient, args: argparse.Namespace) -> Shown:
@@ -422,8 +451,8 @@ def _drain(c: AdminClient, args: argparse.Namespace) -> Shown:
     d = c.call("POST", "/drain")
     already = " (already draining)" if d["already_draining"] else ""
     text = (
-        f"node {d['node']} is draining{already}: {d['sessions']} sessions, "
-        f"{d['streams']} streams in flight"
+        f"node {d['node']} is draining{already}: {plural(d['sessions'], 'session')}, "
+        f"{plural(d['streams'], 'stream')} in flight"
     )
     return Shown(d, text)
 
@@ -524,12 +553,23 @@ def _update_args(parser: argparse.ArgumentParser) -> None:
 
 def _delete_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("tenant")
-    parser.add_argument("--cascade", action="store_true", help="also unassign its aliases")
+    parser.add_argument(
+        "--cascade", action="store_true", help="also free its aliases (refused without, if any)"
+    )
 
 
 def _assign_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("tenant")
     parser.add_argument("aliases", nargs="+", metavar="ALIAS")
+
+
+def _revoke_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("jti")
+    parser.add_argument(
+        "--unrecorded",
+        action="store_true",
+        help="revoke an id this CSC has no record of (otherwise an unknown id is an error)",
+    )
 
 
 def _issue_args(parser: argparse.ArgumentParser) -> None:
@@ -568,7 +608,7 @@ COMMANDS: tuple[tuple[str | None, str, Command, str, Setup], ...] = (
     ("aliases", "unassign", _aliases_unassign, "take one back", _positional("tenant", "alias")),
     ("tokens", "list", _tokens_list, "list issued tokens", _tenant_filter),
     ("tokens", "issue", _tokens_issue, "issue a token (alone on stdout)", _issue_args),
-    ("tokens", "revoke", _tokens_revoke, "revoke a token by its jti", _positional("jti")),
+    ("tokens", "revoke", _tokens_revoke, "revoke a token by its jti", _revoke_args),
     ("sessions", "list", _sessions_list, "list live sessions", _tenant_filter),
     ("sessions", "disconnect", _sessions_disconnect, "close one", _positional("session")),
     (None, "audit", _audit, "the audit log, newest first", _audit_args),

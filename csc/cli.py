@@ -20,7 +20,6 @@ import json
 import os
 import pwd
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,21 +28,26 @@ from csc.config import LOG_LEVELS, CSCConfig, load_csc_config
 from csc.signing import signing_key, verification_keys
 from csc.store import Store, StoreError, open_store
 from csc.tenants import Actor, Conflict, NotFound, TokenRecord
+from shared import checks
 from shared.aliases import normalise_grant
 from shared.allocator import keep_freed_memory
 from shared.cli_support import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    add_log_format_arg,
     config_file,
     fail,
     load_or_report,
     run_parser,
     version,
 )
+from shared.config import ConfigError
 from shared.errors import AuthFailed, BadAlias
 from shared.files import create_exclusive
 from shared.logsetup import configure_logging
+from shared.oserrors import describe_os_error
+from shared.timefmt import iso
 from shared.tokens import (
     PublicKey,
     SigningKeyError,
@@ -84,7 +88,29 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--peer-advertise", metavar="HOST:PORT", help="address peers dial")
     serve.add_argument("--ready-file", type=Path, metavar="PATH", help="write addresses when up")
     serve.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))
+    add_log_format_arg(serve)
     serve.set_defaults(handler=_cmd_serve)
+
+
+def _check_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check = commands.add_parser(
+        "check", help="check the configuration (and Redis, PostgreSQL) without serving"
+    )
+    _add_config_args(check)
+    _add_database_arg(check)
+    check.set_defaults(handler=_cmd_check)
+
+
+def _cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from csc.check import check_csc
+
+    file = config_file(args.config, env, ENV_PREFIX)
+    try:
+        config = load_csc_config(file=file, env=env, overrides=_store_overrides(args))
+    except ConfigError as exc:
+        return checks.report(PROG, checks.config_problems(exc.problems))
+    where = f"{file} loads" if file is not None else "defaults and CSC_* variables load"
+    return checks.report(PROG, [checks.ok("configuration", where), *check_csc(config)])
 
 
 def _token_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -126,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(commands)
+    _check_parser(commands)
     _token_parser(commands)
     _operator_parser(commands)
     admin_cli.add_parser(commands)
@@ -152,6 +179,7 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "admin_listen": args.admin_listen,
         "state_dir": args.state_dir,
         "log_level": args.log_level,
+        "log_format": args.log_format,
         "node_id": args.node_id,
         "peer_listen": args.peer_listen,
         "peer_advertise": args.peer_advertise,
@@ -172,7 +200,7 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except (StoreError, SigningKeyError, ClusterStartError) as exc:
         return fail(PROG, f"cannot start: {exc}")
     except OSError as exc:
-        return fail(PROG, f"cannot start: {exc.strerror or exc}")
+        return fail(PROG, f"cannot start: {describe_os_error(exc)}")
 
 
 def local_actor() -> Actor:
@@ -247,10 +275,9 @@ def _cmd_token_issue(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return fail(PROG, str(exc))
     except OSError as exc:
         return fail(PROG, f"state directory {config.state_dir}: {exc}")
-    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires_at))
     print(
         f"{PROG}: token {record.jti} for tenant {args.tenant!r}, aliases {', '.join(grants)}, "
-        f"expires {expires}",
+        f"expires {iso(record.expires_at)}",
         file=sys.stderr,
     )
     print(token)
@@ -288,7 +315,7 @@ def _cmd_token_verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "aliases": list(claims.aliases),
         "jti": claims.jti,
         "issuer": claims.issuer,
-        "expires_at": claims.expires_at,
+        "expires_at": iso(claims.expires_at),
     }
     print(json.dumps(data, indent=2))
     return EXIT_OK
@@ -362,8 +389,8 @@ def _cmd_operator_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if isinstance(store, int):
         return store
     try:
-        for name, created in store.operators():
-            print(f"{name}\t{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(created))}")
+        rows = [(name, iso(created)) for name, created in store.operators()]
+        print(admin_cli.table(("OPERATOR", "CREATED"), rows, "(no operators)"))
     except StoreError as exc:
         return fail(PROG, str(exc))
     finally:

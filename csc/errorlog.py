@@ -1,8 +1,11 @@
-"""The node's recent errors: a bounded ring of the error answers its ingresses gave.
+"""The node's recent errors: a bounded ring of the error answers its ingresses gave, and of
+agent sessions that went down.
 
-Each entry is what a bootloader was told (error code, status, message) plus when, on which
-surface (``resolve``, ``http`` for the tunnel, ``tcp`` for the TCP ingress), the tenant when
-the alias has one, and the request id of the answer. No client address is kept. The admin API
+Each answer entry is what a bootloader was told (error code, status, message) plus when, on
+which surface (``resolve``, ``http`` for the tunnel, ``tcp`` for the TCP ingress), the tenant
+when the alias has one, and the request id of the answer. An ``agent`` entry is an agent session
+that ended (code ``agent_disconnected``, the reason as message, no status nor request id). No
+client address is kept. The admin API
 shows the ring (``GET /v1/admin/errors``) and the web console reads it from there.
 
 Invariants: the ring never holds more than ``capacity`` entries (the oldest goes first);
@@ -18,11 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from csc.tenants import iso
 from shared.errors import CSCError
+from shared.timefmt import iso
 
 #: the surfaces whose error answers are recorded
-KINDS = ("resolve", "http", "tcp")
+KINDS = ("resolve", "http", "tcp", "agent")
+AGENT_DISCONNECTED = "agent_disconnected"
 DEFAULT_CAPACITY = 200
 
 
@@ -34,10 +38,10 @@ class ErrorEntry:
     at: float
     kind: str
     code: str
-    status: int
+    status: int | None
     message: str
     tenant: str | None
-    request_id: str
+    request_id: str | None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,16 +76,24 @@ class ErrorLog:
         """Keep the answer ``err`` given on ``kind`` (one of :data:`KINDS`)."""
         if kind not in KINDS:
             raise ValueError(f"unknown error kind {kind!r}")
+        return self._add(kind, err.code, err.spec.http_status, err.message, tenant, request_id)
+
+    def agent_disconnected(self, tenant: str, message: str) -> ErrorEntry:
+        """Keep an ``agent`` entry: a session of ``tenant`` ended, ``message`` says why."""
+        return self._add("agent", AGENT_DISCONNECTED, None, message, tenant, None)
+
+    def _add(
+        self,
+        kind: str,
+        code: str,
+        status: int | None,
+        message: str,
+        tenant: str | None,
+        request_id: str | None,
+    ) -> ErrorEntry:
         self.total += 1
         entry = ErrorEntry(
-            seq=self.total,
-            at=self.clock(),
-            kind=kind,
-            code=err.code,
-            status=err.spec.http_status,
-            message=err.message,
-            tenant=tenant,
-            request_id=request_id,
+            self.total, self.clock(), kind, code, status, message, tenant, request_id
         )
         self._ring.append(entry)
         return entry

@@ -316,7 +316,10 @@ async def _run_session(
         await link.aclose()
         if not ws.closed:
             await _close(ws, reason or GoingAway("session ended"))
-        log.info("agent session %s down (%s)", session_id, reason.message if reason else "closed")
+        why = reason.message if reason else "closed"
+        state.errors.agent_disconnected(session.tenant, f"agent session {session_id} down: {why}")
+        state.last_seen.session_down(session.tenant, session.grants)
+        log.info("agent session %s down (%s)", session_id, why)
 
 
 def _on_agent_goaway(session: AgentSession, event: GoAwayReceived) -> None:

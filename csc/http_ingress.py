@@ -166,6 +166,7 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
     except CSCError as err:
         state.metrics.request_done("http", tenant, err.code, time.monotonic() - started)
         refused = refuse(state, "http", err, request_id, tenant)
+        state.traffic.record(tenant, error=True, nbytes=0)
         _log_request(state, request, record, tenant, err.code, refused.status)
         return refused
     state.stream_started()
@@ -192,6 +193,9 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
         state.stream_finished()
         state.metrics.stream_finished("http")
         state.metrics.request_done("http", tenant, outcome, time.monotonic() - started)
+        failed = outcome != "ok" or (record.status or 0) >= 500
+        nbytes = request.content.total_bytes + record.bytes_out
+        state.traffic.record(tenant, error=failed, nbytes=nbytes)
         _log_request(state, request, record, tenant, outcome, record.status)
 
 

@@ -16,6 +16,7 @@ from csc.limits import TenantLimiter
 from csc.metrics import CSCMetrics
 from csc.registry import MemoryRegistry
 from csc.store import Store
+from csc.traffic import LastSeen, TrafficHistory
 from shared.protocol import LinkSettings
 
 if TYPE_CHECKING:
@@ -50,6 +51,10 @@ class NodeState:
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     #: the last error answers of the ingresses (admin API ``/errors``, the console)
     errors: ErrorLog = field(default_factory=ErrorLog)
+    #: per-tenant requests, errors and bytes of the last 15 minutes (csc/traffic.py)
+    traffic: TrafficHistory = field(default_factory=TrafficHistory)
+    #: when each tenant's grants last had a session on this node (offline aliases' "last seen")
+    last_seen: LastSeen = field(default_factory=LastSeen)
     #: the node's membership of a cluster (``redis_url`` set; csc/cluster/node.py), else None
     cluster: Cluster | None = None
 

@@ -79,6 +79,7 @@ async def _serve(
         state.metrics.request_done("tcp", tenant, err.code, time.monotonic() - started)
         await _refuse(state, writer, err, request_id, tenant)
         record.status = err.spec.http_status
+        state.traffic.record(tenant, error=True, nbytes=0)
         _log_connection(state, record, tenant, err, traffic)
         return
     state.stream_started()
@@ -105,6 +106,8 @@ async def _serve(
         state.stream_finished()
         state.metrics.stream_finished("tcp")
         state.metrics.request_done("tcp", tenant, outcome, time.monotonic() - started)
+        nbytes = traffic.data_sent + traffic.data_received
+        state.traffic.record(tenant, error=outcome != "ok", nbytes=nbytes)
         _log_connection(state, record, tenant, stream.error, traffic)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ from typing import Any
 
 from shared.aliases import domain_of, grant_covers, is_pattern, normalise_grant
 from shared.errors import BadAlias
+from shared.timefmt import iso
 from shared.tokens import check_tenant_id, parse_ttl
 
 ACTIVE, SUSPENDED = "active", "suspended"
@@ -61,13 +61,6 @@ class Conflict(ValueError):
 
 class TenantsFileError(ValueError):
     """A legacy ``tenants.json`` exists but is not a valid ``{grant: tenant}`` object."""
-
-
-def iso(moment: float | None) -> str | None:
-    """``2024-05-01T12:00:00Z`` (UTC, whole seconds), or None."""
-    if moment is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,11 +159,17 @@ class Demo:
         self.procs.stop_all(timeout=10)
 
 
+def script(name: str) -> str:
+    """The full path of one of this venv's programs (``csc-portal``...), so that a command
+    printed here also works in a fresh shell where the venv is not activated."""
+    return str(Path(sys.executable).parent / name)
+
+
 def _setup_script(commands: Sequence[Sequence[str]], env: dict[str, str]) -> str:
     lines = ["#!/bin/sh", "# The csc-portal commands that set up the demo's portal.", "set -e"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
     for argv in commands:
-        command = shlex.join(["csc-portal", *argv])
+        command = shlex.join([script("csc-portal"), *argv])
         password = password_for_command(argv)
         if password is not None:
             command = f"printf '%s\\n' {shlex.quote(password.strip())} | {command}"
@@ -228,14 +234,27 @@ def _steps(demo: Demo) -> list[tuple[str, Callable[[], list[str]]]]:
 
 
 def _urls(demo: Demo) -> list[str]:
-    laptop = ["--user", "bob", "--device-type", "win-x64", "--target", str(demo.workdir / "laptop")]
-    again = shlex.join(["csc-bootloader", "--sms", demo.sms, "--csc", demo.csc_url, *laptop])
+    assert demo.csc is not None
+    return try_lines(demo.csc_url, demo.csc.admin_url, demo.csc.state_dir, demo.sms, demo.workdir)
+
+
+def try_lines(csc_url: str, admin_url: str, csc_state: Path, sms: str, workdir: Path) -> list[str]:
+    """What to try once the story is told; every command runs as it is in a fresh shell."""
+    laptop = ["--user", "bob", "--device-type", "win-x64", "--target", str(workdir / "laptop")]
+    again = shlex.join([script("csc-bootloader"), "--sms", sms, "--csc", csc_url, *laptop])
+    tunnel = f"{csc_url}/t/{ALIAS}/"
+    admin = shlex.join([script("csc"), "admin", "--state-dir", str(csc_state), "tenants", "list"])
     return [
-        f"  resolve the alias  curl {demo.csc_url}/v1/resolve/{ALIAS}",
-        f"  the tunnel         curl {demo.tunnel('v1/portal')}",
-        f"  the get site       {demo.tunnel('get/')}",
-        f"  the SMS            {demo.sms}",
+        f"  the console        {admin_url}/console/ (sign in with the operator token below)",
+        f"  operator token     in {csc_state / 'admin-token'}",
+        f"  admin commands     {admin}",
+        f"  resolve the alias  curl {csc_url}/v1/resolve/{ALIAS}",
+        f"  the tunnel         curl {tunnel}v1/portal",
+        f"  the get site       {tunnel}get/",
+        f"  the SMS            {sms}",
         f"  bob's laptop       CSC_BOOTLOADER_PASSWORD={PASSWORDS['bob']} {again}",
+        f"  (csc, csc-portal and csc-bootloader are in {Path(sys.executable).parent}; "
+        f"or run: . {Path(sys.executable).parent / 'activate'})",
     ]
 
 

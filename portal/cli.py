@@ -21,13 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 from portal import commands
 from portal.config import ENV_PREFIX, LOG_LEVELS, load_portal_config
+from shared import checks
 from shared.cli_support import (
     EXIT_USAGE,
+    add_log_format_arg,
     config_file,
     load_or_report,
     run_parser,
     version,
 )
+from shared.config import ConfigError
 
 PROG = "csc-portal"
 if TYPE_CHECKING:
@@ -181,10 +184,12 @@ def _misc_parsers(top: Subparsers) -> None:
     site = _command(top, "get-site", commands.get_site, "write the get site as static files")
     site.add_argument("--out", type=Path, required=True, metavar="DIR")
     site.add_argument("--bootloader-source", type=Path, metavar="DIR", help=argparse.SUPPRESS)
+    _command(top, "check", _check, "check the configuration and state without serving")
     serve = _command(top, "serve", commands.serve, "run the portal's HTTP server")
     serve.add_argument("--listen", metavar="HOST:PORT", help="HTTP listener")
     serve.add_argument("--ready-file", type=Path, metavar="PATH", help="write the address when up")
     serve.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))
+    add_log_format_arg(serve)
     serve.add_argument("--bootloader-source", type=Path, metavar="DIR", help=argparse.SUPPRESS)
 
 
@@ -215,8 +220,25 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return EXIT_USAGE
 
 
+def _check(ctx: object, args: argparse.Namespace) -> int:  # pragma: no cover - never run
+    raise AssertionError("csc-portal check runs before the state is opened")
+
+
+def _run_check(file: Path | None, environ: Mapping[str, str], overrides: dict[str, Any]) -> int:
+    """``csc-portal check``: the configuration and the state, nothing created (portal/check.py)."""
+    from portal.check import check_portal
+
+    try:
+        config = load_portal_config(file=file, env=environ, overrides=overrides)
+    except ConfigError as exc:
+        return checks.report(f"{PROG} check", checks.config_problems(exc.problems))
+    where = f"{file} loads" if file is not None else "defaults and CSC_PORTAL_* variables load"
+    found = [checks.ok("configuration", where), *check_portal(config)]
+    return checks.report(f"{PROG} check", found)
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("state_dir", "listen", "log_level", "get_url")
+    names = ("state_dir", "listen", "log_level", "log_format", "get_url")
     return {name: getattr(args, name, None) for name in names}
 
 
@@ -232,6 +254,8 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     environ = os.environ if env is None else env
     file = config_file(parsed.config, environ, ENV_PREFIX)
     overrides = _overrides(parsed)
+    if parsed.command == "check":
+        return _run_check(file, environ, overrides)
     config = load_or_report(
         PROG, lambda: load_portal_config(file=file, env=environ, overrides=overrides)
     )

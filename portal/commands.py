@@ -14,7 +14,6 @@ import getpass
 import json
 import sqlite3
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from portal.passwords import Passwords, check_password
 from portal.sms import length_warning, sms_length, sms_text
 from shared.cli_support import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from shared.errors import BadAlias
+from shared.timefmt import iso, with_iso_times
 
 
 @dataclass
@@ -86,8 +86,12 @@ def _fail(prog: str, message: str, code: int) -> int:
 # --- output --------------------------------------------------------------------------------
 
 
+#: the fields of listed records that hold a Unix time (written as ISO 8601 in JSON, too)
+TIME_FIELDS = ("created_at", "first_logon", "last_logon")
+
+
 def when(stamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(stamp))
+    return iso(stamp)
 
 
 def table(ctx: Context, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -100,6 +104,9 @@ def table(ctx: Context, headers: Sequence[str], rows: Sequence[Sequence[str]]) -
 
 
 def as_json(ctx: Context, data: Any) -> None:
+    """``data`` as JSON; times in :data:`TIME_FIELDS` as ISO 8601 strings, as tables show them."""
+    if isinstance(data, list):
+        data = [with_iso_times(d, TIME_FIELDS) if isinstance(d, dict) else d for d in data]
     ctx.out(json.dumps(data, indent=2, ensure_ascii=False))
 
 
@@ -483,5 +490,7 @@ def serve(ctx: Context, args: argparse.Namespace) -> int:
             ctx.config, state, ready_file=args.ready_file, bootloader_dir=args.bootloader_source
         )
     except OSError as exc:
-        ctx.say(f"cannot listen on {ctx.config.listen}: {exc.strerror or exc}")
+        from shared.oserrors import describe_os_error
+
+        ctx.say(f"cannot listen: {describe_os_error(exc, ctx.config.listen)}")
         return EXIT_FAILURE

@@ -58,3 +58,12 @@ def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or EXIT_OK
         return EXIT_USAGE
+
+
+def add_log_format_arg(parser: argparse.ArgumentParser) -> None:
+    """``--log-format auto|json|text``: overrides the ``log_format`` setting."""
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "text"),
+        help="text for people, json for collectors; auto (default): text on a terminal",
+    )

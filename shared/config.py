@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from shared.errors import CSCError
-from shared.logsetup import FORMATS, LEVELS
+from shared.logsetup import FORMAT_CHOICES, LEVELS
 from shared.units import PLAIN_NUMBER, check_url, parse_duration, parse_hostport, parse_size
 
 __all__ = [
@@ -163,9 +163,12 @@ def log_level_field() -> Any:
 
 
 def log_format_field() -> Any:
-    """The ``log_format`` setting every program has (JSON lines by default)."""
-    spec = meta(choices=FORMATS, help="json (one object per line) or text")
-    return dataclasses.field(default="json", metadata=spec)
+    """The ``log_format`` setting every program has (``auto`` by default)."""
+    spec = meta(
+        choices=FORMAT_CHOICES,
+        help="auto (text when stderr is a terminal, else json), json (one object per line) or text",
+    )
+    return dataclasses.field(default="auto", metadata=spec)
 
 
 def duration_field(default: float, help: str, *, minimum: float | None = None) -> Any:

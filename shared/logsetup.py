@@ -1,6 +1,6 @@
 """Process-wide logging setup for the entry points: one event per line on stderr.
 
-Two formats. ``json`` (the default for services) writes one JSON object per line::
+Two formats. ``json`` (what ``auto``, the default, picks when stderr is not a terminal) writes one JSON object per line::
 
     {"ts": "2024-05-01T12:00:00.123Z", "level": "info", "component": "csc",
      "logger": "csc.gateway", "msg": "agent connected", "tenant": "acme", "request_id": "…"}
@@ -14,6 +14,7 @@ Only entry points call :func:`configure_logging`; library modules just use
 (tests, re-configuration), never a foreign one. As a last line of defence against a secret
 reaching a log, anything shaped like a JWT or a ``Bearer`` credential is replaced by
 ``[redacted]`` in every line; code must still never log tokens or passwords.
+``auto`` (:func:`resolve_format`) picks ``text`` when the stream is a terminal, else ``json``.
 
 :func:`log_event` is for events written once per request on a hot path (the CSC's access log):
 it writes the same line :meth:`logging.Logger.log` would, with the same redaction, straight to
@@ -41,6 +42,8 @@ LEVELS = {
     "error": logging.ERROR,
 }
 FORMATS = ("json", "text")
+#: what ``log_format`` may say: a format, or ``auto`` (text on a terminal, JSON otherwise)
+FORMAT_CHOICES = ("auto", *FORMATS)
 _MARK = "_csc_handler"
 # the attributes every LogRecord has; anything else on a record came from ``extra=``
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
@@ -117,21 +120,34 @@ class TextFormatter(logging.Formatter):
         return redact(line.replace("\n", "\n    "))
 
 
+def resolve_format(fmt: str, stream: TextIO) -> str:
+    """``fmt``, with ``auto`` made ``text`` when ``stream`` is a terminal and ``json`` otherwise."""
+    if fmt not in FORMAT_CHOICES:
+        raise ValueError(f"unknown log format {fmt!r} (one of {', '.join(FORMAT_CHOICES)})")
+    if fmt != "auto":
+        return fmt
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return "json"
+
+
 def configure_logging(
-    level: str, component: str, *, stream: TextIO | None = None, fmt: str = "json"
+    level: str, component: str, *, stream: TextIO | None = None, fmt: str = "auto"
 ) -> None:
-    """Send every log record at ``level`` or above to ``stream`` (stderr), one event per line."""
+    """Send every log record at ``level`` or above to ``stream`` (stderr), one event per line,
+    in ``fmt`` (``json``, ``text`` or ``auto``: see :func:`resolve_format`)."""
     try:
         numeric = LEVELS[level.lower()]
     except KeyError:
         raise ValueError(f"unknown log level {level!r} (one of {', '.join(LEVELS)})") from None
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown log format {fmt!r} (one of {', '.join(FORMATS)})")
+    out = stream if stream is not None else sys.stderr
+    fmt = resolve_format(fmt, out)
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, _MARK, False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(JsonFormatter(component) if fmt == "json" else TextFormatter(component))
     setattr(handler, _MARK, True)
     root.addHandler(handler)

@@ -31,6 +31,7 @@ from typing import Any
 
 from shared.errors import CSCError, GoingAway, ProtocolError
 from shared.link import Link, cancel_quietly, max_message_size
+from shared.oserrors import describe_connect_error, describe_os_error
 from shared.protocol import Connection, Event, LinkSettings, Side, WelcomeReceived
 from tenant_agent import __version__
 from tenant_agent.backoff import FATAL_CLOSE_CODES, FATAL_HTTP_STATUSES, Backoff
@@ -123,6 +124,7 @@ class Agent:
         self._draining: set[asyncio.Task[None]] = set()
         self._retiring: dict[int, int] = {}  # slot -> sessions draining after a GOAWAY
         self._ssl: ssl.SSLContext | None = None
+        self._announced: tuple[str, ...] = ()  # the aliases whose URLs were logged last
         self.metrics.track_draining(lambda: sum(self._retiring.values()))
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -155,6 +157,12 @@ class Agent:
     def stop(self) -> None:
         self.stopping.set()
 
+    async def handshake_once(self, context: ssl.SSLContext | None) -> AgentSession:
+        """One session, connected and welcomed but not served (``csc-agent check``): the
+        caller closes it. Raises what a slot's connection attempt raises."""
+        self._ssl = context
+        return await self._connect(0)
+
     async def _start_metrics(self) -> bool:
         """Serve ``/metrics`` on ``metrics_listen`` when set; False if it cannot be bound."""
         address = self.config.metrics_listen_address
@@ -163,10 +171,8 @@ class Agent:
         try:
             bound = await self.metrics_server.start(*address)
         except OSError as exc:
-            reason = exc.strerror or exc.__class__.__name__
-            log.error(
-                "stopping: cannot serve metrics on %s: %s", self.config.metrics_listen, reason
-            )
+            reason = describe_os_error(exc, self.config.metrics_listen)
+            log.error("stopping: cannot serve metrics: %s", reason)
             return False
         log.info("metrics on http://%s/metrics", bound)
         return True
@@ -185,6 +191,15 @@ class Agent:
             await session.link.flush()
             await close_for(session.ws, GoingAway("the agent is shutting down"))
 
+    def _announce(self, session: AgentSession) -> None:
+        """Say where the portal is reachable, once per set of aliases the CSC bound."""
+        aliases = [str(a) for a in session.welcome.get("aliases", [])]
+        if not aliases or tuple(aliases) == self._announced:
+            return
+        self._announced = tuple(aliases)
+        for url in portal_urls(self.config.csc, aliases):
+            log.info("the portal is reachable at %s", url)
+
     # -- one session slot --------------------------------------------------------------------
 
     async def _slot(self, slot: int) -> None:
@@ -193,6 +208,7 @@ class Agent:
         spread = SlotSpread(self.spread)
         loop = asyncio.get_running_loop()
         successor: AgentSession | None = None  # a replacement already up (a move)
+        outage = Outage()
         while not self.stopping.is_set():
             started = loop.time()
             session, successor = successor, None
@@ -205,11 +221,13 @@ class Agent:
                     self.stop()
                     return
                 except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
-                    log.warning(
-                        "session %d: cannot connect to %s: %s", slot, cfg.csc, _describe(exc)
-                    )
+                    cause = f"cannot connect to {cfg.csc}: {describe_failure(exc)}"
                     reason = reconnect_reason(exc)
                 else:
+                    if outage.failures:
+                        log.info("session %d: reconnected; %s", slot, outage.summary(loop.time()))
+                    outage = Outage()
+                    self._announce(session)
                     if self._place(session, spread) is Verdict.REDIAL:
                         await self._redial(session, spread.redials)
                         continue
@@ -228,14 +246,18 @@ class Agent:
                 reason = session_end_reason(
                     closed.result() if closed.done() else None, session.ws.close_reason
                 )
+                cause = _down_cause(session)
             if self.fatal is not None or self.stopping.is_set():
+                if session is not None:
+                    log.info("session %d: %s", slot, cause)
                 return
             self.metrics.reconnect(reason)
             self.metrics.slot_state(slot, "backoff")
             if self._retiring.get(slot):
                 backoff.attempt = 0  # the drained session still serves: retry at the start pace
             delay = backoff.next_delay(random.random())
-            log.info("session %d: reconnecting in %.1f s", slot, delay)
+            outage.failed(cause, loop.time())
+            log.warning("session %d: %s; retrying in %.1f s", slot, cause, delay)
             await self._pause(delay)
 
     async def _pause(self, delay: float) -> None:
@@ -316,10 +338,7 @@ class Agent:
             return moved
         if run.done():
             self.sessions.discard(session)
-            reason = session.link.closed.result().message if session.link.closed.done() else ""
             code = session.ws.close_code
-            level = logging.INFO if self.stopping.is_set() else logging.WARNING
-            log.log(level, "session %d down (close code %s): %s", session.slot, code, reason)
             if code in FATAL_CLOSE_CODES:
                 self.fatal = f"the CSC closed the session ({code}): {session.ws.close_reason}"
                 self.stop()
@@ -347,7 +366,7 @@ class Agent:
             self.stop()
             return None
         except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
-            log.warning("session %d: no replacement: %s", slot, _describe(exc))
+            log.warning("session %d: no replacement: %s", slot, describe_failure(exc))
             return None
         self.cluster.saw(new.welcome)
         self.sessions.add(new)
@@ -439,12 +458,53 @@ class Agent:
             await cancel_quietly(run)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, CSCError):
         return exc.message
     if isinstance(exc, HandshakeRefused):
-        return f"HTTP {exc.status} {exc.reason}"
+        return f"it answered HTTP {exc.status} {exc.reason}"
+    if isinstance(exc, OSError | TimeoutError):
+        return describe_connect_error(exc)
     return str(exc) or exc.__class__.__name__
+
+
+def _down_cause(session: AgentSession) -> str:
+    """``session s-1 on node n-1 went down (close code 1006): <reason>``."""
+    closed = session.link.closed
+    reason = closed.result().message if closed.done() else "closed"
+    code = session.ws.close_code
+    where = f" on node {session.node}" if session.node else ""
+    return f"session {session.id}{where} went down (close code {code}): {reason}"
+
+
+@dataclass
+class Outage:
+    """A slot's failed attempts since its last session came up, for the summary line."""
+
+    failures: int = 0
+    since: float = 0.0
+    last: str = ""
+
+    def failed(self, cause: str, now: float) -> None:
+        if not self.failures:
+            self.since = now
+        self.failures += 1
+        self.last = cause
+
+    def summary(self, now: float) -> str:
+        attempts = "1 failed attempt" if self.failures == 1 else f"{self.failures} failed attempts"
+        return f"down for {now - self.since:.1f} s, {attempts} (last: {self.last})"
+
+
+def portal_urls(csc: str, aliases: list[str]) -> list[str]:
+    """Where bootloaders reach the portal through the CSC: ``{csc}/t/{alias}/`` per alias (a
+    ``*@domain`` pattern is shown as it is: any alias of that domain)."""
+    base = csc.rstrip("/")
+    if base.startswith("ws://"):
+        base = "http://" + base[len("ws://") :]
+    elif base.startswith("wss://"):
+        base = "https://" + base[len("wss://") :]
+    return [f"{base}/t/{alias}/" for alias in aliases]
 
 
 async def run_async(config: AgentConfig) -> int:

@@ -19,15 +19,18 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from shared import checks
 from shared.allocator import keep_freed_memory
 from shared.cli_support import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    add_log_format_arg,
     config_file,
     load_or_report,
     run_parser,
     version,
 )
+from shared.config import ConfigError
 from shared.logsetup import configure_logging
 from tenant_agent.config import ENV_PREFIX, LOG_LEVELS, load_agent_config
 from tenant_agent.proxy_config import ENV_PREFIX as PROXY_ENV_PREFIX
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="The CSC tenant agent: dials out to the CSC and relays its streams to the "
         "tenant's portal. Every option can also be set in the config file or as CSC_AGENT_<NAME>.",
-        epilog=f"The local/DMZ proxy mode has its own options: {PROG} proxy --help",
+        epilog=f"The local/DMZ proxy mode has its own options: {PROG} proxy --help. "
+        f"{PROG} check [OPTIONS] tries the configuration once without serving.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument(
@@ -68,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-listen", metavar="HOST:PORT|off", help="serve Prometheus /metrics there"
     )
     parser.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))
+    add_log_format_arg(parser)
     return parser
 
 
@@ -77,6 +82,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     overrides["ca_file"] = args.ca_file
     overrides["metrics_listen"] = args.metrics_listen
     overrides["log_level"] = args.log_level
+    overrides["log_format"] = args.log_format
     return overrides
 
 
@@ -102,6 +108,7 @@ def build_proxy_parser() -> argparse.ArgumentParser:
         "--ready-file", type=Path, metavar="PATH", help="write the bound address when up"
     )
     parser.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))
+    add_log_format_arg(parser)
     return parser
 
 
@@ -111,7 +118,7 @@ def _proxy_main(argv: list[str], environ: Mapping[str, str]) -> int:
     if isinstance(parsed, int):
         return parsed
     file = config_file(parsed.config, environ, PROXY_ENV_PREFIX)
-    names = ("listen", "upstream", "ca_file", "tls_cert", "tls_key", "log_level")
+    names = ("listen", "upstream", "ca_file", "tls_cert", "tls_key", "log_level", "log_format")
     overrides: dict[str, object] = {name: getattr(parsed, name) for name in names}
     config = load_or_report(
         f"{PROG} proxy", lambda: load_proxy_config(file=file, env=environ, overrides=overrides)
@@ -127,12 +134,38 @@ def _proxy_main(argv: list[str], environ: Mapping[str, str]) -> int:
         return EXIT_INTERRUPTED
 
 
+def _check_main(argv: list[str], environ: Mapping[str, str]) -> int:
+    """``csc-agent check ...``: load the configuration, try the CSC and the upstream once."""
+    parser = build_parser()
+    parser.prog = f"{PROG} check"
+    parser.description = (
+        "Check the agent's configuration without serving: load it, reach the CSC's /healthz, "
+        "try one handshake with the token and connect to the upstream once. Exit 0 or 1."
+    )
+    parsed = run_parser(parser, argv)
+    if isinstance(parsed, int):
+        return parsed
+    file = config_file(parsed.config, environ, ENV_PREFIX)
+    try:
+        config = load_agent_config(file=file, env=environ, overrides=_overrides(parsed))
+    except ConfigError as exc:
+        return checks.report(f"{PROG} check", checks.config_problems(exc.problems))
+    configure_logging("error", PROG, fmt=config.log_format)  # the findings say it all
+    from tenant_agent.check import check_agent  # lazy, like the agent
+
+    where = f"{file} loads" if file is not None else "flags and CSC_AGENT_* variables load"
+    found = [checks.ok("configuration", where), *check_agent(config)]
+    return checks.report(f"{PROG} check", found)
+
+
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None) -> int:
     """Entry point of ``csc-agent`` (and ``csc-agent proxy``); returns the exit code."""
     args = list(argv) if argv is not None else sys.argv[1:]
     environ = os.environ if env is None else env
     if args[:1] == ["proxy"]:
         return _proxy_main(args[1:], environ)
+    if args[:1] == ["check"]:
+        return _check_main(args[1:], environ)
     parsed = run_parser(build_parser(), args)
     if isinstance(parsed, int):
         return parsed

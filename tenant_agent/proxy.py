@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from shared.cli_support import EXIT_OK, EXIT_USAGE
 from shared.files import write_atomic
+from shared.oserrors import describe_os_error
 from tenant_agent.http_request import parse_origin
 from tenant_agent.http_upstream import HttpUpstream
 from tenant_agent.proxy_config import ProxyConfig
@@ -113,8 +114,8 @@ class ProxyServer:
                 self.frontend.protocol, host, port, backlog=BACKLOG, reuse_address=True, **extra
             )
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ProxyStartError(f"cannot listen on {self.config.listen}: {reason}") from None
+            reason = describe_os_error(exc, self.config.listen)
+            raise ProxyStartError(f"cannot listen: {reason}") from None
         self.address = _hostport(self.server.sockets[0].getsockname())
 
     async def drain(self) -> bool:

@@ -1,4 +1,6 @@
 // The CSC web console: reads this node's admin API every 2 s and shows it; it changes nothing.
+// Times are shown as the API gives them: ISO 8601 UTC (2026-12-04T18:31:21Z). The traffic
+// charts are SVG drawn here from GET /v1/admin/traffic (this node's last 15 minutes).
 //
 // The operator token is asked for once (a form), kept in the tab's sessionStorage and sent as
 // "Authorization: Bearer"; a 401 forgets it and brings the form back. A refresh that fails
@@ -11,6 +13,8 @@
   const TOKEN_KEY = "csc-console-token";
   const REFRESH_MS = 2000;
   const ERRORS_SHOWN = 50;
+  const SVG = "http://www.w3.org/2000/svg";
+  const NO_ANSWER = "the CSC did not answer";
 
   const $ = (id) => document.getElementById(id);
 
@@ -52,12 +56,18 @@
   // --- the admin API --------------------------------------------------------------------------
 
   async function getJSON(path, secret) {
-    const resp = await fetch(API + path, {
-      headers: { Authorization: `Bearer ${secret}`, Accept: "application/json" },
-      cache: "no-store",
-      credentials: "omit",
-      redirect: "error",
-    });
+    let resp;
+    try {
+      resp = await fetch(API + path, {
+        headers: { Authorization: `Bearer ${secret}`, Accept: "application/json" },
+        cache: "no-store",
+        credentials: "omit",
+        redirect: "error",
+      });
+    } catch {
+      // the browser says only "Failed to fetch": the node is down or unreachable
+      throw new Error(NO_ANSWER);
+    }
     if (resp.status === 401) {
       throw new Refused("the operator token was refused");
     }
@@ -78,14 +88,16 @@
   }
 
   async function load(secret) {
-    const [node, tenants, aliases, sessions, errors] = await Promise.all([
+    const [node, tenants, aliases, sessions, errors, traffic] = await Promise.all([
       getJSON("/node", secret),
       getJSON("/tenants", secret),
       getJSON("/aliases", secret),
       getJSON("/sessions", secret),
       getJSON(`/errors?limit=${ERRORS_SHOWN}`, secret),
+      getJSON("/traffic", secret),
     ]);
     return {
+      traffic,
       node,
       tenants: tenants.tenants || [],
       aliases: aliases.aliases || [],
@@ -138,7 +150,7 @@
   }
 
   function when(iso) {
-    return typeof iso === "string" ? iso.replace("T", " ").replace("Z", " UTC") : "–";
+    return typeof iso === "string" ? iso : "–";
   }
 
   function bytes(count) {
@@ -181,15 +193,23 @@
 
   function aliasRow(a) {
     const online = Boolean(a.online);
+    let seen = "now";
+    if (!online) {
+      seen = a.last_seen ? when(a.last_seen) : "not since this node started";
+    }
     const tr = row([
       a.alias,
       a.tenant,
-      badge(online ? "online" : "offline", online ? "ok" : "off"),
+      badge(online ? "online" : "offline", online ? "ok" : "bad"),
+      seen,
       a.sessions,
       when(a.assigned_at),
     ]);
     tr.dataset.alias = a.alias;
     tr.dataset.online = String(online);
+    if (!online) {
+      tr.className = "offline";
+    }
     return tr;
   }
 
@@ -217,10 +237,71 @@
       badge(e.error, e.status >= 500 ? "bad" : "warn"),
       e.status,
       e.tenant,
-      el("code", e.request_id),
+      e.request_id ? el("code", e.request_id) : null,
       e.message,
     ]);
     tr.dataset.error = e.error;
+    return tr;
+  }
+
+  // --- traffic charts (SVG built with DOM APIs: nothing inline, the CSP stays strict) -----
+
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [name, value] of Object.entries(attrs)) {
+      node.setAttribute(name, String(value));
+    }
+    return node;
+  }
+
+  function chart(values, points, kind, label, format) {
+    const width = 180;
+    const height = 40;
+    const max = Math.max(1, ...values);
+    const step = width / Math.max(1, values.length);
+    const graphic = svg("svg", {
+      viewBox: `0 0 ${width} ${height}`,
+      width,
+      height,
+      role: "img",
+      class: `chart ${kind}`,
+    });
+    const total = values.reduce((sum, v) => sum + v, 0);
+    const title = svg("title", {});
+    title.textContent =
+      `${label}: ${format(total)} in 15 minutes, at most ${format(max)} per bucket`;
+    const axis = svg("line", { x1: 0, y1: height - 0.5, x2: width, y2: height - 0.5 });
+    axis.setAttribute("class", "axis");
+    graphic.append(title, axis);
+    values.forEach((value, i) => {
+      if (value > 0) {
+        const h = Math.max(1.5, (value / max) * (height - 2));
+        const bar = svg("rect", {
+          x: i * step + 0.5,
+          y: height - h,
+          width: Math.max(1, step - 1),
+          height: h,
+        });
+        const tip = svg("title", {});
+        tip.textContent = `${points[i] || ""}: ${format(value)}`;
+        bar.append(tip);
+        graphic.append(bar);
+      }
+    });
+    const figure = el("figure", null, "spark");
+    figure.append(graphic, el("figcaption", `${label} ${format(total)}`));
+    return figure;
+  }
+
+  function trafficRow(t, points) {
+    const count = (v) => String(v);
+    const tr = row([
+      t.tenant,
+      chart(t.requests || [], points, "requests", "requests", count),
+      chart(t.errors || [], points, "errors", "errors", count),
+      chart(t.bytes || [], points, "bytes", "bytes", bytes),
+    ]);
+    tr.dataset.traffic = t.tenant;
     return tr;
   }
 
@@ -230,6 +311,10 @@
     $("count-node").replaceChildren(
       node.draining ? badge("draining", "warn") : badge("serving", "ok"),
     );
+    const traffic = data.traffic || {};
+    const points = traffic.points || [];
+    const charts = (traffic.tenants || []).map((t) => trafficRow(t, points));
+    fill("traffic", charts, "no requests in the last 15 minutes");
     $("count-tenants").textContent = String(data.tenants.length);
     const online = data.aliases.filter((a) => a.online).length;
     $("count-online").textContent = `${online} of ${data.aliases.length}`;
@@ -245,7 +330,7 @@
   // --- what is shown --------------------------------------------------------------------------
 
   function clock(date) {
-    return date.toLocaleTimeString([], { hour12: false });
+    return date.toISOString().replace(/\.\d+Z$/, "Z");
   }
 
   function setStatus(state, text) {
@@ -255,7 +340,7 @@
   }
 
   function clearTables() {
-    for (const id of ["tenants", "aliases", "sessions", "errors"]) {
+    for (const id of ["tenants", "aliases", "sessions", "errors", "traffic"]) {
       $(id).tBodies[0].replaceChildren();
     }
     $("node").textContent = "";
@@ -291,6 +376,8 @@
     $("dashboard").hidden = false;
     $("sign-out").hidden = false;
     document.body.classList.add("stale");
+    // what the node does now is unknown: never keep saying "serving"
+    $("count-node").replaceChildren(badge("no answer", "bad"));
     setStatus("stale", `stale · refresh failed at ${clock(new Date())}`);
   }
 

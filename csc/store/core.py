@@ -340,7 +340,7 @@ class Store:
                 raise Conflict(
                     [
                         f"tenant {tenant_id!r} still has aliases {', '.join(aliases)}: unassign "
-                        "them first or delete with cascade"
+                        "them first, or delete with --cascade (cascade=true) to free them"
                     ]
                 )
             tx.execute("DELETE FROM aliases WHERE tenant = ?", (tenant_id,))

@@ -192,3 +192,33 @@ async def test_admin_api_over_tls(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert out.splitlines()[1].startswith("acme ")
         _, err = await cli.run("tenants", "list", expect=1)  # the system CAs do not know it
         assert "CERTIFICATE_VERIFY_FAILED" in err
+
+
+async def test_cli_words_unknown_ids_swapped_arguments_plurals_and_headings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 12, item 8: an unknown jti is an error (404, exit 1) unless ``--unrecorded``;
+    ``aliases assign ALIAS TENANT`` says the arguments look swapped; counts read "1 session";
+    ``tenants show`` heads its tables; a tenant with aliases names ``--cascade``."""
+    async with relay(tmp_path, start=False) as r:
+        cli = Cli(r, capsys)
+        _, err = await cli.run("tokens", "revoke", "no-such-jti", expect=1)
+        assert "no token 'no-such-jti'" in err and "HTTP 404" in err
+        out, _ = await cli.run("tokens", "revoke", "no-such-jti", "--unrecorded")
+        assert "not in this CSC's records" in out and "0 sessions closed" in out
+        await cli.run("tenants", "create", "gamma")
+        _, err = await cli.run("aliases", "assign", ALIAS, "gamma", expect=2)
+        assert "look swapped" in err and f"aliases assign gamma {ALIAS}" in err
+        _, err = await cli.run("aliases", "unassign", ALIAS, "gamma", expect=2)
+        assert "look swapped" in err
+        await cli.run("aliases", "assign", "gamma", ALIAS)
+        token, _ = await cli.run("tokens", "issue", "gamma", "--alias", ALIAS)
+        out, _ = await cli.run("tenants", "show", "gamma")
+        assert "\n\nTokens (1)\nJTI " in out and "\n\nLive sessions (0)\n" in out
+        _, err = await cli.run("tenants", "delete", "gamma", expect=1)
+        assert "--cascade" in err
+        out, _ = await cli.run("tenants", "delete", "gamma", "--cascade")
+        assert "1 token revoked; 0 sessions closed" in out and "1 tokens" not in out
+        audit = await cli.json("audit")
+        assert all(isinstance(e["at"], str) and e["at"].endswith("Z") for e in audit["entries"])
+        assert _jti(token.strip()) in json.dumps(audit)

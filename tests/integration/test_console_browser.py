@@ -1,13 +1,16 @@
 """The web console in a real headless Chromium, against a real CSC admin listener and a real
-agent: the token form (a wrong token brings it back), the alias online, then offline once the
-agent leaves (live refresh), the recent errors, and the stale state when the API goes away.
-A screenshot is saved to ``$CSC_TEST_ARTIFACTS/console.png`` (default
+agent: the token form (a wrong token brings it back), the alias online with the tenant's
+traffic charts, then offline once the agent leaves (live refresh: it stands out, says when it
+was last seen, and the disconnect is among the recent events), the recent errors, and the stale
+state when the API goes away (the node is no longer shown as serving). Screenshots are saved to
+``$CSC_TEST_ARTIFACTS/console.png``, ``console-offline.png`` and ``console-stale.png`` (default
 ``build/test-artifacts/``)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from tests.support.browser import Page, headless_page
 from tests.support.inproc import ALIAS, Relay, relay
 
 ROOT = Path(__file__).resolve().parents[2]
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 #: runs before the page's own script: records CSP violations and uncaught errors
 WATCH = """
@@ -81,9 +85,12 @@ async def test_console_in_headless_chromium(tmp_path: Path) -> None:
             await page.goto(f"http://{r.node.admin_address}/console/")
             await _refused_then_signed_in(page, admin_token(r.state_dir))
             await _live_view(page, unknown_id)
+            await _traffic_charts(page, r, http)
             shot = await page.screenshot(artifacts_dir() / "console.png")
             await _agent_leaves(page, r, http)
+            await page.screenshot(artifacts_dir() / "console-offline.png")
             await _api_goes_away(page, r)
+            await page.screenshot(artifacts_dir() / "console-stale.png")
             assert await page.evaluate("window.__cspViolations") == []
             assert await page.evaluate("window.__pageErrors") == []
     width, height = _png_size(shot)
@@ -115,6 +122,7 @@ async def _live_view(page: Page, unknown_id: str) -> None:
     )
     assert unknown_id in unknown and "resolve" in unknown and "404" in unknown
     assert "no tenant serves the alias nobody@example.com" in unknown
+    assert ISO_UTC.match(unknown), unknown  # the time as the API and the CLI write it
     counters = await page.evaluate(
         "Object.fromEntries([...document.querySelectorAll('#overview div')]"
         ".map((d) => [d.querySelector('dt').textContent, d.querySelector('dd').textContent]))"
@@ -133,9 +141,40 @@ async def _live_view(page: Page, unknown_id: str) -> None:
     assert sessions and all("acme" in s and "127.0.0.1" in s for s in sessions)
 
 
+async def _traffic_charts(page: Page, r: Relay, http: aiohttp.ClientSession) -> None:
+    for path in ("small", "bytes/5000", "status/502"):
+        async with http.get(f"{r.csc_url}/t/{ALIAS}/{path}") as resp:
+            await resp.read()
+    charts = await page.wait_for(
+        "(() => { const row = document.querySelector('#traffic tr[data-traffic=\"acme\"]');"
+        " if (!row) return null; const figs = [...row.querySelectorAll('figure')];"
+        " const total = (i) => figs[i].querySelectorAll('svg rect').length;"
+        " const text = figs.map((f) => f.querySelector('figcaption').textContent);"
+        " return text.length === 3 && text[0] === 'requests 3' ? {text, bars: total(0)} : null;"
+        " })()",
+        timeout=10,
+    )
+    assert charts["text"][1] == "errors 1" and re.fullmatch(r"bytes \d\.\d KiB", charts["text"][2])
+    assert charts["bars"] >= 1
+
+
 async def _agent_leaves(page: Page, r: Relay, http: aiohttp.ClientSession) -> None:
     await r.stop_agent()
     await page.wait_for(_badge_is(ALIAS, "offline"), timeout=10)
+    offline = await page.evaluate(
+        f"(() => {{ const row = {_alias_row(ALIAS)}; return {{cls: row.className, "
+        "cells: [...row.cells].map((c) => c.textContent), "
+        "colour: getComputedStyle(row.querySelector('.badge')).backgroundColor}; })()"
+    )
+    assert offline["cls"] == "offline"
+    assert ISO_UTC.fullmatch(offline["cells"][3]), offline  # "Last seen"
+    assert offline["colour"] not in ("rgb(231, 233, 237)",), offline  # not the neutral grey
+    gone = await page.wait_for(
+        "[...document.querySelectorAll('#errors tr[data-error=\"agent_disconnected\"]')]"
+        ".map((r) => r.innerText)",
+        timeout=10,
+    )
+    assert all("acme" in g and "agent" in g and "down" in g for g in gone), gone
     async with http.get(f"{r.csc_url}/v1/resolve/{ALIAS}") as resp:
         assert resp.status == 503
     [offline] = await page.wait_for(
@@ -157,6 +196,9 @@ async def _api_goes_away(page: Page, r: Relay) -> None:
         timeout=10,
     )
     assert stale.startswith("Stale: the last refresh failed")
+    assert "the CSC did not answer" in stale and "Failed to fetch" not in stale
+    node = await page.evaluate("document.getElementById('count-node').textContent")
+    assert node != "serving", node
     # the last data stays on screen, marked stale
     assert await page.evaluate("document.body.classList.contains('stale')")
     assert await page.evaluate(f"{_alias_row(ALIAS)} !== null")

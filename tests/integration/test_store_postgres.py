@@ -228,7 +228,12 @@ def test_operator_cli_on_the_database(
     assert cli.main(["operator", "add", "bob", *base], env={}) == 0
     token = capsys.readouterr().out.strip()
     assert cli.main(["operator", "list"], env={"CSC_DATABASE_URL": postgres_url}) == 0
-    assert capsys.readouterr().out.startswith("bob\t")
+    header, row = capsys.readouterr().out.splitlines()
+    assert (
+        header.split() == ["OPERATOR", "CREATED"]
+        and row.split()[0] == "bob"
+        and row.split()[1].startswith("20")
+    )
     store = open_store(_config(postgres_url, tmp_path / "node"))
     try:
         assert store.catalog().operators == {contract.token_hash(token): "bob"}

@@ -126,10 +126,10 @@ def test_offline_operator_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     assert csc("operator", "add", "carol", "--token-file", str(target), *state) == 1
     capsys.readouterr()
     assert csc("operator", "list", *state) == 0
-    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == [
-        "alice",
-        "bob",
-    ]
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["OPERATOR", "CREATED"]  # a header, times in ISO 8601 UTC
+    assert [row.split()[0] for row in rows] == ["alice", "bob"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row.split()[1]) for row in rows)
     assert csc("operator", "remove", "alice", *state) == 0
     assert csc("operator", "remove", "alice", *state) == 1
     store = Store(tmp_path)

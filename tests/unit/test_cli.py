@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import types
@@ -133,6 +134,7 @@ def test_token_issue_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert csc("token", "verify", token, "--state-dir", str(state)) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["tenant"] == "acme" and shown["aliases"] == ["acme@example.com", "*@acme.org"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", shown["expires_at"])  # not epoch
 
     # a second token reuses the key and says nothing about creating one; b@acme.org is the
     # tenant's through its pattern, so no --assign is needed
