@@ -266,6 +266,10 @@ class Link:
         self._kick = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        #: flushes started (each takes everything queued then) and flushes finished
+        self._flushes_started = 0
+        self._flushes_done = 0
+        self._flushed: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[CSCError] = self.loop.create_future()
         self._tasks = [
             self.loop.create_task(self._writer(), name=f"{name}-writer"),
@@ -310,6 +314,25 @@ class Link:
     def rtt(self) -> float | None:
         return self.conn.rtt
 
+    async def sent(self) -> None:
+        """Wait until everything queued so far has been handed to the transport (the sender
+        returned: for a socket, its buffer drained) or the link closed. A relay between two
+        links credits its source only after this, so it holds at most its own receive window,
+        not that plus the next hop's window queued for sending."""
+        target = self._flushes_started + (1 if self.conn.has_output else 0)
+        while self._flushes_done < target and not self.is_closed:
+            if self._flushed is None:
+                self._flushed = self.loop.create_future()
+            await asyncio.shield(self._flushed)
+
+    def _flush_done(self, flush: int | None = None) -> None:
+        """Flush number ``flush`` finished (None: all of them, the link is closed)."""
+        done = self._flushes_started if flush is None else flush
+        self._flushes_done = max(self._flushes_done, done)
+        flushed, self._flushed = self._flushed, None
+        if flushed is not None and not flushed.done():
+            flushed.set_result(None)
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no stream is live (True) or ``timeout`` passes (False)."""
         try:
@@ -325,6 +348,7 @@ class Link:
         err = err or AgentLost("the agent link closed")
         self.closed.set_result(err)
         self.conn.close()
+        self._flush_done()
         for stream in list(self.streams.values()):
             stream._fail(err)
         for task in self._tasks:
@@ -419,9 +443,18 @@ class Link:
             stream.finish()
 
     async def _send_pending(self) -> None:
+        chunks = self.conn.data_to_send()
+        self._flushes_started += 1
+        flush = self._flushes_started
+        try:
+            await self._send_chunks(chunks)
+        finally:
+            self._flush_done(flush)
+
+    async def _send_chunks(self, chunks: list[bytes | memoryview]) -> None:
         batch: list[bytes | memoryview] = []
         size = 0
-        for chunk in self.conn.data_to_send():
+        for chunk in chunks:
             batch.append(chunk)
             size += len(chunk)
             if size >= MAX_MESSAGE:

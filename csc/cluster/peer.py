@@ -360,11 +360,13 @@ class PeerServer:
 
 
 async def _pipe(src: LinkStream, dst: LinkStream) -> None:
-    """Copy ``src`` to ``dst`` until ``src`` ends, crediting ``src`` only for bytes ``dst``
-    took; an error on either side resets the other with the same code."""
+    """Copy ``src`` to ``dst`` until ``src`` ends, crediting ``src`` only for bytes that left
+    for the next hop (queued for ``dst`` is not enough: that queue may grow to the next hop's
+    whole window); an error on either side resets the other with the same code."""
     try:
         while data := await src.read():
             await dst.write(data)
+            await dst.link.sent()
             src.consumed(len(data))
         dst.write_eof()
     except CSCError as err:
