@@ -25,6 +25,7 @@ from csc.metrics import outcome_of
 from csc.routing import lookup_alias, offline_error, online, open_stream, release_stream
 from csc.state import NodeState
 from shared.errors import (
+    UPSTREAM_CODES,
     Cancelled,
     CSCError,
     GoingAway,
@@ -262,6 +263,7 @@ async def _relay_response(
         )
         if isinstance(err, ProtocolError):  # the agent misbehaved, not the bootloader
             err = UpstreamError(f"the tenant agent broke the protocol: {err.message}")
+        err = _for_device(state, err, tenant)
         refused = refuse(state, "http", err, request_id, tenant)
         record.status = refused.status
         return refused
@@ -294,6 +296,18 @@ async def _relay_response(
         stream.reset(Cancelled("the client went away"))
         raise
     return resp
+
+
+def _for_device(state: NodeState, err: CSCError, tenant: str | None) -> CSCError:
+    """A failure of the tenant's side as the device gets it: the generic message (whatever an
+    agent put in its OPEN_FAIL stays out) plus the tenant's name and contact."""
+    if err.code not in UPSTREAM_CODES:
+        return err
+    plain = err.public()
+    owner = state.registry.tenant(tenant) if tenant else None
+    if owner is not None:
+        plain.details["tenant"] = owner.public()
+    return plain
 
 
 def _may_have_body(method: str, status: int) -> bool:
