@@ -164,13 +164,14 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     keep_freed_memory()
     # lazy: keeps `csc token` free of the server's imports
     from csc.cluster.attach import ClusterStartError
+    from csc.permissions import NotPrivate
     from csc.server import serve
 
     try:
         return serve(config, ready_file=args.ready_file)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except (StoreError, SigningKeyError, ClusterStartError) as exc:
+    except (StoreError, SigningKeyError, ClusterStartError, NotPrivate) as exc:
         return fail(PROG, f"cannot start: {exc}")
     except OSError as exc:
         return fail(PROG, f"cannot start: {exc.strerror or exc}")

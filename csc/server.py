@@ -28,6 +28,7 @@ from csc import admin_api, gateway, http_ingress
 from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
 from csc.metrics import CSCMetrics, add_metrics_route
+from csc.permissions import check_private
 from csc.registry import MemoryRegistry
 from csc.signing import signing_key
 from csc.state import NodeState, default_node_id
@@ -45,9 +46,12 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
     create, on first start) the signing key (:func:`csc.signing.signing_key`) and, when the
     admin API is on and no operator exists yet, create the ``admin`` operator and its token file.
 
-    Raises :class:`csc.store.StoreError` when the store cannot be used (StoreUnavailable: its
-    server cannot be reached), SigningKeyError when the key cannot be.
+    Raises :class:`csc.permissions.NotPrivate` first when the state directory, the signing key
+    or the admin token file can be read by other users; :class:`csc.store.StoreError` when the
+    store cannot be used (StoreUnavailable: its server cannot be reached), SigningKeyError when
+    the key cannot be.
     """
+    check_private(config)
     store = open_store(config)
     try:
         signing = signing_key(config, store)
