@@ -24,6 +24,7 @@ from csc import accesslog
 from csc.metrics import outcome_of
 from csc.routing import lookup_alias, offline_error, online, open_stream, release_stream
 from csc.state import NodeState
+from shared import resolve_sig
 from shared.errors import (
     UPSTREAM_CODES,
     Cancelled,
@@ -49,7 +50,17 @@ from shared.link import TunnelStream, cancel_quietly
 
 log = logging.getLogger("csc.http")
 
-_REPLACED = frozenset({"host", "expect", "x-forwarded-proto", "x-forwarded-host", "x-request-id"})
+_REPLACED = frozenset(
+    {
+        "host",
+        "expect",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-prefix",
+        "x-request-id",
+        "x-csc-resolve-key",
+    }
+)
 RETRY_AFTER_OFFLINE = "5"
 
 
@@ -102,8 +113,20 @@ async def resolve(request: web.Request) -> web.Response:
         state.metrics.resolved(err.code)
         return refuse(state, "resolve", err, request_id, tenant)
     state.metrics.resolved("ok")
-    body = {"alias": alias, "online": True, "tunnel": f"/t/{alias}/"}
+    body: dict[str, Any] = {"alias": alias, "online": True, "tunnel": f"/t/{alias}/"}
+    body.update(_signed_owner(state, alias, found.tenant or "", body["tunnel"]))
     return web.json_response(body, headers={"X-Request-Id": request_id})
+
+
+def _signed_owner(state: NodeState, alias: str, tenant: str, tunnel: str) -> dict[str, Any]:
+    """The answer's ``tenant`` (display name, support contact) and, when the node has an
+    Ed25519 key, its ``signature`` over them (shared/resolve_sig.py)."""
+    owner = state.registry.tenant(tenant) if tenant else None
+    name, contact = (owner.name, owner.contact) if owner is not None else (tenant, "")
+    extra: dict[str, Any] = {"tenant": {"name": name, "contact": contact}}
+    if state.resolve_key is not None:
+        extra["signature"] = resolve_sig.sign(state.resolve_key, alias, name, contact, tunnel)
+    return extra
 
 
 def _forwarded_head(
@@ -121,8 +144,11 @@ def _forwarded_head(
         ("X-Forwarded-For", ", ".join([*prior, client_ip]) if prior else client_ip),
         ("X-Forwarded-Proto", "https" if state.config.tls_enabled else "http"),
         ("X-Forwarded-Host", request.host),
+        ("X-Forwarded-Prefix", f"/t/{alias}"),
         ("X-Request-Id", request_id),
     ]
+    if state.resolve_key_text:  # the portal's get site builds it into the bootloader
+        pairs.append(("X-CSC-Resolve-Key", state.resolve_key_text))
     peer = request.transport.get_extra_info("peername") if request.transport else None
     return {
         "kind": "http",

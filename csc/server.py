@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from csc import admin_api, gateway, http_ingress
 from csc.cluster.attach import cluster_context
@@ -69,6 +70,8 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
     except BaseException:
         store.close()
         raise
+    if not isinstance(signing.key, Ed25519PrivateKey):
+        log.warning("the signing key is not Ed25519: resolve answers go unsigned")
     return NodeState(
         config=config,
         node_id=config.node_id or default_node_id(),
@@ -76,6 +79,7 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
         public_keys=[signing.key.public_key()],
         metrics=metrics or CSCMetrics(),
         store=store,
+        resolve_key=signing.key if isinstance(signing.key, Ed25519PrivateKey) else None,
     )
 
 

@@ -202,6 +202,9 @@ def test_connection_refused(tmp_path: Path) -> None:
         result = run_bootloader([*argv, "--csc", f"http://127.0.0.1:{port}"])
     assert result.code == 3
     assert f"the CSC at http://127.0.0.1:{port} refused the connection" in result.err
+    # issue 12, item 2: an unreachable CSC says how to name the right one
+    hint = f"if http://127.0.0.1:{port} is not your CSC, give it with --csc URL or "
+    assert hint + "CSC_BOOTLOADER_CSC" in result.err
 
 
 # --- logon -----------------------------------------------------------------------------------
