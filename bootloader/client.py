@@ -343,14 +343,17 @@ def resolve(transport: Transport, csc: str, alias: str, csc_key: str | None = No
     endpoint = Endpoint.parse(csc + "/")
     who = f"the CSC at {csc}"
     rel = f"v1/resolve/{urllib.parse.quote(alias, safe='@')}"
+    hint = f"if {csc} is not your CSC, give it with --csc URL or {ENV_CSC}"
     try:
         answer = transport.request(Stage.RESOLVE, endpoint, "GET", rel, who=who)
     except BootError as exc:  # not reached at all: perhaps not the right CSC
-        hint = f"if {csc} is not your CSC, give it with --csc URL or {ENV_CSC}"
         raise BootError(exc.stage, f"{exc.message}; {hint}") from None
     with answer:
         if answer.status != 200:
-            raise failure(answer, who=who, subject=alias)
+            refused = failure(answer, who=who, subject=alias)
+            if refused.code is None:  # not a CSC's error answer: perhaps not a CSC at all
+                refused.message = f"{refused.message}; {hint}"
+            raise refused
         data = answer.json(who)
         tunnel = data.get("tunnel")
         if data.get("online") is False:
