@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+from bootloader import client
 from bootloader import config as cfg
 from bootloader.console import Console
 from bootloader.errors import (
@@ -34,10 +35,11 @@ from bootloader.errors import (
     exit_code_table,
 )
 from bootloader.flow import Options, report, run
+from bootloader.preset import load_preset
 from bootloader.progress import make_progress
 
 PROG = "csc-bootloader"
-ENV_CSC = "CSC_BOOTLOADER_CSC"
+ENV_CSC = client.ENV_CSC
 ENV_PASSWORD = "CSC_BOOTLOADER_PASSWORD"
 DEFAULT_TARGET = "~/csc-client"
 DEFAULT_TIMEOUT = 30.0
@@ -179,8 +181,14 @@ def build_options(
 ) -> Options:
     """Everything the run needs, or a :class:`ConfigError` before anything is contacted."""
     provisioning = _provisioning(args, console, stdin)
+    preset = load_preset()
     csc_text = args.csc if args.csc is not None else env.get(ENV_CSC, "").strip()
-    csc = cfg.parse_csc_url(csc_text or cfg.DEFAULT_CSC, "--csc" if args.csc else ENV_CSC)
+    if csc_text:
+        csc = cfg.parse_csc_url(csc_text, "--csc" if args.csc else ENV_CSC)
+    else:
+        csc = cfg.parse_csc_url(preset.csc or cfg.DEFAULT_CSC, "the built-in preset")
+    # the preset's key and CA are those of the preset's CSC
+    preset_csc = preset.csc is not None and csc == cfg.parse_csc_url(preset.csc, "the preset")
     if provisioning.alias is not None and args.tls:
         raise ConfigError(
             "--tls applies to a Host/Port configuration; an alias uses --csc https://…"
@@ -196,6 +204,8 @@ def build_options(
         target=Path(args.target).expanduser(),
         tls=args.tls,
         ca_file=args.ca_file,
+        csc_key=preset.csc_key if preset_csc else None,
+        ca_data=preset.csc_ca if preset_csc and provisioning.alias is not None else None,
         password=password,
         device_type=_short_text(args.device_type, "--device-type"),
         device_id=_short_text(args.device_id, "--device-id"),

@@ -33,6 +33,10 @@ from types import TracebackType
 from typing import Any, Self, TypeGuard
 
 from bootloader.errors import BootError, Stage, printable
+from shared import resolve_sig
+
+#: the variable that names the CSC (read by bootloader/cli.py; named in hints here)
+ENV_CSC = "CSC_BOOTLOADER_CSC"
 
 MAX_JSON = 1 << 20
 API_VERSION = 1
@@ -196,19 +200,28 @@ class Transport:
     """Opens one connection per request, with a timeout and optional TLS settings."""
 
     def __init__(
-        self, *, timeout: float, ca_file: str | None = None, user_agent: str = "csc-bootloader"
+        self,
+        *,
+        timeout: float,
+        ca_file: str | None = None,
+        user_agent: str = "csc-bootloader",
+        ca_data: str | None = None,
     ) -> None:
         self.timeout = timeout
         self.user_agent = user_agent
         self._ca_file = ca_file
+        self._ca_data = ca_data  # the preset's CA (PEM), when no --ca-file is given
         self._ssl: ssl.SSLContext | None = None
 
     def _context(self, stage: Stage) -> ssl.SSLContext:
         if self._ssl is None:
             try:
-                self._ssl = ssl.create_default_context(cafile=self._ca_file)
+                self._ssl = ssl.create_default_context(
+                    cafile=self._ca_file, cadata=self._ca_data if self._ca_file is None else None
+                )
             except (OSError, ssl.SSLError) as exc:
-                raise BootError(stage, f"cannot load the CA file {self._ca_file}: {exc}") from None
+                where = self._ca_file or "the built-in CA of the CSC"
+                raise BootError(stage, f"cannot load the CA file {where}: {exc}") from None
         return self._ssl
 
     def request(
@@ -309,23 +322,71 @@ _COMMON = {
 # --- the requests ----------------------------------------------------------------------------
 
 
-def resolve(transport: Transport, csc: str, alias: str) -> Endpoint:
-    """``GET {csc}/v1/resolve/{alias}``: the portal's base (``{csc}/t/{alias}/``)."""
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """Where the portal is, and whom the CSC says it belongs to."""
+
+    base: Endpoint
+    #: the tenant's display name and support contact ("" when the CSC did not say)
+    tenant: str
+    contact: str
+    #: the CSC's signature over them checked with the key this bootloader carries
+    verified: bool
+
+
+def resolve(transport: Transport, csc: str, alias: str, csc_key: str | None = None) -> Resolved:
+    """``GET {csc}/v1/resolve/{alias}``: the portal's base (``{csc}/t/{alias}/``) and its owner.
+
+    With ``csc_key`` (the CSC's resolve key) the answer must be signed by it
+    (shared/resolve_sig.py); anything else stops the run here, before the portal is contacted.
+    """
     endpoint = Endpoint.parse(csc + "/")
     who = f"the CSC at {csc}"
     rel = f"v1/resolve/{urllib.parse.quote(alias, safe='@')}"
-    with transport.request(Stage.RESOLVE, endpoint, "GET", rel, who=who) as answer:
+    hint = f"if {csc} is not your CSC, give it with --csc URL or {ENV_CSC}"
+    try:
+        answer = transport.request(Stage.RESOLVE, endpoint, "GET", rel, who=who)
+    except BootError as exc:  # not reached at all: perhaps not the right CSC
+        raise BootError(exc.stage, f"{exc.message}; {hint}") from None
+    with answer:
         if answer.status != 200:
-            raise failure(answer, who=who, subject=alias)
+            refused = failure(answer, who=who, subject=alias)
+            if refused.code is None:  # not a CSC's error answer: perhaps not a CSC at all
+                refused.message = f"{refused.message}; {hint}"
+            raise refused
         data = answer.json(who)
         tunnel = data.get("tunnel")
         if data.get("online") is False:
             raise answer.fail(f"the portal of {alias} is offline; try again later")
         if not _is_plain_path(tunnel):
             raise answer.fail(f"{who} answered without a usable tunnel path")
-    assert isinstance(tunnel, str)
+        assert isinstance(tunnel, str)
+        owner = data.get("tenant")
+        name = owner.get("name") if isinstance(owner, dict) else None
+        contact = owner.get("contact") if isinstance(owner, dict) else None
+        verified = False
+        if csc_key is not None:
+            key = resolve_sig.parse_public_key(csc_key)
+            good = (
+                key is not None
+                and isinstance(name, str)
+                and isinstance(contact, str)
+                and resolve_sig.verify(key, data.get("signature"), alias, name, contact, tunnel)
+            )
+            if not good:
+                raise answer.fail(
+                    f"the answer for {alias} is not signed by the key of the CSC this bootloader "
+                    f"came with: someone may be in the way, or {csc} is another CSC; nothing "
+                    "was sent to the portal"
+                )
+            verified = True
     base = endpoint.path.rstrip("/") + (tunnel if tunnel.endswith("/") else tunnel + "/")
-    return endpoint.below(base)
+    return Resolved(
+        endpoint.below(base),
+        printable(name, 120) if isinstance(name, str) else "",
+        printable(contact, 120) if isinstance(contact, str) else "",
+        verified,
+    )
 
 
 def _is_plain_path(value: object) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 from bootloader.client import (
     Endpoint,
     PortalInfo,
+    Resolved,
     Session,
     Transport,
     logon,
@@ -42,6 +43,10 @@ class Options:
     target: Path
     tls: bool = False
     ca_file: str | None = None
+    #: the CSC's resolve key (base64), built in by the get site: resolve answers must be signed
+    csc_key: str | None = None
+    #: PEM CA certificates of the CSC, built in by the get site (``--ca-file`` wins)
+    ca_data: str | None = None
     password: str | None = None
     device_type: str | None = None
     device_id: str | None = None
@@ -77,7 +82,10 @@ def run(opts: Options, console: Console, progress: Progress) -> Outcome:
     target.prepare()
     with target.lock():
         transport = Transport(
-            timeout=opts.timeout, ca_file=opts.ca_file, user_agent=opts.user_agent
+            timeout=opts.timeout,
+            ca_file=opts.ca_file,
+            user_agent=opts.user_agent,
+            ca_data=opts.ca_data,
         )
         base, subject = locate(transport, prov, opts, console)
         info = portal_info(transport, base, subject)
@@ -115,10 +123,20 @@ def locate(
     """The portal's base URL and how to name it in messages (the alias, or the proxy)."""
     if prov.alias is not None:
         console.say(f"Resolving {prov.alias} at {opts.csc}")
-        return resolve(transport, opts.csc, prov.alias), prov.alias
+        found = resolve(transport, opts.csc, prov.alias, opts.csc_key)
+        if found.tenant:
+            console.say(logging_on_line(found))
+        return found.base, prov.alias
     assert prov.host is not None and prov.port is not None
     scheme = "https" if opts.tls else "http"
     return Endpoint(scheme, prov.host, prov.port, "/"), format_hostport(prov.host, prov.port)
+
+
+def logging_on_line(found: Resolved) -> str:
+    """Whom the device is about to trust, said before any password is asked."""
+    contact = f"; support: {found.contact}" if found.contact else ""
+    how = "verified by the CSC" if found.verified else "as the CSC says; not verified"
+    return f"Logging on to {found.tenant} ({how}){contact}"
 
 
 def check_key(

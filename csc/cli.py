@@ -27,6 +27,7 @@ from csc import admin_cli
 from csc.config import LOG_LEVELS, CSCConfig, load_csc_config
 from csc.signing import signing_key, verification_keys
 from csc.store import Store, StoreError, open_store
+from csc.store.sqlite import DB_FILE as SQLITE_FILE
 from csc.tenants import Actor, Conflict, NotFound, TokenRecord
 from shared import checks
 from shared.aliases import normalise_grant
@@ -191,13 +192,14 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     keep_freed_memory()
     # lazy: keeps `csc token` free of the server's imports
     from csc.cluster.attach import ClusterStartError
+    from csc.permissions import NotPrivate
     from csc.server import serve
 
     try:
         return serve(config, ready_file=args.ready_file)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except (StoreError, SigningKeyError, ClusterStartError) as exc:
+    except (StoreError, SigningKeyError, ClusterStartError, NotPrivate) as exc:
         return fail(PROG, f"cannot start: {exc}")
     except OSError as exc:
         return fail(PROG, f"cannot start: {describe_os_error(exc)}")
@@ -345,10 +347,21 @@ def _operator_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     operator.set_defaults(handler=lambda args, env: _usage(operator))
 
 
-def _open_store(args: argparse.Namespace, env: Mapping[str, str]) -> Store | int:
+def _open_store(
+    args: argparse.Namespace, env: Mapping[str, str], *, create: bool = False
+) -> Store | int:
+    """The node's store; without ``create`` a missing SQLite store is an error naming where
+    it was looked for (a listing must not leave an empty state directory behind)."""
     config = _load(args, env, _store_overrides(args))
     if config is None:
         return EXIT_USAGE
+    db = config.state_dir.absolute() / SQLITE_FILE
+    if not create and config.database_url is None and not db.exists():
+        return fail(
+            PROG,
+            f"no CSC state in {db.parent} ({db.name} is missing); give the node's state "
+            "directory with --state-dir or CSC_STATE_DIR, or its database with --database-url",
+        )
     try:
         return open_store(config)
     except StoreError as exc:
@@ -360,7 +373,7 @@ def _cmd_operator_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         check_tenant_id(args.name)
     except ValueError as exc:
         return fail(PROG, f"operator name: {exc}", EXIT_USAGE)
-    store = _open_store(args, env)
+    store = _open_store(args, env, create=True)
     if isinstance(store, int):
         return store
     try:

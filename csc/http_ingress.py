@@ -24,7 +24,9 @@ from csc import accesslog
 from csc.metrics import outcome_of
 from csc.routing import lookup_alias, offline_error, online, open_stream, release_stream
 from csc.state import NodeState
+from shared import resolve_sig
 from shared.errors import (
+    UPSTREAM_CODES,
     Cancelled,
     CSCError,
     GoingAway,
@@ -48,7 +50,17 @@ from shared.link import TunnelStream, cancel_quietly
 
 log = logging.getLogger("csc.http")
 
-_REPLACED = frozenset({"host", "expect", "x-forwarded-proto", "x-forwarded-host", "x-request-id"})
+_REPLACED = frozenset(
+    {
+        "host",
+        "expect",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-prefix",
+        "x-request-id",
+        "x-csc-resolve-key",
+    }
+)
 RETRY_AFTER_OFFLINE = "5"
 
 
@@ -101,8 +113,20 @@ async def resolve(request: web.Request) -> web.Response:
         state.metrics.resolved(err.code)
         return refuse(state, "resolve", err, request_id, tenant)
     state.metrics.resolved("ok")
-    body = {"alias": alias, "online": True, "tunnel": f"/t/{alias}/"}
+    body: dict[str, Any] = {"alias": alias, "online": True, "tunnel": f"/t/{alias}/"}
+    body.update(_signed_owner(state, alias, found.tenant or "", body["tunnel"]))
     return web.json_response(body, headers={"X-Request-Id": request_id})
+
+
+def _signed_owner(state: NodeState, alias: str, tenant: str, tunnel: str) -> dict[str, Any]:
+    """The answer's ``tenant`` (display name, support contact) and, when the node has an
+    Ed25519 key, its ``signature`` over them (shared/resolve_sig.py)."""
+    owner = state.registry.tenant(tenant) if tenant else None
+    name, contact = (owner.name, owner.contact) if owner is not None else (tenant, "")
+    extra: dict[str, Any] = {"tenant": {"name": name, "contact": contact}}
+    if state.resolve_key is not None:
+        extra["signature"] = resolve_sig.sign(state.resolve_key, alias, name, contact, tunnel)
+    return extra
 
 
 def _forwarded_head(
@@ -120,8 +144,11 @@ def _forwarded_head(
         ("X-Forwarded-For", ", ".join([*prior, client_ip]) if prior else client_ip),
         ("X-Forwarded-Proto", "https" if state.config.tls_enabled else "http"),
         ("X-Forwarded-Host", request.host),
+        ("X-Forwarded-Prefix", f"/t/{alias}"),
         ("X-Request-Id", request_id),
     ]
+    if state.resolve_key_text:  # the portal's get site builds it into the bootloader
+        pairs.append(("X-CSC-Resolve-Key", state.resolve_key_text))
     peer = request.transport.get_extra_info("peername") if request.transport else None
     return {
         "kind": "http",
@@ -266,6 +293,7 @@ async def _relay_response(
         )
         if isinstance(err, ProtocolError):  # the agent misbehaved, not the bootloader
             err = UpstreamError(f"the tenant agent broke the protocol: {err.message}")
+        err = _for_device(state, err, tenant)
         refused = refuse(state, "http", err, request_id, tenant)
         record.status = refused.status
         return refused
@@ -298,6 +326,18 @@ async def _relay_response(
         stream.reset(Cancelled("the client went away"))
         raise
     return resp
+
+
+def _for_device(state: NodeState, err: CSCError, tenant: str | None) -> CSCError:
+    """A failure of the tenant's side as the device gets it: the generic message (whatever an
+    agent put in its OPEN_FAIL stays out) plus the tenant's name and contact."""
+    if err.code not in UPSTREAM_CODES:
+        return err
+    plain = err.public()
+    owner = state.registry.tenant(tenant) if tenant else None
+    if owner is not None:
+        plain.details["tenant"] = owner.public()
+    return plain
 
 
 def _may_have_body(method: str, status: int) -> bool:

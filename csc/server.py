@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from csc import admin_api, gateway, http_ingress
 from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
 from csc.metrics import CSCMetrics, add_metrics_route
+from csc.permissions import check_private
 from csc.registry import MemoryRegistry
 from csc.signing import signing_key
 from csc.state import NodeState, default_node_id
@@ -45,9 +47,12 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
     create, on first start) the signing key (:func:`csc.signing.signing_key`) and, when the
     admin API is on and no operator exists yet, create the ``admin`` operator and its token file.
 
-    Raises :class:`csc.store.StoreError` when the store cannot be used (StoreUnavailable: its
-    server cannot be reached), SigningKeyError when the key cannot be.
+    Raises :class:`csc.permissions.NotPrivate` first when the state directory, the signing key
+    or the admin token file can be read by other users; :class:`csc.store.StoreError` when the
+    store cannot be used (StoreUnavailable: its server cannot be reached), SigningKeyError when
+    the key cannot be.
     """
+    check_private(config)
     store = open_store(config)
     try:
         signing = signing_key(config, store)
@@ -65,6 +70,8 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
     except BaseException:
         store.close()
         raise
+    if not isinstance(signing.key, Ed25519PrivateKey):
+        log.warning("the signing key is not Ed25519: resolve answers go unsigned")
     return NodeState(
         config=config,
         node_id=config.node_id or default_node_id(),
@@ -72,6 +79,7 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
         public_keys=[signing.key.public_key()],
         metrics=metrics or CSCMetrics(),
         store=store,
+        resolve_key=signing.key if isinstance(signing.key, Ed25519PrivateKey) else None,
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from csc.config import CSCConfig
 from csc.errorlog import ErrorLog
@@ -17,6 +18,7 @@ from csc.metrics import CSCMetrics
 from csc.registry import MemoryRegistry
 from csc.store import Store
 from csc.traffic import LastSeen, TrafficHistory
+from shared import resolve_sig
 from shared.protocol import LinkSettings
 
 if TYPE_CHECKING:
@@ -57,12 +59,19 @@ class NodeState:
     last_seen: LastSeen = field(default_factory=LastSeen)
     #: the node's membership of a cluster (``redis_url`` set; csc/cluster/node.py), else None
     cluster: Cluster | None = None
+    #: signs resolve answers (shared/resolve_sig.py): the token-signing key when it is Ed25519
+    #: (the same on every node of a cluster), else None and answers go unsigned
+    resolve_key: Ed25519PrivateKey | None = None
+    #: its public half as it travels (base64 of the raw 32 bytes), or ""
+    resolve_key_text: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self.link_settings = LinkSettings.from_config(
             self.config, max_streams=self.config.max_streams_per_session
         )
         self.idle.set()
+        if self.resolve_key is not None:
+            self.resolve_key_text = resolve_sig.public_key_text(self.resolve_key.public_key())
         self.metrics.track_sessions(lambda: self.sessions.values())
         self.metrics.track_cluster(lambda: self.cluster)
         self.metrics.draining = lambda: self.draining

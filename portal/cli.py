@@ -53,10 +53,12 @@ def _command(
     help: str,
     *,
     json_output: bool = False,
+    creates: bool = False,
 ) -> argparse.ArgumentParser:
+    """A command; only one that ``creates`` something may create the state directory."""
     parser = parent.add_parser(name, help=help, description=help)
     _common(parser, json_output=json_output)
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(handler=handler, creates=creates)
     return parser
 
 
@@ -86,7 +88,7 @@ def _target_options(parser: argparse.ArgumentParser) -> None:
 
 def _user_parsers(top: Subparsers) -> None:
     users = _group(top, "user", "manage users")
-    add = _command(users, "add", commands.user_add, "create a user")
+    add = _command(users, "add", commands.user_add, "create a user", creates=True)
     add.add_argument("name", metavar="NAME")
     add.add_argument(
         "--group", action="append", default=[], dest="groups", metavar="G", help="(repeatable)"
@@ -102,7 +104,7 @@ def _user_parsers(top: Subparsers) -> None:
 
 def _group_parsers(top: Subparsers) -> None:
     groups = _group(top, "group", "manage groups")
-    _command(groups, "add", commands.group_add, "create a group").add_argument("name")
+    _command(groups, "add", commands.group_add, "create a group", creates=True).add_argument("name")
     _command(groups, "list", commands.group_list, "list groups", json_output=True)
     _command(groups, "remove", commands.group_remove, "delete a group").add_argument("name")
     for action, handler, help in (
@@ -116,7 +118,7 @@ def _group_parsers(top: Subparsers) -> None:
 
 def _device_type_parsers(top: Subparsers) -> None:
     types = _group(top, "device-type", "manage device types")
-    add = _command(types, "add", commands.device_type_add, "create a device type")
+    add = _command(types, "add", commands.device_type_add, "create a device type", creates=True)
     add.add_argument("name", metavar="NAME", help="e.g. android-arm64")
     add.add_argument("--description", default="", metavar="TEXT", help="one line for the site")
     _command(types, "list", commands.device_type_list, "list device types", json_output=True)
@@ -126,7 +128,9 @@ def _device_type_parsers(top: Subparsers) -> None:
 
 def _app_parsers(top: Subparsers) -> None:
     apps = _group(top, "app", "manage applications")
-    add = _command(apps, "add", commands.app_add, "add an application version (immutable)")
+    add = _command(
+        apps, "add", commands.app_add, "add an application version (immutable)", creates=True
+    )
     add.add_argument("name", metavar="NAME")
     add.add_argument("--version", required=True, dest="app_version", metavar="V")
     add.add_argument("--device-type", required=True, metavar="T")
@@ -141,7 +145,9 @@ def _app_parsers(top: Subparsers) -> None:
 
 def _policy_parsers(top: Subparsers) -> None:
     policies = _group(top, "policy", "manage policies (named key=value settings)")
-    set_ = _command(policies, "set", commands.policy_set, "create a policy or set its keys")
+    set_ = _command(
+        policies, "set", commands.policy_set, "create a policy or set its keys", creates=True
+    )
     set_.add_argument("name", metavar="NAME")
     set_.add_argument("settings", nargs="+", metavar="KEY=VALUE")
     unset = _command(policies, "unset", commands.policy_unset, "remove keys from a policy")
@@ -158,11 +164,12 @@ def _deploy_parsers(top: Subparsers) -> None:
         ("undeploy", commands.undeploy, "remove an assignment"),
     ):
         kinds = _group(top, verb, help)
-        app = _command(kinds, "app", handler, f"{verb} an app")
+        creates = verb == "deploy"
+        app = _command(kinds, "app", handler, f"{verb} an app", creates=creates)
         app.add_argument("name", metavar="NAME[@VERSION]" if verb == "deploy" else "NAME")
         _target_options(app)
         app.set_defaults(kind="app")
-        policy = _command(kinds, "policy", handler, f"{verb} a policy")
+        policy = _command(kinds, "policy", handler, f"{verb} a policy", creates=creates)
         policy.add_argument("name", metavar="NAME")
         _target_options(policy)
         policy.set_defaults(kind="policy")
@@ -185,7 +192,7 @@ def _misc_parsers(top: Subparsers) -> None:
     site.add_argument("--out", type=Path, required=True, metavar="DIR")
     site.add_argument("--bootloader-source", type=Path, metavar="DIR", help=argparse.SUPPRESS)
     _command(top, "check", _check, "check the configuration and state without serving")
-    serve = _command(top, "serve", commands.serve, "run the portal's HTTP server")
+    serve = _command(top, "serve", commands.serve, "run the portal's HTTP server", creates=True)
     serve.add_argument("--listen", metavar="HOST:PORT", help="HTTP listener")
     serve.add_argument("--ready-file", type=Path, metavar="PATH", help="write the address when up")
     serve.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))

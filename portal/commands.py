@@ -22,9 +22,9 @@ from typing import Any, TextIO
 from portal import catalog, store
 from portal.blobs import BlobStore, collect_files
 from portal.config import PortalConfig
-from portal.db import Database, DatabaseError
+from portal.db import DB_FILE, Database, DatabaseError
 from portal.getsite import BootloaderUnavailable, build_bootloader_pyz, write_site
-from portal.keys import PortalKey, PortalKeyError, load_or_create_key
+from portal.keys import KEY_FILE, PortalKey, PortalKeyError, load_or_create_key
 from portal.passwords import Passwords, check_password
 from portal.sms import length_warning, sms_length, sms_text
 from shared.cli_support import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -55,8 +55,30 @@ class Context:
         print(text, file=self.stdout)
 
 
+def missing_state(config: PortalConfig) -> str | None:
+    """Why the state directory cannot serve a command that must not create it, or None."""
+    state_dir = config.state_dir.absolute()
+    for path in (state_dir / DB_FILE, state_dir / KEY_FILE):
+        if not path.exists():
+            return (
+                f"no portal state in {state_dir} ({path.name} is missing); give the portal's "
+                "state directory with --state-dir or CSC_PORTAL_STATE_DIR (or state_dir in "
+                "--config); only serve and the commands that add things (user add, "
+                "device-type add, app add, ...) create it"
+            )
+    return None
+
+
 def run(prog: str, config: PortalConfig, args: argparse.Namespace) -> int:
-    """Open the state directory and run ``args.handler``; see the module doc for exit codes."""
+    """Open the state directory and run ``args.handler``; see the module doc for exit codes.
+
+    A command that does not create things (``args.creates`` false: lists, removals, ``key
+    show``, ``sms``, ``get-site``) fails on a missing state directory instead of creating an
+    empty portal with a new key."""
+    if not getattr(args, "creates", False):
+        problem = missing_state(config)
+        if problem is not None:
+            return _fail(prog, problem, EXIT_FAILURE)
     try:
         db = Database(config.state_dir)
         for step in db.open():

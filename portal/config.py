@@ -76,6 +76,13 @@ class PortalConfig:
         default=None,
         metadata=meta(kind="url", help="public URL of the bootloader download site, for the SMS"),
     )
+    csc_ca_file: Path | None = field(
+        default=None,
+        metadata=meta(
+            help="PEM CA bundle of the CSC's TLS certificate, built into the bootloader the get "
+            "site serves through the CSC"
+        ),
+    )
     sms_alias: str | None = field(
         default=None,
         metadata=meta(check=normalise_alias, help="alias the SMS names (or `sms_host`)"),

@@ -6,8 +6,10 @@ links so the site works under any prefix, behind the CSC's ``/t/{alias}/`` or as
 * ``get/``: the portal's name and key fingerprint, and one link per device type;
 * ``get/{device_type}/``: how to run the bootloader on that device type, linking to
 * ``get/csc-bootloader.pyz``: a zipapp of the ``bootloader`` package plus ``shared/__init__.py``,
-  ``shared/aliases.py`` and ``shared/errors.py``, whose ``__main__`` calls
-  ``bootloader.cli.main()``.
+  ``shared/aliases.py``, ``shared/errors.py`` and ``shared/resolve_sig.py``, whose ``__main__``
+  calls ``bootloader.cli.main()``. Served through a CSC, it carries a preset
+  (``bootloader/preset.json``: that CSC's URL, its resolve key and the configured CA), so the
+  SMS alone is enough to run it.
 
 The zipapp is deterministic (sorted entries, fixed timestamps and permissions). Every regular file
 of the ``bootloader`` directory is taken except caches and hidden files; symlinks are skipped;
@@ -20,10 +22,11 @@ from __future__ import annotations
 import html
 import importlib.util
 import io
+import json
 import os
 import stat
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from portal.packages import FIXED_TIME
@@ -38,7 +41,9 @@ MAIN = (
     "from bootloader.cli import main\n\n"
     "sys.exit(main())\n"
 )
-SHARED_FILES = ("__init__.py", "aliases.py", "errors.py")
+SHARED_FILES = ("__init__.py", "aliases.py", "errors.py", "resolve_sig.py")
+#: where a preset (the CSC's URL, key and CA) lives in the zipapp (bootloader/preset.py)
+PRESET_ENTRY = "bootloader/preset.json"
 _SKIP_DIRS = frozenset({"__pycache__"})
 _SKIP_SUFFIXES = (".pyc", ".pyo", ".swp", "~")
 
@@ -75,10 +80,10 @@ def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
     zf.writestr(info, data)
 
 
-def build_bootloader_pyz(
+def bootloader_entries(
     bootloader_dir: Path | None = None, shared_dir: Path | None = None
-) -> bytes:
-    """The zipapp's bytes (see the module doc)."""
+) -> dict[str, bytes]:
+    """The zipapp's files (name -> bytes), read once; a stray ``preset.json`` is not taken."""
     source = bootloader_dir if bootloader_dir is not None else _package_dir("bootloader")
     shared = shared_dir if shared_dir is not None else _package_dir("shared")
     if not (source / "cli.py").is_file():
@@ -91,6 +96,26 @@ def build_bootloader_pyz(
             entries[f"shared/{name}"] = (shared / name).read_bytes()
     except OSError as exc:
         raise BootloaderUnavailable(f"cannot read the bootloader sources: {exc}") from None
+    entries.pop(PRESET_ENTRY, None)
+    return entries
+
+
+def build_bootloader_pyz(
+    bootloader_dir: Path | None = None,
+    shared_dir: Path | None = None,
+    *,
+    preset: Mapping[str, str] | None = None,
+) -> bytes:
+    """The zipapp's bytes (see the module doc)."""
+    return pyz_from_entries(bootloader_entries(bootloader_dir, shared_dir), preset)
+
+
+def pyz_from_entries(entries: Mapping[str, bytes], preset: Mapping[str, str] | None) -> bytes:
+    """The zipapp of ``entries``, with ``preset`` (``csc``, ``csc_key``, ``csc_ca``: what the
+    bootloader uses unless told otherwise) as ``bootloader/preset.json`` when given."""
+    entries = dict(entries)
+    if preset:
+        entries[PRESET_ENTRY] = json.dumps(dict(preset), sort_keys=True, indent=1).encode()
     buffer = io.BytesIO()
     buffer.write(SHEBANG)
     with zipfile.ZipFile(buffer, "w") as zf:

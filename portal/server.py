@@ -31,29 +31,48 @@ from aiohttp import web
 
 from portal import api, getsite
 from portal.config import PortalConfig
-from portal.state import CLIENT, PREPARED, REQUEST_ID, STATE, ApiError, PortalState, build_state
+from portal.state import (
+    CLIENT,
+    PREPARED,
+    REQUEST_ID,
+    STATE,
+    ApiError,
+    IPNetwork,
+    PortalState,
+    build_state,
+)
+from shared import resolve_sig
 
 log = logging.getLogger("portal")
 
 HOUSEKEEPING_INTERVAL = 60.0
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+#: bootloader variants kept, one per preset (CSC URL, key, CA)
+MAX_PRESETS = 8
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def client_address(
-    request: web.Request, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
-) -> str:
+def _peer_trusted(request: web.Request, trusted: list[IPNetwork]) -> bool:
+    try:
+        peer_ip = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    if isinstance(peer_ip, ipaddress.IPv6Address) and peer_ip.ipv4_mapped is not None:
+        peer_ip = peer_ip.ipv4_mapped  # a dual-stack listener's view of an IPv4 peer
+    return any(peer_ip in net for net in trusted)
+
+
+def client_address(request: web.Request, trusted: list[IPNetwork]) -> str:
     """The client: the rightmost ``X-Forwarded-For`` entry if the peer is trusted, else the peer."""
     peer = request.remote or ""
     try:
-        peer_ip = ipaddress.ip_address(peer)
+        ipaddress.ip_address(peer)
     except ValueError:
         return peer or "unknown"
-    if isinstance(peer_ip, ipaddress.IPv6Address) and peer_ip.ipv4_mapped is not None:
-        peer_ip = peer_ip.ipv4_mapped  # a dual-stack listener's view of an IPv4 peer
     forwarded = request.headers.getall("X-Forwarded-For", [])
-    if not forwarded or not any(peer_ip in net for net in trusted):
+    if not forwarded or not _peer_trusted(request, trusted):
         return peer
     rightmost = forwarded[-1].split(",")[-1].strip()
     try:
@@ -142,12 +161,48 @@ async def get_device_page(request: web.Request) -> web.Response:
     return _html(page, status=404)
 
 
+def csc_preset(request: web.Request, state: PortalState) -> dict[str, str] | None:
+    """What the bootloader served to this request is preset with: the CSC the request came
+    through (its tunnel adds ``X-Forwarded-Prefix: /t/{alias}``, ``X-Forwarded-Host`` and
+    ``-Proto``, and ``X-CSC-Resolve-Key``; believed only from a trusted proxy), and the CA of
+    ``csc_ca_file``. None when the request did not come through a CSC."""
+    headers = request.headers
+    host = headers.get("X-Forwarded-Host", "")
+    if (
+        not headers.get("X-Forwarded-Prefix", "").startswith("/t/")
+        or _HOST_RE.fullmatch(host) is None
+        or not _peer_trusted(request, state.trusted)
+    ):
+        return None
+    proto = headers.get("X-Forwarded-Proto", "").lower()
+    preset = {"csc": f"{proto if proto in ('http', 'https') else 'https'}://{host}"}
+    key = headers.get("X-CSC-Resolve-Key", "").strip()
+    if key and resolve_sig.parse_public_key(key) is not None:
+        preset["csc_key"] = key
+    if state.csc_ca:
+        preset["csc_ca"] = state.csc_ca
+    return preset
+
+
+async def _preset_pyz(state: PortalState, preset: dict[str, str]) -> bytes:
+    cache_key = json.dumps(preset, sort_keys=True)
+    found = state.pyz_presets.get(cache_key)
+    if found is None:
+        assert state.pyz_entries is not None
+        found = await asyncio.to_thread(getsite.pyz_from_entries, state.pyz_entries, preset)
+        while len(state.pyz_presets) >= MAX_PRESETS:  # oldest first
+            state.pyz_presets.pop(next(iter(state.pyz_presets)))
+        state.pyz_presets[cache_key] = found
+    return found
+
+
 async def get_pyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.pyz is None:
         raise ApiError(503, "bootloader_unavailable", state.pyz_error)
+    preset = csc_preset(request, state)
     return web.Response(
-        body=state.pyz,
+        body=state.pyz if preset is None else await _preset_pyz(state, preset),
         content_type="application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{getsite.PYZ_NAME}"'},
     )
@@ -182,13 +237,27 @@ def _bootloader_ctx(
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
         try:
-            state.pyz = await asyncio.to_thread(getsite.build_bootloader_pyz, bootloader_dir)
+            entries = await asyncio.to_thread(getsite.bootloader_entries, bootloader_dir)
+            if state.config.csc_ca_file is not None:
+                state.csc_ca = await asyncio.to_thread(_read_ca, state.config.csc_ca_file)
+            state.pyz_entries = entries
+            state.pyz = getsite.pyz_from_entries(entries, None)
         except getsite.BootloaderUnavailable as exc:
             state.pyz_error = "the bootloader download is unavailable; see the portal's log"
             log.error("the bootloader download is unavailable: %s", exc)
         yield
 
     return ctx
+
+
+def _read_ca(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise getsite.BootloaderUnavailable(f"csc_ca_file {path}: {exc}") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise getsite.BootloaderUnavailable(f"csc_ca_file {path}: no PEM certificate in it")
+    return text
 
 
 async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:

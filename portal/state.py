@@ -68,6 +68,12 @@ class PortalState:
     trusted: list[IPNetwork]
     executor: ThreadPoolExecutor | None = None
     pyz: bytes | None = None
+    #: the zipapp's files, to build the variants preset for the CSC a request came through
+    pyz_entries: dict[str, bytes] | None = None
+    #: those variants, by their preset (a few: one per CSC URL and key)
+    pyz_presets: dict[str, bytes] = field(default_factory=dict)
+    #: the PEM text of ``csc_ca_file``, built into the presets
+    csc_ca: str | None = None
     pyz_error: str = "the bootloader has not been built yet"
     clock: Callable[[], float] = field(default=time.monotonic)
 

@@ -91,6 +91,25 @@ class CSCError(Exception):
     def to_json(self, **extra: Any) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, **self.details, **extra}
 
+    def public(self) -> CSCError:
+        """This error as a device may see it: its code, the default message and ``details``.
+
+        The agent words upstream failures for its own log ("the portal at 127.0.0.1:8000
+        refused the connection"); what it sends on (OPEN_FAIL, RST) is this, so the tenant's
+        internal addresses never reach a device. Other errors are returned unchanged.
+        """
+        if self.code not in UPSTREAM_CODES:
+            return self
+        plain = error_for_code(self.code)
+        plain.details.update(self.details)
+        return plain
+
+
+#: failures of the tenant's side of a stream: their messages are worded for the agent's log
+UPSTREAM_CODES = frozenset(
+    {"upstream_refused", "upstream_reset", "upstream_error", "upstream_timeout", "agent_lost"}
+)
+
 
 def error_for_code(code: str, message: str | None = None) -> CSCError:
     """Rebuild a typed error from a code received from a peer (unknown codes become internal)."""

@@ -571,7 +571,7 @@ class _Exchange:
         if isinstance(err, UpstreamReset) and self.conn.retryable and not self.request.body:
             return True
         log.info("request %s: %s", self.request_id, err.message, extra=self._where(err))
-        self.stream.reject(err)
+        self.stream.reject(err.public())  # the portal's address stays in this log
         return False
 
     def _where(self, err: CSCError) -> dict[str, str]:
@@ -589,7 +589,7 @@ class _Exchange:
                         conn.error.message,
                         extra=self._where(conn.error),
                     )
-                    stream.reset(conn.error)
+                    stream.reset(conn.error.public())
                 return
             if conn.chunks:
                 data = conn.take()
@@ -670,7 +670,7 @@ class HttpUpstream:
                 request_id = stream.info.get("request_id", "")
                 where = {"request_id": request_id, "code": err.code}
                 log.info("request %s: %s", request_id, err.message, extra=where)
-                stream.reject(err)
+                stream.reject(err.public())  # the portal's address stays in this log
                 return
             try:
                 retry = await _Exchange(conn, stream, request).run()

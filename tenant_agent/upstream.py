@@ -106,7 +106,7 @@ def _refuse(stream: LinkStream, err: CSCError) -> None:
         err.message,
         extra={"request_id": request_id, "code": err.code},
     )
-    stream.reject(err)
+    stream.reject(err.public())  # the address stays in this log
 
 
 def _log_stream(stream: LinkStream, kind: str, started: float) -> None:

@@ -48,8 +48,11 @@ from tests.support.procs import (
     child_env,
     http_request,
     issue_token,
+    resolve_url,
     scaled,
+    tunnel_url,
     wait_alias_online,
+    wait_until,
 )
 from tests.support.stack import (
     BootRun,
@@ -131,6 +134,89 @@ def test_administrator_initiated_the_sms_from_csc_portal(stack: Stack, tmp_path:
     devices = json.loads(run_portal_cli(["devices", "--json"], stack.env))
     mine = [d for d in devices if d["device_id"] == device_id]
     assert [(d["user"], d["device_type"]) for d in mine] == [("alice", ANDROID)]
+
+
+def _name_the_tenant(stack: Stack, name: str, contact: str) -> None:
+    """Give the tenant a display name and contact, and wait until the CSC's answers carry them."""
+    _csc_admin(stack, "tenants", "update", "acme", "--name", name, "--contact", contact)
+    wait_until(
+        lambda: (
+            json.loads(http_request(resolve_url(stack.csc.http_url, stack.alias))[2])
+            .get("tenant", {})
+            .get("name")
+            == name
+        ),
+        30,
+        0.05,
+        message="the tenant's new name in the resolve answer",
+    )
+
+
+def _get_site_pyz(stack: Stack, tmp_path: Path, csc: str) -> Path:
+    """The bootloader as the get site serves it, downloaded through ``csc``'s tunnel."""
+    status, _, pyz = http_request(tunnel_url(csc, stack.alias, "get/csc-bootloader.pyz"))
+    assert status == 200
+    path = tmp_path / "csc-bootloader.pyz"
+    path.write_bytes(pyz)
+    return path
+
+
+def test_the_get_site_bootloader_knows_its_csc_and_shows_the_verified_tenant(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Issue 12, items 2 and 13: run exactly as the get page says (no --csc, no
+    CSC_BOOTLOADER_CSC); it resolves at the CSC it was downloaded through, checks the CSC's
+    signature and names the tenant before it asks for the password."""
+    _name_the_tenant(stack, "Acme Corp", "help@acme.example")
+    sms = stack.sms("--user", "alice", "--alias", stack.alias)
+    status, _, page = http_request(stack.tunnel_url(f"get/{ANDROID}/"))
+    assert status == 200
+    said = f"python3 csc-bootloader.pyz --device-type {ANDROID} --sms &#x27;&hellip;&#x27;"
+    assert said in page.decode() or f"--device-type {ANDROID} --sms '&hellip;'" in page.decode()
+    pyz = _get_site_pyz(stack, tmp_path, stack.csc.http_url)
+
+    target = tmp_path / "device"
+    args = ["--device-type", ANDROID, "--sms", sms]
+    run = stack.bootloader(args, target, password=PASSWORDS["alice"], pyz=pyz)
+
+    assert run.code == 0, run
+    assert f"Resolving {stack.alias} at {stack.csc.http_url}" in run.err
+    assert "Logging on to Acme Corp (verified by the CSC); support: help@acme.example" in run.err, (
+        run.err
+    )
+    check_installation(target, expected_package("alice", ANDROID))
+
+
+def test_a_tampered_resolve_answer_stops_the_bootloader_at_resolve(
+    stack: Stack, mitm: Mitm, tmp_path: Path
+) -> None:
+    """Issue 12, item 13: the tenant's name rewritten on the way fails the CSC's signature; the
+    bootloader (preset with the CSC it came through, here the man in the middle's address) stops
+    at the resolve stage and never contacts the portal."""
+    _name_the_tenant(stack, "Acme Corp", "help@acme.example")
+    pyz = _get_site_pyz(stack, tmp_path, mitm.url)
+    sms = stack.sms("--user", "alice", "--alias", stack.alias)
+    mitm.rename_tenant = "Acme Corp Payroll"
+
+    run = stack.bootloader(
+        ["--device-type", ANDROID, "--sms", sms],
+        tmp_path / "device",
+        password=PASSWORDS["alice"],
+        pyz=pyz,
+    )
+
+    assert run.code == 3, run
+    assert "resolve failed: the answer for acme@example.com is not signed by the key" in run.err
+    assert "Logging on to" not in run.err
+    assert not [p for p in mitm.paths() if "/v1/portal" in p or "/v1/logon" in p], mitm.paths()
+    mitm.rename_tenant = None
+    run = stack.bootloader(
+        ["--device-type", ANDROID, "--sms", sms],
+        tmp_path / "device",
+        password=PASSWORDS["alice"],
+        pyz=pyz,
+    )
+    assert run.code == 0, run  # the same bootloader through the same path, untampered
 
 
 def test_user_initiated_with_an_alias_through_the_csc(stack: Stack, tmp_path: Path) -> None:

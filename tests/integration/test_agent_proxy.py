@@ -321,6 +321,7 @@ async def test_upstream_down_is_502(upstream_proc: UpstreamProc) -> None:
         status, code, body = await error_of(resp)
     assert (status, code) == (502, "upstream_refused")
     assert "refused" in body["message"]
+    assert "127.0.0.1" not in json.dumps(body)  # the portal's address stays in the log
 
 
 async def test_upstream_slow_is_504(upstream_proc: UpstreamProc) -> None:

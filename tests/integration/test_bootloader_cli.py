@@ -106,7 +106,7 @@ def test_bootloader_imports_only_what_a_zipapp_carries() -> None:
     foreign = sorted(top - stdlib - allowed)
     assert foreign == []
     shared = sorted(name for name in loaded if name.startswith("shared."))
-    assert shared == ["shared.aliases", "shared.errors"]
+    assert shared == ["shared.aliases", "shared.errors", "shared.resolve_sig"]
 
 
 def _converse(fd: int, answers: list[tuple[bytes, str]], deadline: float) -> bytes:

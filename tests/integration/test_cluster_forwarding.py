@@ -20,6 +20,7 @@ from csc.limits import burst_for
 from csc.server import Node, running_node
 from csc.store import Store
 from csc.tenants import Actor, TenantUpdate
+from shared import resolve_sig
 from shared.config import Secret
 from tenant_agent.agent import Agent
 from tests.support.inproc import ALIAS, agent_config, make_token
@@ -86,6 +87,19 @@ async def _status(http: aiohttp.ClientSession, url: str) -> int:
         return resp.status
 
 
+async def _signed_alike(http: aiohttp.ClientSession, *nodes: Node) -> None:
+    """Every node signs the resolve answer with the cluster's one key (issue 12, item 13)."""
+    key = nodes[0].state.resolve_key
+    assert key is not None
+    for node in nodes:
+        async with http.get(f"http://{node.http_address}/v1/resolve/{ALIAS}") as resp:
+            body = await resp.json()
+        name, contact = body["tenant"]["name"], body["tenant"]["contact"]
+        assert resolve_sig.verify(
+            key.public_key(), body["signature"], ALIAS, name, contact, body["tunnel"]
+        ), node.state.node_id
+
+
 async def test_http_and_tcp_through_b_reach_the_agent_on_a(tmp_path: Path, redis_url: str) -> None:
     upstream = await start_upstream_server(tcp_echo_port=0)
     try:
@@ -97,6 +111,7 @@ async def test_http_and_tcp_through_b_reach_the_agent_on_a(tmp_path: Path, redis
                     return await _status(http, f"{b_url}/v1/resolve/{ALIAS}") == 200
 
                 await async_wait_until(online, 10, message="alias online through B")
+                await _signed_alike(http, a, b)
                 async with http.get(f"{b_url}/t/{ALIAS}/bytes/300000") as resp:
                     body = await resp.read()
                     assert resp.status == 200

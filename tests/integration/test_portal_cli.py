@@ -101,10 +101,33 @@ def seeded(template: Path, tmp_path: Path) -> Portal:
     return Portal(tmp_path)
 
 
+def test_read_only_commands_never_create_the_state(portal: Portal) -> None:
+    """Issue 12, item 4: a listing on a missing state directory names it and creates nothing."""
+    for argv in (
+        ("user", "list"),
+        ("group", "list"),
+        ("device-type", "list"),
+        ("app", "list"),
+        ("policy", "list"),
+        ("deployments",),
+        ("devices",),
+        ("key", "show"),
+        ("sms", "--alias", "acme@example.com"),
+        ("user", "remove", "alice"),
+    ):
+        code, _, err = portal(*argv)
+        assert code == 1, argv
+        assert f"no portal state in {portal.state} (portal.db is missing)" in err, err
+        assert "--state-dir" in err and "CSC_PORTAL_STATE_DIR" in err
+        assert not portal.state.exists(), argv
+
+
 def test_first_use_creates_database_and_key(portal: Portal) -> None:
-    code, out, err = portal("key", "show")
+    code, out, err = portal("device-type", "add", "linux-x64")
     assert code == 0
     assert "created the portal key" in err and "database" in err
+    code, out, err = portal("key", "show")
+    assert code == 0
     assert (portal.state / "portal-key.pem").stat().st_mode & 0o777 == 0o600
     assert (portal.state / "portal.db").is_file()
     shown = portal.json("key", "show")
@@ -257,7 +280,7 @@ def test_get_site_and_config_errors(seeded: Portal, tmp_path: Path) -> None:
 
 
 def test_a_database_from_a_newer_portal_is_refused(portal: Portal) -> None:
-    portal.ok("user", "list")
+    portal.ok("group", "add", "field")
     with Database(portal.state).connect() as conn:
         conn.execute("PRAGMA user_version = 999")
     code, _, err = portal("user", "list")

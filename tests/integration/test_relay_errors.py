@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from pathlib import Path
 
 import aiohttp
@@ -40,6 +42,28 @@ async def test_upstream_refused_is_502(tmp_path: Path) -> None:
         await wait_online(r.csc_url)
         status, body, _ = await _json(http, r.tunnel("/anything"))
         assert (status, body["error"]) == (502, "upstream_refused")
+
+
+async def test_upstream_refused_hides_the_portal_address(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The device gets the code, the tenant and the request id; the address stays in the
+    agent's log (issue 12, item 5)."""
+    caplog.set_level(logging.INFO, logger="csc_agent")
+    async with relay(tmp_path, start=False) as r, aiohttp.ClientSession() as http:
+        await start_agent(r, upstream="http://127.0.0.1:9")
+        await wait_online(r.csc_url)
+        async with http.get(r.tunnel("/v1/portal")) as resp:
+            text = await resp.text()
+            body = json.loads(text)
+        assert resp.status == 502
+        assert "127.0.0.1" not in text and ":9" not in text, text
+        assert body["message"] == "the portal refused the connection"
+        assert body["tenant"]["name"] and body["request_id"]
+        logged = [r.getMessage() for r in caplog.records if r.name.startswith("csc_agent")]
+        assert any("127.0.0.1:9" in line and body["request_id"] in line for line in logged)
+        recent = r.node.state.errors
+        assert "127.0.0.1" not in json.dumps([e.message for e in recent.recent()])
 
 
 async def test_upstream_timeout_is_504(tmp_path: Path) -> None:
@@ -117,6 +141,7 @@ async def test_tcp_upstream_refused(tmp_path: Path) -> None:
         host, port = r.tcp_address
         got = await _tcp_exchange(host, port, f"CONNECT {ALIAS}\r\n".encode())
         assert got.startswith(b"ERR 502 upstream_refused")
+        assert b"127.0.0.1" not in got, got
 
 
 async def test_alias_held_by_another_tenant_is_refused(tmp_path: Path) -> None:

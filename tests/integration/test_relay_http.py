@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
+from shared import resolve_sig
 from tests.support.inproc import ALIAS, relay
 from tests.support.upstream import expected_sha256
 
@@ -47,7 +48,19 @@ async def test_resolve(tmp_path: Path) -> None:
     async with relay(tmp_path) as r, aiohttp.ClientSession() as http:
         async with http.get(f"{r.csc_url}/v1/resolve/ACME@Example.com") as resp:
             assert resp.status == 200
-            assert await resp.json() == {"alias": ALIAS, "online": True, "tunnel": f"/t/{ALIAS}/"}
+            body = await resp.json()
+        # the fields of API 1 unchanged, plus the signed owner (issue 12, item 13)
+        assert {k: body[k] for k in ("alias", "online", "tunnel")} == {
+            "alias": ALIAS,
+            "online": True,
+            "tunnel": f"/t/{ALIAS}/",
+        }
+        assert body["tenant"] == {"name": "acme", "contact": ""}
+        key = r.node.state.resolve_key
+        assert key is not None
+        assert resolve_sig.verify(
+            key.public_key(), body["signature"], ALIAS, "acme", "", body["tunnel"]
+        )
         async with http.get(f"{r.csc_url}/v1/resolve/nobody@example.org") as resp:
             assert resp.status == 404
             assert (await resp.json())["error"] == "unknown_alias"

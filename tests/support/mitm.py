@@ -17,7 +17,9 @@ It can also play an attacker who controls the network:
   ``f(package)``, rewrites the logon answer (id, url, size, sha256, etag) to announce the forgery
   and serves the forgery itself, so only the package's signature and manifest hashes stand in
   the way; :func:`alter_file` and :func:`forge_manifest` are two such ``f``;
-* ``impostor = key``: answers ``v1/portal`` with that Ed25519 key instead of the portal's.
+* ``impostor = key``: answers ``v1/portal`` with that Ed25519 key instead of the portal's;
+* ``rename_tenant = name``: answers ``v1/resolve/…`` with that tenant name (the CSC's signature
+  left as it was).
 
 Invariants: one request per connection (``Connection: close`` both ways); request bodies are
 passed whole (the bootloader's are small JSON); response bodies stream in chunks, never held
@@ -120,6 +122,7 @@ class Mitm:
         self.hold_after: int | None = None
         self.forge: Callable[[bytes], bytes] | None = None
         self.impostor: Ed25519PrivateKey | None = None
+        self.rename_tenant: str | None = None
         self.held = False
         self._forged: dict[str, bytes] = {}
         self._exchanges: list[Exchange] = []
@@ -234,6 +237,11 @@ class Mitm:
             data = json.loads(await up_reader.readexactly(response.length or 0))
             data["key"] = base64.b64encode(public_raw(self.impostor)).decode()
             data["fingerprint"] = fingerprint(self.impostor)
+            _send_json(writer, response, data, exchange, "rewritten")
+            return
+        if ok_json and "/v1/resolve/" in request.path and self.rename_tenant is not None:
+            data = json.loads(await up_reader.readexactly(response.length or 0))
+            data["tenant"]["name"] = self.rename_tenant
             _send_json(writer, response, data, exchange, "rewritten")
             return
         fault = None

@@ -409,7 +409,7 @@ def start_csc(
     other keyword arguments become flags (see :func:`flag_args`).
     """
     state = state_dir if state_dir is not None else tmp_path / "csc-state"
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)  # csc serve refuses an open one
     ready = tmp_path / f"csc-{next(_names)}.ready.json"
     argv = [sys.executable, "-m", "csc", "serve"]
     argv += flag_args({"listen": listen, "tcp_listen": tcp_listen, "state_dir": state})

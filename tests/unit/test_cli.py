@@ -296,3 +296,16 @@ def test_agent_token_never_printed(
     assert agent("--token", "very-secret-token", "--csc", "x") == 2
     out, err = capsys.readouterr()
     assert "very-secret-token" not in out + err
+
+
+def test_operator_list_on_a_missing_state_dir_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 12, item 4: listings name the path looked in instead of creating a store."""
+    missing = tmp_path / "nowhere"
+    for argv in (["operator", "list"], ["operator", "remove", "bob"]):
+        assert csc_cli.main([*argv, "--state-dir", str(missing)], env={}) == 1
+        err = capsys.readouterr().err
+        assert f"no CSC state in {missing} (csc.db is missing)" in err
+        assert "--state-dir" in err and "CSC_STATE_DIR" in err
+        assert not missing.exists()

@@ -30,7 +30,7 @@ def _names(pyz: bytes) -> list[str]:
         return zf.namelist()
 
 
-def test_the_zipapp_holds_the_bootloader_and_three_shared_files(tmp_path: Path) -> None:
+def test_the_zipapp_holds_the_bootloader_and_four_shared_files(tmp_path: Path) -> None:
     pkg = fake_bootloader(tmp_path)
     (pkg / "sub").mkdir()
     (pkg / "sub" / "data.json").write_text("{}")
@@ -49,6 +49,7 @@ def test_the_zipapp_holds_the_bootloader_and_three_shared_files(tmp_path: Path) 
         "shared/__init__.py",
         "shared/aliases.py",
         "shared/errors.py",
+        "shared/resolve_sig.py",
     ]
     assert build_bootloader_pyz(pkg) == pyz  # deterministic
 
