@@ -62,6 +62,8 @@ _REPLACED = frozenset(
     }
 )
 RETRY_AFTER_OFFLINE = "5"
+#: How often a request without a body is opened again after its agent refused it unprocessed.
+REOPEN_ATTEMPTS = 3
 
 
 def request_id_for(request: web.Request) -> str:
@@ -205,6 +207,8 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
         stream.write_eof()  # in the same message as OPEN
     outcome = InternalError.code
     try:
+        if body is None:
+            stream = await _reopen_unprocessed(state, alias, info, tenant, stream)
         response = await _relay_response(
             request, state, stream, body, request_id, tenant, record=record
         )
@@ -224,6 +228,32 @@ async def tunnel(request: web.Request) -> web.StreamResponse:
         nbytes = request.content.total_bytes + record.bytes_out
         state.traffic.record(tenant, error=failed, nbytes=nbytes)
         _log_request(state, request, record, tenant, outcome, record.status)
+
+
+async def _reopen_unprocessed(
+    state: NodeState, alias: str, info: dict[str, Any], tenant: str | None, stream: TunnelStream
+) -> TunnelStream:
+    """Wait (up to ``open_timeout``) for the agent's answer to a request without a body; while
+    the stream was refused unprocessed (its agent session, or the node relaying to it, was
+    going away and never ran it: ``TunnelStream.unprocessed``), open it again on another
+    session or node, up to :data:`REOPEN_ATTEMPTS` times. Returns the stream to answer from
+    (the original when no other can be opened, so its error is reported)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.config.open_timeout
+    for _ in range(REOPEN_ATTEMPTS):
+        await asyncio.wait([stream.opened], timeout=max(0.0, deadline - loop.time()))
+        if not (stream.opened.done() and stream.unprocessed):
+            return stream
+        try:
+            again = await open_stream(state, alias, lookup_alias(state, alias)[1], info)
+        except CSCError:
+            return stream
+        state.limits.release_stream(tenant or "")  # the new stream holds its own slot
+        stream.finish()
+        log.info("request %s: reopened after an agent going away", info["request_id"])
+        stream = again
+        stream.write_eof()
+    return stream
 
 
 def _log_request(

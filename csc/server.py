@@ -94,6 +94,14 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "sessions": len(state.sessions)})
 
 
+async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: a draining node answers ``Connection: close``, so a load balancer
+    keeps no idle connection to it that the node's stop would close under a request."""
+    if request.app[NodeState.KEY].draining and response.status != 101:
+        response.force_close()
+        response.headers["Connection"] = "close"  # the hook runs after aiohttp set its own
+
+
 async def _close_sessions(app: web.Application) -> None:
     """on_shutdown: end every agent link with 1001 before aiohttp cancels handlers."""
     state = app[NodeState.KEY]
@@ -121,6 +129,7 @@ def create_app(
     app.router.add_route(TUNNEL_METHODS, "/t/{alias}/{tail:.*}", http_ingress.tunnel)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.on_response_prepare.append(_close_when_draining)
     app.on_shutdown.append(_close_sessions)
     app.cleanup_ctx.append(cluster_context)
     app.cleanup_ctx.append(gateway.enforce_rights)

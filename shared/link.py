@@ -36,6 +36,7 @@ from shared.protocol import (
     LinkState,
     PongReceived,
     SendCreditAvailable,
+    Side,
     StreamAccepted,
     StreamEnded,
     StreamOpened,
@@ -95,6 +96,7 @@ class LinkStream:
         "info",
         "link",
         "opened",
+        "unprocessed",
     )
 
     def __init__(self, link: Link, sid: int, info: dict[str, Any]) -> None:
@@ -102,6 +104,10 @@ class LinkStream:
         self.id = sid
         self.info = info
         self.opened: asyncio.Future[dict[str, Any]] = link.loop.create_future()
+        #: the peer never ran this stream: its GOAWAY did not cover it (``last_stream_id``
+        #: below its id) and it failed before it was accepted (refused, or the link ended);
+        #: it may be opened again elsewhere whatever the request (docs/protocol.md §7)
+        self.unprocessed = False
         self._chunks: deque[bytes | memoryview] = deque()
         self._eof = False
         self._local_eof = False
@@ -222,6 +228,9 @@ class TunnelStream(Protocol):
     @property
     def error(self) -> CSCError | None: ...
 
+    @property
+    def unprocessed(self) -> bool: ...
+
     async def read(self) -> bytes | memoryview: ...
 
     def consumed(self, nbytes: int) -> None: ...
@@ -262,6 +271,8 @@ class Link:
         self._on_stream = on_stream
         self.on_goaway = on_goaway
         self.streams: dict[int, LinkStream] = {}
+        #: ``last_stream_id`` of the peer's GOAWAY (None until one arrives)
+        self.peer_last_stream_id: int | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._kick = asyncio.Event()
         self._idle = asyncio.Event()
@@ -350,6 +361,7 @@ class Link:
         self.conn.close()
         self._flush_done()
         for stream in list(self.streams.values()):
+            stream.unprocessed = self._unseen_by_peer(stream)
             stream._fail(err)
         for task in self._tasks:
             task.cancel()
@@ -397,11 +409,20 @@ class Link:
             else:
                 self._dispatch_control(event)
 
+    def _unseen_by_peer(self, stream: LinkStream) -> bool:
+        """Whether ``stream`` is one this side opened that the peer's GOAWAY did not cover
+        (its id is above ``last_stream_id``) and that was never accepted: the peer refused
+        it unread, or the link ended before the refusal arrived. Such a stream never ran."""
+        last = self.peer_last_stream_id
+        own = (stream.id % 2 == 1) == (self.conn.side is Side.CLIENT)
+        return own and last is not None and stream.id > last and not stream.opened.done()
+
     def _dispatch_control(self, event: Event) -> None:
         if isinstance(event, StreamOpened):
             self._start_handler(event)
             return
         if isinstance(event, GoAwayReceived):
+            self.peer_last_stream_id = event.last_stream_id
             if self.on_goaway is not None:
                 self.on_goaway(event)
             return
@@ -418,6 +439,7 @@ class Link:
             stream._wake()
             self.forget_if_done(stream)
         elif isinstance(event, (StreamRejected, StreamReset)):
+            stream.unprocessed = self._unseen_by_peer(stream)
             stream._fail(error_for_code(event.code, event.message))
 
     def _start_handler(self, event: StreamOpened) -> None:

@@ -44,7 +44,7 @@ from csc.cluster.peer import PEER_KEYS, PeerPool, PeerServer, PeerStream
 from csc.cluster.routes import Keys, NodeInfo, RouteTable
 from csc.cluster.subscriber import Subscriber
 from shared.errors import CSCError, PortalOffline
-from shared.link import LinkStream, cancel_quietly
+from shared.link import LinkStream
 from shared.protocol import LinkSettings
 from shared.units import parse_hostport
 
@@ -109,6 +109,7 @@ class Cluster:
     advertised: str = ""
     subscriber: Subscriber | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopping: bool = False
     _sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _sync_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     _last_beat: float = 0.0
@@ -185,8 +186,9 @@ class Cluster:
             await self.publish({"t": "nodes"})
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
-            await cancel_quietly(task)
+            await _end_task(task)
         try:
             async with asyncio.timeout(STOP_TIMEOUT):
                 if self.subscriber is not None:
@@ -233,7 +235,7 @@ class Cluster:
         self._sync_wanted.set()
 
     async def _sync_forever(self) -> None:
-        while True:
+        while not self._stopping:
             await self._sync_wanted.wait()
             self._sync_wanted.clear()
             try:
@@ -346,7 +348,7 @@ class Cluster:
 
     async def _heartbeat_forever(self) -> None:
         period = self.lease / 3
-        while True:
+        while not self._stopping:
             await asyncio.sleep(period * random.uniform(0.9, 1.1))
             await self.beat()
 
@@ -400,6 +402,20 @@ class Cluster:
         if self.healthy:
             log.warning("Redis error: %s; serving on what this node knows", exc)
         self.healthy = False
+
+
+async def _end_task(task: asyncio.Task[None], patience: float = 2.0) -> None:
+    """Cancel ``task`` and wait for it, at most ``patience`` seconds: a task inside a library
+    call that swallows a cancellation (and retries) must not hold up the node's stop."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while not task.done() and loop.time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.2)
+    if not task.done():
+        log.warning("task %s did not end when cancelled; leaving it", task.get_name())
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("task %s failed: %r", task.get_name(), task.exception())
 
 
 def strip_peer_keys(info: dict[str, Any]) -> dict[str, Any]:

@@ -13,8 +13,11 @@ when A cannot serve: A answers OPEN_OK as soon as it has opened the stream on on
 sessions (*admission*), or OPEN_FAIL at once when it has none (``portal_offline``) or is draining
 (``going_away``). The agent's answer (the response head of an HTTP request, ``{}`` for TCP) then
 comes as the first DATA bytes of the stream: a 4-byte big-endian length and that JSON object;
-an agent refusal after admission is an RST with the agent's code. :class:`PeerStream` turns that
-back into what the ingress expects of an agent stream (``opened`` resolves to the head).
+an agent refusal after admission is an RST with the agent's code, except a refusal that proves
+the agent never ran the stream (it was going away: ``LinkStream.unprocessed``), which comes as
+the head ``{"unprocessed": true}`` so that B may open the stream again elsewhere.
+:class:`PeerStream` turns that back into what the ingress expects of an agent stream
+(``opened`` resolves to the head).
 
 A only relays: B has already checked the alias, the tenant and its limits, logs the request and
 counts it. A copies bytes between the two streams and returns credit only for bytes the next hop
@@ -75,6 +78,8 @@ MAX_HEAD = 1024 * 1024
 
 #: Stream ``info`` keys that only the peer link uses (removed before the agent sees the OPEN).
 PEER_KEYS = ("tenant",)
+#: the head A sends instead of the agent's answer when the agent never ran the stream
+UNPROCESSED = "unprocessed"
 
 
 # -- authentication ---------------------------------------------------------------------------
@@ -128,7 +133,7 @@ class PeerStream:
     read from the first DATA bytes (or fails with the stream's error).
     """
 
-    __slots__ = ("_head_task", "_pending", "info", "inner", "node", "opened")
+    __slots__ = ("_head_task", "_pending", "_unprocessed", "info", "inner", "node", "opened")
 
     def __init__(self, inner: LinkStream, node: str) -> None:
         self.inner = inner
@@ -137,6 +142,7 @@ class PeerStream:
         loop = inner.link.loop
         self.opened: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending: bytes | None = None
+        self._unprocessed = False
         self._head_task = loop.create_task(self._read_head(), name=f"peer-head-{inner.id}")
 
     async def _read_head(self) -> None:
@@ -159,6 +165,9 @@ class PeerStream:
             head = json.loads(bytes(buf[_HEAD_LEN.size : end]))
             if not isinstance(head, dict):
                 raise ProtocolError("forwarded head is not an object")
+            if head.get(UNPROCESSED) is True:  # the agent there never ran it (see _relay)
+                self._unprocessed = True
+                raise GoingAway(f"node {self.node}: the agent was going away")
         except CSCError as err:
             self._fail_open(err)
             return
@@ -185,6 +194,11 @@ class PeerStream:
     @property
     def done(self) -> bool:
         return self.inner.done
+
+    @property
+    def unprocessed(self) -> bool:
+        """Neither the other node nor its agent ran the stream: it may be opened elsewhere."""
+        return self._unprocessed or self.inner.unprocessed
 
     async def read(self) -> bytes | memoryview:
         pending = self._pending
@@ -336,6 +350,13 @@ class PeerServer:
             try:
                 head = await inner.opened
             except CSCError as err:
+                if inner.unprocessed:  # tell the forwarding node it may try elsewhere
+                    await cancel_quietly(upload)
+                    if not upload.cancelled():
+                        upload.exception()  # retrieved: the marker below reports the refusal
+                    await stream.write(encode_head({UNPROCESSED: True}))
+                    stream.write_eof()
+                    return
                 stream.reset(err)
                 return
             await stream.write(encode_head(head))
@@ -362,7 +383,8 @@ class PeerServer:
 async def _pipe(src: LinkStream, dst: LinkStream) -> None:
     """Copy ``src`` to ``dst`` until ``src`` ends, crediting ``src`` only for bytes that left
     for the next hop (queued for ``dst`` is not enough: that queue may grow to the next hop's
-    whole window); an error on either side resets the other with the same code."""
+    whole window); an error on either side resets the other with the same code, except when
+    ``dst`` failed unprocessed (its agent never ran it): the relay then tells the other node so."""
     try:
         while data := await src.read():
             await dst.write(data)
@@ -371,7 +393,8 @@ async def _pipe(src: LinkStream, dst: LinkStream) -> None:
         dst.write_eof()
     except CSCError as err:
         dst.reset(err)
-        src.reset(err)
+        if not dst.unprocessed:
+            src.reset(err)
         raise
 
 

@@ -3,7 +3,10 @@
 :func:`start_haproxy` writes a configuration into a temp dir and runs ``haproxy -db`` as a
 child process: an HTTP frontend (``balance roundrobin`` over the HTTP backends, health-checked
 with ``GET /readyz`` expecting 200, ``inter`` 500 ms, ``fall 1``/``rise 1``, ``timeout tunnel
-1h`` so WebSockets outlive the client/server idle timeouts) and a TCP frontend (mode ``tcp``,
+1h`` so WebSockets outlive the client/server idle timeouts; a request whose connection is
+refused, or whose reused idle connection closes before any answer, is retried, on another
+server from the first retry on: ``retry-on conn-failure empty-response``, ``option redispatch
+1``, as a rolling restart wants) and a TCP frontend (mode ``tcp``,
 for the ``CONNECT alias`` ingress) over the TCP backends, each checked through the health path
 of the HTTP backend of the same index (the same node), or by a plain TCP connect.
 
@@ -149,6 +152,9 @@ frontend http_in
 backend {HTTP_BACKEND}
     mode http
     balance roundrobin
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response
 {http_check}{servers(http_backends, [])}
 """
     if tcp_fd is not None:

@@ -1,0 +1,120 @@
+"""A stream the agent never ran is opened again elsewhere (rolling restarts lose no request).
+
+An agent that sends GOAWAY (it moves a session to another node, or stops) refuses the OPENs that
+crossed its GOAWAY with OPEN_FAIL ``going_away`` and may close the link right after; the CSC
+marks the streams above the GOAWAY's ``last_stream_id`` that failed before acceptance
+``unprocessed`` (shared/link.py), and the HTTP ingress opens a request without a body again on
+another session, so the bootloader never sees the refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+
+from shared.errors import GoingAway
+from shared.link import Link, LinkStream, SendFn
+from shared.protocol import Connection, HelloReceived, LinkSettings, Side
+from shared.protocol.codec import FrameType, encode_frame
+from tests.support.inproc import relay
+from tests.support.procs import async_wait_until
+
+
+async def _pair() -> tuple[Link, Link]:
+    """A CSC-side link (opens streams) and an agent-side link (serves them), in memory."""
+    loop = asyncio.get_running_loop()
+    settings = LinkSettings()
+    agent_conn = Connection(Side.CLIENT, settings, accept_streams=True, now=loop.time())
+    csc_conn = Connection(Side.SERVER, settings, accept_streams=False, now=loop.time())
+    agent_conn.send_hello({"agent": "test"})
+    csc_conn.receive_data(b"".join(agent_conn.data_to_send()), loop.time())
+    assert any(isinstance(e, HelloReceived) for e in csc_conn.events())
+    csc_conn.send_welcome({"node": "test"}, loop.time())
+    agent_conn.receive_data(b"".join(csc_conn.data_to_send()), loop.time())
+    links: dict[str, Link] = {}
+
+    def sender(to: str) -> SendFn:
+        async def send(chunks: Sequence[bytes | memoryview]) -> None:
+            target = links[to]
+            if not target.is_closed:
+                target.feed(b"".join(bytes(c) for c in chunks))
+
+        return send
+
+    async def serve(stream: LinkStream) -> None:
+        stream.accept({"status": 200})
+        stream.write_eof()
+
+    links["csc"] = Link(csc_conn, sender("agent"), name="csc")
+    links["agent"] = Link(
+        agent_conn,
+        sender("csc"),
+        on_stream=serve,
+        name="agent",
+        pending=agent_conn.events(),
+    )
+    return links["csc"], links["agent"]
+
+
+async def test_an_open_refused_after_the_agents_goaway_is_unprocessed() -> None:
+    csc, agent = await _pair()
+    served = csc.open({"kind": "http"})
+    assert await served.opened == {"status": 200}
+    agent.conn.go_away("going_away", "moving")  # queued: crosses the next OPEN
+    crossing = csc.open({"kind": "http"})
+    agent.kick()
+    refused: BaseException | None = None
+    try:
+        await asyncio.wait_for(crossing.opened, 5)
+    except GoingAway as exc:
+        refused = exc
+    assert refused is not None and crossing.unprocessed
+    assert not served.unprocessed
+    csc.close()
+    agent.close()
+
+
+async def test_streams_beyond_the_goaways_last_stream_id_are_unprocessed_at_link_end() -> None:
+    csc, agent = await _pair()
+    agent._on_stream = _never_answer  # streams stay in flight
+    seen = csc.open({"kind": "http"})
+    await async_wait_until(lambda: agent.streams, 5, 0.01)
+    late = csc.open({"kind": "http"})
+    # the agent's GOAWAY, sent when it had seen only the first stream, arrives now...
+    goaway = {"code": "going_away", "message": "moving", "last_stream_id": seen.id}
+    csc.feed(encode_frame(FrameType.GOAWAY, 0, 0, json.dumps(goaway).encode()))
+    assert csc.peer_last_stream_id == seen.id
+    csc.close()  # ...and the link ends before its refusal of the second one
+    assert late.unprocessed
+    assert not seen.unprocessed
+    agent.close()
+
+
+async def _never_answer(stream: LinkStream) -> None:
+    await asyncio.Event().wait()
+
+
+async def test_a_request_refused_by_a_departing_session_is_reopened_on_another(
+    tmp_path: Path,
+) -> None:
+    async with relay(tmp_path) as r, aiohttp.ClientSession() as http:
+        state = r.node.state
+        await async_wait_until(lambda: len(state.sessions) == 2, 10, 0.01)
+        # a slow request keeps one session busy: the idle one is tried first (least loaded)
+        slow = asyncio.ensure_future(http.get(r.tunnel("/slow-head?delay=1")))
+        await async_wait_until(lambda: any(s.load for s in state.sessions.values()), 10, 0.01)
+        busy = next(s for s in state.sessions.values() if s.load)
+        first = next(s for s in state.sessions.values() if not s.load)
+        assert r.agent is not None
+        departing = next(s for s in r.agent.sessions if s.id == first.id)
+        departing.link.conn.go_away("going_away", "moving")  # not sent until its next frame
+        async with http.get(r.tunnel("/small")) as resp:
+            assert resp.status == 200, await resp.text()
+        assert first.streams_opened == 1  # the refused try
+        assert busy.streams_opened == 2  # the slow request and the reopened one
+        async with await slow as answer:
+            assert answer.status == 200
