@@ -57,6 +57,8 @@ HANDSHAKE_TIMEOUT = 10.0
 #: How long a session's end may wait to withdraw its routes from Redis.
 ROUTES_TIMEOUT = 5.0
 _session_ids = itertools.count(1)
+#: cleanups of ended sessions still running (referenced until done; see _run_session)
+_cleanups: set[asyncio.Task[None]] = set()
 
 
 @dataclass(eq=False, slots=True)
@@ -285,18 +287,29 @@ async def _run_session(
     try:
         await run_websocket(ws, link, traffic)
     finally:
-        state.registry.unbind(session)
-        state.sessions.pop(session_id, None)
-        if state.cluster is not None:  # best effort: the heartbeat corrects it otherwise
-            with contextlib.suppress(RedisError, TimeoutError):
-                async with asyncio.timeout(ROUTES_TIMEOUT):
-                    await state.cluster.sync_routes()
-        reason = link.closed.result() if link.closed.done() else None
-        state.metrics.session_closed(session.tenant, reason, ws.close_code)
-        await link.aclose()
-        if not ws.closed:
-            await _close(ws, reason or GoingAway("session ended"))
-        log.info("agent session %s down (%s)", session_id, reason.message if reason else "closed")
+        # an agent that hangs up cancels this handler (handler_cancellation): the cleanup
+        # runs to its end anyway, in a task of its own (bounded by ROUTES_TIMEOUT)
+        cleanup = asyncio.ensure_future(_session_down(state, session, ws))
+        _cleanups.add(cleanup)
+        cleanup.add_done_callback(_cleanups.discard)
+        await asyncio.shield(cleanup)
+
+
+async def _session_down(state: NodeState, session: AgentSession, ws: web.WebSocketResponse) -> None:
+    """Unbind a session that ended, withdraw its routes, count and log it."""
+    link = session.link
+    state.registry.unbind(session)
+    state.sessions.pop(session.id, None)
+    if state.cluster is not None:  # best effort: the heartbeat corrects it otherwise
+        with contextlib.suppress(RedisError, TimeoutError):
+            async with asyncio.timeout(ROUTES_TIMEOUT):
+                await state.cluster.sync_routes()
+    reason = link.closed.result() if link.closed.done() else None
+    state.metrics.session_closed(session.tenant, reason, ws.close_code)
+    await link.aclose()
+    if not ws.closed:
+        await _close(ws, reason or GoingAway("session ended"))
+    log.info("agent session %s down (%s)", session.id, reason.message if reason else "closed")
 
 
 def _on_agent_goaway(session: AgentSession, event: GoAwayReceived) -> None:

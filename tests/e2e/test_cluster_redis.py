@@ -332,7 +332,8 @@ def test_revocation_through_b_cuts_the_agent_on_a(
         start_agent(
             procs, a.http_url, cluster.token(tenant, f"{tenant}@example.com"), upstream_proc
         )
-    jtis = {t: session_of(cluster, b, "A", t)["token_jti"] for t in ("acme", "beta")}
+    views = {t: session_of(cluster, b, "A", t) for t in ("acme", "beta")}
+    jtis = {t: view["token_jti"] for t, view in views.items()}
 
     # pub/sub: within 1 s
     sent = time.monotonic()
@@ -353,6 +354,10 @@ def test_revocation_through_b_cuts_the_agent_on_a(
         10,
         message="A lists no session of the revoked agents",
     )
+    # A finished closing both (the agents hung up at once, which cancels a session's handler)
+    for view in views.values():
+        down = re.compile(rf"agent session {re.escape(view['id'])} down")
+        wait_log(a, down, 10, f"A logs session {view['id']} down")
 
 
 # --- 4. Redis down and back ---------------------------------------------------------------------

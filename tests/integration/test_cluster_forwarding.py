@@ -25,6 +25,7 @@ from csc.server import Node, running_node
 from csc.store import Store
 from csc.tenants import Actor, TenantUpdate
 from shared.config import Secret
+from shared.errors import AuthFailed
 from tenant_agent.agent import Agent
 from tests.support.inproc import ALIAS, agent_config, make_token
 from tests.support.procs import async_wait_until, scaled
@@ -235,6 +236,16 @@ async def test_a_paused_node_is_fenced(tmp_path: Path, redis_url: str) -> None:
         await upstream.close()
 
 
+def _awaits(task: asyncio.Task[Any], name: str) -> bool:
+    """Whether ``task`` is (somewhere down its chain of awaits) inside coroutine ``name``."""
+    coro: Any = task.get_coro()
+    while coro is not None and hasattr(coro, "cr_code"):
+        if coro.cr_code.co_name == name:
+            return True
+        coro = coro.cr_await
+    return False
+
+
 def _stop_heartbeats(*clusters: Any) -> None:
     """Cancel the nodes' heartbeat tasks, so the test drives ``beat()`` alone."""
     for cluster in clusters:
@@ -313,5 +324,30 @@ async def test_lookups_keep_live_routes_and_use_the_last_answer_while_redis_is_a
             assert [n.id for n in await cluster_b.nodes_for(ALIAS)] == ["A"]
             # an alias with no answer to fall back on is still asked of Redis
             assert await cluster_b.nodes_for("nobody@example.com") == []
+    finally:
+        await upstream.close()
+
+
+async def test_a_session_cleanup_survives_the_agent_hanging_up(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """An agent that hangs up while its ended session is being cleaned up cancels the session's
+    handler (``handler_cancellation``); the cleanup still withdraws the session's routes."""
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with two_nodes(tmp_path, redis_url) as (a, _, token), agent_on(a, token, upstream):
+            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+            cluster = a.state.cluster
+            assert cluster is not None
+            _stop_heartbeats(cluster)
+            session = next(iter(a.state.sessions.values()))
+            handler = next(t for t in asyncio.all_tasks() if _awaits(t, "_run_session"))
+            async with cluster._sync_lock:  # holds the cleanup in sync_routes
+                session.end(AuthFailed("token revoked", reason="revoked"))  # no reconnect
+                await async_wait_until(lambda: session.id not in a.state.sessions, 10)
+                handler.cancel()  # what aiohttp does when the agent's connection drops
+                await asyncio.sleep(0)
+            await async_wait_until(lambda: ALIAS not in cluster.registered, 10)
+            assert await cluster.redis.hget(cluster.keys.route(ALIAS), "A") is None
     finally:
         await upstream.close()
