@@ -181,10 +181,10 @@ class Load(threading.Thread):
 
 @pytest.mark.slow
 def test_paused_node_is_fenced_and_does_not_take_the_route_back(
-    procs: ProcFactory,
-    upstream_proc: UpstreamProc,
     redis_single: RedisTopology,
     postgres_url: str,
+    procs: ProcFactory,
+    upstream_proc: UpstreamProc,
     haproxy: Any,
 ) -> None:
     cluster, a, b = start_nodes(procs, redis_single.url, postgres_url, lease="2s")
@@ -255,10 +255,10 @@ def fail_over(topology: RedisTopology) -> None:
 
 @pytest.mark.slow
 def test_failover_keeps_tunnels_and_revocations_working(
-    procs: ProcFactory,
-    upstream_proc: UpstreamProc,
     failing_redis: RedisTopology,
     postgres_url: str,
+    procs: ProcFactory,
+    upstream_proc: UpstreamProc,
 ) -> None:
     cluster, a, b = start_nodes(procs, failing_redis.url, postgres_url)
     tokens = {t: cluster.token(t, f"{t}@example.com") for t in ("acme", "beta", "gamma")}
@@ -322,10 +322,10 @@ def test_failover_keeps_tunnels_and_revocations_working(
 
 @pytest.mark.slow
 def test_revocation_through_b_cuts_the_agent_on_a(
-    procs: ProcFactory,
-    upstream_proc: UpstreamProc,
     redis_single: RedisTopology,
     postgres_url: str,
+    procs: ProcFactory,
+    upstream_proc: UpstreamProc,
 ) -> None:
     cluster, a, b = start_nodes(procs, redis_single.url, postgres_url)
     for tenant in ("acme", "beta"):
@@ -396,10 +396,10 @@ def raw_agent_connect(node: CscProc, token: str) -> tuple[int, dict[str, Any]]:
 
 @pytest.mark.slow
 def test_redis_down_keeps_tunnels_and_routes_come_back(
-    procs: ProcFactory,
-    upstream_proc: UpstreamProc,
     own_redis: RedisTopology,
     postgres_url: str,
+    procs: ProcFactory,
+    upstream_proc: UpstreamProc,
 ) -> None:
     cluster, a, b = start_nodes(procs, own_redis.url, postgres_url, lease="2s")
     token = cluster.token("acme", ACME)
