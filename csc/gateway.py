@@ -58,6 +58,8 @@ log = logging.getLogger("csc.gateway")
 
 HANDSHAKE_TIMEOUT = 10.0
 _session_ids = itertools.count(1)
+#: cleanups of ended sessions still running (referenced until done; see _run_session)
+_cleanups: set[asyncio.Task[None]] = set()
 
 
 @dataclass(eq=False, slots=True)
@@ -307,19 +309,30 @@ async def _run_session(
     try:
         await run_websocket(ws, link, traffic)
     finally:
-        state.registry.unbind(session)
-        state.sessions.pop(session_id, None)
-        if state.cluster is not None:
-            state.cluster.routes_changed()
-        reason = link.closed.result() if link.closed.done() else None
-        state.metrics.session_closed(session.tenant, reason, ws.close_code)
-        await link.aclose()
-        if not ws.closed:
-            await _close(ws, reason or GoingAway("session ended"))
-        why = reason.message if reason else "closed"
-        state.errors.agent_disconnected(session.tenant, f"agent session {session_id} down: {why}")
-        state.last_seen.session_down(session.tenant, session.grants)
-        log.info("agent session %s down (%s)", session_id, why)
+        # an agent that hangs up cancels this handler (handler_cancellation): the cleanup
+        # runs to its end anyway, in a task of its own
+        cleanup = asyncio.ensure_future(_session_down(state, session, ws))
+        _cleanups.add(cleanup)
+        cleanup.add_done_callback(_cleanups.discard)
+        await asyncio.shield(cleanup)
+
+
+async def _session_down(state: NodeState, session: AgentSession, ws: web.WebSocketResponse) -> None:
+    """Unbind a session that ended, withdraw its routes, count and log it."""
+    link = session.link
+    state.registry.unbind(session)
+    state.sessions.pop(session.id, None)
+    if state.cluster is not None:
+        state.cluster.routes_changed()
+    reason = link.closed.result() if link.closed.done() else None
+    state.metrics.session_closed(session.tenant, reason, ws.close_code)
+    await link.aclose()
+    if not ws.closed:
+        await _close(ws, reason or GoingAway("session ended"))
+    why = reason.message if reason else "closed"
+    state.errors.agent_disconnected(session.tenant, f"agent session {session.id} down: {why}")
+    state.last_seen.session_down(session.tenant, session.grants)
+    log.info("agent session %s down (%s)", session.id, why)
 
 
 def _on_agent_goaway(session: AgentSession, event: GoAwayReceived) -> None:

@@ -260,8 +260,11 @@ class Cluster:
                 await self.publish({"t": "route", "alias": grant})
 
     async def nodes_for(self, alias: str) -> list[NodeInfo]:
-        """Other nodes that can serve ``alias`` now, those recently unreachable left out."""
-        found = await self.routes.nodes_for(alias)
+        """Other nodes that can serve ``alias`` now, those recently unreachable left out.
+        While Redis is known to be away, the last known answer if there is one, without
+        waiting for Redis."""
+        known = None if self.healthy else self.routes.last_known(alias)
+        found = known if known is not None else await self.routes.nodes_for(alias)
         nodes = [n for n in found if not self.peers.suspect(n.id)]
         random.shuffle(nodes)
         return nodes
@@ -353,7 +356,11 @@ class Cluster:
             await self.beat()
 
     async def beat(self) -> None:
-        """One heartbeat: lease, directory, routes, session views."""
+        """One heartbeat: lease, directory, routes, session views.
+
+        The gap that reveals a pause counts from the end of the previous heartbeat: one that
+        spent seconds waiting for Redis (an outage, a failover) is no pause, and a node that
+        kept running re-asserts its lease and routes under its epoch, sessions untouched."""
         now = time.monotonic()
         gap, self._last_beat = now - self._last_beat, now
         try:
@@ -365,10 +372,14 @@ class Cluster:
             await self.peers.retain(set(self.routes.directory))
             await self.sync_routes(reassert=reassert)
             await self.slots.refresh()
+            if reassert:  # back after a flush or an outage: the others re-read the directory
+                await self.publish({"t": "nodes"})
             await self.routes.publish_sessions(self.hooks.session_views())
         except RedisError as exc:
             self._redis_error(exc)
             return
+        finally:
+            self._last_beat = time.monotonic()
         if not self.healthy:
             log.info("Redis answers again; lease and routes re-asserted")
         self.healthy = True

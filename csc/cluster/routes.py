@@ -27,12 +27,15 @@ re-asserts its lease and routes when Redis answers again, without agents reconne
 pattern), keep the entries whose node is live, not draining and of the same epoch, and cache
 the answer (empty ones too) for ``LOOKUP_TTL``. Invalidation messages on the ``P:events``
 channel drop cached answers at once; the version counter, polled with the directory every
-heartbeat, drops the whole cache if a message was missed. When Redis cannot be read, the last
-known answer is used, however old (tunnels keep working on what the node knows).
+heartbeat, drops the whole cache if a message was missed. A lookup deletes a route entry only
+once its epoch is void (its node's lease names another epoch, or is gone). When Redis cannot be
+read, or does not answer within ``LOOKUP_TIMEOUT`` (a failover under way), the last known answer
+is used, however old (tunnels keep working on what the node knows; stale-if-error).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.aliases import domain_of
 
@@ -49,6 +53,8 @@ log = logging.getLogger("csc.cluster")
 
 #: Seconds a lookup answer (positive or negative) is reused without asking Redis.
 LOOKUP_TTL = 1.0
+#: Longest wait for Redis on a request's path before the last known answer is used instead.
+LOOKUP_TIMEOUT = 1.0
 #: A directory read older than this is not trusted to tell dead route entries apart.
 DIRECTORY_FRESH = 5.0
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -242,7 +248,7 @@ class RouteTable:
         current = int(version) if version is not None else 0
         if current != self._version:
             self._version = current
-            self._cache.clear()
+            self.forget()
         return live
 
     def live_nodes(self, *, accepting: bool = False) -> list[NodeInfo]:
@@ -251,17 +257,25 @@ class RouteTable:
     # -- lookups -----------------------------------------------------------------------------
 
     def forget(self, grant: str | None = None) -> None:
-        """Drop cached answers: for one alias (a pattern drops them all), or all of them."""
+        """Drop cached answers: for one alias (a pattern drops them all), or all of them.
+
+        A dropped answer naming nodes is no longer fresh but stays the last known one, which
+        a lookup falls back on while Redis cannot answer (empty answers simply go)."""
         if grant is None or grant.startswith("*@"):
-            self._cache.clear()
-        else:
-            self._cache.pop(grant, None)
+            self._cache = {a: (float("-inf"), n) for a, (_, n) in self._cache.items() if n}
+        elif (hit := self._cache.pop(grant, None)) is not None and hit[1]:
+            self._cache[grant] = (float("-inf"), hit[1])
 
     def cached(self, alias: str) -> tuple[NodeInfo, ...] | None:
         hit = self._cache.get(alias)
         if hit is None or hit[0] < self.clock():
             return None
         return hit[1]
+
+    def last_known(self, alias: str) -> tuple[NodeInfo, ...] | None:
+        """The last answer for ``alias``, however old (None: there is none)."""
+        hit = self._cache.get(alias)
+        return hit[1] if hit is not None else None
 
     async def nodes_for(self, alias: str) -> tuple[NodeInfo, ...]:
         """Other live, accepting nodes that registered ``alias`` (or its ``*@domain``)."""
@@ -274,13 +288,14 @@ class RouteTable:
             grants.append(f"*@{domain}")
         try:
             found: list[NodeInfo] = []
-            for grant in grants:
-                entries = await self.redis.hgetall(self.keys.route(grant))
-                found += await self._valid(grant, entries)
-        except RedisError as exc:
-            self.on_error(exc)
-            stale = self._cache.get(alias)
-            return stale[1] if stale is not None else ()
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                for grant in grants:
+                    entries = await self.redis.hgetall(self.keys.route(grant))
+                    found += await self._valid(grant, entries)
+        except (RedisError, TimeoutError) as exc:
+            slow = f"no answer to a route lookup within {LOOKUP_TIMEOUT:g} s"
+            self.on_error(exc if isinstance(exc, RedisError) else RedisTimeoutError(slow))
+            return self.last_known(alias) or ()
         answer = tuple({n.id: n for n in found}.values())
         self._cache[alias] = (self.clock() + LOOKUP_TTL, answer)
         return answer
@@ -300,6 +315,11 @@ class RouteTable:
 
     async def _delete_stale(self, grant: str, node: str, epoch: str) -> None:
         if node == self.node_id and epoch == str(self.epoch):
+            return
+        # a node missing from this node's directory read may have re-asserted its lease since
+        # (after a Redis restart or failover): its entry stays while its lease names the epoch
+        lease = await self.redis.get(self.keys.lease(node))
+        if lease is not None and _text(lease) == epoch:
             return
         if self._delete_if is None:
             self._delete_if = self.redis.register_script(_DELETE_IF)

@@ -8,13 +8,17 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+import csc.cluster.node as cluster_node
 from csc.config import CSCConfig
 from csc.limits import burst_for
 from csc.server import Node, running_node
@@ -22,6 +26,7 @@ from csc.store import Store
 from csc.tenants import Actor, TenantUpdate
 from shared import resolve_sig
 from shared.config import Secret
+from shared.errors import AuthFailed
 from tenant_agent.agent import Agent
 from tests.support.inproc import ALIAS, agent_config, make_token
 from tests.support.procs import async_wait_until, scaled
@@ -337,5 +342,123 @@ async def test_admin_api_of_b_sees_and_ends_a_session_on_a(tmp_path: Path, redis
                 assert resp.status == 200
                 assert (await resp.json())["node"] == "A"
             await async_wait_until(lambda: session.link.is_closed, 5)
+    finally:
+        await upstream.close()
+
+
+def _awaits(task: asyncio.Task[Any], name: str) -> bool:
+    """Whether ``task`` is (somewhere down its chain of awaits) inside coroutine ``name``."""
+    coro: Any = task.get_coro()
+    while coro is not None and hasattr(coro, "cr_code"):
+        if coro.cr_code.co_name == name:
+            return True
+        coro = coro.cr_await
+    return False
+
+
+def _stop_heartbeats(*clusters: Any) -> None:
+    """Cancel the nodes' heartbeat tasks, so the test drives ``beat()`` alone."""
+    for cluster in clusters:
+        for task in cluster._tasks:
+            if task.get_name() == "cluster-heartbeat":
+                task.cancel()
+
+
+async def test_a_heartbeat_that_waited_for_redis_does_not_fence(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heartbeat stuck in Redis's retries for longer than the lease (an outage) is no pause:
+    when Redis answers again the node re-asserts its lease and routes under its epoch, and its
+    agent's session stays up."""
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with two_nodes(tmp_path, redis_url) as (a, _, token), agent_on(a, token, upstream):
+            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+            cluster = a.state.cluster
+            assert cluster is not None
+            _stop_heartbeats(cluster)
+            clock = [1000.0]
+            fake_time = SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
+            monkeypatch.setattr(cluster_node, "time", fake_time)
+            cluster._last_beat = clock[0]
+            epoch, session = cluster.routes.epoch, next(iter(a.state.sessions.values()))
+            heartbeat = cluster.routes.heartbeat
+
+            async def outage() -> str:  # the retries give up ten leases later
+                clock[0] += 10 * cluster.lease
+                raise RedisConnectionError("Connection refused")
+
+            monkeypatch.setattr(cluster.routes, "heartbeat", outage)
+            await cluster.beat()
+            assert not cluster.healthy
+            # meanwhile the lease expired (or Redis restarted empty)
+            await cluster.redis.delete(cluster.keys.lease("A"), cluster.keys.route(ALIAS))
+            monkeypatch.setattr(cluster.routes, "heartbeat", heartbeat)
+            clock[0] += cluster.lease / 3  # the heartbeat's sleep
+            await cluster.beat()
+            assert cluster.healthy and cluster.stats.fenced == 0
+            assert cluster.routes.epoch == epoch and not session.link.is_closed
+            assert int(await cluster.redis.get(cluster.keys.lease("A"))) == epoch
+            assert int(await cluster.redis.hget(cluster.keys.route(ALIAS), "A")) == epoch
+    finally:
+        await upstream.close()
+
+
+async def test_lookups_keep_live_routes_and_use_the_last_answer_while_redis_is_away(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A lookup deletes no entry whose node's lease names its epoch, even when that node is
+    missing from the looking node's directory read (it re-asserted after a Redis restart);
+    while Redis is known to be away, lookups answer from what the node knew."""
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with two_nodes(tmp_path, redis_url) as (a, b, token), agent_on(a, token, upstream):
+            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+            cluster_a, cluster_b = a.state.cluster, b.state.cluster
+            assert cluster_a is not None and cluster_b is not None
+            _stop_heartbeats(cluster_a, cluster_b)
+            route = cluster_b.keys.route(ALIAS)
+            await async_wait_until(lambda: cluster_b.nodes_for(ALIAS), 10)
+            # B's directory read missed A (A re-asserted just after it): A's entry stays
+            del cluster_b.routes.directory["A"]
+            cluster_b.routes.forget()
+            assert await cluster_b.nodes_for(ALIAS) == []
+            assert await cluster_a.redis.hget(route, "A") is not None
+            # a fresh directory read finds A again; then Redis "goes away": the last answer
+            await cluster_b.routes.read_directory()
+            cluster_b.routes.forget()
+            assert [n.id for n in await cluster_b.nodes_for(ALIAS)] == ["A"]
+            # Redis "goes away": the last answer, even once dropped (an event, a resync)
+            await cluster_a.redis.delete(route)
+            cluster_b.routes.forget()
+            cluster_b.healthy = False
+            assert [n.id for n in await cluster_b.nodes_for(ALIAS)] == ["A"]
+            # an alias with no answer to fall back on is still asked of Redis
+            assert await cluster_b.nodes_for("nobody@example.com") == []
+    finally:
+        await upstream.close()
+
+
+async def test_a_session_cleanup_survives_the_agent_hanging_up(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """An agent that hangs up while its ended session is being cleaned up cancels the session's
+    handler (``handler_cancellation``); the cleanup still withdraws the session's routes."""
+    upstream = await start_upstream_server(tcp_echo_port=0)
+    try:
+        async with two_nodes(tmp_path, redis_url) as (a, _, token), agent_on(a, token, upstream):
+            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+            cluster = a.state.cluster
+            assert cluster is not None
+            _stop_heartbeats(cluster)
+            session = next(iter(a.state.sessions.values()))
+            handler = next(t for t in asyncio.all_tasks() if _awaits(t, "_run_session"))
+            async with cluster._sync_lock:  # holds the cleanup in sync_routes
+                session.end(AuthFailed("token revoked", reason="revoked"))  # no reconnect
+                await async_wait_until(lambda: session.id not in a.state.sessions, 10)
+                handler.cancel()  # what aiohttp does when the agent's connection drops
+                await asyncio.sleep(0)
+            await async_wait_until(lambda: ALIAS not in cluster.registered, 10)
+            assert await cluster.redis.hget(cluster.keys.route(ALIAS), "A") is None
     finally:
         await upstream.close()
