@@ -160,8 +160,15 @@ class RouteTable:
     # -- this node ---------------------------------------------------------------------------
 
     async def join(self, peer: str, *, draining: bool = False) -> int:
-        """Take a fresh epoch and write this node's lease and directory entry."""
-        self.epoch = int(await self.redis.incr(self.keys.epoch))
+        """Take a fresh epoch and write this node's lease and directory entry.
+
+        An epoch is never one this node had before, even when the counter was lost with a
+        Redis flush: the counter is then moved past this node's last epoch.
+        """
+        epoch = int(await self.redis.incr(self.keys.epoch))
+        if epoch <= self.epoch:
+            epoch = int(await self.redis.incrby(self.keys.epoch, self.epoch - epoch + 1))
+        self.epoch = epoch
         self.info = NodeInfo(self.node_id, peer, self.epoch, draining, time.time())
         await self._write_lease()
         return self.epoch

@@ -462,3 +462,16 @@ async def test_a_session_cleanup_survives_the_agent_hanging_up(
             assert await cluster.redis.hget(cluster.keys.route(ALIAS), "A") is None
     finally:
         await upstream.close()
+
+
+async def test_a_new_epoch_is_new_even_after_the_counter_was_lost(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """After a Redis flush the epoch counter starts again; a node that must take a new epoch
+    (fencing) still gets one it never had."""
+    async with two_nodes(tmp_path, redis_url) as (a, _b, _token):
+        cluster = a.state.cluster
+        assert cluster is not None
+        before = cluster.routes.epoch
+        await cluster.redis.delete(cluster.keys.epoch)  # what a flush does to the counter
+        assert await cluster.routes.join(cluster.routes.me.peer) > before
