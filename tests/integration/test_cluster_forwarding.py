@@ -42,6 +42,16 @@ def redis_url(redis_topology: RedisTopology) -> str:
     return redis_topology.url
 
 
+@pytest.fixture
+async def upstream() -> AsyncIterator[UpstreamServer]:
+    """The portal (HTTP and TCP echo) the agents of a test serve."""
+    server = await start_upstream_server(tcp_echo_port=0)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
 def node_config(state_dir: Path, redis_url: str, prefix: str, **over: Any) -> CSCConfig:
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
@@ -105,152 +115,144 @@ async def _signed_alike(http: aiohttp.ClientSession, *nodes: Node) -> None:
         ), node.state.node_id
 
 
-async def test_http_and_tcp_through_b_reach_the_agent_on_a(tmp_path: Path, redis_url: str) -> None:
-    upstream = await start_upstream_server(tcp_echo_port=0)
-    try:
-        async with two_nodes(tmp_path, redis_url) as (a, b, token):
-            async with agent_on(a, token, upstream), aiohttp.ClientSession() as http:
-                b_url = f"http://{b.http_address}"
+async def test_http_and_tcp_through_b_reach_the_agent_on_a(
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
+) -> None:
+    async with two_nodes(tmp_path, redis_url) as (a, b, token):
+        async with agent_on(a, token, upstream), aiohttp.ClientSession() as http:
+            b_url = f"http://{b.http_address}"
 
-                async def online() -> bool:
-                    return await _status(http, f"{b_url}/v1/resolve/{ALIAS}") == 200
+            async def online() -> bool:
+                return await _status(http, f"{b_url}/v1/resolve/{ALIAS}") == 200
 
-                await async_wait_until(online, 10, message="alias online through B")
-                await _signed_alike(http, a, b)
-                async with http.get(f"{b_url}/t/{ALIAS}/bytes/300000") as resp:
-                    body = await resp.read()
-                    assert resp.status == 200
-                    assert len(body) == 300000
-                payload = os.urandom(700_000)
-                async with http.post(f"{b_url}/t/{ALIAS}/echo/up", data=payload) as resp:
-                    assert resp.status == 200
-                    echo = await resp.json()
-                    assert echo["body_sha256"] == hashlib.sha256(payload).hexdigest()
-                assert b.state.cluster is not None
-                assert b.state.cluster.stats.lookups["remote"] >= 2
-                host, _, port = (b.tcp_address or "").rpartition(":")
-                reader, writer = await asyncio.open_connection(host, int(port))
-                writer.write(f"CONNECT {ALIAS}\r\n".encode())
-                assert await reader.readline() == b"OK\r\n"
-                writer.write(b"ping through the peer link")
-                await writer.drain()
-                echoed = await reader.readexactly(len(b"ping through the peer link"))
-                assert echoed == b"ping through the peer link"
-                writer.close()
-            # the agent is gone: B answers portal_offline once A withdrew the route
-            async with aiohttp.ClientSession() as http:
+            await async_wait_until(online, 10, message="alias online through B")
+            await _signed_alike(http, a, b)
+            async with http.get(f"{b_url}/t/{ALIAS}/bytes/300000") as resp:
+                body = await resp.read()
+                assert resp.status == 200
+                assert len(body) == 300000
+            payload = os.urandom(700_000)
+            async with http.post(f"{b_url}/t/{ALIAS}/echo/up", data=payload) as resp:
+                assert resp.status == 200
+                echo = await resp.json()
+                assert echo["body_sha256"] == hashlib.sha256(payload).hexdigest()
+            assert b.state.cluster is not None
+            assert b.state.cluster.stats.lookups["remote"] >= 2
+            host, _, port = (b.tcp_address or "").rpartition(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"CONNECT {ALIAS}\r\n".encode())
+            assert await reader.readline() == b"OK\r\n"
+            writer.write(b"ping through the peer link")
+            await writer.drain()
+            echoed = await reader.readexactly(len(b"ping through the peer link"))
+            assert echoed == b"ping through the peer link"
+            writer.close()
+        # the agent is gone: B answers portal_offline once A withdrew the route
+        async with aiohttp.ClientSession() as http:
 
-                async def offline() -> bool:
-                    return await _status(http, f"http://{b.http_address}/v1/resolve/{ALIAS}") == 503
+            async def offline() -> bool:
+                return await _status(http, f"http://{b.http_address}/v1/resolve/{ALIAS}") == 503
 
-                await async_wait_until(offline, 10, message="alias offline through B")
-    finally:
-        await upstream.close()
+            await async_wait_until(offline, 10, message="alias offline through B")
 
 
-async def test_tenant_rate_limit_holds_across_nodes(tmp_path: Path, redis_url: str) -> None:
+async def test_tenant_rate_limit_holds_across_nodes(
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
+) -> None:
     """max_request_rate is the whole cluster's: requests spread over two nodes (agent on A,
     so B forwards) are admitted at most ``rate * t + burst`` times in all."""
     rate = 10.0
-    upstream = await start_upstream_server(tcp_echo_port=0)
-    try:
-        async with two_nodes(tmp_path, redis_url) as (a, b, token):
+    async with two_nodes(tmp_path, redis_url) as (a, b, token):
+        store = Store(tmp_path / "state")
+        try:
+            store.update_tenant(
+                "acme", TenantUpdate(limits={"max_request_rate": rate}), Actor("t", "local")
+            )
+        finally:
+            store.close()
+        for node in (a, b):
+            node.state.registry.refresh(force=True)
+        async with agent_on(a, token, upstream), aiohttp.ClientSession() as http:
+            urls = [f"http://{n.http_address}/t/{ALIAS}/small" for n in (a, b)]
+
+            async def online() -> bool:
+                return await _status(http, f"http://{b.http_address}/v1/resolve/{ALIAS}") == 200
+
+            await async_wait_until(online, 10, message="alias online through B")
+            loop = asyncio.get_running_loop()
+            admitted = refused = 0
+            started = loop.time()
+            for i in range(120):
+                status = await _status(http, urls[i % 2])
+                assert status in (200, 429), status
+                admitted += status == 200
+                refused += status == 429
+            elapsed = loop.time() - started
+            assert refused > 0
+            assert admitted <= rate * elapsed + burst_for(rate) + 1, (admitted, elapsed)
+
+
+async def test_revocation_through_b_cuts_the_agent_on_a(
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
+) -> None:
+    async with two_nodes(tmp_path, redis_url) as (a, b, token):
+        agent = Agent(agent_config(f"http://{a.http_address}", token, upstream, sessions=1))
+        task = asyncio.create_task(agent.run())
+        try:
+            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+            jti = next(iter(a.state.sessions.values())).jti
             store = Store(tmp_path / "state")
             try:
-                store.update_tenant(
-                    "acme", TenantUpdate(limits={"max_request_rate": rate}), Actor("t", "local")
-                )
+                store.revoke_token(jti, Actor("t", "local"))
             finally:
                 store.close()
-            for node in (a, b):
-                node.state.registry.refresh(force=True)
-            async with agent_on(a, token, upstream), aiohttp.ClientSession() as http:
-                urls = [f"http://{n.http_address}/t/{ALIAS}/small" for n in (a, b)]
-
-                async def online() -> bool:
-                    return await _status(http, f"http://{b.http_address}/v1/resolve/{ALIAS}") == 200
-
-                await async_wait_until(online, 10, message="alias online through B")
-                loop = asyncio.get_running_loop()
-                admitted = refused = 0
-                started = loop.time()
-                for i in range(120):
-                    status = await _status(http, urls[i % 2])
-                    assert status in (200, 429), status
-                    admitted += status == 200
-                    refused += status == 429
-                elapsed = loop.time() - started
-                assert refused > 0
-                assert admitted <= rate * elapsed + burst_for(rate) + 1, (admitted, elapsed)
-    finally:
-        await upstream.close()
+            assert b.state.cluster is not None
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            # what B's admin API does after a change: tell every node
+            await b.state.cluster.publish({"t": "catalog"})
+            await async_wait_until(lambda: not a.state.sessions, 5)
+            assert loop.time() - started < scaled(1.0)
+            assert await asyncio.wait_for(task, scaled(10)) == 3  # the agent gives up
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, scaled(10))
 
 
-async def test_revocation_through_b_cuts_the_agent_on_a(tmp_path: Path, redis_url: str) -> None:
-    upstream = await start_upstream_server(tcp_echo_port=0)
-    try:
-        async with two_nodes(tmp_path, redis_url) as (a, b, token):
-            agent = Agent(agent_config(f"http://{a.http_address}", token, upstream, sessions=1))
-            task = asyncio.create_task(agent.run())
-            try:
-                await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
-                jti = next(iter(a.state.sessions.values())).jti
-                store = Store(tmp_path / "state")
-                try:
-                    store.revoke_token(jti, Actor("t", "local"))
-                finally:
-                    store.close()
-                assert b.state.cluster is not None
-                loop = asyncio.get_running_loop()
-                started = loop.time()
-                # what B's admin API does after a change: tell every node
-                await b.state.cluster.publish({"t": "catalog"})
-                await async_wait_until(lambda: not a.state.sessions, 5)
-                assert loop.time() - started < scaled(1.0)
-                assert await asyncio.wait_for(task, scaled(10)) == 3  # the agent gives up
-            finally:
-                agent.stop()
-                await asyncio.wait_for(task, scaled(10))
-    finally:
-        await upstream.close()
-
-
-async def test_a_paused_node_is_fenced(tmp_path: Path, redis_url: str) -> None:
+async def test_a_paused_node_is_fenced(
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
+) -> None:
     """A node whose lease expired while it did not run takes a new epoch, ends its sessions,
     and its old routes no longer count anywhere."""
-    upstream = await start_upstream_server(tcp_echo_port=0)
-    try:
-        async with (
-            two_nodes(tmp_path, redis_url) as (a, b, token),
-            agent_on(a, token, upstream),
-            aiohttp.ClientSession() as http,
-        ):
-            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
-            cluster_a, cluster_b = a.state.cluster, b.state.cluster
-            assert cluster_a is not None and cluster_b is not None
-            old_epoch = cluster_a.routes.epoch
-            # what a SIGSTOP longer than the lease looks like from inside: the lease key
-            # expired, and the last heartbeat is longer ago than the lease
-            await cluster_a.redis.delete(cluster_a.keys.lease("A"))
-            await cluster_b.routes.read_directory()
-            cluster_b.routes.forget()
-            assert await cluster_b.nodes_for(ALIAS) == []
-            cluster_a._last_beat -= 10 * cluster_a.lease
-            session = next(iter(a.state.sessions.values()))
-            await cluster_a.beat()
-            assert cluster_a.routes.epoch > old_epoch
-            assert cluster_a.stats.fenced == 1
-            await async_wait_until(lambda: session.link.is_closed, 5)
-            # the agent reconnects (to A here, the only node it knows) under the new epoch
-            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
-            await cluster_a.beat()
-            await cluster_b.routes.read_directory()
-            cluster_b.routes.forget()
-            nodes = await cluster_b.nodes_for(ALIAS)
-            assert [(n.id, n.epoch) for n in nodes] == [("A", cluster_a.routes.epoch)]
-            assert await _status(http, f"http://{b.http_address}/t/{ALIAS}/small") == 200
-    finally:
-        await upstream.close()
+    async with (
+        two_nodes(tmp_path, redis_url) as (a, b, token),
+        agent_on(a, token, upstream),
+        aiohttp.ClientSession() as http,
+    ):
+        await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+        cluster_a, cluster_b = a.state.cluster, b.state.cluster
+        assert cluster_a is not None and cluster_b is not None
+        old_epoch = cluster_a.routes.epoch
+        # what a SIGSTOP longer than the lease looks like from inside: the lease key
+        # expired, and the last heartbeat is longer ago than the lease
+        await cluster_a.redis.delete(cluster_a.keys.lease("A"))
+        await cluster_b.routes.read_directory()
+        cluster_b.routes.forget()
+        assert await cluster_b.nodes_for(ALIAS) == []
+        cluster_a._last_beat -= 10 * cluster_a.lease
+        session = next(iter(a.state.sessions.values()))
+        await cluster_a.beat()
+        assert cluster_a.routes.epoch > old_epoch
+        assert cluster_a.stats.fenced == 1
+        await async_wait_until(lambda: session.link.is_closed, 5)
+        # the agent reconnects (to A here, the only node it knows) under the new epoch
+        await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+        await cluster_a.beat()
+        await cluster_b.routes.read_directory()
+        cluster_b.routes.forget()
+        nodes = await cluster_b.nodes_for(ALIAS)
+        assert [(n.id, n.epoch) for n in nodes] == [("A", cluster_a.routes.epoch)]
+        assert await _status(http, f"http://{b.http_address}/t/{ALIAS}/small") == 200
 
 
 def _set_limits(tmp_path: Path, nodes: tuple[Node, ...], **limits: Any) -> None:
@@ -263,87 +265,81 @@ def _set_limits(tmp_path: Path, nodes: tuple[Node, ...], **limits: Any) -> None:
         node.state.registry.refresh(force=True)
 
 
-async def test_tenant_stream_cap_holds_across_nodes(tmp_path: Path, redis_url: str) -> None:
+async def test_tenant_stream_cap_holds_across_nodes(
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
+) -> None:
     """max_streams=1: while one download runs through A, a request through B is refused with
     429 tenant_limit; once it ends (and its slot is given back) B is served."""
-    upstream = await start_upstream_server(tcp_echo_port=0)
-    try:
-        async with two_nodes(tmp_path, redis_url) as (a, b, token):
-            _set_limits(tmp_path, (a, b), max_streams=1)
-            async with agent_on(a, token, upstream), aiohttp.ClientSession() as http:
-                b_small = f"http://{b.http_address}/t/{ALIAS}/small"
+    async with two_nodes(tmp_path, redis_url) as (a, b, token):
+        _set_limits(tmp_path, (a, b), max_streams=1)
+        async with agent_on(a, token, upstream), aiohttp.ClientSession() as http:
+            b_small = f"http://{b.http_address}/t/{ALIAS}/small"
 
-                async def online() -> bool:
-                    return await _status(http, f"http://{b.http_address}/v1/resolve/{ALIAS}") == 200
+            async def online() -> bool:
+                return await _status(http, f"http://{b.http_address}/v1/resolve/{ALIAS}") == 200
 
-                await async_wait_until(online, 10, message="alias online through B")
-                slow = f"http://{a.http_address}/t/{ALIAS}/bytes/400000?rate=200000"
-                async with http.get(slow) as held:
-                    assert held.status == 200
-                    async with http.get(b_small) as refused:
-                        assert refused.status == 429
-                        assert (await refused.json())["error"] == "tenant_limit"
-                    assert len(await held.read()) == 400000
+            await async_wait_until(online, 10, message="alias online through B")
+            slow = f"http://{a.http_address}/t/{ALIAS}/bytes/400000?rate=200000"
+            async with http.get(slow) as held:
+                assert held.status == 200
+                async with http.get(b_small) as refused:
+                    assert refused.status == 429
+                    assert (await refused.json())["error"] == "tenant_limit"
+                assert len(await held.read()) == 400000
 
-                async def served() -> bool:
-                    return await _status(http, b_small) == 200
+            async def served() -> bool:
+                return await _status(http, b_small) == 200
 
-                await async_wait_until(served, 5, message="B serves once the slot is free")
-    finally:
-        await upstream.close()
+            await async_wait_until(served, 5, message="B serves once the slot is free")
 
 
-async def test_tenant_session_cap_holds_across_nodes(tmp_path: Path, redis_url: str) -> None:
+async def test_tenant_session_cap_holds_across_nodes(
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
+) -> None:
     """max_sessions=1: with the tenant's one session on A, a session on B is refused (429
     before the upgrade); when A's session ends, B admits one."""
-    upstream = await start_upstream_server(tcp_echo_port=0)
-    try:
-        async with two_nodes(tmp_path, redis_url) as (a, b, token):
-            _set_limits(tmp_path, (a, b), max_sessions=1)
-            async with agent_on(a, token, upstream):
-                await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
-                async with aiohttp.ClientSession() as http:
-                    headers = {"Authorization": f"Bearer {token}"}
-                    url = f"http://{b.http_address}/v1/agent/connect"
-                    async with http.get(url, headers=headers) as resp:
-                        assert resp.status == 429
-                        assert (await resp.json())["error"] == "tenant_limit"
-            await async_wait_until(lambda: not a.state.sessions, 10)
-            async with agent_on(b, token, upstream):
-                await async_wait_until(lambda: len(b.state.sessions) == 1, 10)
-    finally:
-        await upstream.close()
-
-
-async def test_admin_api_of_b_sees_and_ends_a_session_on_a(tmp_path: Path, redis_url: str) -> None:
-    upstream = await start_upstream_server(tcp_echo_port=0)
-    try:
-        async with (
-            two_nodes(tmp_path, redis_url, admin_listen="127.0.0.1:0") as (a, b, token),
-            agent_on(a, token, upstream),
-            aiohttp.ClientSession() as http,
-        ):
+    async with two_nodes(tmp_path, redis_url) as (a, b, token):
+        _set_limits(tmp_path, (a, b), max_sessions=1)
+        async with agent_on(a, token, upstream):
             await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
-            assert a.state.cluster is not None
-            await a.state.cluster.beat()  # publishes A's session views now
-            operator = (tmp_path / "state" / "admin-token").read_text().strip()
-            headers = {"Authorization": f"Bearer {operator}"}
-            admin = f"http://{b.admin_address}/v1/admin"
-            async with http.get(f"{admin}/sessions", headers=headers) as resp:
-                listed = await resp.json()
-            assert listed["nodes"] == ["B", "A"]
-            [view] = listed["sessions"]
-            assert view["node"] == "A" and view["tenant"] == "acme"
-            async with http.get(f"{admin}/aliases", headers=headers) as resp:
-                [row] = (await resp.json())["aliases"]
-            assert row["alias"] == ALIAS and row["online"] is True and row["sessions"] == 1
-            session = next(iter(a.state.sessions.values()))
-            async with http.delete(f"{admin}/sessions/{view['id']}", headers=headers) as resp:
-                assert resp.status == 200
-                assert (await resp.json())["node"] == "A"
-            await async_wait_until(lambda: session.link.is_closed, 5)
-    finally:
-        await upstream.close()
+            async with aiohttp.ClientSession() as http:
+                headers = {"Authorization": f"Bearer {token}"}
+                url = f"http://{b.http_address}/v1/agent/connect"
+                async with http.get(url, headers=headers) as resp:
+                    assert resp.status == 429
+                    assert (await resp.json())["error"] == "tenant_limit"
+        await async_wait_until(lambda: not a.state.sessions, 10)
+        async with agent_on(b, token, upstream):
+            await async_wait_until(lambda: len(b.state.sessions) == 1, 10)
+
+
+async def test_admin_api_of_b_sees_and_ends_a_session_on_a(
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
+) -> None:
+    async with (
+        two_nodes(tmp_path, redis_url, admin_listen="127.0.0.1:0") as (a, b, token),
+        agent_on(a, token, upstream),
+        aiohttp.ClientSession() as http,
+    ):
+        await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+        assert a.state.cluster is not None
+        await a.state.cluster.beat()  # publishes A's session views now
+        operator = (tmp_path / "state" / "admin-token").read_text().strip()
+        headers = {"Authorization": f"Bearer {operator}"}
+        admin = f"http://{b.admin_address}/v1/admin"
+        async with http.get(f"{admin}/sessions", headers=headers) as resp:
+            listed = await resp.json()
+        assert listed["nodes"] == ["B", "A"]
+        [view] = listed["sessions"]
+        assert view["node"] == "A" and view["tenant"] == "acme"
+        async with http.get(f"{admin}/aliases", headers=headers) as resp:
+            [row] = (await resp.json())["aliases"]
+        assert row["alias"] == ALIAS and row["online"] is True and row["sessions"] == 1
+        session = next(iter(a.state.sessions.values()))
+        async with http.delete(f"{admin}/sessions/{view['id']}", headers=headers) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["node"] == "A"
+        await async_wait_until(lambda: session.link.is_closed, 5)
 
 
 def _awaits(task: asyncio.Task[Any], name: str) -> bool:
@@ -365,103 +361,91 @@ def _stop_heartbeats(*clusters: Any) -> None:
 
 
 async def test_a_heartbeat_that_waited_for_redis_does_not_fence(
-    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A heartbeat stuck in Redis's retries for longer than the lease (an outage) is no pause:
     when Redis answers again the node re-asserts its lease and routes under its epoch, and its
     agent's session stays up."""
-    upstream = await start_upstream_server(tcp_echo_port=0)
-    try:
-        async with two_nodes(tmp_path, redis_url) as (a, _, token), agent_on(a, token, upstream):
-            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
-            cluster = a.state.cluster
-            assert cluster is not None
-            _stop_heartbeats(cluster)
-            clock = [1000.0]
-            fake_time = SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
-            monkeypatch.setattr(cluster_node, "time", fake_time)
-            cluster._last_beat = clock[0]
-            epoch, session = cluster.routes.epoch, next(iter(a.state.sessions.values()))
-            heartbeat = cluster.routes.heartbeat
+    async with two_nodes(tmp_path, redis_url) as (a, _, token), agent_on(a, token, upstream):
+        await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+        cluster = a.state.cluster
+        assert cluster is not None
+        _stop_heartbeats(cluster)
+        clock = [1000.0]
+        fake_time = SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
+        monkeypatch.setattr(cluster_node, "time", fake_time)
+        cluster._last_beat = clock[0]
+        epoch, session = cluster.routes.epoch, next(iter(a.state.sessions.values()))
+        heartbeat = cluster.routes.heartbeat
 
-            async def outage() -> str:  # the retries give up ten leases later
-                clock[0] += 10 * cluster.lease
-                raise RedisConnectionError("Connection refused")
+        async def outage() -> str:  # the retries give up ten leases later
+            clock[0] += 10 * cluster.lease
+            raise RedisConnectionError("Connection refused")
 
-            monkeypatch.setattr(cluster.routes, "heartbeat", outage)
-            await cluster.beat()
-            assert not cluster.healthy
-            # meanwhile the lease expired (or Redis restarted empty)
-            await cluster.redis.delete(cluster.keys.lease("A"), cluster.keys.route(ALIAS))
-            monkeypatch.setattr(cluster.routes, "heartbeat", heartbeat)
-            clock[0] += cluster.lease / 3  # the heartbeat's sleep
-            await cluster.beat()
-            assert cluster.healthy and cluster.stats.fenced == 0
-            assert cluster.routes.epoch == epoch and not session.link.is_closed
-            assert int(await cluster.redis.get(cluster.keys.lease("A"))) == epoch
-            assert int(await cluster.redis.hget(cluster.keys.route(ALIAS), "A")) == epoch
-    finally:
-        await upstream.close()
+        monkeypatch.setattr(cluster.routes, "heartbeat", outage)
+        await cluster.beat()
+        assert not cluster.healthy
+        # meanwhile the lease expired (or Redis restarted empty)
+        await cluster.redis.delete(cluster.keys.lease("A"), cluster.keys.route(ALIAS))
+        monkeypatch.setattr(cluster.routes, "heartbeat", heartbeat)
+        clock[0] += cluster.lease / 3  # the heartbeat's sleep
+        await cluster.beat()
+        assert cluster.healthy and cluster.stats.fenced == 0
+        assert cluster.routes.epoch == epoch and not session.link.is_closed
+        assert int(await cluster.redis.get(cluster.keys.lease("A"))) == epoch
+        assert int(await cluster.redis.hget(cluster.keys.route(ALIAS), "A")) == epoch
 
 
 async def test_lookups_keep_live_routes_and_use_the_last_answer_while_redis_is_away(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
 ) -> None:
     """A lookup deletes no entry whose node's lease names its epoch, even when that node is
     missing from the looking node's directory read (it re-asserted after a Redis restart);
     while Redis is known to be away, lookups answer from what the node knew."""
-    upstream = await start_upstream_server(tcp_echo_port=0)
-    try:
-        async with two_nodes(tmp_path, redis_url) as (a, b, token), agent_on(a, token, upstream):
-            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
-            cluster_a, cluster_b = a.state.cluster, b.state.cluster
-            assert cluster_a is not None and cluster_b is not None
-            _stop_heartbeats(cluster_a, cluster_b)
-            route = cluster_b.keys.route(ALIAS)
-            await async_wait_until(lambda: cluster_b.nodes_for(ALIAS), 10)
-            # B's directory read missed A (A re-asserted just after it): A's entry stays
-            del cluster_b.routes.directory["A"]
-            cluster_b.routes.forget()
-            assert await cluster_b.nodes_for(ALIAS) == []
-            assert await cluster_a.redis.hget(route, "A") is not None
-            # a fresh directory read finds A again; then Redis "goes away": the last answer
-            await cluster_b.routes.read_directory()
-            cluster_b.routes.forget()
-            assert [n.id for n in await cluster_b.nodes_for(ALIAS)] == ["A"]
-            # Redis "goes away": the last answer, even once dropped (an event, a resync)
-            await cluster_a.redis.delete(route)
-            cluster_b.routes.forget()
-            cluster_b.healthy = False
-            assert [n.id for n in await cluster_b.nodes_for(ALIAS)] == ["A"]
-            # an alias with no answer to fall back on is still asked of Redis
-            assert await cluster_b.nodes_for("nobody@example.com") == []
-    finally:
-        await upstream.close()
+    async with two_nodes(tmp_path, redis_url) as (a, b, token), agent_on(a, token, upstream):
+        await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+        cluster_a, cluster_b = a.state.cluster, b.state.cluster
+        assert cluster_a is not None and cluster_b is not None
+        _stop_heartbeats(cluster_a, cluster_b)
+        route = cluster_b.keys.route(ALIAS)
+        await async_wait_until(lambda: cluster_b.nodes_for(ALIAS), 10)
+        # B's directory read missed A (A re-asserted just after it): A's entry stays
+        del cluster_b.routes.directory["A"]
+        cluster_b.routes.forget()
+        assert await cluster_b.nodes_for(ALIAS) == []
+        assert await cluster_a.redis.hget(route, "A") is not None
+        # a fresh directory read finds A again; then Redis "goes away": the last answer
+        await cluster_b.routes.read_directory()
+        cluster_b.routes.forget()
+        assert [n.id for n in await cluster_b.nodes_for(ALIAS)] == ["A"]
+        # Redis "goes away": the last answer, even once dropped (an event, a resync)
+        await cluster_a.redis.delete(route)
+        cluster_b.routes.forget()
+        cluster_b.healthy = False
+        assert [n.id for n in await cluster_b.nodes_for(ALIAS)] == ["A"]
+        # an alias with no answer to fall back on is still asked of Redis
+        assert await cluster_b.nodes_for("nobody@example.com") == []
 
 
 async def test_a_session_cleanup_survives_the_agent_hanging_up(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
 ) -> None:
     """An agent that hangs up while its ended session is being cleaned up cancels the session's
     handler (``handler_cancellation``); the cleanup still withdraws the session's routes."""
-    upstream = await start_upstream_server(tcp_echo_port=0)
-    try:
-        async with two_nodes(tmp_path, redis_url) as (a, _, token), agent_on(a, token, upstream):
-            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
-            cluster = a.state.cluster
-            assert cluster is not None
-            _stop_heartbeats(cluster)
-            session = next(iter(a.state.sessions.values()))
-            handler = next(t for t in asyncio.all_tasks() if _awaits(t, "_run_session"))
-            async with cluster._sync_lock:  # holds the cleanup in sync_routes
-                session.end(AuthFailed("token revoked", reason="revoked"))  # no reconnect
-                await async_wait_until(lambda: session.id not in a.state.sessions, 10)
-                handler.cancel()  # what aiohttp does when the agent's connection drops
-                await asyncio.sleep(0)
-            await async_wait_until(lambda: ALIAS not in cluster.registered, 10)
-            assert await cluster.redis.hget(cluster.keys.route(ALIAS), "A") is None
-    finally:
-        await upstream.close()
+    async with two_nodes(tmp_path, redis_url) as (a, _, token), agent_on(a, token, upstream):
+        await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+        cluster = a.state.cluster
+        assert cluster is not None
+        _stop_heartbeats(cluster)
+        session = next(iter(a.state.sessions.values()))
+        handler = next(t for t in asyncio.all_tasks() if _awaits(t, "_run_session"))
+        async with cluster._sync_lock:  # holds the cleanup in sync_routes
+            session.end(AuthFailed("token revoked", reason="revoked"))  # no reconnect
+            await async_wait_until(lambda: session.id not in a.state.sessions, 10)
+            handler.cancel()  # what aiohttp does when the agent's connection drops
+            await asyncio.sleep(0)
+        await async_wait_until(lambda: ALIAS not in cluster.registered, 10)
+        assert await cluster.redis.hget(cluster.keys.route(ALIAS), "A") is None
 
 
 async def test_a_new_epoch_is_new_even_after_the_counter_was_lost(
