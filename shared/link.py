@@ -148,6 +148,7 @@ class LinkStream:
             taken = conn.send_data(self.id, view)
             if taken:
                 self.link.counters.data_sent += taken
+                self.link._queued += taken
                 self.link.kick()
                 view = view[taken:]
             if not view:
@@ -165,6 +166,11 @@ class LinkStream:
             self.link.conn.send_fin(self.id)
             self.link.kick()
             self.link.forget_if_done(self)
+
+    @property
+    def read_done(self) -> bool:
+        """The peer's FIN arrived and every byte before it was read: ``read()`` returns b""."""
+        return self._eof and not self._chunks
 
     def read_complete(self) -> bytes | None:
         """Everything the peer sent, if its FIN has already arrived (else None)."""
@@ -281,6 +287,10 @@ class Link:
         self._flushes_started = 0
         self._flushes_done = 0
         self._flushed: asyncio.Future[None] | None = None
+        #: DATA payload bytes queued since the last flush started, and those of flushes
+        #: started and not finished (see :attr:`unsent`)
+        self._queued = 0
+        self._in_flight = 0
         self.closed: asyncio.Future[CSCError] = self.loop.create_future()
         self._tasks = [
             self.loop.create_task(self._writer(), name=f"{name}-writer"),
@@ -335,6 +345,12 @@ class Link:
             if self._flushed is None:
                 self._flushed = self.loop.create_future()
             await asyncio.shield(self._flushed)
+
+    @property
+    def unsent(self) -> int:
+        """DATA payload bytes queued by ``write()`` that the transport has not taken yet (queued,
+        or in a flush whose sender has not returned); 0 once the link is closed."""
+        return 0 if self.is_closed else self._queued + self._in_flight
 
     def _flush_done(self, flush: int | None = None) -> None:
         """Flush number ``flush`` finished (None: all of them, the link is closed)."""
@@ -468,9 +484,12 @@ class Link:
         chunks = self.conn.data_to_send()
         self._flushes_started += 1
         flush = self._flushes_started
+        size, self._queued = self._queued, 0
+        self._in_flight += size
         try:
             await self._send_chunks(chunks)
         finally:
+            self._in_flight -= size
             self._flush_done(flush)
 
     async def _send_chunks(self, chunks: list[bytes | memoryview]) -> None:

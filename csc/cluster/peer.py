@@ -21,7 +21,8 @@ the head ``{"unprocessed": true}`` so that B may open the stream again elsewhere
 
 A only relays: B has already checked the alias, the tenant and its limits, logs the request and
 counts it. A copies bytes between the two streams and returns credit only for bytes the next hop
-took, so flow control holds end to end (B→A→agent) and memory stays bounded on every hop.
+took (or, up to ``EARLY_CREDIT`` per link, queued for it), so flow control holds end to end
+(B→A→agent) and memory stays bounded on every hop.
 
 Invariants: a stream forwarded by B is admitted by A only to a live, accepting session of the
 tenant named in its OPEN; a relay never outlives either of its streams (an error on one resets
@@ -73,6 +74,9 @@ ADMISSION_TIMEOUT = 2.0
 READ_SIZE = 256 * 1024
 #: How long a node whose link could not be dialled is skipped before it is tried again.
 SUSPECT_FOR = 3.0
+#: A relay credits its source without waiting for the flush while the next hop's link has no
+#: more than this many bytes unsent (see ``_pipe``).
+EARLY_CREDIT = 64 * 1024
 _HEAD_LEN = struct.Struct(">I")
 MAX_HEAD = 1024 * 1024
 
@@ -345,14 +349,18 @@ class PeerServer:
         stream.accept({"node": self.node_id})
         self.stream_started()
         self.relaying += 1
-        upload = asyncio.ensure_future(_pipe(stream, inner))
+        upload: asyncio.Future[None] | None = None
         try:
+            if stream.read_done:  # B sent its FIN with the OPEN (a GET): nothing to pump
+                inner.write_eof()
+            else:
+                upload = asyncio.ensure_future(_pipe(stream, inner))
             try:
                 head = await inner.opened
             except CSCError as err:
                 if inner.unprocessed:  # tell the forwarding node it may try elsewhere
                     await cancel_quietly(upload)
-                    if not upload.cancelled():
+                    if upload is not None and not upload.cancelled():
                         upload.exception()  # retrieved: the marker below reports the refusal
                     await stream.write(encode_head({UNPROCESSED: True}))
                     stream.write_eof()
@@ -361,7 +369,8 @@ class PeerServer:
                 return
             await stream.write(encode_head(head))
             await _pipe(inner, stream)
-            await upload
+            if upload is not None:
+                await upload
         except CSCError as err:
             stream.reset(err)
             inner.reset(err)
@@ -383,12 +392,17 @@ class PeerServer:
 async def _pipe(src: LinkStream, dst: LinkStream) -> None:
     """Copy ``src`` to ``dst`` until ``src`` ends, crediting ``src`` only for bytes that left
     for the next hop (queued for ``dst`` is not enough: that queue may grow to the next hop's
-    whole window); an error on either side resets the other with the same code, except when
-    ``dst`` failed unprocessed (its agent never ran it): the relay then tells the other node so."""
+    whole window), except while ``dst``'s link has at most EARLY_CREDIT bytes unsent in all:
+    then the credit goes at once (no wait for a flush, so a small answer, its head and FIN
+    leave in one). Every relay on a link checks that same total after its write, so the bytes
+    credited early and not yet sent stay under EARLY_CREDIT per link. An error on either side
+    resets the other with the same code, except when ``dst`` failed unprocessed (its agent
+    never ran it): the relay then tells the other node so."""
     try:
         while data := await src.read():
             await dst.write(data)
-            await dst.link.sent()
+            if dst.link.unsent > EARLY_CREDIT:
+                await dst.link.sent()
             src.consumed(len(data))
         dst.write_eof()
     except CSCError as err:

@@ -3,7 +3,8 @@
 Two links joined back to back in memory; the server's sender waits at a gate, like a socket
 whose buffer is full. ``sent()`` must not return while the gate is shut (the bytes are still
 queued in this process), must return once the sender has taken them, and must never hang
-after the link closed.
+after the link closed. ``unsent`` (what a relay checks before crediting early) counts the
+DATA bytes until that same moment.
 """
 
 from __future__ import annotations
@@ -78,6 +79,30 @@ async def test_sent_returns_when_the_link_closes() -> None:
         assert not any(w.done() for w in waiters[1:])
         server.close()
         await asyncio.wait_for(asyncio.gather(*waiters[1:]), 5)
+    finally:
+        gate.set()
+        await server.aclose()
+        await client.aclose()
+
+
+async def test_unsent_counts_queued_and_in_flight_bytes_until_the_sender_returns() -> None:
+    gate = asyncio.Event()
+    client, server = await _gated_pair(gate)
+    try:
+        stream = server.open({"kind": "tcp"})
+        assert server.unsent == 0
+        await stream.write(b"z" * 3000)
+        assert server.unsent == 3000  # queued
+        await _settle()
+        assert server.unsent == 3000  # in a flush whose sender waits at the gate
+        await stream.write(b"z" * 500)
+        assert server.unsent == 3500
+        gate.set()
+        await asyncio.wait_for(server.sent(), 5)
+        assert server.unsent == 0
+        await stream.write(b"z" * 10)
+        server.close()
+        assert server.unsent == 0  # a closed link holds nothing to wait for
     finally:
         gate.set()
         await server.aclose()
