@@ -1,4 +1,4 @@
-"""A three-node cluster of real processes under load and faults (issue 9's acceptance items).
+"""A three-node cluster of real processes under load and faults.
 
 Real ``csc serve`` nodes share one Redis server and one PostgreSQL database
 (:class:`tests.support.cluster.ClusterProcs`); a real HAProxy sits in front of them where the

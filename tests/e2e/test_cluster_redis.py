@@ -1,4 +1,4 @@
-"""A cluster of real ``csc serve`` processes when Redis or a node misbehaves (issue 9).
+"""A cluster of real ``csc serve`` processes when Redis or a node misbehaves.
 
 What is checked, each over real processes (nodes, agents, Redis, PostgreSQL, HAProxy):
 

@@ -1,4 +1,4 @@
-"""A rolling restart of a three-node cluster behind HAProxy loses nothing (issue 9 acceptance).
+"""A rolling restart of a three-node cluster behind HAProxy loses nothing.
 
 Nodes A, B and C (real ``csc serve`` processes sharing one Redis and one PostgreSQL) sit behind
 a real HAProxy (round robin, health checks on ``/readyz``); two agents (two sessions each)

@@ -164,7 +164,7 @@ def _get_site_pyz(stack: Stack, tmp_path: Path, csc: str) -> Path:
 def test_the_get_site_bootloader_knows_its_csc_and_shows_the_verified_tenant(
     stack: Stack, tmp_path: Path
 ) -> None:
-    """Issue 12, items 2 and 13: run exactly as the get page says (no --csc, no
+    """Run exactly as the get page says (no --csc, no
     CSC_BOOTLOADER_CSC); it resolves at the CSC it was downloaded through, checks the CSC's
     signature and names the tenant before it asks for the password."""
     _name_the_tenant(stack, "Acme Corp", "help@acme.example")
@@ -190,7 +190,7 @@ def test_the_get_site_bootloader_knows_its_csc_and_shows_the_verified_tenant(
 def test_a_tampered_resolve_answer_stops_the_bootloader_at_resolve(
     stack: Stack, mitm: Mitm, tmp_path: Path
 ) -> None:
-    """Issue 12, item 13: the tenant's name rewritten on the way fails the CSC's signature; the
+    """The tenant's name rewritten on the way fails the CSC's signature; the
     bootloader (preset with the CSC it came through, here the man in the middle's address) stops
     at the resolve stage and never contacts the portal."""
     _name_the_tenant(stack, "Acme Corp", "help@acme.example")

@@ -93,10 +93,12 @@ class Shell:
         deadline = time.monotonic() + scaled(timeout)
         while True:
             text = self.out.read_bytes().decode(errors="replace")
-            if tag in text:
+            # the marker line ends at its newline: background jobs may write right after it
+            end = text.find("\n", text.find(tag)) if tag in text else -1
+            if end >= 0:
                 start = text.find(f"@@mark{self._marks - 1}@@") if self._marks > 1 else 0
                 start = text.find("\n", start) + 1 if self._marks > 1 else 0
-                return text[start : text.index(tag) + len(tag) + 4]
+                return text[start:end]
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the shell did not get to {tag}:\n{text}")
             time.sleep(0.05)

@@ -197,7 +197,7 @@ async def test_admin_api_over_tls(tmp_path: Path, capsys: pytest.CaptureFixture[
 async def test_cli_words_unknown_ids_swapped_arguments_plurals_and_headings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 12, item 8: an unknown jti is an error (404, exit 1) unless ``--unrecorded``;
+    """An unknown jti is an error (404, exit 1) unless ``--unrecorded``;
     ``aliases assign ALIAS TENANT`` says the arguments look swapped; counts read "1 session";
     ``tenants show`` heads its tables; a tenant with aliases names ``--cascade``."""
     async with relay(tmp_path, start=False) as r:

@@ -204,13 +204,13 @@ def test_connection_refused(tmp_path: Path) -> None:
         result = run_bootloader([*argv, "--csc", f"http://127.0.0.1:{port}"])
     assert result.code == 3
     assert f"the CSC at http://127.0.0.1:{port} refused the connection" in result.err
-    # issue 12, item 2: an unreachable CSC says how to name the right one
+    # an unreachable CSC says how to name the right one
     hint = f"if http://127.0.0.1:{port} is not your CSC, give it with --csc URL or "
     assert hint + "CSC_BOOTLOADER_CSC" in result.err
 
 
 def test_a_server_that_is_not_a_csc_says_how_to_name_the_csc(tmp_path: Path) -> None:
-    """Issue 12, item 2: a 404 without a CSC's error code points at --csc and the variable."""
+    """A 404 without a CSC's error code points at --csc and the variable."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

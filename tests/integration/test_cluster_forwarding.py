@@ -103,7 +103,7 @@ async def _status(http: aiohttp.ClientSession, url: str) -> int:
 
 
 async def _signed_alike(http: aiohttp.ClientSession, *nodes: Node) -> None:
-    """Every node signs the resolve answer with the cluster's one key (issue 12, item 13)."""
+    """Every node signs the resolve answer with the cluster's one key."""
     key = nodes[0].state.resolve_key
     assert key is not None
     for node in nodes:

@@ -144,7 +144,7 @@ async def test_credentials_in_the_upstream_url(tmp_path: Path) -> None:
         async with http.get(r.tunnel("/x")) as resp:
             body = await resp.json()
         assert body["error"] == "upstream_refused"
-        # neither the password nor the address reaches the device (issue 12, item 5)
+        # neither the password nor the address reaches the device
         assert "s3cret" not in body["message"] and "127.0.0.1:9" not in body["message"]
 
 

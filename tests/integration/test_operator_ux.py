@@ -1,4 +1,4 @@
-"""What an operator sees of the real programs (issue 12): readable logs on a terminal and JSON
+"""What an operator sees of the real programs: readable logs on a terminal and JSON
 otherwise (``--log-format``), a busy port named as ``HOST:PORT is already in use``, the
 agent's reconnect lines and the portal URLs it prints, and the check-only commands."""
 

@@ -102,7 +102,7 @@ def seeded(template: Path, tmp_path: Path) -> Portal:
 
 
 def test_read_only_commands_never_create_the_state(portal: Portal) -> None:
-    """Issue 12, item 4: a listing on a missing state directory names it and creates nothing."""
+    """A listing on a missing state directory names it and creates nothing."""
     for argv in (
         ("user", "list"),
         ("group", "list"),

@@ -48,7 +48,7 @@ async def test_upstream_refused_hides_the_portal_address(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The device gets the code, the tenant and the request id; the address stays in the
-    agent's log (issue 12, item 5)."""
+    agent's log."""
     caplog.set_level(logging.INFO, logger="csc_agent")
     async with relay(tmp_path, start=False) as r, aiohttp.ClientSession() as http:
         await start_agent(r, upstream="http://127.0.0.1:9")

@@ -49,7 +49,7 @@ async def test_resolve(tmp_path: Path) -> None:
         async with http.get(f"{r.csc_url}/v1/resolve/ACME@Example.com") as resp:
             assert resp.status == 200
             body = await resp.json()
-        # the fields of API 1 unchanged, plus the signed owner (issue 12, item 13)
+        # the fields of API 1 unchanged, plus the signed owner
         assert {k: body[k] for k in ("alias", "online", "tunnel")} == {
             "alias": ALIAS,
             "online": True,

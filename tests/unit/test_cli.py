@@ -301,7 +301,7 @@ def test_agent_token_never_printed(
 def test_operator_list_on_a_missing_state_dir_creates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 12, item 4: listings name the path looked in instead of creating a store."""
+    """Listings name the path looked in instead of creating a store."""
     missing = tmp_path / "nowhere"
     for argv in (["operator", "list"], ["operator", "remove", "bob"]):
         assert csc_cli.main([*argv, "--state-dir", str(missing)], env={}) == 1

@@ -1,4 +1,4 @@
-"""The words and numbers operators read (issue 12): log format on a terminal, bind and connect
+"""The words and numbers operators read: log format on a terminal, bind and connect
 errors in words, one time format, plurals and swapped arguments, the agent's reconnect summary
 and portal URLs, the demo's commands, and the node's bounded traffic history."""
 

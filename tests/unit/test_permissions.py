@@ -1,4 +1,4 @@
-"""``csc serve`` refuses secrets other users can read (csc/permissions.py; issue 12, item 1)."""
+"""``csc serve`` refuses secrets other users can read (csc/permissions.py)."""
 
 from __future__ import annotations
 

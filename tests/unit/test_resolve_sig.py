@@ -1,6 +1,5 @@
 """The signed resolve answer (shared/resolve_sig.py), the bootloader's preset
-(bootloader/preset.py) and what the portal's get site presets (portal/server.py csc_preset):
-issue 12, items 2 and 13."""
+(bootloader/preset.py) and what the portal's get site presets (portal/server.py csc_preset)."""
 
 from __future__ import annotations
 
