@@ -13,6 +13,8 @@ Keys (``P`` is ``redis_prefix``; hash tags keep each group in one slot, so Redis
 * ``{P:nodes}:version``: bumped on every route change (a backstop for missed invalidations);
 * ``{P:nodes}:sessions:<node>``: JSON list of the node's live agent sessions (admin views),
   expiring with the lease;
+* ``{P:nodes}:routes:<node>``: the grants the node registered, so that the node that finds it
+  dead (its lease gone) deletes its routes;
 * ``P:r:{<alias>}`` hash: node id -> the epoch under which that node registered the alias.
 
 **Epochs (fencing).** A node takes a fresh epoch from the counter when it starts, and again
@@ -95,6 +97,9 @@ class Keys:
 
     def sessions(self, node: str) -> str:
         return f"{self.nodes}:sessions:{node}"
+
+    def routes_of(self, node: str) -> str:
+        return f"{self.nodes}:routes:{node}"
 
     def route(self, grant: str) -> str:
         return f"{self.prefix}:r:{{{grant}}}"
@@ -210,7 +215,11 @@ class RouteTable:
         """Remove this node's routes, lease and directory entry (a clean stop)."""
         for grant in grants:
             await self.redis.hdel(self.keys.route(grant), self.node_id)
-        await self.redis.delete(self.keys.lease(self.node_id), self.keys.sessions(self.node_id))
+        await self.redis.delete(
+            self.keys.lease(self.node_id),
+            self.keys.sessions(self.node_id),
+            self.keys.routes_of(self.node_id),
+        )
         await self.redis.hdel(self.keys.nodes, self.node_id)
         await self.redis.incr(self.keys.version)
 
@@ -220,13 +229,19 @@ class RouteTable:
     # -- routes of this node -----------------------------------------------------------------
 
     async def register(self, grants: Iterable[str]) -> None:
+        grants = list(grants)
+        if grants:  # the list lets the others clean up after this node if it dies
+            await self.redis.sadd(self.keys.routes_of(self.node_id), *grants)
         for grant in grants:
             await self.redis.hset(self.keys.route(grant), self.node_id, self.epoch)
         await self.redis.incr(self.keys.version)
 
     async def unregister(self, grants: Iterable[str]) -> None:
+        grants = list(grants)
         for grant in grants:
             await self.redis.hdel(self.keys.route(grant), self.node_id)
+        if grants:
+            await self.redis.srem(self.keys.routes_of(self.node_id), *grants)
         await self.redis.incr(self.keys.version)
 
     # -- the directory -----------------------------------------------------------------------
@@ -248,6 +263,9 @@ class RouteTable:
             if lease is not None and _text(lease) == str(info.epoch):
                 live[name] = info
         dead = [n for n in names if n not in live]
+        for name, lease in zip(names, leases, strict=True):
+            if lease is None and name != self.node_id:  # gone for good: its routes go too
+                await self._clean_after(entries[name])
         if dead:  # their entries go; a live node writes its own back on its next heartbeat
             await self.redis.hdel(self.keys.nodes, *dead)
         self.directory = live
@@ -319,6 +337,14 @@ class RouteTable:
             elif fresh and (info is None or str(info.epoch) != epoch):
                 await self._delete_stale(grant, node, epoch)
         return result
+
+    async def _clean_after(self, dead: NodeInfo) -> None:
+        """Delete the routes a node without a lease left (those of its epoch only: were it to
+        come back, it would register under a new one)."""
+        routes = self.keys.routes_of(dead.id)
+        for grant in await self.redis.smembers(routes):
+            await self._delete_stale(_text(grant), dead.id, str(dead.epoch))
+        await self.redis.delete(routes)
 
     async def _delete_stale(self, grant: str, node: str, epoch: str) -> None:
         if node == self.node_id and epoch == str(self.epoch):

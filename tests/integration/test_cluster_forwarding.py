@@ -459,3 +459,33 @@ async def test_a_new_epoch_is_new_even_after_the_counter_was_lost(
         before = cluster.routes.epoch
         await cluster.redis.delete(cluster.keys.epoch)  # what a flush does to the counter
         assert await cluster.routes.join(cluster.routes.me.peer) > before
+
+
+async def test_a_dead_nodes_routes_are_deleted_by_whoever_finds_it_dead(
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
+) -> None:
+    """A node that died (its lease gone) leaves no route behind, even for an alias every
+    surviving node also serves (no lookup would ever come across the entry)."""
+    async with (
+        two_nodes(tmp_path, redis_url) as (a, b, token),
+        agent_on(a, token, upstream),
+        agent_on(b, token, upstream),
+    ):
+        await async_wait_until(lambda: len(a.state.sessions) == len(b.state.sessions) == 1, 10)
+        cluster_a, cluster_b = a.state.cluster, b.state.cluster
+        assert cluster_a is not None and cluster_b is not None
+        route = cluster_b.keys.route(ALIAS)
+
+        async def both_registered() -> bool:
+            return set(map(_text_key, await cluster_b.redis.hkeys(route))) == {"A", "B"}
+
+        await async_wait_until(both_registered, 10)
+        _stop_heartbeats(cluster_a)  # A stops heartbeating, as a killed node does
+        await cluster_a.redis.delete(cluster_a.keys.lease("A"))  # its lease expires
+        await cluster_b.routes.read_directory()
+        assert set(map(_text_key, await cluster_b.redis.hkeys(route))) == {"B"}
+        assert not await cluster_b.redis.exists(cluster_b.keys.routes_of("A"))
+
+
+def _text_key(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
