@@ -437,32 +437,44 @@ class _LiveCollector:
         for result in ("local", "remote", "miss"):
             lookups.add_metric([result], counts.get(result, 0))
         yield lookups
-        yield CounterMetricFamily(
-            "csc_redis_errors",
-            "Failed Redis operations.",
-            value=view.redis_errors if view is not None else 0,
-        )
-        yield CounterMetricFamily(
-            "csc_redis_reconnects",
-            "Times the event subscription was set up again.",
-            value=view.redis_reconnects if view is not None else 0,
-        )
-        yield GaugeMetricFamily(
-            "csc_cluster_nodes",
-            "Live nodes this node sees in the directory (itself included).",
-            value=view.live_nodes if view is not None else 1,
-        )
-        yield GaugeMetricFamily(
-            "csc_peer_links",
-            "Links from this node to other nodes that are up.",
-            value=view.peer_links if view is not None else 0,
-        )
-        yield GaugeMetricFamily(
-            "csc_peer_streams_active",
-            "Streams other nodes forwarded that this node relays to its agents now.",
-            value=view.peer_streams if view is not None else 0,
-        )
+        for family, name, help_text, attr, alone in _CLUSTER_FAMILIES:
+            value = getattr(view, attr) if view is not None else alone
+            yield family(name, help_text, value=value)
 
+
+#: Single-value series read from the node's cluster membership: family, name, help, attribute
+#: of :class:`ClusterView`, and the value of a node without a cluster.
+_CLUSTER_FAMILIES: tuple[tuple[Callable[..., Metric], str, str, str, int], ...] = (
+    (CounterMetricFamily, "csc_redis_errors", "Failed Redis operations.", "redis_errors", 0),
+    (
+        CounterMetricFamily,
+        "csc_redis_reconnects",
+        "Times the event subscription was set up again.",
+        "redis_reconnects",
+        0,
+    ),
+    (
+        GaugeMetricFamily,
+        "csc_cluster_nodes",
+        "Live nodes this node sees in the directory (itself included).",
+        "live_nodes",
+        1,
+    ),
+    (
+        GaugeMetricFamily,
+        "csc_peer_links",
+        "Links from this node to other nodes that are up.",
+        "peer_links",
+        0,
+    ),
+    (
+        GaugeMetricFamily,
+        "csc_peer_streams_active",
+        "Streams other nodes forwarded that this node relays to its agents now.",
+        "peer_streams",
+        0,
+    ),
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -91,8 +91,7 @@ async def open_stream(
     if cluster is None:
         state.limits.acquire_stream(tenant, limits, alias)
     else:  # the rate and the stream cap are the whole cluster's; the node counts for drain
-        local = dataclasses.replace(limits, max_request_rate=None, max_streams=None)
-        state.limits.acquire_stream(tenant, local, alias)
+        state.limits.acquire_stream(tenant, UNLIMITED, alias)
     slot: str | None = None
     try:
         if cluster is not None:
