@@ -6,8 +6,15 @@ Exactly docs/provisioning.md. Invariants:
   packages and every database access on worker threads: the event loop never blocks.
 * An unknown user costs one argon2 verification, like a wrong password, and both answer the same
   401 body (no user enumeration by content or timing).
-* Before any verification, a user name or client address that is locked out (see
-  :mod:`portal.throttle`) gets 429 with ``Retry-After``; each failure counts against both.
+* Request bodies are bounded in size and nesting depth before they are decoded
+  (:mod:`portal.jsonbody`); every unacceptable body is a 400 ``bad_request``, never a 500.
+* Before any verification, a user at a client address, or a client address, that is locked out
+  (see :mod:`portal.throttle`) gets 429 with ``Retry-After``; each failure counts against both.
+  A user locked out at one address can still log on from another.
+* At most ``hash_workers + hash_queue`` logons verify or wait for the executor; beyond, 503
+  ``busy`` with ``Retry-After`` before any work is done.
+* A session ends when its user's password changes or the user is removed (the password epoch
+  is checked on every download).
 * A session grants only the package of its own logon; the package is streamed from disk in
   chunks (never read whole) with ``Content-Length``, ``ETag``, ``Accept-Ranges`` and single
   ``Range``/``If-Range`` support (:mod:`portal.ranges`).
@@ -17,7 +24,6 @@ Exactly docs/provisioning.md. Invariants:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,13 +33,19 @@ from aiohttp import web
 from portal import store
 from portal.blobs import CHUNK
 from portal.catalog import PackagePlan
+from portal.jsonbody import BadJson, check_text, parse_json_body
 from portal.ranges import ByteRange, RangeNotSatisfiable, if_range_allows, parse_range
-from portal.state import CLIENT, REQUEST_ID, STATE, ApiError, PortalState
+from portal.state import CLIENT, REQUEST_ID, STATE, ApiError, PortalState, user_address_key
 from portal.throttle import retry_after_header
 
 log = logging.getLogger(__name__)
 
 MAX_FIELD = {"user": 128, "password": 1024, "device_type": 64, "device_id": 128}
+#: A logon body is one flat object of short strings; anything bigger or deeper is refused.
+MAX_LOGON_BODY = 8 * 1024
+MAX_LOGON_DEPTH = 4
+#: ``Retry-After`` (seconds) of a logon refused because the password checks are all taken.
+RETRY_AFTER_BUSY = 1
 API_VERSION = 1
 
 
@@ -65,6 +77,7 @@ class LogonRequest:
 @dataclass(frozen=True, slots=True)
 class Authenticated:
     user_id: int
+    epoch: int
     user: str
     device_type_id: int | None
     known_types: list[str]
@@ -76,21 +89,19 @@ async def _logon_request(request: web.Request) -> LogonRequest:
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(400, "bad_request", "the request body is too large") from None
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "bad_request", "the body must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "bad_request", "the body must be a JSON object")
-    values: dict[str, str] = {}
-    for name, limit in MAX_FIELD.items():
-        value = data.get(name)
-        if not isinstance(value, str) or not value:
-            raise ApiError(400, "bad_request", f"the field {name!r} is missing or not a string")
-        if len(value) > limit:
-            raise ApiError(400, "bad_request", f"the field {name!r} is longer than {limit}")
-        if name == "device_id" and not value.isprintable():
-            raise ApiError(400, "bad_request", "the field 'device_id' has control characters")
-        values[name] = value
+        data = parse_json_body(raw, max_bytes=MAX_LOGON_BODY, max_depth=MAX_LOGON_DEPTH)
+        if not isinstance(data, dict):
+            raise BadJson("the body must be a JSON object")
+        values: dict[str, str] = {}
+        for name, limit in MAX_FIELD.items():
+            value = data.get(name)
+            if not isinstance(value, str) or not value:
+                raise BadJson(f"the field {name!r} is missing or not a string")
+            if len(value) > limit:
+                raise BadJson(f"the field {name!r} is longer than {limit}")
+            values[name] = check_text(value, name, printable=name != "password")
+    except BadJson as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
     return LogonRequest(**values)
 
 
@@ -109,7 +120,7 @@ def authenticate(state: PortalState, req: LogonRequest) -> Authenticated | None:
             log.info("rehashed the password of %s with the current parameters", creds.name)
         dtid = store.find_device_type(conn, req.device_type)
         known = [] if dtid is not None else [d.name for d in store.list_device_types(conn)]
-    return Authenticated(creds.user_id, creds.name, dtid, known)
+    return Authenticated(creds.user_id, creds.epoch, creds.name, dtid, known)
 
 
 def _check_throttle(state: PortalState, user_key: str, client: str) -> None:
@@ -117,7 +128,7 @@ def _check_throttle(state: PortalState, user_key: str, client: str) -> None:
     waits = [
         w
         for w in (
-            state.user_throttle.retry_after(user_key, now),
+            state.user_throttle.retry_after(user_address_key(user_key, client), now),
             state.address_throttle.retry_after(client, now),
         )
         if w is not None
@@ -133,13 +144,37 @@ def _check_throttle(state: PortalState, user_key: str, client: str) -> None:
 
 def _record_failure(state: PortalState, user_key: str, client: str) -> None:
     now = state.clock()
-    for throttle, key, what in (
-        (state.user_throttle, user_key, "user"),
-        (state.address_throttle, client, "address"),
-    ):
-        lockout = throttle.failure(key, now)
-        if lockout is not None:
-            log.warning("logon lockout of %.0f s for %s %r", lockout, what, key)
+    lockout = state.user_throttle.failure(user_address_key(user_key, client), now)
+    if lockout is not None:
+        log.warning("logon lockout of %.0f s for user %r from %s", lockout, user_key[:64], client)
+    lockout = state.address_throttle.failure(client, now)
+    if lockout is not None:
+        log.warning("logon lockout of %.0f s for address %s", lockout, client)
+
+
+async def _verify(state: PortalState, req: LogonRequest) -> Authenticated | None:
+    """Run :func:`authenticate` on the hashing executor, if the queue has room (else 503)."""
+    gate = state.hash_gate
+    if not gate.try_enter():
+        log.warning("logon refused: %d logons already verifying or waiting", gate.limit)
+        raise ApiError(
+            503,
+            "busy",
+            "the portal is busy checking passwords; try again shortly",
+            headers={"Retry-After": str(RETRY_AFTER_BUSY)},
+        )
+
+    def run() -> Authenticated | None:
+        try:
+            return authenticate(state, req)
+        finally:
+            gate.leave()
+
+    assert state.executor is not None
+    future = state.executor.submit(run)
+    # cancelled before it ran (shutdown): run() never leaves, so leave here
+    future.add_done_callback(lambda f: gate.leave() if f.cancelled() else None)
+    return await asyncio.wrap_future(future)
 
 
 async def logon(request: web.Request) -> web.Response:
@@ -148,8 +183,7 @@ async def logon(request: web.Request) -> web.Response:
     client = request[CLIENT]
     user_key = req.user.strip().lower()
     _check_throttle(state, user_key, client)
-    loop = asyncio.get_running_loop()
-    auth = await loop.run_in_executor(state.executor, authenticate, state, req)
+    auth = await _verify(state, req)
     if auth is None:
         _record_failure(state, user_key, client)
         log.info(
@@ -159,7 +193,7 @@ async def logon(request: web.Request) -> web.Response:
             extra={"request_id": request[REQUEST_ID]},
         )
         raise ApiError(401, "logon_failed", "the user name or the password is wrong")
-    state.user_throttle.success(user_key)
+    state.user_throttle.success(user_address_key(user_key, client))
     if auth.device_type_id is None:
         known = ", ".join(auth.known_types) or "none"
         raise ApiError(
@@ -184,6 +218,8 @@ async def _open_session(
         state.record_device, auth.user_id, device_type_id, req.device_id, info.id, client
     )
     token = state.sessions.create(
+        user_id=auth.user_id,
+        epoch=auth.epoch,
         user=auth.user,
         device_type=plan.device_type,
         device_id=req.device_id,
@@ -239,6 +275,11 @@ async def package(request: web.Request) -> web.StreamResponse:
     token = _bearer(request)
     session = state.sessions.get(token, state.clock()) if token else None
     if session is None:
+        raise _session_invalid()
+    epoch = await asyncio.to_thread(state.password_epoch, session.user_id)
+    if epoch != session.epoch:  # the password changed (or the user was removed) since the logon
+        ended = state.sessions.end_user(session.user_id, keep_epoch=epoch)
+        log.info("ended %d session(s) of %s: the password changed", ended, session.user)
         raise _session_invalid()
     package_id = request.match_info["id"]
     if package_id != session.package_id:

@@ -33,6 +33,8 @@ ENV_PREFIX = "CSC_PORTAL_"
 LOG_LEVELS = tuple(LEVELS)
 #: Password hashing profiles (see :mod:`portal.passwords`); ``test`` is for tests only.
 HASH_COSTS = ("standard", "test")
+#: Default of ``hash_queue``: waiting logons per hashing worker (a few seconds of argon2 work).
+HASH_QUEUE_PER_WORKER = 8
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:
@@ -96,7 +98,12 @@ class PortalConfig:
     )
     session_ttl: float = duration_field(900.0, "lifetime of a logon session (package download)")
     throttle_failures: int = field(
-        default=5, metadata=meta(minimum=1, help="failed logons of one user before a lockout")
+        default=5,
+        metadata=meta(
+            minimum=1,
+            help="failed logons of one user from one client address before that user is "
+            "locked out at that address",
+        ),
     )
     throttle_address_failures: int = field(
         default=20,
@@ -123,8 +130,24 @@ class PortalConfig:
         default=4,
         metadata=meta(minimum=1, maximum=64, help="password verifications run at once"),
     )
+    hash_queue: int | None = field(
+        default=None,
+        metadata=meta(
+            minimum=0,
+            doc_default=f"{HASH_QUEUE_PER_WORKER} per hash worker",
+            help="logons that may wait for a password verification; beyond, 503 `busy` with "
+            "`Retry-After`",
+        ),
+    )
     log_level: str = log_level_field()
     log_format: str = log_format_field()
+
+    @property
+    def hash_queue_limit(self) -> int:
+        """Logons that may wait for a verification (``hash_queue``, or its default)."""
+        if self.hash_queue is not None:
+            return self.hash_queue
+        return HASH_QUEUE_PER_WORKER * self.hash_workers
 
     @property
     def listen_address(self) -> tuple[str, int]:

@@ -131,6 +131,10 @@ CREATE TABLE packages (
 #: The schema's history. Append only: a released step is never changed.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("users, groups, device types, apps, policies, deployments, devices", _INITIAL),
+    Migration(
+        "users.password_epoch (a password change ends the user's sessions)",
+        "ALTER TABLE users ADD COLUMN password_epoch INTEGER NOT NULL DEFAULT 0;",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

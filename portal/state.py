@@ -26,7 +26,7 @@ from portal.keys import PortalKey, load_or_create_key
 from portal.packages import PackageBuilder
 from portal.passwords import Passwords
 from portal.sessions import Sessions
-from portal.throttle import Throttle
+from portal.throttle import HashGate, Throttle
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -63,9 +63,12 @@ class PortalState:
     passwords: Passwords
     builder: PackageBuilder
     sessions: Sessions
+    #: keyed by :func:`user_address_key` (a user at one client address)
     user_throttle: Throttle
     address_throttle: Throttle
     trusted: list[IPNetwork]
+    #: logons verifying or waiting for a verification (at most workers + queue)
+    hash_gate: HashGate
     executor: ThreadPoolExecutor | None = None
     pyz: bytes | None = None
     #: the zipapp's files, to build the variants preset for the CSC a request came through
@@ -76,6 +79,10 @@ class PortalState:
     csc_ca: str | None = None
     pyz_error: str = "the bootloader has not been built yet"
     clock: Callable[[], float] = field(default=time.monotonic)
+
+    def password_epoch(self, user_id: int) -> int | None:
+        with self.db.connect() as conn:
+            return store.password_epoch(conn, user_id)
 
     def device_type_names(self) -> list[str]:
         with self.db.connect() as conn:
@@ -106,6 +113,12 @@ class PortalState:
 STATE = web.AppKey("portal_state", PortalState)
 
 
+def user_address_key(user: str, client: str) -> str:
+    """The failure-throttle key of ``user`` (normalised name) logging on from ``client`` (an IP
+    address or ``unknown``, never containing a space, so the key is unambiguous)."""
+    return f"{client} {user}"
+
+
 def _throttle(config: PortalConfig, failures: int) -> Throttle:
     return Throttle(
         failures=failures,
@@ -132,5 +145,6 @@ def build_state(config: PortalConfig) -> tuple[PortalState, bool]:
         user_throttle=_throttle(config, config.throttle_failures),
         address_throttle=_throttle(config, config.throttle_address_failures),
         trusted=[ipaddress.ip_network(n) for n in config.trusted_proxies],
+        hash_gate=HashGate(config.hash_workers + config.hash_queue_limit),
     )
     return state, created

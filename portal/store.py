@@ -114,6 +114,8 @@ class Credentials:
     user_id: int
     name: str
     password_hash: str
+    #: bumped by every password change; a session remembers the one of its logon
+    epoch: int = 0
 
 
 def add_user(
@@ -139,9 +141,19 @@ def add_user(
 
 
 def set_password_hash(conn: sqlite3.Connection, name: str, password_hash: str) -> None:
+    """A new password; bumps the user's ``password_epoch``, which ends the live sessions."""
     with transaction(conn):
         uid = user_id(conn, name)
-        conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, uid))
+        conn.execute(
+            "UPDATE users SET password_hash = ?, password_epoch = password_epoch + 1 WHERE id = ?",
+            (password_hash, uid),
+        )
+
+
+def password_epoch(conn: sqlite3.Connection, uid: int) -> int | None:
+    """The user's current password epoch, or None when the user was removed."""
+    row = conn.execute("SELECT password_epoch FROM users WHERE id = ?", (uid,)).fetchone()
+    return None if row is None else int(row[0])
 
 
 def replace_password_hash(conn: sqlite3.Connection, uid: int, old: str, new: str) -> bool:
@@ -167,11 +179,13 @@ def credentials(conn: sqlite3.Connection, raw_name: str) -> Credentials | None:
     except Invalid:
         return None
     row = conn.execute(
-        "SELECT id, name, password_hash FROM users WHERE name = ?", (name,)
+        "SELECT id, name, password_hash, password_epoch FROM users WHERE name = ?", (name,)
     ).fetchone()
     if row is None:
         return None
-    return Credentials(int(row["id"]), str(row["name"]), str(row["password_hash"]))
+    return Credentials(
+        int(row["id"]), str(row["name"]), str(row["password_hash"]), int(row["password_epoch"])
+    )
 
 
 def list_users(conn: sqlite3.Connection) -> list[UserInfo]:

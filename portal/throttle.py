@@ -1,4 +1,8 @@
-"""Logon throttling: lockouts after repeated failures, per key (a user name or a client address).
+"""Logon throttling: lockouts after repeated failures, per key, and the password-check queue.
+
+The server keeps two :class:`Throttle` families: one keyed by client address, and one keyed by
+user name *and* client address, so failures from one address can never lock a user out at
+another address (docs/provisioning.md). :class:`HashGate` bounds the logons waiting for argon2.
 
 A key that collects ``failures`` failed logons within ``window`` seconds is locked out: every
 logon for it is refused (429, ``Retry-After``) until the lockout ends, without checking the
@@ -13,6 +17,7 @@ bounded: at most ``max_entries`` keys are kept, the least recently failed ones g
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -101,3 +106,32 @@ class Throttle:
 def retry_after_header(seconds: float) -> str:
     """``Retry-After`` value: whole seconds, rounded up, at least 1."""
     return str(max(1, math.ceil(seconds)))
+
+
+class HashGate:
+    """Admission to the password checks: at most ``limit`` logons verifying or waiting at once.
+
+    Thread-safe: the event loop enters, the worker thread that ran the check leaves (so a
+    logon whose client went away still counts until its argon2 run is over)."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("the limit must be at least 1")
+        self.limit = limit
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def try_enter(self) -> bool:
+        """Take a place; False when all ``limit`` are taken."""
+        with self._lock:
+            if self._count >= self.limit:
+                return False
+            self._count += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1

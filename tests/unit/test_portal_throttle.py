@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from portal.throttle import Throttle, retry_after_header
+from portal.throttle import HashGate, Throttle, retry_after_header
 
 
 def _throttle(**over: float) -> Throttle:
@@ -94,3 +94,13 @@ def test_invalid_parameters_and_header() -> None:
         Throttle(failures=1, window=1, lockout=10, max_lockout=1)
     assert retry_after_header(0.2) == "1"
     assert retry_after_header(59.01) == "60"
+
+
+def test_hash_gate_admits_up_to_its_limit() -> None:
+    gate = HashGate(2)
+    assert gate.try_enter() and gate.try_enter()
+    assert not gate.try_enter() and len(gate) == 2
+    gate.leave()
+    assert gate.try_enter()
+    with pytest.raises(ValueError):
+        HashGate(0)
