@@ -1,7 +1,9 @@
 """Content-addressed file storage and the collection of an app's files from the admin's disk.
 
 Blobs live at ``<state-dir>/blobs/<sha256>``, named by the SHA-256 of their content, written once
-(temporary file, fsync, rename) and never modified, so any number of app versions can share one.
+(temporary file, fsync, rename) and never modified, so any number of app versions can share one;
+storing an existing blob again refreshes its modification time, which ``csc-portal prune``
+(:mod:`portal.prune`) reads as "in use by an ``app add`` in progress".
 
 :func:`collect_files` turns the paths given to ``csc-portal app add`` into package paths
 ``NAME/relative/path``. Invariants of its result: every path is relative, ``/``-separated, has no
@@ -54,6 +56,7 @@ class BlobStore:
             final = self.path(digest.hexdigest())
             if final.exists():
                 tmp.unlink()
+                os.utime(final)  # fresh again: prune spares it until the version is recorded
             else:
                 os.chmod(tmp, 0o644)
                 os.replace(tmp, final)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from portal import commands
 from portal.config import ENV_PREFIX, LOG_LEVELS, load_portal_config
+from portal.prune import MIN_AGE
 from shared import checks
 from shared.cli_support import (
     EXIT_USAGE,
@@ -31,6 +32,7 @@ from shared.cli_support import (
     version,
 )
 from shared.config import ConfigError
+from shared.units import parse_duration
 
 PROG = "csc-portal"
 if TYPE_CHECKING:
@@ -177,6 +179,14 @@ def _deploy_parsers(top: Subparsers) -> None:
     _command(top, "devices", commands.devices, "list devices that logged on", json_output=True)
 
 
+def _seconds(text: str) -> float:
+    """A duration argument (``90``, ``15m``, ``1h``); argparse reports a ValueError as usage."""
+    seconds = parse_duration(text)
+    if seconds < 0:
+        raise ValueError(text)
+    return seconds
+
+
 def _misc_parsers(top: Subparsers) -> None:
     key = _group(top, "key", "the portal's signing key")
     _command(
@@ -192,6 +202,21 @@ def _misc_parsers(top: Subparsers) -> None:
     site.add_argument("--out", type=Path, required=True, metavar="DIR")
     site.add_argument("--bootloader-source", type=Path, metavar="DIR", help=argparse.SUPPRESS)
     _command(top, "check", _check, "check the configuration and state without serving")
+    prune = _command(
+        top,
+        "prune",
+        commands.prune,
+        "delete packages and app files nothing uses any more",
+        json_output=True,
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only say what would go")
+    prune.add_argument(
+        "--min-age",
+        type=_seconds,
+        default=MIN_AGE,
+        metavar="DURATION",
+        help=f"spare files younger than this (work in progress; default {MIN_AGE:g})",
+    )
     serve = _command(top, "serve", commands.serve, "run the portal's HTTP server", creates=True)
     serve.add_argument("--listen", metavar="HOST:PORT", help="HTTP listener")
     serve.add_argument("--ready-file", type=Path, metavar="PATH", help="write the address when up")

@@ -323,6 +323,7 @@ def app_remove(ctx: Context, args: argparse.Namespace) -> int:
     with ctx.conn() as conn:
         count = catalog.remove_app(conn, name, version, args.device_type)
     ctx.say(f"removed {count} version(s) of {store.check_name(name, 'app')!r}")
+    ctx.say("`csc-portal prune` deletes their files and packages once nothing uses them")
     return EXIT_OK
 
 
@@ -497,6 +498,29 @@ def get_site(ctx: Context, args: argparse.Namespace) -> int:
         types = store.list_device_types(conn)
     written = write_site(args.out, ctx.config.name, ctx.key.fingerprint, types, pyz)
     ctx.say(f"wrote {len(written)} files to {args.out}")
+    return EXIT_OK
+
+
+def prune(ctx: Context, args: argparse.Namespace) -> int:
+    from portal.prune import prune as prune_unused
+
+    report = prune_unused(
+        ctx.db,
+        ctx.config.state_dir,
+        ctx.key,
+        ctx.config.name,
+        session_ttl=ctx.config.session_ttl,
+        min_age=args.min_age,
+        dry_run=args.dry_run,
+    )
+    if args.json:
+        as_json(ctx, asdict(report))
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    ctx.say(
+        f"{verb} {len(report.packages)} package(s), {len(report.blobs)} blob(s) and "
+        f"{len(report.temporary)} temporary file(s): {report.bytes} bytes"
+    )
     return EXIT_OK
 
 
