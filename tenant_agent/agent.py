@@ -2,7 +2,9 @@
 
 Each session slot connects (token in the ``Authorization`` header only), says HELLO, serves
 streams until the link ends, then reconnects after a capped, jittered backoff that resets once
-a link has been stable. On GOAWAY from the CSC the slot connects a new session first and lets
+a link has been stable; a 429/503 refusal of the upgrade with ``Retry-After`` (a session limit,
+a draining node) waits at least that long, up to ``retry_after_max`` (tenant_agent/backoff.py),
+and the log line says so. On GOAWAY from the CSC the slot connects a new session first and lets
 the old one finish its streams (make-before-break). On SIGTERM the agent sends GOAWAY on every
 session, lets in-flight streams finish within ``drain_timeout`` and exits.
 
@@ -26,6 +28,7 @@ import logging
 import random
 import signal
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +37,14 @@ from shared.link import Link, cancel_quietly, max_message_size
 from shared.oserrors import describe_connect_error, describe_os_error
 from shared.protocol import Connection, Event, LinkSettings, Side, WelcomeReceived
 from tenant_agent import __version__
-from tenant_agent.backoff import FATAL_CLOSE_CODES, FATAL_HTTP_STATUSES, Backoff
+from tenant_agent.backoff import (
+    FATAL_CLOSE_CODES,
+    FATAL_HTTP_STATUSES,
+    RETRY_AFTER_STATUSES,
+    Backoff,
+    parse_retry_after,
+    retry_after_delay,
+)
 from tenant_agent.config import AgentConfig
 from tenant_agent.metrics import (
     AgentMetrics,
@@ -212,6 +222,7 @@ class Agent:
         while not self.stopping.is_set():
             started = loop.time()
             session, successor = successor, None
+            asked: float | None = None  # the Retry-After of a 429/503 refusal
             if session is None:
                 self.metrics.slot_state(slot, "connecting")
                 try:
@@ -223,6 +234,7 @@ class Agent:
                 except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
                     cause = f"cannot connect to {cfg.csc}: {describe_failure(exc)}"
                     reason = reconnect_reason(exc)
+                    asked = asked_wait(exc)
                 else:
                     if outage.failures:
                         log.info("session %d: reconnected; %s", slot, outage.summary(loop.time()))
@@ -256,6 +268,10 @@ class Agent:
             if self._retiring.get(slot):
                 backoff.attempt = 0  # the drained session still serves: retry at the start pace
             delay = backoff.next_delay(random.random())
+            if asked is not None:
+                delay = retry_after_delay(delay, asked, cfg.retry_after_max, random.random())
+                capped = f", at most {cfg.retry_after_max:g}" if asked > cfg.retry_after_max else ""
+                cause += f" (Retry-After: {asked:g} s{capped})"
             outage.failed(cause, loop.time())
             log.warning("session %d: %s; retrying in %.1f s", slot, cause, delay)
             await self._pause(delay)
@@ -456,6 +472,13 @@ class Agent:
             self._retiring[session.slot] -= 1
             self.sessions.discard(session)
             await cancel_quietly(run)
+
+
+def asked_wait(exc: BaseException) -> float | None:
+    """The ``Retry-After`` (seconds) of a 429/503 refusal of the upgrade, else None."""
+    if isinstance(exc, HandshakeRefused) and exc.status in RETRY_AFTER_STATUSES:
+        return parse_retry_after(exc.retry_after, time.time())
+    return None
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -89,6 +89,9 @@ class AgentConfig:
     backoff_reset_after: float = duration_field(
         60.0, "a link up this long resets the reconnect delay"
     )
+    retry_after_max: float = duration_field(
+        300.0, "longest `Retry-After` of a 429/503 refusal the agent waits for"
+    )
     drain_timeout: float = duration_field(
         30.0, "on SIGTERM, how long in-flight streams may finish", minimum=0
     )

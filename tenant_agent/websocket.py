@@ -87,6 +87,7 @@ class HandshakeRefused(HandshakeError):
         self.status = response.status_code
         self.body = bytes(response.body)
         self.reason_phrase = response.reason_phrase
+        self.retry_after: str | None = response.headers.get("Retry-After")
 
     @property
     def reason(self) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import email.utils
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tenant_agent.backoff import Backoff, backoff_delay
+from tenant_agent.backoff import Backoff, backoff_delay, parse_retry_after, retry_after_delay
 
 
 def test_delays_double_then_cap() -> None:
@@ -39,3 +42,34 @@ def test_stable_link_resets_the_sequence() -> None:
     backoff.connected_for(30.0)
     assert backoff.attempt == 0
     assert backoff.next_delay(0.0) == 0.5
+
+
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("30", 30.0),
+        (" 0 ", 0.0),
+        ("9" * 40, float("inf")),
+        ("-5", None),
+        ("1.5", None),
+        ("soon", None),
+        ("\u0661", None),
+        (email.utils.formatdate(NOW + 90, usegmt=True), 90.0),
+        (email.utils.formatdate(NOW - 90, usegmt=True), 0.0),
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value, NOW) == expected
+
+
+def test_retry_after_delay_is_at_least_the_wait_asked_and_bounded() -> None:
+    assert retry_after_delay(0.7, None, 300, 0.5) == 0.7
+    assert retry_after_delay(0.7, 10, 300, 0.0) == 10
+    assert retry_after_delay(0.7, 10, 300, 0.999) == pytest.approx(10.999)
+    assert retry_after_delay(0.7, float("inf"), 300, 0.0) == 300
+    assert retry_after_delay(0.7, 1e9, 300, 0.999) <= 330
+    assert retry_after_delay(20.0, 1, 300, 0.5) == 20.0  # the backoff is already longer
