@@ -33,8 +33,8 @@ ENV_PREFIX = "CSC_PORTAL_"
 LOG_LEVELS = tuple(LEVELS)
 #: Password hashing profiles (see :mod:`portal.passwords`); ``test`` is for tests only.
 HASH_COSTS = ("standard", "test")
-#: Default of ``hash_queue``: waiting logons per hashing worker (a few seconds of argon2 work).
-HASH_QUEUE_PER_WORKER = 8
+#: Default of ``hash_queue``: waiting logons per hashing worker (1-2 s of argon2 work each).
+HASH_QUEUE_PER_WORKER = 16
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:

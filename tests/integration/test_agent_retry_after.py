@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -43,7 +44,7 @@ async def _refusing_csc(status: int, retry_after: str) -> AsyncIterator[tuple[st
         await runner.cleanup()
 
 
-def _config(csc: str, **over: float) -> AgentConfig:
+def _config(csc: str, **over: Any) -> AgentConfig:
     return AgentConfig(
         csc=csc,
         token=Secret("token"),

@@ -152,7 +152,7 @@ async def test_a_full_password_check_queue_answers_503_with_retry_after(
 
 
 def test_the_queue_default_follows_the_worker_count(tmp_path: Path) -> None:
-    assert portal_config(tmp_path, hash_workers=3).hash_queue_limit == 3 * 8
+    assert portal_config(tmp_path, hash_workers=3).hash_queue_limit == 3 * 16
     assert portal_config(tmp_path, hash_workers=3, hash_queue=5).hash_queue_limit == 5
 
 
