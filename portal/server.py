@@ -8,7 +8,8 @@ Invariants of the middleware: every response carries ``X-Request-Id`` (the reque
 is sane, else a fresh one); every error is the JSON ``{"error", "message"}`` of
 docs/provisioning.md (internal details go to the log only); each request is logged once with its
 request id, client address, status and duration, but never its headers or body, so neither
-passwords nor session tokens reach the log. The client address is the rightmost
+passwords nor session tokens reach the log; a request aiohttp's parser refuses (400 before the
+middleware) is one INFO line without traceback or request bytes. The client address is the rightmost
 ``X-Forwarded-For`` entry when the peer is a trusted proxy, else the peer.
 """
 
@@ -26,8 +27,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from portal import api, getsite
 from portal.config import PortalConfig
@@ -52,6 +55,30 @@ _HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}
 #: bootloader variants kept, one per preset (CSC URL, key, CA)
 MAX_PRESETS = 8
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _ClientErrorsOneLine(logging.Filter):
+    """aiohttp logs a request its parser refuses (a header or URL over 8 KiB, a bad
+    ``Content-Length`` or chunk size: the client's fault, answered 400 before any handler runs)
+    with a traceback at ERROR. Make that one INFO line naming the error class only: the
+    parser's message quotes the request's bytes, which may hold a token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            said = record.getMessage()
+            record.msg = "%s: malformed HTTP request (%s, %d)"
+            record.args = (said, type(exc).__name__, exc.code)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+#: aiohttp's connection-level log (the parser's refusals), one line per refused request
+HTTP_LOG = logging.getLogger("portal.http")
+HTTP_LOG.addFilter(_ClientErrorsOneLine())
+#: what every ``AppRunner`` of the portal is given
+RUNNER_OPTIONS: dict[str, Any] = {"access_log": None, "logger": HTTP_LOG}
 
 
 def _peer_trusted(request: web.Request, trusted: list[IPNetwork]) -> bool:
@@ -327,7 +354,7 @@ async def run_portal(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = create_app(config, state=state, bootloader_dir=bootloader_dir)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    runner = web.AppRunner(app, shutdown_timeout=5.0, **RUNNER_OPTIONS)
     await runner.setup()
     try:
         host, port = config.listen_address

@@ -6,6 +6,7 @@ sessions."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -195,3 +196,35 @@ async def test_a_password_change_ends_the_users_sessions(
     with portal.state.db.connect() as conn:
         store.remove_user(conn, "bob")
     assert await download(bob) == 401
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /v1/portal HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + b"s" * 9000 + b"\r\n\r\n",
+        b"GET /v1/portal?" + b"a=1&" * 3000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/logon HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 30 + b"\r\n\r\n",
+        b"POST /v1/logon HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["long-header", "long-query", "content-length", "chunk-size"],
+)
+async def test_malformed_http_is_a_400_and_one_log_line_without_traceback(
+    portal: RunningPortal, caplog: pytest.LogCaptureFixture, request_bytes: bytes
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    host, port = portal.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request_bytes)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n"), scaled(10.0))
+    finally:
+        writer.close()
+    assert head.split()[1] == b"400"
+    deadline = asyncio.get_running_loop().time() + scaled(10.0)
+    while not any("malformed HTTP request" in r.getMessage() for r in caplog.records):
+        assert asyncio.get_running_loop().time() < deadline, "no log line"
+        await asyncio.sleep(0.01)
+    for record in caplog.records:
+        assert record.exc_info is None and record.levelno < logging.ERROR, record.getMessage()
+        assert "sss" not in record.getMessage() and "a=1&a=1" not in record.getMessage()

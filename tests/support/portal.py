@@ -20,7 +20,7 @@ from portal.blobs import BlobStore, collect_files
 from portal.config import PortalConfig
 from portal.db import Database
 from portal.passwords import Passwords
-from portal.server import create_app
+from portal.server import RUNNER_OPTIONS, create_app
 from portal.state import PortalState, build_state
 
 PASSWORD = "correct horse"
@@ -112,7 +112,7 @@ async def running_portal(
     if state is None:
         state, _ = build_state(config)
     app = create_app(config, state=state, bootloader_dir=bootloader_dir)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, **RUNNER_OPTIONS)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
