@@ -204,7 +204,9 @@ def test_preset(raw: bytes) -> None:
 class _FakeResponse:
     """Just what :class:`bootloader.client.Answer` reads of an ``HTTPResponse``."""
 
-    status, reason, headers = 200, "OK", {}
+    status = 200
+    reason = "OK"
+    headers: dict[str, str] = {}  # noqa: RUF012 (never mutated)
 
     def __init__(self, body: bytes) -> None:
         self._body = body
