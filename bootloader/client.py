@@ -166,7 +166,7 @@ class Answer:
             raise self.fail(f"{what} sent an answer larger than {MAX_JSON // 1024} KiB")
         try:
             value = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # also too many digits or nested too deep
             raise self.fail(f"{what} answered HTTP {self.status} with something not JSON") from None
         if not isinstance(value, dict):
             raise self.fail(f"{what} answered HTTP {self.status} with JSON that is not an object")
@@ -177,7 +177,7 @@ class Answer:
         try:
             body = self._resp.read(MAX_JSON)
             data = json.loads(body)
-        except (OSError, http.client.HTTPException, UnicodeDecodeError, ValueError):
+        except (OSError, http.client.HTTPException, ValueError, RecursionError):
             return "", ""
         if not isinstance(data, dict):
             return "", ""

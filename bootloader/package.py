@@ -171,7 +171,7 @@ def parse_manifest(raw: bytes, signature: bytes) -> Manifest:
     """Parse and check the shape of a (signed) manifest."""
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # also too many digits or nested too deep
         raise _fail("the package's manifest is not UTF-8 JSON") from None
     if not isinstance(data, dict) or data.get("format") != 1:
         raise _fail("the package's manifest is not format 1; get a newer bootloader")

@@ -46,7 +46,7 @@ def load_preset() -> Preset:
 def parse_preset(raw: bytes) -> Preset:
     try:
         data: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         data = None
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise ConfigError("the built-in preset is not a JSON object of strings: get a new copy")

@@ -268,7 +268,7 @@ def _header(token: object) -> dict[str, Any]:
         raise AuthFailed("malformed token: expected three dot-separated parts")
     try:
         header = _b64_json(parts[0])
-    except (ValueError, UnicodeError):
+    except (ValueError, UnicodeError, RecursionError):  # RecursionError: deeply nested JSON
         raise AuthFailed("malformed token: bad header") from None
     if not isinstance(header, dict) or not isinstance(header.get("alg"), str):
         raise AuthFailed("malformed token: bad header")
@@ -386,7 +386,7 @@ def verify_token(
     raw = _verified_payload(token, keys, alg)
     try:
         payload = json.loads(raw)
-    except (ValueError, UnicodeError):
+    except (ValueError, UnicodeError, RecursionError):
         raise AuthFailed("malformed token: payload is not JSON") from None
     if not isinstance(payload, dict):
         raise AuthFailed("malformed token: payload is not a JSON object")

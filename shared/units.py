@@ -74,7 +74,8 @@ _SIZE_UNITS: dict[str, int] = {
     "gb": 1000**3,
     "tb": 1000**4,
 }
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+#: at most 30 digits each side of the point: more is no size (and int() refuses > 4300 digits)
+_SIZE = re.compile(r"(\d{1,30}(?:\.\d{1,30})?)\s*([a-z]*)")
 
 
 def parse_size(value: str | int) -> int:

@@ -29,6 +29,8 @@ _METHOD_CHARS = frozenset(
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 #: Request fields the agent sets itself (hop-by-hop ones are stripped before).
 _REPLACED = frozenset({"host", "content-length", "expect"})
+#: Digits of the longest Content-Length taken (an exabyte; also far below ``int()``'s limit).
+_MAX_LENGTH_DIGITS = 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +105,19 @@ def request_parts(info: dict[str, Any]) -> tuple[str, str, list[tuple[str, str]]
 
 
 def _declared_length(values: list[str]) -> int | None:
+    """The one Content-Length of the OPEN: ASCII digits only (``str.isdigit`` also takes
+    ``²`` and other scripts' digits), at most :data:`_MAX_LENGTH_DIGITS` of them."""
     if not values:
         return None
-    if len(set(values)) != 1 or not values[0].isdigit():
+    value = values[0]
+    if (
+        len(set(values)) != 1
+        or not value.isascii()
+        or not value.isdigit()
+        or len(value) > _MAX_LENGTH_DIGITS
+    ):
         raise ProtocolError("OPEN has an invalid Content-Length")
-    return int(values[0])
+    return int(value)
 
 
 def build_request(info: dict[str, Any], origin: Origin, whole: bytes | None) -> Request:

@@ -175,7 +175,7 @@ class PeerStream:
         except CSCError as err:
             self._fail_open(err)
             return
-        except ValueError:
+        except (ValueError, RecursionError):  # also too many digits or nested too deep
             bad = ProtocolError("forwarded head is not JSON")
             self.inner.reset(bad)
             self._fail_open(bad)

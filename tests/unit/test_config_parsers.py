@@ -136,6 +136,11 @@ def test_parse_size_rejects(text: str) -> None:
         parse_size(text)
 
 
+def test_parse_size_rejects_thousands_of_digits_with_its_own_message() -> None:
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_size("1" * 5000 + "KiB")
+
+
 def test_parse_size_accepts_plain_ints_and_rejects_others() -> None:
     assert parse_size(4096) == 4096
     for bad in (-1, 1.5, True):

@@ -87,6 +87,9 @@ def test_url_credentials_replace_the_clients_authorization() -> None:
         {"headers": [["X", "\u2603"]]},
         {"headers": [["Content-Length", "1"], ["Content-Length", "2"]], "body": True},
         {"headers": [["Content-Length", "-1"]], "body": True},
+        {"headers": [["Content-Length", "\u00b2"]], "body": True},  # isdigit(), not ASCII
+        {"headers": [["Content-Length", "\u0661\u0662"]], "body": True},  # Arabic-Indic 12
+        {"headers": [["Content-Length", "1" * 5000]], "body": True},  # beyond int()'s limit
     ],
 )
 def test_invalid_opens_are_protocol_errors(bad: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ import itertools
 from collections import deque
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,9 +81,12 @@ def test_head_and_body_survive_any_chunking(
     asyncio.run(run())
 
 
-def test_a_head_that_is_not_json_fails_the_open_and_resets() -> None:
+@pytest.mark.parametrize(
+    "head", [b"{x}", b"[" * 5000, b"1" * 5000], ids=["not-json", "too-deep", "too-many-digits"]
+)
+def test_a_head_that_is_not_json_fails_the_open_and_resets(head: bytes) -> None:
     async def run() -> None:
-        inner = FakeInner([b"\x00\x00\x00\x03{x}", b"rest"])
+        inner = FakeInner([len(head).to_bytes(4, "big") + head, b"rest"])
         stream = PeerStream(inner, "A")  # type: ignore[arg-type]
         try:
             await stream.opened

@@ -277,6 +277,7 @@ def test_bad_claims(key: Ed25519PrivateKey, changes: dict[str, Any], expected: s
         b64(b'{"alg": 5}') + "." + b64(b"{}") + ".x",
         b64(b"[1]") + "." + b64(b"{}") + ".x",
         "x" * 20_000,
+        b64(b"[" * 5000) + "." + b64(b"{}") + ".x",  # nested beyond the JSON decoder's depth
     ],
 )
 def test_garbage(key: Ed25519PrivateKey, garbage: str) -> None:
@@ -286,6 +287,13 @@ def test_garbage(key: Ed25519PrivateKey, garbage: str) -> None:
 def test_payload_not_json(key: Ed25519PrivateKey) -> None:
     head = b64(json.dumps({"alg": "EdDSA"}).encode())
     body = b64(b"not json")
+    sig = key.sign(f"{head}.{body}".encode())
+    assert reason(f"{head}.{body}.{b64(sig)}", key).startswith("malformed token")
+
+
+def test_deeply_nested_signed_payload(key: Ed25519PrivateKey) -> None:
+    head = b64(json.dumps({"alg": "EdDSA"}).encode())
+    body = b64(b"[" * 5000)
     sig = key.sign(f"{head}.{body}".encode())
     assert reason(f"{head}.{body}.{b64(sig)}", key).startswith("malformed token")
 
