@@ -6,10 +6,8 @@ are non-empty strings within ``MAX_FIELD`` (``device_id`` printable), or raises 
 a 4xx status and a stable code; nothing else escapes (an escaping exception is a 500 with a
 logged traceback); and a body at the size limit is parsed within a stated memory bound.
 
-Finding "portal JSON depth" (portal/api.py; a depth bound is being added there): a body nested
-deeper than the JSON decoder's recursion limit (60000 times ``[``) raises ``RecursionError``, which
-the middleware turns into a 500 "internal". That one case is a strict xfail: when the bound
-lands it XPASSes, which fails the run until the marker is removed.
+A body nested deeper than the JSON decoder's recursion limit (60000 times ``[``) is a 400, not
+a ``RecursionError`` turned into a 500 (portal/jsonbody.py bounds size and depth before decoding).
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import json
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -103,12 +100,6 @@ def test_a_body_at_the_size_limit_is_parsed_in_bounded_memory() -> None:
     assert peak < 16 * MAX_BODY, peak
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="finding 'portal JSON depth': a logon body nested deeper than the JSON decoder's "
-    "recursion limit escapes _logon_request as RecursionError (a 500), not a 400",
-)
 def test_a_deeply_nested_body_is_a_4xx_api_error() -> None:
     result = parse(b"[" * 60_000)
     assert isinstance(result, ApiError) and 400 <= result.status < 500
