@@ -47,7 +47,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the root, first
     sys.path.insert(0, str(_REPO_ROOT))
 
-from tests.support.procs import (  # noqa: E402
+from harness.procs import (  # noqa: E402
     CscProc,
     Proc,
     UpstreamProc,
@@ -59,7 +59,7 @@ from tests.support.procs import (  # noqa: E402
     tunnel_url,
     wait_alias_online,
 )
-from tests.support.upstream import SMALL_BODY, expected_sha256  # noqa: E402
+from harness.upstream import SMALL_BODY, expected_sha256  # noqa: E402
 
 MiB = 1024 * 1024
 RESULTS_FILE = _REPO_ROOT / "bench" / "RESULTS.md"
