@@ -128,7 +128,7 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--burst", type=int, default=16, help="requests between loop yields")
     args = parser.parse_args()
-    accesslog.flush = _timed_flush  # type: ignore[assignment]  # time the batched writes
+    accesslog.flush = _timed_flush  # time the batched writes
     results = {
         "per-event": measure("per-event", per_event, args.records, args.burst),
         "buffered": measure("buffered", accesslog.request_done, args.records, args.burst),

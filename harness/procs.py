@@ -36,7 +36,7 @@ import psutil
 
 from harness.readyfile import parse_hostport, read_ready_file
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 LOG_TAIL_CHARS = 6000
