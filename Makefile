@@ -66,10 +66,18 @@ readme: venv
 demo: venv
 	$(BIN)/python -m demo
 
+# what only `make bench` needs: load tools and the reference relays (nginx from Debian, pproxy
+# into the venv); `make test` needs none of them
+BENCH_DEPS := wrk:wrk curl:curl nginx:nginx
+PPROXY_VERSION := 2.7.9
+
 bench: venv
-	@command -v wrk >/dev/null && command -v curl >/dev/null || \
-		{ apt-get update -qq && apt-get install -y -qq wrk curl; }
+	scripts/system_deps.sh $(BENCH_DEPS)
+	$(BIN)/python -c 'import pproxy' 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet 'pproxy==$(PPROXY_VERSION)'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/accesslog.py
+	$(BIN)/python bench/sessions.py $(SESSIONS_ARGS)
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache .hypothesis bench/out *.egg-info

@@ -2,8 +2,8 @@
 on A, in one run (``bench/run.py`` calls :func:`measure_cluster`; see bench/README.md).
 
 Starts a ``redis-server`` and a PostgreSQL with the helpers the tests use
-(:mod:`tests.support.redis`, :mod:`tests.support.postgres`), two ``csc serve`` nodes A and B of
-one cluster (:class:`tests.support.cluster.ClusterProcs`), the test upstream and an agent with
+(:mod:`harness.redis`, :mod:`harness.postgres`), two ``csc serve`` nodes A and B of
+one cluster (:class:`harness.cluster.ClusterProcs`), the test upstream and an agent with
 one session on A. *Local* is ``/t/{alias}/small`` through A (A → agent), *forwarded* the same
 through B (B → peer link → A → agent). Both paths are checked to serve ``/small`` byte for byte
 before anything is timed, and B is checked to hold no session of its own (so its requests are
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.cluster import ClusterProcs
-from tests.support.postgres import running_postgres
-from tests.support.procs import (
+from harness.cluster import ClusterProcs
+from harness.postgres import running_postgres
+from harness.procs import (
     CscProc,
     ProcFactory,
     UpstreamProc,
@@ -32,8 +32,8 @@ from tests.support.procs import (
     tunnel_url,
     wait_alias_online,
 )
-from tests.support.redis import running
-from tests.support.upstream import SMALL_BODY
+from harness.redis import running
+from harness.upstream import SMALL_BODY
 
 #: (concurrency, target on the rate ratio, target on the p50 added by the hop, in ms)
 CLUSTER_ROWS = ((1, None, 0.3), (32, 0.70, None))

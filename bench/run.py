@@ -26,12 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -47,7 +44,16 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the root, first
     sys.path.insert(0, str(_REPO_ROOT))
 
-from tests.support.procs import (  # noqa: E402
+from bench import refs  # noqa: E402
+from bench.report import (  # noqa: E402
+    Memory,
+    Row,
+    Target,
+    machine_info,
+    render_memory,
+    render_table,
+)
+from harness.procs import (  # noqa: E402
     CscProc,
     Proc,
     UpstreamProc,
@@ -59,7 +65,7 @@ from tests.support.procs import (  # noqa: E402
     tunnel_url,
     wait_alias_online,
 )
-from tests.support.upstream import SMALL_BODY, expected_sha256  # noqa: E402
+from harness.upstream import SMALL_BODY, expected_sha256  # noqa: E402
 
 MiB = 1024 * 1024
 RESULTS_FILE = _REPO_ROOT / "bench" / "RESULTS.md"
@@ -67,7 +73,6 @@ INSTALL_HINT = "install them with `apt-get install -y wrk curl` (or run `make be
 KEEPALIVE_CONCURRENCY = (1, 32, 128)
 CLOSE_CONCURRENCY = 32
 SANITY_DOWNLOAD = 16 * MiB
-IDLE_RSS_TARGET_MIB = 80
 
 
 def log(message: str) -> None:
@@ -157,10 +162,28 @@ class Rig:
     csc: CscProc | None = None
     agent: Proc | None = None
     alias: str = "bench@example.com"
+    #: reference relays in front of the same upstream (bench/refs.py): name -> (process, URL)
+    refs: dict[str, tuple[Proc, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def procs(self) -> list[Proc]:
         return [p for p in (self.agent, self.csc, self.upstream) if p is not None]
+
+    def sides(self, path: str) -> list[tuple[str, str]]:
+        """(side, URL of ``path``) for direct, the tunnel (if running) and each reference."""
+        sides = [("direct", self.direct(path))]
+        if self.csc is not None:
+            sides.append(("tunnel", self.tunnel(path)))
+        sides += [(name, f"{url}/{path.lstrip('/')}") for name, (_, url) in self.refs.items()]
+        return sides
+
+    def relay_procs(self, side: str) -> list[Proc]:
+        """The processes that relay for ``side`` (direct: the upstream itself)."""
+        if side == "direct":
+            return [self.upstream]
+        if side == "tunnel":
+            return [p for p in (self.csc, self.agent) if p is not None]
+        return [self.refs[side][0]]
 
     def direct(self, path: str) -> str:
         return f"{self.upstream.http_url}/{path.lstrip('/')}"
@@ -206,6 +229,13 @@ def rig(args: argparse.Namespace, workdir: Path) -> Iterator[Rig]:
             started.append(setup.agent)
             wait_alias_online(setup.csc.http_url, args.alias)
             log(f"alias {args.alias} is online")
+        if not args.no_refs:
+            upstream_port = int(setup.upstream.http_url.rsplit(":", 1)[1])
+            for name, start in (("nginx", refs.start_nginx), ("pproxy", refs.start_pproxy)):
+                log(f"starting {name} in front of the upstream")
+                proc, url = start(workdir, upstream_port)
+                started.append(proc)
+                setup.refs[name] = (proc, url)
         yield setup
     except BaseException:
         for proc in started:
@@ -229,62 +259,52 @@ def sanity_check(url_for: Any) -> None:
 # --- measurements --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    text: str
-    ratio_min: float | None = None
-    ratio_max: float | None = None
-    added_max: float | None = None  # at most this much above the reference (same unit)
-
-    def met(self, ratio: float, added: float = 0.0) -> bool:
-        if self.ratio_min is not None and ratio < self.ratio_min:
-            return False
-        if self.added_max is not None and added > self.added_max:
-            return False
-        return self.ratio_max is None or ratio <= self.ratio_max
-
-
-@dataclasses.dataclass
-class Row:
-    metric: str
-    unit: str
-    direct: float
-    tunnel: float | None = None
-    target: Target | None = None
-
-    @property
-    def ratio(self) -> float | None:
-        if self.tunnel is None or not self.direct:
-            return None
-        return self.tunnel / self.direct
-
-
 def measure_download(rig: Rig, args: argparse.Namespace) -> Row:
     size = args.download_mib * MiB
     path = f"/bytes/{size}"
     row = Row(f"download {args.download_mib} MiB, one stream", "MB/s", 0.0)
     row.target = Target("≥ 0.60", ratio_min=0.60)
-    direct, tunnel = [], []
+    speeds: dict[str, list[float]] = {}
     for attempt in range(args.repeat):
         log(f"download {args.download_mib} MiB, run {attempt + 1}/{args.repeat}")
-        direct.append(curl_download(rig.direct(path), size))
-        if rig.csc is not None:
-            tunnel.append(curl_download(rig.tunnel(path), size))
-    row.direct = statistics.median(direct)
-    row.tunnel = statistics.median(tunnel) if tunnel else None
+        for side, url in rig.sides(path):
+            speeds.setdefault(side, []).append(curl_download(url, size))
+    medians = {side: statistics.median(runs) for side, runs in speeds.items()}
+    row.direct = medians.pop("direct")
+    row.tunnel = medians.pop("tunnel", None)
+    row.refs = medians
     return row
 
 
-def _wrk_rows(label: str, direct: WrkResult, tunnel: WrkResult | None) -> list[Row]:
+def _wrk_rows(
+    label: str,
+    direct: WrkResult,
+    tunnel: WrkResult | None,
+    others: dict[str, WrkResult] | None = None,
+) -> list[Row]:
+    others = others or {}
     return [
         Row(
             f"{label}: rate",
             "req/s",
             direct.requests_per_s,
             tunnel.requests_per_s if tunnel else None,
+            refs={name: r.requests_per_s for name, r in others.items()},
         ),
-        Row(f"{label}: p50", "ms", direct.p50_ms, tunnel.p50_ms if tunnel else None),
-        Row(f"{label}: p99", "ms", direct.p99_ms, tunnel.p99_ms if tunnel else None),
+        Row(
+            f"{label}: p50",
+            "ms",
+            direct.p50_ms,
+            tunnel.p50_ms if tunnel else None,
+            refs={name: r.p50_ms for name, r in others.items()},
+        ),
+        Row(
+            f"{label}: p99",
+            "ms",
+            direct.p99_ms,
+            tunnel.p99_ms if tunnel else None,
+            refs={name: r.p99_ms for name, r in others.items()},
+        ),
     ]
 
 
@@ -295,17 +315,22 @@ def measure_small(
     label = f"1 KiB {mode}, c={concurrency}"
     log(f"{label} ({args.duration}s per side)")
     results: dict[str, WrkResult] = {}
-    for side, url in [("direct", rig.direct("/small"))] + (
-        [("tunnel", rig.tunnel("/small"))] if rig.csc is not None else []
-    ):
+    cpu: dict[str, float] = {}
+    for side, url in rig.sides("/small"):
+        before = [refs.cpu_seconds(p) for p in rig.relay_procs(side)]
         results[side] = run_wrk(url, concurrency, args.duration, close=close)
+        after = [refs.cpu_seconds(p) for p in rig.relay_procs(side)]
+        for proc, start, end in zip(rig.relay_procs(side), before, after, strict=True):
+            cpu[proc.name.rsplit("-", 1)[0]] = (end - start) * 1e6 / max(1, results[side].requests)
     notes = [
         f"{label}, {side}: {r.errors} socket errors, {r.non_2xx} non-2xx of {r.requests}"
         for side, r in results.items()
         if r.errors or r.non_2xx
     ]
-    rows = _wrk_rows(label, results["direct"], results.get("tunnel"))
+    others = {k: v for k, v in results.items() if k not in ("direct", "tunnel")}
+    rows = _wrk_rows(label, results.pop("direct"), results.pop("tunnel", None), others)
     if concurrency == 32 and not close:
+        rows.append(cpu_row(label, cpu))
         rows[0].target = Target("≥ 0.50", ratio_min=0.50)
     if concurrency == 32 and close:
         rows[0].target = Target("≥ 0.30", ratio_min=0.30)
@@ -314,19 +339,21 @@ def measure_small(
     return rows, notes
 
 
+def cpu_row(label: str, cpu: dict[str, float]) -> Row:
+    """CPU µs per request of the relaying processes (direct: the upstream serving it)."""
+    names = [n for n in ("csc", "agent") if n in cpu]
+    tunnel = sum(cpu[n] for n in names) if names else None
+    split = f" ({' + '.join(f'{n} {cpu[n]:.0f}' for n in names)})" if names else ""
+    refs_cpu: dict[str, float] = {n: cpu[n] for n in ("nginx", "pproxy") if n in cpu}
+    return Row(
+        f"{label}: relay CPU per request{split}", "µs", cpu["upstream"], tunnel, refs=refs_cpu
+    )
+
+
 def warm_up(rig: Rig) -> None:
     log("warming up")
-    urls = [rig.direct("/small")] + ([rig.tunnel("/small")] if rig.csc is not None else [])
-    for url in urls:
+    for _, url in rig.sides("/small"):
         run_wrk(url, 32, 1)
-
-
-@dataclasses.dataclass
-class Memory:
-    name: str
-    idle_before: int
-    idle_after: int = 0
-    peak: int = 0
 
 
 def idle_rss(rig: Rig, settle: float) -> dict[str, int]:
@@ -335,83 +362,6 @@ def idle_rss(rig: Rig, settle: float) -> dict[str, int]:
 
 
 # --- report --------------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "—"
-    if unit == "ms":
-        return f"{value:.2f}"
-    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
-
-
-def render_table(rows: Sequence[Row], sides: tuple[str, str] = ("tunnel", "direct")) -> str:
-    lines = [
-        f"| metric | unit | {sides[0]} | {sides[1]} | {sides[0]}/{sides[1]} | target | |",
-        "|---|---|---:|---:|---:|---|---|",
-    ]
-    for row in rows:
-        ratio = row.ratio
-        verdict = ""
-        if row.target is not None and ratio is not None and row.tunnel is not None:
-            met = row.target.met(ratio, row.tunnel - row.direct)
-            verdict = "met" if met else "**missed**"
-        lines.append(
-            f"| {row.metric} | {row.unit} | {_fmt(row.tunnel, row.unit)} | "
-            f"{_fmt(row.direct, row.unit)} | {'—' if ratio is None else f'{ratio:.2f}'} | "
-            f"{row.target.text if row.target else ''} | {verdict} |"
-        )
-    return "\n".join(lines)
-
-
-def render_memory(memory: Sequence[Memory], relay_names: Sequence[str]) -> str:
-    mib = 1.0 / MiB
-    lines = [
-        "| process | idle RSS before load (MiB) | idle RSS after load (MiB) | peak RSS (MiB) |",
-        "|---|---:|---:|---:|",
-    ]
-    for m in memory:
-        lines.append(
-            f"| {m.name} | {m.idle_before * mib:.1f} | {m.idle_after * mib:.1f} | "
-            f"{m.peak * mib:.1f} |"
-        )
-    relay = [m for m in memory if m.name in relay_names]
-    if relay:
-        idle = sum(m.idle_before for m in relay) * mib
-        after = sum(m.idle_after for m in relay) * mib
-        peak = sum(m.peak for m in relay) * mib
-        verdict = "met" if idle <= IDLE_RSS_TARGET_MIB else "**missed**"
-        lines.append(f"| {' + '.join(relay_names)} | {idle:.1f} | {after:.1f} | {peak:.1f} |")
-        lines += [
-            "",
-            f"Idle RSS of {' + '.join(relay_names)}: {idle:.1f} MiB "
-            f"(target ≤ {IDLE_RSS_TARGET_MIB} MiB: {verdict}).",
-        ]
-    return "\n".join(lines)
-
-
-def machine_info() -> dict[str, str]:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        loop = f"uvloop {importlib.metadata.version('uvloop')}"
-    except importlib.metadata.PackageNotFoundError:
-        loop = "no uvloop"
-    git = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=_REPO_ROOT, capture_output=True, text=True
-    )
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "python": f"{platform.python_implementation()} {platform.python_version()} ({loop})",
-        "os": f"{platform.system()} {platform.release()}",
-        "commit": git.stdout.strip() if git.returncode == 0 else "no commit",
-    }
 
 
 def render_report(
@@ -482,6 +432,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--agent-arg", action="append", default=[], metavar="ARG")
     parser.add_argument("--no-cluster", action="store_true", help="skip the B→A rows")
+    parser.add_argument("--no-refs", action="store_true", help="skip the nginx and pproxy rows")
     parser.add_argument("--cluster-only", action="store_true", help="only the B→A rows")
     args = parser.parse_args(argv)
     if args.quick:

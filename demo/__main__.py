@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from tests.support.catalog import (
+from harness.catalog import (
     DEVICE_TYPES,
     PASSWORDS,
     POLICIES,
@@ -44,7 +44,7 @@ from tests.support.catalog import (
     portal_commands,
     run_portal_cli,
 )
-from tests.support.procs import (
+from harness.procs import (
     CscProc,
     Proc,
     ProcError,
@@ -52,7 +52,7 @@ from tests.support.procs import (
     issue_token,
     wait_alias_online,
 )
-from tests.support.stack import (
+from harness.stack import (
     ALIAS,
     TENANT,
     BootRun,

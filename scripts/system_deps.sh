@@ -5,6 +5,7 @@
 #   postgresql  the store's PostgreSQL backend (tests start their own server from its binaries)
 #   promtool (prometheus), systemd-analyze (systemd), haproxy  check the artefacts in deploy/
 #   haproxy   also the load balancer in front of CSC nodes in cluster tests
+#   wrk, curl, nginx  `make bench` only (BENCH_DEPS): load tools and a reference relay
 # Usage: scripts/system_deps.sh PROGRAM:PACKAGE...   (run by `make test`; idempotent, no prompts)
 set -euo pipefail
 

@@ -1,4 +1,5 @@
-"""Test support shared by the test suite, ``bench/`` and ``demo/``.
+"""Test support: fixtures and test helpers over :mod:`harness` (what the tests share with
+``bench/`` and ``demo/``; its modules are re-exported here under their old names).
 
 Real processes and the servers they talk to: ``procs`` (start, wait for, stop by PID),
 ``stack`` (the whole provisioning stack), ``upstream`` (a deterministic test portal),

@@ -9,7 +9,7 @@
   the CSC's bootloader surface (``/v1/resolve/{alias}``, ``/t/{alias}/…``) with switches for
   failures: error answers, a cut-off download, another key, a redirect, a stalled answer. It
   records every request. The same class serves as the upstream of a real agent.
-* :func:`tree_hash` fingerprints a directory (names, modes, contents, symlink targets) so a test
+* :func:`tree_hash` (from :mod:`harness.catalog`) fingerprints a directory (names, modes, contents, symlink targets) so a test
   can prove that a failed installation changed nothing.
 * :func:`run_bootloader` drives ``bootloader.cli.main`` in process with its own streams.
 """
@@ -20,7 +20,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import random
 import ssl
 import threading
@@ -34,6 +33,8 @@ from typing import Any, Self
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from harness.catalog import tree_hash  # noqa: F401  (moved there; tests import it from here)
 
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 ALIAS = "acme@example.com"
@@ -147,25 +148,6 @@ def zip_entries(entries: Mapping[str, bytes]) -> bytes:
 
 def package_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def tree_hash(root: Path) -> str:
-    """A hash over every name, type, mode, content and symlink target below ``root``."""
-    digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath, name)
-            rel = path.relative_to(root).as_posix()
-            st = path.lstat()
-            if path.is_symlink():
-                digest.update(f"L {rel} -> {os.readlink(path)}\n".encode())
-            elif path.is_dir():
-                digest.update(f"D {rel} {st.st_mode & 0o7777:o}\n".encode())
-            else:
-                content = hashlib.sha256(path.read_bytes()).hexdigest()
-                digest.update(f"F {rel} {st.st_mode & 0o7777:o} {content}\n".encode())
-    return digest.hexdigest()
 
 
 # --- the fake portal -------------------------------------------------------------------------

@@ -3,6 +3,7 @@ the same line as ``logging`` would write, no query string, nothing when disabled
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -158,3 +159,59 @@ def test_disabled_by_the_setting_or_the_level() -> None:
     assert not accesslog.enabled(True)
     configure_logging("info", "csc", stream=io.StringIO())
     assert accesslog.enabled(True) and not accesslog.enabled(False)
+
+
+def _entry_record(status: int | None, kind: str, path: str) -> accesslog.RequestRecord:
+    record = accesslog.RequestRecord(kind, "q" * 32, "[::1]:7", time.monotonic(), 'a"é@x.org')
+    record.method, record.path, record.status = "GET", path, status
+    record.bytes_in, record.bytes_out = 3, 1 << 40
+    return record
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+@pytest.mark.parametrize(
+    ("status", "kind", "path", "tenant"),
+    [
+        (200, "http", "/x\ny", "acme"),
+        (None, "tcp", "", ""),
+        (503, "http", "/Bearer abcdefghij", ""),
+    ],
+)
+def test_the_preformatted_line_is_the_line_logging_writes(
+    fmt: str, status: int | None, kind: str, path: str, tenant: str
+) -> None:
+    entry = (time.time(), 12.5, kind, "q" * 32, "[::1]:7", 'a"é@x.org', "GET", path, status)
+    entry += (3, 1 << 40, tenant, "ok")
+    fast, reference = io.StringIO(), io.StringIO()
+    configure_logging("info", "csc", stream=fast, fmt=fmt)
+    accesslog._pending.append(entry)
+    accesslog.flush()
+    configure_logging("info", "csc", stream=reference, fmt=fmt)
+    logging.getLogger().handlers[-1].addFilter(lambda record: True)  # not ours alone now
+    accesslog._pending.append(entry)
+    accesslog.flush()  # so through logging.LogRecord and the formatter, with the entry's time
+    assert fast.getvalue() == reference.getvalue()
+    assert "abcdefghij" not in fast.getvalue() and fast.getvalue().count("\n") >= 1
+
+
+async def test_in_a_loop_events_are_buffered_then_written_together() -> None:
+    out = io.StringIO()
+    configure_logging("info", "csc", stream=out)
+    for _ in range(3):
+        accesslog.request_done(_entry_record(200, "http", "/a"), "acme", "ok")
+    assert out.getvalue() == ""  # off the request path
+    deadline = time.monotonic() + 10
+    while out.getvalue().count("\n") < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert [json.loads(line)["path"] for line in out.getvalue().splitlines()] == ["/a"] * 3
+
+
+async def test_flush_writes_what_is_buffered_and_a_full_buffer_writes_at_once() -> None:
+    out = io.StringIO()
+    configure_logging("info", "csc", stream=out)
+    accesslog.request_done(_entry_record(200, "http", "/b"), "acme", "ok")
+    accesslog.flush()  # at exit (atexit) or by hand: nothing stays behind
+    assert out.getvalue().count("\n") == 1
+    for _ in range(accesslog.MAX_BATCH):
+        accesslog.request_done(_entry_record(200, "http", "/c"), "acme", "ok")
+    assert out.getvalue().count("\n") == 1 + accesslog.MAX_BATCH
