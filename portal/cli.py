@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from portal import commands
-from portal.config import ENV_PREFIX, LOG_LEVELS, load_portal_config
+from portal.config import ENV_PREFIX, load_portal_config
 from portal.prune import MIN_AGE
 from shared import checks
 from shared.cli_support import (
@@ -31,7 +31,7 @@ from shared.cli_support import (
     run_parser,
     version,
 )
-from shared.config import ConfigError
+from shared.config import LOG_LEVELS, ConfigError
 from shared.units import parse_duration
 
 PROG = "csc-portal"
