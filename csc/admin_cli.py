@@ -24,7 +24,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 from csc.config import default_state_dir
 from csc.store import ADMIN_TOKEN_FILE
 from shared.cli_support import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail
+from shared.cli_support import table as table  # re-exported: csc/cli.py prints with it
 
 PROG = "csc admin"
 URL_FILE = "admin-url"  # csc.admin_api.URL_FILE (not imported: keeps the CLI free of aiohttp)
@@ -184,26 +185,6 @@ def client_for(args: argparse.Namespace, env: Mapping[str, str]) -> AdminClient:
 
 
 # --- output ------------------------------------------------------------------------------------
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]], empty: str) -> str:
-    """Left-aligned columns separated by two spaces; ``empty`` when there are no rows."""
-    cells = [[_cell(v) for v in row] for row in rows]
-    if not cells:
-        return empty
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    lines = [list(headers), *cells]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines
-    )
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, list | tuple):
-        return ",".join(map(str, value)) or "-"
-    return str(value)
 
 
 def plural(count: int, word: str, many: str | None = None) -> str:

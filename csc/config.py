@@ -19,20 +19,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.config import LOG_LEVELS as LOG_LEVELS  # re-exported: csc/cli.py lists them
 from shared.config import (
     Secret,
     duration_field,
-    heartbeat_problems,
-    link_limit_problems,
     load_config,
     log_format_field,
     log_level_field,
     meta,
     parse_hostport,
-    size_field,
     xdg_state_dir,
 )
-from shared.logsetup import LEVELS
+from shared.link_config import link_field, link_problems
 
 ENV_PREFIX = "CSC_"
 #: Environment prefixes of the other programs, which share ``CSC_``.
@@ -44,9 +42,6 @@ OTHER_PREFIXES = (
     "CSC_ADMIN_TOKEN",  # and CSC_ADMIN_TOKEN_FILE
     "CSC_ADMIN_CA_FILE",
 )
-LOG_LEVELS = tuple(LEVELS)
-KIB = 1024
-MIB = 1024 * 1024
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:
@@ -96,8 +91,10 @@ class CSCConfig:
     drain_timeout: float = duration_field(
         30.0, "on SIGTERM, how long in-flight streams may finish", minimum=0
     )
-    heartbeat_interval: float = duration_field(10.0, "heartbeat period on agent links")
-    heartbeat_timeout: float = duration_field(30.0, "a link silent this long is closed")
+    heartbeat_interval: float = link_field(
+        "heartbeat_interval", help="heartbeat period on agent links"
+    )
+    heartbeat_timeout: float = link_field("heartbeat_timeout")
     open_timeout: float = duration_field(75.0, "how long the agent may take to answer OPEN")
     tcp_handshake_timeout: float = duration_field(
         10.0, "how long a TCP client may take to send CONNECT"
@@ -108,14 +105,12 @@ class CSCConfig:
     max_streams_per_session: int = field(
         default=256, metadata=meta(minimum=1, help="concurrent streams on one agent session")
     )
-    initial_window: int = size_field(256 * KIB, "initial per-stream flow-control window", minimum=1)
-    max_window: int = size_field(64 * MIB, "largest auto-tuned per-stream window", minimum=1)
-    session_budget: int = size_field(
-        128 * MIB, "buffered bytes allowed per agent session", minimum=1
+    initial_window: int = link_field("initial_window")
+    max_window: int = link_field("max_window")
+    session_budget: int = link_field(
+        "session_budget", help="buffered bytes allowed per agent session"
     )
-    max_frame: int = size_field(
-        256 * KIB, "largest frame payload (16KiB..16MiB)", minimum=16 * KIB, maximum=16 * MIB
-    )
+    max_frame: int = link_field("max_frame")
     max_body_size: int | None = field(
         default=None,
         metadata=meta(kind="size", minimum=0, help="largest request body; unset means unlimited"),
@@ -203,13 +198,7 @@ class CSCConfig:
 
     def validate(self) -> list[str]:
         """Cross-field checks; single-field ranges are checked by the loader."""
-        problems = link_limit_problems(
-            initial_window=self.initial_window,
-            max_window=self.max_window,
-            session_budget=self.session_budget,
-            max_frame=self.max_frame,
-        )
-        problems += heartbeat_problems(self.heartbeat_interval, self.heartbeat_timeout)
+        problems = link_problems(self)
         problems += self._tls_problems()
         problems += self._cluster_problems()
         for name in ("token_audience", "token_issuer"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -20,7 +19,6 @@ import signal
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -36,6 +34,8 @@ from csc.state import NodeState, default_node_id
 from csc.store import open_store
 from csc.tcp_ingress import READ_LIMIT, make_handler
 from shared.errors import GoingAway
+from shared.runtime import install_uvloop, write_ready_file
+from shared.runtime import sockname_address as _hostport
 
 log = logging.getLogger("csc")
 
@@ -146,11 +146,6 @@ def _ssl_context(config: CSCConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-def _hostport(sockname: Any) -> str:
-    host, port = sockname[0], sockname[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def _spread_goaways(state: NodeState, window: float) -> None:
     """GOAWAY every agent session, at random moments within ``window`` seconds."""
     sessions = list(state.sessions.values())
@@ -164,12 +159,6 @@ async def _spread_goaways(state: NodeState, window: float) -> None:
     for session in sessions:
         if not session.link.is_closed:
             session.link.go_away("going_away", "the CSC is shutting down")
-
-
-def write_ready_file(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 class Node:
@@ -296,14 +285,6 @@ async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
         await node.drain()
     log.info("stopped")
     return 0
-
-
-def install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def serve(config: CSCConfig, *, ready_file: Path | None = None) -> int:

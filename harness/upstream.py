@@ -41,13 +41,9 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from harness.readyfile import (
-    format_hostport,
-    parse_hostport,
-    run_main,
-    wait_for_stop_signal,
-    write_ready_file,
-)
+from harness.readyfile import parse_hostport
+from shared.runtime import format_hostport, wait_for_stop_signal, write_ready_file
+from shared.runtime import run as run_main
 
 BLOCK_SIZE = 1 << 20
 DEFAULT_CHUNK = 256 * 1024

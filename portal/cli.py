@@ -16,11 +16,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from portal import commands
-from portal.config import ENV_PREFIX, LOG_LEVELS, load_portal_config
+from portal.config import ENV_PREFIX, load_portal_config
 from portal.prune import MIN_AGE
 from shared import checks
 from shared.cli_support import (
@@ -31,7 +32,7 @@ from shared.cli_support import (
     run_parser,
     version,
 )
-from shared.config import ConfigError
+from shared.config import LOG_LEVELS, ConfigError
 from shared.units import parse_duration
 
 PROG = "csc-portal"
@@ -48,27 +49,28 @@ def _common(parser: argparse.ArgumentParser, *, json_output: bool = False) -> No
         parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _command(
-    parent: Subparsers,
-    name: str,
-    handler: Callable[..., int],
-    help: str,
-    *,
-    json_output: bool = False,
-    creates: bool = False,
-) -> argparse.ArgumentParser:
-    """A command; only one that ``creates`` something may create the state directory."""
-    parser = parent.add_parser(name, help=help, description=help)
-    _common(parser, json_output=json_output)
-    parser.set_defaults(handler=handler, creates=creates)
-    return parser
-
-
 def _group(commands_: Subparsers, name: str, help: str) -> Subparsers:
     parser = commands_.add_parser(name, help=help, description=help)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     parser.set_defaults(handler=lambda ctx, args: _usage(parser))
     return actions
+
+
+# --- the arguments of each command ---------------------------------------------------------
+
+Setup = Callable[[argparse.ArgumentParser], None]
+
+
+def _no_args(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _bare_name(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name")
+
+
+def _name(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME")
 
 
 def _password_options(parser: argparse.ArgumentParser) -> None:
@@ -82,101 +84,64 @@ def _password_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _target_options(parser: argparse.ArgumentParser) -> None:
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--user", metavar="USER", help="deploy to this user")
-    target.add_argument("--group", metavar="GROUP", help="deploy to this group")
-
-
-def _user_parsers(top: Subparsers) -> None:
-    users = _group(top, "user", "manage users")
-    add = _command(users, "add", commands.user_add, "create a user", creates=True)
-    add.add_argument("name", metavar="NAME")
-    add.add_argument(
+def _user_add(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument(
         "--group", action="append", default=[], dest="groups", metavar="G", help="(repeatable)"
     )
-    _password_options(add)
-    _command(users, "list", commands.user_list, "list users", json_output=True)
-    passwd = _command(users, "passwd", commands.user_passwd, "set a user's password")
-    passwd.add_argument("name", metavar="NAME")
-    _password_options(passwd)
-    remove = _command(users, "remove", commands.user_remove, "delete a user and its devices")
-    remove.add_argument("name", metavar="NAME")
+    _password_options(parser)
 
 
-def _group_parsers(top: Subparsers) -> None:
-    groups = _group(top, "group", "manage groups")
-    _command(groups, "add", commands.group_add, "create a group", creates=True).add_argument("name")
-    _command(groups, "list", commands.group_list, "list groups", json_output=True)
-    _command(groups, "remove", commands.group_remove, "delete a group").add_argument("name")
-    for action, handler, help in (
-        ("add-member", commands.group_add_member, "add users to a group"),
-        ("remove-member", commands.group_remove_member, "remove users from a group"),
-    ):
-        parser = _command(groups, action, handler, help)
-        parser.add_argument("group", metavar="GROUP")
-        parser.add_argument("users", nargs="+", metavar="USER")
+def _user_passwd(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME")
+    _password_options(parser)
 
 
-def _device_type_parsers(top: Subparsers) -> None:
-    types = _group(top, "device-type", "manage device types")
-    add = _command(types, "add", commands.device_type_add, "create a device type", creates=True)
-    add.add_argument("name", metavar="NAME", help="e.g. android-arm64")
-    add.add_argument("--description", default="", metavar="TEXT", help="one line for the site")
-    _command(types, "list", commands.device_type_list, "list device types", json_output=True)
-    remove = _command(types, "remove", commands.device_type_remove, "delete a device type")
-    remove.add_argument("name", metavar="NAME")
+def _members(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("group", metavar="GROUP")
+    parser.add_argument("users", nargs="+", metavar="USER")
 
 
-def _app_parsers(top: Subparsers) -> None:
-    apps = _group(top, "app", "manage applications")
-    add = _command(
-        apps, "add", commands.app_add, "add an application version (immutable)", creates=True
-    )
-    add.add_argument("name", metavar="NAME")
-    add.add_argument("--version", required=True, dest="app_version", metavar="V")
-    add.add_argument("--device-type", required=True, metavar="T")
-    add.add_argument(
+def _device_type_add(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="e.g. android-arm64")
+    parser.add_argument("--description", default="", metavar="TEXT", help="one line for the site")
+
+
+def _app_add(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("--version", required=True, dest="app_version", metavar="V")
+    parser.add_argument("--device-type", required=True, metavar="T")
+    parser.add_argument(
         "paths", nargs="+", type=Path, metavar="PATH", help="files, or directories (contents)"
     )
-    _command(apps, "list", commands.app_list, "list application versions", json_output=True)
-    remove = _command(apps, "remove", commands.app_remove, "delete application versions")
-    remove.add_argument("name", metavar="NAME[@VERSION]")
-    remove.add_argument("--device-type", metavar="T", help="only this device type's")
 
 
-def _policy_parsers(top: Subparsers) -> None:
-    policies = _group(top, "policy", "manage policies (named key=value settings)")
-    set_ = _command(
-        policies, "set", commands.policy_set, "create a policy or set its keys", creates=True
-    )
-    set_.add_argument("name", metavar="NAME")
-    set_.add_argument("settings", nargs="+", metavar="KEY=VALUE")
-    unset = _command(policies, "unset", commands.policy_unset, "remove keys from a policy")
-    unset.add_argument("name", metavar="NAME")
-    unset.add_argument("keys", nargs="+", metavar="KEY")
-    _command(policies, "list", commands.policy_list, "list policies", json_output=True)
-    remove = _command(policies, "remove", commands.policy_remove, "delete a policy")
-    remove.add_argument("name", metavar="NAME")
+def _app_remove(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME[@VERSION]")
+    parser.add_argument("--device-type", metavar="T", help="only this device type's")
 
 
-def _deploy_parsers(top: Subparsers) -> None:
-    for verb, handler, help in (
-        ("deploy", commands.deploy, "assign an app or a policy to a user or group"),
-        ("undeploy", commands.undeploy, "remove an assignment"),
-    ):
-        kinds = _group(top, verb, help)
-        creates = verb == "deploy"
-        app = _command(kinds, "app", handler, f"{verb} an app", creates=creates)
-        app.add_argument("name", metavar="NAME[@VERSION]" if verb == "deploy" else "NAME")
-        _target_options(app)
-        app.set_defaults(kind="app")
-        policy = _command(kinds, "policy", handler, f"{verb} a policy", creates=creates)
-        policy.add_argument("name", metavar="NAME")
-        _target_options(policy)
-        policy.set_defaults(kind="policy")
-    _command(top, "deployments", commands.deployments, "list assignments", json_output=True)
-    _command(top, "devices", commands.devices, "list devices that logged on", json_output=True)
+def _policy_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("settings", nargs="+", metavar="KEY=VALUE")
+
+
+def _policy_unset(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("keys", nargs="+", metavar="KEY")
+
+
+def _assignment(kind: str, metavar: str) -> Setup:
+    """``deploy|undeploy app|policy NAME --user U|--group G``."""
+
+    def setup(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", metavar=metavar)
+        target = parser.add_mutually_exclusive_group(required=True)
+        target.add_argument("--user", metavar="USER", help="deploy to this user")
+        target.add_argument("--group", metavar="GROUP", help="deploy to this group")
+        parser.set_defaults(kind=kind)
+
+    return setup
 
 
 def _seconds(text: str) -> float:
@@ -187,42 +152,108 @@ def _seconds(text: str) -> float:
     return seconds
 
 
-def _misc_parsers(top: Subparsers) -> None:
-    key = _group(top, "key", "the portal's signing key")
-    _command(
-        key, "show", commands.key_show, "print the public key and fingerprint", json_output=True
-    )
-    sms = _command(top, "sms", commands.sms, "print the provisioning SMS")
-    sms.add_argument("--user", metavar="USER", help="an SMS for this user (adds User:)")
-    sms.add_argument("--alias", metavar="ALIAS", help="the CSC alias (default: sms_alias)")
-    sms.add_argument("--host", metavar="HOST", help="the local/DMZ proxy (default: sms_host)")
-    sms.add_argument("--port", type=int, metavar="PORT", help="the proxy's port (with --host)")
-    sms.add_argument("--get-url", metavar="URL", help="the get site's URL (default: get_url)")
-    site = _command(top, "get-site", commands.get_site, "write the get site as static files")
-    site.add_argument("--out", type=Path, required=True, metavar="DIR")
-    site.add_argument("--bootloader-source", type=Path, metavar="DIR", help=argparse.SUPPRESS)
-    _command(top, "check", _check, "check the configuration and state without serving")
-    prune = _command(
-        top,
-        "prune",
-        commands.prune,
-        "delete packages and app files nothing uses any more",
-        json_output=True,
-    )
-    prune.add_argument("--dry-run", action="store_true", help="only say what would go")
-    prune.add_argument(
+def _sms(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--user", metavar="USER", help="an SMS for this user (adds User:)")
+    parser.add_argument("--alias", metavar="ALIAS", help="the CSC alias (default: sms_alias)")
+    parser.add_argument("--host", metavar="HOST", help="the local/DMZ proxy (default: sms_host)")
+    parser.add_argument("--port", type=int, metavar="PORT", help="the proxy's port (with --host)")
+    parser.add_argument("--get-url", metavar="URL", help="the get site's URL (default: get_url)")
+
+
+def _get_site(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR")
+    parser.add_argument("--bootloader-source", type=Path, metavar="DIR", help=argparse.SUPPRESS)
+
+
+def _prune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="only say what would go")
+    parser.add_argument(
         "--min-age",
         type=_seconds,
         default=MIN_AGE,
         metavar="DURATION",
         help=f"spare files younger than this (work in progress; default {MIN_AGE:g})",
     )
-    serve = _command(top, "serve", commands.serve, "run the portal's HTTP server", creates=True)
-    serve.add_argument("--listen", metavar="HOST:PORT", help="HTTP listener")
-    serve.add_argument("--ready-file", type=Path, metavar="PATH", help="write the address when up")
-    serve.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))
-    add_log_format_arg(serve)
-    serve.add_argument("--bootloader-source", type=Path, metavar="DIR", help=argparse.SUPPRESS)
+
+
+def _serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", metavar="HOST:PORT", help="HTTP listener")
+    parser.add_argument("--ready-file", type=Path, metavar="PATH", help="write the address when up")
+    parser.add_argument("--log-level", metavar="LEVEL", help="/".join(LOG_LEVELS))
+    add_log_format_arg(parser)
+    parser.add_argument("--bootloader-source", type=Path, metavar="DIR", help=argparse.SUPPRESS)
+
+
+def _check(
+    ctx: object, args: argparse.Namespace
+) -> commands.Result:  # pragma: no cover - never run
+    raise AssertionError("csc-portal check runs before the state is opened")
+
+
+# --- the command table ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One command: its group (None: a top-level command), name, handler, help and arguments;
+    ``json`` gives it ``--json``; only a command that ``creates`` something may create the
+    state directory."""
+
+    group: str | None
+    name: str
+    run: commands.Command
+    help: str
+    setup: Setup = _no_args
+    json: bool = False
+    creates: bool = False
+
+
+GROUPS = {
+    "user": "manage users",
+    "group": "manage groups",
+    "device-type": "manage device types",
+    "app": "manage applications",
+    "policy": "manage policies (named key=value settings)",
+    "deploy": "assign an app or a policy to a user or group",
+    "undeploy": "remove an assignment",
+    "key": "the portal's signing key",
+}
+#: Every command, in the order ``--help`` lists them (a group where its first command is).
+# fmt: off
+COMMANDS = (
+    Spec("user", "add", commands.user_add, "create a user", _user_add, creates=True),
+    Spec("user", "list", commands.user_list, "list users", json=True),
+    Spec("user", "passwd", commands.user_passwd, "set a user's password", _user_passwd),
+    Spec("user", "remove", commands.user_remove, "delete a user and its devices", _name),
+    Spec("group", "add", commands.group_add, "create a group", _bare_name, creates=True),
+    Spec("group", "list", commands.group_list, "list groups", json=True),
+    Spec("group", "remove", commands.group_remove, "delete a group", _bare_name),
+    Spec("group", "add-member", commands.group_add_member, "add users to a group", _members),
+    Spec("group", "remove-member", commands.group_remove_member, "remove users from a group", _members),
+    Spec("device-type", "add", commands.device_type_add, "create a device type", _device_type_add, creates=True),
+    Spec("device-type", "list", commands.device_type_list, "list device types", json=True),
+    Spec("device-type", "remove", commands.device_type_remove, "delete a device type", _name),
+    Spec("app", "add", commands.app_add, "add an application version (immutable)", _app_add, creates=True),
+    Spec("app", "list", commands.app_list, "list application versions", json=True),
+    Spec("app", "remove", commands.app_remove, "delete application versions", _app_remove),
+    Spec("policy", "set", commands.policy_set, "create a policy or set its keys", _policy_set, creates=True),
+    Spec("policy", "unset", commands.policy_unset, "remove keys from a policy", _policy_unset),
+    Spec("policy", "list", commands.policy_list, "list policies", json=True),
+    Spec("policy", "remove", commands.policy_remove, "delete a policy", _name),
+    Spec("deploy", "app", commands.deploy, "deploy an app", _assignment("app", "NAME[@VERSION]"), creates=True),
+    Spec("deploy", "policy", commands.deploy, "deploy a policy", _assignment("policy", "NAME"), creates=True),
+    Spec("undeploy", "app", commands.undeploy, "undeploy an app", _assignment("app", "NAME")),
+    Spec("undeploy", "policy", commands.undeploy, "undeploy a policy", _assignment("policy", "NAME")),
+    Spec(None, "deployments", commands.deployments, "list assignments", json=True),
+    Spec(None, "devices", commands.devices, "list devices that logged on", json=True),
+    Spec("key", "show", commands.key_show, "print the public key and fingerprint", json=True),
+    Spec(None, "sms", commands.sms, "print the provisioning SMS", _sms),
+    Spec(None, "get-site", commands.get_site, "write the get site as static files", _get_site),
+    Spec(None, "check", _check, "check the configuration and state without serving"),
+    Spec(None, "prune", commands.prune, "delete packages and app files nothing uses any more", _prune, json=True),
+    Spec(None, "serve", commands.serve, "run the portal's HTTP server", _serve, creates=True),
+)
+# fmt: on
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,16 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (
-        _user_parsers,
-        _group_parsers,
-        _device_type_parsers,
-        _app_parsers,
-        _policy_parsers,
-        _deploy_parsers,
-        _misc_parsers,
-    ):
-        add(top)
+    groups: dict[str, Subparsers] = {}
+    for spec in COMMANDS:
+        if spec.group is not None and spec.group not in groups:
+            groups[spec.group] = _group(top, spec.group, GROUPS[spec.group])
+        parent = top if spec.group is None else groups[spec.group]
+        command = parent.add_parser(spec.name, help=spec.help, description=spec.help)
+        _common(command, json_output=spec.json)
+        command.set_defaults(handler=spec.run, creates=spec.creates)
+        spec.setup(command)
     parser.set_defaults(handler=lambda ctx, args: _usage(parser))
     return parser
 
@@ -250,10 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return EXIT_USAGE
-
-
-def _check(ctx: object, args: argparse.Namespace) -> int:  # pragma: no cover - never run
-    raise AssertionError("csc-portal check runs before the state is opened")
 
 
 def _run_check(file: Path | None, environ: Mapping[str, str], overrides: dict[str, Any]) -> int:

@@ -1,10 +1,13 @@
 """The ``csc-portal`` commands: one handler per command, on an opened :class:`Context`.
 
+A handler returns a :class:`Result` and prints nothing itself (the password prompt aside).
 :func:`run` opens the state directory (database created and migrated, signing key created on
-first use), calls the handler and turns every expected failure into a message on stderr and an
-exit code: :class:`portal.store.Invalid` (bad input) exits 2; any other
+first use), calls the handler, prints the result (JSON with ``--json``, else its text on stdout
+and its notes on stderr: decided there, once) and turns every expected failure into a message on
+stderr and an exit code: :class:`portal.store.Invalid` (bad input) exits 2; any other
 :class:`portal.store.StoreError` (unknown name, duplicate, still in use), a database, key or
-I/O error exits 1. Lists print aligned columns, or JSON with ``--json``.
+I/O error exits 1. Lists print as :func:`shared.cli_support.table`; an empty one says ``(none)``
+on stderr. The command table itself is in :mod:`portal.cli`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import getpass
 import json
 import sqlite3
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
@@ -27,7 +30,7 @@ from portal.getsite import BootloaderUnavailable, build_bootloader_pyz, write_si
 from portal.keys import KEY_FILE, PortalKey, PortalKeyError, load_or_create_key
 from portal.passwords import Passwords, check_password
 from portal.sms import length_warning, sms_length, sms_text
-from shared.cli_support import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from shared.cli_support import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, table
 from shared.errors import BadAlias
 from shared.timefmt import iso, with_iso_times
 
@@ -53,6 +56,43 @@ class Context:
 
     def out(self, text: str) -> None:
         print(text, file=self.stdout)
+
+    def show(self, result: Result, *, as_json: bool) -> None:
+        """Print ``result``: its data as JSON, or its text (stdout) and notes (stderr)."""
+        if as_json:
+            self.out(json_text(result.data))
+            return
+        if result.text:
+            self.out(result.text)
+        for note in result.notes:
+            self.say(note)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command did: ``data`` for ``--json``; ``text`` for stdout and ``notes`` for the
+    operator (stderr) otherwise; ``code`` the exit code."""
+
+    data: Any = None
+    text: str = ""
+    notes: tuple[str, ...] = ()
+    code: int = EXIT_OK
+
+
+Command = Callable[[Context, argparse.Namespace], Result]
+
+
+def done(*notes: str) -> Result:
+    """A command that changed something and says so on stderr."""
+    return Result(notes=notes)
+
+
+def listing(
+    data: Sequence[Any], headers: Sequence[str], rows: Sequence[Sequence[object]]
+) -> Result:
+    """A list: ``data`` as JSON (records as dicts), or ``rows`` as a table; ``(none)`` if empty."""
+    text = table(headers, rows, "")
+    return Result([asdict(d) for d in data], text, () if text else ("(none)",))
 
 
 def missing_state(config: PortalConfig) -> str | None:
@@ -87,8 +127,10 @@ def run(prog: str, config: PortalConfig, args: argparse.Namespace) -> int:
         if created:
             print(f"{prog}: created the portal key in {config.state_dir}", file=sys.stderr)
         ctx = Context(prog, config, db, key, sys.stdin, sys.stdout, sys.stderr)
-        code: int = args.handler(ctx, args)
-        return code
+        command: Command = args.handler
+        result = command(ctx, args)
+        ctx.show(result, as_json=getattr(args, "json", False))
+        return result.code
     except store.Invalid as exc:
         return _fail(prog, str(exc), EXIT_USAGE)
     except (store.StoreError, DatabaseError, PortalKeyError, BootloaderUnavailable) as exc:
@@ -116,20 +158,11 @@ def when(stamp: float) -> str:
     return iso(stamp)
 
 
-def table(ctx: Context, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    if not rows:
-        ctx.say("(none)")
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    for line in [headers, *rows]:
-        ctx.out("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-
-
-def as_json(ctx: Context, data: Any) -> None:
+def json_text(data: Any) -> str:
     """``data`` as JSON; times in :data:`TIME_FIELDS` as ISO 8601 strings, as tables show them."""
     if isinstance(data, list):
         data = [with_iso_times(d, TIME_FIELDS) if isinstance(d, dict) else d for d in data]
-    ctx.out(json.dumps(data, indent=2, ensure_ascii=False))
+    return json.dumps(data, indent=2, ensure_ascii=False)
 
 
 # --- users ---------------------------------------------------------------------------------
@@ -163,7 +196,7 @@ def _hash(ctx: Context, password: str) -> str:
     return Passwords(ctx.config.password_hash_cost).hash(password)
 
 
-def user_add(ctx: Context, args: argparse.Namespace) -> int:
+def user_add(ctx: Context, args: argparse.Namespace) -> Result:
     name = store.check_user_name(args.name)
     with ctx.conn() as conn:  # fail early (before the prompt) on a duplicate
         if store.credentials(conn, name) is not None:
@@ -171,106 +204,85 @@ def user_add(ctx: Context, args: argparse.Namespace) -> int:
     password_hash = _hash(ctx, read_password(ctx, args))
     with ctx.conn() as conn:
         store.add_user(conn, name, password_hash, args.groups)
-    ctx.say(f"user {name!r} created")
-    return EXIT_OK
+    return done(f"user {name!r} created")
 
 
-def user_passwd(ctx: Context, args: argparse.Namespace) -> int:
+def user_passwd(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         store.user_id(conn, args.name)
     password_hash = _hash(ctx, read_password(ctx, args))
     with ctx.conn() as conn:
         store.set_password_hash(conn, args.name, password_hash)
-    ctx.say(f"password of {store.check_user_name(args.name)!r} changed")
-    return EXIT_OK
+    return done(f"password of {store.check_user_name(args.name)!r} changed")
 
 
-def user_remove(ctx: Context, args: argparse.Namespace) -> int:
+def user_remove(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         store.remove_user(conn, args.name)
-    ctx.say(f"user {store.check_user_name(args.name)!r} removed")
-    return EXIT_OK
+    return done(f"user {store.check_user_name(args.name)!r} removed")
 
 
-def user_list(ctx: Context, args: argparse.Namespace) -> int:
+def user_list(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         users = store.list_users(conn)
-    if args.json:
-        as_json(ctx, [asdict(u) for u in users])
-        return EXIT_OK
-    rows = [[u.name, ",".join(u.groups) or "-", str(u.devices), when(u.created_at)] for u in users]
-    table(ctx, ["USER", "GROUPS", "DEVICES", "CREATED"], rows)
-    return EXIT_OK
+    rows = [[u.name, u.groups, u.devices, when(u.created_at)] for u in users]
+    return listing(users, ["USER", "GROUPS", "DEVICES", "CREATED"], rows)
 
 
 # --- groups --------------------------------------------------------------------------------
 
 
-def group_add(ctx: Context, args: argparse.Namespace) -> int:
+def group_add(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         name = store.add_group(conn, args.name)
-    ctx.say(f"group {name!r} created")
-    return EXIT_OK
+    return done(f"group {name!r} created")
 
 
-def group_remove(ctx: Context, args: argparse.Namespace) -> int:
+def group_remove(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         store.remove_group(conn, args.name)
-    ctx.say(f"group {store.check_name(args.name, 'group')!r} removed")
-    return EXIT_OK
+    return done(f"group {store.check_name(args.name, 'group')!r} removed")
 
 
-def group_list(ctx: Context, args: argparse.Namespace) -> int:
+def group_list(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         groups = store.list_groups(conn)
-    if args.json:
-        as_json(ctx, [asdict(g) for g in groups])
-        return EXIT_OK
-    table(ctx, ["GROUP", "MEMBERS"], [[g.name, ",".join(g.members) or "-"] for g in groups])
-    return EXIT_OK
+    return listing(groups, ["GROUP", "MEMBERS"], [[g.name, g.members] for g in groups])
 
 
-def group_add_member(ctx: Context, args: argparse.Namespace) -> int:
+def group_add_member(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         added = store.add_members(conn, args.group, args.users)
-    ctx.say(
-        f"added to {store.check_name(args.group, 'group')!r}: {', '.join(added) or 'nobody new'}"
-    )
-    return EXIT_OK
+    group = store.check_name(args.group, "group")
+    return done(f"added to {group!r}: {', '.join(added) or 'nobody new'}")
 
 
-def group_remove_member(ctx: Context, args: argparse.Namespace) -> int:
+def group_remove_member(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         store.remove_members(conn, args.group, args.users)
-    ctx.say(f"removed from {store.check_name(args.group, 'group')!r}: {', '.join(args.users)}")
-    return EXIT_OK
+    group = store.check_name(args.group, "group")
+    return done(f"removed from {group!r}: {', '.join(args.users)}")
 
 
 # --- device types --------------------------------------------------------------------------
 
 
-def device_type_add(ctx: Context, args: argparse.Namespace) -> int:
+def device_type_add(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         name = store.add_device_type(conn, args.name, args.description)
-    ctx.say(f"device type {name!r} created")
-    return EXIT_OK
+    return done(f"device type {name!r} created")
 
 
-def device_type_remove(ctx: Context, args: argparse.Namespace) -> int:
+def device_type_remove(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         store.remove_device_type(conn, args.name)
-    ctx.say(f"device type {store.check_name(args.name, 'device type')!r} removed")
-    return EXIT_OK
+    return done(f"device type {store.check_name(args.name, 'device type')!r} removed")
 
 
-def device_type_list(ctx: Context, args: argparse.Namespace) -> int:
+def device_type_list(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         types = store.list_device_types(conn)
-    if args.json:
-        as_json(ctx, [asdict(t) for t in types])
-        return EXIT_OK
-    table(ctx, ["DEVICE TYPE", "DESCRIPTION"], [[t.name, t.description] for t in types])
-    return EXIT_OK
+    return listing(types, ["DEVICE TYPE", "DESCRIPTION"], [[t.name, t.description] for t in types])
 
 
 # --- apps ----------------------------------------------------------------------------------
@@ -283,7 +295,7 @@ def _split_version(spec: str) -> tuple[str, str | None]:
     return name, version if at else None
 
 
-def app_add(ctx: Context, args: argparse.Namespace) -> int:
+def app_add(ctx: Context, args: argparse.Namespace) -> Result:
     name = store.check_name(args.name, "app")
     version = catalog.check_version(args.app_version)
     with ctx.conn() as conn:
@@ -297,34 +309,29 @@ def app_add(ctx: Context, args: argparse.Namespace) -> int:
     with ctx.conn() as conn:
         catalog.add_app_version(conn, name, version, args.device_type, entries)
     total = sum(e.size for e in entries)
-    ctx.say(
+    return done(
         f"app {name} {version} for {store.check_name(args.device_type, 'device type')}: "
         f"{len(entries)} files, {total} bytes"
     )
-    return EXIT_OK
 
 
-def app_list(ctx: Context, args: argparse.Namespace) -> int:
+def app_list(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         versions = catalog.list_app_versions(conn)
-    if args.json:
-        as_json(ctx, [asdict(v) for v in versions])
-        return EXIT_OK
     rows = [
-        [v.name, v.version, v.device_type, str(v.files), str(v.size), when(v.created_at)]
-        for v in versions
+        [v.name, v.version, v.device_type, v.files, v.size, when(v.created_at)] for v in versions
     ]
-    table(ctx, ["APP", "VERSION", "DEVICE TYPE", "FILES", "BYTES", "ADDED"], rows)
-    return EXIT_OK
+    return listing(versions, ["APP", "VERSION", "DEVICE TYPE", "FILES", "BYTES", "ADDED"], rows)
 
 
-def app_remove(ctx: Context, args: argparse.Namespace) -> int:
+def app_remove(ctx: Context, args: argparse.Namespace) -> Result:
     name, version = _split_version(args.name)
     with ctx.conn() as conn:
         count = catalog.remove_app(conn, name, version, args.device_type)
-    ctx.say(f"removed {count} version(s) of {store.check_name(name, 'app')!r}")
-    ctx.say("`csc-portal prune` deletes their files and packages once nothing uses them")
-    return EXIT_OK
+    return done(
+        f"removed {count} version(s) of {store.check_name(name, 'app')!r}",
+        "`csc-portal prune` deletes their files and packages once nothing uses them",
+    )
 
 
 # --- policies ------------------------------------------------------------------------------
@@ -340,39 +347,34 @@ def _settings(items: Sequence[str]) -> dict[str, str]:
     return settings
 
 
-def policy_set(ctx: Context, args: argparse.Namespace) -> int:
+def policy_set(ctx: Context, args: argparse.Namespace) -> Result:
     settings = _settings(args.settings)
     with ctx.conn() as conn:
         created = catalog.set_policy(conn, args.name, settings)
     what = "created" if created else "updated"
-    ctx.say(f"policy {store.check_name(args.name, 'policy')!r} {what}: {', '.join(settings)}")
-    return EXIT_OK
+    policy = store.check_name(args.name, "policy")
+    return done(f"policy {policy!r} {what}: {', '.join(settings)}")
 
 
-def policy_unset(ctx: Context, args: argparse.Namespace) -> int:
+def policy_unset(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         catalog.unset_policy_keys(conn, args.name, args.keys)
-    ctx.say(f"policy {store.check_name(args.name, 'policy')!r}: removed {', '.join(args.keys)}")
-    return EXIT_OK
+    policy = store.check_name(args.name, "policy")
+    return done(f"policy {policy!r}: removed {', '.join(args.keys)}")
 
 
-def policy_remove(ctx: Context, args: argparse.Namespace) -> int:
+def policy_remove(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         catalog.remove_policy(conn, args.name)
-    ctx.say(f"policy {store.check_name(args.name, 'policy')!r} removed")
-    return EXIT_OK
+    return done(f"policy {store.check_name(args.name, 'policy')!r} removed")
 
 
-def policy_list(ctx: Context, args: argparse.Namespace) -> int:
+def policy_list(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         policies = catalog.list_policies(conn)
-    if args.json:
-        as_json(ctx, [asdict(p) for p in policies])
-        return EXIT_OK
     rows = [[p.name, k, v] for p in policies for k, v in p.settings.items()]
     rows += [[p.name, "-", ""] for p in policies if not p.settings]
-    table(ctx, ["POLICY", "KEY", "VALUE"], sorted(rows))
-    return EXIT_OK
+    return listing(policies, ["POLICY", "KEY", "VALUE"], sorted(rows))
 
 
 # --- deployments and devices ---------------------------------------------------------------
@@ -382,46 +384,37 @@ def _target(args: argparse.Namespace) -> tuple[store.TargetKind, str]:
     return ("user", args.user) if args.user is not None else ("group", args.group)
 
 
-def deploy(ctx: Context, args: argparse.Namespace) -> int:
+def deploy(ctx: Context, args: argparse.Namespace) -> Result:
     name, version = _split_version(args.name) if args.kind == "app" else (args.name, None)
     kind, target = _target(args)
     with ctx.conn() as conn:
         outcome = catalog.deploy(conn, args.kind, name, kind, target, version)
     pinned = f" (pinned to {version})" if version else ""
-    ctx.say(f"{args.kind} {name}{pinned} deployed to {kind} {target}: {outcome}")
-    return EXIT_OK
+    return done(f"{args.kind} {name}{pinned} deployed to {kind} {target}: {outcome}")
 
 
-def undeploy(ctx: Context, args: argparse.Namespace) -> int:
+def undeploy(ctx: Context, args: argparse.Namespace) -> Result:
     kind, target = _target(args)
     with ctx.conn() as conn:
         catalog.undeploy(conn, args.kind, args.name, kind, target)
-    ctx.say(f"{args.kind} {args.name} no longer deployed to {kind} {target}")
-    return EXIT_OK
+    return done(f"{args.kind} {args.name} no longer deployed to {kind} {target}")
 
 
-def deployments(ctx: Context, args: argparse.Namespace) -> int:
+def deployments(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         rows = catalog.list_deployments(conn)
-    if args.json:
-        as_json(ctx, [asdict(d) for d in rows])
-        return EXIT_OK
-    table(
-        ctx,
+    return listing(
+        rows,
         ["KIND", "NAME", "VERSION", "TO"],
         [[d.kind, d.name, d.version or "-", f"{d.target_kind} {d.target}"] for d in rows],
     )
-    return EXIT_OK
 
 
-def devices(ctx: Context, args: argparse.Namespace) -> int:
+def devices(ctx: Context, args: argparse.Namespace) -> Result:
     with ctx.conn() as conn:
         rows = store.list_devices(conn)
-    if args.json:
-        as_json(ctx, [asdict(d) for d in rows])
-        return EXIT_OK
-    table(
-        ctx,
+    return listing(
+        rows,
         ["DEVICE", "USER", "DEVICE TYPE", "LAST LOGON", "FROM", "PACKAGE"],
         [
             [
@@ -435,19 +428,17 @@ def devices(ctx: Context, args: argparse.Namespace) -> int:
             for d in rows
         ],
     )
-    return EXIT_OK
 
 
 # --- key, SMS, get site, serve -------------------------------------------------------------
 
 
-def key_show(ctx: Context, args: argparse.Namespace) -> int:
-    if args.json:
-        as_json(ctx, {"key": ctx.key.public_b64, "fingerprint": ctx.key.fingerprint})
-    else:
-        ctx.out(f"public key:  {ctx.key.public_b64}")
-        ctx.out(f"fingerprint: {ctx.key.fingerprint}")
-    return EXIT_OK
+def key_show(ctx: Context, args: argparse.Namespace) -> Result:
+    key = ctx.key
+    return Result(
+        {"key": key.public_b64, "fingerprint": key.fingerprint},
+        f"public key:  {key.public_b64}\nfingerprint: {key.fingerprint}",
+    )
 
 
 def _sms_destination(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
@@ -472,7 +463,7 @@ def _sms_destination(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def sms(ctx: Context, args: argparse.Namespace) -> int:
+def sms(ctx: Context, args: argparse.Namespace) -> Result:
     destination = _sms_destination(ctx, args)
     if ctx.config.get_url is None:
         raise store.Invalid("the SMS needs the get site's URL: give --get-url or set get_url")
@@ -485,23 +476,19 @@ def sms(ctx: Context, args: argparse.Namespace) -> int:
         text = sms_text(ctx.config.get_url, ctx.key.fingerprint, user=user, **destination)
     except BadAlias as exc:
         raise store.Invalid(f"--alias: {exc.message}") from None
-    ctx.out(text)
     warning = length_warning(sms_length(text))
-    if warning is not None:
-        ctx.say(f"warning: {warning}")
-    return EXIT_OK
+    return Result(text=text, notes=() if warning is None else (f"warning: {warning}",))
 
 
-def get_site(ctx: Context, args: argparse.Namespace) -> int:
+def get_site(ctx: Context, args: argparse.Namespace) -> Result:
     pyz = build_bootloader_pyz(args.bootloader_source)
     with ctx.conn() as conn:
         types = store.list_device_types(conn)
     written = write_site(args.out, ctx.config.name, ctx.key.fingerprint, types, pyz)
-    ctx.say(f"wrote {len(written)} files to {args.out}")
-    return EXIT_OK
+    return done(f"wrote {len(written)} files to {args.out}")
 
 
-def prune(ctx: Context, args: argparse.Namespace) -> int:
+def prune(ctx: Context, args: argparse.Namespace) -> Result:
     from portal.prune import prune as prune_unused
 
     report = prune_unused(
@@ -513,18 +500,15 @@ def prune(ctx: Context, args: argparse.Namespace) -> int:
         min_age=args.min_age,
         dry_run=args.dry_run,
     )
-    if args.json:
-        as_json(ctx, asdict(report))
-        return EXIT_OK
     verb = "would delete" if args.dry_run else "deleted"
-    ctx.say(
+    note = (
         f"{verb} {len(report.packages)} package(s), {len(report.blobs)} blob(s) and "
         f"{len(report.temporary)} temporary file(s): {report.bytes} bytes"
     )
-    return EXIT_OK
+    return Result(asdict(report), notes=(note,))
 
 
-def serve(ctx: Context, args: argparse.Namespace) -> int:
+def serve(ctx: Context, args: argparse.Namespace) -> Result:
     from portal import server  # lazy: the admin commands stay free of aiohttp
     from portal.state import build_state
     from shared.logsetup import configure_logging
@@ -532,11 +516,12 @@ def serve(ctx: Context, args: argparse.Namespace) -> int:
     configure_logging(ctx.config.log_level, ctx.prog, fmt=ctx.config.log_format)
     state, _ = build_state(ctx.config)
     try:
-        return server.serve(
+        code = server.serve(
             ctx.config, state, ready_file=args.ready_file, bootloader_dir=args.bootloader_source
         )
     except OSError as exc:
         from shared.oserrors import describe_os_error
 
-        ctx.say(f"cannot listen: {describe_os_error(exc, ctx.config.listen)}")
-        return EXIT_FAILURE
+        where = describe_os_error(exc, ctx.config.listen)
+        return Result(notes=(f"cannot listen: {where}",), code=EXIT_FAILURE)
+    return Result(code=code)

@@ -27,10 +27,8 @@ from shared.config import (
     parse_hostport,
     xdg_state_dir,
 )
-from shared.logsetup import LEVELS
 
 ENV_PREFIX = "CSC_PORTAL_"
-LOG_LEVELS = tuple(LEVELS)
 #: Password hashing profiles (see :mod:`portal.passwords`); ``test`` is for tests only.
 HASH_COSTS = ("standard", "test")
 #: Default of ``hash_queue``: waiting logons per hashing worker (1-2 s of argon2 work each).

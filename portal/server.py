@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +43,7 @@ from portal.state import (
     PortalState,
     build_state,
 )
-from shared import resolve_sig
+from shared import resolve_sig, runtime
 
 log = logging.getLogger("portal")
 
@@ -330,29 +329,13 @@ def create_app(
 # --- running -------------------------------------------------------------------------------
 
 
-def _hostport(sockname: tuple[str, int] | str) -> str:
-    if isinstance(sockname, str):
-        return sockname
-    host, port = sockname[0], sockname[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _write_ready_file(path: Path, data: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 async def run_portal(
     config: PortalConfig,
     state: PortalState,
     ready_file: Path | None,
     bootloader_dir: Path | None = None,
 ) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = runtime.stop_event()
     app = create_app(config, state=state, bootloader_dir=bootloader_dir)
     runner = web.AppRunner(app, shutdown_timeout=5.0, **RUNNER_OPTIONS)
     await runner.setup()
@@ -360,7 +343,7 @@ async def run_portal(
         host, port = config.listen_address
         site = web.TCPSite(runner, host, port, backlog=512)
         await site.start()
-        address = _hostport(runner.addresses[0])
+        address = runtime.sockname_address(runner.addresses[0])
         log.info(
             "listening on http://%s, state dir %s, key %s",
             address,
@@ -368,21 +351,12 @@ async def run_portal(
             state.key.fingerprint,
         )
         if ready_file is not None:
-            _write_ready_file(ready_file, {"http": address, "pid": os.getpid()})
+            runtime.write_ready_file(ready_file, {"http": address, "pid": os.getpid()})
         await stop.wait()
         log.info("stopping")
     finally:
         await runner.cleanup()
     return 0
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
 
 
 def serve(
@@ -393,5 +367,4 @@ def serve(
     bootloader_dir: Path | None = None,
 ) -> int:
     """Run the portal until SIGTERM/SIGINT; raises OSError when it cannot listen."""
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(run_portal(config, state, ready_file, bootloader_dir))
+    return runtime.run(run_portal(config, state, ready_file, bootloader_dir))

@@ -1,15 +1,16 @@
-"""Small helpers shared by the command-line entry points (``csc``, ``csc-agent``).
+"""Small helpers shared by the command-line entry points (``csc``, ``csc-agent``, ``csc-portal``).
 
 Conventions they enforce: messages go to stderr prefixed with the program name; a configuration
 error prints ``<prog>: configuration error:`` and then every problem, one per line, and exits 2;
-argparse's own usage errors also exit 2; ``main`` returns the exit code instead of raising.
+argparse's own usage errors also exit 2; ``main`` returns the exit code instead of raising; lists
+print as :func:`table` (left-aligned columns, two spaces apart, no trailing blanks).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
@@ -67,3 +68,26 @@ def add_log_format_arg(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "json", "text"),
         help="text for people, json for collectors; auto (default): text on a terminal",
     )
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], empty: str) -> str:
+    """Left-aligned columns separated by two spaces; ``empty`` when there are no rows.
+
+    A cell of ``None`` reads ``-``, a list or tuple its items joined by commas (``-`` if none).
+    """
+    cells = [[_cell(v) for v in row] for row in rows]
+    if not cells:
+        return empty
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = [list(headers), *cells]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines
+    )
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value)) or "-"
+    return str(value)

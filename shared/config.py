@@ -45,6 +45,9 @@ from shared.logsetup import FORMAT_CHOICES, LEVELS
 from shared.units import PLAIN_NUMBER, check_url, parse_duration, parse_hostport, parse_size
 
 __all__ = [
+    "KIB",
+    "LOG_LEVELS",
+    "MIB",
     "ConfigError",
     "Secret",
     "config_reference",
@@ -60,6 +63,11 @@ __all__ = [
 
 T = TypeVar("T")
 Kind = Literal["size", "duration", "hostport", "url"]
+
+KIB = 1024
+MIB = 1024 * 1024
+#: The ``log_level`` words every program accepts (``--log-level`` lists them).
+LOG_LEVELS = tuple(LEVELS)
 
 #: Texts that mean "not set" for an optional field.
 NONE_WORDS = frozenset({"", "off", "none"})
@@ -158,7 +166,7 @@ def xdg_state_dir(env: Mapping[str, str], program: str) -> Path:
 
 def log_level_field() -> Any:
     """The ``log_level`` setting every program has (``info`` by default)."""
-    spec = meta(choices=tuple(LEVELS), help="debug, info, warning or error")
+    spec = meta(choices=LOG_LEVELS, help="debug, info, warning or error")
     return dataclasses.field(default="info", metadata=spec)
 
 
@@ -602,30 +610,3 @@ def reference_table(cls: type[Any], env_prefix: str) -> str:
         default = f"`{d.default}`" if literal else d.default
         lines.append(f"| `{d.key}` | `{d.env}` | {default} | {d.help} |")
     return "\n".join(lines)
-
-
-def link_limit_problems(
-    *, initial_window: int, max_window: int, session_budget: int, max_frame: int
-) -> list[str]:
-    """Cross-field checks of the flow-control limits shared by the CSC and the agent."""
-    problems: list[str] = []
-    if not initial_window <= max_window <= session_budget:
-        problems.append(
-            f"initial_window ({initial_window}) <= max_window ({max_window}) <= "
-            f"session_budget ({session_budget}) must hold"
-        )
-    if max_frame > session_budget:
-        problems.append(
-            f"max_frame ({max_frame}) must not exceed session_budget ({session_budget})"
-        )
-    return problems
-
-
-def heartbeat_problems(interval: float, timeout: float) -> list[str]:
-    """A heartbeat timeout must leave room for at least one heartbeat."""
-    if timeout <= interval:
-        return [
-            f"heartbeat_timeout ({timeout:g}s) must be greater than "
-            f"heartbeat_interval ({interval:g}s)"
-        ]
-    return []

@@ -26,12 +26,12 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared import runtime
 from shared.errors import CSCError, GoingAway, ProtocolError
 from shared.link import Link, cancel_quietly, max_message_size
 from shared.oserrors import describe_connect_error, describe_os_error
@@ -532,15 +532,9 @@ def portal_urls(csc: str, aliases: list[str]) -> list[str]:
 
 async def run_async(config: AgentConfig) -> int:
     agent = Agent(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stop)
+    runtime.on_stop_signals(agent.stop)
     return await agent.run()
 
 
 def run(config: AgentConfig) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.run(run_async(config))
-    return uvloop.run(run_async(config))
+    return runtime.run(run_async(config))

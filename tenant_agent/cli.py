@@ -30,9 +30,9 @@ from shared.cli_support import (
     run_parser,
     version,
 )
-from shared.config import ConfigError
+from shared.config import LOG_LEVELS, ConfigError
 from shared.logsetup import configure_logging
-from tenant_agent.config import ENV_PREFIX, LOG_LEVELS, load_agent_config
+from tenant_agent.config import ENV_PREFIX, load_agent_config
 from tenant_agent.proxy_config import ENV_PREFIX as PROXY_ENV_PREFIX
 from tenant_agent.proxy_config import load_proxy_config
 

@@ -21,23 +21,17 @@ from shared.config import (
     ConfigError,
     Secret,
     duration_field,
-    heartbeat_problems,
-    link_limit_problems,
     load_config,
     log_format_field,
     log_level_field,
     meta,
     parse_hostport,
-    size_field,
 )
-from shared.logsetup import LEVELS
+from shared.link_config import link_field, link_problems
 
 ENV_PREFIX = "CSC_AGENT_"
 #: The proxy mode's prefix (tenant_agent/proxy_config.py): no agent setting starts `proxy_`.
 PROXY_ENV_PREFIX = "CSC_AGENT_PROXY_"
-LOG_LEVELS = tuple(LEVELS)
-KIB = 1024
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,8 +76,8 @@ class AgentConfig:
     connect_timeout: float = duration_field(10.0, "timeout of one connection attempt to the CSC")
     upstream_connect_timeout: float = duration_field(5.0, "timeout connecting to the upstream")
     upstream_timeout: float = duration_field(60.0, "timeout waiting for the upstream's answer")
-    heartbeat_interval: float = duration_field(10.0, "heartbeat period on the link")
-    heartbeat_timeout: float = duration_field(30.0, "a link silent this long is closed")
+    heartbeat_interval: float = link_field("heartbeat_interval")
+    heartbeat_timeout: float = link_field("heartbeat_timeout")
     backoff_initial: float = duration_field(0.5, "first reconnect delay")
     backoff_max: float = duration_field(30.0, "largest reconnect delay")
     backoff_reset_after: float = duration_field(
@@ -95,12 +89,10 @@ class AgentConfig:
     drain_timeout: float = duration_field(
         30.0, "on SIGTERM, how long in-flight streams may finish", minimum=0
     )
-    initial_window: int = size_field(256 * KIB, "initial per-stream flow-control window", minimum=1)
-    max_window: int = size_field(64 * MIB, "largest auto-tuned per-stream window", minimum=1)
-    session_budget: int = size_field(128 * MIB, "buffered bytes allowed per session", minimum=1)
-    max_frame: int = size_field(
-        256 * KIB, "largest frame payload (16KiB..16MiB)", minimum=16 * KIB, maximum=16 * MIB
-    )
+    initial_window: int = link_field("initial_window")
+    max_window: int = link_field("max_window")
+    session_budget: int = link_field("session_budget")
+    max_frame: int = link_field("max_frame")
     metrics_listen: str | None = field(
         default=None,
         metadata=meta(
@@ -140,13 +132,7 @@ class AgentConfig:
         problems: list[str] = []
         if not self.token and self.token_file is None:
             problems.append("token must not be empty")
-        problems += link_limit_problems(
-            initial_window=self.initial_window,
-            max_window=self.max_window,
-            session_budget=self.session_budget,
-            max_frame=self.max_frame,
-        )
-        problems += heartbeat_problems(self.heartbeat_interval, self.heartbeat_timeout)
+        problems += link_problems(self)
         if self.backoff_initial > self.backoff_max:
             problems.append(
                 f"backoff_initial ({self.backoff_initial:g}s) must not exceed "

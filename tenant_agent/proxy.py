@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import signal
 import ssl
 import sys
 from pathlib import Path
 from typing import Any, Protocol
 
+from shared import runtime
 from shared.cli_support import EXIT_OK, EXIT_USAGE
-from shared.files import write_atomic
 from shared.oserrors import describe_os_error
+from shared.runtime import sockname_address
 from tenant_agent.http_request import parse_origin
 from tenant_agent.http_upstream import HttpUpstream
 from tenant_agent.proxy_config import ProxyConfig
@@ -62,11 +61,6 @@ def upstream_name(config: ProxyConfig) -> str:
         host, port = config.tcp_address
         return f"tcp://{host}:{port}"
     return parse_origin(config.upstream).name
-
-
-def _hostport(sockname: Any) -> str:
-    host, port = sockname[0], sockname[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ProxyServer:
@@ -116,7 +110,7 @@ class ProxyServer:
         except OSError as exc:
             reason = describe_os_error(exc, self.config.listen)
             raise ProxyStartError(f"cannot listen: {reason}") from None
-        self.address = _hostport(self.server.sockets[0].getsockname())
+        self.address = sockname_address(self.server.sockets[0].getsockname())
 
     async def drain(self) -> bool:
         """Stop accepting, let requests in flight finish (``drain_timeout``), then close.
@@ -145,7 +139,7 @@ class ProxyServer:
 
 def write_ready_file(path: Path, server: ProxyServer) -> None:
     data = {"listen": server.address, "mode": server.config.mode, "pid": os.getpid()}
-    write_atomic(path, json.dumps(data).encode())
+    runtime.write_ready_file(path, data)
 
 
 async def run_proxy(config: ProxyConfig, ready_file: Path | None = None) -> int:
@@ -163,10 +157,7 @@ async def run_proxy(config: ProxyConfig, ready_file: Path | None = None) -> int:
         await server.close()
         print(f"{PROG}: cannot write the ready file {ready_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = runtime.stop_event()
     target = upstream_name(config)
     log.info("proxy listening on %s, forwarding to %s", server.url, target)
     await stop.wait()
@@ -176,8 +167,4 @@ async def run_proxy(config: ProxyConfig, ready_file: Path | None = None) -> int:
 
 
 def run(config: ProxyConfig, *, ready_file: Path | None = None) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.run(run_proxy(config, ready_file))
-    return uvloop.run(run_proxy(config, ready_file))
+    return runtime.run(run_proxy(config, ready_file))

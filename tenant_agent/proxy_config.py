@@ -20,6 +20,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared.config import (
+    KIB,
+    MIB,
     duration_field,
     load_config,
     log_format_field,
@@ -28,12 +30,8 @@ from shared.config import (
     parse_hostport,
     size_field,
 )
-from shared.logsetup import LEVELS
 
 ENV_PREFIX = "CSC_AGENT_PROXY_"
-LOG_LEVELS = tuple(LEVELS)
-KIB = 1024
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)

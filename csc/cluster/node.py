@@ -34,7 +34,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -118,15 +118,7 @@ class Cluster:
         self.routes = RouteTable(self.redis, self.keys, self.node_id, self.lease, self._redis_error)
         self.rate = ClusterRate(self.redis, self.keys.prefix)
         self.slots = ClusterSlots(self.redis, self.keys.prefix, self.lease)
-        peer_settings = LinkSettings(
-            initial_window=self.settings.initial_window,
-            max_window=self.settings.max_window,
-            session_budget=self.settings.session_budget,
-            max_frame=self.settings.max_frame,
-            max_streams=PEER_MAX_STREAMS,
-            heartbeat_interval=self.settings.heartbeat_interval,
-            heartbeat_timeout=self.settings.heartbeat_timeout,
-        )
+        peer_settings = replace(self.settings, max_streams=PEER_MAX_STREAMS)
         self.peers = PeerPool(self.node_id, self.key, peer_settings)
         self.server = PeerServer(
             self.node_id,

@@ -33,13 +33,9 @@ from collections import deque
 from typing import Any, cast
 
 from shared.allocator import keep_freed_memory
-from tests.support.readyfile import (
-    format_hostport,
-    parse_hostport,
-    run_main,
-    wait_for_stop_signal,
-    write_ready_file,
-)
+from shared.runtime import format_hostport, wait_for_stop_signal, write_ready_file
+from shared.runtime import run as run_main
+from tests.support.readyfile import parse_hostport
 
 DEFAULT_QUEUE_LIMIT = 32 * 1024 * 1024
 _EARLY = 0.0005  # timers may fire this much early; chunks due by then go out too

@@ -1,0 +1,103 @@
+"""Program start-up shared by every server process: ``csc serve``, ``csc-agent`` (and its proxy
+mode), ``csc-portal serve`` and the test suite's helper servers.
+
+* :func:`format_hostport` / :func:`sockname_address`: a listening address as ``host:port``
+  (``[v6]:port`` for IPv6), the form ready files, logs and ``--listen`` use.
+* :func:`write_ready_file`: the JSON object a process started on port 0 writes to tell its
+  parent where it listens; atomic (see :func:`shared.files.write_atomic`), so a reader sees no
+  file or the whole of it.
+* :func:`on_stop_signals` / :func:`stop_event` / :func:`wait_for_stop_signal`: SIGTERM and
+  SIGINT ask the running loop to stop (drain, then exit) instead of killing it.
+* :func:`run` / :func:`loop_factory` / :func:`install_uvloop`: the event loop is uvloop when it
+  is importable (it is a dependency on Linux), else asyncio's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+from shared.files import write_atomic
+
+T = TypeVar("T")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def format_hostport(host: str, port: int) -> str:
+    """``host:port``, or ``[host]:port`` for an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def sockname_address(sockname: Any) -> str:
+    """A socket's ``getsockname()`` (or an aiohttp runner's address) as ``host:port``; a Unix
+    socket's path as it is."""
+    if isinstance(sockname, str):
+        return sockname
+    return format_hostport(str(sockname[0]), int(sockname[1]))
+
+
+def write_ready_file(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as one line of JSON to ``path``, atomically."""
+    write_atomic(Path(path), (json.dumps(dict(data)) + "\n").encode())
+
+
+def on_stop_signals(stop: Callable[[], object]) -> None:
+    """Call ``stop`` on SIGTERM or SIGINT (in the running loop)."""
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop)
+
+
+def stop_event() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    on_stop_signals(stop.set)
+    return stop
+
+
+async def wait_for_stop_signal() -> None:
+    """Return when the process receives SIGTERM or SIGINT (the handlers are removed again)."""
+    try:
+        await stop_event().wait()
+    finally:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+def _uvloop() -> ModuleType | None:
+    if sys.platform == "win32":  # pragma: no cover - the programs run on Linux
+        return None
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return None
+    return uvloop
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``uvloop.new_event_loop`` when uvloop is importable, else ``None`` (asyncio's loop)."""
+    uvloop = _uvloop()
+    if uvloop is None:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def install_uvloop() -> None:
+    """Make uvloop the event loop policy (for callers of ``asyncio.run``), when importable."""
+    uvloop = _uvloop()
+    if uvloop is not None:
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run a program's main coroutine to its end, on the loop :func:`loop_factory` picks."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main)
