@@ -5,9 +5,10 @@ its connections; each accepted connection is a :class:`FrontConnection`. The boo
 routes (``/t/{alias}``, ``/t/{alias}/...``, ``GET /v1/resolve/{alias}``, ``/healthz``,
 ``/readyz``) are served here by a :class:`Handler` (csc/http_ingress.py); a connection whose
 *first* request names a path of the aiohttp app (``/v1/agent/connect``, ``/metrics``) is handed
-to aiohttp whole, with the bytes read so far, and this module never sees it again. A later
-request for such a path on a connection we serve is answered 404 (clients open a new
-connection for the agent WebSocket anyway).
+to aiohttp whole, with the bytes read so far, and this module never sees it again; so is a
+kept-alive connection whose next request, arriving while the connection is idle, names one
+(the aiohttp app answers `Connection: close` to all but an upgrade, so the client comes back).
+Only a request pipelined behind another of ours is answered 404 instead.
 
 Invariants:
 
@@ -189,7 +190,8 @@ class FrontConnection(asyncio.Protocol):
         self._parsing: FrontRequest | None = None
         self._url = bytearray()
         self._raw: list[tuple[bytes, bytes]] = []
-        self._first: bytearray | None = bytearray()  # bytes read before the first head is done
+        #: Bytes of a request head that began on an idle connection (it may be handed over).
+        self._first: bytearray | None = None
         self._in_head = True
         self._head_bytes = 0  # counted against the front's total while the head is unfinished
         self._head_started: float | None = self.loop.time()  # the first head is due from now
@@ -228,6 +230,8 @@ class FrontConnection(asyncio.Protocol):
                 self._rearm()
             if not self._count_head(len(data)):
                 return
+            if self._first is None and self._idle():
+                self._first = bytearray()  # a request boundary: may be handed over
             if self._first is not None:
                 self._first += data
         elif self._parsing is not None:
@@ -235,7 +239,11 @@ class FrontConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(BadRequest("protocol upgrades are served at /v1/agent/connect only"))
+            # llhttp stops after a request asking to switch protocols; we never switch here
+            # (agents' upgrades are handed over), so that request is the connection's last
+            self._stopped = True
+            if self._requests:
+                self._requests[-1].keep_alive = False
         except httptools.HttpParserError as exc:
             if self.transport is None:
                 return  # handed over to aiohttp inside the callback
@@ -290,6 +298,11 @@ class FrontConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        if len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._raw) > (
+            self.config.http_max_head_size
+        ):
+            self._fail(HeadersTooLarge(self._too_large()))
+            raise _Stop
         try:
             target = origin_form(self._url.decode("latin-1"))
             request = FrontRequest(
@@ -304,7 +317,7 @@ class FrontConnection(asyncio.Protocol):
         request.keep_alive = parser.should_keep_alive()
         request.kind, request.alias = route(request.method, target, self.front.elsewhere)
         first, self._first = self._first, None
-        if first is not None and request.kind == ELSEWHERE:
+        if first is not None and request.kind == ELSEWHERE and self._idle():
             self._hand_over(bytes(first))
             raise _Stop
         self._release_head()
@@ -315,11 +328,11 @@ class FrontConnection(asyncio.Protocol):
         self._requests.append(request)
         if len(self._requests) > MAX_PIPELINED:
             self._pause_reading()
+        self._serve_soon()
         limit = self.config.max_body_size
         if limit is not None and request.length is not None and request.length > limit:
             self._stopped = True  # answered 413 without reading the body
             raise _Stop
-        self._serve_soon()
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
@@ -374,12 +387,7 @@ class FrontConnection(asyncio.Protocol):
 
     def keep_alive(self, request: FrontRequest) -> bool:
         """Whether the connection can carry another request once ``request`` is answered."""
-        return (
-            request.keep_alive
-            and request.body_done
-            and self.fatal is None
-            and not self.front.draining()
-        )
+        return request.keep_alive and request.body_done and not self.front.draining()
 
     def continue_body(self, request: FrontRequest) -> None:
         """Send ``100 Continue`` if the client waits for it (RFC 9110 §10.1.1), once."""
@@ -440,8 +448,8 @@ class FrontConnection(asyncio.Protocol):
                     if self._requests and self._requests[0] is request:
                         self._requests.popleft()
                 if not self.keep_alive(request):
-                    self._stopped = True
-                    break
+                    self._stopped = True  # that answer said Connection: close
+                    return
                 self._idle_since = self.loop.time()
                 self._maybe_resume()
             if self.fatal is not None and not self.lost:
@@ -475,6 +483,10 @@ class FrontConnection(asyncio.Protocol):
         self.loop.call_later(LINGER, transport.close)
 
     # -- bounds ------------------------------------------------------------------------------
+
+    def _idle(self) -> bool:
+        """No request is being read, waits or is being answered: a request boundary."""
+        return self._task is None and not self._requests and self._parsing is None
 
     def _count_head(self, nbytes: int) -> bool:
         front = self.front

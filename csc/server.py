@@ -83,10 +83,11 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
     )
 
 
-async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: a draining node answers ``Connection: close``, so a load balancer
-    keeps no idle connection to it that the node's stop would close under a request."""
-    if request.app[NodeState.KEY].draining and response.status != 101:
+async def _close_after_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer of the aiohttp app but a WebSocket upgrade ends its
+    connection (``Connection: close``), so the client's next request reaches the public
+    listener (csc/http_front.py), which handed this connection over for one request."""
+    if response.status != 101:
         response.force_close()
         response.headers["Connection"] = "close"  # the hook runs after aiohttp set its own
 
@@ -115,7 +116,7 @@ def create_app(
     # the bootloader-facing routes are served by csc/http_front.py; a connection whose first
     # request is for one of these paths is handed over to this app
     app.router.add_get("/v1/agent/connect", gateway.agent_connect)
-    app.on_response_prepare.append(_close_when_draining)
+    app.on_response_prepare.append(_close_after_answer)
     app.on_shutdown.append(_close_sessions)
     app.cleanup_ctx.append(cluster_context)
     app.cleanup_ctx.append(gateway.enforce_rights)
