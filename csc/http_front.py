@@ -254,14 +254,18 @@ class FrontConnection(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool | None:
+        """The client half-closed: answer what was read, then close."""
+        if self._stopped:
+            request = self._parsing
+            if request is not None and request.body_error is None:
+                request.body_error = BadRequest("the client ended the connection inside a body")
+                self._wake()
+            return self._task is not None  # lingering or answering: close once done
         if self._parsing is not None or (self._in_head and self._head_bytes):
             self._fail(BadRequest("the client ended the connection inside a request"))
         self._stopped = True
         self._wake()
-        busy = self._task is not None or bool(self._requests) or self.fatal is not None
-        if not busy and self.transport is not None:
-            self.transport.close()
-        return busy
+        return self._task is not None or bool(self._requests)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -332,6 +336,7 @@ class FrontConnection(asyncio.Protocol):
         limit = self.config.max_body_size
         if limit is not None and request.length is not None and request.length > limit:
             self._stopped = True  # answered 413 without reading the body
+            request.body_error = PayloadTooLarge(f"the request body exceeds {limit} bytes")
             raise _Stop
 
     def on_body(self, body: bytes) -> None:
@@ -510,6 +515,7 @@ class FrontConnection(asyncio.Protocol):
         """A failure of the input: the request being read (if any) fails with ``err``; the
         connection serves nothing after it and answers ``err`` if no response is under way."""
         self._stopped = True
+        self._first = None
         request = self._parsing
         if request is not None:
             request.body_error = err
