@@ -50,7 +50,7 @@ from shared.errors import (
     RequestTimeout,
 )
 from shared.headers import request_id_for
-from shared.http1 import CONTINUE, error_response
+from shared.http1 import CONTINUE, error_response, request_framing
 
 log = logging.getLogger("csc.http")
 
@@ -114,20 +114,8 @@ class FrontRequest:
         self.http11 = http11
         self.keep_alive = True
         self.kind, self.alias = MISSING, ""
-        self.length: int | None = None
-        self.expect_continue = False
+        self.length, chunked, self.expect_continue = request_framing(headers)
         self.continued = False
-        chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == "content-length":
-                self.length = int(value.strip())  # llhttp allowed digits only, once
-            elif lname == "transfer-encoding":
-                if chunked or value.strip().lower() != "chunked":
-                    raise BadRequest("only 'Transfer-Encoding: chunked' is accepted")
-                chunked = True
-            elif lname == "expect":
-                self.expect_continue = value.strip().lower() == "100-continue"
         self.has_body = chunked or bool(self.length)
         self.body_done = not self.has_body
         self.body_error: CSCError | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
-from shared.errors import CSCError, GoingAway, PortalOffline, TenantLimit
+from shared.errors import BadRequest, CSCError, GoingAway, PortalOffline, TenantLimit
 from shared.headers import HOP_BY_HOP
 
 #: Seconds a client is told to wait after ``portal_offline`` or ``going_away``.
@@ -25,6 +25,29 @@ NONE, LENGTH, CHUNKED, CLOSE = "none", "length", "chunked", "close"
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
+
+
+def request_framing(headers: list[tuple[str, str]]) -> tuple[int | None, bool, bool]:
+    """``(content_length, chunked, expect_continue)`` of a request head that llhttp accepted
+    (it refuses two lengths, a length beside ``Transfer-Encoding``, signs and spaces in it).
+
+    Any transfer coding but a single ``chunked`` is refused with :class:`BadRequest`: the body
+    is forwarded de-chunked, so another coding could not be passed on faithfully, and a list
+    of codings is a classic smuggling shape.
+    """
+    length: int | None = None
+    chunked = expect_continue = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "content-length" and value.strip().isdigit():
+            length = int(value)
+        elif lname == "transfer-encoding":
+            if chunked or value.strip().lower() != "chunked":
+                raise BadRequest("only 'Transfer-Encoding: chunked' is accepted")
+            chunked = True
+        elif lname == "expect":
+            expect_continue = value.strip().lower() == "100-continue"
+    return length, chunked, expect_continue
 
 
 def body_mode(method: str, status: int, headers: list[tuple[str, str]], http11: bool) -> str:

@@ -29,6 +29,7 @@ from shared.http1 import (  # re-exported: the proxy's modules import them from 
     body_mode,
     encode_head,
     error_response,
+    request_framing,
 )
 
 __all__ = [
@@ -117,17 +118,7 @@ class InboundRequest:
         self.headers = headers
         self.http11 = http11
         self.keep_alive = keep_alive
-        self.length: int | None = None
-        chunked = False
-        self.expect_continue = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == "content-length" and value.strip().isdigit():
-                self.length = int(value)
-            elif lname == "transfer-encoding":
-                chunked = True
-            elif lname == "expect":
-                self.expect_continue = value.strip().lower() == "100-continue"
+        self.length, chunked, self.expect_continue = request_framing(headers)
         self.has_body = chunked or bool(self.length)
         self.body_done = not self.has_body
         self.chunks: deque[bytes] = deque()
