@@ -23,7 +23,8 @@ import time
 from typing import Any
 
 from csc import accesslog
-from csc.http_front import HEALTHZ, READYZ, RESOLVE, TUNNEL, FrontConnection, FrontRequest
+from csc.http_front import FrontConnection
+from csc.http_front_request import HEALTHZ, READYZ, RESOLVE, TUNNEL, FrontRequest
 from csc.ingress_stream import StreamUse, refused
 from csc.routing import lookup_alias, offline_error, online, open_stream
 from csc.state import NodeState
