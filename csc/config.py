@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import LOG_LEVELS as LOG_LEVELS  # re-exported: csc/cli.py lists them
 from shared.config import (
+    KIB,
+    MIB,
     Secret,
     duration_field,
     load_config,
@@ -28,8 +29,10 @@ from shared.config import (
     log_level_field,
     meta,
     parse_hostport,
+    size_field,
     xdg_state_dir,
 )
+from shared.config import LOG_LEVELS as LOG_LEVELS  # re-exported: csc/cli.py lists them
 from shared.link_config import link_field, link_problems
 
 ENV_PREFIX = "CSC_"
@@ -114,6 +117,31 @@ class CSCConfig:
     max_body_size: int | None = field(
         default=None,
         metadata=meta(kind="size", minimum=0, help="largest request body; unset means unlimited"),
+    )
+    http_head_timeout: float = duration_field(
+        10.0, "time a client has to send a whole request head (from connect or its first byte)"
+    )
+    http_keepalive_timeout: float = duration_field(
+        60.0, "an idle keep-alive connection of the public listener is closed after this"
+    )
+    http_max_head_size: int = size_field(
+        16 * KIB,
+        "largest request head (line and fields), buffered per connection; beyond: 431",
+        minimum=1 * KIB,
+    )
+    http_head_buffer_total: int = size_field(
+        16 * MIB, "bytes of unfinished request heads buffered across all connections", minimum=1
+    )
+    http_body_timeout: float = duration_field(
+        30.0, "longest a request body may stall (no byte while the CSC waits for one); then 408"
+    )
+    http_body_min_rate: int = size_field(
+        1 * KIB,
+        "slowest request body, bytes per second, after `http_body_grace`; 0: no floor",
+        minimum=0,
+    )
+    http_body_grace: float = duration_field(
+        10.0, "how long a request body may be slower than `http_body_min_rate`"
     )
     log_level: str = log_level_field()
     log_format: str = log_format_field()

@@ -1,51 +1,47 @@
-"""Bootloader-facing HTTP: ``GET /v1/resolve/{alias}`` and the tunnel ``ANY /t/{alias}/{path}``.
+"""Bootloader-facing HTTP: ``GET /v1/resolve/{alias}``, the tunnel ``ANY /t/{alias}/{path}``,
+``/healthz`` and ``/readyz``, served on the connections of csc/http_front.py.
 
 A tunneled request becomes one stream: OPEN carries the request head (hop-by-hop headers
 removed per RFC 9110 §7.6.1, ``X-Forwarded-*`` and ``X-Request-Id`` added), DATA carries the
 body as it arrives, OPEN_OK carries the response head and DATA the response body, each written
-to the bootloader before its credit goes back. Bodies are never held whole in memory.
+to the bootloader and drained below the connection's high-water mark before its credit goes
+back (``stream.consumed``). Bodies are never held whole in memory.
 
 Errors before the response head are JSON ``{"error", "message", "request_id"}`` with the status
 of shared/errors.py; after the head has been sent an error aborts the connection, so a cut-off
-response can never pass for a complete one.
+response can never pass for a complete one. The body relayed is checked against the framing
+announced: more or fewer bytes than the agent's ``Content-Length`` abort the connection, which
+is never reused; without a length the body is chunked (HTTP/1.1) or close-delimited (HTTP/1.0).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
 
-from aiohttp import web
-from multidict import CIMultiDict
-
 from csc import accesslog
-from csc.metrics import outcome_of
-from csc.routing import lookup_alias, offline_error, online, open_stream, release_stream
+from csc.http_front import FrontConnection
+from csc.http_front_request import HEALTHZ, READYZ, RESOLVE, TUNNEL, FrontRequest
+from csc.ingress_stream import StreamUse, refused
+from csc.routing import lookup_alias, offline_error, online, open_stream
 from csc.state import NodeState
 from shared import resolve_sig
 from shared.errors import (
     UPSTREAM_CODES,
     Cancelled,
     CSCError,
-    GoingAway,
-    InternalError,
+    MethodNotAllowed,
+    NotFound,
     PayloadTooLarge,
-    PortalOffline,
     ProtocolError,
-    TenantLimit,
     UpstreamError,
     UpstreamTimeout,
-    http_body,
 )
-from shared.headers import (
-    HOP_BY_HOP,
-    decode_raw,
-    header_pairs,
-    strip_hop_by_hop,
-)
-from shared.headers import request_id_for as _request_id_rule
+from shared.headers import HOP_BY_HOP, content_length, header_pairs, strip_hop_by_hop
+from shared.http1 import CHUNKED, CLOSE, LAST_CHUNK, LENGTH, NONE, encode_head, json_response
 from shared.link import TunnelStream, cancel_quietly
 
 log = logging.getLogger("csc.http")
@@ -61,18 +57,14 @@ _REPLACED = frozenset(
         "x-csc-resolve-key",
     }
 )
-RETRY_AFTER_OFFLINE = "5"
 #: How often a request without a body is opened again after its agent refused it unprocessed.
 REOPEN_ATTEMPTS = 3
+_READ_ONLY = ("GET", "HEAD")
 
 
-def request_id_for(request: web.Request) -> str:
-    return _request_id_rule(request.headers.get("X-Request-Id"))
-
-
-def tunnel_target(raw_path: str) -> str:
+def tunnel_target(target: str) -> str:
     """The upstream target of ``/t/{alias}{rest}``: ``rest`` (``/`` when empty), raw."""
-    rest = raw_path[3:]
+    rest = target[3:]
     cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
     rest = rest[cut:]
     if not rest.startswith("/"):
@@ -80,44 +72,71 @@ def tunnel_target(raw_path: str) -> str:
     return rest
 
 
-def error_response(err: CSCError, request_id: str, **extra: Any) -> web.Response:
-    headers = {"X-Request-Id": request_id}
-    if isinstance(err, PortalOffline | GoingAway):
-        headers["Retry-After"] = RETRY_AFTER_OFFLINE
-    elif isinstance(err, TenantLimit):
-        headers["Retry-After"] = str(err.retry_after)
-    return web.Response(
-        status=err.spec.http_status,
-        body=http_body(err.code, err.message, request_id=request_id, **err.details, **extra),
-        content_type="application/json",
-        headers=headers,
+class Ingress:
+    """The :class:`csc.http_front.Handler` of a node."""
+
+    def __init__(self, state: NodeState) -> None:
+        self.state = state
+
+    async def serve(self, conn: FrontConnection, request: FrontRequest) -> None:
+        kind = request.kind
+        if kind == TUNNEL:
+            await tunnel(self.state, conn, request)
+        elif kind not in (RESOLVE, HEALTHZ, READYZ):
+            conn.error(request, NotFound(f"nothing is served at {request.target[:100]}"))
+        elif request.method not in _READ_ONLY:
+            conn.error(request, MethodNotAllowed(f"{request.method} is not allowed here"))
+        elif kind == RESOLVE:
+            await resolve(self.state, conn, request)
+        elif kind == HEALTHZ:
+            _json(conn, request, 200, {"status": "ok"})
+        elif self.state.draining:
+            _json(conn, request, 503, {"status": "draining"})
+        else:
+            _json(conn, request, 200, {"status": "ready", "sessions": len(self.state.sessions)})
+
+
+def _json(conn: FrontConnection, request: FrontRequest, status: int, body: dict[str, Any]) -> None:
+    conn.send(
+        json_response(
+            status,
+            json.dumps(body).encode(),
+            request_id=request.request_id,
+            keep_alive=conn.keep_alive(request),
+            http11=request.http11,
+            method=request.method,
+        )
     )
 
 
 def refuse(
-    state: NodeState, kind: str, err: CSCError, request_id: str, tenant: str | None
-) -> web.Response:
-    """The error answer for ``err``, kept among the node's recent errors (csc/errorlog.py)."""
-    state.errors.record(kind, err, request_id=request_id, tenant=tenant)
-    return error_response(err, request_id)
+    state: NodeState,
+    conn: FrontConnection,
+    request: FrontRequest,
+    kind: str,
+    err: CSCError,
+    tenant: str | None,
+) -> int:
+    """Answer ``err`` (kept among the node's recent errors, csc/errorlog.py); its status."""
+    state.errors.record(kind, err, request_id=request.request_id, tenant=tenant)
+    return conn.error(request, err)
 
 
-async def resolve(request: web.Request) -> web.Response:
-    state = request.app[NodeState.KEY]
-    request_id = request_id_for(request)
+async def resolve(state: NodeState, conn: FrontConnection, request: FrontRequest) -> None:
     tenant: str | None = None
     try:
-        alias, found = lookup_alias(state, request.match_info["alias"])
+        alias, found = lookup_alias(state, request.alias)
         tenant = found.tenant
         if not await online(state, alias, found):
             raise offline_error(alias, found)
     except CSCError as err:
         state.metrics.resolved(err.code)
-        return refuse(state, "resolve", err, request_id, tenant)
+        refuse(state, conn, request, "resolve", err, tenant)
+        return
     state.metrics.resolved("ok")
     body: dict[str, Any] = {"alias": alias, "online": True, "tunnel": f"/t/{alias}/"}
     body.update(_signed_owner(state, alias, found.tenant or "", body["tunnel"]))
-    return web.json_response(body, headers={"X-Request-Id": request_id})
+    _json(conn, request, 200, body)
 
 
 def _signed_owner(state: NodeState, alias: str, tenant: str, tunnel: str) -> dict[str, Any]:
@@ -132,102 +151,83 @@ def _signed_owner(state: NodeState, alias: str, tenant: str, tunnel: str) -> dic
 
 
 def _forwarded_head(
-    request: web.Request, state: NodeState, alias: str, request_id: str
+    conn: FrontConnection, request: FrontRequest, state: NodeState, alias: str
 ) -> dict[str, Any]:
-    pairs = [
-        (n, v)
-        for n, v in strip_hop_by_hop(decode_raw(request.raw_headers))
-        if n.lower() not in _REPLACED
-    ]
-    client_ip = request.remote or ""
+    pairs = [(n, v) for n, v in strip_hop_by_hop(request.headers) if n.lower() not in _REPLACED]
+    client_ip = conn.client_ip
     prior = [v for n, v in pairs if n.lower() == "x-forwarded-for"]
     pairs = [(n, v) for n, v in pairs if n.lower() != "x-forwarded-for"]
+    host = request.header("host") or ""
     pairs += [
         ("X-Forwarded-For", ", ".join([*prior, client_ip]) if prior else client_ip),
-        ("X-Forwarded-Proto", "https" if state.config.tls_enabled else "http"),
-        ("X-Forwarded-Host", request.host),
+        ("X-Forwarded-Proto", "https" if conn.tls else "http"),
+        ("X-Forwarded-Host", host),
         ("X-Forwarded-Prefix", f"/t/{alias}"),
-        ("X-Request-Id", request_id),
+        ("X-Request-Id", request.request_id),
     ]
     if state.resolve_key_text:  # the portal's get site builds it into the bootloader
         pairs.append(("X-CSC-Resolve-Key", state.resolve_key_text))
-    peer = request.transport.get_extra_info("peername") if request.transport else None
     return {
         "kind": "http",
         "alias": alias,
-        "client": f"{peer[0]}:{peer[1]}" if peer else client_ip,
-        "request_id": request_id,
+        "client": conn.peer or client_ip,
+        "request_id": request.request_id,
         "method": request.method,
-        "target": tunnel_target(request.raw_path),
+        "target": tunnel_target(request.target),
         "headers": pairs,
-        "body": request.body_exists,
+        "body": request.has_body,
     }
 
 
-async def _send_body(request: web.Request, stream: TunnelStream, limit: int | None) -> None:
-    sent = 0
-    if request.body_exists:
-        content = request.content
-        while chunk := await content.readany():
-            sent += len(chunk)
-            if limit is not None and sent > limit:
+async def _send_body(
+    conn: FrontConnection, request: FrontRequest, stream: TunnelStream, limit: int | None
+) -> None:
+    """Relay the request body; on any failure the stream is reset, never ended as complete."""
+    try:
+        while chunk := await conn.body_chunk(request):
+            if limit is not None and request.received > limit:
                 raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
             await stream.write(chunk)
+    except CSCError as err:
+        stream.reset(err)
+        raise
     stream.write_eof()
 
 
-async def tunnel(request: web.Request) -> web.StreamResponse:
-    state = request.app[NodeState.KEY]
+async def tunnel(state: NodeState, conn: FrontConnection, request: FrontRequest) -> None:
     started = time.monotonic()
-    request_id = request_id_for(request)
     limit = state.config.max_body_size
     tenant: str | None = None
-    record = accesslog.RequestRecord(
-        "http", request_id, request.remote or "", started, request.match_info["alias"]
-    )
+    record = accesslog.RequestRecord("http", request.request_id, conn.client_ip, started)
+    record.alias, record.method = request.alias, request.method
+    record.path = accesslog.path_only(tunnel_target(request.target))
     try:
-        if limit is not None and (request.content_length or 0) > limit:
+        if limit is not None and (request.length or 0) > limit:
             raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-        alias, found = lookup_alias(state, request.match_info["alias"])
+        alias, found = lookup_alias(state, request.alias)
         tenant, record.alias = found.tenant, alias
-        info = _forwarded_head(request, state, alias, request_id)
+        info = _forwarded_head(conn, request, state, alias)
         stream = await open_stream(state, alias, found, info)
     except CSCError as err:
-        state.metrics.request_done("http", tenant, err.code, time.monotonic() - started)
-        refused = refuse(state, "http", err, request_id, tenant)
-        state.traffic.record(tenant, error=True, nbytes=0)
-        _log_request(state, request, record, tenant, err.code, refused.status)
-        return refused
-    state.stream_started()
-    state.metrics.stream_started(tenant, "http")
-    body: asyncio.Future[None] | None = None
-    if request.body_exists:
-        body = asyncio.ensure_future(_send_body(request, stream, limit))
-    else:
-        stream.write_eof()  # in the same message as OPEN
-    outcome = InternalError.code
-    try:
-        if body is None:
-            stream = await _reopen_unprocessed(state, alias, info, tenant, stream)
-        response = await _relay_response(
-            request, state, stream, body, request_id, tenant, record=record
-        )
-        outcome = outcome_of(stream.error)
-        return response
-    except asyncio.CancelledError:
-        outcome = Cancelled.code
-        raise
-    finally:
-        await cancel_quietly(body)
-        stream.finish()
-        await release_stream(state, tenant or "", stream)
-        state.stream_finished()
-        state.metrics.stream_finished("http")
-        state.metrics.request_done("http", tenant, outcome, time.monotonic() - started)
-        failed = outcome != "ok" or (record.status or 0) >= 500
-        nbytes = request.content.total_bytes + record.bytes_out
-        state.traffic.record(tenant, error=failed, nbytes=nbytes)
-        _log_request(state, request, record, tenant, outcome, record.status)
+        record.status = refuse(state, conn, request, "http", err, tenant)
+        refused(state, record, tenant, err)
+        return
+    async with StreamUse(state, record, tenant, stream) as use:
+        body: asyncio.Future[None] | None = None
+        if request.has_body:
+            body = asyncio.ensure_future(_send_body(conn, request, stream, limit))
+        else:
+            stream.write_eof()  # in the same message as OPEN
+        try:
+            if body is None:
+                use.stream = await _reopen_unprocessed(state, alias, info, tenant, stream)
+            await _relay_response(conn, request, state, use, body)
+        except asyncio.CancelledError:
+            use.stream.reset(Cancelled("the client went away"))
+            raise
+        finally:
+            await cancel_quietly(body)
+            record.bytes_in = request.received
 
 
 async def _reopen_unprocessed(
@@ -254,23 +254,6 @@ async def _reopen_unprocessed(
         stream = again
         stream.write_eof()
     return stream
-
-
-def _log_request(
-    state: NodeState,
-    request: web.Request,
-    record: accesslog.RequestRecord,
-    tenant: str | None,
-    outcome: str,
-    status: int | None,
-) -> None:
-    """The access-log event of a tunneled request (csc/accesslog.py), if enabled."""
-    if accesslog.enabled(state.config.access_log):
-        record.method = request.method
-        record.path = accesslog.path_only(tunnel_target(request.raw_path))
-        record.status = status
-        record.bytes_in = request.content.total_bytes
-        accesslog.request_done(record, tenant, outcome)
 
 
 async def _await_head(
@@ -303,19 +286,21 @@ async def _await_head(
 
 
 async def _relay_response(
-    request: web.Request,
+    conn: FrontConnection,
+    request: FrontRequest,
     state: NodeState,
-    stream: TunnelStream,
+    use: StreamUse,
     body: asyncio.Future[None] | None,
-    request_id: str,
-    tenant: str | None = None,
-    *,
-    record: accesslog.RequestRecord,
-) -> web.StreamResponse:
+) -> None:
+    stream, record, tenant = use.stream, use.record, use.tenant
+    request_id = request.request_id
     where = {"request_id": request_id, "tenant": tenant or ""}
     try:
         head = await _await_head(stream, body, state.config.open_timeout)
         status, reason, headers, length = _parse_head(head)
+        complete = stream.read_complete() if _may_have_body(request.method, status) else None
+        if complete is not None and length not in (None, len(complete)):
+            raise UpstreamError("the agent's response body does not match its Content-Length")
     except CSCError as err:
         stream.reset(err)
         log.info(
@@ -324,38 +309,81 @@ async def _relay_response(
         if isinstance(err, ProtocolError):  # the agent misbehaved, not the bootloader
             err = UpstreamError(f"the tenant agent broke the protocol: {err.message}")
         err = _for_device(state, err, tenant)
-        refused = refuse(state, "http", err, request_id, tenant)
-        record.status = refused.status
-        return refused
-    headers["X-Request-Id"] = request_id
+        record.status = refuse(state, conn, request, "http", err, tenant)
+        return
     record.status = status
-    if _may_have_body(request.method, status):
-        complete = stream.read_complete()
-        if complete is not None and length in (None, len(complete)):
-            # the whole (small) body came with the head: head and body in one write
-            stream.consumed(len(complete))
-            record.bytes_out = len(complete)
-            return web.Response(status=status, reason=reason, headers=headers, body=complete)
-    resp = web.StreamResponse(status=status, reason=reason, headers=headers)
-    if length is not None:
-        resp.content_length = length
-    await resp.prepare(request)
+    if not _may_have_body(request.method, status):
+        mode = NONE
+        if length is not None and status not in (204,) and status >= 200:
+            headers.append(("Content-Length", str(length)))
+    elif complete is not None:
+        mode, length = LENGTH, len(complete)
+    elif length is not None:
+        mode = LENGTH
+    else:
+        mode = CHUNKED if request.http11 else CLOSE
+    if mode == LENGTH:
+        headers.append(("Content-Length", str(length)))
+    keep = conn.keep_alive(request) and mode != CLOSE
+    data = encode_head(
+        status,
+        reason or "",
+        headers,
+        request_id=request_id,
+        mode=mode,
+        keep_alive=keep,
+        http11=request.http11,
+    )
+    if complete is not None:
+        # the whole (small) body came with the head: head and body in one write
+        conn.send(data + complete)
+        stream.consumed(len(complete))
+        record.bytes_out = len(complete)
+        return
+    conn.send(data)
+    if mode == NONE:
+        return
+    if mode == CLOSE:
+        request.keep_alive = False  # the end of the body is the end of the connection
     try:
-        while data := await stream.read():
-            await resp.write(data)
-            stream.consumed(len(data))
-            record.bytes_out += len(data)
-        await resp.write_eof()
+        await _relay_body(conn, stream, mode, length, record)
     except CSCError as err:
         log.warning("request %s aborted mid-response: %s", request_id, err.message, extra=where)
-        _abort(request)
+        if stream.error is None:
+            use.outcome = err.code
+        conn.abort()
     except ConnectionError:
         log.info("request %s: the client went away mid-response", request_id, extra=where)
         stream.reset(Cancelled("the client went away"))
-    except asyncio.CancelledError:
-        stream.reset(Cancelled("the client went away"))
-        raise
-    return resp
+
+
+async def _relay_body(
+    conn: FrontConnection,
+    stream: TunnelStream,
+    mode: str,
+    length: int | None,
+    record: accesslog.RequestRecord,
+) -> None:
+    """The response body in the framing announced; raises UpstreamError when the agent's
+    body is longer or shorter than the length announced."""
+    sent = 0
+    while data := await stream.read():
+        size = len(data)
+        if length is not None and sent + size > length:
+            stream.reset(UpstreamError("response body longer than its Content-Length"))
+            raise UpstreamError("the agent's response body is longer than its Content-Length")
+        if mode == CHUNKED:
+            conn.send(b"%x\r\n" % size, data, b"\r\n")
+        else:
+            conn.send(data)
+        sent += size
+        record.bytes_out = sent
+        await conn.drain()
+        stream.consumed(size)
+    if length is not None and sent != length:
+        raise UpstreamError("the agent's response body is shorter than its Content-Length")
+    if mode == CHUNKED:
+        conn.send(LAST_CHUNK)
 
 
 def _for_device(state: NodeState, err: CSCError, tenant: str | None) -> CSCError:
@@ -374,13 +402,7 @@ def _may_have_body(method: str, status: int) -> bool:
     return method != "HEAD" and status >= 200 and status not in (204, 304)
 
 
-def _abort(request: web.Request) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-
-
-def _parse_head(head: dict[str, Any]) -> tuple[int, str | None, CIMultiDict[str], int | None]:
+def _parse_head(head: dict[str, Any]) -> tuple[int, str | None, list[tuple[str, str]], int | None]:
     """Status, reason, end-to-end headers and Content-Length of an OPEN_OK response head."""
     status = head.get("status")
     pairs = header_pairs(head.get("headers"))
@@ -389,14 +411,16 @@ def _parse_head(head: dict[str, Any]) -> tuple[int, str | None, CIMultiDict[str]
         raise UpstreamError("the agent sent an invalid response head")
     if not isinstance(reason, str) or "\r" in reason or "\n" in reason:
         reason = None
-    headers: CIMultiDict[str] = CIMultiDict()
+    headers: list[tuple[str, str]] = []
     length: int | None = None
     for name, value in pairs:
         lname = name.lower()
         if lname in HOP_BY_HOP:
             continue
         if lname == "content-length":
-            length = int(value) if value.isdigit() else None
+            length = content_length(value)
+            if length is None:
+                raise UpstreamError("the agent sent an invalid Content-Length")
             continue
-        headers.add(name, value)
+        headers.append((name, value))
     return status, reason or None, headers, length

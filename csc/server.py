@@ -1,8 +1,8 @@
 """``csc serve``: the app factory, the listeners and the graceful stop.
 
-:func:`create_app` builds the aiohttp application (agent gateway, resolve, tunnel, health,
-``/metrics``);
-:func:`run_node` starts the HTTP listener, the TCP ingress and the admin API (its own
+:func:`create_app` builds the aiohttp application (agent gateway, ``/metrics``);
+:func:`run_node` starts the public HTTP listener (csc/http_front.py: the bootloader routes, and
+connections handed to the aiohttp app), the TCP ingress and the admin API (its own
 listener, :mod:`csc.admin_api`), writes the ready file, and on SIGTERM/SIGINT or an admin
 ``drain`` drains: it stops accepting, sends GOAWAY on every agent session, lets in-flight
 streams finish within ``drain_timeout``, then closes the links with 1001 and returns.
@@ -23,9 +23,11 @@ from pathlib import Path
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from csc import admin_api, gateway, http_ingress
+from csc import admin_api, gateway
 from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
+from csc.http_front import HttpFront
+from csc.http_ingress import Ingress
 from csc.metrics import CSCMetrics, add_metrics_route
 from csc.permissions import check_private
 from csc.registry import MemoryRegistry
@@ -38,8 +40,6 @@ from shared.runtime import install_uvloop, write_ready_file
 from shared.runtime import sockname_address as _hostport
 
 log = logging.getLogger("csc")
-
-TUNNEL_METHODS = "*"
 
 
 def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> NodeState:
@@ -83,21 +83,11 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
     )
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    state = request.app[NodeState.KEY]
-    if state.draining:
-        return web.json_response({"status": "draining"}, status=503)
-    return web.json_response({"status": "ready", "sessions": len(state.sessions)})
-
-
-async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: a draining node answers ``Connection: close``, so a load balancer
-    keeps no idle connection to it that the node's stop would close under a request."""
-    if request.app[NodeState.KEY].draining and response.status != 101:
+async def _close_after_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer of the aiohttp app but a WebSocket upgrade ends its
+    connection (``Connection: close``), so the client's next request reaches the public
+    listener (csc/http_front.py), which handed this connection over for one request."""
+    if response.status != 101:
         response.force_close()
         response.headers["Connection"] = "close"  # the hook runs after aiohttp set its own
 
@@ -123,13 +113,10 @@ def create_app(
     app = web.Application(client_max_size=1024**2)
     app[NodeState.KEY] = state = state or build_state(config, metrics=metrics)
     add_metrics_route(app, state.metrics)
+    # the bootloader-facing routes are served by csc/http_front.py; a connection whose first
+    # request is for one of these paths is handed over to this app
     app.router.add_get("/v1/agent/connect", gateway.agent_connect)
-    app.router.add_get("/v1/resolve/{alias}", http_ingress.resolve)
-    app.router.add_route(TUNNEL_METHODS, "/t/{alias}", http_ingress.tunnel)
-    app.router.add_route(TUNNEL_METHODS, "/t/{alias}/{tail:.*}", http_ingress.tunnel)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.on_response_prepare.append(_close_when_draining)
+    app.on_response_prepare.append(_close_after_answer)
     app.on_shutdown.append(_close_sessions)
     app.cleanup_ctx.append(cluster_context)
     app.cleanup_ctx.append(gateway.enforce_rights)
@@ -161,6 +148,15 @@ async def _spread_goaways(state: NodeState, window: float) -> None:
             session.link.go_away("going_away", "the CSC is shutting down")
 
 
+def _plain_paths(app: web.Application) -> frozenset[str]:
+    """The fixed paths the aiohttp app serves (a connection asking for one is handed over)."""
+    return frozenset(
+        info["path"]
+        for resource in app.router.resources()
+        if "path" in (info := resource.get_info())
+    )
+
+
 class Node:
     """A running CSC node: the HTTP site, the TCP ingress and the drain logic."""
 
@@ -174,6 +170,7 @@ class Node:
             app, shutdown_timeout=1.0, access_log=None, handler_cancellation=True
         )
         self.tcp_server: asyncio.Server | None = None
+        self.front: HttpFront | None = None
         self.http_address = ""
         self.tcp_address: str | None = None
         self.admin: admin_api.AdminListener | None = None
@@ -182,9 +179,18 @@ class Node:
         ssl_ctx = _ssl_context(self.config)
         await self.runner.setup()
         host, port = self.config.listen_address
-        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_ctx, backlog=1024)
-        await site.start()
-        self.http_address = _hostport(self.runner.addresses[0])
+        server = self.runner.server
+        assert server is not None
+        self.front = HttpFront(
+            self.config,
+            Ingress(self.state),
+            hand_over=server,
+            elsewhere=_plain_paths(self.app),
+            draining=lambda: self.state.draining,
+            tls=ssl_ctx is not None,
+        )
+        listening = await self.front.start(host, port, ssl=ssl_ctx)
+        self.http_address = _hostport(listening.sockets[0].getsockname())
         tcp = self.config.tcp_listen_address
         if tcp is not None:
             self.tcp_server = await asyncio.start_server(
@@ -215,8 +221,8 @@ class Node:
             await state.cluster.drain()
         if self.tcp_server is not None:
             self.tcp_server.close()
-        for site in list(self.runner.sites):
-            await site.stop()  # closes the listening socket; connections carry on
+        if self.front is not None:
+            self.front.stop_accepting()  # closes the listening socket; busy connections carry on
         spread = self.config.drain_timeout / 2 if state.cluster is not None else 0.0
         goaways = asyncio.ensure_future(_spread_goaways(state, spread))
         try:
@@ -233,6 +239,8 @@ class Node:
     async def stop(self) -> None:
         if self.admin is not None:
             await self.admin.stop()
+        if self.front is not None:
+            await self.front.close()
         await self.runner.cleanup()
         if self.tcp_server is not None:
             self.tcp_server.close()

@@ -15,8 +15,8 @@ import time
 import uuid
 
 from csc import accesslog
-from csc.metrics import outcome_of
-from csc.routing import lookup_alias, open_stream, release_stream
+from csc.ingress_stream import StreamUse, refused
+from csc.routing import lookup_alias, open_stream
 from csc.state import NodeState
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
 from shared.link import LinkCounters, splice
@@ -76,53 +76,27 @@ async def _serve(
         info = {"kind": "tcp", "alias": alias, "client": client, "request_id": request_id}
         stream = await open_stream(state, alias, found, info)
     except CSCError as err:
-        state.metrics.request_done("tcp", tenant, err.code, time.monotonic() - started)
         await _refuse(state, writer, err, request_id, tenant)
-        record.status = err.spec.http_status
-        state.traffic.record(tenant, error=True, nbytes=0)
-        _log_connection(state, record, tenant, err, traffic)
+        refused(state, record, tenant, err)
         return
-    state.stream_started()
-    state.metrics.stream_started(tenant, "tcp")
-    try:
+    async with StreamUse(state, record, tenant, stream):
         try:
-            await asyncio.wait_for(asyncio.shield(stream.opened), state.config.open_timeout)
-        except TimeoutError:
-            timeout = UpstreamTimeout("the portal did not answer in time")
-            stream.reset(timeout)
-            await _refuse(state, writer, timeout, request_id, tenant)
-            record.status = timeout.spec.http_status
-            return
-        except CSCError as exc:
-            await _refuse(state, writer, exc, request_id, tenant)
-            record.status = exc.spec.http_status
-            return
-        writer.write(b"OK\r\n")
-        await splice(stream, reader, writer, reset_code=Cancelled.code, traffic=traffic)
-    finally:
-        outcome = outcome_of(stream.error)
-        stream.finish()
-        await release_stream(state, tenant or "", stream)
-        state.stream_finished()
-        state.metrics.stream_finished("tcp")
-        state.metrics.request_done("tcp", tenant, outcome, time.monotonic() - started)
-        nbytes = traffic.data_sent + traffic.data_received
-        state.traffic.record(tenant, error=outcome != "ok", nbytes=nbytes)
-        _log_connection(state, record, tenant, stream.error, traffic)
-
-
-def _log_connection(
-    state: NodeState,
-    record: accesslog.RequestRecord,
-    tenant: str | None,
-    error: CSCError | None,
-    traffic: LinkCounters,
-) -> None:
-    """The access-log event of a TCP connection (csc/accesslog.py), if enabled; ``status`` is
-    that of the ``ERR`` line when one was sent."""
-    if accesslog.enabled(state.config.access_log):
-        record.bytes_in, record.bytes_out = traffic.data_sent, traffic.data_received
-        accesslog.request_done(record, tenant, outcome_of(error))
+            try:
+                await asyncio.wait_for(asyncio.shield(stream.opened), state.config.open_timeout)
+            except TimeoutError:
+                timeout = UpstreamTimeout("the portal did not answer in time")
+                stream.reset(timeout)
+                await _refuse(state, writer, timeout, request_id, tenant)
+                record.status = timeout.spec.http_status
+                return
+            except CSCError as exc:
+                await _refuse(state, writer, exc, request_id, tenant)
+                record.status = exc.spec.http_status
+                return
+            writer.write(b"OK\r\n")
+            await splice(stream, reader, writer, reset_code=Cancelled.code, traffic=traffic)
+        finally:
+            record.bytes_in, record.bytes_out = traffic.data_sent, traffic.data_received
 
 
 async def _refuse(

@@ -41,6 +41,9 @@ ERRORS: dict[str, ErrorSpec] = {
         _spec("alias_forbidden", 403, 4403, _WARN, "the token does not cover this alias"),
         _spec("unknown_alias", 404, 4404, _INFO, "no tenant serves this alias"),
         _spec("alias_taken", 409, 4409, _WARN, "the alias is held by another tenant"),
+        _spec("not_found", 404, 4404, _INFO, "nothing is served at this path"),
+        _spec("method_not_allowed", 405, 4405, _INFO, "the method is not allowed here"),
+        _spec("request_timeout", 408, 4408, _INFO, "the request was not received in time"),
         _spec("payload_too_large", 413, 4413, _INFO, "the request body is too large"),
         _spec("headers_too_large", 431, 4431, _INFO, "the request head is too large"),
         _spec("version_unsupported", 426, 4426, _WARN, "unsupported protocol version"),
@@ -155,6 +158,18 @@ class AuthFailed(CSCError):
 
 class AliasForbidden(CSCError):
     code = "alias_forbidden"
+
+
+class NotFound(CSCError):
+    code = "not_found"
+
+
+class MethodNotAllowed(CSCError):
+    code = "method_not_allowed"
+
+
+class RequestTimeout(CSCError):
+    code = "request_timeout"
 
 
 class UnknownAlias(CSCError):

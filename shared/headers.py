@@ -56,6 +56,20 @@ def header_pairs(value: object) -> list[tuple[str, str]] | None:
     return pairs
 
 
+#: Digits of the longest Content-Length taken (an exabyte; also far below ``int()``'s limit).
+MAX_LENGTH_DIGITS = 19
+
+
+def content_length(value: str) -> int | None:
+    """A Content-Length value as a number, or ``None`` when it is not one: ASCII digits only
+    (``str.isdigit`` also takes ``²`` and other scripts' digits), surrounding whitespace
+    allowed, at most :data:`MAX_LENGTH_DIGITS` of them."""
+    value = value.strip(" \t")
+    if not value.isascii() or not value.isdigit() or len(value) > MAX_LENGTH_DIGITS:
+        return None
+    return int(value)
+
+
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 

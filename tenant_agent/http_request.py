@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from shared.errors import ProtocolError
-from shared.headers import header_pairs, strip_hop_by_hop
+from shared.headers import content_length, header_pairs, strip_hop_by_hop
 
 _METHOD_CHARS = frozenset(
     "!#$%&'*+-.^_`|~ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
@@ -29,8 +29,6 @@ _METHOD_CHARS = frozenset(
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 #: Request fields the agent sets itself (hop-by-hop ones are stripped before).
 _REPLACED = frozenset({"host", "content-length", "expect"})
-#: Digits of the longest Content-Length taken (an exabyte; also far below ``int()``'s limit).
-_MAX_LENGTH_DIGITS = 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,19 +103,13 @@ def request_parts(info: dict[str, Any]) -> tuple[str, str, list[tuple[str, str]]
 
 
 def _declared_length(values: list[str]) -> int | None:
-    """The one Content-Length of the OPEN: ASCII digits only (``str.isdigit`` also takes
-    ``²`` and other scripts' digits), at most :data:`_MAX_LENGTH_DIGITS` of them."""
+    """The one Content-Length of the OPEN (:func:`shared.headers.content_length`)."""
     if not values:
         return None
-    value = values[0]
-    if (
-        len(set(values)) != 1
-        or not value.isascii()
-        or not value.isdigit()
-        or len(value) > _MAX_LENGTH_DIGITS
-    ):
+    length = content_length(values[0])
+    if len(set(values)) != 1 or length is None:
         raise ProtocolError("OPEN has an invalid Content-Length")
-    return int(value)
+    return length
 
 
 def build_request(info: dict[str, Any], origin: Origin, whole: bytes | None) -> Request:

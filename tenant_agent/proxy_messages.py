@@ -2,7 +2,8 @@
 
 :class:`InboundRequest` is a parsed request head and its body as it arrives;
 :func:`forwarded_headers` says what the portal sees of it; :func:`encode_head` and
-:func:`error_response` build what the bootloader gets back.
+:func:`error_response` (shared/http1.py, shared with the CSC's listener) build what the
+bootloader gets back.
 
 Invariants: the forwarded request has no hop-by-hop field (RFC 9110 §7.6.1), carries
 ``X-Forwarded-For``/``-Proto``/``-Host`` and exactly one ``X-Request-Id`` (the client's when it
@@ -14,18 +15,37 @@ error bodies are the CSC's JSON ``{"error", "message", "request_id"}``.
 
 from __future__ import annotations
 
-import json
 from collections import deque
-from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from shared.errors import BadRequest, CSCError, GoingAway
-from shared.headers import HOP_BY_HOP, strip_hop_by_hop
+from shared.errors import BadRequest
+from shared.headers import strip_hop_by_hop
+from shared.http1 import (  # re-exported: the proxy's modules import them from here
+    CHUNKED,
+    CLOSE,
+    LENGTH,
+    NONE,
+    RETRY_AFTER,
+    body_mode,
+    encode_head,
+    error_response,
+    request_framing,
+)
 
-RETRY_AFTER = "5"
-
-#: Response body framings towards the client.
-NONE, LENGTH, CHUNKED, CLOSE = "none", "length", "chunked", "close"
+__all__ = [
+    "CHUNKED",
+    "CLOSE",
+    "LENGTH",
+    "NONE",
+    "RETRY_AFTER",
+    "InboundRequest",
+    "body_mode",
+    "encode_head",
+    "error_response",
+    "forwarded_headers",
+    "header_value",
+    "origin_form",
+]
 
 _REPLACED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"})
 
@@ -66,71 +86,6 @@ def forwarded_headers(
     return result
 
 
-def body_mode(method: str, status: int, headers: list[tuple[str, str]], http11: bool) -> str:
-    """How a response body is framed towards the client: NONE, LENGTH, CHUNKED or CLOSE."""
-    if method == "HEAD" or status < 200 or status in (204, 304):
-        return NONE
-    lengths = {v.strip() for n, v in headers if n.lower() == "content-length"}
-    if len(lengths) == 1 and next(iter(lengths)).isdigit():
-        return LENGTH
-    return CHUNKED if http11 else CLOSE
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
-
-
-def encode_head(
-    status: int,
-    reason: str,
-    headers: list[tuple[str, str]],
-    *,
-    request_id: str,
-    mode: str,
-    keep_alive: bool,
-    http11: bool,
-) -> bytes:
-    """A response head for the client: the portal's end-to-end fields and our framing."""
-    lines = [f"HTTP/1.1 {status} {reason or _phrase(status)}\r\n"]
-    for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname == "x-request-id":
-            continue
-        if lname == "content-length" and mode in (CHUNKED, CLOSE):
-            continue
-        lines.append(f"{name}: {value}\r\n")
-    lines.append(f"X-Request-Id: {request_id}\r\n")
-    if mode == CHUNKED:
-        lines.append("Transfer-Encoding: chunked\r\n")
-    if not keep_alive:
-        lines.append("Connection: close\r\n")
-    elif not http11:
-        lines.append("Connection: keep-alive\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1", "replace")
-
-
-def error_response(err: CSCError, request_id: str, *, keep_alive: bool, http11: bool) -> bytes:
-    """The CSC's JSON error answer: ``{"error", "message", "request_id"}`` with its status."""
-    body = json.dumps(err.to_json(request_id=request_id)).encode()
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-    if isinstance(err, GoingAway):
-        headers.append(("Retry-After", RETRY_AFTER))
-    head = encode_head(
-        err.spec.http_status,
-        "",
-        headers,
-        request_id=request_id,
-        mode=LENGTH,
-        keep_alive=keep_alive,
-        http11=http11,
-    )
-    return head + body
-
-
 class InboundRequest:
     """A parsed request head and its body as it arrives."""
 
@@ -163,17 +118,7 @@ class InboundRequest:
         self.headers = headers
         self.http11 = http11
         self.keep_alive = keep_alive
-        self.length: int | None = None
-        chunked = False
-        self.expect_continue = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == "content-length" and value.strip().isdigit():
-                self.length = int(value)
-            elif lname == "transfer-encoding":
-                chunked = True
-            elif lname == "expect":
-                self.expect_continue = value.strip().lower() == "100-continue"
+        self.length, chunked, self.expect_continue = request_framing(headers)
         self.has_body = chunked or bool(self.length)
         self.body_done = not self.has_body
         self.chunks: deque[bytes] = deque()

@@ -1,0 +1,598 @@
+"""The CSC's public HTTP listener: an ``asyncio.Protocol`` around llhttp (``httptools``).
+
+:class:`HttpFront` owns the listening socket (plain or TLS) and the hardening bounds shared by
+its connections; each accepted connection is a :class:`FrontConnection`. The bootloader-facing
+routes (``/t/{alias}``, ``/t/{alias}/...``, ``GET /v1/resolve/{alias}``, ``/healthz``,
+``/readyz``) are served here by a :class:`Handler` (csc/http_ingress.py); a connection whose
+*first* request names a path of the aiohttp app (``/v1/agent/connect``, ``/metrics``) is handed
+to aiohttp whole, with the bytes read so far, and this module never sees it again; so is a
+kept-alive connection whose next request, arriving while the connection is idle, names one
+(the aiohttp app answers `Connection: close` to all but an upgrade, so the client comes back).
+Only a request pipelined behind another of ours is answered 404 instead.
+
+Invariants:
+
+* Requests on one connection are answered one at a time, in order; at most
+  :data:`MAX_PIPELINED` parsed requests wait, and at most :data:`HIGH_WATER` body bytes are
+  queued before reading from the client pauses.
+* A request head must arrive within ``http_head_timeout`` (from the connection's start, or from
+  its first byte on a kept-alive connection) and within ``http_max_head_size`` bytes; unfinished
+  heads of all connections together hold at most ``http_head_buffer_total`` bytes (a connection
+  that would exceed it is closed). An idle kept-alive connection is closed after
+  ``http_keepalive_timeout``.
+* A request body that stalls for ``http_body_timeout`` while the CSC waits for it, or that runs
+  slower than ``http_body_min_rate`` after ``http_body_grace``, fails with 408
+  ``request_timeout`` (an abort once the response has begun), so its stream slot is freed.
+* Everything the listener answers by itself is the JSON error shape of shared/errors.py
+  (400, 404, 405, 408, 413, 431); a malformed request (llhttp's strict parser, plus
+  ``Transfer-Encoding`` other than ``chunked``) ends the connection after the answer.
+* Nothing per connection outlives it: the connection drops its buffers when it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import Any, Protocol, cast
+
+import httptools
+
+from csc.config import CSCConfig
+from csc.http_front_request import ELSEWHERE, FrontRequest, origin_form, route
+from shared.errors import (
+    BadRequest,
+    Cancelled,
+    CSCError,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+)
+from shared.headers import request_id_for
+from shared.http1 import CONTINUE, error_response
+
+log = logging.getLogger("csc.http")
+
+#: Parsed requests allowed to wait behind the one being served before reading pauses.
+MAX_PIPELINED = 8
+#: Request body bytes queued (read from the client, not yet taken by the stream) before pausing.
+HIGH_WATER = 256 * 1024
+#: The client transport's write buffer marks: the relay waits for it to drain below them.
+WRITE_HIGH, WRITE_LOW = 256 * 1024, 64 * 1024
+
+#: After answering while the client may still be sending, how long to discard its bytes.
+LINGER = 2.0
+
+
+class _Stop(Exception):
+    """Raised in a parser callback: parse no further (the reason is already recorded)."""
+
+
+class Handler(Protocol):
+    """Serves one parsed request on a connection (csc/http_ingress.py)."""
+
+    async def serve(self, conn: FrontConnection, request: FrontRequest) -> None: ...
+
+
+class FrontConnection(asyncio.Protocol):
+    """One client connection: requests parsed by llhttp, served in order by one task at a time."""
+
+    def __init__(self, front: HttpFront) -> None:
+        self.front = front
+        self.config = front.config
+        self.loop = front.loop
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self.peer = ""
+        self._parser = httptools.HttpRequestParser(self)
+        self._requests: deque[FrontRequest] = deque()
+        self._parsing: FrontRequest | None = None
+        self._url = bytearray()
+        self._raw: list[tuple[bytes, bytes]] = []
+        #: Bytes of a request head that began on an idle connection (it may be handed over).
+        self._first: bytearray | None = None
+        self._in_head = True
+        self._head_bytes = 0  # counted against the front's total while the head is unfinished
+        self._head_started: float | None = self.loop.time()  # the first head is due from now
+        self._idle_since = self.loop.time()
+        self._queued = 0
+        self._read_paused = False
+        self._write_paused = False
+        self._stopped = False  # parse no further request
+        self._aborted = False  # by the handler, which then finishes by itself
+        self._paused_at = 0.0
+        self.fatal: CSCError | None = None
+        self.lost = False
+        self._task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.client_ip, self.peer = str(peer[0]), f"{peer[0]}:{peer[1]}"
+        self.front.connections.add(self)
+        self._rearm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped or self.lost:
+            return
+        if self._in_head:
+            if self._head_started is None:
+                self._head_started = self.loop.time()
+                self._rearm()
+            if not self._count_head(len(data)):
+                return
+            if self._first is None and self._idle():
+                self._first = bytearray()  # a request boundary: may be handed over
+            if self._first is not None:
+                self._first += data
+        elif self._parsing is not None:
+            self._parsing.last_body = self.loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # llhttp stops after a request asking to switch protocols; we never switch here
+            # (agents' upgrades are handed over), so that request is the connection's last
+            self._stopped = True
+            if self._requests:
+                self._requests[-1].keep_alive = False
+        except httptools.HttpParserError as exc:
+            if self.transport is None:
+                return  # handed over to aiohttp inside the callback
+            if not self._stopped:
+                self._fail(BadRequest(f"malformed request: {exc}"))
+        if self._in_head and self._head_bytes > self.config.http_max_head_size:
+            self._fail(HeadersTooLarge(self._too_large()))
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed: answer what was read, then close."""
+        if self._stopped:
+            request = self._parsing
+            if request is not None and request.body_error is None:
+                request.body_error = BadRequest("the client ended the connection inside a body")
+                self._wake()
+            return self._task is not None  # lingering or answering: close once done
+        if self._parsing is not None or (self._in_head and self._head_bytes):
+            self._fail(BadRequest("the client ended the connection inside a request"))
+        self._stopped = True
+        self._wake()
+        return self._task is not None or bool(self._requests)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._release_head()
+        self._cancel_timer()
+        self._first = None
+        self._requests.clear()
+        self.front.connections.discard(self)
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if self._task is not None and not self._aborted:
+            self._task.cancel()  # the client went away: the handler resets its stream
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url.clear()
+        self._raw = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        if len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._raw) > (
+            self.config.http_max_head_size
+        ):
+            self._fail(HeadersTooLarge(self._too_large()))
+            raise _Stop
+        try:
+            target = origin_form(self._url.decode("latin-1"))
+            request = FrontRequest(
+                parser.get_method().decode("ascii", "replace"),
+                target,
+                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._raw],
+                http11=parser.get_http_version() != "1.0",
+            )
+        except (BadRequest, ValueError) as exc:
+            self._fail(exc if isinstance(exc, BadRequest) else BadRequest("malformed request"))
+            raise _Stop from None
+        request.keep_alive = parser.should_keep_alive()
+        request.kind, request.alias = route(request.method, target, self.front.elsewhere)
+        first, self._first = self._first, None
+        if first is not None and request.kind == ELSEWHERE and self._idle():
+            self._hand_over(bytes(first))
+            raise _Stop
+        self._release_head()
+        self._in_head = False
+        self._head_started = None
+        self._parsing = request if request.has_body else None
+        request.body_started = request.last_body = self.loop.time()
+        self._requests.append(request)
+        if len(self._requests) > MAX_PIPELINED:
+            self._pause_reading()
+        self._serve_soon()
+        limit = self.config.max_body_size
+        if limit is not None and request.length is not None and request.length > limit:
+            self._stopped = True  # answered 413 without reading the body
+            request.body_error = PayloadTooLarge(f"the request body exceeds {limit} bytes")
+            raise _Stop
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        assert request is not None
+        request.received += len(body)
+        limit = self.config.max_body_size
+        if limit is not None and request.received > limit:
+            self._fail(PayloadTooLarge(f"the request body exceeds {limit} bytes"))
+            raise _Stop
+        request.chunks.append(body)
+        request.queued += len(body)
+        self._queued += len(body)
+        if self._queued > HIGH_WATER:
+            self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._parsing is not None:
+            self._parsing.body_done = True
+            self._parsing = None
+        self._in_head = True
+        if self._requests and not self._requests[-1].keep_alive:
+            self._stopped = True  # Connection: close (or HTTP/1.0 without keep-alive)
+            raise _Stop
+
+    # -- used by the handler -----------------------------------------------------------------
+
+    @property
+    def tls(self) -> bool:
+        return self.front.tls
+
+    def send(self, *parts: bytes | memoryview) -> None:
+        if not self.lost and self.transport is not None:
+            if len(parts) == 1:
+                self.transport.write(parts[0])
+            else:
+                self.transport.writelines(parts)
+
+    async def drain(self) -> None:
+        """Return once the client's write buffer is below its high-water mark."""
+        while self._write_paused and not self.lost:
+            self._drain_waiter = self.loop.create_future()
+            await self._drain_waiter
+        if self.lost:
+            raise ConnectionResetError("the client went away")
+
+    def abort(self) -> None:
+        """End the connection at once: a response that cannot be completed must not pass for
+        a complete one, and the connection is never reused."""
+        self._stopped = self._aborted = True
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+    def keep_alive(self, request: FrontRequest) -> bool:
+        """Whether the connection can carry another request once ``request`` is answered."""
+        return request.keep_alive and request.body_done and not self.front.draining()
+
+    def continue_body(self, request: FrontRequest) -> None:
+        """Send ``100 Continue`` if the client waits for it (RFC 9110 §10.1.1), once."""
+        if request.expect_continue and request.http11 and not request.continued:
+            request.continued = True
+            if not request.body_done and request.body_error is None:
+                self.send(CONTINUE)
+
+    async def body_chunk(self, request: FrontRequest) -> bytes:
+        """The next chunk of ``request``'s body, ``b""`` at its end; raises the body's error
+        (malformed, too large, too slow) or Cancelled when the client went away."""
+        self.continue_body(request)
+        while True:
+            if request.chunks:
+                chunk = request.chunks.popleft()
+                request.queued -= len(chunk)
+                self._queued -= len(chunk)
+                self._maybe_resume()
+                return chunk
+            if request.body_error is not None:
+                raise request.body_error
+            if request.body_done:
+                return b""
+            if self.lost:
+                raise Cancelled("the client went away")
+            await self._wait()
+
+    def error(self, request: FrontRequest | None, err: CSCError) -> int:
+        """Answer ``err`` as the JSON error; returns its status."""
+        request_id = request.request_id if request is not None else request_id_for(None)
+        keep = request is not None and self.keep_alive(request)
+        self.send(
+            error_response(
+                err,
+                request_id,
+                keep_alive=keep,
+                http11=request.http11 if request is not None else True,
+                method=request.method if request is not None else "GET",
+            )
+        )
+        return err.spec.http_status
+
+    # -- serving -----------------------------------------------------------------------------
+
+    def _serve_soon(self) -> None:
+        if self._task is None and not self.lost:
+            self._task = self.loop.create_task(self._serve())
+        self._rearm()
+
+    async def _serve(self) -> None:
+        try:
+            while self._requests and not self.lost:
+                request = self._requests[0]
+                request.request_id = request_id_for(request.header("x-request-id"))
+                try:
+                    await self.front.handler.serve(self, request)
+                finally:
+                    if self._requests and self._requests[0] is request:
+                        self._requests.popleft()
+                if not self.keep_alive(request):
+                    self._stopped = True  # that answer said Connection: close
+                    return
+                self._idle_since = self.loop.time()
+                self._maybe_resume()
+            if self.fatal is not None and not self.lost:
+                self.error(None, self.fatal)
+                self._stopped = True
+        except asyncio.CancelledError:
+            if not self.lost:
+                raise
+        except Exception:  # a bug: never leave the connection hanging
+            log.exception("http connection from %s failed", self.peer)
+            self.abort()
+        finally:
+            self._task = None
+            if self._stopped and self.transport is not None and not self.lost:
+                self._close_gently()
+            self._rearm()
+
+    def _close_gently(self) -> None:
+        """Close after our answer; while the client may still be sending (a body we did not
+        read), half-close and discard its bytes for up to :data:`LINGER` seconds first, so the
+        answer is not lost to a reset."""
+        transport = self.transport
+        assert transport is not None
+        if (self._in_head and not self._head_bytes) or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        self.loop.call_later(LINGER, transport.close)
+
+    # -- bounds ------------------------------------------------------------------------------
+
+    def _idle(self) -> bool:
+        """No request is being read, waits or is being answered: a request boundary."""
+        return self._task is None and not self._requests and self._parsing is None
+
+    def _count_head(self, nbytes: int) -> bool:
+        front = self.front
+        if front.head_bytes + nbytes > self.config.http_head_buffer_total:
+            log.warning("closing %s: unfinished request heads hold too many bytes", self.peer)
+            front.heads_refused += 1
+            self.abort()
+            return False
+        self._head_bytes += nbytes
+        front.head_bytes += nbytes
+        return True
+
+    def _release_head(self) -> None:
+        self.front.head_bytes -= self._head_bytes
+        self._head_bytes = 0
+
+    def _too_large(self) -> str:
+        return f"the request head exceeds {self.config.http_max_head_size} bytes"
+
+    def _fail(self, err: CSCError) -> None:
+        """A failure of the input: the request being read (if any) fails with ``err``; the
+        connection serves nothing after it and answers ``err`` if no response is under way."""
+        self._stopped = True
+        self._first = None
+        request = self._parsing
+        if request is not None:
+            request.body_error = err
+        if self.fatal is None:
+            self.fatal = err if request is None else None
+        self._release_head()
+        if self._task is None and self.fatal is not None and not self._requests:
+            self.error(None, self.fatal)
+            if self.transport is not None:
+                self.transport.close()
+        self._wake()
+
+    def _hand_over(self, data: bytes) -> None:
+        """Give the connection to aiohttp, with every byte read so far."""
+        transport = self.transport
+        assert transport is not None
+        self._release_head()
+        self._cancel_timer()
+        self._stopped = True
+        self.transport = None
+        self.front.connections.discard(self)
+        proto = self.front.hand_over()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        proto.data_received(data)
+
+    def _rearm(self) -> None:
+        """One timer per connection, at the earliest of its deadlines."""
+        self._cancel_timer()
+        if self.lost or self.transport is None:
+            return
+        at = self._deadline()
+        if at is not None:
+            self._timer = self.loop.call_at(at, self._on_timer)
+
+    def _deadline(self) -> float | None:
+        config = self.config
+        if self._task is None and not self._requests and self._head_started is not None:
+            return self._head_started + config.http_head_timeout
+        if self._task is None and not self._requests:
+            return self._idle_since + config.http_keepalive_timeout
+        request = self._parsing
+        if request is not None and request.body_error is None and not self._read_paused:
+            stall = request.last_body + config.http_body_timeout
+            if config.http_body_min_rate:
+                rate_at = max(request.body_started + config.http_body_grace, self.loop.time() + 1)
+                return min(stall, rate_at)
+            return stall
+        return None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.lost or self.transport is None:
+            return
+        now, config = self.loop.time(), self.config
+        idle = self._task is None and not self._requests
+        if idle and self._head_started is not None:
+            if now >= self._head_started + config.http_head_timeout:
+                msg = f"no complete request head within {config.http_head_timeout:g} s"
+                self._fail(RequestTimeout(msg))
+                return
+        elif idle:
+            if now >= self._idle_since + config.http_keepalive_timeout:
+                self._stopped = True
+                self.transport.close()
+                return
+        elif (
+            (request := self._parsing) is not None
+            and request.body_error is None
+            and not self._read_paused
+            and self._body_too_slow(request, now)
+        ):
+            return
+        self._rearm()
+
+    def _body_too_slow(self, request: FrontRequest, now: float) -> bool:
+        config = self.config
+        if now >= request.last_body + config.http_body_timeout:
+            msg = f"the request body stalled for {config.http_body_timeout:g} s"
+        elif (
+            config.http_body_min_rate
+            and now >= request.body_started + config.http_body_grace
+            and request.received < config.http_body_min_rate * (now - request.body_started)
+        ):
+            msg = f"the request body is slower than {config.http_body_min_rate} bytes/s"
+        else:
+            return False
+        self._fail(RequestTimeout(msg))
+        return True
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self._paused_at = self.loop.time()
+            self.transport.pause_reading()
+
+    def _maybe_resume(self) -> None:
+        if (
+            self._read_paused
+            and self._queued <= HIGH_WATER // 2
+            and len(self._requests) <= MAX_PIPELINED
+            and self.transport is not None
+            and not self.lost
+        ):
+            self._read_paused = False
+            now = self.loop.time()
+            if (request := self._parsing) is not None:  # the pause was ours, not the client's
+                request.last_body = now
+                request.body_started += now - self._paused_at
+            self.transport.resume_reading()
+            self._rearm()
+
+    async def _wait(self) -> None:
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class HttpFront:
+    """The public listener: connections, shared bounds, hand-over to aiohttp, drain."""
+
+    def __init__(
+        self,
+        config: CSCConfig,
+        handler: Handler,
+        *,
+        hand_over: Any,
+        elsewhere: frozenset[str],
+        draining: Any,
+        tls: bool = False,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        #: Makes the aiohttp protocol a connection is handed to (``AppRunner.server``).
+        self.hand_over = hand_over
+        self.elsewhere = elsewhere
+        self.draining = draining
+        self.tls = tls
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[FrontConnection] = set()
+        #: Bytes of unfinished request heads across connections, and connections refused for it.
+        self.head_bytes = 0
+        self.heads_refused = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int, ssl: Any = None) -> asyncio.Server:
+        self.server = await self.loop.create_server(
+            lambda: FrontConnection(self), host, port, ssl=ssl, backlog=1024
+        )
+        return self.server
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket (drain); idle keep-alive connections close now, busy
+        ones once their response is written (it says ``Connection: close``)."""
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            idle = conn._task is None and not conn._requests and not conn._head_bytes
+            if idle and conn.transport is not None:
+                conn.transport.close()
+
+    async def close(self) -> None:
+        """Close every connection (the end of a drain or a stop)."""
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.abort()
+        if self.server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), 1.0)

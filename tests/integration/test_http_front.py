@@ -1,0 +1,215 @@
+"""The public listener against hostile or odd clients, over real loopback sockets: deadlines
+and buffer bounds, slow bodies, the agent's framing checked, absolute-form targets, and the
+JSON shape of every answer the listener gives by itself (csc/http_front.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from csc.config import CSCConfig
+from shared.link import LinkStream
+from tenant_agent.http_upstream import HttpUpstream
+from tests.support.inproc import ALIAS, Relay, relay
+from tests.support.procs import scaled
+
+
+def _settings(**given: Any) -> dict[str, Any]:
+    """Only the settings this CSC knows (so the file also runs against an older listener)."""
+    return {k: v for k, v in given.items() if k in CSCConfig.__dataclass_fields__}
+
+
+async def _connect(r: Relay) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, _, port = r.node.http_address.rpartition(":")
+    return await asyncio.open_connection(host.strip("[]"), int(port))
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One response with a Content-Length body."""
+    async with asyncio.timeout(scaled(20)):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        fields = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                fields[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(fields.get("content-length", "0")))
+    return status, fields, body
+
+
+async def _closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything until the server closes the connection (fails past the deadline)."""
+    async with asyncio.timeout(scaled(20)):
+        try:
+            return await reader.read()
+        except ConnectionError:
+            return b""
+
+
+def _error(body: bytes) -> str:
+    doc = json.loads(body)
+    assert set(doc) >= {"error", "message", "request_id"}
+    return str(doc["error"])
+
+
+async def test_head_deadline_and_idle_keepalive(tmp_path: Path) -> None:
+    """A client that never finishes its head is answered 408 and closed; an idle kept-alive
+    connection is closed (before: held for about an hour)."""
+    csc = _settings(http_head_timeout=1.0, http_keepalive_timeout=1.0)
+    async with relay(tmp_path, csc=csc, start=False) as r:
+        reader, writer = await _connect(r)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        status, _, body = await _response(reader)
+        assert (status, _error(body)) == (408, "request_timeout")
+        assert await _closed(reader) == b""
+        writer.close()
+        reader, writer = await _connect(r)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await _response(reader))[0] == 200
+        assert await _closed(reader) == b""  # the keep-alive timeout
+        writer.close()
+
+
+async def test_head_buffer_bounds(tmp_path: Path) -> None:
+    """A head over the size limit gets 431; unfinished heads of all connections together stay
+    within their total (a connection that would pass it is closed)."""
+    csc = _settings(http_max_head_size=4096, http_head_buffer_total=16384)
+    async with relay(tmp_path, csc=csc, start=False) as r:
+        reader, writer = await _connect(r)
+        writer.write(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 8192)
+        status, _, body = await _response(reader)
+        assert (status, _error(body)) == (431, "headers_too_large")
+        writer.close()
+        conns = [await _connect(r) for _ in range(8)]
+        for _, w in conns:
+            w.write(b"GET /healthz HTTP/1.1\r\nX-Pad: " + b"a" * 3000)
+            await w.drain()
+        closed = 0
+        for rd, _ in conns:
+            try:
+                async with asyncio.timeout(scaled(0.5) if closed else scaled(10)):
+                    closed += await rd.read() == b""
+            except (TimeoutError, ConnectionError):
+                pass
+        assert closed >= 1
+        front = r.node.front
+        assert front is not None and front.head_bytes <= 16384
+        for _, w in conns:
+            w.close()
+
+
+async def test_stalled_body_frees_the_stream_slot(tmp_path: Path) -> None:
+    """A body that stops arriving fails with 408 and its stream ends (before: the slot was
+    held until open_timeout)."""
+    csc = _settings(http_body_timeout=1.0, open_timeout=scaled(60))
+    async with relay(tmp_path, csc=csc) as r:
+        reader, writer = await _connect(r)
+        head = f"POST /t/{ALIAS}/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        writer.write(head.encode() + b"x")
+        status, _, body = await _response(reader)
+        assert (status, _error(body)) == (408, "request_timeout")
+        async with asyncio.timeout(scaled(10)):
+            await r.node.state.idle.wait()
+        writer.close()
+
+
+async def test_slow_body_below_the_minimum_rate(tmp_path: Path) -> None:
+    csc = _settings(
+        http_body_timeout=30.0, http_body_min_rate=10_000, http_body_grace=1.0, open_timeout=60.0
+    )
+    async with relay(tmp_path, csc=csc) as r:
+        reader, writer = await _connect(r)
+        head = f"POST /t/{ALIAS}/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+        writer.write(head.encode())
+        answer = asyncio.ensure_future(_response(reader))
+        for _ in range(int(scaled(20) / 0.25)):  # a byte every 250 ms: pacing, not syncing
+            if answer.done():
+                break
+            writer.write(b"x")
+            await asyncio.sleep(0.25)
+        status, _, body = await answer
+        assert (status, _error(body)) == (408, "request_timeout")
+        writer.close()
+
+
+@pytest.mark.parametrize("sent", [5, 15])
+async def test_body_not_matching_the_agents_length_aborts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sent: int
+) -> None:
+    """An agent announcing 10 bytes and sending 5 (or 15): the client connection is aborted and
+    never reused, so the next response cannot be read as part of this one."""
+
+    async def lying(self: HttpUpstream, stream: LinkStream) -> None:
+        stream.accept({"status": 200, "headers": [["Content-Length", "10"]]})
+        await stream.write(b"y" * 3)
+        await asyncio.sleep(0.1)  # so that the head goes out before the body is complete
+        await stream.write(b"y" * (sent - 3))
+        stream.write_eof()
+
+    monkeypatch.setattr(HttpUpstream, "handle", lying)
+    async with relay(tmp_path) as r:
+        reader, writer = await _connect(r)
+        request = f"GET /t/{ALIAS}/x HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        writer.write(request + request)
+        got = await _closed(reader)
+        head, _, body = got.partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 502"):  # the mismatch was seen before the head went out
+            assert b'"upstream_error"' in body
+        else:
+            assert head.startswith(b"HTTP/1.1 200")
+            assert len(body) < 10 or b"HTTP/1.1" not in body[10:]
+            assert got.count(b"HTTP/1.1 200") == 1
+        writer.close()
+
+
+async def test_absolute_form_target(tmp_path: Path) -> None:
+    async with relay(tmp_path) as r:
+        reader, writer = await _connect(r)
+        target = f"http://{r.node.http_address}/t/{ALIAS}/echo/abs?q=1"
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, _, body = await _response(reader)
+        assert status == 200
+        assert json.loads(body)["path"] == "/echo/abs"
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"GET /nothing-here HTTP/1.1\r\nHost: x\r\n\r\n", 404, "not_found"),
+        (b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, None),
+        (b"GET / HTTP/1.1\r\nHost x\r\n\r\n", 400, "bad_request"),
+        (
+            b"POST /t/a/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: b\r\n c\r\n\r\n", 400, "bad_request"),
+        (b"GET / HTTP/1.1\nHost: x\n\n", 400, "bad_request"),
+        (
+            b"POST /t/a/ HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            400,
+            "bad_request",
+        ),
+        (b"POST /t/a/ HTTP/1.1\r\nContent-Length: 999999\r\n\r\n", 413, "payload_too_large"),
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431, "headers_too_large"),
+    ],
+)
+async def test_own_errors_are_json(
+    tmp_path: Path, request_bytes: bytes, status: int, code: str | None
+) -> None:
+    async with relay(tmp_path, csc={"max_body_size": 1000}, start=False) as r:
+        reader, writer = await _connect(r)
+        writer.write(request_bytes)
+        got, fields, body = await _response(reader)
+        assert got == status
+        assert fields["content-type"].startswith("application/json")
+        error = _error(body)
+        assert code is None or error == code
+        writer.close()
