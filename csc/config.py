@@ -99,6 +99,9 @@ class CSCConfig:
     heartbeat_interval: float = duration_field(10.0, "heartbeat period on agent links")
     heartbeat_timeout: float = duration_field(30.0, "a link silent this long is closed")
     open_timeout: float = duration_field(75.0, "how long the agent may take to answer OPEN")
+    stuck_timeout: float = duration_field(
+        60.0, "an agent link whose sends make no progress this long (it stopped reading) is closed"
+    )
     tcp_handshake_timeout: float = duration_field(
         10.0, "how long a TCP client may take to send CONNECT"
     )
