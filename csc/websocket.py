@@ -24,7 +24,7 @@ from typing import Protocol
 from aiohttp import WSMessage, WSMsgType
 
 from shared.errors import CSCError, LinkStalled, ProtocolError
-from shared.link import Link, SendFn, cancel_quietly
+from shared.link import Link, SendFn
 
 #: How long closing the WebSocket may take before its transport is aborted.
 CLOSE_TIMEOUT = 5.0
@@ -129,7 +129,5 @@ async def run_websocket(
                 return
     finally:
         link.close()
-        if abort is not None and not watcher.done():  # let it close (bounded) or abort
-            with contextlib.suppress(Exception):
-                await watcher
-        await cancel_quietly(watcher)
+        with contextlib.suppress(Exception):  # it closes the WebSocket (bounded) or sees it closed
+            await watcher

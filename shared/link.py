@@ -45,6 +45,7 @@ from shared.linkpace import (
     LOW_WATER,
     MAX_BACKLOG,
     STUCK_TIMEOUT,
+    AnswerBacklog,
     FrameCutter,
 )
 from shared.protocol import (
@@ -292,13 +293,9 @@ class Link:
         low_water: int = LOW_WATER,
         max_backlog: int = MAX_BACKLOG,
     ) -> None:
-        if not 0 <= low_water <= high_water <= max_backlog:
-            raise ValueError("need 0 <= low_water <= high_water <= max_backlog")
         self.loop = asyncio.get_running_loop()
         self.stuck_timeout = stuck_timeout
-        self.high_water = high_water
-        self.low_water = low_water
-        self.max_backlog = max_backlog
+        self.max_backlog = max(max_backlog, high_water)
         self.conn = conn
         self.counters = counters if counters is not None else LinkCounters()
         self.name = name
@@ -320,13 +317,8 @@ class Link:
         #: started and not finished (see :attr:`unsent`)
         self._queued = 0
         self._in_flight = 0
-        #: frames taken from the multiplexer after a feed, not yet handed to a flush, and the
-        #: answer bytes among them and in flushes whose sender has not returned
-        self._outbox: list[bytes | memoryview] = []
-        self._outbox_answers = 0
-        self._answers_in_flight = 0
-        self._readable = asyncio.Event()
-        self._readable.set()
+        #: frames taken from the multiplexer by feed() for the next flush (see `backlog`)
+        self._answers = AnswerBacklog(high_water, low_water)
         self._cutter = FrameCutter()
         #: how long a receive loop may run before it yields, and when it last did
         self.fair_slice = FAIR_SLICE
@@ -346,7 +338,7 @@ class Link:
         so is :class:`LinkStalled` when the answers queued pass ``max_backlog``."""
         conn = self.conn
         if conn.has_output:  # queued before this message (writes, credit): not its answers
-            self._outbox += conn.data_to_send()
+            self._answers.add(conn.data_to_send(), answers=False)
         try:
             conn.receive_data(data, self.loop.time())
         except CSCError as err:
@@ -354,18 +346,13 @@ class Link:
             raise
         self._dispatch(conn.events())
         if conn.has_output:
-            answers = conn.data_to_send()
-            self._outbox += answers
-            self._outbox_answers += sum(map(len, answers))
-            backlog = self.backlog
-            if backlog > self.high_water:
-                self._readable.clear()
-                if backlog > self.max_backlog:
-                    stalled = LinkStalled(
-                        f"{backlog} bytes of answers queued for a peer that does not read"
-                    )
-                    self.close(stalled)
-                    raise stalled
+            self._answers.add(conn.data_to_send(), answers=True)
+            if self.backlog > self.max_backlog:
+                stalled = LinkStalled(
+                    f"{self.backlog} bytes of answers queued for a peer that does not read"
+                )
+                self.close(stalled)
+                raise stalled
             self.kick()
 
     async def receive(self, data: bytes) -> None:
@@ -383,11 +370,11 @@ class Link:
     def backlog(self) -> int:
         """Bytes of frames sent in answer to received ones that the sender has not returned
         from (queued, or in a flush in progress); see :meth:`wait_readable`."""
-        return self._outbox_answers + self._answers_in_flight
+        return self._answers.size
 
     @property
     def reading_paused(self) -> bool:
-        return not self._readable.is_set()
+        return not self._answers.readable.is_set()
 
     async def wait_readable(self) -> None:
         """Await before pulling the next message from the transport: yields to the event loop
@@ -396,8 +383,8 @@ class Link:
         if self.loop.time() - self._yielded_at >= self.fair_slice:
             await asyncio.sleep(0)
             self._yielded_at = self.loop.time()
-        if not self._readable.is_set():
-            await self._readable.wait()
+        if not self._answers.readable.is_set():
+            await self._answers.readable.wait()
             self._yielded_at = self.loop.time()
 
     def kick(self) -> None:
@@ -428,7 +415,7 @@ class Link:
         returned: for a socket, its buffer drained) or the link closed. A relay between two
         links credits its source only after this, so it holds at most its own receive window,
         not that plus the next hop's window queued for sending."""
-        queued = self.conn.has_output or bool(self._outbox)
+        queued = self.conn.has_output or bool(self._answers.chunks)
         target = self._flushes_started + (1 if queued else 0)
         while self._flushes_done < target and not self.is_closed:
             if self._flushed is None:
@@ -464,9 +451,7 @@ class Link:
         err = err or AgentLost("the agent link closed")
         self.closed.set_result(err)
         self.conn.close()
-        self._outbox = []
-        self._outbox_answers = 0
-        self._readable.set()
+        self._answers.clear()
         self._flush_done()
         for stream in list(self.streams.values()):
             stream.unprocessed = self._unseen_by_peer(stream)
@@ -577,12 +562,9 @@ class Link:
             stream.finish()
 
     async def _send_pending(self) -> None:
-        chunks = self.conn.data_to_send()
-        if self._outbox:
-            chunks = [*self._outbox, *chunks] if chunks else self._outbox
-            self._outbox = []
-        answers, self._outbox_answers = self._outbox_answers, 0
-        self._answers_in_flight += answers
+        chunks, answers = self._answers.take()
+        if self.conn.has_output:
+            chunks += self.conn.data_to_send()
         self._flushes_started += 1
         flush = self._flushes_started
         size, self._queued = self._queued, 0
@@ -591,9 +573,7 @@ class Link:
             await self._send_chunks(chunks)
         finally:
             self._in_flight -= size
-            self._answers_in_flight -= answers
-            if self.backlog <= self.low_water:
-                self._readable.set()
+            self._answers.sent(answers)
             self._flush_done(flush)
 
     async def _send_chunks(self, chunks: list[bytes | memoryview]) -> None:

@@ -4,7 +4,7 @@ A link answers some received frames (PONG for PING, OPEN_FAIL, RST); a peer that
 frames and never reads would make it queue answers without end. :class:`shared.link.Link`
 counts those answers until its sender returns and its owner stops pulling messages from the
 transport above ``HIGH_WATER`` until ``LOW_WATER`` (docs/protocol.md §5, "Links that stop
-reading"). The numbers live here.
+reading"). The numbers live here, and so does :class:`AnswerBacklog`, its bookkeeping.
 
 Decoding and answering a frame costs the event loop a few microseconds, and one WebSocket
 message may hold a hundred thousand small frames: :class:`FrameCutter` cuts a message into
@@ -19,6 +19,7 @@ decoder sees, only how often it is called.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import struct
 
@@ -38,6 +39,60 @@ PIECE_FRAMES = 256
 
 _LENGTH = struct.Struct("!I")
 _LENGTH_AT = 8  # offset of the payload length in a frame header
+
+
+class AnswerBacklog:
+    """Frames a link took from its multiplexer for the next flush, and the answer bytes among
+    them and in flushes whose sender has not returned (:attr:`size`).
+
+    :attr:`readable` is clear from the moment :attr:`size` passes ``high_water`` until it is
+    back at ``low_water`` (or :meth:`clear`); chunks keep their order whatever they count as.
+    """
+
+    __slots__ = ("_in_flight", "_queued", "chunks", "high_water", "low_water", "readable")
+
+    def __init__(self, high_water: int, low_water: int) -> None:
+        if not 0 <= low_water <= high_water:
+            raise ValueError("need 0 <= low_water <= high_water")
+        self.high_water = high_water
+        self.low_water = low_water
+        self.chunks: list[bytes | memoryview] = []
+        self._queued = 0
+        self._in_flight = 0
+        self.readable = asyncio.Event()
+        self.readable.set()
+
+    @property
+    def size(self) -> int:
+        return self._queued + self._in_flight
+
+    def add(self, chunks: list[bytes | memoryview], *, answers: bool) -> None:
+        """Queue ``chunks``; ``answers``: they answer received frames and count."""
+        self.chunks += chunks
+        if answers:
+            self._queued += sum(map(len, chunks))
+            if self.size > self.high_water:
+                self.readable.clear()
+
+    def take(self) -> tuple[list[bytes | memoryview], int]:
+        """Everything queued, for a flush, and the answer bytes in it (in flight until
+        :meth:`sent` gets them back)."""
+        chunks, self.chunks = self.chunks, []
+        answers, self._queued = self._queued, 0
+        self._in_flight += answers
+        return chunks, answers
+
+    def sent(self, answers: int) -> None:
+        """A flush's sender returned (or failed)."""
+        self._in_flight -= answers
+        if self.size <= self.low_water:
+            self.readable.set()
+
+    def clear(self) -> None:
+        """The link closed: drop what is queued and never hold a reader again."""
+        self.chunks = []
+        self._queued = 0
+        self.readable.set()
 
 
 class FrameCutter:

@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
 from shared.errors import CSCError, LinkStalled, ProtocolError
-from shared.link import Link, cancel_quietly
+from shared.link import Link
 from tenant_agent.writeflow import WriteFlow
 
 #: websockets' logger for our connections, held at ``info`` whatever the agent's log level.
@@ -395,4 +395,5 @@ async def run_link(ws: AgentWebSocket, link: Link) -> None:
         await close_for(ws, violation)
     finally:
         link.close()
-        await cancel_quietly(watcher)
+        with contextlib.suppress(Exception):  # it closes the WebSocket (bounded) or sees it closed
+            await watcher

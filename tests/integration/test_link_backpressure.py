@@ -1,4 +1,4 @@
-"""An agent that stops reading its link can neither grow the CSC nor slow another tenant.
+"""A peer that stops reading its link can neither grow the other side nor slow another tenant.
 
 A raw agent (a thread with a plain blocking socket whose receive buffer is a few KiB, speaking
 the WebSocket with websockets' sans-I/O client) completes the real handshake (upgrade with its
@@ -13,6 +13,7 @@ queue this guards against grew by hundreds of MiB in a few seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 import threading
@@ -20,14 +21,17 @@ import time
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from csc.gateway import AgentSession
+from shared.link import Link
 from shared.protocol import Connection, LinkSettings, Side, WelcomeReceived
 from shared.protocol.codec import FrameType, encode_frame
+from tenant_agent.websocket import connect, run_link
 from tests.support.inproc import make_token, relay
 from tests.support.procs import async_wait_until, scaled
 
@@ -160,3 +164,56 @@ async def test_an_agent_that_stops_reading_is_bounded_closed_and_harmless(
         # the other tenant was served all along, without long waits
         assert len(latencies) >= 10
         assert max(latencies) < scaled(5), f"slowest request {max(latencies):.2f} s"
+
+
+async def test_the_agent_stops_reading_a_csc_that_stops_reading(tmp_path: Path) -> None:
+    """The same rule on the agent's side: a "CSC" (an aiohttp server) that answers the HELLO,
+    then sends PINGs and never reads again, gets no more than a bounded backlog from the agent,
+    and its link is closed as ``link_stalled`` after ``stuck_timeout``."""
+    flooding = asyncio.Event()
+
+    async def csc(request: web.Request) -> web.StreamResponse:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        ws = web.WebSocketResponse(max_msg_size=1 << 24, compress=False)
+        await ws.prepare(request)
+        now = asyncio.get_running_loop().time()
+        conn = Connection(Side.SERVER, LinkSettings(), accept_streams=False, now=now)
+        conn.receive_data((await ws.receive()).data, now)  # HELLO
+        conn.send_welcome({"aliases": []}, now)
+        await ws.send_bytes(b"".join(conn.data_to_send()))
+        flooding.set()
+        message = encode_frame(FrameType.PING, 0, 0, b"12345678") * PINGS_PER_MESSAGE
+        with contextlib.suppress(Exception):
+            while not ws.closed:
+                await ws.send_bytes(message)  # and never receive() again
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", csc)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"ws://127.0.0.1:{runner.addresses[0][1]}/ws"
+        ws = await asyncio.wait_for(connect(url, {}, max_size=1 << 24), scaled(10))
+        now = asyncio.get_running_loop().time()
+        conn = Connection(Side.CLIENT, LinkSettings(), accept_streams=True, now=now)
+        conn.send_hello({"agent": "test"})
+        link = Link(conn, ws.send_chunks, name="agent", stuck_timeout=STUCK_TIMEOUT)
+        runner_task = asyncio.create_task(run_link(ws, link))
+        await asyncio.wait_for(flooding.wait(), scaled(10))
+        peak = 0
+        started = time.monotonic()
+        while not link.is_closed and time.monotonic() - started < scaled(STUCK_TIMEOUT + 10):
+            peak = max(peak, link.backlog)
+            await asyncio.sleep(0.01)
+        assert link.is_closed, "the agent kept a stuck link"
+        assert link.closed.result().code == "link_stalled"
+        assert peak <= link.max_backlog
+        await asyncio.wait_for(runner_task, scaled(10))
+        await asyncio.wait_for(asyncio.shield(ws.closed), scaled(10))
+    finally:
+        await runner.cleanup()
