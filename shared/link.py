@@ -620,8 +620,9 @@ class Link:
                 await asyncio.sleep(delay)
             try:
                 conn.handle_timer(self.loop.time())
-            except CSCError as err:
-                self.close(err)
+            except CSCError as err:  # silent because this side stopped reading it: stalled
+                paused = self.reading_paused
+                self.close(LinkStalled(f"{err.message}, reading paused") if paused else err)
                 return
             self.kick()
 

@@ -29,12 +29,15 @@ PING = encode_frame(FrameType.PING, 0, 0, b"12345678")  # its answer has the sam
 
 
 def _server_link(
-    gate: asyncio.Event, send: SendFn | None = None, **kw: Any
+    gate: asyncio.Event,
+    send: SendFn | None = None,
+    settings: LinkSettings | None = None,
+    **kw: Any,
 ) -> tuple[Link, list[bytes]]:
     """An open server-side link whose sender waits for ``gate`` (or is ``send``); what it
     sent."""
     now = asyncio.get_running_loop().time()
-    settings = LinkSettings()
+    settings = settings or LinkSettings()
     client = Connection(Side.CLIENT, settings, accept_streams=True, now=now)
     server = Connection(Side.SERVER, settings, accept_streams=False, now=now)
     client.send_hello({})
@@ -100,6 +103,21 @@ async def test_a_send_that_never_returns_closes_the_link_after_stuck_timeout() -
         err = await asyncio.wait_for(asyncio.shield(link.closed), 5)
         assert err.code == "link_stalled"
     finally:
+        await link.aclose()
+
+
+async def test_silence_while_reading_is_paused_counts_as_stalled_not_as_heartbeat() -> None:
+    gate = asyncio.Event()
+    quick = LinkSettings(heartbeat_interval=0.1, heartbeat_timeout=0.3)
+    link, _ = _server_link(gate, settings=quick, high_water=100, low_water=50)
+    try:
+        await _settle()
+        link.feed(PING * 10)
+        assert link.reading_paused  # so the peer's frames stay unread: nothing is received
+        err = await asyncio.wait_for(asyncio.shield(link.closed), 5)
+        assert err.code == "link_stalled"
+    finally:
+        gate.set()
         await link.aclose()
 
 
