@@ -14,7 +14,8 @@ decoder checks everything else) and keeps its place across messages, so a frame 
 may span messages. A message of few frames (bulk DATA) is passed on whole, uncopied.
 
 Invariant: the pieces, concatenated, are exactly the message; cutting never changes what the
-decoder sees, only how often it is called.
+decoder sees, only how often it is called (were the cutter ever out of step with the frames,
+e.g. a peer that sent part of a frame along with its HELLO, only the pacing would differ).
 """
 
 from __future__ import annotations
