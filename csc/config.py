@@ -99,6 +99,9 @@ class CSCConfig:
     )
     heartbeat_timeout: float = link_field("heartbeat_timeout")
     open_timeout: float = duration_field(75.0, "how long the agent may take to answer OPEN")
+    stuck_timeout: float = duration_field(
+        60.0, "an agent link whose sends make no progress this long (it stopped reading) is closed"
+    )
     tcp_handshake_timeout: float = duration_field(
         10.0, "how long a TCP client may take to send CONNECT"
     )

@@ -33,7 +33,7 @@ from csc.limits import RETRY_AFTER_BUSY, SESSIONS, UNLIMITED
 from csc.registry import MemoryRegistry, admission_error
 from csc.state import NodeState
 from csc.tenants import Limits
-from csc.websocket import Traffic, counting, run_websocket
+from csc.websocket import AbortFn, Traffic, counting, run_websocket
 from csc.websocket import close_websocket as _close
 from shared.aliases import covered, normalise_grant
 from shared.errors import (
@@ -212,12 +212,23 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
             autoping=True,
         )
         await ws.prepare(request)
-        await _run_session(state, ws, claims, remote)
+        await _run_session(state, ws, claims, remote, _aborter(request))
     finally:
         state.limits.release_session(claims.tenant)
         if slot is not None and state.cluster is not None:
             await state.cluster.release_slot(claims.tenant, SESSIONS, slot)
     return ws
+
+
+def _aborter(request: web.Request) -> AbortFn:
+    """Drops the agent's connection at once (a stalled link's bytes would never leave)."""
+
+    def abort() -> None:
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+
+    return abort
 
 
 async def _cluster_session_slot(
@@ -243,7 +254,11 @@ async def _cluster_session_slot(
 
 
 async def _run_session(
-    state: NodeState, ws: web.WebSocketResponse, claims: AgentClaims, remote: str
+    state: NodeState,
+    ws: web.WebSocketResponse,
+    claims: AgentClaims,
+    remote: str,
+    abort: AbortFn,
 ) -> None:
     loop = asyncio.get_running_loop()
     conn = Connection(Side.SERVER, state.link_settings, accept_streams=False, now=loop.time())
@@ -254,13 +269,19 @@ async def _run_session(
         err = exc if isinstance(exc, CSCError) else ProtocolError("no HELLO in time")
         state.metrics.session_refused(err.code)
         log.warning("agent %s (tenant %s) refused: %s", remote, claims.tenant, err.message)
-        await _close(ws, err)
+        await _close(ws, err, abort)
         return
     session_id = f"{state.node_id}-{next(_session_ids)}-{os.urandom(3).hex()}"
     counters = state.metrics.link_counters(claims.tenant)
     traffic = Traffic()
     send = counting(joined(ws.send_bytes), traffic)
-    link = Link(conn, send, name=f"session {session_id}", counters=counters)
+    link = Link(
+        conn,
+        send,
+        name=f"session {session_id}",
+        counters=counters,
+        stuck_timeout=state.config.stuck_timeout,
+    )
     session = AgentSession(
         id=session_id,
         tenant=claims.tenant,
@@ -279,7 +300,7 @@ async def _run_session(
         state.metrics.session_refused(err.code)
         log.warning("agent %s (tenant %s) refused: %s", remote, claims.tenant, err.message)
         await link.aclose(err)
-        await _close(ws, err)
+        await _close(ws, err, abort)
         return
     link.on_goaway = lambda ev: _on_agent_goaway(session, ev)
     conn.send_welcome(
@@ -307,17 +328,19 @@ async def _run_session(
     elif state.cluster is not None:  # after WELCOME: the session serves before others route here
         state.cluster.routes_changed()
     try:
-        await run_websocket(ws, link, traffic)
+        await run_websocket(ws, link, traffic, abort)
     finally:
         # an agent that hangs up cancels this handler (handler_cancellation): the cleanup
         # runs to its end anyway, in a task of its own
-        cleanup = asyncio.ensure_future(_session_down(state, session, ws))
+        cleanup = asyncio.ensure_future(_session_down(state, session, ws, abort))
         _cleanups.add(cleanup)
         cleanup.add_done_callback(_cleanups.discard)
         await asyncio.shield(cleanup)
 
 
-async def _session_down(state: NodeState, session: AgentSession, ws: web.WebSocketResponse) -> None:
+async def _session_down(
+    state: NodeState, session: AgentSession, ws: web.WebSocketResponse, abort: AbortFn
+) -> None:
     """Unbind a session that ended, withdraw its routes, count and log it."""
     link = session.link
     state.registry.unbind(session)
@@ -328,7 +351,7 @@ async def _session_down(state: NodeState, session: AgentSession, ws: web.WebSock
     state.metrics.session_closed(session.tenant, reason, ws.close_code)
     await link.aclose()
     if not ws.closed:
-        await _close(ws, reason or GoingAway("session ended"))
+        await _close(ws, reason or GoingAway("session ended"), abort)
     why = reason.message if reason else "closed"
     state.errors.agent_disconnected(session.tenant, f"agent session {session.id} down: {why}")
     state.last_seen.session_down(session.tenant, session.grants)

@@ -66,6 +66,7 @@ ERRORS: dict[str, ErrorSpec] = {
         _spec("flow_control", 400, 4400, _WARN, "flow-control violation"),
         _spec("frame_too_large", 400, 4400, _WARN, "frame too large"),
         _spec("heartbeat_timeout", 504, 4408, _WARN, "the peer stopped answering heartbeats"),
+        _spec("link_stalled", 502, 1008, _WARN, "the peer stopped reading the link"),
         _spec("cancelled", 499, 4499, _INFO, "the client went away"),
     )
 }
@@ -272,6 +273,13 @@ class Cancelled(CSCError):
 
 class HeartbeatTimeout(CSCError):
     code = "heartbeat_timeout"
+
+
+class LinkStalled(CSCError):
+    """The peer stopped reading: the link's writes made no progress for its ``stuck_timeout``,
+    or more answers to its frames were queued than the link holds."""
+
+    code = "link_stalled"
 
 
 class ProtocolError(CSCError):

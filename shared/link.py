@@ -15,6 +15,17 @@ Each link adds its DATA payload bytes (sent and received) and its flow-control s
 that found data left and no credit) to a :class:`LinkCounters`, which several links may share;
 they are plain integers, read by the programs' metrics at scrape time (``shared`` never imports
 a metrics library).
+
+Write backpressure (docs/protocol.md §5, "Links that stop reading"; numbers in
+:mod:`shared.linkpace`): frames sent in answer to received ones (PONG, OPEN_FAIL, RST) count
+from the moment they were produced until the sender returned (:attr:`Link.backlog`). The
+owner's receive loop awaits :meth:`Link.wait_readable` before it pulls the next message and
+hands each message to :meth:`Link.receive`, which decodes it in pieces of a few hundred frames
+and awaits the same between pieces: above ``high_water`` it waits until the backlog is back at
+``low_water``, and after ``FAIR_SLICE`` of work it yields to the event loop, so a burst on one
+link cannot hold up the others. A backlog above ``max_backlog`` or a send that does not return
+within ``stuck_timeout`` closes the link with :class:`~shared.errors.LinkStalled`. DATA is
+bounded by flow control (the peer's credit) and does not count towards the backlog.
 """
 
 from __future__ import annotations
@@ -27,7 +38,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.errors import AgentLost, Cancelled, CSCError, error_for_code
+from shared.errors import AgentLost, Cancelled, CSCError, LinkStalled, error_for_code
+from shared.linkpace import (
+    FAIR_SLICE,
+    HIGH_WATER,
+    LOW_WATER,
+    MAX_BACKLOG,
+    STUCK_TIMEOUT,
+    AnswerBacklog,
+    FrameCutter,
+)
 from shared.protocol import (
     Connection,
     DataReceived,
@@ -268,8 +288,14 @@ class Link:
         name: str = "link",
         pending: list[Event] | None = None,
         counters: LinkCounters | None = None,
+        stuck_timeout: float = STUCK_TIMEOUT,
+        high_water: int = HIGH_WATER,
+        low_water: int = LOW_WATER,
+        max_backlog: int = MAX_BACKLOG,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.stuck_timeout = stuck_timeout
+        self.max_backlog = max(max_backlog, high_water)
         self.conn = conn
         self.counters = counters if counters is not None else LinkCounters()
         self.name = name
@@ -291,6 +317,12 @@ class Link:
         #: started and not finished (see :attr:`unsent`)
         self._queued = 0
         self._in_flight = 0
+        #: frames taken from the multiplexer by feed() for the next flush (see `backlog`)
+        self._answers = AnswerBacklog(high_water, low_water)
+        self._cutter = FrameCutter()
+        #: how long a receive loop may run before it yields, and when it last did
+        self.fair_slice = FAIR_SLICE
+        self._yielded_at = self.loop.time()
         self.closed: asyncio.Future[CSCError] = self.loop.create_future()
         self._tasks = [
             self.loop.create_task(self._writer(), name=f"{name}-writer"),
@@ -302,15 +334,58 @@ class Link:
     # -- feeding and sending -----------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        """Process one received message. A link-level fault closes the link and is raised."""
+        """Process one received message. A link-level fault closes the link and is raised, and
+        so is :class:`LinkStalled` when the answers queued pass ``max_backlog``."""
+        conn = self.conn
+        if conn.has_output:  # queued before this message (writes, credit): not its answers
+            self._answers.add(conn.data_to_send(), answers=False)
         try:
-            self.conn.receive_data(data, self.loop.time())
+            conn.receive_data(data, self.loop.time())
         except CSCError as err:
             self.close(err)
             raise
-        self._dispatch(self.conn.events())
-        if self.conn.has_output:
+        self._dispatch(conn.events())
+        if conn.has_output:
+            self._answers.add(conn.data_to_send(), answers=True)
+            if self.backlog > self.max_backlog:
+                stalled = LinkStalled(
+                    f"{self.backlog} bytes of answers queued for a peer that does not read"
+                )
+                self.close(stalled)
+                raise stalled
             self.kick()
+
+    async def receive(self, data: bytes) -> None:
+        """Process one received message like :meth:`feed`, in pieces of at most a few hundred
+        frames, awaiting :meth:`wait_readable` between them (stops if the link closed)."""
+        pieces = self._cutter.cut(data)
+        self.feed(pieces[0])
+        for piece in pieces[1:]:
+            await self.wait_readable()
+            if self.is_closed:
+                return
+            self.feed(piece)
+
+    @property
+    def backlog(self) -> int:
+        """Bytes of frames sent in answer to received ones that the sender has not returned
+        from (queued, or in a flush in progress); see :meth:`wait_readable`."""
+        return self._answers.size
+
+    @property
+    def reading_paused(self) -> bool:
+        return not self._answers.readable.is_set()
+
+    async def wait_readable(self) -> None:
+        """Await before pulling the next message from the transport: yields to the event loop
+        once ``fair_slice`` passed since it last did, and waits while the backlog is above the
+        high-water mark (until it is at the low-water mark or the link closed)."""
+        if self.loop.time() - self._yielded_at >= self.fair_slice:
+            await asyncio.sleep(0)
+            self._yielded_at = self.loop.time()
+        if not self._answers.readable.is_set():
+            await self._answers.readable.wait()
+            self._yielded_at = self.loop.time()
 
     def kick(self) -> None:
         self._kick.set()
@@ -340,7 +415,8 @@ class Link:
         returned: for a socket, its buffer drained) or the link closed. A relay between two
         links credits its source only after this, so it holds at most its own receive window,
         not that plus the next hop's window queued for sending."""
-        target = self._flushes_started + (1 if self.conn.has_output else 0)
+        queued = self.conn.has_output or bool(self._answers.chunks)
+        target = self._flushes_started + (1 if queued else 0)
         while self._flushes_done < target and not self.is_closed:
             if self._flushed is None:
                 self._flushed = self.loop.create_future()
@@ -375,6 +451,7 @@ class Link:
         err = err or AgentLost("the agent link closed")
         self.closed.set_result(err)
         self.conn.close()
+        self._answers.clear()
         self._flush_done()
         for stream in list(self.streams.values()):
             stream.unprocessed = self._unseen_by_peer(stream)
@@ -391,8 +468,12 @@ class Link:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def flush(self) -> None:
-        """Send whatever is queued now (used before closing the transport)."""
-        await self._send_pending()
+        """Send whatever is queued now (used before closing the transport); a send that makes
+        no progress for ``stuck_timeout`` closes the link instead."""
+        try:
+            await self._send_pending()
+        except LinkStalled as err:
+            self.close(err)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -481,7 +562,9 @@ class Link:
             stream.finish()
 
     async def _send_pending(self) -> None:
-        chunks = self.conn.data_to_send()
+        chunks, answers = self._answers.take()
+        if self.conn.has_output:
+            chunks += self.conn.data_to_send()
         self._flushes_started += 1
         flush = self._flushes_started
         size, self._queued = self._queued, 0
@@ -490,6 +573,7 @@ class Link:
             await self._send_chunks(chunks)
         finally:
             self._in_flight -= size
+            self._answers.sent(answers)
             self._flush_done(flush)
 
     async def _send_chunks(self, chunks: list[bytes | memoryview]) -> None:
@@ -499,10 +583,19 @@ class Link:
             batch.append(chunk)
             size += len(chunk)
             if size >= MAX_MESSAGE:
-                await self._send(batch)
+                await self._send_message(batch)
                 batch, size = [], 0
         if batch:
-            await self._send(batch)
+            await self._send_message(batch)
+
+    async def _send_message(self, chunks: list[bytes | memoryview]) -> None:
+        """Send one message; a sender that does not return within ``stuck_timeout`` (the peer
+        stopped reading) raises :class:`LinkStalled`."""
+        try:
+            async with asyncio.timeout(self.stuck_timeout):
+                await self._send(chunks)
+        except TimeoutError:
+            raise LinkStalled(f"no message could be sent for {self.stuck_timeout:g} s") from None
 
     async def _writer(self) -> None:
         try:
@@ -512,6 +605,9 @@ class Link:
                 await self._send_pending()
         except asyncio.CancelledError:
             raise
+        except LinkStalled as err:
+            log.info("%s: %s", self.name, err.message)
+            self.close(err)
         except Exception as exc:  # the transport failed: the link is gone
             log.debug("%s: send failed: %r", self.name, exc)
             self.close(AgentLost(f"the link failed: {exc.__class__.__name__}"))
@@ -524,8 +620,9 @@ class Link:
                 await asyncio.sleep(delay)
             try:
                 conn.handle_timer(self.loop.time())
-            except CSCError as err:
-                self.close(err)
+            except CSCError as err:  # silent because this side stopped reading it: stalled
+                paused = self.reading_paused
+                self.close(LinkStalled(f"{err.message}, reading paused") if paused else err)
                 return
             self.kick()
 

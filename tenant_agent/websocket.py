@@ -52,8 +52,8 @@ try:  # the C version (websockets.utils.apply_mask is its pure-Python fallback)
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
-from shared.errors import CSCError, ProtocolError
-from shared.link import Link, cancel_quietly
+from shared.errors import CSCError, LinkStalled, ProtocolError
+from shared.link import Link
 from tenant_agent.writeflow import WriteFlow
 
 #: websockets' logger for our connections, held at ``info`` whatever the agent's log level.
@@ -361,7 +361,10 @@ def close_reason(err: CSCError) -> str:
 
 
 async def close_for(ws: AgentWebSocket, err: CSCError) -> None:
-    """Close with the error's close code and reason."""
+    """Close with the error's close code and reason (a stalled link is aborted: its peer reads
+    nothing, so no close frame would reach it)."""
+    if isinstance(err, LinkStalled):
+        ws.abort()
     await ws.close(err.spec.close_code, close_reason(err))
 
 
@@ -372,12 +375,19 @@ async def _close_when_link_ends(ws: AgentWebSocket, link: Link) -> None:
 
 
 async def run_link(ws: AgentWebSocket, link: Link) -> None:
-    """Feed received payloads to the link until either side ends it; then close the link."""
+    """Feed received payloads to the link until either side ends it; then close the link.
+
+    The next payload is taken only once :meth:`Link.wait_readable` returns: while the CSC does
+    not read the link's answers, the agent stops reading too (its receive buffer fills and
+    pauses the socket), and a link closed as stalled is aborted at once."""
     watcher: asyncio.Future[Any] = asyncio.ensure_future(_close_when_link_ends(ws, link))
     try:
-        while (data := await ws.receive()) is not None:
+        while True:
+            await link.wait_readable()
+            if link.is_closed or (data := await ws.receive()) is None:
+                break
             try:
-                link.feed(data)
+                await link.receive(data)
             except CSCError as err:
                 await close_for(ws, err)
                 return
@@ -386,4 +396,5 @@ async def run_link(ws: AgentWebSocket, link: Link) -> None:
         await close_for(ws, violation)
     finally:
         link.close()
-        await cancel_quietly(watcher)
+        with contextlib.suppress(Exception):  # it closes the WebSocket (bounded) or sees it closed
+            await watcher

@@ -47,6 +47,7 @@ from shared.errors import (
     Cancelled,
     CSCError,
     GoingAway,
+    LinkStalled,
     PortalOffline,
     ProtocolError,
     UpstreamError,
@@ -248,14 +249,27 @@ def _sender(writer: asyncio.StreamWriter) -> Callable[[Sequence[bytes | memoryvi
 
 
 async def _pump(reader: asyncio.StreamReader, link: Link) -> None:
-    """Feed the socket's bytes to the link until either ends; then close the link."""
+    """Feed the socket's bytes to the link until either ends; then close the link. Reading
+    waits while the link's answers cannot be sent (:meth:`Link.wait_readable`)."""
     try:
-        while data := await reader.read(READ_SIZE):
-            link.feed(data)
+        while True:
+            await link.wait_readable()
+            if link.is_closed or not (data := await reader.read(READ_SIZE)):
+                break
+            await link.receive(data)
     except (CSCError, OSError):
         pass
     finally:
         link.close()
+
+
+def _end_transport(writer: asyncio.StreamWriter, link: Link) -> None:
+    """Close the socket of a link that ended; abort it when the peer stopped reading (what is
+    still buffered for it would never leave)."""
+    if link.closed.done() and isinstance(link.closed.result(), LinkStalled):
+        writer.transport.abort()
+    else:
+        writer.close()
 
 
 E = TypeVar("E", bound=Event)
@@ -337,7 +351,7 @@ class PeerServer:
         finally:
             self.links.discard(link)
             await link.aclose()
-            writer.close()
+            _end_transport(writer, link)
             log.info("peer link from node %s down", source)
 
     async def _relay(self, stream: LinkStream) -> None:
@@ -517,7 +531,7 @@ class PeerPool:
             current = self._links.get(node)
             if current is not None and current.link is link:
                 del self._links[node]
-                current.writer.close()
+                _end_transport(current.writer, link)
                 self.mark_suspect(node)  # skipped until it answers a dial again
                 log.info("peer link to node %s down", node)
                 self.on_link_change()
