@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from tests.support.inproc import ALIAS, make_token, relay, start_agent, wait_online
+from tests.support.procs import scaled
 
 
 async def _json(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, object], object]:
@@ -204,3 +205,18 @@ async def test_hello_naming_no_alias_skips_the_token_aliases_of_another_tenant(
             assert welcome and welcome[0].info["aliases"] == ["rogue@example.net"]
             await ws.close()
     assert any("skipped" in m and ALIAS in m for m in caplog.messages), caplog.messages
+
+
+async def test_tcp_connect_line_too_long_is_refused_while_reading(tmp_path: Path) -> None:
+    """A long first line without a newline is answered as soon as it passes the line limit,
+    not buffered until the handshake timeout (an hour here)."""
+    async with relay(tmp_path, start=False, csc={"tcp_handshake_timeout": 3600.0}) as r:
+        host, port = r.tcp_address
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"CONNECT " + b"a" * 4096)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readline(), scaled(10))
+        assert answer.startswith(b"ERR 400 bad_request"), answer
+        assert b"longer than 512 bytes" in answer
+        assert await asyncio.wait_for(reader.read(), scaled(10)) == b""  # closed
+        writer.close()
