@@ -105,6 +105,15 @@ class CSCConfig:
     registry_refresh: float = duration_field(
         2.0, "how often revocations, suspensions and token expiry are checked"
     )
+    client_stream_share: float = field(
+        default=0.5,
+        metadata=meta(
+            above=0.0,
+            maximum=1.0,
+            help="share of a tenant's `max_streams` one client address may hold at once "
+            "(at least 1 stream; IPv6 by /64; per node in a cluster); 1 turns it off",
+        ),
+    )
     max_streams_per_session: int = field(
         default=256, metadata=meta(minimum=1, help="concurrent streams on one agent session")
     )
