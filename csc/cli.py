@@ -4,7 +4,8 @@
 tenant (creating the signing key on first use; ``--assign`` creates the tenant and assigns the
 aliases first) and records its metadata in the store (``csc.db``, or the PostgreSQL database of
 ``--database-url``); ``csc token verify`` checks one; ``csc operator add|list|remove`` manages
-the admin API's operators offline; ``csc admin ...`` drives a running node's admin API
+the admin API's operators offline; ``csc db check|backup`` looks at or copies the store's
+database (:mod:`csc.db_cli`); ``csc admin ...`` drives a running node's admin API
 (:mod:`csc.admin_cli`). The store and the signing key are the node's own
 (:func:`csc.store.open_store`, :func:`csc.signing.signing_key`).
 
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from csc import admin_cli
+from csc import admin_cli, db_cli
 from csc.config import LOG_LEVELS, CSCConfig, load_csc_config
 from csc.signing import signing_key, verification_keys
 from csc.store import Store, StoreError, open_store
@@ -72,6 +73,11 @@ def _add_database_arg(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="the cluster's PostgreSQL store, postgresql://... (or $CSC_DATABASE_URL)",
     )
+
+
+def _add_store_args(parser: argparse.ArgumentParser) -> None:
+    _add_config_args(parser)
+    _add_database_arg(parser)
 
 
 def _store_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -156,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _check_parser(commands)
     _token_parser(commands)
     _operator_parser(commands)
+    db_cli.add_parser(commands, _add_store_args, _usage)
     admin_cli.add_parser(commands)
     parser.set_defaults(handler=lambda args, env: _usage(parser))
     return parser
