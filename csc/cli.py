@@ -90,6 +90,7 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--listen", metavar="HOST:PORT", help="HTTP listener")
     serve.add_argument("--tcp-listen", metavar="HOST:PORT|off", help="TCP ingress listener")
     serve.add_argument("--admin-listen", metavar="HOST:PORT|off", help="admin API listener")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT|off", help="/metrics listener")
     serve.add_argument("--node-id", metavar="NAME", help="this node's name in a cluster")
     serve.add_argument("--peer-listen", metavar="HOST:PORT", help="node-to-node listener")
     serve.add_argument("--peer-advertise", metavar="HOST:PORT", help="address peers dial")
@@ -185,6 +186,7 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "listen": args.listen,
         "tcp_listen": args.tcp_listen,
         "admin_listen": args.admin_listen,
+        "metrics_listen": args.metrics_listen,
         "state_dir": args.state_dir,
         "log_level": args.log_level,
         "log_format": args.log_format,

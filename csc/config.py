@@ -77,6 +77,14 @@ class CSCConfig:
             kind="hostport", help="admin API (`/v1/admin/`, operator token); `off` disables it"
         ),
     )
+    metrics_listen: str | None = field(
+        default="127.0.0.1:9464",
+        metadata=meta(
+            kind="hostport",
+            help="Prometheus `/metrics` (every tenant's traffic: keep it off public networks); "
+            "`off` disables it",
+        ),
+    )
     state_dir: Path = field(
         default_factory=_state_dir_from_process_env,
         metadata=meta(
@@ -205,6 +213,10 @@ class CSCConfig:
     @property
     def admin_listen_address(self) -> tuple[str, int] | None:
         return None if self.admin_listen is None else parse_hostport(self.admin_listen)
+
+    @property
+    def metrics_listen_address(self) -> tuple[str, int] | None:
+        return None if self.metrics_listen is None else parse_hostport(self.metrics_listen)
 
     @property
     def tls_enabled(self) -> bool:

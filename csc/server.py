@@ -1,11 +1,11 @@
 """``csc serve``: the app factory, the listeners and the graceful stop.
 
-:func:`create_app` builds the aiohttp application (agent gateway, resolve, tunnel, health,
-``/metrics``);
-:func:`run_node` starts the HTTP listener, the TCP ingress and the admin API (its own
-listener, :mod:`csc.admin_api`), writes the ready file, and on SIGTERM/SIGINT or an admin
-``drain`` drains: it stops accepting, sends GOAWAY on every agent session, lets in-flight
-streams finish within ``drain_timeout``, then closes the links with 1001 and returns.
+:func:`create_app` builds the aiohttp application (agent gateway, resolve, tunnel, health);
+:func:`run_node` starts the HTTP listener, the TCP ingress, the admin API (its own listener,
+:mod:`csc.admin_api`) and ``/metrics`` (its own listener, ``metrics_listen``), writes the
+ready file, and on SIGTERM/SIGINT or an admin ``drain`` drains: it stops accepting, sends
+GOAWAY on every agent session, lets in-flight streams finish within ``drain_timeout``, then
+closes the links with 1001 and returns.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from csc import admin_api, gateway, http_ingress
 from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
-from csc.metrics import CSCMetrics, add_metrics_route
+from csc.metrics import CSCMetrics, MetricsListener, start_metrics_listener
 from csc.permissions import check_private
 from csc.registry import MemoryRegistry
 from csc.signing import signing_key
@@ -122,7 +122,6 @@ def create_app(
     ones on their own registry) go into the state built here."""
     app = web.Application(client_max_size=1024**2)
     app[NodeState.KEY] = state = state or build_state(config, metrics=metrics)
-    add_metrics_route(app, state.metrics)
     app.router.add_get("/v1/agent/connect", gateway.agent_connect)
     app.router.add_get("/v1/resolve/{alias}", http_ingress.resolve)
     app.router.add_route(TUNNEL_METHODS, "/t/{alias}", http_ingress.tunnel)
@@ -188,6 +187,7 @@ class Node:
         self.http_address = ""
         self.tcp_address: str | None = None
         self.admin: admin_api.AdminListener | None = None
+        self.metrics_listener: MetricsListener | None = None
 
     async def start(self) -> None:
         ssl_ctx = _ssl_context(self.config)
@@ -204,10 +204,18 @@ class Node:
             self.tcp_address = _hostport(self.tcp_server.sockets[0].getsockname())
         if self.config.admin_listen_address is not None:
             self.admin = await admin_api.start_listener(self.state, ssl_ctx)
+        if self.config.metrics_listen is not None:
+            self.metrics_listener = await start_metrics_listener(
+                self.state.metrics, self.config.metrics_listen, ssl_ctx
+            )
 
     @property
     def admin_address(self) -> str | None:
         return self.admin.address if self.admin is not None else None
+
+    @property
+    def metrics_address(self) -> str | None:
+        return self.metrics_listener.address if self.metrics_listener is not None else None
 
     async def drain(self) -> None:
         """Stop taking work, GOAWAY every agent, wait for streams, then close everything.
@@ -244,6 +252,8 @@ class Node:
     async def stop(self) -> None:
         if self.admin is not None:
             await self.admin.stop()
+        if self.metrics_listener is not None:
+            await self.metrics_listener.stop()
         await self.runner.cleanup()
         if self.tcp_server is not None:
             self.tcp_server.close()
@@ -274,10 +284,12 @@ async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info(
-            "listening: http %s (agents: /v1/agent/connect), tcp %s, admin %s; state dir %s",
+            "listening: http %s (agents: /v1/agent/connect), tcp %s, admin %s, metrics %s; "
+            "state dir %s",
             node.http_address,
             node.tcp_address or "off",
             node.admin_address or "off",
+            node.metrics_address or "off",
             config.state_dir,
         )
         if ready_file is not None:
@@ -287,6 +299,7 @@ async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
                     "http": node.http_address,
                     "tcp": node.tcp_address,
                     "admin": node.admin_address,
+                    "metrics": node.metrics_address,
                     "peer": node.state.cluster.advertised if node.state.cluster else None,
                     "node": node.state.node_id,
                     "pid": os.getpid(),

@@ -57,6 +57,7 @@ def node_config(state_dir: Path, redis_url: str, prefix: str, **over: Any) -> CS
         "listen": "127.0.0.1:0",
         "tcp_listen": "127.0.0.1:0",
         "admin_listen": None,
+        "metrics_listen": None,
         "state_dir": state_dir,
         "redis_url": Secret(redis_url),
         "redis_prefix": prefix,

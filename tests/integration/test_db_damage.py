@@ -49,6 +49,8 @@ def serve(state: Path) -> subprocess.CompletedProcess[str]:
         "off",
         "--admin-listen",
         "off",
+        "--metrics-listen",
+        "off",
     )
 
 
