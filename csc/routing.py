@@ -6,8 +6,8 @@ suspended tenant is ``tenant_suspended``; an owned alias with no accepting sessi
 name it and its support contact (message and ``tenant`` member of the JSON body), so a user
 knows whom to call. A request over one of its tenant's limits is refused (``tenant_limit``,
 ``rate_limited``; one client address holds at most its share of the tenant's stream slots)
-before a stream is opened. Among the sessions that serve the alias, the least
-loaded that accepts the stream gets it.
+before a stream is opened. Among the sessions that serve the alias, the least loaded that
+accepts the stream gets it.
 
 In a cluster (csc/cluster/), an alias with no accepting session on this node is served through
 another node that has one: the stream is forwarded over the peer link to it, after this node
