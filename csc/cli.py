@@ -4,7 +4,8 @@
 tenant (creating the signing key on first use; ``--assign`` creates the tenant and assigns the
 aliases first) and records its metadata in the store (``csc.db``, or the PostgreSQL database of
 ``--database-url``); ``csc token verify`` checks one; ``csc operator add|list|remove`` manages
-the admin API's operators offline; ``csc admin ...`` drives a running node's admin API
+the admin API's operators offline; ``csc db check|backup`` looks at or copies the store's
+database (:mod:`csc.db_cli`); ``csc admin ...`` drives a running node's admin API
 (:mod:`csc.admin_cli`). The store and the signing key are the node's own
 (:func:`csc.store.open_store`, :func:`csc.signing.signing_key`).
 
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from csc import admin_cli
+from csc import admin_cli, db_cli
 from csc.config import LOG_LEVELS, CSCConfig, load_csc_config
 from csc.signing import signing_key, verification_keys
 from csc.store import Store, StoreError, open_store
@@ -74,6 +75,11 @@ def _add_database_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_store_args(parser: argparse.ArgumentParser) -> None:
+    _add_config_args(parser)
+    _add_database_arg(parser)
+
+
 def _store_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {"state_dir": args.state_dir, "database_url": args.database_url}
 
@@ -84,6 +90,7 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--listen", metavar="HOST:PORT", help="HTTP listener")
     serve.add_argument("--tcp-listen", metavar="HOST:PORT|off", help="TCP ingress listener")
     serve.add_argument("--admin-listen", metavar="HOST:PORT|off", help="admin API listener")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT|off", help="/metrics listener")
     serve.add_argument("--node-id", metavar="NAME", help="this node's name in a cluster")
     serve.add_argument("--peer-listen", metavar="HOST:PORT", help="node-to-node listener")
     serve.add_argument("--peer-advertise", metavar="HOST:PORT", help="address peers dial")
@@ -156,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _check_parser(commands)
     _token_parser(commands)
     _operator_parser(commands)
+    db_cli.add_parser(commands, _add_store_args, _usage)
     admin_cli.add_parser(commands)
     parser.set_defaults(handler=lambda args, env: _usage(parser))
     return parser
@@ -178,6 +186,7 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "listen": args.listen,
         "tcp_listen": args.tcp_listen,
         "admin_listen": args.admin_listen,
+        "metrics_listen": args.metrics_listen,
         "state_dir": args.state_dir,
         "log_level": args.log_level,
         "log_format": args.log_format,

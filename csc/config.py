@@ -75,6 +75,14 @@ class CSCConfig:
             kind="hostport", help="admin API (`/v1/admin/`, operator token); `off` disables it"
         ),
     )
+    metrics_listen: str | None = field(
+        default="127.0.0.1:9464",
+        metadata=meta(
+            kind="hostport",
+            help="Prometheus `/metrics` (every tenant's traffic: keep it off public networks); "
+            "`off` disables it",
+        ),
+    )
     state_dir: Path = field(
         default_factory=_state_dir_from_process_env,
         metadata=meta(
@@ -107,6 +115,15 @@ class CSCConfig:
     )
     registry_refresh: float = duration_field(
         2.0, "how often revocations, suspensions and token expiry are checked"
+    )
+    client_stream_share: float = field(
+        default=0.5,
+        metadata=meta(
+            above=0.0,
+            maximum=1.0,
+            help="share of a tenant's `max_streams` one client address may hold at once "
+            "(at least 1 stream; IPv6 by /64; per node in a cluster); 1 turns it off",
+        ),
     )
     max_streams_per_session: int = field(
         default=256, metadata=meta(minimum=1, help="concurrent streams on one agent session")
@@ -222,6 +239,10 @@ class CSCConfig:
     @property
     def admin_listen_address(self) -> tuple[str, int] | None:
         return None if self.admin_listen is None else parse_hostport(self.admin_listen)
+
+    @property
+    def metrics_listen_address(self) -> tuple[str, int] | None:
+        return None if self.metrics_listen is None else parse_hostport(self.metrics_listen)
 
     @property
     def tls_enabled(self) -> bool:

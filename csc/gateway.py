@@ -126,24 +126,37 @@ def _refuse(err: CSCError, remote: str) -> web.Response:
 def _requested_grants(
     info: dict[str, Any], claims: AgentClaims, registry: MemoryRegistry[AgentSession]
 ) -> tuple[str, ...]:
-    """The grants to bind: those asked for (all must be the tenant's), else the token's grants
-    that are assigned to the tenant now (at least one)."""
+    """The grants to bind: those asked for (all must be the tenant's), else (HELLO names none:
+    ``aliases`` absent or empty) the token's grants that are assigned to the tenant now, the
+    others skipped and logged (at least one must remain: 4409 when every one is another
+    tenant's, else 4403)."""
     asked = info.get("aliases")
     raw = asked or list(claims.aliases)
     if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
         raise ProtocolError("HELLO 'aliases' must be a list of strings")
     grants = tuple(dict.fromkeys(normalise_grant(a) for a in raw))
     bindable: list[str] = []
+    taken: list[str] = []
     for grant in grants:
         if not covered(claims.aliases, grant):
             raise AliasForbidden(f"alias {grant} is not covered by the agent's token")
         owner = registry.owner(grant)
         if owner is not None and owner != claims.tenant:
-            raise AliasTaken(f"alias {grant} is held by another tenant")
-        if owner is None and asked:
+            if asked:
+                raise AliasTaken(f"alias {grant} is held by another tenant")
+            taken.append(grant)
+        elif owner is None and asked:
             raise AliasForbidden(f"alias {grant} is not assigned to tenant {claims.tenant}")
-        if owner is not None:
+        elif owner is not None:
             bindable.append(grant)
+    if bindable and len(bindable) < len(grants):
+        log.info(
+            "agent of tenant %s: skipped the token's aliases not assigned to it: %s",
+            claims.tenant,
+            ", ".join(g for g in grants if g not in bindable),
+        )
+    if not bindable and taken:
+        raise AliasTaken(f"alias {taken[0]} is held by another tenant")
     if not bindable:
         raise AliasForbidden(f"none of the token's aliases is assigned to tenant {claims.tenant}")
     return tuple(bindable)

@@ -11,6 +11,12 @@ injected clock, so every decision costs a few dictionary operations (O(1)):
   seconds until the next token. A request refused for any reason takes no token.
 * **streams**: the streams the tenant has in flight on this node, counted whatever the cap; a
   new one beyond ``max_streams`` is refused with ``tenant_limit`` (``Retry-After: 1``).
+* **client share**: the streams one client address holds of a tenant with a ``max_streams``
+  cap, at most :func:`client_cap` of them (``client_stream_share`` of the cap, at least one;
+  the address is the IP, an IPv6 one by its /64: :func:`client_key`); a new one beyond it is
+  refused with ``tenant_limit`` (``Retry-After: 1``), so slow clients from one address cannot
+  take every slot of a tenant. Counted per node (in a cluster too, against the cluster-wide
+  cap: a per-node bound).
 * **sessions**: the tenant's agent sessions on this node (from before the WebSocket upgrade to
   the end of the session), refused beyond ``max_sessions`` with ``tenant_limit``.
 
@@ -25,10 +31,12 @@ rate stays ``r`` a tenant's bucket admits at most ``r * t + burst_for(r)`` reque
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from csc.tenants import Limits
 from shared.errors import RateLimited, TenantLimit
@@ -99,16 +107,74 @@ def retry_after(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
 
+def client_key(client: str) -> str:
+    """The address a client's share is counted by, from ``host:port`` (the ingress's ``client``):
+    the IP, an IPv6 one as its /64 network (one host usually holds a whole /64), an
+    IPv4-mapped IPv6 one as the IPv4; anything that does not parse, as given."""
+    host = client.rpartition(":")[0] if ":" in client else client
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+def client_cap(max_streams: int | None, share: float) -> int | None:
+    """Streams of a tenant one client address may hold: ``share`` of ``max_streams`` (rounded
+    down, at least 1); None (no bound) when the tenant has no stream cap or ``share`` is 1."""
+    if max_streams is None or share >= 1.0:
+        return None
+    return max(1, math.floor(max_streams * share + EPSILON))
+
+
+def client_limit(alias: str, cap: int) -> TenantLimit:
+    return TenantLimit(
+        f"too many requests in progress for {alias} from your address (at most {cap} at "
+        f"once); try again in {RETRY_AFTER_BUSY} s",
+        retry_after=RETRY_AFTER_BUSY,
+        limit=STREAMS,
+    )
+
+
 class TenantLimiter:
     """The per-tenant counts and buckets of one node (see the module docstring)."""
 
-    __slots__ = ("_buckets", "_clock", "_sessions", "_streams")
+    __slots__ = ("_buckets", "_clients", "_clock", "_sessions", "_streams")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._buckets: dict[str, TokenBucket] = {}
         self._streams: dict[str, int] = {}
         self._sessions: dict[str, int] = {}
+        self._clients: dict[tuple[str, str], int] = {}
+
+    # -- a client address's share of a tenant's streams ------------------------------------
+
+    def acquire_client(self, tenant: str, client: str, cap: int, alias: str) -> None:
+        """Count one stream of ``tenant`` from the address ``client`` (a :func:`client_key`)
+        until :meth:`release_client`, or raise :class:`TenantLimit` when it holds ``cap``."""
+        key = (tenant, client)
+        held = self._clients.get(key, 0)
+        if held >= cap:
+            raise client_limit(alias, cap)
+        self._clients[key] = held + 1
+
+    def release_client(self, tenant: str, client: str) -> None:
+        key = (tenant, client)
+        held = self._clients.get(key, 0)
+        if held > 1:
+            self._clients[key] = held - 1
+        else:
+            self._clients.pop(key, None)
+
+    def client_streams(self, tenant: str, client: str) -> int:
+        """Streams of ``tenant`` the address ``client`` holds on this node."""
+        return self._clients.get((tenant, client), 0)
 
     # -- streams (bootloader requests) -------------------------------------------------------
 
@@ -181,3 +247,46 @@ def _decrement(counts: dict[str, int], tenant: str) -> None:
         counts[tenant] = held - 1
     else:
         counts.pop(tenant, None)
+
+
+@dataclass(slots=True, eq=False)
+class Admission:
+    """What one admitted request holds besides its tenant's node count: its client address's
+    share (``client``, None when unbounded) and, in a cluster, its stream slot (``slot``).
+
+    It belongs to the request's ``info`` (kept here, so its ``id`` stays unique while held):
+    a request the HTTP ingress opens again on another session keeps its admission, and it is
+    given back once, with the last stream (``stream``: the ``id`` of the current one).
+    """
+
+    info: dict[str, Any]
+    tenant: str
+    client: str | None
+    slot: str | None = None
+    stream: int = 0
+
+
+@dataclass(slots=True)
+class Admissions:
+    """The admissions in force on a node, by request (``id(info)``) and by current stream."""
+
+    by_request: dict[int, Admission] = field(default_factory=dict)
+    by_stream: dict[int, Admission] = field(default_factory=dict)
+
+    def of_request(self, info: dict[str, Any]) -> Admission | None:
+        held = self.by_request.get(id(info))
+        return held if held is not None and held.info is info else None
+
+    def bind(self, admission: Admission, stream: object) -> None:
+        """``stream`` (a new one, or the one reopened for the same request) now holds it."""
+        self.by_stream.pop(admission.stream, None)
+        admission.stream = id(stream)
+        self.by_request[id(admission.info)] = admission
+        self.by_stream[admission.stream] = admission
+
+    def pop(self, stream: object) -> Admission | None:
+        """The admission ``stream`` held, forgotten (None when it held none)."""
+        admission = self.by_stream.pop(id(stream), None)
+        if admission is not None:
+            self.by_request.pop(id(admission.info), None)
+        return admission

@@ -5,8 +5,9 @@ suspended tenant is ``tenant_suspended``; an owned alias with no accepting sessi
 ``portal_offline``; a draining node opens nothing (``going_away``). The two 503s of a tenant
 name it and its support contact (message and ``tenant`` member of the JSON body), so a user
 knows whom to call. A request over one of its tenant's limits is refused (``tenant_limit``,
-``rate_limited``) before a stream is opened. Among the sessions that serve the alias, the least
-loaded that accepts the stream gets it.
+``rate_limited``; one client address holds at most its share of the tenant's stream slots)
+before a stream is opened. Among the sessions that serve the alias, the least loaded that
+accepts the stream gets it.
 
 In a cluster (csc/cluster/), an alias with no accepting session on this node is served through
 another node that has one: the stream is forwarded over the peer link to it, after this node
@@ -24,7 +25,15 @@ from typing import Any
 
 from csc.cluster.node import Cluster, strip_peer_keys
 from csc.gateway import AgentSession
-from csc.limits import RETRY_AFTER_BUSY, STREAMS, UNLIMITED, rate_limited
+from csc.limits import (
+    RETRY_AFTER_BUSY,
+    STREAMS,
+    UNLIMITED,
+    Admission,
+    client_cap,
+    client_key,
+    rate_limited,
+)
 from csc.registry import Lookup
 from csc.state import NodeState
 from shared.aliases import normalise_alias
@@ -79,7 +88,9 @@ async def open_stream(
     node that serves the alias), or raise PortalOffline.
 
     The stream counts against its tenant's limits (csc/limits.py) before anything reaches the
-    agent (``tenant_limit``, ``rate_limited``) until the ingress releases it when it ends.
+    agent (``tenant_limit``, ``rate_limited``), its client address's share of them included,
+    until the ingress releases it when it ends. A request opened again (the same ``info``: the
+    HTTP ingress reopening one an agent never ran) keeps what it holds and takes no new token.
     """
     cluster = state.cluster
     if state.draining and cluster is None:
@@ -88,34 +99,72 @@ async def open_stream(
         raise offline_error(alias, found)
     tenant = found.tenant or ""
     limits = found.owner.limits if found.owner else UNLIMITED
-    if cluster is None:
-        state.limits.acquire_stream(tenant, limits, alias)
-    else:  # the rate and the stream cap are the whole cluster's; the node counts for drain
-        state.limits.acquire_stream(tenant, UNLIMITED, alias)
-    slot: str | None = None
+    held = state.admissions.of_request(info)
+    if held is not None:
+        return await _reopen(state, cluster, alias, found, tenant, info, held)
+    cap = client_cap(limits.max_streams, state.config.client_stream_share)
+    client = client_key(str(info.get("client", ""))) if cap is not None else None
+    if client is not None and cap is not None:
+        state.limits.acquire_client(tenant, client, cap, alias)
+    admission = Admission(info, tenant, client)
+    try:
+        if cluster is None:
+            state.limits.acquire_stream(tenant, limits, alias)
+        else:  # the rate and the stream cap are the whole cluster's; the node counts for drain
+            state.limits.acquire_stream(tenant, UNLIMITED, alias)
+    except BaseException:
+        await _give_back(state, admission)
+        raise
     try:
         if cluster is not None:
             await _take_cluster_token(state, cluster, tenant, limits.max_request_rate, alias)
-            slot = await _take_cluster_slot(state, cluster, tenant, limits.max_streams, alias)
+            admission.slot = await _take_cluster_slot(
+                state, cluster, tenant, limits.max_streams, alias
+            )
         stream = await _open(state, cluster, alias, found, tenant, info)
     except BaseException:
         state.limits.release_stream(tenant)
-        if slot is not None and cluster is not None:
-            await cluster.release_slot(tenant, STREAMS, slot)
+        await _give_back(state, admission)
         raise
-    if slot is not None and cluster is not None:
-        cluster.stream_slots[id(stream)] = slot
+    state.admissions.bind(admission, stream)
+    return stream
+
+
+async def _reopen(
+    state: NodeState,
+    cluster: Cluster | None,
+    alias: str,
+    found: Lookup[AgentSession],
+    tenant: str,
+    info: dict[str, Any],
+    held: Admission,
+) -> TunnelStream:
+    """Open the request of ``held`` again: a new node count (the caller gives back the old
+    stream's), the same client share and cluster slot."""
+    state.limits.acquire_stream(tenant, UNLIMITED, alias)
+    try:
+        stream = await _open(state, cluster, alias, found, tenant, info)
+    except BaseException:
+        state.limits.release_stream(tenant)
+        raise
+    state.admissions.bind(held, stream)
     return stream
 
 
 async def release_stream(state: NodeState, tenant: str, stream: TunnelStream) -> None:
     """The stream ended: its tenant's counts go down (here and, in a cluster, everywhere)."""
     state.limits.release_stream(tenant)
-    cluster = state.cluster
-    if cluster is not None:
-        slot = cluster.stream_slots.pop(id(stream), None)
-        if slot is not None:
-            await cluster.release_slot(tenant, STREAMS, slot)
+    admission = state.admissions.pop(stream)
+    if admission is not None:
+        await _give_back(state, admission)
+
+
+async def _give_back(state: NodeState, admission: Admission) -> None:
+    """Release a request's client share and cluster slot."""
+    if admission.client is not None:
+        state.limits.release_client(admission.tenant, admission.client)
+    if admission.slot is not None and state.cluster is not None:
+        await state.cluster.release_slot(admission.tenant, STREAMS, admission.slot)
 
 
 async def _open(

@@ -1,11 +1,12 @@
 """``csc serve``: the app factory, the listeners and the graceful stop.
 
-:func:`create_app` builds the aiohttp application (agent gateway, ``/metrics``);
+:func:`create_app` builds the aiohttp application (the agent gateway);
 :func:`run_node` starts the public HTTP listener (csc/http_front.py: the bootloader routes, and
-connections handed to the aiohttp app), the TCP ingress and the admin API (its own
-listener, :mod:`csc.admin_api`), writes the ready file, and on SIGTERM/SIGINT or an admin
-``drain`` drains: it stops accepting, sends GOAWAY on every agent session, lets in-flight
-streams finish within ``drain_timeout``, then closes the links with 1001 and returns.
+connections handed to the aiohttp app), the TCP ingress, the admin API (its own listener,
+:mod:`csc.admin_api`) and ``/metrics`` (its own listener, ``metrics_listen``), writes the ready
+file, and on SIGTERM/SIGINT or an admin ``drain`` drains: it stops accepting, sends GOAWAY on
+every agent session, lets in-flight streams finish within ``drain_timeout``, then closes the
+links with 1001 and returns.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
 from csc.http_front import HttpFront
 from csc.http_ingress import Ingress
-from csc.metrics import CSCMetrics, add_metrics_route
+from csc.metrics import CSCMetrics, MetricsListener, start_metrics_listener
 from csc.permissions import check_private
 from csc.registry import MemoryRegistry
 from csc.signing import signing_key
@@ -112,7 +113,6 @@ def create_app(
     ones on their own registry) go into the state built here."""
     app = web.Application(client_max_size=1024**2)
     app[NodeState.KEY] = state = state or build_state(config, metrics=metrics)
-    add_metrics_route(app, state.metrics)
     # the bootloader-facing routes are served by csc/http_front.py; a connection whose first
     # request is for one of these paths is handed over to this app
     app.router.add_get("/v1/agent/connect", gateway.agent_connect)
@@ -174,6 +174,7 @@ class Node:
         self.http_address = ""
         self.tcp_address: str | None = None
         self.admin: admin_api.AdminListener | None = None
+        self.metrics_listener: MetricsListener | None = None
 
     async def start(self) -> None:
         ssl_ctx = _ssl_context(self.config)
@@ -199,10 +200,18 @@ class Node:
             self.tcp_address = _hostport(self.tcp_server.sockets[0].getsockname())
         if self.config.admin_listen_address is not None:
             self.admin = await admin_api.start_listener(self.state, ssl_ctx)
+        if self.config.metrics_listen is not None:
+            self.metrics_listener = await start_metrics_listener(
+                self.state.metrics, self.config.metrics_listen, ssl_ctx
+            )
 
     @property
     def admin_address(self) -> str | None:
         return self.admin.address if self.admin is not None else None
+
+    @property
+    def metrics_address(self) -> str | None:
+        return self.metrics_listener.address if self.metrics_listener is not None else None
 
     async def drain(self) -> None:
         """Stop taking work, GOAWAY every agent, wait for streams, then close everything.
@@ -241,6 +250,8 @@ class Node:
             await self.admin.stop()
         if self.front is not None:
             await self.front.close()
+        if self.metrics_listener is not None:
+            await self.metrics_listener.stop()
         await self.runner.cleanup()
         if self.tcp_server is not None:
             self.tcp_server.close()
@@ -271,10 +282,12 @@ async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info(
-            "listening: http %s (agents: /v1/agent/connect), tcp %s, admin %s; state dir %s",
+            "listening: http %s (agents: /v1/agent/connect), tcp %s, admin %s, metrics %s; "
+            "state dir %s",
             node.http_address,
             node.tcp_address or "off",
             node.admin_address or "off",
+            node.metrics_address or "off",
             config.state_dir,
         )
         if ready_file is not None:
@@ -284,6 +297,7 @@ async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
                     "http": node.http_address,
                     "tcp": node.tcp_address,
                     "admin": node.admin_address,
+                    "metrics": node.metrics_address,
                     "peer": node.state.cluster.advertised if node.state.cluster else None,
                     "node": node.state.node_id,
                     "pid": os.getpid(),

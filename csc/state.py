@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from csc.config import CSCConfig
 from csc.errorlog import ErrorLog
-from csc.limits import TenantLimiter
+from csc.limits import Admissions, TenantLimiter
 from csc.metrics import CSCMetrics
 from csc.registry import MemoryRegistry
 from csc.store import Store
@@ -44,6 +44,8 @@ class NodeState:
     metrics: CSCMetrics = field(default_factory=CSCMetrics)
     #: per-tenant request rate, concurrent streams and agent sessions (csc/limits.py)
     limits: TenantLimiter = field(default_factory=TenantLimiter)
+    #: what each request in flight holds of its client's share and cluster slots (csc/routing.py)
+    admissions: Admissions = field(default_factory=Admissions)
     active_streams: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     link_settings: LinkSettings = field(init=False)

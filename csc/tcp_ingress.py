@@ -1,9 +1,10 @@
 """The raw TCP ingress: ``CONNECT <alias>\\r\\n``, then ``OK\\r\\n`` and bytes both ways.
 
-The first line (at most :data:`MAX_LINE` bytes, within the handshake timeout) names the alias;
-every refusal is one ``ERR <status> <code>: <message>\\r\\n`` line (shared/errors.py) followed by
-a close. After ``OK`` the connection is spliced to a ``tcp`` stream with half-close both ways;
-the CSC never interprets those bytes (they are usually TLS end to end).
+The first line (at most :data:`MAX_LINE` bytes, enforced while reading, within the handshake
+timeout) names the alias; every refusal is one ``ERR <status> <code>: <message>\\r\\n`` line
+(shared/errors.py) followed by a close. After ``OK`` the connection is spliced to a ``tcp``
+stream with half-close both ways; the CSC never interprets those bytes (they are usually TLS
+end to end).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 
 from csc import accesslog
 from csc.ingress_stream import StreamUse, refused
@@ -29,14 +31,28 @@ READ_LIMIT = 256 * 1024
 
 
 async def _read_alias(reader: asyncio.StreamReader, timeout: float) -> str:
-    try:
-        line = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
-    except TimeoutError:
-        raise BadRequest(f"no CONNECT line within {timeout:g} s") from None
-    except asyncio.LimitOverrunError:
-        raise BadRequest(f"the CONNECT line is longer than {MAX_LINE} bytes") from None
-    except asyncio.IncompleteReadError:
-        raise BadRequest("the connection closed before a complete CONNECT line") from None
+    """The alias of the ``CONNECT <alias>`` line, read through its newline and no further;
+    BadRequest when there is none within ``timeout`` or within :data:`MAX_LINE` bytes.
+
+    The line limit holds while reading: the reader's buffer limit is :data:`MAX_LINE` until
+    the line is in (asyncio pauses the socket at twice the limit and ``readuntil`` gives up
+    beyond it), so a client that sends a long line without a newline is answered at once
+    instead of being buffered, up to :data:`READ_LIMIT`, for the whole handshake timeout.
+    """
+    with _line_limit(reader):
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
+        except TimeoutError:
+            raise BadRequest(f"no CONNECT line within {timeout:g} s") from None
+        except asyncio.LimitOverrunError:
+            raise BadRequest(f"the CONNECT line is longer than {MAX_LINE} bytes") from None
+        except asyncio.IncompleteReadError:
+            raise BadRequest("the connection closed before a complete CONNECT line") from None
+    return parse_connect_line(line)
+
+
+def parse_connect_line(line: bytes) -> str:
+    """The alias of one ``CONNECT <alias>`` line (its line ending included), or BadRequest."""
     if len(line) > MAX_LINE:
         raise BadRequest(f"the CONNECT line is longer than {MAX_LINE} bytes")
     try:
@@ -47,6 +63,21 @@ async def _read_alias(reader: asyncio.StreamReader, timeout: float) -> str:
     if verb != "CONNECT" or not alias.strip():
         raise BadRequest("expected 'CONNECT <alias>'")
     return alias.strip()
+
+
+@contextlib.contextmanager
+def _line_limit(reader: asyncio.StreamReader) -> Iterator[None]:
+    """Lower the reader's buffer limit to :data:`MAX_LINE` for the block (asyncio has no public
+    setter; ``_limit`` is what ``readuntil`` and the transport's pause/resume read)."""
+    saved = getattr(reader, "_limit", None)
+    if not isinstance(saved, int):  # pragma: no cover - every asyncio since 3.4 has it
+        yield
+        return
+    reader._limit = MAX_LINE  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        reader._limit = saved  # type: ignore[attr-defined]
 
 
 def make_handler(state: NodeState):  # type: ignore[no-untyped-def]

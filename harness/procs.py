@@ -339,6 +339,11 @@ class CscProc(Proc):
     def admin_url(self) -> str:
         return _url(self.ready["admin"])
 
+    @property
+    def metrics_url(self) -> str:
+        """``http://host:port/metrics`` of the node's metrics listener."""
+        return _url(self.ready["metrics"]) + "/metrics"
+
 
 class UpstreamProc(Proc):
     """A ``harness.upstream`` process: ``http_url``, ``tcp_echo_addr``."""
@@ -398,6 +403,7 @@ def start_csc(
     listen: str = "127.0.0.1:0",
     tcp_listen: str | None = "127.0.0.1:0",
     admin_listen: str = "127.0.0.1:0",
+    metrics_listen: str = "127.0.0.1:0",
     env: Mapping[str, str] | None = None,
     ready_timeout: float = READY_TIMEOUT,
     **flags: FlagValue,
@@ -405,7 +411,7 @@ def start_csc(
     """Start ``python -m csc serve`` and wait until it is listening.
 
     ``state_dir`` defaults to ``tmp_path / "csc-state"`` (shared by CSCs of one test, so a
-    restarted CSC keeps its keys); the admin API listens on a free port (``"off"``: none);
+    restarted CSC keeps its keys); the admin API and ``/metrics`` listen on free ports (``"off"``: none);
     other keyword arguments become flags (see :func:`flag_args`).
     """
     state = state_dir if state_dir is not None else tmp_path / "csc-state"
@@ -413,7 +419,7 @@ def start_csc(
     ready = tmp_path / f"csc-{next(_names)}.ready.json"
     argv = [sys.executable, "-m", "csc", "serve"]
     argv += flag_args({"listen": listen, "tcp_listen": tcp_listen, "state_dir": state})
-    argv += flag_args({"admin_listen": admin_listen})
+    argv += flag_args({"admin_listen": admin_listen, "metrics_listen": metrics_listen})
     argv += flag_args({"ready_file": ready, **flags})
     proc = CscProc.spawn(
         "csc",

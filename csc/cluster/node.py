@@ -101,8 +101,6 @@ class Cluster:
     peers: PeerPool = field(init=False)
     server: PeerServer = field(init=False)
     registered: set[str] = field(default_factory=set)
-    #: id(stream) -> its cluster-wide stream slot (csc/routing.py)
-    stream_slots: dict[int, str] = field(default_factory=dict)
     healthy: bool = True
     draining: bool = False
     #: the peer address other nodes dial (known once started)

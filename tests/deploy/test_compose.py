@@ -62,6 +62,7 @@ def test_three_nodes_share_redis_postgres_and_keys(compose: dict[str, Any]) -> N
         assert node["depends_on"]["redis"] == {"condition": "service_healthy"}
         assert node["depends_on"]["keys"] == {"condition": "service_completed_successfully"}
         assert "ports" not in node  # only HAProxy publishes ports
+        assert node["environment"]["CSC_METRICS_LISTEN"] == "0.0.0.0:9464"  # not on 8080
     assert all(p.startswith("127.0.0.1:") for p in services["haproxy"]["ports"])
 
 

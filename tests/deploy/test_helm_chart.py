@@ -154,9 +154,20 @@ def test_admin_listener_is_loopback_by_default(objs: list[dict[str, Any]]) -> No
     assert env(objs)["CSC_ADMIN_LISTEN"] == "127.0.0.1:8082"
 
 
-def test_metrics_may_not_target_the_admin_port() -> None:
-    with pytest.raises(helm.HelmError):
-        render(CHART, values(metrics={"targetPort": 8082}))
+def test_metrics_have_their_own_listener_and_no_public_service_port(
+    objs: list[dict[str, Any]],
+) -> None:
+    assert env(objs)["CSC_METRICS_LISTEN"] == "0.0.0.0:9464"
+    ports = {p["name"]: p["containerPort"] for p in container(objs)["ports"]}
+    assert ports["metrics"] == 9464
+    (public,) = [s for s in by_kind(objs, "Service") if s["metadata"]["name"] == "csc"]
+    assert {p["targetPort"] for p in public["spec"]["ports"]} <= {"http", "tcp"}
+    (peer,) = [s for s in by_kind(objs, "Service") if s["metadata"]["name"] == "csc-peer"]
+    assert {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"} in peer[
+        "spec"
+    ]["ports"]
+    inside = objects(render(CHART, values(metrics={"bind": "127.0.0.1"})))
+    assert env(inside)["CSC_METRICS_LISTEN"] == "127.0.0.1:9464"
 
 
 def test_network_policy_lets_only_csc_pods_reach_the_peer_port(objs: list[dict[str, Any]]) -> None:
@@ -173,7 +184,13 @@ def test_network_policy_lets_only_csc_pods_reach_the_peer_port(objs: list[dict[s
         }
     ]
     opened = {p["port"] for r in rules for p in r["ports"]}
-    assert opened == {"http", "tcp", "peer"}  # nothing for the admin port
+    assert opened == {"http", "tcp", "metrics", "peer"}  # nothing for the admin port
+    scrapers = [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    policy = {"enabled": True, "ingressFrom": [], "metricsFrom": scrapers}
+    limited = objects(render(CHART, values(networkPolicy=policy)))
+    (pol,) = by_kind(limited, "NetworkPolicy")
+    (rule,) = [r for r in pol["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"]
+    assert rule["from"] == scrapers
 
 
 def test_pod_runs_as_non_root_on_a_read_only_root(objs: list[dict[str, Any]]) -> None:
@@ -244,7 +261,7 @@ def test_servicemonitor_only_when_enabled(objs: list[dict[str, Any]]) -> None:
     (peer,) = [s for s in by_kind(on, "Service") if s["metadata"]["name"] == "csc-peer"]
     assert sm["spec"]["selector"]["matchLabels"].items() <= peer["metadata"]["labels"].items()
     metrics = {p["name"]: p["targetPort"] for p in peer["spec"]["ports"]}["metrics"]
-    assert metrics == "http"  # /metrics is served on the HTTP listener (csc/server.py)
+    assert metrics == "metrics"  # the metrics listener (metrics_listen), not the public one
 
 
 def test_resources_are_tunable() -> None:

@@ -137,7 +137,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def shell(tmp_path: Path) -> Iterator[tuple[Shell, dict[str, int], Path]]:
-    ports = {name: _free_port() for name in ("http", "tcp", "admin", "portal")}
+    ports = {name: _free_port() for name in ("http", "tcp", "admin", "metrics", "portal")}
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
     work = tmp_path / "clone"
@@ -148,6 +148,7 @@ def shell(tmp_path: Path) -> Iterator[tuple[Shell, dict[str, int], Path]]:
             "CSC_LISTEN": f"127.0.0.1:{ports['http']}",
             "CSC_TCP_LISTEN": f"127.0.0.1:{ports['tcp']}",
             "CSC_ADMIN_LISTEN": f"127.0.0.1:{ports['admin']}",
+            "CSC_METRICS_LISTEN": f"127.0.0.1:{ports['metrics']}",
         }
     )
     for name in [k for k in env if k.startswith("CSC_") and not k.endswith("_LISTEN")]:
@@ -223,6 +224,7 @@ def test_csc_serve_refuses_state_other_users_can_read(tmp_path: Path) -> None:
     state.mkdir(mode=0o700)
     run = [sys.executable, "-m", "csc", "serve", "--state-dir", str(state)]
     run += ["--listen", "127.0.0.1:0", "--tcp-listen", "off", "--admin-listen", "off"]
+    run += ["--metrics-listen", "off"]
     for path, mode, fix in (
         (state, 0o755, f"chmod 700 {state}"),
         (state / "signing-key.pem", 0o644, f"chmod 600 {state / 'signing-key.pem'}"),

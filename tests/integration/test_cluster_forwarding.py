@@ -57,6 +57,7 @@ def node_config(state_dir: Path, redis_url: str, prefix: str, **over: Any) -> CS
         "listen": "127.0.0.1:0",
         "tcp_listen": "127.0.0.1:0",
         "admin_listen": None,
+        "metrics_listen": None,
         "state_dir": state_dir,
         "redis_url": Secret(redis_url),
         "redis_prefix": prefix,
@@ -291,6 +292,40 @@ async def test_tenant_stream_cap_holds_across_nodes(
                 return await _status(http, b_small) == 200
 
             await async_wait_until(served, 5, message="B serves once the slot is free")
+
+
+async def test_one_address_holds_only_its_share_of_the_tenant_streams_on_a_node(
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
+) -> None:
+    """max_streams=4: two slow downloads from 127.0.0.1 through B (forwarded to A) hold that
+    address's share; its third is refused with 429 while 127.0.0.2 is served through B; the
+    cluster slots come back with the streams."""
+    async with two_nodes(tmp_path, redis_url) as (a, b, token):
+        _set_limits(tmp_path, (a, b), max_streams=4)
+        async with agent_on(a, token, upstream), aiohttp.ClientSession() as http:
+            b_url = f"http://{b.http_address}/t/{ALIAS}"
+
+            async def online() -> bool:
+                return await _status(http, f"http://{b.http_address}/v1/resolve/{ALIAS}") == 200
+
+            await async_wait_until(online, 10, message="alias online through B")
+            slow = f"{b_url}/bytes/400000?rate=200000"
+            async with http.get(slow) as one, http.get(slow) as two:
+                assert (one.status, two.status) == (200, 200)
+                async with http.get(f"{b_url}/small") as refused:
+                    assert refused.status == 429 and refused.headers["Retry-After"] == "1"
+                    assert "from your address" in (await refused.json())["message"]
+                connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+                async with aiohttp.ClientSession(connector=connector) as other:
+                    assert await _status(other, f"{b_url}/small") == 200
+                assert len(await one.read()) == len(await two.read()) == 400000
+            await async_wait_until(
+                lambda: not b.state.cluster or not b.state.cluster.slots.held,
+                10,
+                message="B's stream slots given back",
+            )
+            assert b.state.limits.client_streams("acme", "127.0.0.1") == 0
+            assert await _status(http, f"{b_url}/small") == 200
 
 
 async def test_tenant_session_cap_holds_across_nodes(

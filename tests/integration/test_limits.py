@@ -4,7 +4,8 @@ Tenant ``acme`` gets a low request rate or a low stream cap through the admin AP
 refused with 429 (HTTP, with ``Retry-After``) and ``ERR 429`` (TCP) while tenant ``beta``'s
 requests all succeed in the same period; a session over ``max_sessions`` is refused before the
 upgrade and the agent keeps retrying; every refusal is counted in the metrics; a tenant's stream
-count returns to zero whatever way its streams end.
+count returns to zero whatever way its streams end; one client address holding its share of
+acme's stream slots with bodies it never finishes does not keep another address out.
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ class TwoTenants:
 
 
 @contextlib.asynccontextmanager
-async def two_tenants(tmp_path: Path, **agent: Any) -> AsyncIterator[TwoTenants]:
+async def two_tenants(
+    tmp_path: Path, csc: dict[str, Any] | None = None, **agent: Any
+) -> AsyncIterator[TwoTenants]:
     """acme (the relay's agent) and beta (a second agent), both online."""
-    async with relay(tmp_path, csc=FAST, agent=agent) as r, aiohttp.ClientSession() as http:
+    settings = {**FAST, **(csc or {})}
+    async with relay(tmp_path, csc=settings, agent=agent) as r, aiohttp.ClientSession() as http:
         token = make_token(r.state_dir, "beta", [BETA])
         beta = Agent(agent_config(r.csc_url, token, r.upstream))
         task = asyncio.create_task(beta.run())
@@ -127,7 +131,7 @@ async def test_a_tenant_over_its_rate_gets_429_and_the_other_is_unaffected(
 
 
 async def test_a_tenant_over_its_stream_cap_gets_429_until_a_stream_ends(tmp_path: Path) -> None:
-    async with two_tenants(tmp_path) as t:
+    async with two_tenants(tmp_path, csc={"client_stream_share": 1.0}) as t:  # one address
         await t.set_limits("acme", max_streams=2)
         async with t.tcp(ACME) as (first, _), t.tcp(ACME) as (second, _):
             assert (first, second) == (b"OK\r\n", b"OK\r\n")
@@ -235,3 +239,50 @@ async def test_a_session_over_the_cap_is_refused_and_the_agent_keeps_retrying(
 
         await t.set_limits("acme", max_sessions=None)
         await async_wait_until(lambda: _acme_sessions(t) == 2, 10, message="second session back")
+
+
+async def test_one_address_holds_only_its_share_of_a_tenants_streams(tmp_path: Path) -> None:
+    """Slow uploads from 127.0.0.1 take their address's share (half of ``max_streams``); its
+    next request is refused with 429 while 127.0.0.2 still gets through; each slot of the
+    address comes back with its stream."""
+    async with two_tenants(tmp_path) as t:
+        await t.set_limits("acme", max_streams=4)
+        finish = asyncio.Event()
+
+        async def slow_body() -> AsyncIterator[bytes]:
+            yield b"x"
+            await finish.wait()
+            yield b"y"
+
+        async def upload() -> tuple[int, bytes]:
+            async with t.http.post(t.relay.tunnel("/echo/up", ACME), data=slow_body()) as resp:
+                return resp.status, await resp.read()
+
+        uploads = [asyncio.create_task(upload()) for _ in range(2)]
+        try:
+            await async_wait_until(
+                lambda: t.limiter.client_streams("acme", "127.0.0.1") == 2,
+                10,
+                message="two slow uploads admitted",
+            )
+            status, headers, body = await t.get(ACME)
+            line = await t.tcp_line(ACME)
+            connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+            async with (
+                aiohttp.ClientSession(connector=connector) as other,
+                other.get(t.relay.tunnel("/small", ACME)) as resp,
+            ):
+                other_status = resp.status
+                await resp.read()
+        finally:
+            finish.set()
+            done = await asyncio.wait_for(asyncio.gather(*uploads), scaled(30))
+
+        assert (status, headers["Retry-After"], body["error"]) == (429, "1", "tenant_limit")
+        assert "from your address (at most 2 at once)" in body["message"]
+        assert line.startswith(b"ERR 429 tenant_limit: too many requests in progress for ")
+        assert other_status == 200
+        assert [status for status, _ in done] == [200, 200]
+        await t.streams_drop_to("acme", 0)
+        assert t.limiter.client_streams("acme", "127.0.0.1") == 0
+        assert (await t.get(ACME))[0] == 200

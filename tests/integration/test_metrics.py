@@ -159,7 +159,7 @@ async def settled(
 
 
 def csc_metrics(r: Relay) -> str:
-    return f"{r.csc_url}/metrics"
+    return r.metrics_url
 
 
 def agent_metrics(r: Relay) -> str:
@@ -202,6 +202,26 @@ def closed_port() -> int:
 
 
 # --- the CSC and the agent under traffic ------------------------------------------------------
+
+
+async def test_metrics_are_on_their_own_listener_not_the_public_one(tmp_path: Path) -> None:
+    """The public listener (bootloaders, agents) answers 404 for /metrics: the series name
+    every tenant; the metrics listener serves them, and only them."""
+    async with relay(tmp_path) as r, aiohttp.ClientSession() as http:
+        assert r.node.metrics_address != r.node.http_address
+        assert await status_of(http, f"{r.csc_url}/metrics") == 404
+        samples = await scrape(http, r.metrics_url)
+        assert val(samples, "csc_sessions_opened_total", tenant="acme") >= 1
+        base = r.metrics_url.removesuffix("/metrics")
+        for path in ("/healthz", f"/v1/resolve/{ALIAS}", "/v1/agent/connect"):
+            assert await status_of(http, base + path) == 404, path
+
+
+def test_the_metrics_listener_is_loopback_by_default() -> None:
+    from csc.config import CSCConfig
+
+    host, _ = CSCConfig().metrics_listen_address or ("", 0)
+    assert ipaddress.ip_address(host).is_loopback
 
 
 async def test_requests_bytes_and_latency_move_by_exactly_the_traffic(tmp_path: Path) -> None:

@@ -121,9 +121,12 @@ def test_a_busy_port_is_named_not_shown_as_a_python_tuple(tmp_path: Path) -> Non
         taken.listen()
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
         serve = ["csc", "serve", "--state-dir", str(tmp_path / "csc"), "--tcp-listen", "off"]
+        serve += ["--metrics-listen", "off"]
+        local = [*serve, "--listen", "127.0.0.1:0", "--admin-listen"]
         runs = {
             "csc serve": _run([*serve, "--listen", busy, "--admin-listen", "off"]),
-            "csc admin listener": _run([*serve, "--listen", "127.0.0.1:0", "--admin-listen", busy]),
+            "csc admin listener": _run([*local, busy]),
+            "csc metrics listener": _run([*local, "off", "--metrics-listen", busy]),
             "csc-portal serve": _run(
                 ["portal", "serve", "--state-dir", str(tmp_path / "portal"), "--listen", busy]
             ),

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from tests.support.inproc import ALIAS, make_token, relay, start_agent, wait_online
+from tests.support.procs import scaled
 
 
 async def _json(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, object], object]:
@@ -168,3 +169,54 @@ async def test_alias_held_by_another_tenant_is_refused(tmp_path: Path) -> None:
             assert msg.type == aiohttp.WSMsgType.CLOSE
             assert ws.close_code == 4409
             assert "alias_taken" in msg.extra
+
+
+async def test_hello_naming_no_alias_skips_the_token_aliases_of_another_tenant(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An empty alias list in HELLO binds the token's aliases that are the tenant's; one held by
+    another tenant is skipped and logged (docs/operations.md), not refused with 4409."""
+    from shared.protocol import Connection, LinkSettings, Side, WelcomeReceived
+    from shared.tokens import issue_token, load_or_create_signing_key
+
+    caplog.set_level(logging.INFO, logger="csc.gateway")
+    async with relay(tmp_path, start=False) as r:
+        make_token(r.state_dir, "rogue", ["rogue@example.net"])
+        key, _ = load_or_create_signing_key(r.state_dir)
+        both = issue_token(
+            key,
+            tenant="rogue",
+            aliases=["rogue@example.net", ALIAS],
+            ttl_seconds=60,
+            audience="csc-agent",
+            issuer="csc",
+        )
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(
+                f"{r.csc_url}/v1/agent/connect", headers={"Authorization": f"Bearer {both}"}
+            )
+            conn = Connection(Side.CLIENT, LinkSettings(), accept_streams=True, now=0.0)
+            conn.send_hello({"agent": "test", "aliases": []})
+            await ws.send_bytes(b"".join(conn.data_to_send()))
+            msg = await ws.receive()
+            assert msg.type == aiohttp.WSMsgType.BINARY, (msg.type, msg.extra, ws.close_code)
+            conn.receive_data(msg.data, 0.0)
+            welcome = [e for e in conn.events() if isinstance(e, WelcomeReceived)]
+            assert welcome and welcome[0].info["aliases"] == ["rogue@example.net"]
+            await ws.close()
+    assert any("skipped" in m and ALIAS in m for m in caplog.messages), caplog.messages
+
+
+async def test_tcp_connect_line_too_long_is_refused_while_reading(tmp_path: Path) -> None:
+    """A long first line without a newline is answered as soon as it passes the line limit,
+    not buffered until the handshake timeout (an hour here)."""
+    async with relay(tmp_path, start=False, csc={"tcp_handshake_timeout": 3600.0}) as r:
+        host, port = r.tcp_address
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"CONNECT " + b"a" * 4096)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readline(), scaled(10))
+        assert answer.startswith(b"ERR 400 bad_request"), answer
+        assert b"longer than 512 bytes" in answer
+        assert await asyncio.wait_for(reader.read(), scaled(10)) == b""  # closed
+        writer.close()

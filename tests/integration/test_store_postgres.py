@@ -81,7 +81,8 @@ def db(postgres_url: str, tmp_path: Path) -> PostgresDb:
 
 
 def _config(url: str, state_dir: Path, **over: Any) -> CSCConfig:
-    return CSCConfig(state_dir=state_dir, database_url=Secret(url), **over)
+    settings: dict[str, Any] = {"metrics_listen": None, **over}
+    return CSCConfig(state_dir=state_dir, database_url=Secret(url), **settings)
 
 
 def _tenant(tenant_id: str) -> Any:
@@ -248,6 +249,7 @@ def test_operator_cli_on_the_database(
 def test_unreachable_database_at_start_is_one_clear_line(tmp_path: Path) -> None:
     url = f"postgresql://csc:{PASSWORD}@127.0.0.1:{free_port()}/cscdb"
     flags = ["--listen", "127.0.0.1:0", "--tcp-listen", "off", "--admin-listen", "off"]
+    flags += ["--metrics-listen", "off"]
     done = subprocess.run(
         [sys.executable, "-m", "csc", "serve", "--state-dir", str(tmp_path), *flags],
         env=child_env({"CSC_DATABASE_URL": url}),
@@ -310,6 +312,7 @@ async def _relay_through_restart(server: PostgresServer, tmp_path: Path) -> None
         listen="127.0.0.1:0",
         tcp_listen=None,
         admin_listen="127.0.0.1:0",
+        metrics_listen=None,
         registry_refresh=0.2,
     )
     upstream = await start_upstream_server()

@@ -43,6 +43,11 @@ class Relay:
         return f"http://{self.node.http_address}"
 
     @property
+    def metrics_url(self) -> str:
+        """``/metrics`` of the node (its own listener, never the public one)."""
+        return f"http://{self.node.metrics_address}/metrics"
+
+    @property
     def tcp_address(self) -> tuple[str, int]:
         assert self.node.tcp_address is not None
         host, _, port = self.node.tcp_address.rpartition(":")
@@ -123,7 +128,11 @@ async def relay(
 ) -> AsyncIterator[Relay]:
     state_dir = tmp_path / "csc-state"
     token = make_token(state_dir, "acme", [ALIAS])
-    settings: dict[str, Any] = {"admin_listen": "127.0.0.1:0", **(csc or {})}
+    settings: dict[str, Any] = {
+        "admin_listen": "127.0.0.1:0",
+        "metrics_listen": "127.0.0.1:0",
+        **(csc or {}),
+    }
     config = CSCConfig(
         listen="127.0.0.1:0", tcp_listen="127.0.0.1:0", state_dir=state_dir, **settings
     )

@@ -13,12 +13,17 @@ from hypothesis import strategies as st
 from csc.limits import (
     EPSILON,
     RATE,
+    RETRY_AFTER_BUSY,
     SESSIONS,
     STREAMS,
     UNLIMITED,
+    Admission,
+    Admissions,
     TenantLimiter,
     TokenBucket,
     burst_for,
+    client_cap,
+    client_key,
     retry_after,
 )
 from csc.metrics import CSCMetrics
@@ -314,3 +319,63 @@ def test_auth_failures_count_their_stable_reason(err: AuthFailed, reason: str) -
     metrics = CSCMetrics(process_metrics=False)
     metrics.auth_failed(err)
     assert metrics.registry.get_sample_value("csc_auth_failures_total", {"reason": reason}) == 1
+
+
+# --- a client address's share of a tenant's streams -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("client", "key"),
+    [
+        ("192.0.2.7:5555", "192.0.2.7"),
+        ("2001:db8:1:2:3:4:5:6:443", "2001:db8:1:2::/64"),
+        ("[2001:db8:1:2::9]:443", "2001:db8:1:2::/64"),
+        ("::ffff:192.0.2.7:80", "192.0.2.7"),
+        ("::1:1234", "::/64"),
+        ("?", "?"),
+        ("", ""),
+        ("not-an-ip:1", "not-an-ip:1"),
+    ],
+)
+def test_client_key(client: str, key: str) -> None:
+    assert client_key(client) == key
+
+
+@pytest.mark.parametrize(
+    ("max_streams", "share", "cap"),
+    [(None, 0.5, None), (10, 1.0, None), (10, 0.5, 5), (3, 0.5, 1), (1, 0.5, 1), (7, 0.3, 2)],
+)
+def test_client_cap(max_streams: int | None, share: float, cap: int | None) -> None:
+    assert client_cap(max_streams, share) == cap
+
+
+def test_one_address_is_capped_and_another_is_not() -> None:
+    lim = TenantLimiter()
+    lim.acquire_client("acme", "192.0.2.7", 2, "a@x")
+    lim.acquire_client("acme", "192.0.2.7", 2, "a@x")
+    with pytest.raises(TenantLimit) as caught:
+        lim.acquire_client("acme", "192.0.2.7", 2, "a@x")
+    assert caught.value.retry_after == RETRY_AFTER_BUSY
+    lim.acquire_client("acme", "192.0.2.8", 2, "a@x")
+    lim.acquire_client("beta", "192.0.2.7", 2, "b@x")
+    lim.release_client("acme", "192.0.2.7")
+    lim.acquire_client("acme", "192.0.2.7", 2, "a@x")
+    for _ in range(5):  # more releases than acquires are ignored
+        lim.release_client("acme", "192.0.2.7")
+    assert lim.client_streams("acme", "192.0.2.7") == 0
+
+
+def test_an_admission_follows_its_request_to_the_reopened_stream() -> None:
+    admissions = Admissions()
+    info: dict[str, object] = {"client": "192.0.2.7:1"}
+    first, second = object(), object()
+    held = Admission(info, "acme", "192.0.2.7")
+    assert admissions.of_request(info) is None
+    admissions.bind(held, first)
+    assert admissions.of_request(info) is held
+    assert admissions.of_request(dict(info)) is None  # another request
+    admissions.bind(held, second)
+    assert admissions.pop(first) is None
+    assert admissions.pop(second) is held
+    assert admissions.of_request(info) is None
+    assert not admissions.by_request and not admissions.by_stream
