@@ -32,12 +32,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from csc import console
+from csc.cluster import ClusterUnavailable
 from csc.gateway import AgentSession, end_sessions
 from csc.signing import signing_key
 from csc.state import NodeState
@@ -58,6 +58,9 @@ from shared.errors import BadAlias, GoingAway
 from shared.oserrors import describe_os_error
 from shared.timefmt import iso
 from shared.tokens import PrivateKey, SigningKeyError
+
+if TYPE_CHECKING:
+    from csc.cluster.node import Cluster
 
 log = logging.getLogger("csc.admin")
 
@@ -323,6 +326,14 @@ async def list_aliases(request: web.Request) -> web.Response:
     return web.json_response({"aliases": rows})
 
 
+async def _other_sessions(cluster: Cluster) -> dict[str, list[dict[str, Any]]]:
+    """Other nodes' session views by node; 503 ``cluster_unavailable`` while Redis is down."""
+    try:
+        return await cluster.routes.other_sessions()
+    except ClusterUnavailable as exc:
+        raise AdminError(503, "cluster_unavailable", f"cannot read other nodes: {exc}") from None
+
+
 async def _other_nodes_sessions(state: NodeState) -> list[dict[str, Any]]:
     """The session views other nodes of the cluster published (none on a lone node, or while
     Redis cannot be read)."""
@@ -330,7 +341,7 @@ async def _other_nodes_sessions(state: NodeState) -> list[dict[str, Any]]:
         return []
     try:
         others = await state.cluster.routes.other_sessions()
-    except RedisError:
+    except ClusterUnavailable:
         return []
     return [view for views in others.values() for view in views]
 
@@ -444,12 +455,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     views = [session_view(s, state.node_id) for s in _sessions_of(state, tenant)]
     nodes = [state.node_id]
     if state.cluster is not None:
-        try:
-            others = await state.cluster.routes.other_sessions()
-        except RedisError as exc:
-            raise AdminError(
-                503, "cluster_unavailable", f"cannot read other nodes: {exc}"
-            ) from None
+        others = await _other_sessions(state.cluster)
         for node, node_views in sorted(others.items()):
             nodes.append(node)
             views += [v for v in node_views if tenant is None or v.get("tenant") == tenant]
@@ -475,10 +481,7 @@ async def _disconnect_elsewhere(
     """A session held by another node of the cluster: that node ends it on an event."""
     if state.cluster is None:
         raise NotFound(f"no live session {session_id!r} on this node")
-    try:
-        others = await state.cluster.routes.other_sessions()
-    except RedisError as exc:
-        raise AdminError(503, "cluster_unavailable", f"cannot read other nodes: {exc}") from None
+    others = await _other_sessions(state.cluster)
     for node, views in others.items():
         view = next((v for v in views if v.get("id") == session_id), None)
         if view is None:

@@ -23,7 +23,6 @@ from typing import Any
 
 from csc.config import CSCConfig, load_csc_config
 from csc.store import MIGRATIONS, StoreError
-from csc.store.postgres import PostgresBackend
 from csc.store.sqlite import DB_FILE, backup, integrity
 from shared.checks import PROBLEM, Finding, note, ok, problem
 from shared.cli_support import EXIT_OK, EXIT_USAGE, config_file, fail, load_or_report
@@ -139,6 +138,8 @@ def _contents(conn: sqlite3.Connection) -> str:
 
 def check_postgres(url: str) -> list[Finding]:
     """What ``csc db check`` reports on the PostgreSQL database at ``url``."""
+    from csc.store.postgres import PostgresBackend  # psycopg is loaded only for PostgreSQL
+
     backend = PostgresBackend(url)
     try:
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from csc.cluster.node import Cluster, strip_peer_keys
+from csc.cluster.peer import strip_peer_keys
 from csc.gateway import AgentSession
 from csc.limits import (
     RETRY_AFTER_BUSY,
@@ -47,6 +47,9 @@ from shared.errors import (
     UnknownAlias,
 )
 from shared.link import LinkStream, TunnelStream
+
+if TYPE_CHECKING:
+    from csc.cluster.node import Cluster  # redis-py is loaded only when clustered
 
 _slot_ids = itertools.count(1)
 

@@ -9,18 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from csc.admin_api import session_view
-from csc.cluster.node import Cluster, ClusterHooks
-from csc.cluster.redisconn import RedisUnavailable, connect_redis
-from csc.cluster.routes import Keys
 from csc.gateway import end_sessions
 from csc.routing import open_for_peer
 from csc.state import NodeState
 from shared.errors import GoingAway
+
+if TYPE_CHECKING:
+    from csc.cluster.node import ClusterHooks
 
 log = logging.getLogger("csc.cluster")
 
@@ -30,6 +30,8 @@ class ClusterStartError(Exception):
 
 
 def _hooks(state: NodeState) -> ClusterHooks:
+    from csc.cluster.node import ClusterHooks
+
     async def catalog_changed() -> None:
         try:
             await asyncio.to_thread(state.registry.refresh, force=True)
@@ -72,6 +74,11 @@ async def cluster_context(app: web.Application) -> AsyncIterator[None]:
     if config.redis_url is None:
         yield
         return
+    # a lone node never loads redis-py and the cluster code (about 20 MiB resident)
+    from csc.cluster.node import Cluster
+    from csc.cluster.redisconn import RedisUnavailable, connect_redis
+    from csc.cluster.routes import Keys
+
     try:
         secret = config.cluster_secret()
     except ValueError as exc:

@@ -40,7 +40,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from csc.cluster.limits import ClusterRate, ClusterSlots
-from csc.cluster.peer import PEER_KEYS, PeerPool, PeerServer, PeerStream
+from csc.cluster.peer import PeerPool, PeerServer, PeerStream
 from csc.cluster.routes import Keys, NodeInfo, RouteTable
 from csc.cluster.subscriber import Subscriber
 from shared.errors import CSCError, PortalOffline
@@ -417,11 +417,6 @@ async def _end_task(task: asyncio.Task[None], patience: float = 2.0) -> None:
         log.warning("task %s did not end when cancelled; leaving it", task.get_name())
     elif not task.cancelled() and task.exception() is not None:
         log.warning("task %s failed: %r", task.get_name(), task.exception())
-
-
-def strip_peer_keys(info: dict[str, Any]) -> dict[str, Any]:
-    """A forwarded OPEN's info as the agent sees it."""
-    return {k: v for k, v in info.items() if k not in PEER_KEYS}
 
 
 def _hostport(host: str, port: int) -> str:

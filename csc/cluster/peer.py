@@ -83,6 +83,13 @@ MAX_HEAD = 1024 * 1024
 
 #: Stream ``info`` keys that only the peer link uses (removed before the agent sees the OPEN).
 PEER_KEYS = ("tenant",)
+
+
+def strip_peer_keys(info: dict[str, Any]) -> dict[str, Any]:
+    """A forwarded OPEN's info as the agent sees it."""
+    return {k: v for k, v in info.items() if k not in PEER_KEYS}
+
+
 #: the head A sends instead of the agent's answer when the agent never ran the stream
 UNPROCESSED = "unprocessed"
 

@@ -49,6 +49,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from csc.cluster import ClusterUnavailable
 from shared.aliases import domain_of
 
 log = logging.getLogger("csc.cluster")
@@ -359,11 +360,15 @@ class RouteTable:
         await self._delete_if(keys=[self.keys.route(grant)], args=[node, epoch])
 
     async def other_sessions(self) -> dict[str, list[dict[str, Any]]]:
-        """The session views other live nodes published: node id -> sessions."""
+        """The session views other live nodes published: node id -> sessions
+        (:class:`~csc.cluster.ClusterUnavailable` while Redis cannot be read)."""
         names = [n for n in sorted(self.directory) if n != self.node_id]
         if not names:
             return {}
-        raws = await self.redis.mget([self.keys.sessions(n) for n in names])
+        try:
+            raws = await self.redis.mget([self.keys.sessions(n) for n in names])
+        except RedisError as exc:
+            raise ClusterUnavailable(str(exc)) from None
         result: dict[str, list[dict[str, Any]]] = {}
         for name, raw in zip(names, raws, strict=True):
             if raw is None:

@@ -23,7 +23,6 @@ from csc.store.core import (
     new_operator_token,
     token_hash,
 )
-from csc.store.postgres import PostgresBackend, masked_url
 from csc.store.schema import MIGRATIONS
 from csc.store.sqlite import DB_FILE
 
@@ -36,7 +35,6 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
-    "masked_url",
     "new_operator_token",
     "open_store",
     "token_hash",
@@ -48,4 +46,6 @@ def open_store(config: CSCConfig) -> Store:
     in ``state_dir``. Raises StoreError (StoreUnavailable: the server cannot be reached)."""
     if config.database_url is None:
         return Store(config.state_dir)
+    from csc.store.postgres import PostgresBackend  # psycopg is loaded only with database_url
+
     return Store(config.state_dir, backend=PostgresBackend(config.database_url.reveal()))

@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from csc import cli
 from csc.config import CSCConfig
 from csc.signing import signing_key, verification_keys
-from csc.store import Store, masked_url
+from csc.store import Store
+from csc.store.postgres import masked_url
 from shared.tokens import (
     PUBLIC_KEY_FILE,
     SIGNING_KEY_FILE,

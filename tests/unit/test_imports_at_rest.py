@@ -1,0 +1,29 @@
+"""A lone node loads no cluster or PostgreSQL code: redis-py and psycopg cost about 20 MiB of
+resident memory and are imported only when ``redis_url`` / ``database_url`` is set."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.support.procs import REPO_ROOT
+
+PROBE = """
+import sys
+import csc.cli, csc.server, csc.admin_api, csc.routing, csc.db_cli, csc.store
+from csc.cluster.attach import cluster_context
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("redis", "psycopg"))
+print(",".join(heavy))
+"""
+
+
+def test_a_lone_node_imports_neither_redis_nor_psycopg() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.strip() == "", result.stdout
