@@ -31,8 +31,11 @@ from csc.state import NodeState
 from shared import resolve_sig
 from shared.errors import (
     UPSTREAM_CODES,
+    AgentLost,
     Cancelled,
     CSCError,
+    HeartbeatTimeout,
+    LinkStalled,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -59,6 +62,11 @@ _REPLACED = frozenset(
 )
 #: How often a request without a body is opened again after its agent refused it unprocessed.
 REOPEN_ATTEMPTS = 3
+#: Safe methods (RFC 9110 §9.2.1): a request without a body whose link ended before any answer
+#: is sent again, although the agent may have run it, since running it twice changes nothing.
+RETRY_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Errors that say the link carrying a stream ended, not that the portal answered.
+LINK_ENDED = frozenset({AgentLost.code, HeartbeatTimeout.code, LinkStalled.code})
 _READ_ONLY = ("GET", "HEAD")
 
 
@@ -220,7 +228,8 @@ async def tunnel(state: NodeState, conn: FrontConnection, request: FrontRequest)
             stream.write_eof()  # in the same message as OPEN
         try:
             if body is None:
-                use.stream = await _reopen_unprocessed(state, alias, info, tenant, stream)
+                safe = request.method in RETRY_SAFE_METHODS
+                use.stream = await _reopen_unprocessed(state, alias, info, tenant, stream, safe)
             await _relay_response(conn, request, state, use, body)
         except asyncio.CancelledError:
             use.stream.reset(Cancelled("the client went away"))
@@ -230,19 +239,36 @@ async def tunnel(state: NodeState, conn: FrontConnection, request: FrontRequest)
             record.bytes_in = request.received
 
 
+def _may_reopen(stream: TunnelStream, safe: bool) -> bool:
+    """Whether a bodyless stream that failed before its answer may be opened again: it never
+    ran (refused unprocessed), or its method is safe and its link ended under it."""
+    if not stream.opened.done() or stream.opened.cancelled():
+        return False
+    if stream.unprocessed:
+        return True
+    err = stream.opened.exception()
+    return safe and isinstance(err, CSCError) and err.code in LINK_ENDED
+
+
 async def _reopen_unprocessed(
-    state: NodeState, alias: str, info: dict[str, Any], tenant: str | None, stream: TunnelStream
+    state: NodeState,
+    alias: str,
+    info: dict[str, Any],
+    tenant: str | None,
+    stream: TunnelStream,
+    safe: bool,
 ) -> TunnelStream:
     """Wait (up to ``open_timeout``) for the agent's answer to a request without a body; while
     the stream was refused unprocessed (its agent session, or the node relaying to it, was
-    going away and never ran it: ``TunnelStream.unprocessed``), open it again on another
-    session or node, up to :data:`REOPEN_ATTEMPTS` times. Returns the stream to answer from
-    (the original when no other can be opened, so its error is reported)."""
+    going away and never ran it: ``TunnelStream.unprocessed``), or, for a ``safe`` method, its
+    link ended before any answer (:data:`LINK_ENDED`), open it again on another session or
+    node, up to :data:`REOPEN_ATTEMPTS` times. Returns the stream to answer from (the original
+    when no other can be opened, so its error is reported)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.config.open_timeout
     for _ in range(REOPEN_ATTEMPTS):
         await asyncio.wait([stream.opened], timeout=max(0.0, deadline - loop.time()))
-        if not (stream.opened.done() and stream.unprocessed):
+        if not _may_reopen(stream, safe):
             return stream
         try:
             again = await open_stream(state, alias, lookup_alias(state, alias)[1], info)
@@ -250,7 +276,8 @@ async def _reopen_unprocessed(
             return stream
         state.limits.release_stream(tenant or "")  # the new stream holds its own slot
         stream.finish()
-        log.info("request %s: reopened after an agent going away", info["request_id"])
+        why = "an agent going away" if stream.unprocessed else "its agent link ended"
+        log.info("request %s: reopened after %s", info["request_id"], why)
         stream = again
         stream.write_eof()
     return stream

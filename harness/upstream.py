@@ -255,7 +255,7 @@ def create_upstream_app() -> web.Application:
     app.router.add_route("*", "/echo/{tail:.*}", handle_echo)
     app.router.add_get("/small", handle_small)
     app.router.add_get("/status/{code}", handle_status)
-    app.router.add_get("/slow-head", handle_slow_head)
+    app.router.add_route("*", "/slow-head", handle_slow_head)
     app.router.add_get("/reset-mid", handle_reset_mid)
     return app
 

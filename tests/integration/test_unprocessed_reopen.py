@@ -4,7 +4,9 @@ An agent that sends GOAWAY (it moves a session to another node, or stops) refuse
 crossed its GOAWAY with OPEN_FAIL ``going_away`` and may close the link right after; the CSC
 marks the streams above the GOAWAY's ``last_stream_id`` that failed before acceptance
 ``unprocessed`` (shared/link.py), and the HTTP ingress opens a request without a body again on
-another session, so the bootloader never sees the refusal.
+another session, so the bootloader never sees the refusal. A GET, HEAD or OPTIONS whose link
+ended before any answer is sent again too (the agent may have run it; a safe method may run
+twice); any other method gets the link's error.
 """
 
 from __future__ import annotations
@@ -118,3 +120,36 @@ async def test_a_request_refused_by_a_departing_session_is_reopened_on_another(
         assert busy.streams_opened == 2  # the slow request and the reopened one
         async with await slow as answer:
             assert answer.status == 200
+
+
+async def test_a_get_whose_agent_link_ends_before_the_answer_is_sent_again(
+    tmp_path: Path,
+) -> None:
+    async with relay(tmp_path) as r, aiohttp.ClientSession() as http:
+        state = r.node.state
+        await async_wait_until(lambda: len(state.sessions) == 2, 10, 0.01)
+        slow = asyncio.ensure_future(http.get(r.tunnel("/slow-head?delay=1")))
+        await async_wait_until(lambda: any(s.load for s in state.sessions.values()), 10, 0.01)
+        busy = next(s for s in state.sessions.values() if s.load)
+        assert r.agent is not None
+        dying = next(s for s in r.agent.sessions if s.id == busy.id)
+        dying.link.close()  # the link ends while the agent may be running the request
+        async with await slow as answer:
+            assert answer.status == 200, await answer.text()
+
+
+async def test_a_post_whose_agent_link_ends_before_the_answer_is_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    async with relay(tmp_path) as r, aiohttp.ClientSession() as http:
+        state = r.node.state
+        await async_wait_until(lambda: len(state.sessions) == 2, 10, 0.01)
+        slow = asyncio.ensure_future(http.post(r.tunnel("/slow-head?delay=1")))
+        await async_wait_until(lambda: any(s.load for s in state.sessions.values()), 10, 0.01)
+        busy = next(s for s in state.sessions.values() if s.load)
+        assert r.agent is not None
+        dying = next(s for s in r.agent.sessions if s.id == busy.id)
+        dying.link.close()
+        async with await slow as answer:
+            assert answer.status == 502, await answer.text()
+            assert (await answer.json())["error"] == "agent_lost"
