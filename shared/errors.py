@@ -283,4 +283,11 @@ def _register(cls: type[CSCError]) -> None:
 
 
 _register(CSCError)
-assert set(_BY_CODE) == set(ERRORS), sorted(set(ERRORS) ^ set(_BY_CODE))
+if set(_BY_CODE) != set(ERRORS):  # not an assert: ``python -O`` would skip it
+    raise RuntimeError(f"error classes and ERRORS disagree: {sorted(set(ERRORS) ^ set(_BY_CODE))}")
+
+
+class InvalidState(Exception):
+    """A command called in a state that does not allow it: a bug of this side, never the
+    peer's fault (that is :class:`ProtocolError`). Deliberately not a :class:`CSCError`, so no
+    error table maps it to a status or close code; the caller's bug surfaces as one."""

@@ -159,3 +159,19 @@ class FrameDecoder:
         size = _FIXED_SIZES.get(ftype)
         if size is not None and length != size:
             raise ProtocolError(f"{FrameType(ftype).name} payload must be {size} bytes")
+
+
+#: Characters of an error message on the wire; 6 bytes each at most in JSON.
+MAX_MESSAGE = 1000
+
+
+def error_payload(code: str, message: str, **extra: Any) -> bytes:
+    """OPEN_FAIL / RST / GOAWAY payload; the message is capped so it fits any frame (§6)."""
+    return encode_json({"code": code, "message": message[:MAX_MESSAGE], **extra})
+
+
+def code_message(info: dict[str, Any]) -> tuple[str, str]:
+    code, message = info.get("code"), info.get("message", "")
+    if not isinstance(code, str) or not isinstance(message, str):
+        raise ProtocolError("error frame needs string 'code' and 'message'")
+    return code, message[:MAX_MESSAGE]
