@@ -54,7 +54,7 @@ from csc.tenants import (
     parse_ttl_value,
 )
 from shared.aliases import covered, normalise_grant
-from shared.errors import BadAlias, GoingAway
+from shared.errors import BadAlias, GoingAway, InvalidState
 from shared.oserrors import describe_os_error
 from shared.timefmt import iso
 from shared.tokens import PrivateKey, SigningKeyError
@@ -155,7 +155,8 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _state(request: web.Request) -> tuple[NodeState, Store]:
     state = request.app[NodeState.KEY]
-    assert state.store is not None  # the listener is started only with a store
+    if state.store is None:  # the listener is started only with a store
+        raise InvalidState("the admin API runs without a store")
     return state, state.store
 
 
