@@ -73,9 +73,8 @@ class AgentSession:
     claims: AgentClaims
     link: Link
     agent: str = ""
-    opened_at: float = 0.0
     streams_opened: int = 0
-    #: wall-clock time the session came up (``opened_at`` is the loop's clock)
+    #: wall-clock time the session came up
     since: float = 0.0
     traffic: Traffic = field(default_factory=Traffic)
 
@@ -269,7 +268,6 @@ async def _run_session(
         claims=claims,
         link=link,
         agent=str(hello.get("agent", ""))[:100],
-        opened_at=loop.time(),
         since=time.time(),
         traffic=traffic,
     )
