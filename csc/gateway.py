@@ -356,11 +356,12 @@ def end_sessions(state: NodeState) -> int:
 async def _enforce_forever(state: NodeState) -> None:
     while True:
         await asyncio.sleep(state.config.registry_refresh)
-        try:
-            await asyncio.to_thread(state.registry.refresh)
-        except Exception:  # the store is unreadable for now: keep the last catalog
-            log.exception("cannot re-read the registry; keeping the last known state")
-        end_sessions(state)
+        async with state.rights:  # never halfway through an admin change (NodeState.rights)
+            try:
+                await asyncio.to_thread(state.registry.refresh)
+            except Exception:  # the store is unreadable for now: keep the last catalog
+                log.exception("cannot re-read the registry; keeping the last known state")
+            end_sessions(state)
 
 
 async def enforce_rights(app: web.Application) -> AsyncIterator[None]:

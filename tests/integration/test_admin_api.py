@@ -73,7 +73,8 @@ async def test_tenant_lifecycle(tmp_path: Path) -> None:
         await _revoke(admin, http, r, token)
         r.token = await _issue(admin)
         await start_agent(r, sessions=2)
-        await wait_online(r.csc_url, ALIAS)
+        # online with the first session; the suspension below counts both
+        await async_wait_until(lambda: len(_beta_sessions(r)) == 2, 10, message="two sessions")
         await _suspend_and_resume(admin, http, r)
         await _delete(admin, http, r)
         await _check_audit(admin, token)
