@@ -67,18 +67,22 @@ class Frame:
 
 
 def encode_header(ftype: int, flags: int, stream_id: int, length: int) -> bytes:
+    """The 12-byte header of a frame whose payload (``length`` bytes) is sent separately."""
     return HEADER.pack(VERSION_MAJOR, ftype, flags, 0, stream_id, length)
 
 
 def encode_frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """One whole frame: header and payload."""
     return HEADER.pack(VERSION_MAJOR, ftype, flags, 0, stream_id, len(payload)) + payload
 
 
 def encode_json(obj: dict[str, Any]) -> bytes:
+    """A JSON payload (compact, UTF-8)."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def decode_json(payload: bytes | memoryview, what: str) -> dict[str, Any]:
+    """A JSON object payload of the frame named ``what``; ProtocolError if it is not one."""
     try:
         obj = json.loads(bytes(payload))
     except (ValueError, RecursionError) as exc:  # also int digit limit and deep nesting
@@ -89,10 +93,12 @@ def decode_json(payload: bytes | memoryview, what: str) -> dict[str, Any]:
 
 
 def encode_u32(value: int) -> bytes:
+    """A WINDOW increment payload."""
     return _U32.pack(value)
 
 
 def decode_u32(payload: bytes | memoryview) -> int:
+    """A WINDOW increment (the decoder already checked that the payload is 4 bytes)."""
     value: int = _U32.unpack(payload)[0]
     return value
 
@@ -110,6 +116,7 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
+        """Bytes received and not yet part of a complete frame."""
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
@@ -171,6 +178,7 @@ def error_payload(code: str, message: str, **extra: Any) -> bytes:
 
 
 def code_message(info: dict[str, Any]) -> tuple[str, str]:
+    """``code`` and ``message`` of an error payload; ProtocolError if they are not strings."""
     code, message = info.get("code"), info.get("message", "")
     if not isinstance(code, str) or not isinstance(message, str):
         raise ProtocolError("error frame needs string 'code' and 'message'")

@@ -142,15 +142,18 @@ class Connection:
             raise
 
     def events(self) -> list[Event]:
+        """The events since the last call, oldest first (each is returned once)."""
         events, self._events = self._events, []
         return events
 
     def data_to_send(self) -> list[bytes | memoryview]:
+        """The bytes queued since the last call, to be written in order (each returned once)."""
         out, self._out = self._out, []
         return out
 
     @property
     def has_output(self) -> bool:
+        """Whether :meth:`data_to_send` has something."""
         return bool(self._out)
 
     # -- handshake ---------------------------------------------------------------------------
@@ -367,10 +370,12 @@ class Connection:
 
     @property
     def active_streams(self) -> int:
+        """Live streams (both directions)."""
         return len(self.streams)
 
     @property
     def window_total(self) -> int:
+        """The sum of the live streams' receive windows (bounded by the session budget, §5)."""
         return self._window_total
 
     # -- internals ---------------------------------------------------------------------------

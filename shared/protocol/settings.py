@@ -48,6 +48,7 @@ class LinkSettings:
 
     @classmethod
     def from_config(cls, config: LinkLimits, *, max_streams: int | None = None) -> LinkSettings:
+        """What a program's configuration grants (``max_streams`` defaults to 1024)."""
         return cls(
             initial_window=config.initial_window,
             max_window=config.max_window,
@@ -59,6 +60,7 @@ class LinkSettings:
         )
 
     def to_wire(self) -> dict[str, int]:
+        """The ``settings`` object of HELLO/WELCOME."""
         return {
             "initial_window": self.initial_window,
             "max_frame": self.max_frame,
@@ -74,6 +76,7 @@ class PeerSettings:
 
 
 def peer_settings(info: dict[str, Any]) -> PeerSettings:
+    """The settings the peer granted in its HELLO/WELCOME; ProtocolError if out of bounds."""
     raw = info.get("settings")
     if not isinstance(raw, dict):
         raise ProtocolError("handshake lacks a 'settings' object")
@@ -92,6 +95,7 @@ def peer_settings(info: dict[str, Any]) -> PeerSettings:
 
 
 def check_version(info: dict[str, Any]) -> None:
+    """Refuse a peer of another major version (VersionUnsupported) or none (ProtocolError)."""
     version = info.get("version")
     if not isinstance(version, str):
         raise ProtocolError("handshake lacks a 'version' string")

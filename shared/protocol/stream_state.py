@@ -196,8 +196,10 @@ class Stream:
 
     @property
     def local_fin(self) -> bool:
+        """This side sent its FIN."""
         return self.state in LOCAL_FIN
 
     @property
     def remote_fin(self) -> bool:
+        """The peer sent its FIN."""
         return self.state in REMOTE_FIN
