@@ -15,8 +15,8 @@ from shared.protocol.events import (
     StreamReset,
     WelcomeReceived,
 )
-from shared.protocol.mux import Connection, LinkState, Side
-from shared.protocol.settings import LinkSettings
+from shared.protocol.mux import Connection
+from shared.protocol.settings import LinkSettings, LinkState, Side
 from shared.protocol.stream_state import TRANSITIONS, Fault, Stream, StreamInput, StreamState
 
 __all__ = [

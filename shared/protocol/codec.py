@@ -76,6 +76,26 @@ def encode_frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -
     return HEADER.pack(VERSION_MAJOR, ftype, flags, 0, stream_id, len(payload)) + payload
 
 
+def encode_data(
+    sid: int, data: bytes | memoryview, take: int, max_frame: int, *, fin: bool
+) -> list[bytes | memoryview]:
+    """DATA frames (headers and views of ``data``) for its first ``take`` bytes, at most
+    ``max_frame`` each; with ``fin`` the last one carries FIN (one empty frame if ``take`` is 0)."""
+    view = memoryview(data) if not isinstance(data, memoryview) else data
+    out: list[bytes | memoryview] = []
+    pos = 0
+    while pos < take or (pos == 0 and take == 0 and fin):
+        size = min(max_frame, take - pos)
+        flags = FLAG_FIN if fin and pos + size >= take else 0
+        out.append(encode_header(FrameType.DATA, flags, sid, size))
+        if size:
+            out.append(view[pos : pos + size])
+        pos += size
+        if size == 0:
+            break
+    return out
+
+
 def encode_json(obj: dict[str, Any]) -> bytes:
     """A JSON payload (compact, UTF-8)."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()

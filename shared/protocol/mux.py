@@ -27,7 +27,6 @@ Invariants:
 from __future__ import annotations
 
 import os
-from enum import Enum
 from typing import Any
 
 from shared.errors import (
@@ -51,8 +50,8 @@ from shared.protocol.codec import (
     code_message,
     decode_json,
     decode_u32,
+    encode_data,
     encode_frame,
-    encode_header,
     encode_json,
     encode_u32,
     error_payload,
@@ -73,7 +72,9 @@ from shared.protocol.events import (
 )
 from shared.protocol.settings import (
     LinkSettings,
+    LinkState,
     PeerSettings,
+    Side,
     check_version,
     peer_settings,
 )
@@ -88,17 +89,6 @@ from shared.protocol.stream_state import (
     transition,
 )
 from shared.protocol.windows import update_threshold, window_growth
-
-
-class Side(Enum):
-    CLIENT = "client"  # dials the link (the agent); opens odd stream ids
-    SERVER = "server"  # accepts the link (the CSC); opens even stream ids
-
-
-class LinkState(Enum):
-    HANDSHAKE = "handshake"
-    OPEN = "open"
-    CLOSED = "closed"
 
 
 class Connection:
@@ -159,21 +149,15 @@ class Connection:
     # -- handshake ---------------------------------------------------------------------------
 
     def send_hello(self, info: dict[str, Any]) -> None:
-        """Queue HELLO with ``info``, this side's version and settings (§4).
-
-        Only the client calls it, once, while the link is in the handshake.
-        """
+        """Queue HELLO with ``info``, version and settings (§4): the client, once, first."""
         if self.side is not Side.CLIENT or self.state is not LinkState.HANDSHAKE:
             raise InvalidState(f"send_hello on the {self.side.value} side in {self.state.value}")
         payload = {**info, "version": VERSION, "settings": self.settings.to_wire()}
         self._out.append(encode_frame(FrameType.HELLO, 0, 0, encode_json(payload)))
 
     def send_welcome(self, info: dict[str, Any], now: float) -> None:
-        """Queue WELCOME with ``info`` and this side's settings, open the link and send the first
-        heartbeat PING (§4).
-
-        Only the server calls it, once, after :class:`HelloReceived`.
-        """
+        """Queue WELCOME with ``info``, version and settings and a first PING, and open the link
+        (§4): the server, once, after :class:`HelloReceived`."""
         if self.side is not Side.SERVER or self.state is not LinkState.HANDSHAKE or not self.peer:
             raise InvalidState(f"send_welcome on the {self.side.value} side before HELLO")
         payload = {**info, "version": VERSION, "settings": self.settings.to_wire()}
@@ -186,11 +170,10 @@ class Connection:
     def open_stream(self, info: dict[str, Any]) -> int:
         """Queue OPEN for a new stream and return its id; DATA may follow at once.
 
-        May be called once the link is open (else :class:`InvalidState`). Raises
-        :class:`GoingAway` after GOAWAY either way, :class:`TooManyStreams` at the smaller of
-        both sides' stream limits and :class:`HeadersTooLarge` when ``info`` does not fit the
-        peer's frame size; none of these queues anything. The stream is ``OPEN_SENT``.
-        """
+        Before the handshake: :class:`InvalidState`; on a closed link :class:`ProtocolError`,
+        after GOAWAY either way :class:`GoingAway`, at the smaller stream limit
+        :class:`TooManyStreams`, when ``info`` does not fit the peer's frame size
+        :class:`HeadersTooLarge`; none queues anything. The stream is ``OPEN_SENT``."""
         peer = self._require_open()
         if self.peer_going_away or self.local_going_away:
             raise GoingAway("the link is draining")
@@ -257,19 +240,7 @@ class Connection:
         peer = self._require_open()
         total = len(data)
         take = min(total, stream.send_credit)
-        view = memoryview(data) if not isinstance(data, memoryview) else data
-        max_frame = peer.max_frame
-        pos = 0
-        while pos < take or (pos == 0 and take == 0 and fin and total == 0):
-            size = min(max_frame, take - pos)
-            last = pos + size >= take
-            flags = FLAG_FIN if (fin and last and take == total) else 0
-            self._out.append(encode_header(FrameType.DATA, flags, sid, size))
-            if size:
-                self._out.append(view[pos : pos + size])
-            pos += size
-            if size == 0:
-                break
+        self._out += encode_data(sid, data, take, peer.max_frame, fin=fin and take == total)
         stream.send_credit -= take
         if fin and take == total:
             self._enter(stream, command(stream.state, StreamInput.SEND_FIN, sid))

@@ -1,4 +1,5 @@
-"""The link settings each side grants the other in HELLO/WELCOME (docs/protocol.md §4).
+"""The link settings each side grants the other in HELLO/WELCOME (docs/protocol.md §4), and
+the link's roles (:class:`Side`) and states (:class:`LinkState`).
 
 :class:`LinkSettings` is what this side grants (from the program's configuration),
 :class:`PeerSettings` what the peer granted, validated by :func:`peer_settings`;
@@ -8,6 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol
 
 from shared.errors import ProtocolError, VersionUnsupported
@@ -15,6 +17,17 @@ from shared.protocol.codec import HARD_MAX_PAYLOAD, MAX_WINDOW_INCREMENT, VERSIO
 
 MIN_FRAME = 16 * 1024
 DEFAULT_MAX_STREAMS = 1024
+
+
+class Side(Enum):
+    CLIENT = "client"  # dials the link (the agent); opens odd stream ids
+    SERVER = "server"  # accepts the link (the CSC); opens even stream ids
+
+
+class LinkState(Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
 
 
 class LinkLimits(Protocol):
