@@ -54,7 +54,7 @@ from csc.tenants import (
     parse_ttl_value,
 )
 from shared.aliases import covered, normalise_grant
-from shared.errors import BadAlias, GoingAway
+from shared.errors import BadAlias, GoingAway, InvalidState
 from shared.oserrors import describe_os_error
 from shared.timefmt import iso
 from shared.tokens import PrivateKey, SigningKeyError
@@ -158,7 +158,8 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _state(request: web.Request) -> tuple[NodeState, Store]:
     state = request.app[NodeState.KEY]
-    assert state.store is not None  # the listener is started only with a store
+    if state.store is None:  # the listener is started only with a store
+        raise InvalidState("the admin API runs without a store")
     return state, state.store
 
 
@@ -168,6 +169,14 @@ def _actor(request: web.Request) -> Actor:
 
 async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+async def _commit(state: NodeState, fn: Callable[..., T], *args: Any) -> tuple[T, int]:
+    """Write a change to the store and apply it (:func:`_apply`) with the periodic re-read held
+    off (``NodeState.rights``): the sessions the change ends are all counted in the answer."""
+    async with state.rights:
+        result = await _run(fn, *args)
+        return result, await _apply(state)
 
 
 async def _apply(state: NodeState) -> int:
@@ -287,8 +296,8 @@ async def get_tenant(request: web.Request) -> web.Response:
 async def update_tenant(request: web.Request) -> web.Response:
     state, store = _state(request)
     update = parse_tenant_update(await _body(request))
-    tenant = await _run(store.update_tenant, request.match_info["tenant"], update, _actor(request))
-    closed = await _apply(state)
+    tenant_id = request.match_info["tenant"]
+    tenant, closed = await _commit(state, store.update_tenant, tenant_id, update, _actor(request))
     log.info("admin %s updated tenant %s (state %s)", request[OPERATOR], tenant.id, tenant.state)
     return web.json_response({**_tenant_view(state, tenant), "sessions_closed": closed})
 
@@ -297,8 +306,7 @@ async def delete_tenant(request: web.Request) -> web.Response:
     state, store = _state(request)
     tenant_id = request.match_info["tenant"]
     cascade = _query_flag(request, "cascade")
-    summary = await _run(store.delete_tenant, tenant_id, cascade, _actor(request))
-    closed = await _apply(state)
+    summary, closed = await _commit(state, store.delete_tenant, tenant_id, cascade, _actor(request))
     state.metrics.forget_tenant(tenant_id)
     log.info("admin %s deleted tenant %s", request[OPERATOR], tenant_id)
     return web.json_response({"deleted": tenant_id, **summary, "sessions_closed": closed})
@@ -430,8 +438,7 @@ async def revoke_token(request: web.Request) -> web.Response:
         raise Invalid(["jti: expected 1 to 128 printable characters"])
     if not _query_flag(request, "unrecorded") and await _run(store.token, jti) is None:
         raise NotFound(f"no token {jti!r} was issued by this CSC (?unrecorded=true revokes it)")
-    record, fresh = await _run(store.revoke_token, jti, _actor(request))
-    closed = await _apply(state)
+    (record, fresh), closed = await _commit(state, store.revoke_token, jti, _actor(request))
     log.info("admin %s revoked token %s (%d sessions closed)", request[OPERATOR], jti, closed)
     return web.json_response(
         {

@@ -73,9 +73,8 @@ class AgentSession:
     claims: AgentClaims
     link: Link
     agent: str = ""
-    opened_at: float = 0.0
     streams_opened: int = 0
-    #: wall-clock time the session came up (``opened_at`` is the loop's clock)
+    #: wall-clock time the session came up
     since: float = 0.0
     traffic: Traffic = field(default_factory=Traffic)
 
@@ -303,7 +302,6 @@ async def _run_session(
         claims=claims,
         link=link,
         agent=str(hello.get("agent", ""))[:100],
-        opened_at=loop.time(),
         since=time.time(),
         traffic=traffic,
     )
@@ -394,11 +392,12 @@ def end_sessions(state: NodeState) -> int:
 async def _enforce_forever(state: NodeState) -> None:
     while True:
         await asyncio.sleep(state.config.registry_refresh)
-        try:
-            await asyncio.to_thread(state.registry.refresh)
-        except Exception:  # the store is unreadable for now: keep the last catalog
-            log.exception("cannot re-read the registry; keeping the last known state")
-        end_sessions(state)
+        async with state.rights:  # never halfway through an admin change (NodeState.rights)
+            try:
+                await asyncio.to_thread(state.registry.refresh)
+            except Exception:  # the store is unreadable for now: keep the last catalog
+                log.exception("cannot re-read the registry; keeping the last known state")
+            end_sessions(state)
 
 
 async def enforce_rights(app: web.Application) -> AsyncIterator[None]:

@@ -86,8 +86,6 @@ class Registry(Protocol[S]):
 
     def tenant(self, tenant_id: str) -> Tenant | None: ...
 
-    def is_revoked(self, jti: str) -> bool: ...
-
     def operator(self, token_sha256: str) -> str | None: ...
 
     def bind(self, session: S) -> None: ...
@@ -150,9 +148,6 @@ class MemoryRegistry(Generic[S]):
         if found is None and self.refresh_on_miss and self.refresh():
             found = self.catalog.tenants.get(tenant_id)
         return found
-
-    def is_revoked(self, jti: str) -> bool:
-        return jti in self.catalog.revoked
 
     def operator(self, token_sha256: str) -> str | None:
         name = self.catalog.operators.get(token_sha256)

@@ -51,6 +51,10 @@ class NodeState:
     link_settings: LinkSettings = field(init=False)
     #: the managed objects (tenants, aliases, tokens, operators, audit); None: no admin API
     store: Store | None = None
+    #: held while the registry is re-read and sessions that lost their rights are ended, and by
+    #: an admin change from its store write to its end: the periodic re-read never ends (and
+    #: so takes from the change's count) the sessions of a change still being made
+    rights: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: set to ask the node to drain and stop (SIGTERM, or the admin API)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     #: the last error answers of the ingresses (admin API ``/errors``, the console)

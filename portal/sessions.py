@@ -94,6 +94,3 @@ class Sessions:
         for key in expired:
             del self._by_digest[key]
         return len(expired)
-
-    def packages_in_use(self, now: float) -> set[str]:
-        return {s.package_id for s in self._by_digest.values() if s.expires_at > now}

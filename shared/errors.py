@@ -25,49 +25,47 @@ class ErrorSpec:
     default_message: str
 
 
-def _spec(code: str, http: int, close: int, level: int, message: str) -> ErrorSpec:
-    return ErrorSpec(code, http, close, level, message)
-
-
 _INFO, _WARN, _ERR = logging.INFO, logging.WARNING, logging.ERROR
 
 #: code -> how it is presented on every surface (docs/protocol.md §8 lists the close codes).
 ERRORS: dict[str, ErrorSpec] = {
     s.code: s
     for s in (
-        _spec("bad_request", 400, 4400, _INFO, "the request is malformed"),
-        _spec("bad_alias", 400, 4400, _INFO, "the alias is malformed"),
-        _spec("auth_failed", 401, 4401, _WARN, "authentication failed"),
-        _spec("alias_forbidden", 403, 4403, _WARN, "the token does not cover this alias"),
-        _spec("unknown_alias", 404, 4404, _INFO, "no tenant serves this alias"),
-        _spec("alias_taken", 409, 4409, _WARN, "the alias is held by another tenant"),
-        _spec("not_found", 404, 4404, _INFO, "nothing is served at this path"),
-        _spec("method_not_allowed", 405, 4405, _INFO, "the method is not allowed here"),
-        _spec("request_timeout", 408, 4408, _INFO, "the request was not received in time"),
-        _spec("payload_too_large", 413, 4413, _INFO, "the request body is too large"),
-        _spec("headers_too_large", 431, 4431, _INFO, "the request head is too large"),
-        _spec("version_unsupported", 426, 4426, _WARN, "unsupported protocol version"),
-        _spec("too_many_streams", 429, 4429, _WARN, "too many concurrent streams"),
-        _spec("tenant_limit", 429, 4429, _INFO, "a limit of the tenant was reached"),
-        _spec("rate_limited", 429, 4429, _INFO, "too many requests for this tenant"),
-        _spec("internal", 500, 1011, _ERR, "internal error"),
-        _spec("upstream_refused", 502, 4502, _WARN, "the portal refused the connection"),
-        _spec("upstream_reset", 502, 4502, _WARN, "the portal reset the connection"),
-        _spec("upstream_error", 502, 4502, _WARN, "the portal answered with an invalid response"),
-        _spec("agent_lost", 502, 4502, _WARN, "the tenant agent's link was lost"),
-        _spec("portal_offline", 503, 4503, _INFO, "the portal for this alias is offline"),
-        _spec("going_away", 503, 1001, _INFO, "the server is shutting down"),
-        _spec("tenant_suspended", 503, 4423, _INFO, "the tenant is suspended"),
-        _spec(
+        ErrorSpec("bad_request", 400, 4400, _INFO, "the request is malformed"),
+        ErrorSpec("bad_alias", 400, 4400, _INFO, "the alias is malformed"),
+        ErrorSpec("auth_failed", 401, 4401, _WARN, "authentication failed"),
+        ErrorSpec("alias_forbidden", 403, 4403, _WARN, "the token does not cover this alias"),
+        ErrorSpec("unknown_alias", 404, 4404, _INFO, "no tenant serves this alias"),
+        ErrorSpec("alias_taken", 409, 4409, _WARN, "the alias is held by another tenant"),
+        ErrorSpec("not_found", 404, 4404, _INFO, "nothing is served at this path"),
+        ErrorSpec("method_not_allowed", 405, 4405, _INFO, "the method is not allowed here"),
+        ErrorSpec("request_timeout", 408, 4408, _INFO, "the request was not received in time"),
+        ErrorSpec("payload_too_large", 413, 4413, _INFO, "the request body is too large"),
+        ErrorSpec("headers_too_large", 431, 4431, _INFO, "the request head is too large"),
+        ErrorSpec("version_unsupported", 426, 4426, _WARN, "unsupported protocol version"),
+        ErrorSpec("too_many_streams", 429, 4429, _WARN, "too many concurrent streams"),
+        ErrorSpec("tenant_limit", 429, 4429, _INFO, "a limit of the tenant was reached"),
+        ErrorSpec("rate_limited", 429, 4429, _INFO, "too many requests for this tenant"),
+        ErrorSpec("internal", 500, 1011, _ERR, "internal error"),
+        ErrorSpec("upstream_refused", 502, 4502, _WARN, "the portal refused the connection"),
+        ErrorSpec("upstream_reset", 502, 4502, _WARN, "the portal reset the connection"),
+        ErrorSpec(
+            "upstream_error", 502, 4502, _WARN, "the portal answered with an invalid response"
+        ),
+        ErrorSpec("agent_lost", 502, 4502, _WARN, "the tenant agent's link was lost"),
+        ErrorSpec("portal_offline", 503, 4503, _INFO, "the portal for this alias is offline"),
+        ErrorSpec("going_away", 503, 1001, _INFO, "the server is shutting down"),
+        ErrorSpec("tenant_suspended", 503, 4423, _INFO, "the tenant is suspended"),
+        ErrorSpec(
             "cluster_unavailable", 503, 1013, _WARN, "the cluster's routing state is unavailable"
         ),
-        _spec("upstream_timeout", 504, 4504, _WARN, "the portal did not answer in time"),
-        _spec("protocol_error", 400, 4400, _WARN, "protocol violation"),
-        _spec("flow_control", 400, 4400, _WARN, "flow-control violation"),
-        _spec("frame_too_large", 400, 4400, _WARN, "frame too large"),
-        _spec("heartbeat_timeout", 504, 4408, _WARN, "the peer stopped answering heartbeats"),
-        _spec("link_stalled", 502, 1008, _WARN, "the peer stopped reading the link"),
-        _spec("cancelled", 499, 4499, _INFO, "the client went away"),
+        ErrorSpec("upstream_timeout", 504, 4504, _WARN, "the portal did not answer in time"),
+        ErrorSpec("protocol_error", 400, 4400, _WARN, "protocol violation"),
+        ErrorSpec("flow_control", 400, 4400, _WARN, "flow-control violation"),
+        ErrorSpec("frame_too_large", 400, 4400, _WARN, "frame too large"),
+        ErrorSpec("heartbeat_timeout", 504, 4408, _WARN, "the peer stopped answering heartbeats"),
+        ErrorSpec("link_stalled", 502, 1008, _WARN, "the peer stopped reading the link"),
+        ErrorSpec("cancelled", 499, 4499, _INFO, "the client went away"),
     )
 }
 
@@ -306,4 +304,11 @@ def _register(cls: type[CSCError]) -> None:
 
 
 _register(CSCError)
-assert set(_BY_CODE) == set(ERRORS), sorted(set(ERRORS) ^ set(_BY_CODE))
+if set(_BY_CODE) != set(ERRORS):  # not an assert: ``python -O`` would skip it
+    raise RuntimeError(f"error classes and ERRORS disagree: {sorted(set(ERRORS) ^ set(_BY_CODE))}")
+
+
+class InvalidState(Exception):
+    """A command called in a state that does not allow it: a bug of this side, never the
+    peer's fault (that is :class:`ProtocolError`). Deliberately not a :class:`CSCError`, so no
+    error table maps it to a status or close code; the caller's bug surfaces as one."""

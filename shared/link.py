@@ -38,7 +38,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.errors import AgentLost, Cancelled, CSCError, LinkStalled, error_for_code
+from shared.errors import (
+    AgentLost,
+    Cancelled,
+    CSCError,
+    InvalidState,
+    LinkStalled,
+    error_for_code,
+)
 from shared.linkpace import (
     FAIR_SLICE,
     HIGH_WATER,
@@ -550,7 +557,8 @@ class Link:
         task.add_done_callback(self._handlers.discard)
 
     async def _run_handler(self, stream: LinkStream) -> None:
-        assert self._on_stream is not None
+        if self._on_stream is None:  # started only when there is a handler
+            raise InvalidState("a stream handler without an on_stream callback")
         try:
             await self._on_stream(stream)
         except CSCError as err:

@@ -19,7 +19,7 @@ from typing import Any
 
 from shared.config import duration_field, size_field
 from shared.protocol.codec import HARD_MAX_PAYLOAD
-from shared.protocol.mux import MIN_FRAME, LinkLimits, LinkSettings
+from shared.protocol.settings import MIN_FRAME, LinkLimits, LinkSettings
 
 #: The defaults: what a link grants when nothing is configured.
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(LinkSettings)}

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import (
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
-from shared.aliases import covered, normalise_grant
+from shared.aliases import normalise_grant
 from shared.config import parse_duration
 from shared.errors import AuthFailed, BadAlias
 from shared.files import create_exclusive, ensure_private_dir, write_atomic
@@ -77,10 +77,6 @@ class AgentClaims:
     jti: str
     expires_at: float
     issuer: str
-
-    def covers(self, alias: str) -> bool:
-        """Whether this token lets its agent serve the normalised ``alias``."""
-        return covered(self.aliases, alias)
 
 
 def check_tenant_id(tenant: str) -> str:

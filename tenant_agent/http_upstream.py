@@ -3,22 +3,21 @@
 :class:`HttpUpstream` keeps a pool of keep-alive connections to the one configured upstream
 (``http://`` or ``https://``, optionally with a path prefix). Each connection is an
 :class:`UpstreamConnection`, an ``asyncio.Protocol`` around llhttp's response parser
-(``httptools``); the stream's handler task drives one exchange at a time on it. The request
-head is built by :mod:`tenant_agent.http_request`.
+(``httptools``) whose exchange moves through the states of
+:class:`~tenant_agent.http_exchange.ExchangeState`; the stream's handler task runs one
+:class:`~tenant_agent.http_exchange.Exchange` at a time on it. The request head is built by
+:mod:`tenant_agent.http_request`.
 
 Invariants:
 
 * Only the configured origin is contacted; the stream supplies a path that is appended to the
   origin's prefix, and ``Host`` is always the origin's ``host[:port]``.
-* Request bodies are credited back (``stream.consumed``) only after their bytes were handed to
-  the transport and the transport is not paused (docs/protocol.md §5).
 * A connection holds at most :data:`HIGH_WATER` bytes of a response body plus one socket read
   in its queue, and one chunk waiting for the stream's credit: above the mark, reading from the
   portal pauses until the queue is down to :data:`LOW_WATER`. A Content-Length body bypasses
   the parser once its head is parsed, so its bytes are relayed without a copy.
-* A response with a known length up to :data:`SMALL_BODY`, or one complete when its head is
-  processed, goes out as head, body and FIN without yielding in between (one link message).
-* A response is never ended cleanly unless it was complete: a truncated body resets the stream.
+* The parser callbacks change the exchange's state only as
+  :data:`tenant_agent.http_exchange.TRANSITIONS` allows (else :class:`InvalidState`).
 * A connection returns to the pool only after a complete, keep-alive exchange whose request
   was fully sent and whose response was fully delivered; anything else closes it.
 * :meth:`HttpUpstream.handle` returns only once the stream is done (FIN both ways, or failed):
@@ -34,14 +33,14 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import httptools
 
 from shared.errors import (
     CSCError,
     GoingAway,
-    HeadersTooLarge,
+    InvalidState,
     ProtocolError,
     UpstreamError,
     UpstreamRefused,
@@ -49,13 +48,22 @@ from shared.errors import (
     UpstreamTimeout,
 )
 from shared.headers import strip_hop_by_hop
+from tenant_agent.http_exchange import (
+    RECEIVING,
+    SMALL_BODY,
+    Exchange,
+    ExchangeState,
+    RelayedStream,
+    advance,
+    drain_upload,
+)
 from tenant_agent.http_request import Request, build_request, parse_origin
 from tenant_agent.writeflow import WriteFlow
 
 log = logging.getLogger("csc_agent.upstream")
 
-#: Responses up to this size are read whole and sent with their head.
-SMALL_BODY = 64 * 1024
+__all__ = ["HIGH_WATER", "LOW_WATER", "SMALL_BODY", "HttpUpstream", "RelayedStream"]
+
 #: Reading from the portal pauses when a connection holds more body bytes than this ...
 HIGH_WATER = 256 * 1024
 #: ... and resumes once the stream has taken all but this many.
@@ -64,38 +72,6 @@ LOW_WATER = 64 * 1024
 MAX_IDLE = 64
 #: An idle connection unused for this long is closed.
 IDLE_TIMEOUT = 30.0
-
-
-class RelayedStream(Protocol):
-    """What :class:`HttpUpstream` needs of the stream it serves: a link stream
-    (:class:`shared.link.LinkStream`) or a request of the local/DMZ proxy
-    (:class:`tenant_agent.proxy_exchange.InboundExchange`)."""
-
-    info: dict[str, Any]
-    #: Watched only for its failure: it fails when the stream does.
-    opened: asyncio.Future[dict[str, Any]]
-
-    @property
-    def error(self) -> CSCError | None: ...
-
-    @property
-    def done(self) -> bool: ...
-
-    async def read(self) -> bytes | memoryview: ...
-
-    def read_complete(self) -> bytes | None: ...
-
-    def consumed(self, nbytes: int) -> None: ...
-
-    async def write(self, data: bytes | memoryview) -> None: ...
-
-    def write_eof(self) -> None: ...
-
-    def accept(self, info: dict[str, Any]) -> None: ...
-
-    def reject(self, err: CSCError) -> None: ...
-
-    def reset(self, err: CSCError) -> None: ...
 
 
 # --- one connection ---------------------------------------------------------------------
@@ -127,10 +103,11 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
         self._parser_stale = False
-        self.active = False
+        self.state = ExchangeState.IDLE
         self._reset_exchange(is_head=False, request_done=True)
 
     def _reset_exchange(self, *, is_head: bool, request_done: bool) -> None:
+        """The per-exchange fields, fresh for the next request (the state is separate)."""
         self.is_head = is_head
         self.request_done = request_done
         #: Set while the request body's sender waits for the stream (not the portal's fault).
@@ -141,8 +118,6 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.length: int | None = None
         self._until_eof = False
         self._interim = False
-        self.head_done = False
-        self.complete = False
         self.keep_alive = False
         self.poisoned = False
         self.received = False
@@ -164,10 +139,10 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if not self.active or self.complete:
+        if self.state not in RECEIVING:
             # unsolicited bytes (idle) or bytes past the response: never reuse this connection
             self.poisoned = True
-            if not self.active:
+            if self.state is ExchangeState.IDLE:
                 self.close()
             return
         self.received = True
@@ -187,7 +162,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
             if not isinstance(exc.__context__, _Surplus):
                 self._fail(self._parse_error(exc))
             return
-        if self.head_done and not self.complete and self.length is not None:
+        if self.state is ExchangeState.BODY and self.length is not None:
             # the rest of a Content-Length body bypasses the parser: no copy per read
             self._body_left = self.length - self._body_seen
             self._keep_alive_after_body = self._parser.should_keep_alive()
@@ -202,7 +177,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.buffered += size
         self.queued += size
         if not self._body_left:
-            self.complete = True
+            self._enter(ExchangeState.COMPLETE)
             self.keep_alive = self._keep_alive_after_body
             # the parser still expects the body: the next exchange needs a new one
             self._parser_stale = True
@@ -214,10 +189,12 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self.active and not self.complete:
-            if self.head_done and self._until_eof and exc is None:
-                self.complete = True  # the body was delimited by the connection's end
-            elif not self.head_done:
+        if self.state in RECEIVING:
+            if self.state is ExchangeState.BODY and self._until_eof and exc is None:
+                self._enter(
+                    ExchangeState.COMPLETE
+                )  # the body was delimited by the connection's end
+            elif self.state is ExchangeState.AWAITING_HEAD:
                 self._fail(UpstreamReset(f"the portal at {self._name} closed the connection"))
             else:
                 self._fail(UpstreamReset("the portal's response broke off"))
@@ -228,7 +205,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.complete:
+        if self.state is ExchangeState.COMPLETE:
             self.poisoned = True  # the parser stops in an error state: never reuse it
             raise _Surplus
 
@@ -246,8 +223,10 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
             self._interim = True  # 1xx: skipped, the final response follows
             self._reason, self._raw = b"", []
             return
+        if self.state is not ExchangeState.AWAITING_HEAD:
+            return  # failed meanwhile: nothing more is parsed into this exchange
         self.status = status
-        self.head_done = True
+        self._enter(ExchangeState.BODY)
         chunked = False
         for name, value in self._raw:
             if len(name) == 14 and name.lower() == b"content-length":
@@ -256,13 +235,13 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
                 chunked = value.rstrip().lower().endswith(b"chunked")
         if self.is_head:
             # llhttp does not know the request was HEAD: end here, never reuse the connection
-            self.complete = True
+            self._enter(ExchangeState.COMPLETE)
             self.poisoned = True
         elif status not in (204, 304) and not chunked and self.length is None:
             self._until_eof = True
 
     def on_body(self, body: bytes) -> None:
-        if self.complete:
+        if self.state is not ExchangeState.BODY:
             return
         self.chunks.append(body)
         size = len(body)
@@ -275,16 +254,20 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
-        elif not self.complete:
-            self.complete = True
+        elif self.state is ExchangeState.BODY:
+            self._enter(ExchangeState.COMPLETE)
             self.keep_alive = self._parser.should_keep_alive()
 
     # -- used by the exchange ----------------------------------------------------------------
 
     def begin(self, request: Request) -> None:
-        """Start an exchange: send the request head (and the whole body when known)."""
-        assert self.transport is not None and not self.active
-        self.active = True
+        """Start an exchange: send the request head (and the whole body when known).
+
+        Only on an ``IDLE`` connection whose transport is up (else :class:`InvalidState`).
+        """
+        if self.transport is None:
+            raise InvalidState("the upstream connection has no transport yet")
+        self._enter(ExchangeState.AWAITING_HEAD)
         self._reset_exchange(is_head=request.is_head, request_done=not request.streamed)
         if self._parser_stale:
             self._parser = httptools.HttpResponseParser(self)
@@ -370,7 +353,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
     @property
     def reusable(self) -> bool:
         return (
-            self.complete
+            self.state is ExchangeState.COMPLETE
             and self.keep_alive
             and self.request_done
             and not self.poisoned
@@ -381,7 +364,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
     def park(self, now: float) -> None:
         """The exchange is over and the connection goes back to the pool."""
         self._cancel_timer()
-        self.active = False
+        self._enter(ExchangeState.IDLE)
         self.reused = True
         self.idle_since = now
         self.buffered = 0
@@ -391,13 +374,16 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
 
     def close(self) -> None:
         """Close the connection; an exchange still running on it fails."""
-        if self.active and not self.complete:
+        if self.state in RECEIVING:
             self.fail(UpstreamReset(f"the connection to the portal at {self._name} was closed"))
         self._cancel_timer()
-        self.active = False
+        # a complete response (this one or, in the pool, the last one) and all of the request
+        done = self.state is ExchangeState.COMPLETE or (
+            self.state is ExchangeState.IDLE and self.reused
+        )
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            if self.complete and self.request_done:
+            if done and self.request_done:
                 transport.close()  # nothing is lost by flushing first
             else:
                 transport.abort()  # never wait on a portal that stopped reading
@@ -405,17 +391,20 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
     # -- internals ---------------------------------------------------------------------------
 
     def _parse_error(self, exc: Exception) -> CSCError:
-        if self.head_done:
+        if self.state is ExchangeState.BODY:
             return UpstreamReset("the portal's response broke off (invalid body framing)")
         detail = str(exc)[:120] or exc.__class__.__name__
         return UpstreamError(f"the portal at {self._name} sent an invalid response ({detail})")
 
+    def _enter(self, state: ExchangeState) -> None:
+        self.state = advance(self.state, state)
+
     def _fail(self, err: CSCError) -> None:
-        if self.complete or self.error is not None:
-            self.poisoned = True
-            return
-        self.error = err
         self.poisoned = True
+        if self.state not in RECEIVING:
+            return  # complete, failed already, or no exchange: only never reuse the connection
+        self._enter(ExchangeState.FAILED)
+        self.error = err
         self._cancel_timer()
         if self.transport is not None and not self.lost:
             self.transport.abort()
@@ -437,7 +426,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if not self.active or self.complete or self.error is not None:
+        if self.state not in RECEIVING:
             return
         now = self._loop.time()
         if self._reading_paused or self.buffered or self.waiting_for_body:
@@ -446,160 +435,8 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         if now < deadline:
             self._timer = self._loop.call_at(deadline, self._on_timer)
             return
-        what = "stopped sending" if self.head_done else "did not answer"
+        what = "stopped sending" if self.state is ExchangeState.BODY else "did not answer"
         self.fail(UpstreamTimeout(f"the portal {what} within {self._timeout:g} s"))
-
-
-# --- one exchange -----------------------------------------------------------------------
-
-
-async def send_body(conn: UpstreamConnection, stream: RelayedStream, length: int | None) -> None:
-    """Copy the request body from the stream to the portal; credit each chunk once drained."""
-    left = length
-    try:
-        while True:
-            conn.waiting_for_body = True
-            data = await stream.read()
-            conn.waiting_for_body = False
-            if not data:
-                break
-            size = len(data)
-            if left is None:
-                conn.write_chunk(data)
-            elif size > left:
-                raise ProtocolError("the request body is longer than its Content-Length")
-            else:
-                left -= size
-                conn.write(data)
-                if not left:
-                    conn.request_done = True  # the portal has it all; the FIN follows
-            await conn.drain()
-            conn.touch()
-            stream.consumed(size)
-        if left:
-            raise ProtocolError("the request body is shorter than its Content-Length")
-        if left is None:
-            conn.write(b"0\r\n\r\n")
-        conn.request_done = True
-    except ProtocolError as err:
-        stream.reset(err)
-        conn.fail(err)
-    except CSCError as err:  # the CSC reset the stream
-        conn.fail(err)
-    except ConnectionError:
-        pass  # the connection is gone; the response side reports why
-    finally:
-        conn.waiting_for_body = False
-
-
-async def drain_upload(stream: RelayedStream, timeout: float) -> None:
-    """The response ended before the CSC's FIN: wait for the FIN or the CSC's RST.
-
-    The bytes are not credited, so the CSC's upload stops at the window; it resets the stream
-    once its response is delivered. If it does neither in ``timeout``, reset the stream.
-    """
-    try:
-        async with asyncio.timeout(timeout):
-            while await stream.read():
-                pass
-    except CSCError:
-        return
-    except TimeoutError:
-        stream.reset(UpstreamReset("the portal answered before the request body ended"))
-
-
-class _Exchange:
-    """One request and its response on one connection, run by the stream's handler task."""
-
-    __slots__ = ("conn", "request", "request_id", "sender", "stream")
-
-    def __init__(self, conn: UpstreamConnection, stream: RelayedStream, request: Request) -> None:
-        self.conn = conn
-        self.stream = stream
-        self.request = request
-        self.request_id = stream.info.get("request_id", "")
-        self.sender: asyncio.Task[None] | None = None
-
-    async def run(self) -> bool:
-        """Relay the exchange; True when it should be retried on a fresh connection."""
-        conn, stream = self.conn, self.stream
-        conn.begin(self.request)
-        if self.request.streamed:
-            body = send_body(conn, stream, self.request.length)
-            self.sender = asyncio.get_running_loop().create_task(body)
-        stream.opened.add_done_callback(conn.stream_failed)
-        try:
-            return await self._relay()
-        except CSCError:
-            return False  # the CSC reset the stream while the response was written to it
-        finally:
-            stream.opened.remove_done_callback(conn.stream_failed)
-            sender = self.sender
-            if sender is not None and not sender.done():
-                sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
-
-    async def _relay(self) -> bool:
-        conn, stream = self.conn, self.stream
-        while not conn.head_done and conn.error is None:
-            await conn.wait()
-        if conn.head_done and conn.length is not None and conn.length <= SMALL_BODY:
-            while not conn.complete and conn.error is None:
-                await conn.wait()
-        if conn.error is not None:
-            return self._refuse(conn.error)
-        try:
-            stream.accept(conn.response_head())
-        except HeadersTooLarge:
-            conn.poisoned = True
-            stream.reject(UpstreamError("the portal's response head is too large"))
-            return False
-        if conn.complete:  # the whole response is here: head, body and FIN in one go
-            if conn.chunks:
-                data = conn.take_all()
-                await stream.write(data)
-                conn.delivered(len(data))
-            stream.write_eof()
-            return False
-        await self._relay_body()
-        return False
-
-    def _refuse(self, err: CSCError) -> bool:
-        """Fail the stream before its head was sent (or ask for a retry)."""
-        if self.stream.error is not None:
-            return False  # the CSC gave up on the stream
-        if isinstance(err, UpstreamReset) and self.conn.retryable and not self.request.body:
-            return True
-        log.info("request %s: %s", self.request_id, err.message, extra=self._where(err))
-        self.stream.reject(err.public())  # the portal's address stays in this log
-        return False
-
-    def _where(self, err: CSCError) -> dict[str, str]:
-        """The ``extra`` of a log line about this exchange's failure."""
-        return {"request_id": self.request_id, "code": err.code}
-
-    async def _relay_body(self) -> None:
-        conn, stream = self.conn, self.stream
-        while True:
-            if conn.error is not None:
-                if stream.error is None:
-                    log.info(
-                        "request %s: %s",
-                        self.request_id,
-                        conn.error.message,
-                        extra=self._where(conn.error),
-                    )
-                    stream.reset(conn.error.public())
-                return
-            if conn.chunks:
-                data = conn.take()
-                await stream.write(data)
-                conn.delivered(len(data))
-            elif conn.complete:
-                stream.write_eof()
-                return
-            else:
-                await conn.wait()
 
 
 # --- the pool -----------------------------------------------------------------------------
@@ -673,7 +510,7 @@ class HttpUpstream:
                 stream.reject(err.public())  # the portal's address stays in this log
                 return
             try:
-                retry = await _Exchange(conn, stream, request).run()
+                retry = await Exchange(conn, stream, request).run()
             finally:
                 self._release(conn)
             if not retry:

@@ -48,6 +48,7 @@ from shared.errors import (
     CSCError,
     HeadersTooLarge,
     InternalError,
+    InvalidState,
     PayloadTooLarge,
 )
 from shared.headers import request_id_for
@@ -56,6 +57,8 @@ from tenant_agent.proxy_config import ProxyConfig
 from tenant_agent.proxy_exchange import InboundExchange
 from tenant_agent.proxy_messages import (
     InboundRequest,
+    ReadState,
+    advance_read,
     error_response,
     forwarded_headers,
     header_value,
@@ -99,7 +102,7 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
         self._parsing: InboundRequest | None = None
         self._url = bytearray()
         self._raw: list[tuple[bytes, bytes]] = []
-        self._in_head = True
+        self.read_state = ReadState.HEAD
         self._head_bytes = 0
         now = self.loop.time()
         self._head_started: float | None = None
@@ -108,8 +111,6 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
         self._first = True
         self._queued = 0
         self._read_paused = False
-        self._stopped = False
-        self._lingering = False
         self.fatal: CSCError | None = None
         self.lost = False
         self.client_ip = ""
@@ -133,7 +134,7 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
             return  # no further request is served (lingering close, upgrade, error)
         now = self.loop.time()
         self._last_progress = now
-        if self._in_head:
+        if self.read_state is ReadState.HEAD:
             if self._head_started is None:
                 # the first request's head is due header_timeout after the connection opened
                 self._head_started = self._idle_since if self._first else now
@@ -146,7 +147,7 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if not self._stopped:
                 self._parse_failed(exc)
-        if self._in_head and self._head_bytes > self.config.max_header_size:
+        if self.read_state is ReadState.HEAD and self._head_bytes > self.config.max_header_size:
             self._set_fatal(HeadersTooLarge(self._too_large_head()))
         self._wake()
 
@@ -156,7 +157,7 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
         except after CONNECT, which is refused and ends the connection."""
         last = self._requests[-1] if self._requests else None
         if last is None or last.method == "CONNECT" or self._stopped:
-            self._stopped = True
+            self._stop()
             return
         self._parser = httptools.HttpRequestParser(self)
         offset = int(exc.args[0]) if exc.args and str(exc.args[0]).isdigit() else len(data)
@@ -165,11 +166,11 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         """The client half-closed: answer what is queued, then close."""
-        if self._lingering:
+        if self.read_state is ReadState.LINGERING:
             return False  # the client read our answer and closed: done
         if self._parsing is not None and self.fatal is None:
             self._set_fatal(BadRequest("the client ended the connection inside a request"))
-        self._stopped = True
+        self._stop()
         self._wake()
         return self.exchange is not None or bool(self._requests) or self.fatal is not None
 
@@ -191,7 +192,7 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url.clear()
         self._raw = []
-        self._in_head = True
+        self._enter(ReadState.HEAD)
         if self._head_started is None:
             self._head_started = self.loop.time()
             self._rearm()
@@ -215,7 +216,7 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
             http11=parser.get_http_version() != "1.0",
             keep_alive=parser.should_keep_alive(),
         )
-        self._in_head = False
+        self._enter(ReadState.BODY)
         self._head_bytes = 0
         self._head_started = None
         self._parsing = request if request.has_body else None
@@ -224,12 +225,13 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
             self._pause_reading()
         limit = self.config.max_body_size
         if limit is not None and request.length is not None and request.length > limit:
-            self._stopped = True  # answered 413 without reading the body
+            self._stop()  # answered 413 without reading the body
             raise _Stop
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
-        assert request is not None
+        if request is None:  # llhttp calls on_body only after a head announcing a body
+            raise InvalidState("request body bytes without a request")
         size = len(body)
         request.received += size
         limit = self.config.max_body_size
@@ -247,9 +249,9 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
         if request is not None:
             request.body_done = True
             self._parsing = None
-        self._in_head = True
+        self._enter(ReadState.HEAD)
         if self._requests and not self._requests[-1].keep_alive:
-            self._stopped = True  # Connection: close (or HTTP/1.0): nothing follows
+            self._stop()  # Connection: close (or HTTP/1.0): nothing follows
             raise _Stop
 
     # -- used by the exchange ----------------------------------------------------------------
@@ -371,7 +373,7 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
         self._queued -= request.queued  # taken or not, none of it is held any more
         request.queued = 0
         if self._parsing is request:
-            self._stopped = True
+            self._stop()
 
     def _log(self, request: InboundRequest, exchange: InboundExchange, started: float) -> None:
         error = exchange.error
@@ -400,14 +402,12 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
         transport = self.transport
         if transport is None or self.lost or transport.is_closing():
             return
-        unread = (
-            self._parsing is not None
-            or self.fatal is not None
-            or (self._in_head and self._head_started is not None)
-        )
+        # a head only ever starts while the state is HEAD (it is None again after the head)
+        unread = self._parsing is not None or self.fatal is not None
+        unread = unread or self._head_started is not None
         if unread and transport.can_write_eof():
-            self._stopped = True
-            self._lingering = True
+            self._stop()
+            self._enter(ReadState.LINGERING)
             transport.write_eof()
             self._resume_reading()
             self._timer = self.loop.call_later(LINGER, transport.abort)
@@ -431,10 +431,22 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
             return
         self._resume_reading()
 
+    @property
+    def _stopped(self) -> bool:
+        return self.read_state in (ReadState.STOPPED, ReadState.LINGERING)
+
+    def _enter(self, state: ReadState) -> None:
+        self.read_state = advance_read(self.read_state, state)
+
+    def _stop(self) -> None:
+        """Read no further request (idempotent; a lingering connection stays lingering)."""
+        if not self._stopped:
+            self._enter(ReadState.STOPPED)
+
     def _set_fatal(self, err: CSCError) -> None:
         if self.fatal is None:
             self.fatal = err
-        self._stopped = True
+        self._stop()
         self._pause_reading()
 
     def _parse_failed(self, exc: Exception) -> None:
@@ -466,7 +478,7 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
 
     def _deadline(self) -> float | None:
         config = self.config
-        if self._lingering:
+        if self.read_state is ReadState.LINGERING:
             return None
         if self.exchange is not None:
             return self._last_progress + config.idle_timeout

@@ -3,7 +3,9 @@
 :class:`InboundRequest` is a parsed request head and its body as it arrives;
 :func:`forwarded_headers` says what the portal sees of it; :func:`encode_head` and
 :func:`error_response` (shared/http1.py, shared with the CSC's listener) build what the
-bootloader gets back.
+bootloader gets back. :class:`ReadState` is what a client connection reads next;
+:data:`READ_TRANSITIONS` lists its allowed changes (any other raises
+:class:`~shared.errors.InvalidState` from :func:`advance_read`).
 
 Invariants: the forwarded request has no hop-by-hop field (RFC 9110 §7.6.1), carries
 ``X-Forwarded-For``/``-Proto``/``-Host`` and exactly one ``X-Request-Id`` (the client's when it
@@ -16,9 +18,11 @@ error bodies are the CSC's JSON ``{"error", "message", "request_id"}``.
 from __future__ import annotations
 
 from collections import deque
+from enum import Enum
+from typing import Final
 from urllib.parse import urlsplit
 
-from shared.errors import BadRequest
+from shared.errors import BadRequest, InvalidState
 from shared.headers import strip_hop_by_hop
 from shared.http1 import (  # re-exported: the proxy's modules import them from here
     CHUNKED,
@@ -48,6 +52,36 @@ __all__ = [
 ]
 
 _REPLACED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"})
+
+
+class ReadState(Enum):
+    """What a :class:`ClientConnection` reads next from its client."""
+
+    #: A request head (or nothing yet: between requests).
+    HEAD = "head"
+    #: The body of the request whose head was parsed last.
+    BODY = "body"
+    #: Nothing more: no further request is served (error, Connection: close, EOF, upgrade).
+    STOPPED = "stopped"
+    #: After the last answer: what the client still sends is discarded until it closes.
+    LINGERING = "lingering"
+
+
+_R = ReadState
+#: Every allowed change of a connection's :class:`ReadState`; any other is InvalidState.
+READ_TRANSITIONS: Final[dict[ReadState, frozenset[ReadState]]] = {
+    _R.HEAD: frozenset({_R.HEAD, _R.BODY, _R.STOPPED}),
+    _R.BODY: frozenset({_R.HEAD, _R.STOPPED}),
+    _R.STOPPED: frozenset({_R.STOPPED, _R.LINGERING}),
+    _R.LINGERING: frozenset({_R.LINGERING}),
+}
+
+
+def advance_read(state: ReadState, new: ReadState) -> ReadState:
+    """``new`` if :data:`READ_TRANSITIONS` allows it after ``state``; else InvalidState."""
+    if new not in READ_TRANSITIONS[state]:
+        raise InvalidState(f"reading cannot go from {state.value} to {new.value}")
+    return new
 
 
 def origin_form(target: str) -> str:

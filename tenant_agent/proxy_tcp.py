@@ -26,6 +26,7 @@ import contextlib
 import logging
 from typing import cast
 
+from shared.errors import InvalidState
 from tenant_agent.proxy_config import ProxyConfig
 
 log = logging.getLogger("csc_agent.proxy")
@@ -90,7 +91,8 @@ class TcpForward:
     def side_made(self, side: _Side) -> None:
         if side is not self.client:
             return
-        assert side.transport is not None
+        if side.transport is None:
+            raise InvalidState("side_made before the side's connection was made")
         peer = side.transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
         # read nothing before the upstream is there; uvloop starts reading only after
@@ -175,7 +177,8 @@ class TcpForward:
             return
         log.debug("tcp %s: connected to %s:%d", self.peer, host, port)
         upstream = self.upstream.transport
-        assert upstream is not None
+        if upstream is None:
+            raise InvalidState("connected without an upstream transport")
         if self._early:
             upstream.writelines(self._early)
             self._early.clear()

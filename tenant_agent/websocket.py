@@ -52,7 +52,7 @@ try:  # the C version (websockets.utils.apply_mask is its pure-Python fallback)
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
-from shared.errors import CSCError, LinkStalled, ProtocolError
+from shared.errors import CSCError, InvalidState, LinkStalled, ProtocolError
 from shared.link import Link
 from tenant_agent.writeflow import WriteFlow
 
@@ -262,7 +262,8 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
 
     def _write_protocol_output(self) -> None:
         transport = self._transport
-        assert transport is not None
+        if transport is None:
+            raise InvalidState("protocol output before the connection was made")
         for data in self._proto.data_to_send():
             if data == SEND_EOF:
                 transport.close()

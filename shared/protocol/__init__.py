@@ -15,13 +15,17 @@ from shared.protocol.events import (
     StreamReset,
     WelcomeReceived,
 )
-from shared.protocol.mux import Connection, LinkSettings, LinkState, Side, Stream
+from shared.protocol.mux import Connection
+from shared.protocol.settings import LinkSettings, LinkState, Side
+from shared.protocol.stream_state import TRANSITIONS, Fault, Stream, StreamInput, StreamState
 
 __all__ = [
+    "TRANSITIONS",
     "VERSION",
     "Connection",
     "DataReceived",
     "Event",
+    "Fault",
     "Frame",
     "FrameDecoder",
     "FrameType",
@@ -35,9 +39,11 @@ __all__ = [
     "Stream",
     "StreamAccepted",
     "StreamEnded",
+    "StreamInput",
     "StreamOpened",
     "StreamRejected",
     "StreamReset",
+    "StreamState",
     "WelcomeReceived",
     "encode_frame",
 ]

@@ -67,18 +67,42 @@ class Frame:
 
 
 def encode_header(ftype: int, flags: int, stream_id: int, length: int) -> bytes:
+    """The 12-byte header of a frame whose payload (``length`` bytes) is sent separately."""
     return HEADER.pack(VERSION_MAJOR, ftype, flags, 0, stream_id, length)
 
 
 def encode_frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """One whole frame: header and payload."""
     return HEADER.pack(VERSION_MAJOR, ftype, flags, 0, stream_id, len(payload)) + payload
 
 
+def encode_data(
+    sid: int, data: bytes | memoryview, take: int, max_frame: int, *, fin: bool
+) -> list[bytes | memoryview]:
+    """DATA frames (headers and views of ``data``) for its first ``take`` bytes, at most
+    ``max_frame`` each; with ``fin`` the last one carries FIN (one empty frame if ``take`` is 0)."""
+    view = memoryview(data) if not isinstance(data, memoryview) else data
+    out: list[bytes | memoryview] = []
+    pos = 0
+    while pos < take or (pos == 0 and take == 0 and fin):
+        size = min(max_frame, take - pos)
+        flags = FLAG_FIN if fin and pos + size >= take else 0
+        out.append(encode_header(FrameType.DATA, flags, sid, size))
+        if size:
+            out.append(view[pos : pos + size])
+        pos += size
+        if size == 0:
+            break
+    return out
+
+
 def encode_json(obj: dict[str, Any]) -> bytes:
+    """A JSON payload (compact, UTF-8)."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def decode_json(payload: bytes | memoryview, what: str) -> dict[str, Any]:
+    """A JSON object payload of the frame named ``what``; ProtocolError if it is not one."""
     try:
         obj = json.loads(bytes(payload))
     except (ValueError, RecursionError) as exc:  # also int digit limit and deep nesting
@@ -89,10 +113,12 @@ def decode_json(payload: bytes | memoryview, what: str) -> dict[str, Any]:
 
 
 def encode_u32(value: int) -> bytes:
+    """A WINDOW increment payload."""
     return _U32.pack(value)
 
 
 def decode_u32(payload: bytes | memoryview) -> int:
+    """A WINDOW increment (the decoder already checked that the payload is 4 bytes)."""
     value: int = _U32.unpack(payload)[0]
     return value
 
@@ -110,6 +136,7 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
+        """Bytes received and not yet part of a complete frame."""
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
@@ -159,3 +186,20 @@ class FrameDecoder:
         size = _FIXED_SIZES.get(ftype)
         if size is not None and length != size:
             raise ProtocolError(f"{FrameType(ftype).name} payload must be {size} bytes")
+
+
+#: Characters of an error message on the wire; 6 bytes each at most in JSON.
+MAX_MESSAGE = 1000
+
+
+def error_payload(code: str, message: str, **extra: Any) -> bytes:
+    """OPEN_FAIL / RST / GOAWAY payload; the message is capped so it fits any frame (§6)."""
+    return encode_json({"code": code, "message": message[:MAX_MESSAGE], **extra})
+
+
+def code_message(info: dict[str, Any]) -> tuple[str, str]:
+    """``code`` and ``message`` of an error payload; ProtocolError if they are not strings."""
+    code, message = info.get("code"), info.get("message", "")
+    if not isinstance(code, str) or not isinstance(message, str):
+        raise ProtocolError("error frame needs string 'code' and 'message'")
+    return code, message[:MAX_MESSAGE]

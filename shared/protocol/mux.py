@@ -19,14 +19,15 @@ Invariants:
   taken back, so streams opened after a window grew still get ``initial_window`` each.
 - Link-level faults raise a :class:`~shared.errors.ProtocolError` subclass from
   :meth:`Connection.receive_data`; stream-level faults reset only that stream.
+- A stream's state changes only as :data:`shared.protocol.stream_state.TRANSITIONS` says; a
+  command the table does not allow raises :class:`~shared.errors.InvalidState` (a bug of the
+  caller, not the peer's fault) and queues nothing.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Protocol
+from typing import Any
 
 from shared.errors import (
     CSCError,
@@ -34,26 +35,26 @@ from shared.errors import (
     GoingAway,
     HeadersTooLarge,
     HeartbeatTimeout,
+    InvalidState,
     ProtocolError,
     TooManyStreams,
-    VersionUnsupported,
 )
 from shared.protocol.codec import (
     FLAG_ACK,
     FLAG_FIN,
-    HARD_MAX_PAYLOAD,
     MAX_WINDOW_INCREMENT,
     VERSION,
-    VERSION_MAJOR,
     Frame,
     FrameDecoder,
     FrameType,
+    code_message,
     decode_json,
     decode_u32,
+    encode_data,
     encode_frame,
-    encode_header,
     encode_json,
     encode_u32,
+    error_payload,
 )
 from shared.protocol.events import (
     DataReceived,
@@ -69,125 +70,25 @@ from shared.protocol.events import (
     StreamReset,
     WelcomeReceived,
 )
-
-MIN_FRAME = 16 * 1024
-DEFAULT_MAX_STREAMS = 1024
-#: At most this factor of window growth per WINDOW update (docs/protocol.md §5).
-MAX_GROWTH = 8
-MAX_MESSAGE = 1000  # characters of an error message on the wire; 6 bytes each at most in JSON
-
-
-class LinkLimits(Protocol):
-    """The flow-control and heartbeat settings a program's configuration carries."""
-
-    @property
-    def initial_window(self) -> int: ...
-    @property
-    def max_window(self) -> int: ...
-    @property
-    def session_budget(self) -> int: ...
-    @property
-    def max_frame(self) -> int: ...
-    @property
-    def heartbeat_interval(self) -> float: ...
-    @property
-    def heartbeat_timeout(self) -> float: ...
-
-
-@dataclass(frozen=True, slots=True)
-class LinkSettings:
-    """What this side grants its peer; sent in HELLO/WELCOME (docs/protocol.md §4)."""
-
-    initial_window: int = 256 * 1024
-    max_window: int = 64 * 1024 * 1024
-    session_budget: int = 128 * 1024 * 1024
-    max_frame: int = 256 * 1024
-    max_streams: int = DEFAULT_MAX_STREAMS
-    heartbeat_interval: float = 10.0
-    heartbeat_timeout: float = 30.0
-
-    @classmethod
-    def from_config(cls, config: LinkLimits, *, max_streams: int | None = None) -> LinkSettings:
-        return cls(
-            initial_window=config.initial_window,
-            max_window=config.max_window,
-            session_budget=config.session_budget,
-            max_frame=config.max_frame,
-            max_streams=DEFAULT_MAX_STREAMS if max_streams is None else max_streams,
-            heartbeat_interval=config.heartbeat_interval,
-            heartbeat_timeout=config.heartbeat_timeout,
-        )
-
-    def to_wire(self) -> dict[str, int]:
-        return {
-            "initial_window": self.initial_window,
-            "max_frame": self.max_frame,
-            "max_streams": self.max_streams,
-        }
-
-
-class Side(Enum):
-    CLIENT = "client"  # dials the link (the agent); opens odd stream ids
-    SERVER = "server"  # accepts the link (the CSC); opens even stream ids
-
-
-class LinkState(Enum):
-    HANDSHAKE = "handshake"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-@dataclass(slots=True)
-class Stream:
-    id: int
-    local: bool  # opened by this side
-    accepted: bool
-    send_credit: int
-    recv_window: int
-    recv_remaining: int
-    recv_unacked: int = 0
-    recv_buffered: int = 0
-    local_fin: bool = False
-    remote_fin: bool = False
-    last_update_at: float | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class PeerSettings:
-    initial_window: int
-    max_frame: int
-    max_streams: int
-
-
-def _peer_settings(info: dict[str, Any]) -> PeerSettings:
-    raw = info.get("settings")
-    if not isinstance(raw, dict):
-        raise ProtocolError("handshake lacks a 'settings' object")
-    values: dict[str, int] = {}
-    bounds = {
-        "initial_window": (1024, MAX_WINDOW_INCREMENT),
-        "max_frame": (MIN_FRAME, HARD_MAX_PAYLOAD),
-        "max_streams": (1, 2**20),
-    }
-    for key, (low, high) in bounds.items():
-        value = raw.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise ProtocolError(f"handshake setting {key!r} must be an integer in [{low}, {high}]")
-        values[key] = value
-    return PeerSettings(**values)
-
-
-def _check_version(info: dict[str, Any]) -> None:
-    version = info.get("version")
-    if not isinstance(version, str):
-        raise ProtocolError("handshake lacks a 'version' string")
-    major, _, _ = version.partition(".")
-    if major != str(VERSION_MAJOR):
-        raise VersionUnsupported(
-            f"peer speaks protocol {version}, this side speaks {VERSION}: "
-            "please update the older side"
-        )
+from shared.protocol.settings import (
+    LinkSettings,
+    LinkState,
+    PeerSettings,
+    Side,
+    check_version,
+    peer_settings,
+)
+from shared.protocol.stream_state import (
+    LOCAL_FIN,
+    SENDING,
+    Fault,
+    Stream,
+    StreamInput,
+    StreamState,
+    command,
+    transition,
+)
+from shared.protocol.windows import update_threshold, window_growth
 
 
 class Connection:
@@ -211,7 +112,6 @@ class Connection:
         self._next_id = 1 if side is Side.CLIENT else 2
         self._max_remote_id = 0
         self._counts = {True: 0, False: 0}  # live streams opened locally / by the peer
-        self._last_remote_accepted = 0
         self._window_total = 0
         self._last_received = now
         self._last_ping_sent: float | None = None
@@ -232,26 +132,34 @@ class Connection:
             raise
 
     def events(self) -> list[Event]:
+        """The events since the last call, oldest first (each is returned once)."""
         events, self._events = self._events, []
         return events
 
     def data_to_send(self) -> list[bytes | memoryview]:
+        """The bytes queued since the last call, to be written in order (each returned once)."""
         out, self._out = self._out, []
         return out
 
     @property
     def has_output(self) -> bool:
+        """Whether :meth:`data_to_send` has something."""
         return bool(self._out)
 
     # -- handshake ---------------------------------------------------------------------------
 
     def send_hello(self, info: dict[str, Any]) -> None:
-        assert self.side is Side.CLIENT and self.state is LinkState.HANDSHAKE
+        """Queue HELLO with ``info``, version and settings (§4): the client, once, first."""
+        if self.side is not Side.CLIENT or self.state is not LinkState.HANDSHAKE:
+            raise InvalidState(f"send_hello on the {self.side.value} side in {self.state.value}")
         payload = {**info, "version": VERSION, "settings": self.settings.to_wire()}
         self._out.append(encode_frame(FrameType.HELLO, 0, 0, encode_json(payload)))
 
     def send_welcome(self, info: dict[str, Any], now: float) -> None:
-        assert self.side is Side.SERVER and self.peer is not None
+        """Queue WELCOME with ``info``, version and settings and a first PING, and open the link
+        (§4): the server, once, after :class:`HelloReceived`."""
+        if self.side is not Side.SERVER or self.state is not LinkState.HANDSHAKE or not self.peer:
+            raise InvalidState(f"send_welcome on the {self.side.value} side before HELLO")
         payload = {**info, "version": VERSION, "settings": self.settings.to_wire()}
         self._out.append(encode_frame(FrameType.WELCOME, 0, 0, encode_json(payload)))
         self.state = LinkState.OPEN
@@ -260,7 +168,12 @@ class Connection:
     # -- streams -----------------------------------------------------------------------------
 
     def open_stream(self, info: dict[str, Any]) -> int:
-        """Queue OPEN for a new stream and return its id; DATA may follow at once."""
+        """Queue OPEN for a new stream and return its id; DATA may follow at once.
+
+        Before the handshake: :class:`InvalidState`; on a closed link :class:`ProtocolError`,
+        after GOAWAY either way :class:`GoingAway`, at the smaller stream limit
+        :class:`TooManyStreams`, when ``info`` does not fit the peer's frame size
+        :class:`HeadersTooLarge`; none queues anything. The stream is ``OPEN_SENT``."""
         peer = self._require_open()
         if self.peer_going_away or self.local_going_away:
             raise GoingAway("the link is draining")
@@ -270,76 +183,92 @@ class Connection:
         payload = self._head_payload(info)
         sid = self._next_id
         self._next_id += 2
-        self._add_stream(sid, local=True, accepted=False, info=info)
+        self._add_stream(sid, local=True, info=info)
         self._out.append(encode_frame(FrameType.OPEN, 0, sid, payload))
         return sid
 
     def accept_stream(self, sid: int, info: dict[str, Any]) -> None:
-        stream = self.streams.get(sid)
-        if stream is None or stream.local or stream.accepted:
+        """Queue OPEN_OK with ``info`` for a stream the peer opened (``OPEN_RECEIVED``).
+
+        A no-op on a stream that is gone (the peer reset it); :class:`InvalidState` on a stream
+        this side opened, one already answered or one never opened; :class:`HeadersTooLarge`
+        (nothing queued, the stream unchanged) when ``info`` does not fit the peer's frame size.
+        """
+        stream, after = self._command(sid, StreamInput.ACCEPT)
+        if stream is None:
             return
         payload = self._head_payload(info)
-        stream.accepted = True
         self._out.append(encode_frame(FrameType.OPEN_OK, 0, sid, payload))
+        self._enter(stream, after)
 
     def reject_stream(self, sid: int, code: str, message: str) -> None:
-        stream = self.streams.get(sid)
-        if stream is None or stream.local or stream.accepted:
+        """Queue OPEN_FAIL (``code``, ``message``) for a stream the peer opened and that this
+        side has not answered, and forget the stream.
+
+        A no-op on a stream that is gone; :class:`InvalidState` in any other state.
+        """
+        stream, after = self._command(sid, StreamInput.REJECT)
+        if stream is None:
             return
-        payload = _error_payload(code, message)
+        payload = error_payload(code, message)
         self._out.append(encode_frame(FrameType.OPEN_FAIL, 0, sid, payload))
-        self._remove(sid)
+        self._enter(stream, after)
+
+    def stream_state(self, sid: int) -> StreamState:
+        """The state of stream ``sid`` (IDLE if never opened, CLOSED once forgotten)."""
+        return self._state_of(sid)[1]
 
     def send_credit(self, sid: int) -> int:
+        """The DATA bytes :meth:`send_data` would take now (0 in a state that sends nothing)."""
         stream = self.streams.get(sid)
-        if stream is None or stream.local_fin or not (stream.local or stream.accepted):
+        if stream is None or stream.state not in SENDING:
             return 0
         return stream.send_credit
 
     def send_data(self, sid: int, data: bytes | memoryview, *, fin: bool = False) -> int:
         """Queue as much of ``data`` as the stream's credit allows; return the bytes taken.
 
-        With ``fin``, the last frame carries FIN when all of ``data`` was taken.
+        Allowed on a stream this side opened (before its answer too) and on an accepted one;
+        :class:`InvalidState` on one the peer opened and this side has not accepted, or one
+        never opened. After this side's FIN or on a stream that is gone it takes nothing. DATA
+        frames are at most the peer's ``max_frame``; with ``fin``, the last frame carries FIN
+        when all of ``data`` was taken (an empty ``data`` with ``fin`` needs no credit).
         """
-        stream = self.streams.get(sid)
-        if stream is None or stream.local_fin:
+        stream, _ = self._command(sid, StreamInput.SEND_DATA)
+        if stream is None or stream.state in LOCAL_FIN:
             return 0
-        if not stream.local and not stream.accepted:
-            raise ProtocolError("DATA before the stream was accepted")
-        assert self.peer is not None
+        peer = self._require_open()
         total = len(data)
         take = min(total, stream.send_credit)
-        view = memoryview(data) if not isinstance(data, memoryview) else data
-        max_frame = self.peer.max_frame
-        pos = 0
-        while pos < take or (pos == 0 and take == 0 and fin and total == 0):
-            size = min(max_frame, take - pos)
-            last = pos + size >= take
-            flags = FLAG_FIN if (fin and last and take == total) else 0
-            self._out.append(encode_header(FrameType.DATA, flags, sid, size))
-            if size:
-                self._out.append(view[pos : pos + size])
-            pos += size
-            if size == 0:
-                break
+        self._out += encode_data(sid, data, take, peer.max_frame, fin=fin and take == total)
         stream.send_credit -= take
         if fin and take == total:
-            self._local_fin(stream)
+            self._enter(stream, command(stream.state, StreamInput.SEND_FIN, sid))
         return take
 
     def send_fin(self, sid: int) -> None:
-        stream = self.streams.get(sid)
-        if stream is None or stream.local_fin:
+        """Queue FIN: this side sends no more DATA on the stream (the peer still may).
+
+        Allowed where :meth:`send_data` is; a no-op after this side's FIN or on a stream that
+        is gone. The stream is forgotten once both FINs have passed.
+        """
+        stream, after = self._command(sid, StreamInput.SEND_FIN)
+        if stream is None or stream.state in LOCAL_FIN:
             return
         self._out.append(encode_frame(FrameType.FIN, 0, sid))
-        self._local_fin(stream)
+        self._enter(stream, after)
 
     def reset_stream(self, sid: int, code: str, message: str = "") -> None:
-        if sid not in self.streams:
+        """Queue RST (``code``, ``message``) and forget the stream, in any live state.
+
+        A no-op on a stream that is gone; :class:`InvalidState` on one never opened.
+        """
+        stream, after = self._command(sid, StreamInput.SEND_RST)
+        if stream is None:
             return
-        payload = _error_payload(code, message)
+        payload = error_payload(code, message)
         self._out.append(encode_frame(FrameType.RST, 0, sid, payload))
-        self._remove(sid)
+        self._enter(stream, after)
 
     def consumed(self, sid: int, nbytes: int, now: float) -> None:
         """Report ``nbytes`` of the stream's received data as delivered; may grant credit."""
@@ -350,7 +279,7 @@ class Connection:
         if stream.remote_fin:
             return
         stream.recv_unacked += nbytes
-        if stream.recv_unacked < self._update_threshold(stream):
+        if stream.recv_unacked < update_threshold(stream.recv_window, self.settings.initial_window):
             return
         increment = stream.recv_unacked + self._grow(stream, now)
         stream.recv_unacked = 0
@@ -361,13 +290,23 @@ class Connection:
     # -- link --------------------------------------------------------------------------------
 
     def go_away(self, code: str = "going_away", message: str = "") -> None:
+        """Queue GOAWAY (``code``, ``message``, the highest stream id the peer opened) (§7).
+
+        Any time before the link closed; later calls are no-ops. Afterwards this side opens no
+        stream and answers the peer's new OPENs with OPEN_FAIL ``going_away``; live streams
+        carry on.
+        """
         if self.local_going_away or self.state is LinkState.CLOSED:
             return
         self.local_going_away = True
-        payload = _error_payload(code, message, last_stream_id=self._max_remote_id)
+        payload = error_payload(code, message, last_stream_id=self._max_remote_id)
         self._out.append(encode_frame(FrameType.GOAWAY, 0, 0, payload))
 
     def ping(self, now: float) -> None:
+        """Queue a PING with a fresh token; its PONG gives an RTT sample (:class:`PongReceived`).
+
+        Any time; :meth:`handle_timer` calls it when the heartbeat is due.
+        """
         token = os.urandom(8)
         self._ping_outstanding = (token, now)
         self._last_ping_sent = now
@@ -402,10 +341,12 @@ class Connection:
 
     @property
     def active_streams(self) -> int:
+        """Live streams (both directions)."""
         return len(self.streams)
 
     @property
     def window_total(self) -> int:
+        """The sum of the live streams' receive windows (bounded by the session budget, §5)."""
         return self._window_total
 
     # -- internals ---------------------------------------------------------------------------
@@ -413,24 +354,25 @@ class Connection:
     def _head_payload(self, info: dict[str, Any]) -> bytes:
         """OPEN / OPEN_OK payload; refused locally when the peer could not decode it (§6)."""
         payload = encode_json(info)
-        assert self.peer is not None
-        if len(payload) > self.peer.max_frame:
+        if len(payload) > self._require_open().max_frame:
             raise HeadersTooLarge(f"{len(payload)} bytes exceed the peer's frame size")
         return payload
 
     def _require_open(self) -> PeerSettings:
+        if self.state is LinkState.CLOSED:  # the peer may close the link at any time: no misuse
+            raise ProtocolError("the link is not open (closed)")
         if self.state is not LinkState.OPEN or self.peer is None:
-            raise ProtocolError("the link is not open")
+            raise InvalidState("the link is not open (handshake)")
         return self.peer
 
-    def _add_stream(self, sid: int, *, local: bool, accepted: bool, info: dict[str, Any]) -> None:
-        assert self.peer is not None
+    def _add_stream(self, sid: int, *, local: bool, info: dict[str, Any]) -> None:
+        opened = StreamInput.SEND_OPEN if local else StreamInput.RECV_OPEN
         window = self.settings.initial_window
         self.streams[sid] = Stream(
             id=sid,
             local=local,
-            accepted=accepted,
-            send_credit=self.peer.initial_window,
+            state=command(StreamState.IDLE, opened, sid),
+            send_credit=self._require_open().initial_window,
             recv_window=window,
             recv_remaining=window,
             info=info,
@@ -444,34 +386,57 @@ class Connection:
             self._window_total -= stream.recv_window
             self._counts[stream.local] -= 1
 
-    def _local_fin(self, stream: Stream) -> None:
-        stream.local_fin = True
-        if stream.remote_fin:
+    def _state_of(self, sid: int) -> tuple[Stream | None, StreamState]:
+        """The live stream ``sid`` and its state, or None and IDLE (never opened) or CLOSED."""
+        stream = self.streams.get(sid)
+        if stream is not None:
+            return stream, stream.state
+        own = (sid % 2 == 1) == (self.side is Side.CLIENT)
+        if (own and sid >= self._next_id) or (not own and sid > self._max_remote_id):
+            return None, StreamState.IDLE
+        return None, StreamState.CLOSED
+
+    def _command(self, sid: int, event: StreamInput) -> tuple[Stream | None, StreamState]:
+        """Check a local command against the table (InvalidState if it is not allowed); the
+        stream is None when it is gone and the command a no-op."""
+        stream, state = self._state_of(sid)
+        return stream, command(state, event, sid)
+
+    def _enter(self, stream: Stream, state: StreamState) -> None:
+        stream.state = state
+        if state is StreamState.CLOSED:
             self._remove(stream.id)
 
-    def _update_threshold(self, stream: Stream) -> int:
-        """Credit goes back after half the initial window, or a quarter of a grown one (§5):
-        on a long link a grown window must be refilled well before the sender runs dry."""
-        window = stream.recv_window
-        return window // 2 if window <= self.settings.initial_window else window // 4
+    def _received(self, sid: int, event: StreamInput) -> tuple[Stream, StreamState] | None:
+        """Look a stream frame up in the table: raise on a link fault, reset the stream on a
+        stream fault; None when nothing more is to be done (also for a stream that is gone)."""
+        stream, state = self._state_of(sid)
+        outcome = transition(state, event)
+        frame = event.value.removeprefix("recv ")
+        if outcome is Fault.LINK:
+            if state is StreamState.IDLE:
+                raise ProtocolError(f"frame for stream {sid}, which was never opened")
+            raise ProtocolError(f"unexpected {frame} on stream {sid} in state {state.value}")
+        if stream is None:
+            return None  # in flight when the stream closed
+        if isinstance(outcome, Fault):
+            self._stream_error(sid, ProtocolError(f"{frame} in state {state.value}"))
+            return None
+        return stream, outcome
 
     def _grow(self, stream: Stream, now: float) -> int:
-        """Auto-tuning (§5): when the window, not the consumer, limits the rate, grow it toward
-        twice the measured rate x RTT: at least doubling, at most MAX_GROWTH-fold per update."""
+        """Grow the stream's window by what :func:`window_growth` allows (§5); return that."""
         s = self.settings
         if self.rtt is None or stream.last_update_at is None:
             return 0
-        rtt = max(self.rtt, 0.001)
-        interval = now - stream.last_update_at
-        if interval >= 2 * rtt:
-            return 0
-        window = stream.recv_window
-        rate = stream.recv_unacked / max(interval, 1e-6)  # bytes/s consumed since last update
-        target = min(MAX_GROWTH * window, max(2 * window, int(2 * rate * rtt)))
-        room = max(s.session_budget - self._window_total, 0)
-        delta = min(target - window, s.max_window - window, room)
-        if delta <= 0:
-            return 0
+        delta = window_growth(
+            window=stream.recv_window,
+            unacked=stream.recv_unacked,
+            interval=now - stream.last_update_at,
+            rtt=self.rtt,
+            max_window=s.max_window,
+            room=max(s.session_budget - self._window_total, 0),
+        )
         stream.recv_window += delta
         self._window_total += delta
         return delta
@@ -513,8 +478,8 @@ class Connection:
         if frame.type != expected:
             raise ProtocolError(f"expected {expected.name}, got frame type {frame.type}")
         info = decode_json(frame.payload, expected.name)
-        _check_version(info)
-        self.peer = _peer_settings(info)
+        check_version(info)
+        self.peer = peer_settings(info)
         if expected is FrameType.HELLO:
             self._events.append(HelloReceived(info))
         else:
@@ -522,28 +487,13 @@ class Connection:
             self._events.append(WelcomeReceived(info))
             self.ping(now)
 
-    def _known_or_closed(self, sid: int) -> Stream | None:
-        """The live stream ``sid``, or None for a stream that existed and is gone."""
-        stream = self.streams.get(sid)
-        if stream is not None:
-            return stream
-        own = (sid % 2 == 1) == (self.side is Side.CLIENT)
-        if (own and sid >= self._next_id) or (not own and sid > self._max_remote_id):
-            raise ProtocolError(f"frame for stream {sid}, which was never opened")
-        return None
-
     def _on_data(self, frame: Frame) -> None:
         sid = frame.stream_id
-        stream = self._known_or_closed(sid)
-        if stream is None:
+        found = self._received(sid, StreamInput.RECV_DATA)
+        if found is None:
             return
+        stream, after = found
         size = len(frame.payload)
-        if stream.remote_fin:
-            self._stream_error(sid, ProtocolError("DATA after FIN"))
-            return
-        if stream.local and not stream.accepted:
-            self._stream_error(sid, ProtocolError("DATA before OPEN_OK"))
-            return
         if size > stream.recv_remaining:
             self._stream_error(
                 sid, FlowControlError(f"{size} bytes beyond a window of {stream.recv_remaining}")
@@ -551,15 +501,17 @@ class Connection:
             return
         stream.recv_remaining -= size
         stream.recv_buffered += size
+        stream.state = after
         if size:
             self._events.append(DataReceived(sid, frame.payload))
         if frame.flags & FLAG_FIN:
             self._on_fin(sid)
 
     def _on_window(self, frame: Frame) -> None:
-        stream = self._known_or_closed(frame.stream_id)
-        if stream is None:
+        found = self._received(frame.stream_id, StreamInput.RECV_WINDOW)
+        if found is None:
             return
+        stream, _ = found
         increment = decode_u32(frame.payload)
         if increment == 0 or stream.send_credit + increment > MAX_WINDOW_INCREMENT:
             self._stream_error(stream.id, FlowControlError(f"invalid WINDOW of {increment}"))
@@ -584,43 +536,41 @@ class Connection:
             payload = encode_json({"code": "too_many_streams", "message": "stream limit"})
             self._out.append(encode_frame(FrameType.OPEN_FAIL, 0, sid, payload))
             return
-        self._add_stream(sid, local=False, accepted=False, info=info)
+        self._add_stream(sid, local=False, info=info)
         self._events.append(StreamOpened(sid, info))
 
     def _on_open_answer(self, frame: Frame) -> None:
         sid = frame.stream_id
-        stream = self._known_or_closed(sid)
-        if stream is None:
+        ok = frame.type == FrameType.OPEN_OK
+        found = self._received(sid, StreamInput.RECV_OPEN_OK if ok else StreamInput.RECV_OPEN_FAIL)
+        if found is None:
             return
-        if not stream.local or stream.accepted:
-            raise ProtocolError(f"unexpected {FrameType(frame.type).name} on stream {sid}")
+        stream, after = found
         info = decode_json(frame.payload, FrameType(frame.type).name)
-        if frame.type == FrameType.OPEN_OK:
-            stream.accepted = True
+        if ok:
+            stream.state = after
             self._events.append(StreamAccepted(sid, info))
             return
-        code, message = _code_message(info)
-        self._remove(sid)
+        code, message = code_message(info)
+        self._enter(stream, after)
         self._events.append(StreamRejected(sid, code, message))
 
     def _on_fin(self, sid: int) -> None:
-        stream = self._known_or_closed(sid)
-        if stream is None:
+        found = self._received(sid, StreamInput.RECV_FIN)
+        if found is None:
             return
-        if stream.remote_fin:
-            self._stream_error(sid, ProtocolError("second FIN"))
-            return
-        stream.remote_fin = True
+        stream, after = found
+        self._enter(stream, after)
         self._events.append(StreamEnded(sid))
-        if stream.local_fin:
-            self._remove(sid)
 
     def _on_rst(self, frame: Frame) -> None:
         sid = frame.stream_id
-        if self._known_or_closed(sid) is None:
+        found = self._received(sid, StreamInput.RECV_RST)
+        if found is None:
             return
-        code, message = _code_message(decode_json(frame.payload, "RST"))
-        self._remove(sid)
+        stream, after = found
+        code, message = code_message(decode_json(frame.payload, "RST"))
+        self._enter(stream, after)
         self._events.append(StreamReset(sid, code, message, remote=True))
 
     def _on_ping(self, frame: Frame, now: float) -> None:
@@ -636,21 +586,9 @@ class Connection:
 
     def _on_goaway(self, frame: Frame) -> None:
         info = decode_json(frame.payload, "GOAWAY")
-        code, message = _code_message(info)
+        code, message = code_message(info)
         last = info.get("last_stream_id", 0)
         if not isinstance(last, int):
             raise ProtocolError("GOAWAY last_stream_id must be an integer")
         self.peer_going_away = True
         self._events.append(GoAwayReceived(last, code, message))
-
-
-def _error_payload(code: str, message: str, **extra: Any) -> bytes:
-    """OPEN_FAIL / RST / GOAWAY payload; the message is capped so it fits any frame (§6)."""
-    return encode_json({"code": code, "message": message[:MAX_MESSAGE], **extra})
-
-
-def _code_message(info: dict[str, Any]) -> tuple[str, str]:
-    code, message = info.get("code"), info.get("message", "")
-    if not isinstance(code, str) or not isinstance(message, str):
-        raise ProtocolError("error frame needs string 'code' and 'message'")
-    return code, message[:MAX_MESSAGE]

@@ -73,7 +73,8 @@ async def test_tenant_lifecycle(tmp_path: Path) -> None:
         await _revoke(admin, http, r, token)
         r.token = await _issue(admin)
         await start_agent(r, sessions=2)
-        await wait_online(r.csc_url, ALIAS)
+        # online with the first session; the suspension below counts both
+        await async_wait_until(lambda: len(_beta_sessions(r)) == 2, 10, message="two sessions")
         await _suspend_and_resume(admin, http, r)
         await _delete(admin, http, r)
         await _check_audit(admin, token)
@@ -188,6 +189,9 @@ async def _suspend_and_resume(admin: Admin, http: aiohttp.ClientSession, r: Rela
     resumed = await admin.call("PATCH", "/tenants/beta", {"state": "active"})
     assert resumed["state"] == "active"
     await wait_online(r.csc_url, ALIAS)
+    # both sessions back: no reconnect attempt is under way, which the deletion would refuse
+    # (401, fatal) so that the agent closes its other session itself before the CSC does
+    await async_wait_until(lambda: len(_beta_sessions(r)) == 2, 10, message="two sessions")
 
 
 async def _delete(admin: Admin, http: aiohttp.ClientSession, r: Relay) -> None:
@@ -195,7 +199,7 @@ async def _delete(admin: Admin, http: aiohttp.ClientSession, r: Relay) -> None:
     assert refused["error"] == "conflict" and "still has aliases" in refused["message"]
     deleted = await admin.call("DELETE", "/tenants/beta?cascade=true")
     assert deleted["aliases_freed"] == [PATTERN, ALIAS] and deleted["tokens_revoked"] == 1
-    assert deleted["sessions_closed"] >= 1
+    assert deleted["sessions_closed"] == 2
     assert await _agent_exit(r) == 3
     status, body, _ = await resolve(http, r, ALIAS)
     assert (status, body["error"]) == (404, "unknown_alias")

@@ -47,7 +47,16 @@ def test_good_package_verifies_and_unpacks(tmp_path: Path) -> None:
 
 def test_empty_file_and_deep_paths(tmp_path: Path) -> None:
     app = AppFiles("x", "1", {"a/b/c/d.txt": b"", "e": b"e"})
-    verify_package(_write(tmp_path, build_package(KEY, [app])), public_raw(KEY))
+    out = tmp_path / "out"
+    out.mkdir()
+    package = _write(tmp_path, build_package(KEY, [app]))
+    manifest = verify_package(package, public_raw(KEY), extract_to=out)
+    (only,) = manifest.apps
+    assert [(f.path, f.size) for f in only.files] == [("a/b/c/d.txt", 0), ("e", 1)]
+    assert (out / "a/b/c/d.txt").read_bytes() == b""  # the parents were created
+    assert (out / "e").read_bytes() == b"e"
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["a/b/c/d.txt", "e"]
 
 
 def test_bad_signature(tmp_path: Path) -> None:

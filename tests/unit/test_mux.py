@@ -7,6 +7,7 @@ delivers, so a round trip takes exactly ``2 * latency``. Nothing here uses an ev
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from itertools import pairwise
 from typing import Any
@@ -29,6 +30,7 @@ from shared.errors import (
     FrameTooLarge,
     GoingAway,
     HeartbeatTimeout,
+    InvalidState,
     ProtocolError,
     TooManyStreams,
     VersionUnsupported,
@@ -38,6 +40,7 @@ from shared.protocol import (
     Connection,
     DataReceived,
     Event,
+    Fault,
     Frame,
     FrameDecoder,
     FrameType,
@@ -50,13 +53,16 @@ from shared.protocol import (
     Side,
     StreamAccepted,
     StreamEnded,
+    StreamInput,
     StreamOpened,
     StreamRejected,
     StreamReset,
+    StreamState,
     WelcomeReceived,
     encode_frame,
 )
 from shared.protocol.codec import FLAG_ACK, FLAG_FIN, HARD_MAX_PAYLOAD, encode_json, encode_u32
+from shared.protocol.stream_state import transition
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -311,8 +317,21 @@ def test_client_refuses_anything_but_welcome_during_handshake() -> None:
         client.receive_data(jframe(FrameType.OPEN, 2, HTTP_OPEN), 0.0)
 
 
-def test_commands_before_the_handshake_are_refused() -> None:
+def test_commands_before_the_handshake_are_local_misuse() -> None:
     p = Pair()
+    with pytest.raises(InvalidState, match="not open"):
+        p.server.open_stream(HTTP_OPEN)
+    with pytest.raises(InvalidState):
+        p.server.send_hello(HELLO_INFO)  # the server never sends HELLO
+    with pytest.raises(InvalidState):
+        p.server.send_welcome(WELCOME_INFO, p.now)  # not before HELLO
+    assert not issubclass(InvalidState, CSCError)
+
+
+def test_commands_on_a_closed_link_are_refused() -> None:
+    p = Pair()
+    p.handshake()
+    p.server.close()
     with pytest.raises(ProtocolError, match="not open"):
         p.server.open_stream(HTTP_OPEN)
 
@@ -363,12 +382,27 @@ def test_server_stream_ids_are_even_and_increasing(pair: Pair) -> None:
     assert pair.client.active_streams == 4
 
 
-def test_accept_twice_or_unknown_is_a_no_op(pair: Pair) -> None:
+def test_accept_twice_own_or_unknown_is_local_misuse(pair: Pair) -> None:
     sid = pair.open()
-    pair.client.accept_stream(sid, HTTP_OK)
-    pair.client.accept_stream(99, HTTP_OK)
-    pair.server.accept_stream(sid, HTTP_OK)  # own stream: nothing to accept
+    with pytest.raises(InvalidState, match="open"):
+        pair.client.accept_stream(sid, HTTP_OK)
+    with pytest.raises(InvalidState, match="idle"):
+        pair.client.accept_stream(99, HTTP_OK)
+    with pytest.raises(InvalidState):
+        pair.server.accept_stream(sid, HTTP_OK)  # own stream: nothing to accept
     assert not pair.client.has_output and not pair.server.has_output
+
+
+def test_commands_on_a_stream_that_is_gone_are_no_ops(pair: Pair) -> None:
+    sid = pair.open(accept=False)
+    pair.server.reset_stream(sid, "cancelled")
+    pair.pump()
+    pair.client.accept_stream(sid, HTTP_OK)  # raced with the peer's RST
+    pair.client.reject_stream(sid, "internal", "")
+    pair.client.reset_stream(sid, "internal")
+    pair.client.send_fin(sid)
+    assert pair.client.send_data(sid, b"x") == 0
+    assert not pair.client.has_output
 
 
 def test_reject(pair: Pair) -> None:
@@ -381,9 +415,10 @@ def test_reject(pair: Pair) -> None:
     assert pair.server.window_total == pair.client.window_total == 0
 
 
-def test_reject_after_accept_is_a_no_op(pair: Pair) -> None:
+def test_reject_after_accept_is_local_misuse(pair: Pair) -> None:
     sid = pair.open()
-    pair.client.reject_stream(sid, "internal", "")
+    with pytest.raises(InvalidState):
+        pair.client.reject_stream(sid, "internal", "")
     assert not pair.client.has_output
     assert sid in pair.client.streams
 
@@ -1057,6 +1092,42 @@ _row(OPENER, "type 77",        *[_I] * 8)
 # fmt: on
 
 
+# The sweep's states as each role's StreamState (the opener's FIN is the server's).
+_SS = StreamState
+SWEEP_STATES: dict[str, tuple[StreamState, ...]] = {
+    "acceptor": (
+        _SS.IDLE,
+        _SS.OPEN_RECEIVED,
+        _SS.OPEN,
+        _SS.HALF_CLOSED_LOCAL,
+        _SS.HALF_CLOSED_REMOTE,
+        _SS.CLOSED,
+        _SS.CLOSED,
+        _SS.CLOSED,
+    ),
+    "opener": (
+        _SS.IDLE,
+        _SS.OPEN_SENT,
+        _SS.OPEN,
+        _SS.HALF_CLOSED_REMOTE,
+        _SS.HALF_CLOSED_LOCAL,
+        _SS.CLOSED,
+        _SS.CLOSED,
+        _SS.CLOSED,
+    ),
+}
+#: Inputs that are one stream frame (the OPEN's id parity is checked before the table).
+FRAME_INPUTS = {
+    "OPEN": StreamInput.RECV_OPEN,
+    "OPEN_OK": StreamInput.RECV_OPEN_OK,
+    "OPEN_FAIL": StreamInput.RECV_OPEN_FAIL,
+    "DATA": StreamInput.RECV_DATA,
+    "WINDOW": StreamInput.RECV_WINDOW,
+    "FIN": StreamInput.RECV_FIN,
+    "RST": StreamInput.RECV_RST,
+}
+
+
 @pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("name", list(INPUTS))
 @pytest.mark.parametrize("role", ["acceptor", "opener"])
@@ -1064,8 +1135,21 @@ def test_state_input_sweep(role: str, state: str, name: str) -> None:
     p = _state_setup(state)
     conn = p.client if role == "acceptor" else p.server
     table = ACCEPTOR if role == "acceptor" else OPENER
+    before = conn.stream_state(SID)
+    assert before is SWEEP_STATES[role][STATES.index(state)]
     got = outcome(p, conn, INPUTS[name])
     assert got == table[name][STATES.index(state)]
+    # the outcome is the one the multiplexer's own transition table gives
+    event = FRAME_INPUTS.get(name)
+    if event is not None and not (role == "opener" and event is StreamInput.RECV_OPEN):
+        expected = transition(before, event)
+        if expected is Fault.LINK:
+            assert got.startswith("link:")
+        elif expected is Fault.STREAM:
+            assert got == "rst:protocol_error"
+        else:
+            assert not got.startswith(("link:", "rst:"))
+            assert conn.stream_state(SID) is expected
     if not got.startswith("link:"):  # the link carries on
         assert conn.state is LinkState.OPEN
         assert outcome(p, conn, INPUTS["PING"]) == "sent PING"
@@ -1221,12 +1305,21 @@ class LinkMachine(RuleBasedStateMachine):
         except (TooManyStreams, GoingAway):
             return multiple()
 
+    def misuse(self, conn: Connection, sid: int, event: StreamInput) -> bool:
+        """Whether the transition table forbids ``event`` on ``sid`` (the command must then
+        raise InvalidState and queue nothing)."""
+        return transition(conn.stream_state(sid), event) is Fault.MISUSE
+
     @rule(sid=streams, accept=st.booleans())
     def answer(self, sid: int, accept: bool) -> None:
-        if accept:
-            self.p.client.accept_stream(sid, HTTP_OK)
-        else:
-            self.p.client.reject_stream(sid, "upstream_refused", "no")
+        conn = self.p.client
+        event = StreamInput.ACCEPT if accept else StreamInput.REJECT
+        misuse = self.misuse(conn, sid, event)
+        with pytest.raises(InvalidState) if misuse else contextlib.nullcontext():
+            if accept:
+                conn.accept_stream(sid, HTTP_OK)
+            else:
+                conn.reject_stream(sid, "upstream_refused", "no")
 
     @rule(
         sid=streams,
@@ -1236,9 +1329,8 @@ class LinkMachine(RuleBasedStateMachine):
     )
     def send(self, sid: int, sender: str, size: int, fin: bool) -> None:
         conn = self.conn(sender)
-        stream = conn.streams.get(sid)
-        if stream is not None and not stream.local_fin and not (stream.local or stream.accepted):
-            with pytest.raises(ProtocolError):
+        if self.misuse(conn, sid, StreamInput.SEND_DATA):
+            with pytest.raises(InvalidState):
                 conn.send_data(sid, b"x")
             return
         sent = self.sent.setdefault((sender, sid), bytearray())
@@ -1250,11 +1342,23 @@ class LinkMachine(RuleBasedStateMachine):
 
     @rule(sid=streams, sender=st.sampled_from(["server", "client"]))
     def fin(self, sid: int, sender: str) -> None:
-        self.conn(sender).send_fin(sid)
+        conn = self.conn(sender)
+        with (
+            pytest.raises(InvalidState)
+            if self.misuse(conn, sid, StreamInput.SEND_FIN)
+            else (contextlib.nullcontext())
+        ):
+            conn.send_fin(sid)
 
     @rule(sid=streams, by=st.sampled_from(["server", "client"]))
     def reset(self, sid: int, by: str) -> None:
-        self.conn(by).reset_stream(sid, "cancelled", "test")
+        conn = self.conn(by)
+        with (
+            pytest.raises(InvalidState)
+            if self.misuse(conn, sid, StreamInput.SEND_RST)
+            else (contextlib.nullcontext())
+        ):
+            conn.reset_stream(sid, "cancelled", "test")
 
     @rule(sid=streams, by=st.sampled_from(["server", "client"]), size=st.integers(1, 16 * KiB))
     def consume(self, sid: int, by: str, size: int) -> None:
