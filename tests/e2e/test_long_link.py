@@ -3,8 +3,10 @@
 The agent dials the CSC through a :mod:`tests.support.delayproxy` process (``--csc`` points at
 the proxy). A fixed 256 KiB window would cap one stream at window / RTT (5 MiB/s at a 50 ms
 round trip); the windows must grow (up to 64 MiB) toward rate x RTT. Criterion: one stream's
-download rate with 25 ms per direction reaches at least half of its rate through the same proxy
-at delay 0; a body far larger than any window arrives with the right SHA-256.
+download rate with 25 ms per direction is at least :data:`GROWTH` times what the initial window
+allows at that round trip (a link whose windows never grow cannot pass it, and a busy machine
+still does); a body far larger than any window arrives with the right SHA-256. The ratio to the
+rate at delay 0 (about 0.8 on a quiet machine) is printed, not asserted: it depends on the load.
 
 Each delay gets a fresh proxy and a fresh agent (so a fresh link: the multiplexer measures the
 round trip when the link comes up). The proxy is a process of its own so that proxying does not
@@ -20,13 +22,16 @@ import time
 import aiohttp
 import pytest
 
+from shared.protocol.settings import LinkSettings
 from tests.support.procs import ProcFactory, RelayProcs, UpstreamProc, scaled
 from tests.support.upstream import expected_sha256
 
 MiB = 1024 * 1024
 SIZE = 512 * MiB  # 8x the largest window, 2000x the initial one
 DELAY = 0.025
-MIN_RATIO = 0.5
+INITIAL_WINDOW = LinkSettings().initial_window  # what a link starts with
+#: How many times the fixed-window rate (initial window / round trip) one stream must reach.
+GROWTH = 4
 RUNS = 2
 
 pytestmark = pytest.mark.slow
@@ -85,10 +90,14 @@ async def test_window_auto_tuning_over_a_long_link(
     print(f"\none stream, {SIZE // MiB} MiB downloads through a delay proxy:")
     rate0 = await _best_rate(procs, relay, 0.0)
     rate1 = await _best_rate(procs, relay, DELAY)
-    ratio = rate1 / rate0
+    fixed_window_rate = INITIAL_WINDOW / (2 * DELAY)
     print(
         f"  best: {rate0 / MiB:.0f} MiB/s at delay 0, {rate1 / MiB:.0f} MiB/s at "
-        f"{DELAY * 1000:.0f} ms per direction: {ratio:.0%} (criterion >= {MIN_RATIO:.0%}); "
+        f"{DELAY * 1000:.0f} ms per direction ({rate1 / rate0:.0%}); a fixed initial window "
+        f"would allow {fixed_window_rate / MiB:.0f} MiB/s (criterion: x{GROWTH}); "
         f"CSC peak RSS {relay.csc.peak_rss() / MiB:.0f} MiB"
     )
-    assert ratio >= MIN_RATIO, f"{rate1 / MiB:.1f} MiB/s vs {rate0 / MiB:.1f} MiB/s"
+    assert rate1 >= GROWTH * fixed_window_rate, (
+        f"{rate1 / MiB:.1f} MiB/s at {DELAY * 1000:.0f} ms: the windows did not grow "
+        f"(a fixed {INITIAL_WINDOW // 1024} KiB window allows {fixed_window_rate / MiB:.1f} MiB/s)"
+    )
