@@ -1,18 +1,18 @@
-"""Micro-benchmark of the CSC's access log (csc/accesslog.py): µs per request.
+"""Micro-benchmark of the CSC's access log (csc/relay/accesslog.py): µs per request.
 
 Writes ``--records`` events of a typical 1 KiB GET, as JSON lines, into a pipe read by
 ``wc -l`` (as when the CSC's stderr is a pipe to a log collector), two ways:
 
 * ``per-event``: what the access log did before it was buffered, one
   :func:`shared.logsetup.log_event` per request (render, ``write`` and ``flush`` each time);
-* ``buffered``: :func:`csc.accesslog.request_done` inside a running event loop, which yields
+* ``buffered``: :func:`csc.relay.accesslog.request_done` inside a running event loop, which yields
   every ``--burst`` requests (as a node does between socket events); the flush runs on the
   loop (``call_later``).
 
 For each it reports µs per request on the request path (the calls themselves, less any flush
 they ran when the buffer was full), in the batched flushes (render and write), and in all
 (process CPU time), and checks that ``wc -l`` counted every line (nothing
-lost, the last batch written at the end by :func:`csc.accesslog.flush`).
+lost, the last batch written at the end by :func:`csc.relay.accesslog.flush`).
 
 Usage: ``python bench/accesslog.py [--records 200000] [--burst 16]``
 """

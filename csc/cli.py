@@ -5,8 +5,8 @@ tenant (creating the signing key on first use; ``--assign`` creates the tenant a
 aliases first) and records its metadata in the store (``csc.db``, or the PostgreSQL database of
 ``--database-url``); ``csc token verify`` checks one; ``csc operator add|list|remove`` manages
 the admin API's operators offline; ``csc db check|backup`` looks at or copies the store's
-database (:mod:`csc.db_cli`); ``csc admin ...`` drives a running node's admin API
-(:mod:`csc.admin_cli`). The store and the signing key are the node's own
+database (:mod:`csc.admin.db`); ``csc admin ...`` drives a running node's admin API
+(:mod:`csc.admin.cli`). The store and the signing key are the node's own
 (:func:`csc.store.open_store`, :func:`csc.signing.signing_key`).
 
 Invariants: only this module (the entry point) reads ``os.environ``; ``token issue`` prints the
@@ -24,7 +24,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from csc import admin_cli, db_cli
+from csc.admin import cli as admin_cli
+from csc.admin import db as db_cli
 from csc.config import LOG_LEVELS, CSCConfig, load_csc_config
 from csc.signing import signing_key, verification_keys
 from csc.store import Store, StoreError, open_store
@@ -110,7 +111,7 @@ def _check_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from csc.check import check_csc
+    from csc.admin.check import check_csc
 
     file = config_file(args.config, env, ENV_PREFIX)
     try:

@@ -65,7 +65,7 @@ LIMITS = frozenset(
     }
 )
 #: Error codes that mean a limit refused the request, and which limit (the tenant's limits of
-#: csc/limits.py: ``rate``, ``streams``; a session refused for ``sessions`` is counted by the
+#: csc/relay/limits.py: ``rate``, ``streams``; a session refused for ``sessions`` is counted by the
 #: gateway).
 LIMIT_OF_CODE = {
     "payload_too_large": "body_size",

@@ -1,9 +1,9 @@
 """``csc serve``: the app factory, the listeners and the graceful stop.
 
 :func:`create_app` builds the aiohttp application (the agent gateway);
-:func:`run_node` starts the public HTTP listener (csc/http_front.py: the bootloader routes, and
+:func:`run_node` starts the public HTTP listener (csc/relay/http_front.py: the bootloader routes, and
 connections handed to the aiohttp app), the TCP ingress, the admin API (its own listener,
-:mod:`csc.admin_api`) and ``/metrics`` (its own listener, ``metrics_listen``), writes the ready
+:mod:`csc.admin.api`) and ``/metrics`` (its own listener, ``metrics_listen``), writes the ready
 file, and on SIGTERM/SIGINT or an admin ``drain`` drains: it stops accepting, sends GOAWAY on
 every agent session, lets in-flight streams finish within ``drain_timeout``, then closes the
 links with 1001 and returns.
@@ -24,18 +24,19 @@ from pathlib import Path
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from csc import admin_api, gateway
+from csc.admin import api as admin_api
 from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
-from csc.http_front import HttpFront
-from csc.http_ingress import Ingress
 from csc.metrics import CSCMetrics, MetricsListener, start_metrics_listener
 from csc.permissions import check_private
-from csc.registry import MemoryRegistry
+from csc.relay import gateway
+from csc.relay.http_front import HttpFront
+from csc.relay.http_ingress import Ingress
+from csc.relay.registry import MemoryRegistry
+from csc.relay.tcp_ingress import READ_LIMIT, make_handler
 from csc.signing import signing_key
 from csc.state import NodeState, default_node_id
 from csc.store import open_store
-from csc.tcp_ingress import READ_LIMIT, make_handler
 from shared.errors import GoingAway
 from shared.runtime import install_uvloop, write_ready_file
 from shared.runtime import sockname_address as _hostport
@@ -65,7 +66,7 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
                 log.warning("created operator 'admin'; its admin API token is in %s", token_file)
         registry: MemoryRegistry[gateway.AgentSession] = MemoryRegistry(source=store)
         # a remote database is never read on a request's path: the refresh loop and change
-        # events re-read it (csc/gateway.py enforce_rights, csc/cluster/)
+        # events re-read it (csc/relay/gateway.py enforce_rights, csc/cluster/)
         registry.refresh_on_miss = config.database_url is None
         registry.refresh(force=True)
     except BaseException:
@@ -87,7 +88,7 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
 async def _close_after_answer(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: every answer of the aiohttp app but a WebSocket upgrade ends its
     connection (``Connection: close``), so the client's next request reaches the public
-    listener (csc/http_front.py), which handed this connection over for one request."""
+    listener (csc/relay/http_front.py), which handed this connection over for one request."""
     if response.status != 101:
         response.force_close()
         response.headers["Connection"] = "close"  # the hook runs after aiohttp set its own
@@ -113,7 +114,7 @@ def create_app(
     ones on their own registry) go into the state built here."""
     app = web.Application(client_max_size=1024**2)
     app[NodeState.KEY] = state = state or build_state(config, metrics=metrics)
-    # the bootloader-facing routes are served by csc/http_front.py; a connection whose first
+    # the bootloader-facing routes are served by csc/relay/http_front.py; a connection whose first
     # request is for one of these paths is handed over to this app
     app.router.add_get("/v1/agent/connect", gateway.agent_connect)
     app.on_response_prepare.append(_close_after_answer)

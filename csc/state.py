@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from csc.admin.errorlog import ErrorLog
 from csc.config import CSCConfig
-from csc.errorlog import ErrorLog
-from csc.limits import Admissions, TenantLimiter
 from csc.metrics import CSCMetrics
-from csc.registry import MemoryRegistry
+from csc.relay.limits import Admissions, TenantLimiter
+from csc.relay.registry import MemoryRegistry
+from csc.relay.traffic import LastSeen, TrafficHistory
 from csc.store import Store
-from csc.traffic import LastSeen, TrafficHistory
 from shared import resolve_sig
 from shared.protocol import LinkSettings
 
 if TYPE_CHECKING:
     from csc.cluster.node import Cluster
-    from csc.gateway import AgentSession
+    from csc.relay.gateway import AgentSession
 
 
 def default_node_id() -> str:
@@ -42,9 +42,9 @@ class NodeState:
     sessions: dict[str, AgentSession] = field(default_factory=dict)
     draining: bool = False
     metrics: CSCMetrics = field(default_factory=CSCMetrics)
-    #: per-tenant request rate, concurrent streams and agent sessions (csc/limits.py)
+    #: per-tenant request rate, concurrent streams and agent sessions (csc/relay/limits.py)
     limits: TenantLimiter = field(default_factory=TenantLimiter)
-    #: what each request in flight holds of its client's share and cluster slots (csc/routing.py)
+    #: what each request in flight holds of its client's share and cluster slots (csc/relay/routing.py)
     admissions: Admissions = field(default_factory=Admissions)
     active_streams: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -59,7 +59,7 @@ class NodeState:
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     #: the last error answers of the ingresses (admin API ``/errors``, the console)
     errors: ErrorLog = field(default_factory=ErrorLog)
-    #: per-tenant requests, errors and bytes of the last 15 minutes (csc/traffic.py)
+    #: per-tenant requests, errors and bytes of the last 15 minutes (csc/relay/traffic.py)
     traffic: TrafficHistory = field(default_factory=TrafficHistory)
     #: when each tenant's grants last had a session on this node (offline aliases' "last seen")
     last_seen: LastSeen = field(default_factory=LastSeen)

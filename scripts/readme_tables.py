@@ -18,7 +18,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 TABLES = [
     ("csc.config", "CSCConfig", "CSC_"),
     ("tenant_agent.config", "AgentConfig", "CSC_AGENT_"),
-    ("tenant_agent.proxy_config", "ProxyConfig", "CSC_AGENT_PROXY_"),
+    ("tenant_agent.proxy.config", "ProxyConfig", "CSC_AGENT_PROXY_"),
     ("portal.config", "PortalConfig", "CSC_PORTAL_"),
 ]
 

@@ -1,7 +1,7 @@
 """HTTP/1.1 response heads and error answers, without I/O, for every HTTP front end we write.
 
-Used by the CSC's public listener (csc/http_front.py) and the agent's local proxy
-(tenant_agent/proxy_http.py): both parse requests with llhttp and write responses themselves.
+Used by the CSC's public listener (csc/relay/http_front.py) and the agent's local proxy
+(tenant_agent/proxy/http.py): both parse requests with llhttp and write responses themselves.
 
 Invariants: a head carries exactly one ``X-Request-Id`` and framing fields chosen here (no
 hop-by-hop field of the portal's, RFC 9110 §7.6.1; no ``Content-Length`` beside chunked or

@@ -3,11 +3,11 @@
 Two formats. ``json`` (what ``auto``, the default, picks when stderr is not a terminal) writes one JSON object per line::
 
     {"ts": "2024-05-01T12:00:00.123Z", "level": "info", "component": "csc",
-     "logger": "csc.gateway", "msg": "agent connected", "tenant": "acme", "request_id": "…"}
+     "logger": "csc.relay.gateway", "msg": "agent connected", "tenant": "acme", "request_id": "…"}
 
 Fields passed with ``extra=`` (``request_id``, ``tenant``, ``status``, …) become keys of the
 object; a traceback is the ``exc`` key. ``text`` writes
-``2024-05-01T12:00:00.123Z INFO csc csc.gateway: message key=value`` for people at a terminal.
+``2024-05-01T12:00:00.123Z INFO csc csc.relay.gateway: message key=value`` for people at a terminal.
 
 Only entry points call :func:`configure_logging`; library modules just use
 ``logging.getLogger(__name__)``. Calling it again replaces the handler it installed before
@@ -255,7 +255,7 @@ def log_event(logger: logging.Logger, level: int, msg: str, fields: Mapping[str,
         handler.release()
 
 
-#: for writers that batch events themselves (csc/accesslog.py): our handler when it alone would
+#: for writers that batch events themselves (csc/relay/accesslog.py): our handler when it alone would
 #: see a record, and the timestamp as the formatters write it
 direct_output = _direct_output
 fast_stamp = _fast_stamp

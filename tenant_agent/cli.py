@@ -2,8 +2,8 @@
 
 Builds an :class:`~tenant_agent.config.AgentConfig` from ``--config`` (or ``$CSC_AGENT_CONFIG``),
 ``CSC_AGENT_*`` environment variables and the flags, then runs the agent until it is stopped.
-``csc-agent proxy`` instead runs the local/DMZ proxy (:mod:`tenant_agent.proxy`), configured by
-a :class:`~tenant_agent.proxy_config.ProxyConfig` from ``--config`` (or
+``csc-agent proxy`` instead runs the local/DMZ proxy (:mod:`tenant_agent.proxy.server`), configured by
+a :class:`~tenant_agent.proxy.config.ProxyConfig` from ``--config`` (or
 ``$CSC_AGENT_PROXY_CONFIG``), ``CSC_AGENT_PROXY_*`` variables and its own flags.
 
 Invariants: only this module (the entry point) reads ``os.environ``; every configuration problem
@@ -33,8 +33,8 @@ from shared.cli_support import (
 from shared.config import LOG_LEVELS, ConfigError
 from shared.logsetup import configure_logging
 from tenant_agent.config import ENV_PREFIX, load_agent_config
-from tenant_agent.proxy_config import ENV_PREFIX as PROXY_ENV_PREFIX
-from tenant_agent.proxy_config import load_proxy_config
+from tenant_agent.proxy.config import ENV_PREFIX as PROXY_ENV_PREFIX
+from tenant_agent.proxy.config import load_proxy_config
 
 PROG = "csc-agent"
 
@@ -126,7 +126,7 @@ def _proxy_main(argv: list[str], environ: Mapping[str, str]) -> int:
     if config is None:
         return EXIT_USAGE
     configure_logging(config.log_level, PROG, fmt=config.log_format)
-    from tenant_agent.proxy import run  # lazy, like the agent
+    from tenant_agent.proxy.server import run  # lazy, like the agent
 
     try:
         return run(config, ready_file=parsed.ready_file)

@@ -30,7 +30,7 @@ from shared.config import (
 from shared.link_config import link_field, link_problems
 
 ENV_PREFIX = "CSC_AGENT_"
-#: The proxy mode's prefix (tenant_agent/proxy_config.py): no agent setting starts `proxy_`.
+#: The proxy mode's prefix (tenant_agent/proxy/config.py): no agent setting starts `proxy_`.
 PROXY_ENV_PREFIX = "CSC_AGENT_PROXY_"
 
 

@@ -82,7 +82,7 @@ def advance(state: ExchangeState, new: ExchangeState) -> ExchangeState:
 class RelayedStream(Protocol):
     """What :class:`HttpUpstream` needs of the stream it serves: a link stream
     (:class:`shared.link.LinkStream`) or a request of the local/DMZ proxy
-    (:class:`tenant_agent.proxy_exchange.InboundExchange`)."""
+    (:class:`tenant_agent.proxy.exchange.InboundExchange`)."""
 
     info: dict[str, Any]
     #: Watched only for its failure: it fails when the stream does.

@@ -353,7 +353,7 @@ async def connect(
     return ws
 
 
-# -- the link over this WebSocket (the agent's counterpart of csc.websocket.run_websocket) ---------
+# -- the link over this WebSocket (the agent's counterpart of csc.relay.websocket.run_websocket) ---------
 
 
 def close_reason(err: CSCError) -> str:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from csc.admin_api import session_view
-from csc.gateway import end_sessions
-from csc.routing import open_for_peer
+from csc.admin.api import session_view
+from csc.relay.gateway import end_sessions
+from csc.relay.routing import open_for_peer
 from csc.state import NodeState
 from shared.errors import GoingAway
 

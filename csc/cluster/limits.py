@@ -6,7 +6,7 @@ Only tenants with a ``max_request_rate`` pay for it (one Redis round trip per re
 bucket lives in one hash (``{P:limit:<tenant>}``) updated by a script with the server's clock,
 so every node takes from the same bucket and clock skew between nodes does not matter. Over any
 interval of length ``t`` the cluster admits at most ``rate * t + burst`` requests of a tenant
-(csc/limits.py ``burst_for``). When Redis cannot be reached the node falls back to a local
+(csc/relay/limits.py ``burst_for``). When Redis cannot be reached the node falls back to a local
 bucket at ``rate / live nodes``, which keeps the same bound while every node does the same.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from csc.limits import burst_for
+from csc.relay.limits import burst_for
 
 #: Refill, then take one token; returns the seconds to wait (0: taken), as a string.
 _TAKE = """

@@ -8,7 +8,7 @@ A database that exists is never taken for a first start: an empty ``csc.db`` (0 
 refused (opening it would create a new, empty CSC in its place), and so is one that fails
 SQLite's ``PRAGMA quick_check`` or is not a database at all; the error names the file and
 what to do (:func:`damaged`). Damage found later (a read of a garbled page) is a StoreError
-too, never a driver traceback. ``csc db check`` and ``csc db backup`` (csc/db_cli.py) use
+too, never a driver traceback. ``csc db check`` and ``csc db backup`` (csc/admin/db.py) use
 :func:`integrity` and :func:`backup`.
 
 Two connections: the writing one (also used by the admin API's reads) behind a lock, and a

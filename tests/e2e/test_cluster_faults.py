@@ -416,7 +416,7 @@ def test_tenant_rate_limit_holds_across_three_nodes(
 ) -> None:
     """Set ``max_request_rate`` N through one node's admin API, then offer far more than N/s
     spread evenly over the three nodes: over the measured interval t the cluster admits at
-    most N*t + burst (burst = one second's worth, csc/limits.py ``burst_for``); a per-node
+    most N*t + burst (burst = one second's worth, csc/relay/limits.py ``burst_for``); a per-node
     limit would admit about three times as many."""
     rate = 10.0
     burst = max(1.0, rate)

@@ -1,4 +1,4 @@
-"""Fuzz target: the OPEN_OK response head as the CSC parses it (``csc.http_ingress._parse_head``).
+"""Fuzz target: the OPEN_OK response head as the CSC parses it (``csc.relay.http_ingress._parse_head``).
 
 A hostile agent writes the head: ``status``, ``reason`` and ``headers``. Checks: the parser
 returns a status in 100..999, a reason without CR/LF, no hop-by-hop header and a non-negative
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from csc.http_ingress import _parse_head
+from csc.relay.http_ingress import _parse_head
 from shared.errors import UpstreamError
 from shared.headers import HOP_BY_HOP
 from tests.fuzz.budget import fuzz

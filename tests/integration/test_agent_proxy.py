@@ -1,6 +1,6 @@
 """The local/DMZ proxy (``csc-agent proxy``) over real loopback sockets.
 
-Most tests run :class:`tenant_agent.proxy.ProxyServer` in the test's event loop in front of the
+Most tests run :class:`tenant_agent.proxy.server.ProxyServer` in the test's event loop in front of the
 session's upstream process (tests/support/upstream.py) and talk to it with aiohttp or with raw
 sockets when the exact bytes matter. The real ``csc-agent proxy`` runs as a subprocess for the
 ready file, the SIGTERM drain, its memory during a large download and a port already in use.
@@ -28,9 +28,9 @@ import trustme
 from aiohttp import web
 
 from tenant_agent.http_upstream import HttpUpstream
-from tenant_agent.proxy import ProxyServer
-from tenant_agent.proxy_config import load_proxy_config
-from tenant_agent.proxy_http import HttpFrontend
+from tenant_agent.proxy.config import load_proxy_config
+from tenant_agent.proxy.http import HttpFrontend
+from tenant_agent.proxy.server import ProxyServer
 from tests.support.procs import ProcFactory, UpstreamProc, async_wait_until, scaled
 from tests.support.upstream import body_bytes, expected_sha256
 

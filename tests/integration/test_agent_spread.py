@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from csc.websocket import run_websocket
+from csc.relay.websocket import run_websocket
 from shared.errors import CSCError
 from shared.link import Link
 from shared.protocol import Connection, HelloReceived, LinkSettings, Side

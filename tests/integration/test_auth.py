@@ -151,7 +151,7 @@ async def _assert_refused(
         body = await resp.json()
     assert body["error"] == "auth_failed"
     assert isinstance(body.get("message"), str) and body["message"]
-    logged = [r.getMessage() for r in caplog.records if r.name == "csc.gateway"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "csc.relay.gateway"]
     assert any("refused" in m and reason in m for m in logged), logged
 
 
@@ -262,7 +262,7 @@ async def test_alias_not_covered_by_token_is_closed_4403(
         assert "alias_forbidden" in msg.extra
         await ws.close()
         assert not r.node.state.sessions
-        logged = [rec.getMessage() for rec in caplog.records if rec.name == "csc.gateway"]
+        logged = [rec.getMessage() for rec in caplog.records if rec.name == "csc.relay.gateway"]
         assert any("other@example.com" in m for m in logged), logged
         # the alias the token does cover stays unbound: nobody serves it
         async with http.get(f"{r.csc_url}/v1/resolve/{ALIAS}") as resp:

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 import csc.cluster.node as cluster_node
 from csc.config import CSCConfig
-from csc.limits import burst_for
+from csc.relay.limits import burst_for
 from csc.server import Node, running_node
 from csc.store import Store
 from csc.tenants import Actor, TenantUpdate

@@ -11,8 +11,8 @@ from typing import Any
 
 import aiohttp
 
-from csc.console import ASSETS, CONTENT_SECURITY_POLICY
-from csc.errorlog import DEFAULT_CAPACITY
+from csc.admin.console import ASSETS, CONTENT_SECURITY_POLICY
+from csc.admin.errorlog import DEFAULT_CAPACITY
 from tests.support.admin import Admin, tcp_connect_line
 from tests.support.inproc import ALIAS, Relay, relay
 from tests.support.procs import async_wait_until, scaled

@@ -1,6 +1,6 @@
 """The public listener against hostile or odd clients, over real loopback sockets: deadlines
 and buffer bounds, slow bodies, the agent's framing checked, absolute-form targets, and the
-JSON shape of every answer the listener gives by itself (csc/http_front.py)."""
+JSON shape of every answer the listener gives by itself (csc/relay/http_front.py)."""
 
 from __future__ import annotations
 

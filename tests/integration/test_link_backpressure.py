@@ -27,7 +27,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from csc.gateway import AgentSession
+from csc.relay.gateway import AgentSession
 from shared.link import Link
 from shared.protocol import Connection, LinkSettings, Side, WelcomeReceived
 from shared.protocol.codec import FrameType, encode_frame

@@ -179,7 +179,7 @@ async def test_hello_naming_no_alias_skips_the_token_aliases_of_another_tenant(
     from shared.protocol import Connection, LinkSettings, Side, WelcomeReceived
     from shared.tokens import issue_token, load_or_create_signing_key
 
-    caplog.set_level(logging.INFO, logger="csc.gateway")
+    caplog.set_level(logging.INFO, logger="csc.relay.gateway")
     async with relay(tmp_path, start=False) as r:
         make_token(r.state_dir, "rogue", ["rogue@example.net"])
         key, _ = load_or_create_signing_key(r.state_dir)

@@ -21,7 +21,7 @@ import pytest
 
 from csc import cli
 from csc.config import CSCConfig
-from csc.registry import MemoryRegistry
+from csc.relay.registry import MemoryRegistry
 from csc.server import running_node
 from csc.signing import signing_key
 from csc.store import MIGRATIONS, Store, StoreError, StoreUnavailable, open_store

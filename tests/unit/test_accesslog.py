@@ -1,4 +1,4 @@
-"""The CSC's access log (csc/accesslog.py) and the cheap event path it uses (shared/logsetup.py):
+"""The CSC's access log (csc/relay/accesslog.py) and the cheap event path it uses (shared/logsetup.py):
 the same line as ``logging`` would write, no query string, nothing when disabled."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csc import accesslog
+from csc.relay import accesslog
 from shared.logsetup import (
     JsonFormatter,
     TextFormatter,

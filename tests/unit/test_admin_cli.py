@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from csc import admin_cli
 from csc import cli as csc_cli
-from csc.admin_api import PREFIX, ROUTES
+from csc.admin import cli as admin_cli
+from csc.admin.api import PREFIX, ROUTES
 from csc.config import CSCConfig
-from csc.registry import MemoryRegistry
+from csc.relay.registry import MemoryRegistry
 from csc.state import NodeState
 from csc.store import Store
 
@@ -153,7 +153,7 @@ def test_offline_operator_commands(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def _registered_routes(tmp_path: Path) -> set[tuple[str, str]]:
-    from csc.admin_api import create_admin_app
+    from csc.admin.api import create_admin_app
 
     store = Store(tmp_path)
     try:

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import pytest
 
-from csc.registry import MemoryRegistry
+from csc.relay.registry import MemoryRegistry
 from csc.store import ADMIN_TOKEN_FILE, DB_FILE, MIGRATIONS, Store, StoreError, token_hash
 from csc.tenants import Actor, Conflict, NotFound, Tenant, parse_tenant_update
 from shared.errors import AliasForbidden, AliasTaken

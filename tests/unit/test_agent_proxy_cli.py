@@ -1,8 +1,8 @@
 """``csc-agent proxy``'s command line, configuration and request parsing, without a network.
 
-The command-line tests replace :mod:`tenant_agent.proxy` by a fake, as tests/unit/test_cli.py
+The command-line tests replace :mod:`tenant_agent.proxy.server` by a fake, as tests/unit/test_cli.py
 does for the agent. The property test feeds pipelined requests, split at arbitrary points, to a
-:class:`~tenant_agent.proxy_http.ClientConnection` on a fake transport with a stand-in portal
+:class:`~tenant_agent.proxy.http.ClientConnection` on a fake transport with a stand-in portal
 that echoes what it received, and checks every request arrives whole, in order, rewritten.
 The proxy over real sockets is tested in tests/integration/test_agent_proxy.py.
 """
@@ -27,9 +27,9 @@ from shared.errors import BadRequest
 from tenant_agent import cli as agent_cli
 from tenant_agent.config import load_agent_config
 from tenant_agent.http_upstream import RelayedStream
-from tenant_agent.proxy_config import ENV_PREFIX, ProxyConfig
-from tenant_agent.proxy_http import ClientConnection, HttpFrontend
-from tenant_agent.proxy_messages import origin_form
+from tenant_agent.proxy.config import ENV_PREFIX, ProxyConfig
+from tenant_agent.proxy.http import ClientConnection, HttpFrontend
+from tenant_agent.proxy.messages import origin_form
 from tests.support.procs import async_wait_until
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -47,9 +47,9 @@ def fake_proxy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[ProxyConfig, Path 
         calls.append((config, ready_file))
         return 0
 
-    module = types.ModuleType("tenant_agent.proxy")
+    module = types.ModuleType("tenant_agent.proxy.server")
     module.run = run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tenant_agent.proxy", module)
+    monkeypatch.setitem(sys.modules, "tenant_agent.proxy.server", module)
     return calls
 
 

@@ -1,4 +1,4 @@
-"""The web console's files (csc/static/): packaged, self-contained, and safe under its CSP."""
+"""The web console's files (csc/admin/static/): packaged, self-contained, and safe under its CSP."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from csc.console import ASSETS, ConsoleAssetsMissing, is_console_path, load_assets
+from csc.admin.console import ASSETS, ConsoleAssetsMissing, is_console_path, load_assets
 
 ROOT = Path(__file__).resolve().parents[2]
-STATIC = ROOT / "csc" / "static"
+STATIC = ROOT / "csc" / "admin" / "static"
 
 
 class _Page(HTMLParser):
@@ -48,7 +48,7 @@ def test_every_static_file_is_served_and_packaged() -> None:
     on_disk = {p.name for p in STATIC.iterdir() if p.is_file()}
     assert on_disk == set(ASSETS)
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    patterns = pyproject["tool"]["setuptools"]["package-data"]["csc"]
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["csc.admin"]
     for name in on_disk:
         assert any(fnmatch.fnmatch(f"static/{name}", p) for p in patterns), name
     assert load_assets() == {name: (STATIC / name).read_bytes() for name in ASSETS}

@@ -1,4 +1,4 @@
-"""csc/errorlog.py: the bounded ring of a node's recent error answers."""
+"""csc/admin/errorlog.py: the bounded ring of a node's recent error answers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from csc.errorlog import KINDS, ErrorLog
+from csc.admin.errorlog import KINDS, ErrorLog
 from shared.errors import PortalOffline, UnknownAlias, UpstreamTimeout
 
 

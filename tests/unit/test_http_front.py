@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from csc.http_front_request import (
+from csc.relay.http_front_request import (
     ELSEWHERE,
     HEALTHZ,
     MISSING,

@@ -1,4 +1,4 @@
-"""Fuzzing the public listener's connection (csc/http_front.py) over a fake transport:
+"""Fuzzing the public listener's connection (csc/relay/http_front.py) over a fake transport:
 arbitrary bytes and arbitrary chunking of valid and broken requests. Whatever comes in, what
 goes out is a sequence of clean responses (200 from the stub handler, or the listener's own
 400/404/405/408/413/431 JSON) or a close; no exception escapes; no request reaches the handler
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from csc.config import CSCConfig
-from csc.http_front import FrontConnection, HttpFront
-from csc.http_front_request import FrontRequest
+from csc.relay.http_front import FrontConnection, HttpFront
+from csc.relay.http_front_request import FrontRequest
 from shared.errors import CSCError
 from shared.http1 import json_response
 

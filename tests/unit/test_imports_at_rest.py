@@ -10,7 +10,7 @@ from tests.support.procs import REPO_ROOT
 
 PROBE = """
 import sys
-import csc.cli, csc.server, csc.admin_api, csc.routing, csc.db_cli, csc.store
+import csc.cli, csc.server, csc.admin.api, csc.relay.routing, csc.admin.db, csc.store
 from csc.cluster.attach import cluster_context
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("redis", "psycopg"))
 print(",".join(heavy))

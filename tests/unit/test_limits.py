@@ -1,4 +1,4 @@
-"""The per-tenant limiter (csc/limits.py): rate buckets, stream and session counts, no event
+"""The per-tenant limiter (csc/relay/limits.py): rate buckets, stream and session counts, no event
 loop; the error table's 429s and how the metrics count refusals."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csc.limits import (
+from csc.metrics import CSCMetrics
+from csc.relay.limits import (
     EPSILON,
     RATE,
     RETRY_AFTER_BUSY,
@@ -26,7 +27,6 @@ from csc.limits import (
     client_key,
     retry_after,
 )
-from csc.metrics import CSCMetrics
 from csc.tenants import Limits
 from shared.errors import (
     ERRORS,

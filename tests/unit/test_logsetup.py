@@ -24,7 +24,7 @@ def _boom(log: logging.Logger) -> None:
 def test_json_one_object_per_event_with_extras() -> None:
     out = io.StringIO()
     configure_logging("info", "csc", stream=out)
-    log = logging.getLogger("csc.gateway")
+    log = logging.getLogger("csc.relay.gateway")
     log.debug("hidden")
     log.info("agent %s connected", "acme", extra={"tenant": "acme", "request_id": "r1"})
     _boom(log)
@@ -36,7 +36,7 @@ def test_json_one_object_per_event_with_extras() -> None:
         "ts": "",
         "level": "info",
         "component": "csc",
-        "logger": "csc.gateway",
+        "logger": "csc.relay.gateway",
         "msg": "agent acme connected",
         "tenant": "acme",
         "request_id": "r1",
@@ -48,16 +48,16 @@ def test_json_one_object_per_event_with_extras() -> None:
 def test_text_format_indents_continuation_lines() -> None:
     out = io.StringIO()
     configure_logging("info", "csc", stream=out, fmt="text")
-    log = logging.getLogger("csc.gateway")
+    log = logging.getLogger("csc.relay.gateway")
     log.info("agent %s connected", "acme", extra={"tenant": "acme"})
     _boom(log)
     lines = out.getvalue().splitlines()
     pattern = (
-        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO csc csc\.gateway: "
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO csc csc\.relay\.gateway: "
         r"agent acme connected tenant=acme"
     )
     assert re.fullmatch(pattern, lines[0])
-    assert " ERROR csc csc.gateway: failed" in lines[1]
+    assert " ERROR csc csc.relay.gateway: failed" in lines[1]
     assert all(line.startswith("    ") for line in lines[2:])
 
 

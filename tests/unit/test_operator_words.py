@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from csc.admin_cli import _looks_swapped, plural
-from csc.errorlog import ErrorLog
-from csc.traffic import BUCKET_SECONDS, POINTS, LastSeen, TrafficHistory
+from csc.admin.cli import _looks_swapped, plural
+from csc.admin.errorlog import ErrorLog
+from csc.relay.traffic import BUCKET_SECONDS, POINTS, LastSeen, TrafficHistory
 from demo.__main__ import try_lines
 from shared.logsetup import configure_logging, resolve_format
 from shared.oserrors import describe_connect_error, describe_os_error

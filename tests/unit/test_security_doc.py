@@ -10,7 +10,7 @@ from csc.config import CSCConfig
 from csc.tenants import LIMIT_NAMES
 from portal.config import PortalConfig
 from tenant_agent.config import AgentConfig
-from tenant_agent.proxy_config import ProxyConfig
+from tenant_agent.proxy.config import ProxyConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
 #: bootloader flags and the like, named in the tables but not configuration keys

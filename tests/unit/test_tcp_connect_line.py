@@ -1,4 +1,4 @@
-"""The TCP ingress's ``CONNECT`` line reader (csc/tcp_ingress.py) over arbitrary bytes and
+"""The TCP ingress's ``CONNECT`` line reader (csc/relay/tcp_ingress.py) over arbitrary bytes and
 chunking: an alias or a documented ``bad_request``, never another exception, never more read
 than the line."""
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csc.tcp_ingress import MAX_LINE, READ_LIMIT, _read_alias, parse_connect_line
+from csc.relay.tcp_ingress import MAX_LINE, READ_LIMIT, _read_alias, parse_connect_line
 from shared.errors import BadRequest
 
 

@@ -24,8 +24,8 @@ import itertools
 from typing import TYPE_CHECKING, Any
 
 from csc.cluster.peer import strip_peer_keys
-from csc.gateway import AgentSession
-from csc.limits import (
+from csc.relay.gateway import AgentSession
+from csc.relay.limits import (
     RETRY_AFTER_BUSY,
     STREAMS,
     UNLIMITED,
@@ -34,7 +34,7 @@ from csc.limits import (
     client_key,
     rate_limited,
 )
-from csc.registry import Lookup
+from csc.relay.registry import Lookup
 from csc.state import NodeState
 from shared.aliases import normalise_alias
 from shared.errors import (
@@ -90,7 +90,7 @@ async def open_stream(
     """Open a stream on the least-loaded session that takes it (or, in a cluster, on another
     node that serves the alias), or raise PortalOffline.
 
-    The stream counts against its tenant's limits (csc/limits.py) before anything reaches the
+    The stream counts against its tenant's limits (csc/relay/limits.py) before anything reaches the
     agent (``tenant_limit``, ``rate_limited``), its client address's share of them included,
     until the ingress releases it when it ends. A request opened again (the same ``info``: the
     HTTP ingress reopening one an agent never ran) keeps what it holds and takes no new token.

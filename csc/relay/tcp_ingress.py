@@ -16,9 +16,9 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from csc import accesslog
-from csc.ingress_stream import StreamUse, refused
-from csc.routing import lookup_alias, open_stream
+from csc.relay import accesslog
+from csc.relay.ingress_stream import StreamUse, refused
+from csc.relay.routing import lookup_alias, open_stream
 from csc.state import NodeState
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
 from shared.link import LinkCounters, splice

@@ -3,7 +3,7 @@
 :class:`HttpFront` owns the listening socket (plain or TLS) and the hardening bounds shared by
 its connections; each accepted connection is a :class:`FrontConnection`. The bootloader-facing
 routes (``/t/{alias}``, ``/t/{alias}/...``, ``GET /v1/resolve/{alias}``, ``/healthz``,
-``/readyz``) are served here by a :class:`Handler` (csc/http_ingress.py); a connection whose
+``/readyz``) are served here by a :class:`Handler` (csc/relay/http_ingress.py); a connection whose
 *first* request names a path of the aiohttp app (``/v1/agent/connect``, ``/metrics``) is handed
 to aiohttp whole, with the bytes read so far, and this module never sees it again; so is a
 kept-alive connection whose next request, arriving while the connection is idle, names one
@@ -40,7 +40,7 @@ from typing import Any, Protocol, cast
 import httptools
 
 from csc.config import CSCConfig
-from csc.http_front_request import ELSEWHERE, FrontRequest, origin_form, route
+from csc.relay.http_front_request import ELSEWHERE, FrontRequest, origin_form, route
 from shared.errors import (
     BadRequest,
     Cancelled,
@@ -70,7 +70,7 @@ class _Stop(Exception):
 
 
 class Handler(Protocol):
-    """Serves one parsed request on a connection (csc/http_ingress.py)."""
+    """Serves one parsed request on a connection (csc/relay/http_ingress.py)."""
 
     async def serve(self, conn: FrontConnection, request: FrontRequest) -> None: ...
 

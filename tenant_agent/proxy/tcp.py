@@ -27,7 +27,7 @@ import logging
 from typing import cast
 
 from shared.errors import InvalidState
-from tenant_agent.proxy_config import ProxyConfig
+from tenant_agent.proxy.config import ProxyConfig
 
 log = logging.getLogger("csc_agent.proxy")
 

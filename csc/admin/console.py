@@ -1,6 +1,6 @@
 """The read-only web console: ``/console/`` on the admin listener.
 
-A static page (``csc/static/``: HTML, one vanilla JavaScript file, CSS, an icon; no build step,
+A static page (``csc/admin/static/``: HTML, one vanilla JavaScript file, CSS, an icon; no build step,
 no external URL) that asks the operator for an operator token once, keeps it in the tab's
 ``sessionStorage`` and reads the admin API with ``Authorization: Bearer`` every 2 s: node
 overview, tenants, aliases with their online state, sessions and the recent errors
@@ -60,7 +60,7 @@ def is_console_path(path: str) -> bool:
 
 def load_assets() -> dict[str, bytes]:
     """The console's files from the package's ``static`` directory."""
-    folder = resources.files("csc").joinpath("static")
+    folder = resources.files("csc.admin").joinpath("static")
     files: dict[str, bytes] = {}
     missing: list[str] = []
     for name in ASSETS:

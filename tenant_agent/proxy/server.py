@@ -1,9 +1,9 @@
 """``csc-agent proxy``: the local/DMZ proxy, an inbound listener that forwards to the portal.
 
 Bootloaders configured with Host and Port (instead of an alias) connect here. With an
-``http(s)://`` upstream the proxy is an HTTP/1.1 reverse proxy (:mod:`tenant_agent.proxy_http`,
+``http(s)://`` upstream the proxy is an HTTP/1.1 reverse proxy (:mod:`tenant_agent.proxy.http`,
 whose portal side is the agent's own pooled client); with ``tcp://host:port`` it forwards bytes
-both ways, half-closes included (:mod:`tenant_agent.proxy_tcp`), so TLS can run end to end.
+both ways, half-closes included (:mod:`tenant_agent.proxy.tcp`), so TLS can run end to end.
 
 Lifecycle: :class:`ProxyServer` listens (port 0 allowed: the bound address goes to stderr and to
 the ready file), serves until SIGTERM or SIGINT, then drains: it stops accepting, lets requests
@@ -29,9 +29,9 @@ from shared.oserrors import describe_os_error
 from shared.runtime import sockname_address
 from tenant_agent.http_request import parse_origin
 from tenant_agent.http_upstream import HttpUpstream
-from tenant_agent.proxy_config import ProxyConfig
-from tenant_agent.proxy_http import HttpFrontend
-from tenant_agent.proxy_tcp import TcpFrontend
+from tenant_agent.proxy.config import ProxyConfig
+from tenant_agent.proxy.http import HttpFrontend
+from tenant_agent.proxy.tcp import TcpFrontend
 
 log = logging.getLogger("csc_agent.proxy")
 

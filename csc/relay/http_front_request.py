@@ -1,4 +1,4 @@
-"""Parsed requests of the public listener (csc/http_front.py), without I/O: the request
+"""Parsed requests of the public listener (csc/relay/http_front.py), without I/O: the request
 target (RFC 9112 §3.2) and the route it names.
 
 Invariants: a :class:`FrontRequest` exists only for a head llhttp accepted whole, with at most

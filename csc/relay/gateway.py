@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from csc.limits import RETRY_AFTER_BUSY, SESSIONS, UNLIMITED
-from csc.registry import MemoryRegistry, admission_error
+from csc.relay.limits import RETRY_AFTER_BUSY, SESSIONS, UNLIMITED
+from csc.relay.registry import MemoryRegistry, admission_error
+from csc.relay.websocket import AbortFn, Traffic, counting, run_websocket
+from csc.relay.websocket import close_websocket as _close
 from csc.state import NodeState
 from csc.tenants import Limits
-from csc.websocket import AbortFn, Traffic, counting, run_websocket
-from csc.websocket import close_websocket as _close
 from shared.aliases import covered, normalise_grant
 from shared.errors import (
     AliasForbidden,
@@ -54,7 +54,7 @@ from shared.tokens import AgentClaims, verify_token
 if TYPE_CHECKING:
     from csc.cluster.node import Cluster
 
-log = logging.getLogger("csc.gateway")
+log = logging.getLogger("csc.relay.gateway")
 
 HANDSHAKE_TIMEOUT = 10.0
 _session_ids = itertools.count(1)

@@ -1,9 +1,9 @@
 """What every ingress does around one stream: the tenant's stream slot, metrics, access log.
 
-:class:`StreamUse` is an async context manager used by the HTTP ingress (csc/http_ingress.py)
-and the TCP ingress (csc/tcp_ingress.py) once a stream is open. Entering counts the stream as
+:class:`StreamUse` is an async context manager used by the HTTP ingress (csc/relay/http_ingress.py)
+and the TCP ingress (csc/relay/tcp_ingress.py) once a stream is open. Entering counts the stream as
 active (node drain waits for it, ``csc_streams_active``); leaving finishes the stream, gives the
-tenant's slot back (csc/routing.py ``release_stream``), records the request's outcome, traffic
+tenant's slot back (csc/relay/routing.py ``release_stream``), records the request's outcome, traffic
 and access-log event, exactly once, whatever way the block ends. :func:`refused` is the same
 bookkeeping for a request that never got a stream.
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 import time
 from types import TracebackType
 
-from csc import accesslog
 from csc.metrics import outcome_of
-from csc.routing import release_stream
+from csc.relay import accesslog
+from csc.relay.routing import release_stream
 from csc.state import NodeState
 from shared.errors import Cancelled, CSCError
 from shared.link import TunnelStream

@@ -5,12 +5,12 @@ looked up by its SHA-256 among the operators of the store and never logged. Rout
 in docs/openapi.json, which a test compares with :data:`ROUTES`): tenants CRUD, alias assign and
 unassign, agent token issue/list/revoke, live sessions and disconnect, drain, the audit log,
 the node's status and its recent error answers. The same listener serves the read-only web
-console (:mod:`csc.console`) at ``/console/`` without a token: its files hold no data, and its
+console (:mod:`csc.admin.console`) at ``/console/`` without a token: its files hold no data, and its
 script reads this API with the operator's token.
 
 Every change goes to the store in one transaction with its audit entry (operator, remote
 address, action, target, details; never a secret), then the node re-reads the registry and ends
-the sessions that lost their right to run (:func:`csc.gateway.end_sessions`): a revoked token's
+the sessions that lost their right to run (:func:`csc.relay.gateway.end_sessions`): a revoked token's
 sessions close with 4401, a suspended tenant's with 4423, a deleted tenant's with 4401.
 
 Errors are JSON ``{"error", "message"}`` (plus ``problems``, every one, for a 400 or a 409):
@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from csc import console
+from csc.admin import console
 from csc.cluster import ClusterUnavailable
-from csc.gateway import AgentSession, end_sessions
+from csc.relay.gateway import AgentSession, end_sessions
 from csc.signing import signing_key
 from csc.state import NodeState
 from csc.store import Store, StoreUnavailable, token_hash
@@ -133,7 +133,7 @@ def _bearer(request: web.Request) -> str:
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if console.is_console_path(request.path):
-        return await handler(request)  # the console's files: no data, no token (csc.console)
+        return await handler(request)  # the console's files: no data, no token (csc.admin.console)
     state = request.app[NodeState.KEY]
     remote = request.remote or "?"
     try:
@@ -546,7 +546,7 @@ async def node_status(request: web.Request) -> web.Response:
 
 
 async def recent_errors(request: web.Request) -> web.Response:
-    """The node's last error answers (csc/errorlog.py), newest first."""
+    """The node's last error answers (csc/admin/errorlog.py), newest first."""
     state, _ = _state(request)
     limit = _query_int(request, "limit", 100, 1, 1000)
     entries = state.errors.recent(limit, tenant=_tenant_filter(request))
@@ -560,7 +560,7 @@ async def recent_errors(request: web.Request) -> web.Response:
 
 
 async def traffic(request: web.Request) -> web.Response:
-    """This node's per-tenant requests, errors and bytes of the last 15 minutes (csc/traffic.py)."""
+    """This node's per-tenant requests, errors and bytes of the last 15 minutes (csc/relay/traffic.py)."""
     state, _ = _state(request)
     return web.json_response(
         {"node": state.node_id, **state.traffic.series(_tenant_filter(request))}

@@ -35,7 +35,7 @@ from shared.cli_support import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail
 from shared.cli_support import table as table  # re-exported: csc/cli.py prints with it
 
 PROG = "csc admin"
-URL_FILE = "admin-url"  # csc.admin_api.URL_FILE (not imported: keeps the CLI free of aiohttp)
+URL_FILE = "admin-url"  # csc.admin.api.URL_FILE (not imported: keeps the CLI free of aiohttp)
 API_PREFIX = "/v1/admin"
 
 

@@ -1,5 +1,5 @@
 """Bootloader-facing HTTP: ``GET /v1/resolve/{alias}``, the tunnel ``ANY /t/{alias}/{path}``,
-``/healthz`` and ``/readyz``, served on the connections of csc/http_front.py.
+``/healthz`` and ``/readyz``, served on the connections of csc/relay/http_front.py.
 
 A tunneled request becomes one stream: OPEN carries the request head (hop-by-hop headers
 removed per RFC 9110 §7.6.1, ``X-Forwarded-*`` and ``X-Request-Id`` added), DATA carries the
@@ -22,11 +22,11 @@ import logging
 import time
 from typing import Any
 
-from csc import accesslog
-from csc.http_front import FrontConnection
-from csc.http_front_request import HEALTHZ, READYZ, RESOLVE, TUNNEL, FrontRequest
-from csc.ingress_stream import StreamUse, refused
-from csc.routing import lookup_alias, offline_error, online, open_stream
+from csc.relay import accesslog
+from csc.relay.http_front import FrontConnection
+from csc.relay.http_front_request import HEALTHZ, READYZ, RESOLVE, TUNNEL, FrontRequest
+from csc.relay.ingress_stream import StreamUse, refused
+from csc.relay.routing import lookup_alias, offline_error, online, open_stream
 from csc.state import NodeState
 from shared import resolve_sig
 from shared.errors import (
@@ -81,7 +81,7 @@ def tunnel_target(target: str) -> str:
 
 
 class Ingress:
-    """The :class:`csc.http_front.Handler` of a node."""
+    """The :class:`csc.relay.http_front.Handler` of a node."""
 
     def __init__(self, state: NodeState) -> None:
         self.state = state
@@ -125,7 +125,7 @@ def refuse(
     err: CSCError,
     tenant: str | None,
 ) -> int:
-    """Answer ``err`` (kept among the node's recent errors, csc/errorlog.py); its status."""
+    """Answer ``err`` (kept among the node's recent errors, csc/admin/errorlog.py); its status."""
     state.errors.record(kind, err, request_id=request.request_id, tenant=tenant)
     return conn.error(request, err)
 

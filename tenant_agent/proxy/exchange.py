@@ -1,7 +1,7 @@
 """One request of the local/DMZ proxy, seen by the portal client as a stream.
 
 :class:`InboundExchange` implements :class:`~tenant_agent.http_upstream.RelayedStream` over a
-:class:`~tenant_agent.proxy_http.ClientConnection`: ``read`` yields the request body as the
+:class:`~tenant_agent.proxy.http.ClientConnection`: ``read`` yields the request body as the
 client sends it, ``consumed`` lets the client send more, ``accept``/``write``/``write_eof``
 send the response, ``reject`` answers with a JSON error and ``reset`` aborts the connection.
 
@@ -24,7 +24,7 @@ from shared.errors import (
     PayloadTooLarge,
     ProtocolError,
 )
-from tenant_agent.proxy_messages import (
+from tenant_agent.proxy.messages import (
     CHUNKED,
     CLOSE,
     LENGTH,
@@ -36,7 +36,7 @@ from tenant_agent.proxy_messages import (
 )
 
 if TYPE_CHECKING:
-    from tenant_agent.proxy_http import ClientConnection
+    from tenant_agent.proxy.http import ClientConnection
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 

@@ -8,7 +8,7 @@ is a :class:`ClientConnection`: an ``asyncio.Protocol`` around llhttp's request 
 :class:`~tenant_agent.http_upstream.RelayedStream`, so the portal side (pooled keep-alive
 connections, timeouts, typed errors, backpressure) is the agent's own
 :class:`~tenant_agent.http_upstream.HttpUpstream`. Heads and error bodies are built without I/O
-in :mod:`tenant_agent.proxy_messages`; the exchange lives in :mod:`tenant_agent.proxy_exchange`.
+in :mod:`tenant_agent.proxy.messages`; the exchange lives in :mod:`tenant_agent.proxy.exchange`.
 
 Invariants:
 
@@ -53,9 +53,9 @@ from shared.errors import (
 )
 from shared.headers import request_id_for
 from tenant_agent.http_upstream import HIGH_WATER, LOW_WATER, RelayedStream
-from tenant_agent.proxy_config import ProxyConfig
-from tenant_agent.proxy_exchange import InboundExchange
-from tenant_agent.proxy_messages import (
+from tenant_agent.proxy.config import ProxyConfig
+from tenant_agent.proxy.exchange import InboundExchange
+from tenant_agent.proxy.messages import (
     InboundRequest,
     ReadState,
     advance_read,
