@@ -38,7 +38,7 @@ from shared.runtime import run as run_main
 from tests.support.readyfile import parse_hostport
 
 DEFAULT_QUEUE_LIMIT = 32 * 1024 * 1024
-_EARLY = 0.0005  # timers may fire this much early; chunks due by then go out too
+EARLY = 0.0005  # timers may fire this much early; chunks due by then go out too
 
 
 class _Pipe:
@@ -81,7 +81,7 @@ class _Pipe:
 
     def _flush(self) -> None:
         self._timer = None
-        horizon = self._loop.time() + _EARLY
+        horizon = self._loop.time() + EARLY
         first = True
         while self._queue and (first or self._queue[0][0] <= horizon):
             first = False
