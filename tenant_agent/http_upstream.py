@@ -60,7 +60,7 @@ from tenant_agent.http_exchange import (
 from tenant_agent.http_request import Request, build_request, parse_origin
 from tenant_agent.writeflow import WriteFlow
 
-log = logging.getLogger("csc_agent.upstream")
+log = logging.getLogger("csc_agent.upstream.http")
 
 __all__ = ["HIGH_WATER", "LOW_WATER", "SMALL_BODY", "HttpUpstream", "RelayedStream"]
 

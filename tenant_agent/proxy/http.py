@@ -66,7 +66,7 @@ from tenant_agent.proxy.messages import (
 )
 from tenant_agent.writeflow import WriteFlow
 
-log = logging.getLogger("csc_agent.proxy")
+log = logging.getLogger("csc_agent.proxy.http")
 
 #: Parsed requests allowed to wait behind the one being served before reading pauses.
 MAX_PIPELINED = 8
