@@ -25,7 +25,6 @@ from typing import NoReturn, TextIO
 
 from bootloader import client
 from bootloader import config as cfg
-from bootloader.console import Console
 from bootloader.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -37,6 +36,7 @@ from bootloader.errors import (
 from bootloader.flow import Options, report, run
 from bootloader.preset import load_preset
 from bootloader.progress import make_progress
+from bootloader.prompts import Terminal
 
 PROG = "csc-bootloader"
 ENV_CSC = client.ENV_CSC
@@ -152,10 +152,10 @@ def main(
         args = build_parser(out, err).parse_args(list(argv) if argv is not None else None)
     except _ParserExit as exc:
         return exc.status
-    console = Console(inp, err, quiet=args.quiet, use_getpass=inp is sys.stdin)
+    term = Terminal(inp, err, quiet=args.quiet, use_getpass=inp is sys.stdin)
     try:
-        options = build_options(args, environ, console, inp)
-        outcome = run(options, console, make_progress(err, quiet=args.quiet))
+        options = build_options(args, environ, term, inp)
+        outcome = run(options, term, make_progress(err, quiet=args.quiet))
     except BootError as exc:
         err.write(f"{PROG}: {exc.line()}\n")
         return exc.exit_code
@@ -177,10 +177,10 @@ def main(
 
 
 def build_options(
-    args: argparse.Namespace, env: Mapping[str, str], console: Console, stdin: TextIO
+    args: argparse.Namespace, env: Mapping[str, str], term: Terminal, stdin: TextIO
 ) -> Options:
     """Everything the run needs, or a :class:`ConfigError` before anything is contacted."""
-    provisioning = _provisioning(args, console, stdin)
+    provisioning = _provisioning(args, term, stdin)
     preset = load_preset()
     csc_text = args.csc if args.csc is not None else env.get(ENV_CSC, "").strip()
     if csc_text:
@@ -214,7 +214,7 @@ def build_options(
     )
 
 
-def _provisioning(args: argparse.Namespace, console: Console, stdin: TextIO) -> cfg.Provisioning:
+def _provisioning(args: argparse.Namespace, term: Terminal, stdin: TextIO) -> cfg.Provisioning:
     by_flags = any(v is not None for v in (args.alias, args.host, args.port))
     given = [args.sms is not None, args.config_file is not None, by_flags]
     if sum(given) > 1:
@@ -230,8 +230,8 @@ def _provisioning(args: argparse.Namespace, console: Console, stdin: TextIO) -> 
         found = cfg.build(
             "the options", alias=args.alias, host=args.host, port=args.port, names=names
         )
-    elif console.interactive:
-        found = _ask_provisioning(console)
+    elif term.interactive:
+        found = _ask_provisioning(term)
     else:
         raise ConfigError(
             "no configuration: give --sms, --config-file, or --alias / --host and --port"
@@ -249,17 +249,17 @@ def _read_sms(stdin: TextIO) -> str:
     return text
 
 
-def _ask_provisioning(console: Console) -> cfg.Provisioning:
-    console.warn("No configuration given. Your administrator told you an alias, or the host and")
-    console.warn("port of a local proxy.")
+def _ask_provisioning(term: Terminal) -> cfg.Provisioning:
+    term.warn("No configuration given. Your administrator told you an alias, or the host and")
+    term.warn("port of a local proxy.")
     for attempt in range(1, PROMPT_ATTEMPTS + 1):
-        answer = console.ask("Alias (or host:port): ")
+        answer = term.ask("Alias (or host:port): ")
         try:
             return cfg.parse_answer(answer)
         except ConfigError as exc:
             if attempt == PROMPT_ATTEMPTS:
                 raise
-            console.warn(exc.message)
+            term.warn(exc.message)
     raise AssertionError("unreachable")
 
 

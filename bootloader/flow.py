@@ -27,11 +27,11 @@ from bootloader.client import (
     resolve,
 )
 from bootloader.config import Provisioning, format_hostport, parse_user
-from bootloader.console import Console
 from bootloader.download import download
 from bootloader.errors import BootError, ConfigError, Stage, printable
 from bootloader.install import Installed, Target, install
 from bootloader.progress import Progress
+from bootloader.prompts import Terminal
 
 LOGON_ATTEMPTS = 3
 
@@ -74,9 +74,9 @@ def platform_device_type() -> str:
     return f"{os_name}-{arch.get(machine, machine)}"
 
 
-def run(opts: Options, console: Console, progress: Progress) -> Outcome:
+def run(opts: Options, term: Terminal, progress: Progress) -> Outcome:
     prov = opts.provisioning
-    if not console.interactive:
+    if not term.interactive:
         _need_no_questions(prov, opts)
     target = Target(opts.target)
     target.prepare()
@@ -87,14 +87,14 @@ def run(opts: Options, console: Console, progress: Progress) -> Outcome:
             user_agent=opts.user_agent,
             ca_data=opts.ca_data,
         )
-        base, subject = locate(transport, prov, opts, console)
+        base, subject = locate(transport, prov, opts, term)
         info = portal_info(transport, base, subject)
-        console.say(f"Portal: {info.name} ({subject}), key {info.fingerprint}")
-        check_key(info, prov.fingerprint, target.installed_fingerprint(), console, subject)
-        device_type = choose_device_type(opts.device_type, info.device_types, console)
+        term.say(f"Portal: {info.name} ({subject}), key {info.fingerprint}")
+        check_key(info, prov.fingerprint, target.installed_fingerprint(), term, subject)
+        device_type = choose_device_type(opts.device_type, info.device_types, term)
         device_id = opts.device_id or target.device_id()
-        session, user = log_on(transport, base, subject, opts, device_type, device_id, console)
-        console.say(f"Logged on as {user}; downloading the package for {device_type}")
+        session, user = log_on(transport, base, subject, opts, device_type, device_id, term)
+        term.say(f"Logged on as {user}; downloading the package for {device_type}")
         package = download(transport, base, subject, session, target.partial, progress)
         try:
             installed = install(
@@ -105,7 +105,7 @@ def run(opts: Options, console: Console, progress: Progress) -> Outcome:
                 package.unlink(missing_ok=True)
             raise
     for warning in installed.warnings:
-        console.warn(f"warning: {warning}")
+        term.warn(f"warning: {warning}")
     return Outcome(info, user, device_type, session.package.id, target, installed)
 
 
@@ -118,14 +118,14 @@ def _need_no_questions(prov: Provisioning, opts: Options) -> None:
 
 
 def locate(
-    transport: Transport, prov: Provisioning, opts: Options, console: Console
+    transport: Transport, prov: Provisioning, opts: Options, term: Terminal
 ) -> tuple[Endpoint, str]:
     """The portal's base URL and how to name it in messages (the alias, or the proxy)."""
     if prov.alias is not None:
-        console.say(f"Resolving {prov.alias} at {opts.csc}")
+        term.say(f"Resolving {prov.alias} at {opts.csc}")
         found = resolve(transport, opts.csc, prov.alias, opts.csc_key)
         if found.tenant:
-            console.say(logging_on_line(found))
+            term.say(logging_on_line(found))
         return found.base, prov.alias
     assert prov.host is not None and prov.port is not None
     scheme = "https" if opts.tls else "http"
@@ -143,7 +143,7 @@ def check_key(
     info: PortalInfo,
     expected: str | None,
     installed: str | None,
-    console: Console,
+    term: Terminal,
     subject: str,
 ) -> None:
     """Refuse a portal whose key is not the expected one (docs/provisioning.md)."""
@@ -155,7 +155,7 @@ def check_key(
                 f"the portal of {subject} has the key {actual}, not the {expected} you were "
                 "given: it is not your company's portal (or the SMS is wrong); nothing was sent",
             )
-        console.say(f"The key matches the fingerprint {expected}")
+        term.say(f"The key matches the fingerprint {expected}")
     elif installed is not None:
         if actual != installed:
             raise BootError(
@@ -164,15 +164,15 @@ def check_key(
                 f"from the key {installed}; if the key really changed, run again with "
                 f"--fingerprint {actual} (or the Key: of a new SMS)",
             )
-        console.say("The key is the one of the portal that installed the current client")
+        term.say("The key is the one of the portal that installed the current client")
     else:
-        console.warn(
+        term.warn(
             f"warning: no key fingerprint given (Key: in the SMS or --fingerprint); trusting "
             f"the key {actual} of {subject} on first use"
         )
 
 
-def choose_device_type(given: str | None, known: tuple[str, ...], console: Console) -> str:
+def choose_device_type(given: str | None, known: tuple[str, ...], term: Terminal) -> str:
     if given is not None:
         return given
     guess = platform_device_type()
@@ -181,12 +181,12 @@ def choose_device_type(given: str | None, known: tuple[str, ...], console: Conso
     if len(known) == 1:
         return known[0]
     listed = ", ".join(printable(k, 60) for k in known) or "none"
-    if console.interactive and known:
+    if term.interactive and known:
         for _ in range(LOGON_ATTEMPTS):
-            answer = console.ask(f"Device type ({listed}): ").strip()
+            answer = term.ask(f"Device type ({listed}): ").strip()
             if answer in known:
                 return answer
-            console.warn(f"{printable(answer, 60)!r} is not one of {listed}")
+            term.warn(f"{printable(answer, 60)!r} is not one of {listed}")
     raise ConfigError(f"give --device-type; the portal knows {listed}")
 
 
@@ -197,16 +197,16 @@ def log_on(
     opts: Options,
     device_type: str,
     device_id: str,
-    console: Console,
+    term: Terminal,
 ) -> tuple[Session, str]:
     """Log on; on a terminal, a wrong password is asked again (up to three attempts)."""
     user, password = opts.provisioning.user, opts.password
     ask_user, attempts = user is None, 1 if password is not None else LOGON_ATTEMPTS
     for attempt in range(1, attempts + 1):
         if user is None:
-            user = parse_user(console.ask("User: "), "your answer")
+            user = parse_user(term.ask("User: "), "your answer")
         if password is None:
-            password = console.ask_secret(f"Password for {user}: ")
+            password = term.ask_secret(f"Password for {user}: ")
         try:
             session = logon(
                 transport,
@@ -220,7 +220,7 @@ def log_on(
         except BootError as exc:
             if exc.code != "logon_failed" or attempt == attempts:
                 raise
-            console.warn("Wrong user name or password; try again")
+            term.warn("Wrong user name or password; try again")
             password = None
             user = None if ask_user else user
             continue

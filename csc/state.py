@@ -15,7 +15,7 @@ from csc.admin.errorlog import ErrorLog
 from csc.config import CSCConfig
 from csc.metrics import CSCMetrics
 from csc.relay.limits import Admissions, TenantLimiter
-from csc.relay.registry import MemoryRegistry
+from csc.relay.registry import Registry
 from csc.relay.traffic import LastSeen, TrafficHistory
 from csc.store import Store
 from shared import resolve_sig
@@ -36,7 +36,7 @@ class NodeState:
     KEY: ClassVar[web.AppKey[NodeState]]
 
     config: CSCConfig
-    registry: MemoryRegistry[AgentSession]
+    registry: Registry[AgentSession]
     public_keys: list[Any]
     node_id: str = field(default_factory=default_node_id)
     sessions: dict[str, AgentSession] = field(default_factory=dict)

@@ -7,7 +7,7 @@ unlimited). An *assignment* gives an alias or a ``*@domain`` pattern to exactly 
 token hashes) that the node answers lookups from; :mod:`csc.store` persists them.
 
 Input from outside (the admin API's JSON bodies) is checked here, and every problem of one
-input is reported at once (:class:`Invalid`). Invariants of a :class:`Catalog`: every assignment
+input is reported at once (:class:`InvalidInput`). Invariants of a :class:`Catalog`: every assignment
 names a tenant of the catalog; no pattern of one tenant covers an alias of another, so an alias
 resolves to at most one tenant (:meth:`Catalog.owner`).
 """
@@ -35,7 +35,7 @@ LIMIT_NAMES = ("max_sessions", "max_streams", "max_request_rate")
 LEGACY_TENANTS_FILE = "tenants.json"
 
 
-class Invalid(ValueError):
+class InvalidInput(ValueError):
     """An input with one or more problems (each a short sentence naming the field)."""
 
     def __init__(self, problems: Iterable[str]) -> None:
@@ -288,7 +288,7 @@ def _limits_patch(value: object, problems: list[str]) -> dict[str, Any]:
 
 def _object(data: object, known: Iterable[str], problems: list[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise Invalid(["the body must be a JSON object"])
+        raise InvalidInput(["the body must be a JSON object"])
     allowed = set(known)
     problems.extend(f"{key}: unknown field" for key in data if key not in allowed)
     return data
@@ -322,7 +322,7 @@ def parse_new_tenant(data: object, now: float) -> Tenant:
     state = _state(body, problems)
     limits = Limits(**_limits_patch(body.get("limits"), problems))
     if problems:
-        raise Invalid(problems)
+        raise InvalidInput(problems)
     assert isinstance(tenant_id, str)
     return Tenant(
         id=tenant_id,
@@ -367,7 +367,7 @@ def parse_tenant_update(data: object) -> TenantUpdate:
         limits=_limits_patch(body.get("limits"), problems),
     )
     if problems:
-        raise Invalid(problems)
+        raise InvalidInput(problems)
     return update
 
 

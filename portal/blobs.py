@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from portal.store import Invalid
+from portal.store import InvalidValue
 
 CHUNK = 1024 * 1024
 MAX_PATH = 1024
@@ -76,14 +76,14 @@ class SourceFile:
 
 
 def check_package_path(path: str) -> str:
-    """Return ``path`` if it is a safe relative package path, else raise :class:`Invalid`."""
+    """Return ``path`` if it is a safe relative package path, else raise :class:`InvalidValue`."""
     if not path or path.startswith("/") or len(path) > MAX_PATH:
-        raise Invalid(f"{path!r} is not a relative path of at most {MAX_PATH} characters")
+        raise InvalidValue(f"{path!r} is not a relative path of at most {MAX_PATH} characters")
     for part in path.split("/"):
         if part in ("", ".", ".."):
-            raise Invalid(f"{path!r}: empty, '.' and '..' segments are not allowed")
+            raise InvalidValue(f"{path!r}: empty, '.' and '..' segments are not allowed")
         if "\\" in part or any(ord(c) < 32 or ord(c) == 127 for c in part):
-            raise Invalid(f"{path!r}: backslashes and control characters are not allowed")
+            raise InvalidValue(f"{path!r}: backslashes and control characters are not allowed")
     return path
 
 
@@ -96,51 +96,53 @@ def _walk(root: Path, directory: Path, seen: set[tuple[int, int]]) -> Iterator[t
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError as exc:
-        raise Invalid(f"{directory}: cannot list the directory: {exc.strerror}") from None
+        raise InvalidValue(f"{directory}: cannot list the directory: {exc.strerror}") from None
     for entry in entries:
         full = Path(entry.path)
         real = full.resolve()
         if entry.is_symlink() and not real.is_relative_to(root):
-            raise Invalid(f"{full}: the symlink points outside {root} (to {real})")
+            raise InvalidValue(f"{full}: the symlink points outside {root} (to {real})")
         try:
             st = real.stat()
         except OSError as exc:
-            raise Invalid(f"{full}: {exc.strerror} (a broken symlink?)") from None
+            raise InvalidValue(f"{full}: {exc.strerror} (a broken symlink?)") from None
         rel = full.relative_to(root).as_posix()
         if stat.S_ISDIR(st.st_mode):
             key = (st.st_dev, st.st_ino)
             if key in seen:
-                raise Invalid(f"{full}: a directory loop (symlink)")
+                raise InvalidValue(f"{full}: a directory loop (symlink)")
             yield from _walk(root, full, seen | {key})
         elif stat.S_ISREG(st.st_mode):
             yield rel, real
         else:
-            raise Invalid(f"{full}: not a regular file or directory")
+            raise InvalidValue(f"{full}: not a regular file or directory")
 
 
 def collect_files(app: str, paths: Sequence[Path]) -> list[SourceFile]:
     """The files of ``paths`` as ``app/...`` package paths: a directory contributes its contents
-    (relative to it), a file its base name. Raises :class:`Invalid` on any unsafe input."""
+    (relative to it), a file its base name. Raises :class:`InvalidValue` on any unsafe input."""
     if not paths:
-        raise Invalid("give at least one file or directory")
+        raise InvalidValue("give at least one file or directory")
     found: dict[str, SourceFile] = {}
     for given in paths:
         try:
             st = given.stat()
         except OSError as exc:
-            raise Invalid(f"{given}: {exc.strerror}") from None
+            raise InvalidValue(f"{given}: {exc.strerror}") from None
         if stat.S_ISDIR(st.st_mode):
             root = given.resolve()
             pairs = list(_walk(root, root, {(st.st_dev, st.st_ino)}))
         elif stat.S_ISREG(st.st_mode):
             pairs = [(given.name, given.resolve())]
         else:
-            raise Invalid(f"{given}: not a regular file or directory")
+            raise InvalidValue(f"{given}: not a regular file or directory")
         for rel, real in pairs:
             package_path = check_package_path(f"{app}/{rel}")
             if package_path in found:
-                raise Invalid(f"{package_path}: given twice (from {found[package_path].source})")
+                raise InvalidValue(
+                    f"{package_path}: given twice (from {found[package_path].source})"
+                )
             found[package_path] = SourceFile(package_path, real, _mode_of(real.stat()))
     if not found:
-        raise Invalid("no files found in the given paths")
+        raise InvalidValue("no files found in the given paths")
     return [found[p] for p in sorted(found)]

@@ -29,7 +29,7 @@ from portal.db import transaction
 from portal.store import (
     AlreadyExists,
     InUse,
-    Invalid,
+    InvalidValue,
     NotFound,
     TargetKind,
     check_name,
@@ -47,7 +47,7 @@ MAX_VALUE = 4096
 def check_version(raw: str) -> str:
     version = raw.strip()
     if _VERSION_RE.fullmatch(version) is None:
-        raise Invalid(
+        raise InvalidValue(
             f"{raw!r} is not a valid version (letters, digits, '.', '+', '_', '-'; "
             "at most 64 characters, e.g. 5.1.0)"
         )
@@ -56,12 +56,14 @@ def check_version(raw: str) -> str:
 
 def check_setting(key: str, value: str) -> tuple[str, str]:
     if _KEY_RE.fullmatch(key) is None:
-        raise Invalid(
+        raise InvalidValue(
             f"{key!r} is not a valid policy key (letters, digits, '.', '_', '-'; "
             "at most 128 characters)"
         )
     if len(value) > MAX_VALUE or "\x00" in value:
-        raise Invalid(f"the value of {key!r} must be at most {MAX_VALUE} characters, without NUL")
+        raise InvalidValue(
+            f"the value of {key!r} must be at most {MAX_VALUE} characters, without NUL"
+        )
     return key, value
 
 
@@ -117,7 +119,7 @@ def add_app_version(
     name = check_name(name, "app")
     version = check_version(version)
     if not files:
-        raise Invalid("an app version needs at least one file")
+        raise InvalidValue("an app version needs at least one file")
     with transaction(conn):
         dtid = device_type_id(conn, device_type)
         row = conn.execute("SELECT id FROM apps WHERE name = ?", (name,)).fetchone()

@@ -4,8 +4,8 @@ A handler returns a :class:`Result` and prints nothing itself (the password prom
 :func:`run` opens the state directory (database created and migrated, signing key created on
 first use), calls the handler, prints the result (JSON with ``--json``, else its text on stdout
 and its notes on stderr: decided there, once) and turns every expected failure into a message on
-stderr and an exit code: :class:`portal.store.Invalid` (bad input) exits 2; any other
-:class:`portal.store.StoreError` (unknown name, duplicate, still in use), a database, key or
+stderr and an exit code: :class:`portal.store.InvalidValue` (bad input) exits 2; any other
+:class:`portal.store.PortalDataError` (unknown name, duplicate, still in use), a database, key or
 I/O error exits 1. Lists print as :func:`shared.cli_support.table`; an empty one says ``(none)``
 on stderr. The command table itself is in :mod:`portal.cli`.
 """
@@ -131,9 +131,9 @@ def run(prog: str, config: PortalConfig, args: argparse.Namespace) -> int:
         result = command(ctx, args)
         ctx.show(result, as_json=getattr(args, "json", False))
         return result.code
-    except store.Invalid as exc:
+    except store.InvalidValue as exc:
         return _fail(prog, str(exc), EXIT_USAGE)
-    except (store.StoreError, DatabaseError, PortalKeyError, BootloaderUnavailable) as exc:
+    except (store.PortalDataError, DatabaseError, PortalKeyError, BootloaderUnavailable) as exc:
         return _fail(prog, str(exc), EXIT_FAILURE)
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
@@ -170,7 +170,7 @@ def json_text(data: Any) -> str:
 
 def read_password(ctx: Context, args: argparse.Namespace) -> str:
     """The new password from ``--password``, ``--password-stdin``, ``--password-file`` or a
-    terminal prompt (twice); :class:`store.Invalid` when there is none or it is unacceptable."""
+    terminal prompt (twice); :class:`store.InvalidValue` when there is none or it is unacceptable."""
     if args.password is not None:
         password = args.password
     elif args.password_stdin:
@@ -181,15 +181,15 @@ def read_password(ctx: Context, args: argparse.Namespace) -> str:
     elif ctx.stdin.isatty():
         password = getpass.getpass("Password: ")
         if getpass.getpass("Repeat the password: ") != password:
-            raise store.Invalid("the two passwords differ")
+            raise store.InvalidValue("the two passwords differ")
     else:
-        raise store.Invalid(
+        raise store.InvalidValue(
             "no password: use --password-stdin or --password-file (or run in a terminal)"
         )
     try:
         return check_password(password)
     except ValueError as exc:
-        raise store.Invalid(str(exc)) from None
+        raise store.InvalidValue(str(exc)) from None
 
 
 def _hash(ctx: Context, password: str) -> str:
@@ -291,7 +291,7 @@ def device_type_list(ctx: Context, args: argparse.Namespace) -> Result:
 def _split_version(spec: str) -> tuple[str, str | None]:
     name, at, version = spec.partition("@")
     if at and not version:
-        raise store.Invalid(f"{spec!r}: a version must follow '@' (NAME@VERSION)")
+        raise store.InvalidValue(f"{spec!r}: a version must follow '@' (NAME@VERSION)")
     return name, version if at else None
 
 
@@ -342,7 +342,7 @@ def _settings(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq:
-            raise store.Invalid(f"{item!r} is not KEY=VALUE")
+            raise store.InvalidValue(f"{item!r} is not KEY=VALUE")
         settings[key.strip()] = value
     return settings
 
@@ -443,11 +443,11 @@ def key_show(ctx: Context, args: argparse.Namespace) -> Result:
 
 def _sms_destination(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     if args.alias is not None and (args.host is not None or args.port is not None):
-        raise store.Invalid("give --alias or --host/--port, not both")
+        raise store.InvalidValue("give --alias or --host/--port, not both")
     if (args.host is None) != (args.port is None):
-        raise store.Invalid("--host and --port go together")
+        raise store.InvalidValue("--host and --port go together")
     if args.port is not None and not 0 < args.port < 65536:
-        raise store.Invalid(f"--port {args.port}: not a port number (1..65535)")
+        raise store.InvalidValue(f"--port {args.port}: not a port number (1..65535)")
     if args.alias is not None:
         return {"alias": args.alias}
     if args.host is not None:
@@ -457,7 +457,7 @@ def _sms_destination(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         return {"alias": config.sms_alias}
     if config.sms_host is not None:
         return {"host": config.sms_host, "port": config.sms_port}
-    raise store.Invalid(
+    raise store.InvalidValue(
         "the SMS needs an alias or a proxy: give --alias or --host/--port, "
         "or set sms_alias or sms_host/sms_port"
     )
@@ -466,7 +466,7 @@ def _sms_destination(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 def sms(ctx: Context, args: argparse.Namespace) -> Result:
     destination = _sms_destination(ctx, args)
     if ctx.config.get_url is None:
-        raise store.Invalid("the SMS needs the get site's URL: give --get-url or set get_url")
+        raise store.InvalidValue("the SMS needs the get site's URL: give --get-url or set get_url")
     user = None
     if args.user is not None:
         with ctx.conn() as conn:
@@ -475,7 +475,7 @@ def sms(ctx: Context, args: argparse.Namespace) -> Result:
     try:
         text = sms_text(ctx.config.get_url, ctx.key.fingerprint, user=user, **destination)
     except BadAlias as exc:
-        raise store.Invalid(f"--alias: {exc.message}") from None
+        raise store.InvalidValue(f"--alias: {exc.message}") from None
     warning = length_warning(sms_length(text))
     return Result(text=text, notes=() if warning is None else (f"warning: {warning}",))
 

@@ -8,7 +8,7 @@ checked and normalised here, once, so the database only ever holds valid ones:
 * group, device type, app and policy names: the same without ``@`` and ``+``.
 
 Every failure an operator can cause (unknown name, duplicate, still in use) raises a
-:class:`StoreError` subclass whose message says what is wrong and names the thing.
+:class:`PortalDataError` subclass whose message says what is wrong and names the thing.
 """
 
 from __future__ import annotations
@@ -29,31 +29,31 @@ _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 TargetKind = Literal["user", "group"]
 
 
-class StoreError(Exception):
+class PortalDataError(Exception):
     """An operation on the portal's data failed; ``str()`` is the message for the operator."""
 
 
-class NotFound(StoreError):
+class NotFound(PortalDataError):
     pass
 
 
-class AlreadyExists(StoreError):
+class AlreadyExists(PortalDataError):
     pass
 
 
-class InUse(StoreError):
+class InUse(PortalDataError):
     pass
 
 
-class Invalid(StoreError):
+class InvalidValue(PortalDataError):
     pass
 
 
 def check_user_name(raw: str) -> str:
-    """The normalised user name, or :class:`Invalid`."""
+    """The normalised user name, or :class:`InvalidValue`."""
     name = raw.strip().lower()
     if _USER_RE.fullmatch(name) is None:
-        raise Invalid(
+        raise InvalidValue(
             f"{raw!r} is not a valid user name (letters, digits, '.', '_', '@', '+', '-'; "
             f"at most {MAX_NAME} characters, starting with a letter or digit)"
         )
@@ -61,10 +61,10 @@ def check_user_name(raw: str) -> str:
 
 
 def check_name(raw: str, what: str) -> str:
-    """The normalised name of a group, device type, app or policy, or :class:`Invalid`."""
+    """The normalised name of a group, device type, app or policy, or :class:`InvalidValue`."""
     name = raw.strip().lower()
     if _NAME_RE.fullmatch(name) is None:
-        raise Invalid(
+        raise InvalidValue(
             f"{raw!r} is not a valid {what} name (letters, digits, '.', '_', '-'; "
             f"at most {MAX_NAME} characters, starting with a letter or digit)"
         )
@@ -176,7 +176,7 @@ def credentials(conn: sqlite3.Connection, raw_name: str) -> Credentials | None:
     """The stored hash of a user, or None for an unknown or invalid name."""
     try:
         name = check_user_name(raw_name)
-    except Invalid:
+    except InvalidValue:
         return None
     row = conn.execute(
         "SELECT id, name, password_hash, password_epoch FROM users WHERE name = ?", (name,)
@@ -302,7 +302,7 @@ class DeviceTypeInfo:
 def add_device_type(conn: sqlite3.Connection, name: str, description: str = "") -> str:
     name = check_name(name, "device type")
     if len(description) > 200 or any(ord(c) < 32 for c in description):
-        raise Invalid("the description must be one line of at most 200 characters")
+        raise InvalidValue("the description must be one line of at most 200 characters")
     with transaction(conn):
         if conn.execute("SELECT 1 FROM device_types WHERE name = ?", (name,)).fetchone():
             raise AlreadyExists(f"a device type named {name!r} already exists")

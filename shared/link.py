@@ -71,6 +71,7 @@ from shared.protocol import (
     StreamReset,
 )
 from shared.protocol.codec import HEADER_SIZE
+from shared.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class LinkStream:
         self._eof = False
         self._local_eof = False
         self._error: CSCError | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter = Wakeup()
         self._credit = asyncio.Event()
 
     @property
@@ -153,11 +154,7 @@ class LinkStream:
                 return b""
             if self._error is not None:
                 raise self._error
-            self._waiter = self.link.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._waiter.wait()
         return self._chunks.popleft()
 
     def consumed(self, nbytes: int) -> None:
@@ -232,9 +229,7 @@ class LinkStream:
     # -- called by Link ----------------------------------------------------------------------
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._waiter.set()
 
     def _fail(self, err: CSCError) -> None:
         if self._error is None:

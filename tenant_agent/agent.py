@@ -81,7 +81,7 @@ class FatalError(Exception):
 
 
 @dataclass(eq=False)
-class AgentSession:
+class CSCSession:
     slot: int
     ws: AgentWebSocket
     link: Link
@@ -128,7 +128,7 @@ class Agent:
         self.metrics = metrics if metrics is not None else AgentMetrics()
         self.metrics_server = MetricsServer(self.metrics)
         self.upstreams = Upstreams(config, metrics=self.metrics)
-        self.sessions: set[AgentSession] = set()
+        self.sessions: set[CSCSession] = set()
         self.stopping = asyncio.Event()
         self.fatal: str | None = None
         self._draining: set[asyncio.Task[None]] = set()
@@ -167,7 +167,7 @@ class Agent:
     def stop(self) -> None:
         self.stopping.set()
 
-    async def handshake_once(self, context: ssl.SSLContext | None) -> AgentSession:
+    async def handshake_once(self, context: ssl.SSLContext | None) -> CSCSession:
         """One session, connected and welcomed but not served (``csc-agent check``): the
         caller closes it. Raises what a slot's connection attempt raises."""
         self._ssl = context
@@ -202,7 +202,7 @@ class Agent:
                 await session.link.flush()
             await close_for(session.ws, GoingAway("the agent is shutting down"))
 
-    def _announce(self, session: AgentSession) -> None:
+    def _announce(self, session: CSCSession) -> None:
         """Say where the portal is reachable, once per set of aliases the CSC bound."""
         aliases = [str(a) for a in session.welcome.get("aliases", [])]
         if not aliases or tuple(aliases) == self._announced:
@@ -218,7 +218,7 @@ class Agent:
         backoff = Backoff(cfg.backoff_initial, cfg.backoff_max, cfg.backoff_reset_after)
         spread = SlotSpread(self.spread)
         loop = asyncio.get_running_loop()
-        successor: AgentSession | None = None  # a replacement already up (a move)
+        successor: CSCSession | None = None  # a replacement already up (a move)
         outage = Outage()
         while not self.stopping.is_set():
             started = loop.time()
@@ -247,7 +247,7 @@ class Agent:
             if session is not None:
                 self.metrics.slot_state(slot, "up")
                 outcome = await self._serve(session)
-                if isinstance(outcome, AgentSession):
+                if isinstance(outcome, CSCSession):
                     successor = outcome
                     continue
                 if outcome == "drained":
@@ -282,11 +282,11 @@ class Agent:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), delay)
 
-    def _other_nodes(self, *exclude: AgentSession) -> list[str | None]:
+    def _other_nodes(self, *exclude: CSCSession) -> list[str | None]:
         """The nodes of the live sessions other than ``exclude``."""
         return [s.node for s in self.sessions if s.live and s not in exclude]
 
-    def _place(self, session: AgentSession, spread: SlotSpread) -> Verdict:
+    def _place(self, session: CSCSession, spread: SlotSpread) -> Verdict:
         """Judge a new session against the live ones and enter it, in one step (no await)."""
         count = self.cluster.saw(session.welcome)
         verdict = spread.on_session_up(session.node, self._other_nodes(session), count)
@@ -302,7 +302,7 @@ class Agent:
             )
         return verdict
 
-    async def _redial(self, session: AgentSession, tries: int) -> None:
+    async def _redial(self, session: CSCSession, tries: int) -> None:
         """Close a duplicate (GOAWAY first: it gets no stream) and pause briefly."""
         delay = self.spread.redial_delay(random.random())
         log.info(
@@ -319,21 +319,21 @@ class Agent:
         self._dismiss(session, None)
         await self._pause(delay)
 
-    def _dismiss(self, session: AgentSession, run: asyncio.Task[None] | None) -> None:
+    def _dismiss(self, session: CSCSession, run: asyncio.Task[None] | None) -> None:
         """Send GOAWAY on a session of ours and let it drain and close in the background."""
         session.link.go_away("going_away", "the agent moves this session to another node")
         task = asyncio.create_task(self._retire(session, run))
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
 
-    async def _serve(self, session: AgentSession) -> AgentSession | str:
+    async def _serve(self, session: CSCSession) -> CSCSession | str:
         """Serve until the link ends (``"ended"``), the CSC asks to drain (``"drained"``: the
         slot connects a successor) or a replacement on a node of its own took over (returned:
         the slot serves it; this one drains)."""
         self.sessions.add(session)
         run = asyncio.create_task(run_link(session.ws, session.link))
         goaway = asyncio.create_task(session.goaway.wait())
-        moved: AgentSession | None = None
+        moved: CSCSession | None = None
         try:
             while moved is None:
                 done, _ = await asyncio.wait(
@@ -366,7 +366,7 @@ class Agent:
         task.add_done_callback(self._draining.discard)
         return "drained"
 
-    async def _try_move(self, session: AgentSession) -> AgentSession | None:
+    async def _try_move(self, session: CSCSession) -> CSCSession | None:
         """Dial a replacement for a duplicate; the replacement if it is on a node of its own
         (entered in :attr:`sessions`), else None (it is dismissed; the duplicate serves on)."""
         slot = session.slot
@@ -394,7 +394,7 @@ class Agent:
         self._dismiss(new, None)
         return None
 
-    async def _connect(self, slot: int) -> AgentSession:
+    async def _connect(self, slot: int) -> CSCSession:
         """Upgrade, then HELLO/WELCOME, each within ``connect_timeout``."""
         cfg = self.config
         headers = {
@@ -419,7 +419,7 @@ class Agent:
             await ws.close()
             raise
 
-    async def _handshake(self, slot: int, ws: AgentWebSocket) -> AgentSession:
+    async def _handshake(self, slot: int, ws: AgentWebSocket) -> CSCSession:
         loop = asyncio.get_running_loop()
         conn = Connection(Side.CLIENT, self.settings, accept_streams=True, now=loop.time())
         conn.send_hello({"agent": f"csc-agent/{__version__}", "aliases": self.config.aliases})
@@ -438,7 +438,7 @@ class Agent:
             for i, event in enumerate(events):
                 if isinstance(event, WelcomeReceived):
                     welcome, pending = event.info, events[i + 1 :]
-        session: AgentSession
+        session: CSCSession
         link = Link(
             conn,
             ws.send_chunks,
@@ -448,7 +448,7 @@ class Agent:
             name=f"session {slot}",
             pending=pending,
         )
-        session = AgentSession(slot, ws, link, welcome)
+        session = CSCSession(slot, ws, link, welcome)
         log.info(
             "session %d up: %s on node %s, aliases %s",
             slot,
@@ -458,7 +458,7 @@ class Agent:
         )
         return session
 
-    async def _retire(self, session: AgentSession, run: asyncio.Task[None] | None) -> None:
+    async def _retire(self, session: CSCSession, run: asyncio.Task[None] | None) -> None:
         """Let a draining session finish its streams, then close it (the CSC closes it first
         when it drains)."""
         if run is None:
@@ -492,7 +492,7 @@ def describe_failure(exc: BaseException) -> str:
     return str(exc) or exc.__class__.__name__
 
 
-def _down_cause(session: AgentSession) -> str:
+def _down_cause(session: CSCSession) -> str:
     """``session s-1 on node n-1 went down (close code 1006): <reason>``."""
     closed = session.link.closed
     reason = closed.result().message if closed.done() else "closed"

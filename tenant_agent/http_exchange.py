@@ -41,7 +41,7 @@ from tenant_agent.http_request import Request
 if TYPE_CHECKING:
     from tenant_agent.http_upstream import UpstreamConnection
 
-log = logging.getLogger("csc_agent.upstream")
+log = logging.getLogger("csc_agent.upstream.exchange")
 
 #: Responses up to this size are read whole and sent with their head.
 SMALL_BODY = 64 * 1024

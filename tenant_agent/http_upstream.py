@@ -48,6 +48,7 @@ from shared.errors import (
     UpstreamTimeout,
 )
 from shared.headers import strip_hop_by_hop
+from shared.wakeup import Wakeup
 from tenant_agent.http_exchange import (
     RECEIVING,
     SMALL_BODY,
@@ -60,7 +61,7 @@ from tenant_agent.http_exchange import (
 from tenant_agent.http_request import Request, build_request, parse_origin
 from tenant_agent.writeflow import WriteFlow
 
-log = logging.getLogger("csc_agent.upstream")
+log = logging.getLogger("csc_agent.upstream.http")
 
 __all__ = ["HIGH_WATER", "LOW_WATER", "SMALL_BODY", "HttpUpstream", "RelayedStream"]
 
@@ -99,7 +100,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self._reading_paused = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter = Wakeup()
         self._timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
         self._parser_stale = False
@@ -315,11 +316,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
 
     async def wait(self) -> None:
         """Sleep until the exchange's state may have changed."""
-        self._waiter = waiter = self._loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        await self._waiter.wait()
 
     def write(self, data: bytes | memoryview) -> None:
         if self.lost or self.transport is None:
@@ -415,9 +412,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
             self.transport.pause_reading()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._waiter.set()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

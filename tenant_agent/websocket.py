@@ -54,6 +54,7 @@ except ImportError:  # pragma: no cover
 
 from shared.errors import CSCError, InvalidState, LinkStalled, ProtocolError
 from shared.link import Link
+from shared.wakeup import Wakeup
 from tenant_agent.writeflow import WriteFlow
 
 #: websockets' logger for our connections, held at ``info`` whatever the agent's log level.
@@ -147,7 +148,7 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self._received: deque[bytes] = deque()
         self._received_size = 0
-        self._receive_waiter: asyncio.Future[None] | None = None
+        self._receive_waiter = Wakeup()
         self._reading_paused = False
         self._text_seen = False
         self._close_timer: asyncio.TimerHandle | None = None
@@ -245,11 +246,7 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
                 raise ProtocolError("text messages are not part of the protocol")
             if self._proto.state is not State.OPEN or self.closed.done():
                 return None
-            self._receive_waiter = self.loop.create_future()
-            try:
-                await self._receive_waiter
-            finally:
-                self._receive_waiter = None
+            await self._receive_waiter.wait()
         data = self._received.popleft()
         self._received_size -= len(data)
         if self._reading_paused and self._received_size < RECEIVE_HIGH // 2:
@@ -310,9 +307,7 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         self._wake_receiver()
 
     def _wake_receiver(self) -> None:
-        waiter = self._receive_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._receive_waiter.set()
 
     def _expect_close(self) -> None:
         if self._close_timer is None and not self.closed.done():

@@ -7,7 +7,7 @@ The transport calls ``pause_writing``/``resume_writing`` around its high/low wat
 
 from __future__ import annotations
 
-import asyncio
+from shared.wakeup import Wakeup
 
 
 class WriteFlow:
@@ -15,7 +15,7 @@ class WriteFlow:
 
     _write_paused = False
     _write_lost = False
-    _drain_waiter: asyncio.Future[None] | None = None
+    _drain_waiter: Wakeup | None = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -35,15 +35,12 @@ class WriteFlow:
     async def drain(self) -> None:
         """Return once the transport accepts more data; raise if the connection is gone."""
         while self._write_paused and not self._write_lost:
-            waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await waiter
-            finally:
-                self._drain_waiter = None
+            if self._drain_waiter is None:
+                self._drain_waiter = Wakeup()
+            await self._drain_waiter.wait()
         if self._write_lost:
             raise ConnectionResetError("the connection is closed")
 
     def _release_drain(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._drain_waiter is not None:
+            self._drain_waiter.set()

@@ -45,7 +45,7 @@ from csc.store import Store, StoreUnavailable, token_hash
 from csc.tenants import (
     Actor,
     Conflict,
-    Invalid,
+    InvalidInput,
     NotFound,
     Tenant,
     parse_grants,
@@ -94,7 +94,7 @@ def error_response(err: AdminError) -> web.Response:
 def _translate(exc: Exception) -> AdminError:
     if isinstance(exc, AdminError):
         return exc
-    if isinstance(exc, Invalid):
+    if isinstance(exc, InvalidInput):
         count = len(exc.problems)
         message = f"the request has {count} problem{'s' if count != 1 else ''}"
         return AdminError(400, "bad_request", message, exc.problems)
@@ -192,17 +192,17 @@ async def _apply(state: NodeState) -> int:
 async def _body(request: web.Request) -> Any:
     raw = await request.read()
     if not raw:
-        raise Invalid(["the body must be a JSON object"])
+        raise InvalidInput(["the body must be a JSON object"])
     try:
         return json.loads(raw)
     except (ValueError, UnicodeError) as exc:
-        raise Invalid([f"the body is not valid JSON: {exc}"]) from None
+        raise InvalidInput([f"the body is not valid JSON: {exc}"]) from None
 
 
 def _query_flag(request: web.Request, name: str) -> bool:
     value = request.query.get(name, "false").lower()
     if value not in ("true", "1", "yes", "false", "0", "no"):
-        raise Invalid([f"query {name}: expected true or false"])
+        raise InvalidInput([f"query {name}: expected true or false"])
     return value in ("true", "1", "yes")
 
 
@@ -213,7 +213,7 @@ def _query_int(
     if text is None:
         return default
     if not text.isdigit() or not low <= int(text) <= high:
-        raise Invalid([f"query {name}: expected a whole number from {low} to {high}"])
+        raise InvalidInput([f"query {name}: expected a whole number from {low} to {high}"])
     return int(text)
 
 
@@ -225,7 +225,7 @@ def _grant(text: str, name: str = "alias") -> str:
     try:
         return normalise_grant(text)
     except BadAlias as exc:
-        raise Invalid([f"{name}: {exc.message}"]) from None
+        raise InvalidInput([f"{name}: {exc.message}"]) from None
 
 
 def _sessions_of(state: NodeState, tenant: str | None = None) -> list[AgentSession]:
@@ -360,11 +360,11 @@ async def assign_aliases(request: web.Request) -> web.Response:
     body = await _body(request)
     problems: list[str] = []
     if not isinstance(body, dict):
-        raise Invalid(["the body must be a JSON object"])
+        raise InvalidInput(["the body must be a JSON object"])
     problems += [f"{key}: unknown field" for key in body if key != "aliases"]
     grants = parse_grants(body.get("aliases"), "aliases", problems)
     if problems:
-        raise Invalid(problems)
+        raise InvalidInput(problems)
     added = await _run(store.assign, tenant_id, grants, _actor(request))
     await _apply(state)
     aliases = state.registry.catalog.aliases_of(tenant_id)
@@ -404,7 +404,7 @@ async def issue_token(request: web.Request) -> web.Response:
     state, store = _state(request)
     body = await _body(request)
     if not isinstance(body, dict):
-        raise Invalid(["the body must be a JSON object"])
+        raise InvalidInput(["the body must be a JSON object"])
     problems = [f"{key}: unknown field" for key in body if key not in ("tenant", "aliases", "ttl")]
     tenant = body.get("tenant")
     if not isinstance(tenant, str) or not tenant:
@@ -412,7 +412,7 @@ async def issue_token(request: web.Request) -> web.Response:
     grants = parse_grants(body.get("aliases"), "aliases", problems)
     ttl = parse_ttl_value(body.get("ttl", DEFAULT_TTL), problems)
     if problems:
-        raise Invalid(problems)
+        raise InvalidInput(problems)
     assert isinstance(tenant, str) and ttl is not None
     await _run(store.tenant, tenant)  # 404 before anything else
     key = await _run(_signing_key, state)
@@ -435,7 +435,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     state, store = _state(request)
     jti = request.match_info["jti"]
     if not 0 < len(jti) <= 128 or not jti.isprintable():
-        raise Invalid(["jti: expected 1 to 128 printable characters"])
+        raise InvalidInput(["jti: expected 1 to 128 printable characters"])
     if not _query_flag(request, "unrecorded") and await _run(store.token, jti) is None:
         raise NotFound(f"no token {jti!r} was issued by this CSC (?unrecorded=true revokes it)")
     (record, fresh), closed = await _commit(state, store.revoke_token, jti, _actor(request))

@@ -43,7 +43,7 @@ class UsageProblem(Exception):
     """No URL or token could be found, or the arguments make no request."""
 
 
-class ApiError(Exception):
+class AdminApiError(Exception):
     def __init__(self, status: int, code: str, message: str, problems: list[str]) -> None:
         self.status, self.code, self.message, self.problems = status, code, message, problems
         super().__init__(message)
@@ -70,7 +70,7 @@ class AdminClient:
         body: object = None,
         query: Mapping[str, str] | None = None,
     ) -> Any:
-        """One API call; the decoded JSON answer. Raises ApiError or Unreachable."""
+        """One API call; the decoded JSON answer. Raises AdminApiError or Unreachable."""
         full = self.url.rstrip("/") + API_PREFIX + path
         if query:
             full += "?" + urllib.parse.urlencode(query)
@@ -101,15 +101,15 @@ def _decode(raw: bytes, url: str) -> Any:
         raise Unreachable(f"{url} did not answer with JSON: is it the admin API?") from None
 
 
-def _api_error(err: urllib.error.HTTPError) -> ApiError:
+def _api_error(err: urllib.error.HTTPError) -> AdminApiError:
     try:
         body = json.loads(err.read())
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        return ApiError(err.code, "http_error", f"HTTP {err.code} {err.reason}", [])
+        return AdminApiError(err.code, "http_error", f"HTTP {err.code} {err.reason}", [])
     problems = body.get("problems")
-    return ApiError(
+    return AdminApiError(
         err.code,
         str(body.get("error", "error")),
         str(body.get("message", "")),
@@ -633,7 +633,7 @@ def _handler(run: Command) -> Callable[[argparse.Namespace, Mapping[str, str]], 
             return fail(PROG, str(exc), EXIT_USAGE)
         except Unreachable as exc:
             return fail(PROG, str(exc))
-        except ApiError as err:
+        except AdminApiError as err:
             print(f"{PROG}: {err.message} ({err.code}, HTTP {err.status})", file=sys.stderr)
             if err.problems != [err.message]:
                 for problem in err.problems:

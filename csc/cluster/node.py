@@ -48,7 +48,7 @@ from shared.link import LinkStream
 from shared.protocol import LinkSettings
 from shared.units import parse_hostport
 
-log = logging.getLogger("csc.cluster")
+log = logging.getLogger("csc.cluster.node")
 
 #: Streams one peer link may carry at once (each node's bootloader traffic to one other node).
 PEER_MAX_STREAMS = 8192

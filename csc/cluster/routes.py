@@ -52,7 +52,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from csc.cluster import ClusterUnavailable
 from shared.aliases import domain_of
 
-log = logging.getLogger("csc.cluster")
+log = logging.getLogger("csc.cluster.routes")
 
 #: Seconds a lookup answer (positive or negative) is reused without asking Redis.
 LOOKUP_TTL = 1.0

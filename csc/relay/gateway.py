@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSMsgType, web
 
 from csc.relay.limits import RETRY_AFTER_BUSY, SESSIONS, UNLIMITED
-from csc.relay.registry import MemoryRegistry, admission_error
+from csc.relay.registry import Registry, admission_error
 from csc.relay.websocket import AbortFn, Traffic, counting, run_websocket
 from csc.relay.websocket import close_websocket as _close
 from csc.state import NodeState
@@ -123,7 +123,7 @@ def _refuse(err: CSCError, remote: str) -> web.Response:
 
 
 def _requested_grants(
-    info: dict[str, Any], claims: AgentClaims, registry: MemoryRegistry[AgentSession]
+    info: dict[str, Any], claims: AgentClaims, registry: Registry[AgentSession]
 ) -> tuple[str, ...]:
     """The grants to bind: those asked for (all must be the tenant's), else (HELLO names none:
     ``aliases`` absent or empty) the token's grants that are assigned to the tenant now, the

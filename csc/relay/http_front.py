@@ -52,7 +52,7 @@ from shared.errors import (
 from shared.headers import request_id_for
 from shared.http1 import CONTINUE, error_response
 
-log = logging.getLogger("csc.http")
+log = logging.getLogger("csc.http.front")
 
 #: Parsed requests allowed to wait behind the one being served before reading pauses.
 MAX_PIPELINED = 8

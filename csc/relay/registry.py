@@ -75,12 +75,21 @@ class Lookup(Generic[S]):
 
 
 class Registry(Protocol[S]):
-    """The registry interface (one node: :class:`MemoryRegistry`)."""
+    """The registry interface (one node: :class:`MemoryRegistry`). The node's state, the
+    gateway and the cluster code know only this, so another implementation drops in."""
+
+    #: Whether a lookup that finds nothing re-reads the catalog's source first (a local
+    #: database), or never does on a request's path (a remote one, re-read by events).
+    refresh_on_miss: bool
 
     @property
     def catalog(self) -> Catalog: ...
 
     def refresh(self, *, force: bool = False) -> bool: ...
+
+    def owner(self, alias: str) -> str | None: ...
+
+    def local_grants(self) -> set[str]: ...
 
     def lookup(self, alias: str) -> Lookup[S]: ...
 

@@ -36,7 +36,7 @@ from psycopg.rows import dict_row
 from csc.store.backend import POSTGRES, Result, Row, StoreError, StoreUnavailable, Tx
 
 T = TypeVar("T")
-log = logging.getLogger("csc.store")
+log = logging.getLogger("csc.store.postgres")
 
 CONNECT_TIMEOUT = 3
 #: fail-fast pauses of the hot connection after failed connects: first, then doubled up to max

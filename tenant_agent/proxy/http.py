@@ -52,6 +52,7 @@ from shared.errors import (
     PayloadTooLarge,
 )
 from shared.headers import request_id_for
+from shared.wakeup import Wakeup
 from tenant_agent.http_upstream import HIGH_WATER, LOW_WATER, RelayedStream
 from tenant_agent.proxy.config import ProxyConfig
 from tenant_agent.proxy.exchange import InboundExchange
@@ -66,7 +67,7 @@ from tenant_agent.proxy.messages import (
 )
 from tenant_agent.writeflow import WriteFlow
 
-log = logging.getLogger("csc_agent.proxy")
+log = logging.getLogger("csc_agent.proxy.http")
 
 #: Parsed requests allowed to wait behind the one being served before reading pauses.
 MAX_PIPELINED = 8
@@ -116,7 +117,7 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
         self.client_ip = ""
         self.exchange: InboundExchange | None = None
         self._waiting_for_body = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter = Wakeup()
         self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -461,16 +462,10 @@ class ClientConnection(WriteFlow, asyncio.Protocol):
         return f"the request head exceeds {self.config.max_header_size} bytes"
 
     async def _wait(self) -> None:
-        self._waiter = waiter = self.loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        await self._waiter.wait()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._waiter.set()
 
     def wake(self) -> None:
         """Let the serving task look at the connection again (drain)."""

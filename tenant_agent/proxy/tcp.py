@@ -29,7 +29,7 @@ from typing import cast
 from shared.errors import InvalidState
 from tenant_agent.proxy.config import ProxyConfig
 
-log = logging.getLogger("csc_agent.proxy")
+log = logging.getLogger("csc_agent.proxy.tcp")
 
 
 class _Side(asyncio.Protocol):

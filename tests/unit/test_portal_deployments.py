@@ -198,11 +198,11 @@ def test_duplicates_and_invalid_names(db: Database, conn: sqlite3.Connection) ->
     with pytest.raises(store.AlreadyExists, match="immutable"):
         _versions(db, "client", ["1.0"])
     for bad in ("", "-x", "a b", "x" * 65, "../x", "é"):
-        with pytest.raises(store.Invalid):
+        with pytest.raises(store.InvalidValue):
             store.check_name(bad, "group")
-    with pytest.raises(store.Invalid):
+    with pytest.raises(store.InvalidValue):
         catalog.check_version("1.0 beta")
-    with pytest.raises(store.Invalid):
+    with pytest.raises(store.InvalidValue):
         catalog.set_policy(conn, "p", {"bad key": "v"})
 
 

@@ -202,11 +202,11 @@ def test_collect_refuses_a_symlink_escaping(tmp_path: Path) -> None:
     (tmp_path / "dist").mkdir()
     (tmp_path / "secret").write_text("s")
     os.symlink(tmp_path / "secret", tmp_path / "dist" / "leak")
-    with pytest.raises(store.Invalid, match="outside"):
+    with pytest.raises(store.InvalidValue, match="outside"):
         collect_files("client", [tmp_path / "dist"])
     (tmp_path / "dist" / "leak").unlink()
     os.symlink("../..", tmp_path / "dist" / "up")
-    with pytest.raises(store.Invalid, match="outside"):
+    with pytest.raises(store.InvalidValue, match="outside"):
         collect_files("client", [tmp_path / "dist"])
 
 
@@ -215,15 +215,15 @@ def test_collect_refuses_duplicates_loops_and_nothing(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "x").write_text("1")
     (tmp_path / "b" / "x").write_text("2")
-    with pytest.raises(store.Invalid, match="given twice"):
+    with pytest.raises(store.InvalidValue, match="given twice"):
         collect_files("client", [tmp_path / "a", tmp_path / "b"])
     os.symlink(".", tmp_path / "a" / "loop")
-    with pytest.raises(store.Invalid, match="loop"):
+    with pytest.raises(store.InvalidValue, match="loop"):
         collect_files("client", [tmp_path / "a"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(store.Invalid, match="no files"):
+    with pytest.raises(store.InvalidValue, match="no files"):
         collect_files("client", [tmp_path / "empty"])
-    with pytest.raises(store.Invalid, match="No such file"):
+    with pytest.raises(store.InvalidValue, match="No such file"):
         collect_files("client", [tmp_path / "missing"])
 
 
@@ -231,7 +231,7 @@ def test_collect_refuses_duplicates_loops_and_nothing(tmp_path: Path) -> None:
     "path", ["", "/etc/passwd", "a/../b", "a//b", "./a", "a/.", "a\\b", "a/\x01", "x" * 1025]
 )
 def test_unsafe_package_paths(path: str) -> None:
-    with pytest.raises(store.Invalid):
+    with pytest.raises(store.InvalidValue):
         check_package_path(path)
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from csc.tenants import (
     Catalog,
-    Invalid,
+    InvalidInput,
     Limits,
     Tenant,
     TenantsFileError,
@@ -60,7 +60,7 @@ def test_new_tenant_reports_every_problem() -> None:
         "limits": {"max_sessions": 0, "max_streams": True, "max_request_rate": -1, "max_cpu": 1},
         "colour": "red",
     }
-    with pytest.raises(Invalid) as info:
+    with pytest.raises(InvalidInput) as info:
         parse_new_tenant(body, NOW)
     problems = info.value.problems
     expected = [
@@ -90,7 +90,7 @@ def test_new_tenant_reports_every_problem() -> None:
     ],
 )
 def test_new_tenant_single_problems(body: object, problem: str) -> None:
-    with pytest.raises(Invalid, match=re.escape(problem)):
+    with pytest.raises(InvalidInput, match=re.escape(problem)):
         parse_new_tenant(body, NOW)
 
 
@@ -104,7 +104,7 @@ def test_update_applies_only_what_is_given() -> None:
     cleared = parse_tenant_update({"limits": {"max_streams": None}, "name": ""}).apply(after, NOW)
     assert cleared.limits == Limits(max_sessions=2) and cleared.name == "acme"
     assert parse_tenant_update({"state": "suspended"}).apply(tenant, NOW).suspended
-    with pytest.raises(Invalid) as info:
+    with pytest.raises(InvalidInput) as info:
         parse_tenant_update({"id": "other", "state": 1})
     assert info.value.problems == ["id: unknown field", "state: expected one of active, suspended"]
 
@@ -191,10 +191,10 @@ _bodies = st.dictionaries(
 
 @given(_bodies)
 def test_tenant_parsers_accept_or_list_problems(body: dict[str, Any]) -> None:
-    """Whatever JSON comes in, the parsers give a valid tenant or Invalid with problems."""
+    """Whatever JSON comes in, the parsers give a valid tenant or InvalidInput with problems."""
     try:
         tenant = parse_new_tenant(body, NOW)
-    except Invalid as exc:
+    except InvalidInput as exc:
         assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
     else:
         assert tenant.state in ("active", "suspended") and len(tenant.name) <= 100
@@ -202,7 +202,7 @@ def test_tenant_parsers_accept_or_list_problems(body: dict[str, Any]) -> None:
     body.pop("id", None)
     try:
         parse_tenant_update(body).apply(Tenant("t", "t"), NOW)
-    except Invalid as exc:
+    except InvalidInput as exc:
         assert exc.problems
 
 

@@ -16,7 +16,7 @@ from bootloader.errors import ConfigError
 MAX_ANSWER = 4096
 
 
-class Console:
+class Terminal:
     def __init__(
         self, stdin: TextIO, stderr: TextIO, *, quiet: bool = False, use_getpass: bool = False
     ) -> None:
