@@ -37,6 +37,7 @@ from csc.relay.tcp_ingress import READ_LIMIT, make_handler
 from csc.signing import signing_key
 from csc.state import NodeState, default_node_id
 from csc.store import open_store
+from shared.allocator import return_free_memory
 from shared.errors import GoingAway
 from shared.runtime import install_uvloop, write_ready_file
 from shared.runtime import sockname_address as _hostport
@@ -122,7 +123,17 @@ def create_app(
     app.cleanup_ctx.append(cluster_context)
     app.cleanup_ctx.append(gateway.enforce_rights)
     app.on_cleanup.append(_close_store)
+    app.cleanup_ctx.append(_returning_free_memory)
     return app
+
+
+async def _returning_free_memory(app: web.Application) -> AsyncIterator[None]:
+    """Free heap pages go back to the OS after a burst (shared/allocator.py)."""
+    task = asyncio.create_task(return_free_memory(), name="return-free-memory")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _ssl_context(config: CSCConfig) -> ssl.SSLContext | None:

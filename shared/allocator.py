@@ -7,18 +7,32 @@ trims it back to the OS, so the next message faults in fresh pages (measured: ~2
 faults per relayed 4 KiB and twice the agent's CPU per byte). Fixed thresholds keep such
 buffers in the heap: allocations up to 16 MiB come from it, and it is trimmed only when more
 than 64 MiB at its top are free.
+
+The price of those thresholds is that memory freed after a burst stays in the heap: after a
+storm of hostile connections the CSC kept most of its peak RSS indefinitely although Python's
+own live allocations were back to their resting size (tracemalloc). :func:`return_free_memory`
+runs for the process's lifetime and, every ``interval`` seconds, gives the heap's free pages
+back (``malloc_trim(0)``) once more than ``slack`` bytes that were in use are free again
+(``mallinfo2``, see :class:`TrimPolicy`), so a node that weathered a burst returns close to
+its resting size within seconds, while a steady load gives its free buffers back at most once
+per interval (a few page faults per interval).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import sys
+from functools import cache
 
 #: glibc's ``mallopt`` parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 16 * 1024 * 1024
 TRIM_THRESHOLD = 64 * 1024 * 1024
+#: How often :func:`return_free_memory` looks, and the free heap bytes that make it trim.
+RETURN_INTERVAL = 5.0
+RETURN_SLACK = 4 * 1024 * 1024
 
 
 def keep_freed_memory() -> bool:
@@ -32,3 +46,83 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+class _Mallinfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h, glibc 2.33 and later)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _Mallinfo2
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):  # not glibc, or older than 2.33
+        return None
+    return libc
+
+
+def free_heap_bytes() -> int:
+    """Bytes malloc holds free in its arenas (``mallinfo2().fordblks``); 0 if unknown."""
+    libc = _libc()
+    return 0 if libc is None else int(libc.mallinfo2().fordblks)
+
+
+def trim_heap() -> bool:
+    """``malloc_trim(0)``: give every free page of the heap back; True if any was."""
+    libc = _libc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
+class TrimPolicy:
+    """When to trim, from samples of the heap's free bytes (pure: no clock, no libc).
+
+    A trim leaves the freed chunks in malloc's books (their pages are returned, the bytes
+    still count as free), so "much is free" alone would trim on every sample. Instead: trim
+    when the free bytes rose more than ``slack`` above their lowest sample since the last trim
+    (memory that was in use and is free now), and start over from the figure after the trim.
+    """
+
+    def __init__(self, slack: int = RETURN_SLACK) -> None:
+        self.slack = slack
+        self.low: int | None = None
+
+    def due(self, free: int) -> bool:
+        """Record a sample; True when a trim is due."""
+        self.low = free if self.low is None else min(self.low, free)
+        return free - self.low > self.slack
+
+    def trimmed(self, free: int) -> None:
+        """Record the free bytes right after a trim."""
+        self.low = free
+
+
+async def return_free_memory(interval: float = RETURN_INTERVAL, slack: int = RETURN_SLACK) -> None:
+    """Forever: every ``interval`` seconds, trim the heap when :class:`TrimPolicy` says so."""
+    if _libc() is None:
+        return
+    policy = TrimPolicy(slack)
+    while True:
+        await asyncio.sleep(interval)
+        if policy.due(free_heap_bytes()):
+            trim_heap()
+            policy.trimmed(free_heap_bytes())

@@ -85,7 +85,9 @@ class FrontConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.peer = ""
-        self._parser = httptools.HttpRequestParser(self)
+        #: dropped when the connection ends (it refers back to us: a cycle that would keep
+        #: the connection and its partial head until the cyclic GC ran)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._requests: deque[FrontRequest] = deque()
         self._parsing: FrontRequest | None = None
         self._url = bytearray()
@@ -137,7 +139,8 @@ class FrontConnection(asyncio.Protocol):
         elif self._parsing is not None:
             self._parsing.last_body = self.loop.time()
         try:
-            self._parser.feed_data(data)
+            if self._parser is not None:
+                self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # llhttp stops after a request asking to switch protocols; we never switch here
             # (agents' upgrades are handed over), so that request is the connection's last
@@ -171,7 +174,7 @@ class FrontConnection(asyncio.Protocol):
         self.lost = True
         self._release_head()
         self._cancel_timer()
-        self._first = None
+        self._first = self._parser = None
         self._requests.clear()
         self.front.connections.discard(self)
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -202,6 +205,7 @@ class FrontConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None  # called by it
         if len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._raw) > (
             self.config.http_max_head_size
         ):
@@ -381,7 +385,11 @@ class FrontConnection(asyncio.Protocol):
         if (self._in_head and not self._head_bytes) or not transport.can_write_eof():
             transport.close()
             return
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # the client reset the connection meanwhile
+            transport.abort()
+            return
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()

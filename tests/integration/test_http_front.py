@@ -14,6 +14,7 @@ import pytest
 from csc.config import CSCConfig
 from shared.link import LinkStream
 from tenant_agent.http_upstream import HttpUpstream
+from tests.support.attacks import read_response, read_until_closed
 from tests.support.inproc import ALIAS, Relay, relay
 from tests.support.procs import scaled
 
@@ -26,30 +27,6 @@ def _settings(**given: Any) -> dict[str, Any]:
 async def _connect(r: Relay) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, _, port = r.node.http_address.rpartition(":")
     return await asyncio.open_connection(host.strip("[]"), int(port))
-
-
-async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    """One response with a Content-Length body."""
-    async with asyncio.timeout(scaled(20)):
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        fields = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                fields[name.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(fields.get("content-length", "0")))
-    return status, fields, body
-
-
-async def _closed(reader: asyncio.StreamReader) -> bytes:
-    """Everything until the server closes the connection (fails past the deadline)."""
-    async with asyncio.timeout(scaled(20)):
-        try:
-            return await reader.read()
-        except ConnectionError:
-            return b""
 
 
 def _error(body: bytes) -> str:
@@ -65,14 +42,14 @@ async def test_head_deadline_and_idle_keepalive(tmp_path: Path) -> None:
     async with relay(tmp_path, csc=csc, start=False) as r:
         reader, writer = await _connect(r)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        status, _, body = await _response(reader)
+        status, _, body = await read_response(reader)
         assert (status, _error(body)) == (408, "request_timeout")
-        assert await _closed(reader) == b""
+        assert await read_until_closed(reader) == b""
         writer.close()
         reader, writer = await _connect(r)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert (await _response(reader))[0] == 200
-        assert await _closed(reader) == b""  # the keep-alive timeout
+        assert (await read_response(reader))[0] == 200
+        assert await read_until_closed(reader) == b""  # the keep-alive timeout
         writer.close()
 
 
@@ -83,7 +60,7 @@ async def test_head_buffer_bounds(tmp_path: Path) -> None:
     async with relay(tmp_path, csc=csc, start=False) as r:
         reader, writer = await _connect(r)
         writer.write(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 8192)
-        status, _, body = await _response(reader)
+        status, _, body = await read_response(reader)
         assert (status, _error(body)) == (431, "headers_too_large")
         writer.close()
         conns = [await _connect(r) for _ in range(8)]
@@ -112,7 +89,7 @@ async def test_stalled_body_frees_the_stream_slot(tmp_path: Path) -> None:
         reader, writer = await _connect(r)
         head = f"POST /t/{ALIAS}/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
         writer.write(head.encode() + b"x")
-        status, _, body = await _response(reader)
+        status, _, body = await read_response(reader)
         assert (status, _error(body)) == (408, "request_timeout")
         async with asyncio.timeout(scaled(10)):
             await r.node.state.idle.wait()
@@ -127,7 +104,7 @@ async def test_slow_body_below_the_minimum_rate(tmp_path: Path) -> None:
         reader, writer = await _connect(r)
         head = f"POST /t/{ALIAS}/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
         writer.write(head.encode())
-        answer = asyncio.ensure_future(_response(reader))
+        answer = asyncio.ensure_future(read_response(reader))
         for _ in range(int(scaled(20) / 0.25)):  # a byte every 250 ms: pacing, not syncing
             if answer.done():
                 break
@@ -157,7 +134,7 @@ async def test_body_not_matching_the_agents_length_aborts(
         reader, writer = await _connect(r)
         request = f"GET /t/{ALIAS}/x HTTP/1.1\r\nHost: x\r\n\r\n".encode()
         writer.write(request + request)
-        got = await _closed(reader)
+        got = await read_until_closed(reader)
         head, _, body = got.partition(b"\r\n\r\n")
         if head.startswith(b"HTTP/1.1 502"):  # the mismatch was seen before the head went out
             assert b'"upstream_error"' in body
@@ -173,7 +150,7 @@ async def test_absolute_form_target(tmp_path: Path) -> None:
         reader, writer = await _connect(r)
         target = f"http://{r.node.http_address}/t/{ALIAS}/echo/abs?q=1"
         writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        status, _, body = await _response(reader)
+        status, _, body = await read_response(reader)
         assert status == 200
         assert json.loads(body)["path"] == "/echo/abs"
         writer.close()
@@ -207,7 +184,7 @@ async def test_own_errors_are_json(
     async with relay(tmp_path, csc={"max_body_size": 1000}, start=False) as r:
         reader, writer = await _connect(r)
         writer.write(request_bytes)
-        got, fields, body = await _response(reader)
+        got, fields, body = await read_response(reader)
         assert got == status
         assert fields["content-type"].startswith("application/json")
         error = _error(body)

@@ -1,8 +1,8 @@
 """A peer that stops reading its link can neither grow the other side nor slow another tenant.
 
-A raw agent (a thread with a plain blocking socket whose receive buffer is a few KiB, speaking
-the WebSocket with websockets' sans-I/O client) completes the real handshake (upgrade with its
-token, HELLO, WELCOME) and then sends messages full of PINGs, each of which needs a PONG, and
+A raw agent (:class:`tests.support.attacks.Flooder`: a thread with a plain blocking socket
+whose receive buffer is a few KiB, speaking the WebSocket with websockets' sans-I/O client)
+completes the real handshake (upgrade with its token, HELLO, WELCOME) and then sends messages full of PINGs, each of which needs a PONG, and
 never reads again. Meanwhile the relay's own agent (another tenant) serves requests. The CSC
 must stop reading the flooding link (so its memory stays bounded), close it as
 ``link_stalled`` once its writes made no progress for ``stuck_timeout``, and serve every
@@ -14,31 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
 import socket
-import threading
 import time
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
-from websockets.protocol import State
-from websockets.uri import parse_uri
 
 from csc.relay.gateway import AgentSession
 from shared.link import Link
-from shared.protocol import Connection, LinkSettings, Side, WelcomeReceived
+from shared.protocol import Connection, LinkSettings, Side
 from shared.protocol.codec import FrameType, encode_frame
 from tenant_agent.websocket import connect, run_link
+from tests.support.attacks import PINGS_PER_MESSAGE, Flooder
 from tests.support.inproc import make_token, relay
 from tests.support.procs import async_wait_until, scaled
 
 FLOOD_ALIAS = "flood@example.net"
 STUCK_TIMEOUT = 2.0
-#: PING frames per flood message (20 bytes each: ~80 KB a message)
-PINGS_PER_MESSAGE = 4000
 #: The CSC's resident memory may grow this much while the flood runs.
 MAX_GROWTH = 64 * 1024 * 1024
 
@@ -46,76 +39,6 @@ MAX_GROWTH = 64 * 1024 * 1024
 def _rss() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * 4096
-
-
-class Flooder(threading.Thread):
-    """The raw agent: handshake, then PINGs until the CSC drops it or ``stop`` is set."""
-
-    def __init__(self, host: str, port: int, token: str) -> None:
-        super().__init__(name="flooder", daemon=True)
-        self.host, self.port, self.token = host, port, token
-        self.welcomed = threading.Event()
-        self.stop = threading.Event()
-        self.sent = 0
-        self.dropped_at: float | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-
-    def _run(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(scaled(10))
-        sock.connect((self.host, self.port))
-        try:
-            ws = ClientProtocol(parse_uri(f"ws://{self.host}:{self.port}/v1/agent/connect"))
-            request = ws.connect()
-            request.headers["Authorization"] = f"Bearer {self.token}"
-            ws.send_request(request)
-            sock.sendall(b"".join(ws.data_to_send()))
-            conn = Connection(Side.CLIENT, LinkSettings(), accept_streams=True, now=0.0)
-            conn.send_hello({"agent": "flooder", "aliases": [FLOOD_ALIAS]})
-            while not self.welcomed.is_set():
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionError("the CSC closed the link during the handshake")
-                ws.receive_data(data)
-                if conn.has_output and ws.state is State.OPEN:  # upgraded: HELLO
-                    ws.send_binary(b"".join(conn.data_to_send()))
-                    sock.sendall(b"".join(ws.data_to_send()))
-                for event in ws.events_received():
-                    if isinstance(event, Frame) and event.opcode is Opcode.BINARY:
-                        conn.receive_data(event.data, 0.0)
-                        if any(isinstance(e, WelcomeReceived) for e in conn.events()):
-                            self.welcomed.set()
-            ping = encode_frame(FrameType.PING, 0, 0, b"12345678")
-            ws.send_binary(ping * PINGS_PER_MESSAGE)
-            message = b"".join(ws.data_to_send())  # one masked frame, sent again and again
-            self._flood(sock, message)
-        finally:
-            sock.close()
-
-    def _flood(self, sock: socket.socket, message: bytes) -> None:
-        sock.setblocking(False)
-        view, pos = memoryview(message), 0
-        while not self.stop.is_set():
-            _, writable, _ = select.select([], [sock], [], 0.1)
-            if not writable:
-                continue
-            try:
-                pos += sock.send(view[pos:])
-            except BlockingIOError:
-                continue
-            except OSError:  # reset: the CSC dropped the link
-                self.dropped_at = time.monotonic()
-                return
-            if pos == len(message):
-                pos = 0
-                self.sent += 1
 
 
 async def test_an_agent_that_stops_reading_is_bounded_closed_and_harmless(
@@ -126,7 +49,7 @@ async def test_an_agent_that_stops_reading_is_bounded_closed_and_harmless(
         host, _, port = r.node.http_address.rpartition(":")
         sessions = r.node.state.sessions
         baseline = _rss()
-        flooder = Flooder(host, int(port), token)
+        flooder = Flooder(host, int(port), token, FLOOD_ALIAS)
         flooder.start()
         try:
             await async_wait_until(lambda: flooder.welcomed.is_set() or flooder.error, 10, 0.01)

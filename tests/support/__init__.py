@@ -4,6 +4,7 @@
 Real processes and the servers they talk to: ``procs`` (start, wait for, stop by PID),
 ``stack`` (the whole provisioning stack), ``upstream`` (a deterministic test portal),
 ``delayproxy`` and ``mitm`` (a slow link; a man in the middle that cuts, holds or forges),
+``attacks`` (raw hostile clients and agents: slowloris, floods, lying agents),
 ``browser`` (headless Chromium through Playwright), ``postgres`` (a PostgreSQL server from Debian's
 binaries, a fresh database per test), ``haproxy`` (a real HAProxy in front of backends, with
 its ``haproxy`` fixture), and fixtures that use the product's own code

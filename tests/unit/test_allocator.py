@@ -1,0 +1,66 @@
+"""shared/allocator.py: when free heap memory is given back, and that giving it back works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from shared.allocator import TrimPolicy
+
+MiB = 1024 * 1024
+
+
+def test_policy_trims_once_memory_that_was_in_use_is_free() -> None:
+    policy = TrimPolicy(slack=8 * MiB)
+    assert not policy.due(2 * MiB)  # the first sample only sets the low mark
+    assert not policy.due(1 * MiB)
+    assert not policy.due(9 * MiB)  # 8 MiB above the low: not more than the slack
+    assert policy.due(10 * MiB)
+    policy.trimmed(10 * MiB)  # trimmed pages still count as free: start from here
+    assert not policy.due(10 * MiB)
+    assert not policy.due(12 * MiB)
+    assert not policy.due(3 * MiB)  # reused...
+    assert policy.due(12 * MiB)  # ...and freed again
+
+
+def test_policy_without_a_burst_never_trims() -> None:
+    policy = TrimPolicy(slack=8 * MiB)
+    assert not any(policy.due(free) for free in [40 * MiB] * 50)
+
+
+_PROBE = """
+import subprocess
+import sys
+from pathlib import Path
+
+from shared.allocator import free_heap_bytes, keep_freed_memory, trim_heap
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096
+assert keep_freed_memory()
+buffers = [bytearray(64 * 1024) for _ in range(800)]
+held = rss()
+del buffers
+free, freed = free_heap_bytes(), rss()
+trimmed = trim_heap()
+print(held, free, freed, trimmed, rss())
+"""
+
+
+def test_trim_gives_freed_heap_pages_back() -> None:
+    """In a process tuned like the CSC (fixed thresholds: freed buffers stay resident), a
+    trim gives them back."""
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    held, free, freed, trimmed, after = result.stdout.split()
+    assert int(free) >= 40 * MiB, result.stdout
+    assert int(freed) > int(held) - 5 * MiB, "the freed buffers should still be resident"
+    assert trimmed == "True"
+    assert int(after) < int(freed) - 40 * MiB, result.stdout
