@@ -7,8 +7,11 @@ routes (``/t/{alias}``, ``/t/{alias}/...``, ``GET /v1/resolve/{alias}``, ``/heal
 *first* request names a path of the aiohttp app (``/v1/agent/connect``, ``/metrics``) is handed
 to aiohttp whole, with the bytes read so far, and this module never sees it again; so is a
 kept-alive connection whose next request, arriving while the connection is idle, names one
-(the aiohttp app answers `Connection: close` to all but an upgrade, so the client comes back).
-Only a request pipelined behind another of ours is answered 404 instead.
+(the aiohttp app answers `Connection: close` to all, so the client comes back).
+Only a request pipelined behind another of ours is answered 404 instead. A request for an
+*upgrade path* (``/v1/agent/connect``) is served by its :data:`UpgradeHandler`
+(csc/gateway.py), which answers it here and may switch the connection to another protocol
+(:meth:`FrontConnection.switch_protocol`, with the bytes read after the request head).
 
 Invariants:
 
@@ -35,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, cast
 
 import httptools
@@ -65,6 +69,10 @@ WRITE_HIGH, WRITE_LOW = 256 * 1024, 64 * 1024
 LINGER = 2.0
 
 
+#: The route kind of a request for an upgrade path (``FrontRequest.alias`` holds the path).
+UPGRADE = "upgrade"
+
+
 class _Stop(Exception):
     """Raised in a parser callback: parse no further (the reason is already recorded)."""
 
@@ -73,6 +81,10 @@ class Handler(Protocol):
     """Serves one parsed request on a connection (csc/http_ingress.py)."""
 
     async def serve(self, conn: FrontConnection, request: FrontRequest) -> None: ...
+
+
+#: Serves a request for an upgrade path; it answers it, or switches the connection.
+UpgradeHandler = Callable[["FrontConnection", "FrontRequest"], Awaitable[None]]
 
 
 class FrontConnection(asyncio.Protocol):
@@ -92,6 +104,9 @@ class FrontConnection(asyncio.Protocol):
         self._raw: list[tuple[bytes, bytes]] = []
         #: Bytes of a request head that began on an idle connection (it may be handed over).
         self._first: bytearray | None = None
+        #: Bytes after the head of a request that asked to switch protocols (reading paused).
+        self._tail = b""
+        self._upgrading = False
         self._in_head = True
         self._head_bytes = 0  # counted against the front's total while the head is unfinished
         self._head_started: float | None = self.loop.time()  # the first head is due from now
@@ -122,6 +137,9 @@ class FrontConnection(asyncio.Protocol):
         self._rearm()
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrading and len(self._tail) < HIGH_WATER:
+            self._tail += data  # reading is paused; a transport may deliver what it holds
+            return
         if self._stopped or self.lost:
             return
         if self._in_head:
@@ -138,12 +156,16 @@ class FrontConnection(asyncio.Protocol):
             self._parsing.last_body = self.loop.time()
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # llhttp stops after a request asking to switch protocols; we never switch here
-            # (agents' upgrades are handed over), so that request is the connection's last
+        except httptools.HttpParserUpgrade as upgrade:
+            # llhttp stops after a request asking to switch protocols: that request is the
+            # connection's last; what follows it waits for the switch (if any)
             self._stopped = True
             if self._requests:
                 self._requests[-1].keep_alive = False
+            if self.transport is not None:
+                self._upgrading = True
+                self._tail = data[upgrade.args[0] :]
+                self._pause_reading()
         except httptools.HttpParserError as exc:
             if self.transport is None:
                 return  # handed over to aiohttp inside the callback
@@ -220,6 +242,8 @@ class FrontConnection(asyncio.Protocol):
             raise _Stop from None
         request.keep_alive = parser.should_keep_alive()
         request.kind, request.alias = route(request.method, target, self.front.elsewhere)
+        if (path := target.split("?", 1)[0]) in self.front.upgrades:
+            request.kind, request.alias = UPGRADE, path
         first, self._first = self._first, None
         if first is not None and request.kind == ELSEWHERE and self._idle():
             self._hand_over(bytes(first))
@@ -348,10 +372,15 @@ class FrontConnection(asyncio.Protocol):
                 request = self._requests[0]
                 request.request_id = request_id_for(request.header("x-request-id"))
                 try:
-                    await self.front.handler.serve(self, request)
+                    if request.kind == UPGRADE:
+                        await self.front.upgrades[request.alias](self, request)
+                    else:
+                        await self.front.handler.serve(self, request)
                 finally:
                     if self._requests and self._requests[0] is request:
                         self._requests.popleft()
+                if self.transport is None:
+                    return  # switched to another protocol
                 if not self.keep_alive(request):
                     self._stopped = True  # that answer said Connection: close
                     return
@@ -427,6 +456,31 @@ class FrontConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
         self._wake()
+
+    def switch_protocol(self, head: bytes, proto: asyncio.Protocol) -> None:
+        """Write ``head`` (the 101 answer) and give the connection to ``proto``, with the bytes
+        read after the request head; this module never sees it again. The task serving the
+        request goes on serving ``proto`` (the front waits for it when it closes)."""
+        transport = self.transport
+        assert transport is not None and not self.lost
+        self._release_head()
+        self._cancel_timer()
+        self._stopped = True
+        self.transport = None
+        self.front.connections.discard(self)
+        task = asyncio.current_task()
+        if task is not None:
+            self.front.switched.add(task)
+            task.add_done_callback(self.front.switched.discard)
+        transport.write(head)
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        tail, self._tail = self._tail, b""
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        if tail:
+            proto.data_received(tail)
 
     def _hand_over(self, data: bytes) -> None:
         """Give the connection to aiohttp, with every byte read so far."""
@@ -557,6 +611,7 @@ class HttpFront:
         elsewhere: frozenset[str],
         draining: Any,
         tls: bool = False,
+        upgrades: Mapping[str, UpgradeHandler] | None = None,
     ) -> None:
         self.config = config
         self.handler = handler
@@ -565,8 +620,12 @@ class HttpFront:
         self.elsewhere = elsewhere
         self.draining = draining
         self.tls = tls
+        #: Paths served by an :data:`UpgradeHandler` (``/v1/agent/connect``).
+        self.upgrades: Mapping[str, UpgradeHandler] = upgrades or {}
         self.loop = asyncio.get_running_loop()
         self.connections: set[FrontConnection] = set()
+        #: Tasks serving connections switched to another protocol (agent WebSockets).
+        self.switched: set[asyncio.Task[None]] = set()
         #: Bytes of unfinished request heads across connections, and connections refused for it.
         self.head_bytes = 0
         self.heads_refused = 0
@@ -588,11 +647,18 @@ class HttpFront:
             if idle and conn.transport is not None:
                 conn.transport.close()
 
-    async def close(self) -> None:
-        """Close every connection (the end of a drain or a stop)."""
+    async def close(self, grace: float = 1.0) -> None:
+        """Close every connection (the end of a drain or a stop); a switched connection's task
+        gets ``grace`` seconds to end by itself (its owner closes it first), then is cancelled."""
         self.stop_accepting()
         for conn in list(self.connections):
             conn.abort()
+        if self.switched:
+            _, pending = await asyncio.wait(set(self.switched), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=grace)
         if self.server is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)

@@ -1,8 +1,8 @@
 """``csc serve``: the app factory, the listeners and the graceful stop.
 
-:func:`create_app` builds the aiohttp application (agent gateway, ``/metrics``);
-:func:`run_node` starts the public HTTP listener (csc/http_front.py: the bootloader routes, and
-connections handed to the aiohttp app), the TCP ingress and the admin API (its own
+:func:`create_app` builds the aiohttp application (``/metrics``);
+:func:`run_node` starts the public HTTP listener (csc/http_front.py: the bootloader routes, the
+agent gateway's upgrades, and connections handed to the aiohttp app), the TCP ingress and the admin API (its own
 listener, :mod:`csc.admin_api`), writes the ready file, and on SIGTERM/SIGINT or an admin
 ``drain`` drains: it stops accepting, sends GOAWAY on every agent session, lets in-flight
 streams finish within ``drain_timeout``, then closes the links with 1001 and returns.
@@ -40,6 +40,9 @@ from shared.runtime import install_uvloop, write_ready_file
 from shared.runtime import sockname_address as _hostport
 
 log = logging.getLogger("csc")
+
+#: Where agents connect (their WebSocket upgrade; csc/gateway.py).
+AGENT_PATH = "/v1/agent/connect"
 
 
 def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> NodeState:
@@ -84,17 +87,15 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
 
 
 async def _close_after_answer(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every answer of the aiohttp app but a WebSocket upgrade ends its
-    connection (``Connection: close``), so the client's next request reaches the public
-    listener (csc/http_front.py), which handed this connection over for one request."""
-    if response.status != 101:
-        response.force_close()
-        response.headers["Connection"] = "close"  # the hook runs after aiohttp set its own
+    """on_response_prepare: every answer of the aiohttp app ends its connection
+    (``Connection: close``), so the client's next request reaches the public listener
+    (csc/http_front.py), which handed this connection over for one request."""
+    response.force_close()
+    response.headers["Connection"] = "close"  # the hook runs after aiohttp set its own
 
 
-async def _close_sessions(app: web.Application) -> None:
-    """on_shutdown: end every agent link with 1001 before aiohttp cancels handlers."""
-    state = app[NodeState.KEY]
+def _close_sessions(state: NodeState) -> None:
+    """End every agent link with 1001 (their WebSockets close, their tasks end)."""
     for session in list(state.sessions.values()):
         session.link.close(GoingAway("the CSC is shutting down"))
 
@@ -113,11 +114,9 @@ def create_app(
     app = web.Application(client_max_size=1024**2)
     app[NodeState.KEY] = state = state or build_state(config, metrics=metrics)
     add_metrics_route(app, state.metrics)
-    # the bootloader-facing routes are served by csc/http_front.py; a connection whose first
-    # request is for one of these paths is handed over to this app
-    app.router.add_get("/v1/agent/connect", gateway.agent_connect)
+    # the bootloader-facing routes and the agents' upgrades are served by csc/http_front.py;
+    # a connection whose first request is for one of these paths is handed over to this app
     app.on_response_prepare.append(_close_after_answer)
-    app.on_shutdown.append(_close_sessions)
     app.cleanup_ctx.append(cluster_context)
     app.cleanup_ctx.append(gateway.enforce_rights)
     app.on_cleanup.append(_close_store)
@@ -188,6 +187,7 @@ class Node:
             elsewhere=_plain_paths(self.app),
             draining=lambda: self.state.draining,
             tls=ssl_ctx is not None,
+            upgrades={AGENT_PATH: gateway.agent_handler(self.state)},
         )
         listening = await self.front.start(host, port, ssl=ssl_ctx)
         self.http_address = _hostport(listening.sockets[0].getsockname())
@@ -239,6 +239,7 @@ class Node:
     async def stop(self) -> None:
         if self.admin is not None:
             await self.admin.stop()
+        _close_sessions(self.state)
         if self.front is not None:
             await self.front.close()
         await self.runner.cleanup()
