@@ -42,8 +42,9 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
-from csc.http_front import FrontConnection, UpgradeHandler
+from csc.http_front import FrontConnection
 from csc.http_front_request import FrontRequest
+from csc.http_listener import UpgradeHandler
 from csc.limits import RETRY_AFTER_BUSY, SESSIONS, UNLIMITED
 from csc.registry import MemoryRegistry, admission_error
 from csc.state import NodeState

@@ -1,6 +1,6 @@
 """The CSC's public HTTP listener: an ``asyncio.Protocol`` around llhttp (``httptools``).
 
-:class:`HttpFront` owns the listening socket (plain or TLS) and the hardening bounds shared by
+:class:`~csc.http_listener.HttpFront` owns the listening socket (plain or TLS) and the hardening bounds shared by
 its connections; each accepted connection is a :class:`FrontConnection`. The bootloader-facing
 routes (``/t/{alias}``, ``/t/{alias}/...``, ``GET /v1/resolve/{alias}``, ``/healthz``,
 ``/readyz``) are served here by a :class:`Handler` (csc/http_ingress.py); a connection whose
@@ -9,7 +9,7 @@ to aiohttp whole, with the bytes read so far, and this module never sees it agai
 kept-alive connection whose next request, arriving while the connection is idle, names one
 (the aiohttp app answers `Connection: close` to all, so the client comes back).
 Only a request pipelined behind another of ours is answered 404 instead. A request for an
-*upgrade path* (``/v1/agent/connect``) is served by its :data:`UpgradeHandler`
+*upgrade path* (``/v1/agent/connect``) is served by its ``UpgradeHandler``
 (csc/gateway.py), which answers it here and may switch the connection to another protocol
 (:meth:`FrontConnection.switch_protocol`, with the bytes read after the request head).
 
@@ -35,15 +35,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from csc.config import CSCConfig
 from csc.http_front_request import ELSEWHERE, FrontRequest, origin_form, route
 from shared.errors import (
     BadRequest,
@@ -55,6 +52,9 @@ from shared.errors import (
 )
 from shared.headers import request_id_for
 from shared.http1 import CONTINUE, error_response
+
+if TYPE_CHECKING:
+    from csc.http_listener import HttpFront
 
 log = logging.getLogger("csc.http")
 
@@ -81,10 +81,6 @@ class Handler(Protocol):
     """Serves one parsed request on a connection (csc/http_ingress.py)."""
 
     async def serve(self, conn: FrontConnection, request: FrontRequest) -> None: ...
-
-
-#: Serves a request for an upgrade path; it answers it, or switches the connection.
-UpgradeHandler = Callable[["FrontConnection", "FrontRequest"], Awaitable[None]]
 
 
 class FrontConnection(asyncio.Protocol):
@@ -597,68 +593,3 @@ class FrontConnection(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-
-class HttpFront:
-    """The public listener: connections, shared bounds, hand-over to aiohttp, drain."""
-
-    def __init__(
-        self,
-        config: CSCConfig,
-        handler: Handler,
-        *,
-        hand_over: Any,
-        elsewhere: frozenset[str],
-        draining: Any,
-        tls: bool = False,
-        upgrades: Mapping[str, UpgradeHandler] | None = None,
-    ) -> None:
-        self.config = config
-        self.handler = handler
-        #: Makes the aiohttp protocol a connection is handed to (``AppRunner.server``).
-        self.hand_over = hand_over
-        self.elsewhere = elsewhere
-        self.draining = draining
-        self.tls = tls
-        #: Paths served by an :data:`UpgradeHandler` (``/v1/agent/connect``).
-        self.upgrades: Mapping[str, UpgradeHandler] = upgrades or {}
-        self.loop = asyncio.get_running_loop()
-        self.connections: set[FrontConnection] = set()
-        #: Tasks serving connections switched to another protocol (agent WebSockets).
-        self.switched: set[asyncio.Task[None]] = set()
-        #: Bytes of unfinished request heads across connections, and connections refused for it.
-        self.head_bytes = 0
-        self.heads_refused = 0
-        self.server: asyncio.Server | None = None
-
-    async def start(self, host: str, port: int, ssl: Any = None) -> asyncio.Server:
-        self.server = await self.loop.create_server(
-            lambda: FrontConnection(self), host, port, ssl=ssl, backlog=1024
-        )
-        return self.server
-
-    def stop_accepting(self) -> None:
-        """Close the listening socket (drain); idle keep-alive connections close now, busy
-        ones once their response is written (it says ``Connection: close``)."""
-        if self.server is not None:
-            self.server.close()
-        for conn in list(self.connections):
-            idle = conn._task is None and not conn._requests and not conn._head_bytes
-            if idle and conn.transport is not None:
-                conn.transport.close()
-
-    async def close(self, grace: float = 1.0) -> None:
-        """Close every connection (the end of a drain or a stop); a switched connection's task
-        gets ``grace`` seconds to end by itself (its owner closes it first), then is cancelled."""
-        self.stop_accepting()
-        for conn in list(self.connections):
-            conn.abort()
-        if self.switched:
-            _, pending = await asyncio.wait(set(self.switched), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=grace)
-        if self.server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), 1.0)

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from csc import admin_api, gateway
 from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
-from csc.http_front import HttpFront
 from csc.http_ingress import Ingress
+from csc.http_listener import HttpFront
 from csc.metrics import CSCMetrics, add_metrics_route
 from csc.permissions import check_private
 from csc.registry import MemoryRegistry

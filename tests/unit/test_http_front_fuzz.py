@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from csc.config import CSCConfig
-from csc.http_front import FrontConnection, HttpFront
+from csc.http_front import FrontConnection
 from csc.http_front_request import FrontRequest
+from csc.http_listener import HttpFront
 from shared.errors import CSCError
 from shared.http1 import json_response
 
