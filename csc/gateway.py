@@ -276,8 +276,8 @@ async def agent_connect(state: NodeState, conn: FrontConnection, request: FrontR
             _refuse(conn, request, err)
             return
         ws = ServerWebSocket(max_message_size(state.config.max_frame))
-        conn.switch_protocol(head, ws)
-        await _run_session(state, ws, claims, conn.client_ip or "?")
+        if conn.switch_protocol(head, ws):
+            await _run_session(state, ws, claims, conn.client_ip or "?")
     finally:
         state.limits.release_session(claims.tenant)
         if slot is not None and state.cluster is not None:
@@ -365,7 +365,7 @@ def _new_session(
         counters=state.metrics.link_counters(claims.tenant),
         stuck_timeout=state.config.stuck_timeout,
     )
-    ws.attach(link)
+    ws.attach(link, traffic)
     return AgentSession(
         id=session_id,
         tenant=claims.tenant,

@@ -453,12 +453,14 @@ class FrontConnection(asyncio.Protocol):
                 self.transport.close()
         self._wake()
 
-    def switch_protocol(self, head: bytes, proto: asyncio.Protocol) -> None:
+    def switch_protocol(self, head: bytes, proto: asyncio.Protocol) -> bool:
         """Write ``head`` (the 101 answer) and give the connection to ``proto``, with the bytes
         read after the request head; this module never sees it again. The task serving the
-        request goes on serving ``proto`` (the front waits for it when it closes)."""
+        request goes on serving ``proto`` (the front waits for it when it closes). False when
+        the client already went away."""
         transport = self.transport
-        assert transport is not None and not self.lost
+        if transport is None or self.lost:
+            return False
         self._release_head()
         self._cancel_timer()
         self._stopped = True
@@ -477,6 +479,7 @@ class FrontConnection(asyncio.Protocol):
             transport.resume_reading()
         if tail:
             proto.data_received(tail)
+        return True
 
     def _hand_over(self, data: bytes) -> None:
         """Give the connection to aiohttp, with every byte read so far."""

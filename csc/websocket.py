@@ -43,6 +43,8 @@ from csc.wsframes import (
 )
 from shared.errors import CSCError, LinkStalled, ProtocolError
 from shared.link import Link, SendFn
+from shared.linkpace import PIECE_FRAMES
+from shared.protocol.codec import HEADER_SIZE
 
 #: How long closing the WebSocket may take before its transport is aborted.
 CLOSE_TIMEOUT = 5.0
@@ -52,6 +54,9 @@ RECEIVE_HIGH = 4 * 1024 * 1024
 WRITE_HIGH, WRITE_LOW = 256 * 1024, 64 * 1024
 #: Close code when the connection ended without a close frame (RFC 6455 §7.1.5).
 ABNORMAL_CLOSURE = 1006
+#: A payload this short holds fewer than PIECE_FRAMES link frames: Link.receive takes it in
+#: one piece, without awaiting, so it may be fed from data_received (see ServerWebSocket).
+DIRECT_MAX = PIECE_FRAMES * HEADER_SIZE
 
 #: Drops the connection at once (the transport's ``abort``).
 AbortFn = Callable[[], None]
@@ -99,6 +104,7 @@ class ServerWebSocket(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._read_paused = self._write_paused = False
         self._link: Link | None = None
+        self._traffic = Traffic()
         #: set once the transport is gone, whatever the cause
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self._close_sent = self._close_received = False
@@ -120,7 +126,11 @@ class ServerWebSocket(asyncio.Protocol):
         try:
             for item in self._reader.feed(data):
                 if type(item) is bytes:
-                    if not self._close_sent and self.violation is None:
+                    if self._close_sent or self.violation is not None:
+                        continue
+                    if self._direct(len(item)):
+                        self._feed_now(item)
+                    else:
                         self._payloads.append(item)
                         self._queued += len(item)
                 elif self._control(cast(Control, item)):
@@ -169,9 +179,10 @@ class ServerWebSocket(asyncio.Protocol):
         """The closing handshake started (either side) or the connection is gone."""
         return self._close_sent or self._close_received or self.lost.done()
 
-    def attach(self, link: Link) -> None:
-        """From now on, pause reading while ``link``'s answers back up."""
-        self._link = link
+    def attach(self, link: Link, traffic: Traffic) -> None:
+        """From now on, pause reading while ``link``'s answers back up, and feed it short
+        payloads at once while :func:`run_websocket` waits for one (counted in ``traffic``)."""
+        self._link, self._traffic = link, traffic
 
     async def receive_payload(self) -> bytes | None:
         """The next received payload; ``None`` once the WebSocket is closing or closed.
@@ -181,7 +192,7 @@ class ServerWebSocket(asyncio.Protocol):
         while not self._payloads:
             if self.violation is not None:
                 raise self.violation
-            if self.closed:
+            if self.closed or (self._link is not None and self._link.is_closed):
                 return None
             self._waiter = self.loop.create_future()
             try:
@@ -230,6 +241,37 @@ class ServerWebSocket(asyncio.Protocol):
             self.transport.abort()
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _direct(self, size: int) -> bool:
+        """Whether a payload may go to the link now: the receive loop waits for one (so it
+        passed ``wait_readable``, and nothing is queued before it), the link reads, and it is
+        short enough for one piece."""
+        link = self._link
+        return (
+            self._waiter is not None
+            and size <= DIRECT_MAX
+            and link is not None
+            and not link.reading_paused
+            and not link.is_closed
+            and not self._payloads
+        )
+
+    def _feed_now(self, data: bytes) -> None:
+        """``Link.receive`` run to its end here (it does not await for a short payload); a
+        link-level fault closes the link, whose watcher closes the WebSocket."""
+        link = self._link
+        assert link is not None
+        self._traffic.bytes_in += len(data)
+        step = link.receive(data)
+        try:
+            step.send(None)
+        except StopIteration:
+            return
+        except CSCError:
+            self._wake()  # the receive loop sees the link closed
+            return
+        step.close()
+        raise RuntimeError("Link.receive awaited on a payload of one piece")
 
     def _control(self, frame: Control) -> bool:
         """Answer a control frame; True when nothing after it is to be read."""
