@@ -49,7 +49,7 @@ from csc.limits import RETRY_AFTER_BUSY, SESSIONS, UNLIMITED
 from csc.registry import MemoryRegistry, admission_error
 from csc.state import NodeState
 from csc.tenants import Limits
-from csc.websocket import ServerWebSocket, Traffic, counting, run_websocket
+from csc.websocket import ServerWebSocket, Traffic, run_websocket
 from csc.websocket import close_websocket as _close
 from shared.aliases import covered, normalise_grant
 from shared.errors import (
@@ -357,15 +357,15 @@ def _new_session(
     """The session and its link (not yet bound)."""
     loop = asyncio.get_running_loop()
     session_id = f"{state.node_id}-{next(_session_ids)}-{os.urandom(3).hex()}"
-    traffic = Traffic()
+    traffic = ws.traffic  # counted by the WebSocket itself, both ways
     link = Link(
         conn,
-        counting(ws.send_chunks, traffic),
+        ws.send_chunks,
         name=f"session {session_id}",
         counters=state.metrics.link_counters(claims.tenant),
         stuck_timeout=state.config.stuck_timeout,
     )
-    ws.attach(link, traffic)
+    ws.attach(link)
     return AgentSession(
         id=session_id,
         tenant=claims.tenant,

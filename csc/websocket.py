@@ -7,7 +7,7 @@ queued for :func:`run_websocket`, which hands it to :meth:`Link.receive` (the li
 stream: fragments are never joined); pings are answered at once, a close frame is echoed and
 the connection closed (the server closes TCP first, RFC 6455 §7.1.1). A link message is sent
 as one unmasked binary frame: its head and the link's chunks go to ``transport.writelines``
-as they are, never joined.
+as they are (a message of at most ``SMALL_MESSAGE`` bytes is joined into one buffer).
 
 Read pacing: the next payload is taken only once :meth:`Link.wait_readable` returns; while
 the link's answers back up (:attr:`Link.reading_paused`) or more than ``RECEIVE_HIGH`` bytes
@@ -50,6 +50,8 @@ from shared.protocol.codec import HEADER_SIZE
 CLOSE_TIMEOUT = 5.0
 #: Pause reading while this many received payload bytes wait for the link.
 RECEIVE_HIGH = 4 * 1024 * 1024
+#: Messages up to this size are joined with their frame head and written as one buffer.
+SMALL_MESSAGE = 16 * 1024
 #: The transport's write buffer marks (a sender waits above the high one).
 WRITE_HIGH, WRITE_LOW = 256 * 1024, 64 * 1024
 #: Close code when the connection ended without a close frame (RFC 6455 §7.1.5).
@@ -104,7 +106,8 @@ class ServerWebSocket(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._read_paused = self._write_paused = False
         self._link: Link | None = None
-        self._traffic = Traffic()
+        #: message bytes from the agent (fed to the link) and to it (sent)
+        self.traffic = Traffic()
         #: set once the transport is gone, whatever the cause
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self._close_sent = self._close_received = False
@@ -179,10 +182,10 @@ class ServerWebSocket(asyncio.Protocol):
         """The closing handshake started (either side) or the connection is gone."""
         return self._close_sent or self._close_received or self.lost.done()
 
-    def attach(self, link: Link, traffic: Traffic) -> None:
+    def attach(self, link: Link) -> None:
         """From now on, pause reading while ``link``'s answers back up, and feed it short
-        payloads at once while :func:`run_websocket` waits for one (counted in ``traffic``)."""
-        self._link, self._traffic = link, traffic
+        payloads at once while :func:`run_websocket` waits for one."""
+        self._link = link
 
     async def receive_payload(self) -> bytes | None:
         """The next received payload; ``None`` once the WebSocket is closing or closed.
@@ -212,7 +215,12 @@ class ServerWebSocket(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed or transport.is_closing():
             raise ConnectionResetError("the agent's WebSocket is closing")
-        transport.writelines([frame_head(sum(map(len, chunks))), *chunks])
+        size = sum(map(len, chunks))
+        self.traffic.bytes_out += size
+        if size <= SMALL_MESSAGE:  # one short buffer: cheaper than a vector of pieces
+            transport.write(b"".join((frame_head(size), *chunks)))
+        else:
+            transport.writelines([frame_head(size), *chunks])
         while self._write_paused and not self.lost.done():
             self._drain_waiter = self.loop.create_future()
             try:
@@ -261,7 +269,7 @@ class ServerWebSocket(asyncio.Protocol):
         link-level fault closes the link, whose watcher closes the WebSocket."""
         link = self._link
         assert link is not None
-        self._traffic.bytes_in += len(data)
+        self.traffic.bytes_in += len(data)
         step = link.receive(data)
         try:
             step.send(None)
