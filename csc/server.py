@@ -1,8 +1,9 @@
 """``csc serve``: the app factory, the listeners and the graceful stop.
 
-:func:`create_app` builds the aiohttp application (the agent gateway);
-:func:`run_node` starts the public HTTP listener (csc/relay/http_front.py: the bootloader routes, and
-connections handed to the aiohttp app), the TCP ingress, the admin API (its own listener,
+:func:`create_app` builds the aiohttp application (no routes: its lifecycle hooks join the
+cluster and enforce revocations);
+:func:`run_node` starts the public HTTP listener (csc/relay/http_listener.py: the bootloader
+routes and the agent gateway's upgrades), the TCP ingress, the admin API (its own listener,
 :mod:`csc.admin.api`) and ``/metrics`` (its own listener, ``metrics_listen``), writes the ready
 file, and on SIGTERM/SIGINT or an admin ``drain`` drains: it stops accepting, sends GOAWAY on
 every agent session, lets in-flight streams finish within ``drain_timeout``, then closes the
@@ -30,8 +31,8 @@ from csc.config import CSCConfig
 from csc.metrics import CSCMetrics, MetricsListener, start_metrics_listener
 from csc.permissions import check_private
 from csc.relay import gateway
-from csc.relay.http_front import HttpFront
 from csc.relay.http_ingress import Ingress
+from csc.relay.http_listener import HttpFront
 from csc.relay.registry import MemoryRegistry
 from csc.relay.tcp_ingress import READ_LIMIT, make_handler
 from csc.signing import signing_key
@@ -43,6 +44,9 @@ from shared.runtime import install_uvloop, write_ready_file
 from shared.runtime import sockname_address as _hostport
 
 log = logging.getLogger("csc")
+
+#: Where agents connect (their WebSocket upgrade; csc/relay/gateway.py).
+AGENT_PATH = "/v1/agent/connect"
 
 
 def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> NodeState:
@@ -86,18 +90,8 @@ def build_state(config: CSCConfig, *, metrics: CSCMetrics | None = None) -> Node
     )
 
 
-async def _close_after_answer(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every answer of the aiohttp app but a WebSocket upgrade ends its
-    connection (``Connection: close``), so the client's next request reaches the public
-    listener (csc/relay/http_front.py), which handed this connection over for one request."""
-    if response.status != 101:
-        response.force_close()
-        response.headers["Connection"] = "close"  # the hook runs after aiohttp set its own
-
-
-async def _close_sessions(app: web.Application) -> None:
-    """on_shutdown: end every agent link with 1001 before aiohttp cancels handlers."""
-    state = app[NodeState.KEY]
+def _close_sessions(state: NodeState) -> None:
+    """End every agent link with 1001 (their WebSockets close, their tasks end)."""
     for session in list(state.sessions.values()):
         session.link.close(GoingAway("the CSC is shutting down"))
 
@@ -111,15 +105,12 @@ async def _close_store(app: web.Application) -> None:
 def create_app(
     config: CSCConfig, *, state: NodeState | None = None, metrics: CSCMetrics | None = None
 ) -> web.Application:
-    """The node's app. A given ``state`` brings its own metrics; else ``metrics`` (default: new
-    ones on their own registry) go into the state built here."""
-    app = web.Application(client_max_size=1024**2)
+    """The node's app: no routes (the public listener, csc/relay/http_listener.py, serves the
+    bootloaders and the agents), only the node's lifecycle: joining the cluster, enforcing
+    revocations, returning free memory, closing the store. A given ``state`` brings its own
+    metrics; else ``metrics`` (default: new ones on their own registry) go into the state."""
+    app = web.Application()
     app[NodeState.KEY] = state = state or build_state(config, metrics=metrics)
-    # the bootloader-facing routes are served by csc/relay/http_front.py; a connection whose first
-    # request is for one of these paths is handed over to this app
-    app.router.add_get("/v1/agent/connect", gateway.agent_connect)
-    app.on_response_prepare.append(_close_after_answer)
-    app.on_shutdown.append(_close_sessions)
     app.cleanup_ctx.append(cluster_context)
     app.cleanup_ctx.append(gateway.enforce_rights)
     app.on_cleanup.append(_close_store)
@@ -160,15 +151,6 @@ async def _spread_goaways(state: NodeState, window: float) -> None:
             session.link.go_away("going_away", "the CSC is shutting down")
 
 
-def _plain_paths(app: web.Application) -> frozenset[str]:
-    """The fixed paths the aiohttp app serves (a connection asking for one is handed over)."""
-    return frozenset(
-        info["path"]
-        for resource in app.router.resources()
-        if "path" in (info := resource.get_info())
-    )
-
-
 class Node:
     """A running CSC node: the HTTP site, the TCP ingress and the drain logic."""
 
@@ -176,11 +158,8 @@ class Node:
         self.config = config
         self.app = app
         self.state = app[NodeState.KEY]
-        # handler_cancellation: a bootloader that hangs up cancels its handler, which resets
-        # the stream, so the agent stops working for it at once.
-        self.runner = web.AppRunner(
-            app, shutdown_timeout=1.0, access_log=None, handler_cancellation=True
-        )
+        # the app serves no request: the runner runs its lifecycle hooks (startup, cleanup)
+        self.runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
         self.tcp_server: asyncio.Server | None = None
         self.front: HttpFront | None = None
         self.http_address = ""
@@ -192,15 +171,12 @@ class Node:
         ssl_ctx = _ssl_context(self.config)
         await self.runner.setup()
         host, port = self.config.listen_address
-        server = self.runner.server
-        assert server is not None
         self.front = HttpFront(
             self.config,
             Ingress(self.state),
-            hand_over=server,
-            elsewhere=_plain_paths(self.app),
             draining=lambda: self.state.draining,
             tls=ssl_ctx is not None,
+            upgrades={AGENT_PATH: gateway.agent_handler(self.state)},
         )
         listening = await self.front.start(host, port, ssl=ssl_ctx)
         self.http_address = _hostport(listening.sockets[0].getsockname())
@@ -260,6 +236,7 @@ class Node:
     async def stop(self) -> None:
         if self.admin is not None:
             await self.admin.stop()
+        _close_sessions(self.state)
         if self.front is not None:
             await self.front.close()
         if self.metrics_listener is not None:

@@ -10,6 +10,15 @@ and they are assigned to its tenant (default: those of its token grants that are
 WELCOME, and from then on carries streams the CSC opens. Refusals after the upgrade are
 WebSocket closes with the codes of docs/protocol.md §8.
 
+The request reaches :func:`agent_connect` on the public listener's connection
+(csc/relay/http_front.py, :func:`agent_handler`): refusals are answered there (the JSON error
+shape, ``Connection: close``), the upgrade is checked by websockets' sans-I/O
+``ServerProtocol`` (400 ``bad_request`` when it is not a valid one) once the agent is
+admitted, and the 101 switches the connection to a :class:`~csc.relay.websocket.ServerWebSocket`.
+A session runs in four steps: HELLO (:func:`_receive_hello`), bind (:func:`_new_session`,
+``registry.bind``), WELCOME and serve (:func:`_welcome`, :func:`~csc.relay.websocket.run_websocket`),
+teardown (:func:`_session_down`).
+
 :func:`end_sessions` closes every session that lost its right to run (token revoked or expired,
 tenant suspended or deleted); the admin API calls it after each change and
 :func:`enforce_rights` every ``registry_refresh`` seconds.
@@ -26,12 +35,19 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
+from websockets.datastructures import Headers
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
 
+from csc.relay.http_front import FrontConnection
+from csc.relay.http_front_request import FrontRequest
+from csc.relay.http_listener import UpgradeHandler
 from csc.relay.limits import RETRY_AFTER_BUSY, SESSIONS, UNLIMITED
 from csc.relay.registry import Registry, admission_error
-from csc.relay.websocket import AbortFn, Traffic, counting, run_websocket
+from csc.relay.websocket import ServerWebSocket, Traffic, run_websocket
 from csc.relay.websocket import close_websocket as _close
 from csc.state import NodeState
 from csc.tenants import Limits
@@ -40,14 +56,17 @@ from shared.errors import (
     AliasForbidden,
     AliasTaken,
     AuthFailed,
+    BadRequest,
     ClusterUnavailable,
     CSCError,
     GoingAway,
+    MethodNotAllowed,
     ProtocolError,
     TenantLimit,
     http_body,
 )
-from shared.link import Link, joined, max_message_size
+from shared.http1 import json_response
+from shared.link import Link, max_message_size
 from shared.protocol import Connection, GoAwayReceived, HelloReceived, Side
 from shared.tokens import AgentClaims, verify_token
 
@@ -57,6 +76,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("csc.relay.gateway")
 
 HANDSHAKE_TIMEOUT = 10.0
+#: websockets' logger for the upgrade checks, held at ``info``: its debug lines echo headers
+WIRE_LOG = logging.getLogger("csc.relay.gateway.websocket")
+WIRE_LOG.setLevel(logging.INFO)
 _session_ids = itertools.count(1)
 #: cleanups of ended sessions still running (referenced until done; see _run_session)
 _cleanups: set[asyncio.Task[None]] = set()
@@ -100,26 +122,49 @@ class AgentSession:
         self.link.close(err)
 
 
-def _bearer(request: web.Request) -> str:
-    if any(k in request.query for k in ("token", "access_token")):
+def _bearer(request: FrontRequest) -> str:
+    query = parse_qs(urlsplit(request.target).query, keep_blank_values=True)
+    if any(k in query for k in ("token", "access_token")):
         raise AuthFailed(
             "tokens are accepted only in the Authorization header", reason="token_in_query"
         )
-    header = request.headers.get("Authorization", "")
+    header = request.header("authorization") or ""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthFailed("missing 'Authorization: Bearer <token>' header", reason="missing_token")
     return token.strip()
 
 
-def _refuse(err: CSCError, remote: str) -> web.Response:
-    log.warning("agent from %s refused: %s", remote, err.message)
-    return web.Response(
-        status=err.spec.http_status,
-        body=http_body(err.code, err.message),
-        content_type="application/json",
-        headers={"Retry-After": str(err.retry_after)} if isinstance(err, TenantLimit) else None,
+def _refuse(conn: FrontConnection, request: FrontRequest, err: CSCError) -> None:
+    """Answer a refused upgrade: the error's status and JSON body, ``Retry-After`` for a
+    tenant limit; the connection ends after it."""
+    log.warning("agent from %s refused: %s", conn.client_ip or "?", err.message)
+    request.keep_alive = False
+    wait = [("Retry-After", str(err.retry_after))] if isinstance(err, TenantLimit) else None
+    conn.send(
+        json_response(
+            err.spec.http_status,
+            http_body(err.code, err.message),
+            request_id=request.request_id,
+            keep_alive=False,
+            http11=request.http11,
+            headers=wait,
+            method=request.method,
+        )
     )
+
+
+def _accept(request: FrontRequest) -> bytes:
+    """The 101 answer to a valid WebSocket upgrade (websockets' checks of RFC 6455 §4.2.1);
+    raises BadRequest for anything else."""
+    if request.method != "GET":
+        raise MethodNotAllowed("the agent endpoint takes GET (a WebSocket upgrade)")
+    proto = ServerProtocol(logger=WIRE_LOG)
+    response = proto.accept(Request(request.target, Headers(request.headers)))
+    if response.status_code != 101:
+        exc = proto.handshake_exc
+        raise BadRequest(f"not a valid WebSocket upgrade: {exc or response.reason_phrase}")
+    return response.serialize()
 
 
 def _requested_grants(
@@ -161,25 +206,33 @@ def _requested_grants(
     return tuple(bindable)
 
 
-async def _receive_hello(ws: web.WebSocketResponse, conn: Connection) -> dict[str, Any]:
+async def _receive_hello(ws: ServerWebSocket, conn: Connection) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + HANDSHAKE_TIMEOUT
-    while True:
-        msg = await ws.receive(timeout=max(deadline - loop.time(), 0.001))
-        if msg.type != WSMsgType.BINARY:
-            raise ProtocolError("expected a binary HELLO message")
-        conn.receive_data(msg.data, loop.time())
-        for event in conn.events():
-            if isinstance(event, HelloReceived):
-                return event.info
+    async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+        while True:
+            data = await ws.receive_payload()
+            if data is None:
+                raise ProtocolError("the WebSocket closed before HELLO")
+            conn.receive_data(data, loop.time())
+            for event in conn.events():
+                if isinstance(event, HelloReceived):
+                    return event.info
 
 
-async def agent_connect(request: web.Request) -> web.StreamResponse:
-    state = request.app[NodeState.KEY]
-    remote = request.remote or "?"
+def agent_handler(state: NodeState) -> UpgradeHandler:
+    """The public listener's handler of ``/v1/agent/connect`` (csc/relay/http_front.py)."""
+
+    async def handle(conn: FrontConnection, request: FrontRequest) -> None:
+        await agent_connect(state, conn, request)
+
+    return handle
+
+
+async def _admit(state: NodeState, request: FrontRequest) -> AgentClaims:
+    """The token's claims if the agent may connect now (raises the refusal)."""
     if state.draining:
         state.metrics.session_refused(GoingAway.code)
-        return _refuse(GoingAway("this node is draining; connect to another"), remote)
+        raise GoingAway("this node is draining; connect to another")
     try:
         claims = verify_token(
             _bearer(request),
@@ -189,11 +242,10 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
         )
     except AuthFailed as err:
         state.metrics.auth_failed(err)
-        return _refuse(err, remote)
+        raise
     if state.cluster is not None and not state.cluster.healthy:
         state.metrics.session_refused(ClusterUnavailable.code)
-        unavailable = ClusterUnavailable("the cluster's routing state (Redis) cannot be reached")
-        return _refuse(unavailable, remote)
+        raise ClusterUnavailable("the cluster's routing state (Redis) cannot be reached")
     # a revocation or suspension by another process counts at once (in a worker thread: the
     # store may be a remote database)
     await asyncio.to_thread(state.registry.refresh)
@@ -203,7 +255,18 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
             state.metrics.auth_failed(refusal)
         else:
             state.metrics.session_refused(refusal.code)
-        return _refuse(refusal, remote)
+        raise refusal
+    return claims
+
+
+async def agent_connect(state: NodeState, conn: FrontConnection, request: FrontRequest) -> None:
+    """Admit the agent, take a session slot, answer 101 and run the session on the connection
+    (or answer the refusal: JSON error, see the module's docstring)."""
+    try:
+        claims = await _admit(state, request)
+    except CSCError as err:
+        _refuse(conn, request, err)
+        return
     owner = state.registry.tenant(claims.tenant)
     limits = owner.limits if owner else UNLIMITED
     slot: str | None = None
@@ -216,31 +279,21 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
     except TenantLimit as err:
         state.metrics.session_refused(err.code)
         state.metrics.limit_rejected(claims.tenant, err.limit)
-        return _refuse(err, remote)
+        _refuse(conn, request, err)
+        return
     try:
-        ws = web.WebSocketResponse(
-            max_msg_size=max_message_size(state.config.max_frame),
-            compress=False,
-            autoping=True,
-        )
-        await ws.prepare(request)
-        await _run_session(state, ws, claims, remote, _aborter(request))
+        try:
+            head = _accept(request)
+        except CSCError as err:
+            _refuse(conn, request, err)
+            return
+        ws = ServerWebSocket(max_message_size(state.config.max_frame))
+        if conn.switch_protocol(head, ws):
+            await _run_session(state, ws, claims, conn.client_ip or "?")
     finally:
         state.limits.release_session(claims.tenant)
         if slot is not None and state.cluster is not None:
             await state.cluster.release_slot(claims.tenant, SESSIONS, slot)
-    return ws
-
-
-def _aborter(request: web.Request) -> AbortFn:
-    """Drops the agent's connection at once (a stalled link's bytes would never leave)."""
-
-    def abort() -> None:
-        transport = request.transport
-        if transport is not None:
-            transport.abort()
-
-    return abort
 
 
 async def _cluster_session_slot(
@@ -265,13 +318,15 @@ async def _cluster_session_slot(
     )
 
 
+def _refused_session(state: NodeState, claims: AgentClaims, remote: str, err: CSCError) -> None:
+    state.metrics.session_refused(err.code)
+    log.warning("agent %s (tenant %s) refused: %s", remote, claims.tenant, err.message)
+
+
 async def _run_session(
-    state: NodeState,
-    ws: web.WebSocketResponse,
-    claims: AgentClaims,
-    remote: str,
-    abort: AbortFn,
+    state: NodeState, ws: ServerWebSocket, claims: AgentClaims, remote: str
 ) -> None:
+    """HELLO, bind, WELCOME, serve, teardown: one session on an upgraded connection."""
     loop = asyncio.get_running_loop()
     conn = Connection(Side.SERVER, state.link_settings, accept_streams=False, now=loop.time())
     try:
@@ -279,22 +334,50 @@ async def _run_session(
         grants = _requested_grants(hello, claims, state.registry)
     except (CSCError, TimeoutError) as exc:
         err = exc if isinstance(exc, CSCError) else ProtocolError("no HELLO in time")
-        state.metrics.session_refused(err.code)
-        log.warning("agent %s (tenant %s) refused: %s", remote, claims.tenant, err.message)
-        await _close(ws, err, abort)
+        _refused_session(state, claims, remote, err)
+        await _close(ws, err, ws.abort)
         return
+    session = _new_session(state, ws, conn, claims, remote, grants, hello)
+    try:
+        state.registry.bind(session)
+    except CSCError as err:
+        _refused_session(state, claims, remote, err)
+        await session.link.aclose(err)
+        await _close(ws, err, ws.abort)
+        return
+    _welcome(state, session)
+    try:
+        await run_websocket(ws, session.link, session.traffic, ws.abort)
+    finally:
+        # a cancelled session (the node stops) runs its cleanup to the end anyway, in a task
+        # of its own
+        cleanup = asyncio.ensure_future(_session_down(state, session, ws))
+        _cleanups.add(cleanup)
+        cleanup.add_done_callback(_cleanups.discard)
+        await asyncio.shield(cleanup)
+
+
+def _new_session(
+    state: NodeState,
+    ws: ServerWebSocket,
+    conn: Connection,
+    claims: AgentClaims,
+    remote: str,
+    grants: tuple[str, ...],
+    hello: dict[str, Any],
+) -> AgentSession:
+    """The session and its link (not yet bound)."""
     session_id = f"{state.node_id}-{next(_session_ids)}-{os.urandom(3).hex()}"
-    counters = state.metrics.link_counters(claims.tenant)
-    traffic = Traffic()
-    send = counting(joined(ws.send_bytes), traffic)
+    traffic = ws.traffic  # counted by the WebSocket itself, both ways
     link = Link(
         conn,
-        send,
+        ws.send_chunks,
         name=f"session {session_id}",
-        counters=counters,
+        counters=state.metrics.link_counters(claims.tenant),
         stuck_timeout=state.config.stuck_timeout,
     )
-    session = AgentSession(
+    ws.attach(link)
+    return AgentSession(
         id=session_id,
         tenant=claims.tenant,
         grants=grants,
@@ -305,53 +388,39 @@ async def _run_session(
         since=time.time(),
         traffic=traffic,
     )
-    try:
-        state.registry.bind(session)
-    except CSCError as err:
-        state.metrics.session_refused(err.code)
-        log.warning("agent %s (tenant %s) refused: %s", remote, claims.tenant, err.message)
-        await link.aclose(err)
-        await _close(ws, err, abort)
-        return
+
+
+def _welcome(state: NodeState, session: AgentSession) -> None:
+    """Answer WELCOME to a bound session and make it serve."""
+    link = session.link
     link.on_goaway = lambda ev: _on_agent_goaway(session, ev)
-    conn.send_welcome(
+    link.conn.send_welcome(
         {
-            "session_id": session_id,
+            "session_id": session.id,
             "node": state.node_id,
             "cluster_nodes": state.cluster.accepting_nodes if state.cluster else 1,
-            "aliases": list(grants),
+            "aliases": list(session.grants),
             "heartbeat_interval": state.link_settings.heartbeat_interval,
         },
-        loop.time(),
+        link.loop.time(),
     )
     link.kick()
-    state.sessions[session_id] = session
+    state.sessions[session.id] = session
     state.metrics.session_opened(session.tenant)
     log.info(
         "agent session %s up: tenant %s, aliases %s, from %s",
-        session_id,
-        claims.tenant,
-        ",".join(grants),
-        remote,
+        session.id,
+        session.tenant,
+        ",".join(session.grants),
+        session.remote,
     )
     if state.draining:
         link.go_away("going_away", "this node is draining")
     elif state.cluster is not None:  # after WELCOME: the session serves before others route here
         state.cluster.routes_changed()
-    try:
-        await run_websocket(ws, link, traffic, abort)
-    finally:
-        # an agent that hangs up cancels this handler (handler_cancellation): the cleanup
-        # runs to its end anyway, in a task of its own
-        cleanup = asyncio.ensure_future(_session_down(state, session, ws, abort))
-        _cleanups.add(cleanup)
-        cleanup.add_done_callback(_cleanups.discard)
-        await asyncio.shield(cleanup)
 
 
-async def _session_down(
-    state: NodeState, session: AgentSession, ws: web.WebSocketResponse, abort: AbortFn
-) -> None:
+async def _session_down(state: NodeState, session: AgentSession, ws: ServerWebSocket) -> None:
     """Unbind a session that ended, withdraw its routes, count and log it."""
     link = session.link
     state.registry.unbind(session)
@@ -362,7 +431,7 @@ async def _session_down(
     state.metrics.session_closed(session.tenant, reason, ws.close_code)
     await link.aclose()
     if not ws.closed:
-        await _close(ws, reason or GoingAway("session ended"), abort)
+        await _close(ws, reason or GoingAway("session ended"), ws.abort)
     why = reason.message if reason else "closed"
     state.errors.agent_disconnected(session.tenant, f"agent session {session.id} down: {why}")
     state.last_seen.session_down(session.tenant, session.grants)

@@ -1,14 +1,12 @@
 """The CSC's public HTTP listener: an ``asyncio.Protocol`` around llhttp (``httptools``).
 
-:class:`HttpFront` owns the listening socket (plain or TLS) and the hardening bounds shared by
-its connections; each accepted connection is a :class:`FrontConnection`. The bootloader-facing
+:class:`~csc.relay.http_listener.HttpFront` owns the listening socket (plain or TLS) and the
+hardening bounds shared by its connections; each accepted connection is a :class:`FrontConnection`. The bootloader-facing
 routes (``/t/{alias}``, ``/t/{alias}/...``, ``GET /v1/resolve/{alias}``, ``/healthz``,
-``/readyz``) are served here by a :class:`Handler` (csc/relay/http_ingress.py); a connection whose
-*first* request names a path of the aiohttp app (``/v1/agent/connect``, ``/metrics``) is handed
-to aiohttp whole, with the bytes read so far, and this module never sees it again; so is a
-kept-alive connection whose next request, arriving while the connection is idle, names one
-(the aiohttp app answers `Connection: close` to all but an upgrade, so the client comes back).
-Only a request pipelined behind another of ours is answered 404 instead.
+``/readyz``) are served here by a :class:`Handler` (csc/relay/http_ingress.py); any other path
+is 404 ``not_found``. A request for an *upgrade path* (``/v1/agent/connect``) is served by its ``UpgradeHandler``
+(csc/relay/gateway.py), which answers it here and may switch the connection to another protocol
+(:meth:`FrontConnection.switch_protocol`, with the bytes read after the request head).
 
 Invariants:
 
@@ -32,15 +30,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from csc.config import CSCConfig
-from csc.relay.http_front_request import ELSEWHERE, FrontRequest, origin_form, route
+from csc.relay.http_front_request import FrontRequest, origin_form, route
 from shared.errors import (
     BadRequest,
     Cancelled,
@@ -51,6 +47,9 @@ from shared.errors import (
 )
 from shared.headers import request_id_for
 from shared.http1 import CONTINUE, error_response
+
+if TYPE_CHECKING:
+    from csc.relay.http_listener import HttpFront
 
 log = logging.getLogger("csc.http.front")
 
@@ -63,6 +62,10 @@ WRITE_HIGH, WRITE_LOW = 256 * 1024, 64 * 1024
 
 #: After answering while the client may still be sending, how long to discard its bytes.
 LINGER = 2.0
+
+
+#: The route kind of a request for an upgrade path (``FrontRequest.alias`` holds the path).
+UPGRADE = "upgrade"
 
 
 class _Stop(Exception):
@@ -92,8 +95,9 @@ class FrontConnection(asyncio.Protocol):
         self._parsing: FrontRequest | None = None
         self._url = bytearray()
         self._raw: list[tuple[bytes, bytes]] = []
-        #: Bytes of a request head that began on an idle connection (it may be handed over).
-        self._first: bytearray | None = None
+        #: Bytes after the head of a request that asked to switch protocols (reading paused).
+        self._tail = b""
+        self._upgrading = False
         self._in_head = True
         self._head_bytes = 0  # counted against the front's total while the head is unfinished
         self._head_started: float | None = self.loop.time()  # the first head is due from now
@@ -124,6 +128,9 @@ class FrontConnection(asyncio.Protocol):
         self._rearm()
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrading and len(self._tail) < HIGH_WATER:
+            self._tail += data  # reading is paused; a transport may deliver what it holds
+            return
         if self._stopped or self.lost:
             return
         if self._in_head:
@@ -132,24 +139,22 @@ class FrontConnection(asyncio.Protocol):
                 self._rearm()
             if not self._count_head(len(data)):
                 return
-            if self._first is None and self._idle():
-                self._first = bytearray()  # a request boundary: may be handed over
-            if self._first is not None:
-                self._first += data
         elif self._parsing is not None:
             self._parsing.last_body = self.loop.time()
         try:
             if self._parser is not None:
                 self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # llhttp stops after a request asking to switch protocols; we never switch here
-            # (agents' upgrades are handed over), so that request is the connection's last
+        except httptools.HttpParserUpgrade as upgrade:
+            # llhttp stops after a request asking to switch protocols: that request is the
+            # connection's last; what follows it waits for the switch (if any)
             self._stopped = True
             if self._requests:
                 self._requests[-1].keep_alive = False
+            if self.transport is not None:
+                self._upgrading = True
+                self._tail = data[upgrade.args[0] :]
+                self._pause_reading()
         except httptools.HttpParserError as exc:
-            if self.transport is None:
-                return  # handed over to aiohttp inside the callback
             if not self._stopped:
                 self._fail(BadRequest(f"malformed request: {exc}"))
         if self._in_head and self._head_bytes > self.config.http_max_head_size:
@@ -174,7 +179,7 @@ class FrontConnection(asyncio.Protocol):
         self.lost = True
         self._release_head()
         self._cancel_timer()
-        self._first = self._parser = None
+        self._parser = None
         self._requests.clear()
         self.front.connections.discard(self)
         if self._drain_waiter is not None and not self._drain_waiter.done():
@@ -223,11 +228,9 @@ class FrontConnection(asyncio.Protocol):
             self._fail(exc if isinstance(exc, BadRequest) else BadRequest("malformed request"))
             raise _Stop from None
         request.keep_alive = parser.should_keep_alive()
-        request.kind, request.alias = route(request.method, target, self.front.elsewhere)
-        first, self._first = self._first, None
-        if first is not None and request.kind == ELSEWHERE and self._idle():
-            self._hand_over(bytes(first))
-            raise _Stop
+        request.kind, request.alias = route(request.method, target)
+        if (path := target.split("?", 1)[0]) in self.front.upgrades:
+            request.kind, request.alias = UPGRADE, path
         self._release_head()
         self._in_head = False
         self._head_started = None
@@ -352,10 +355,15 @@ class FrontConnection(asyncio.Protocol):
                 request = self._requests[0]
                 request.request_id = request_id_for(request.header("x-request-id"))
                 try:
-                    await self.front.handler.serve(self, request)
+                    if request.kind == UPGRADE:
+                        await self.front.upgrades[request.alias](self, request)
+                    else:
+                        await self.front.handler.serve(self, request)
                 finally:
                     if self._requests and self._requests[0] is request:
                         self._requests.popleft()
+                if self.transport is None:
+                    return  # switched to another protocol
                 if not self.keep_alive(request):
                     self._stopped = True  # that answer said Connection: close
                     return
@@ -423,7 +431,6 @@ class FrontConnection(asyncio.Protocol):
         """A failure of the input: the request being read (if any) fails with ``err``; the
         connection serves nothing after it and answers ``err`` if no response is under way."""
         self._stopped = True
-        self._first = None
         request = self._parsing
         if request is not None:
             request.body_error = err
@@ -436,19 +443,33 @@ class FrontConnection(asyncio.Protocol):
                 self.transport.close()
         self._wake()
 
-    def _hand_over(self, data: bytes) -> None:
-        """Give the connection to aiohttp, with every byte read so far."""
+    def switch_protocol(self, head: bytes, proto: asyncio.Protocol) -> bool:
+        """Write ``head`` (the 101 answer) and give the connection to ``proto``, with the bytes
+        read after the request head; this module never sees it again. The task serving the
+        request goes on serving ``proto`` (the front waits for it when it closes). False when
+        the client already went away."""
         transport = self.transport
-        assert transport is not None
+        if transport is None or self.lost:
+            return False
         self._release_head()
         self._cancel_timer()
         self._stopped = True
         self.transport = None
         self.front.connections.discard(self)
-        proto = self.front.hand_over()
+        task = asyncio.current_task()
+        if task is not None:
+            self.front.switched.add(task)
+            task.add_done_callback(self.front.switched.discard)
+        transport.write(head)
         transport.set_protocol(proto)
         proto.connection_made(transport)
-        proto.data_received(data)
+        tail, self._tail = self._tail, b""
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        if tail:
+            proto.data_received(tail)
+        return True
 
     def _rearm(self) -> None:
         """One timer per connection, at the earliest of its deadlines."""
@@ -551,56 +572,3 @@ class FrontConnection(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-
-class HttpFront:
-    """The public listener: connections, shared bounds, hand-over to aiohttp, drain."""
-
-    def __init__(
-        self,
-        config: CSCConfig,
-        handler: Handler,
-        *,
-        hand_over: Any,
-        elsewhere: frozenset[str],
-        draining: Any,
-        tls: bool = False,
-    ) -> None:
-        self.config = config
-        self.handler = handler
-        #: Makes the aiohttp protocol a connection is handed to (``AppRunner.server``).
-        self.hand_over = hand_over
-        self.elsewhere = elsewhere
-        self.draining = draining
-        self.tls = tls
-        self.loop = asyncio.get_running_loop()
-        self.connections: set[FrontConnection] = set()
-        #: Bytes of unfinished request heads across connections, and connections refused for it.
-        self.head_bytes = 0
-        self.heads_refused = 0
-        self.server: asyncio.Server | None = None
-
-    async def start(self, host: str, port: int, ssl: Any = None) -> asyncio.Server:
-        self.server = await self.loop.create_server(
-            lambda: FrontConnection(self), host, port, ssl=ssl, backlog=1024
-        )
-        return self.server
-
-    def stop_accepting(self) -> None:
-        """Close the listening socket (drain); idle keep-alive connections close now, busy
-        ones once their response is written (it says ``Connection: close``)."""
-        if self.server is not None:
-            self.server.close()
-        for conn in list(self.connections):
-            idle = conn._task is None and not conn._requests and not conn._head_bytes
-            if idle and conn.transport is not None:
-                conn.transport.close()
-
-    async def close(self) -> None:
-        """Close every connection (the end of a drain or a stop)."""
-        self.stop_accepting()
-        for conn in list(self.connections):
-            conn.abort()
-        if self.server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), 1.0)

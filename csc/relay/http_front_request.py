@@ -15,14 +15,7 @@ from shared.errors import BadRequest, CSCError
 from shared.http1 import request_framing
 
 #: Route kinds of :func:`route`.
-TUNNEL, RESOLVE, HEALTHZ, READYZ, ELSEWHERE, MISSING = (
-    "tunnel",
-    "resolve",
-    "healthz",
-    "readyz",
-    "elsewhere",
-    "missing",
-)
+TUNNEL, RESOLVE, HEALTHZ, READYZ, MISSING = "tunnel", "resolve", "healthz", "readyz", "missing"
 
 
 class FrontRequest:
@@ -87,8 +80,8 @@ def origin_form(target: str) -> str:
     raise BadRequest("the request target must be a path or an absolute http(s) URL")
 
 
-def route(method: str, target: str, elsewhere: frozenset[str]) -> tuple[str, str]:
-    """``(kind, alias)`` of an origin-form target; ``elsewhere`` are the aiohttp app's paths."""
+def route(method: str, target: str) -> tuple[str, str]:
+    """``(kind, alias)`` of an origin-form target."""
     path = target.split("?", 1)[0]
     if path.startswith("/t/"):
         return TUNNEL, unquote(path[3:].split("/", 1)[0])
@@ -98,6 +91,4 @@ def route(method: str, target: str, elsewhere: frozenset[str]) -> tuple[str, str
         return HEALTHZ, ""
     if path == "/readyz":
         return READYZ, ""
-    if path in elsewhere:
-        return ELSEWHERE, ""
     return MISSING, ""

@@ -1,33 +1,64 @@
-"""The CSC's side of an agent WebSocket: aiohttp's server WebSocket pumped into a :class:`Link`.
+"""The CSC's side of an agent WebSocket: an ``asyncio.Protocol`` that feeds a :class:`Link`.
 
-Every received binary message goes to :meth:`Link.feed`; a link-level fault closes the
-WebSocket with the error's close code (docs/protocol.md §8); when the link ends for any other
-reason (heartbeat timeout, shutdown) the WebSocket is closed with that reason too. A
-:class:`Traffic` counts the message bytes each way (plain integer additions, one per message).
+csc/relay/gateway.py answers the upgrade on the public listener's connection (csc/relay/http_front.py)
+and switches the transport to a :class:`ServerWebSocket`. Its frames are decoded by
+:class:`csc.relay.wsframes.FrameReader` as they arrive: every binary (or continuation) payload is
+queued for :func:`run_websocket`, which hands it to :meth:`Link.receive` (the link is a byte
+stream: fragments are never joined); pings are answered at once, a close frame is echoed and
+the connection closed (the server closes TCP first, RFC 6455 §7.1.1). A link message is sent
+as one unmasked binary frame: its head and the link's chunks go to ``transport.writelines``
+as they are (a message of at most ``SMALL_MESSAGE`` bytes is joined into one buffer).
 
-The next message is pulled from aiohttp (``receive`` is pull-based) only once
-:meth:`Link.wait_readable` returns: while the agent does not read what the link answers, the
-CSC stops reading it, aiohttp's own queue fills and pauses the socket, and the agent's sends
-block in its kernel. A closing handshake takes at most ``CLOSE_TIMEOUT``, and a link closed
-as stalled (:class:`~shared.errors.LinkStalled`) is aborted at once: its peer reads nothing,
-so neither a close frame nor the bytes still buffered for it would ever leave.
+Read pacing: the next payload is taken only once :meth:`Link.wait_readable` returns; while
+the link's answers back up (:attr:`Link.reading_paused`) or more than ``RECEIVE_HIGH`` bytes
+wait, reading from the socket is paused (``transport.pause_reading``), so the agent's sends
+block in its kernel. A closing handshake takes at most ``CLOSE_TIMEOUT``, and a link closed as
+stalled (:class:`~shared.errors.LinkStalled`) is aborted at once: its peer reads nothing, so
+neither a close frame nor the bytes still buffered for it would ever leave.
+
+Invariants: data frames are written whole, so control frames may go between any two; nothing
+is written after a close frame; a frame-level violation (csc/relay/wsframes.py) or a text message
+closes the WebSocket (1002/1009 for framing, the error's code for text) and ends the link.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
-from aiohttp import WSMessage, WSMsgType
-
+from csc.relay.wsframes import (
+    OP_CLOSE,
+    OP_PING,
+    OP_TEXT,
+    Control,
+    FrameError,
+    FrameReader,
+    close_payload,
+    frame_head,
+    parse_close,
+)
 from shared.errors import CSCError, LinkStalled, ProtocolError
 from shared.link import Link, SendFn
+from shared.linkpace import PIECE_FRAMES
+from shared.protocol.codec import HEADER_SIZE
 
 #: How long closing the WebSocket may take before its transport is aborted.
 CLOSE_TIMEOUT = 5.0
+#: Pause reading while this many received payload bytes wait for the link.
+RECEIVE_HIGH = 4 * 1024 * 1024
+#: Messages up to this size are joined with their frame head and written as one buffer.
+SMALL_MESSAGE = 16 * 1024
+#: The transport's write buffer marks (a sender waits above the high one).
+WRITE_HIGH, WRITE_LOW = 256 * 1024, 64 * 1024
+#: Close code when the connection ended without a close frame (RFC 6455 §7.1.5).
+ABNORMAL_CLOSURE = 1006
+#: A payload this short holds fewer than PIECE_FRAMES link frames: Link.receive takes it in
+#: one piece, without awaiting, so it may be fed from data_received (see ServerWebSocket).
+DIRECT_MAX = PIECE_FRAMES * HEADER_SIZE
 
 #: Drops the connection at once (the transport's ``abort``).
 AbortFn = Callable[[], None]
@@ -52,16 +83,248 @@ def counting(send: SendFn, traffic: Traffic) -> SendFn:
 
 
 class WebSocketLike(Protocol):
-    """What aiohttp's server WebSocket offers (a Protocol, so tests may substitute one)."""
+    """What :func:`run_websocket` needs of a WebSocket (tests may substitute one)."""
 
     @property
     def closed(self) -> bool: ...
 
     async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
 
-    async def send_bytes(self, data: bytes) -> None: ...
+    async def receive_payload(self) -> bytes | None: ...
 
-    async def receive(self, timeout: float | None = None) -> WSMessage: ...
+
+class ServerWebSocket(asyncio.Protocol):
+    """One agent's WebSocket after the 101 answer (see the module's docstring)."""
+
+    def __init__(self, max_size: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._reader = FrameReader(max_size)
+        self.transport: asyncio.Transport | None = None
+        self._payloads: deque[bytes] = deque()
+        self._queued = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._read_paused = self._write_paused = False
+        self._link: Link | None = None
+        #: message bytes from the agent (fed to the link) and to it (sent)
+        self.traffic = Traffic()
+        #: set once the transport is gone, whatever the cause
+        self.lost: asyncio.Future[None] = self.loop.create_future()
+        self._close_sent = self._close_received = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        #: a text message or a framing violation: raised by receive_payload once reached
+        self.violation: CSCError | None = None
+        #: the close code the agent sent (1006 when the connection ended without one)
+        self.close_code: int | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+
+    def data_received(self, data: bytes) -> None:
+        if self._close_received or self.lost.done():
+            return
+        try:
+            for item in self._reader.feed(data):
+                if type(item) is bytes:
+                    if self._close_sent or self.violation is not None:
+                        continue
+                    if self._direct(len(item)):
+                        self._feed_now(item)
+                    else:
+                        self._payloads.append(item)
+                        self._queued += len(item)
+                elif self._control(cast(Control, item)):
+                    break
+        except FrameError as err:  # fail the connection (RFC 6455 §7.1.7)
+            self.violation = ProtocolError(err.reason)
+            self._send_close(err.code, err.reason)
+            if self.transport is not None:
+                self.transport.close()
+        self._wake()
+        link = self._link
+        if not self._read_paused and (
+            self._queued > RECEIVE_HIGH or (link is not None and link.reading_paused)
+        ):
+            self._pause(True)
+
+    def eof_received(self) -> bool | None:
+        self._wake()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if self.close_code is None:
+            self.close_code = ABNORMAL_CLOSURE
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self._wake()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the session's side -------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """The closing handshake started (either side) or the connection is gone."""
+        return self._close_sent or self._close_received or self.lost.done()
+
+    def attach(self, link: Link) -> None:
+        """From now on, pause reading while ``link``'s answers back up, and feed it short
+        payloads at once while :func:`run_websocket` waits for one."""
+        self._link = link
+
+    async def receive_payload(self) -> bytes | None:
+        """The next received payload; ``None`` once the WebSocket is closing or closed.
+
+        Raises the violation (a text message, broken framing) once the payloads before it
+        are taken; the caller ends the link."""
+        while not self._payloads:
+            if self.violation is not None:
+                raise self.violation
+            if self.closed or (self._link is not None and self._link.is_closed):
+                return None
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._payloads.popleft()
+        self._queued -= len(data)
+        if self._read_paused and self._queued <= RECEIVE_HIGH // 2:
+            link = self._link
+            if link is None or not link.reading_paused:
+                self._pause(False)
+        return data
+
+    async def send_chunks(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """Send the chunks as one binary message; wait while the transport is paused."""
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing():
+            raise ConnectionResetError("the agent's WebSocket is closing")
+        size = sum(map(len, chunks))
+        self.traffic.bytes_out += size
+        if size <= SMALL_MESSAGE:  # one short buffer: cheaper than a vector of pieces
+            transport.write(b"".join((frame_head(size), *chunks)))
+        else:
+            transport.writelines([frame_head(size), *chunks])
+        while self._write_paused and not self.lost.done():
+            self._drain_waiter = self.loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+        if self.lost.done():
+            raise ConnectionResetError("the agent's WebSocket is gone")
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self.send_chunks((data,))
+
+    async def close(self, *, code: int = 1000, message: bytes = b"") -> bool:
+        """Run the closing handshake (the agent's close frame, then TCP closed by us), at most
+        ``CLOSE_TIMEOUT``; then the connection is dropped. True if this call started it."""
+        started = not self._close_sent and not self._close_received
+        if started:
+            self._send_close(code, message.decode(errors="ignore"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.lost), CLOSE_TIMEOUT)
+        self.abort()
+        return started
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.lost.done():
+            self.transport.abort()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _direct(self, size: int) -> bool:
+        """Whether a payload may go to the link now: the receive loop waits for one (so it
+        passed ``wait_readable``, and nothing is queued before it), the link reads, and it is
+        short enough for one piece."""
+        link = self._link
+        return (
+            self._waiter is not None
+            and size <= DIRECT_MAX
+            and link is not None
+            and not link.reading_paused
+            and not link.is_closed
+            and not self._payloads
+        )
+
+    def _feed_now(self, data: bytes) -> None:
+        """``Link.receive`` run to its end here (it does not await for a short payload); a
+        link-level fault closes the link, whose watcher closes the WebSocket."""
+        link = self._link
+        assert link is not None
+        self.traffic.bytes_in += len(data)
+        step = link.receive(data)
+        try:
+            step.send(None)
+        except StopIteration:
+            return
+        except CSCError:
+            self._wake()  # the receive loop sees the link closed
+            return
+        step.close()
+        raise RuntimeError("Link.receive awaited on a payload of one piece")
+
+    def _control(self, frame: Control) -> bool:
+        """Answer a control frame; True when nothing after it is to be read."""
+        transport = self.transport
+        if frame.opcode == OP_PING:
+            if transport is not None and not self._close_sent and not transport.is_closing():
+                transport.writelines([frame_head(len(frame.payload), 0xA), frame.payload])
+        elif frame.opcode == OP_CLOSE:
+            self._close_received = True
+            self.close_code, reason = parse_close(frame.payload)
+            if not self._close_sent:  # echo the agent's code (RFC 6455 §5.5.1)
+                code = self.close_code if self.close_code != 1005 else 1000
+                self._send_close(code, reason)
+            if transport is not None:
+                transport.close()  # the server closes TCP first
+            return True
+        elif frame.opcode == OP_TEXT and self.violation is None:
+            self.violation = ProtocolError("text messages are not part of the protocol")
+        return False
+
+    def _send_close(self, code: int, reason: str) -> None:
+        transport = self.transport
+        if self._close_sent or transport is None or transport.is_closing():
+            return
+        self._close_sent = True
+        payload = close_payload(code, reason)
+        transport.writelines([frame_head(len(payload), OP_CLOSE), payload])
+        if self._close_timer is None and not self.lost.done():
+            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, self.abort)
+        self._pause(False)  # keep reading: the agent's close frame ends the handshake
+
+    def _pause(self, paused: bool) -> None:
+        transport = self.transport
+        if paused == self._read_paused or transport is None or self.lost.done():
+            return
+        self._read_paused = paused
+        if paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 async def close_websocket(ws: WebSocketLike, err: CSCError, abort: AbortFn | None = None) -> None:
@@ -97,7 +360,7 @@ async def run_websocket(
     traffic: Traffic | None = None,
     abort: AbortFn | None = None,
 ) -> None:
-    """Feed received messages to the link until either side ends it; then close the link.
+    """Feed received payloads to the link until either side ends it; then close the link.
 
     ``abort`` drops the connection (see :func:`close_websocket`)."""
     watcher = asyncio.ensure_future(_close_when_link_ends(ws, link, abort))
@@ -107,26 +370,18 @@ async def run_websocket(
             await link.wait_readable()
             if link.is_closed:
                 return
-            msg = await ws.receive()
-            if msg.type == WSMsgType.BINARY:
-                counted.bytes_in += len(msg.data)
-                try:
-                    await link.receive(msg.data)
-                except CSCError as err:
-                    await close_websocket(ws, err, abort)
-                    return
-            elif msg.type in (
-                WSMsgType.ERROR,
-                WSMsgType.CLOSE,
-                WSMsgType.CLOSING,
-                WSMsgType.CLOSED,
-            ):
+            data = await ws.receive_payload()
+            if data is None:
                 return
-            else:
-                violation = ProtocolError("text messages are not part of the protocol")
-                link.close(violation)
-                await close_websocket(ws, violation, abort)
+            counted.bytes_in += len(data)
+            try:
+                await link.receive(data)
+            except CSCError as err:
+                await close_websocket(ws, err, abort)
                 return
+    except ProtocolError as violation:
+        link.close(violation)
+        await close_websocket(ws, violation, abort)
     finally:
         link.close()
         with contextlib.suppress(Exception):  # it closes the WebSocket (bounded) or sees it closed

@@ -26,7 +26,7 @@ Asserted:
 Measured on a 2-core machine (bench/RESULTS.md, "Memory after a storm"): the CSC's RSS at rest
 75 MiB, at the storm's peak 101-103 MiB, 15 s after it 82-85 MiB (with two busy loops on the
 2 cores too); B's p99 6-13 ms at rest, 25-59 ms in the storm (210 ms with the busy loops), no
-request lost. Before csc/http_front.py dropped a closed connection's parser (a reference
+request lost. Before csc/relay/http_front.py dropped a closed connection's parser (a reference
 cycle that kept the connection and its partial head until the cyclic GC ran) and the CSC gave
 free heap pages back (shared/allocator.py), the same storm left it at its peak, 110 MiB, so
 :data:`RSS_RETURN_MARGIN` (20 MiB) tells the two apart.

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from csc.relay.websocket import run_websocket
 from shared.errors import CSCError
@@ -33,6 +33,24 @@ FAST = SpreadPolicy(redial_min=0.0, redial_max=0.02, max_redials=8, move_interva
 
 async def _until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
     await async_wait_until(predicate, timeout, 0.01)
+
+
+class _Payloads:
+    """aiohttp's server WebSocket as csc.relay.websocket.run_websocket reads it."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
+
+    async def close(self, *, code: int = 1000, message: bytes = b"") -> bool:
+        return await self.ws.close(code=code, message=message)
+
+    async def receive_payload(self) -> bytes | None:
+        msg = await self.ws.receive()
+        return msg.data if msg.type == WSMsgType.BINARY else None
 
 
 @dataclass(eq=False)
@@ -88,7 +106,7 @@ class FakeCluster:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         try:
-            await run_websocket(ws, session.link)
+            await run_websocket(_Payloads(ws), session.link)
         finally:
             session.ended.set()
             await session.link.aclose()

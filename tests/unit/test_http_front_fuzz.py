@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from csc.config import CSCConfig
-from csc.relay.http_front import FrontConnection, HttpFront
+from csc.relay.http_front import FrontConnection
 from csc.relay.http_front_request import FrontRequest
+from csc.relay.http_listener import HttpFront
 from shared.errors import CSCError
 from shared.http1 import json_response
 
@@ -108,14 +109,6 @@ class StubHandler:
         )
 
 
-class HandedOver(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-
-
 def _accepted_heads(data: bytes) -> int:
     """How many request heads llhttp accepts in ``data`` before an error."""
 
@@ -159,12 +152,9 @@ async def _run(data: bytes, cuts: list[int]) -> None:
     loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
     config = CSCConfig(max_body_size=4096, http_max_head_size=1024, http_head_buffer_total=4096)
     handler = StubHandler()
-    handed = HandedOver()
     front = HttpFront(
         config,
         handler,
-        hand_over=lambda: handed,
-        elsewhere=frozenset({"/v1/agent/connect"}),
         draining=lambda: False,
     )
     transport = FakeTransport(loop)
@@ -185,9 +175,6 @@ async def _run(data: bytes, cuts: list[int]) -> None:
         await asyncio.sleep(0)
     assert not errors, errors
     assert len(handler.served) <= _accepted_heads(data)
-    if transport.protocol is handed:
-        assert handed.data  # handed over with the bytes read so far
-        return
     for status, body in _responses(bytes(transport.out)):
         assert status == 200 or status in OWN_STATUSES, status
         if status != 200 and body:
