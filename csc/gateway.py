@@ -49,7 +49,7 @@ from shared.errors import (
 )
 from shared.link import Link, joined, max_message_size
 from shared.protocol import Connection, GoAwayReceived, HelloReceived, Side
-from shared.tokens import AgentClaims, verify_token
+from shared.tokens import AgentClaims
 
 if TYPE_CHECKING:
     from csc.cluster.node import Cluster
@@ -169,7 +169,7 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
         state.metrics.session_refused(GoingAway.code)
         return _refuse(GoingAway("this node is draining; connect to another"), remote)
     try:
-        claims = verify_token(
+        claims = state.verified_tokens.verify(
             _bearer(request),
             state.public_keys,
             audience=state.config.token_audience,
@@ -183,8 +183,9 @@ async def agent_connect(request: web.Request) -> web.StreamResponse:
         unavailable = ClusterUnavailable("the cluster's routing state (Redis) cannot be reached")
         return _refuse(unavailable, remote)
     # a revocation or suspension by another process counts at once (in a worker thread: the
-    # store may be a remote database)
-    await asyncio.to_thread(state.registry.refresh)
+    # store may be a remote database; handshakes that arrive together share one re-read that
+    # started after they arrived)
+    await state.fresh_catalog()
     refusal = admission_error(state.registry.catalog, claims.tenant, claims.jti)
     if refusal is not None:
         if isinstance(refusal, AuthFailed):
