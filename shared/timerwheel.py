@@ -115,7 +115,8 @@ class LoopTimers:
     """A :class:`TimerWheel` of callbacks on one event loop, with one armed ``call_at``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = RESOLUTION) -> None:
-        self.loop = loop
+        #: weak, so that a loop that is dropped is not kept by its entry in the per-loop table
+        self._loop = weakref.ref(loop)
         self.wheel: TimerWheel[Callback] = TimerWheel(resolution)
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for: float | None = None
@@ -123,6 +124,13 @@ class LoopTimers:
 
     def __len__(self) -> int:
         return len(self.wheel)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        if loop is None:
+            raise RuntimeError("the event loop of these timers is gone")
+        return loop
 
     def schedule(self, when: float, callback: Callback) -> None:
         """Call ``callback`` once, at or after loop time ``when`` (re-scheduling moves it)."""

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Sequence
 
 import pytest
@@ -61,6 +63,19 @@ def test_moving_and_discarding_items() -> None:
 def test_a_resolution_must_be_positive() -> None:
     with pytest.raises(ValueError):
         TimerWheel(0)
+
+
+def test_the_per_loop_table_does_not_keep_a_dropped_loop() -> None:
+    loop = asyncio.new_event_loop()
+    timers = loop_timers(loop)
+    assert loop_timers(loop) is timers and timers.loop is loop
+    ref = weakref.ref(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(RuntimeError):
+        timers.loop  # noqa: B018
 
 
 # -- the loop adapter ----------------------------------------------------------------------------
