@@ -3,8 +3,8 @@
 Both the CSC and the agent run one :class:`Link` per WebSocket session. The owner feeds every
 received message to :meth:`Link.feed`; a writer task sends what the multiplexer queued, one
 WebSocket message per flush, handed to the sender as a list of chunks (never joined here); the
-heartbeats of all links of a loop share one loop timer (:mod:`shared.timerwheel`). Streams are :class:`LinkStream` objects with ``read()``/``write()``
-coroutines that respect flow control.
+heartbeats of all links of a loop share one loop timer (:mod:`shared.timerwheel`). Streams are
+:class:`LinkStream` objects with ``read()``/``write()`` coroutines that respect flow control.
 
 Invariants (docs/protocol.md §5): ``write()`` never queues more than the peer's credit, and the
 credit of received bytes is returned only when the consumer calls :meth:`LinkStream.consumed`
