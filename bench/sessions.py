@@ -15,6 +15,9 @@ WebSocket (docs/protocol.md: HELLO, WELCOME, answering PINGs and sending one eve
   port and state directory; the time until every session has its WELCOME again, from the kill
   and from the new process's ready file. Sessions redial with a jittered backoff (50 ms
   doubling to 1 s), as agents would.
+* **CPU per handshake**: the CSC's user+system CPU while the sessions connect (from nothing,
+  and after the restart from the ready file on), divided by the number of sessions: steadier
+  than the times on a shared machine, and not bounded by this one client process.
 
 RLIMIT_NOFILE's soft limit is raised to the hard limit here; the CSC inherits it. Every phase
 has a deadline; everything is on 127.0.0.1. A benchmark, not a test: it exits 0 unless a
@@ -230,10 +233,11 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         await asyncio.sleep(args.settle)
         rss_before = csc.rss()
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), cpu_of(csc.pid)
         fleet.start()
         await fleet.wait_up(sessions, PHASE_TIMEOUT)
         result["connect_s"] = time.monotonic() - started
+        result["connect_cpu_us"] = (cpu_of(csc.pid) - cpu_before) / sessions * 1e6
         log(f"{sessions} sessions up in {result['connect_s']:.1f}s")
         await asyncio.sleep(args.settle)
         rss_after = csc.rss()
@@ -257,9 +261,10 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         csc = await asyncio.to_thread(
             start_csc, workdir, state_dir=state_dir, listen=listen, tcp_listen=None
         )
-        ready = time.monotonic()
+        ready, cpu_before = time.monotonic(), cpu_of(csc.pid)
         await fleet.wait_up(sessions, PHASE_TIMEOUT)
         done = time.monotonic()
+        result["reconnect_cpu_us"] = (cpu_of(csc.pid) - cpu_before) / sessions * 1e6
         result["restart_ready_s"] = ready - killed
         result["reconnect_from_kill_s"] = done - killed
         result["reconnect_from_ready_s"] = done - ready
@@ -288,6 +293,7 @@ def render(args: argparse.Namespace, r: dict[str, Any], nofile: int) -> str:
             "| figure | value |",
             "|---|---:|",
             f"| all sessions connected (from nothing) | {r['connect_s']:.1f} s |",
+            f"| CSC CPU per session connected (from nothing) | {r['connect_cpu_us']:,.0f} µs |",
             f"| CSC RSS before / with all sessions | {r['rss_before_mib']:.1f} / "
             f"{r['rss_after_mib']:.1f} MiB |",
             f"| CSC RSS per session | {r['rss_per_session_kib']:.1f} KiB |",
@@ -299,6 +305,7 @@ def render(args: argparse.Namespace, r: dict[str, Any], nofile: int) -> str:
             f"| all sessions back: from the kill | {r['reconnect_from_kill_s']:.1f} s |",
             f"| all sessions back: from the new CSC's ready file | "
             f"{r['reconnect_from_ready_s']:.1f} s |",
+            f"| CSC CPU per session back (from its ready file) | {r['reconnect_cpu_us']:,.0f} µs |",
             "",
             f"Failed dials and closes seen by the sessions (mostly while the CSC was down): "
             f"{r['refusals'] or 'none'}.",

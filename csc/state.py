@@ -14,12 +14,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from csc.admin.errorlog import ErrorLog
 from csc.config import CSCConfig
 from csc.metrics import CSCMetrics
+from csc.relay.freshread import SharedRefresh
 from csc.relay.limits import Admissions, TenantLimiter
 from csc.relay.registry import Registry
 from csc.relay.traffic import LastSeen, TrafficHistory
 from csc.store import Store
 from shared import resolve_sig
 from shared.protocol import LinkSettings
+from shared.tokens import VerifiedTokens
 
 if TYPE_CHECKING:
     from csc.cluster.node import Cluster
@@ -70,12 +72,17 @@ class NodeState:
     resolve_key: Ed25519PrivateKey | None = None
     #: its public half as it travels (base64 of the raw 32 bytes), or ""
     resolve_key_text: str = field(init=False, default="")
+    #: agent tokens already verified (the handshake re-checks only expiry, revocation, tenant)
+    verified_tokens: VerifiedTokens = field(default_factory=VerifiedTokens)
+    #: the registry's re-read before an admission, shared by concurrent handshakes
+    fresh_catalog: SharedRefresh = field(init=False)
 
     def __post_init__(self) -> None:
         self.link_settings = LinkSettings.from_config(
             self.config, max_streams=self.config.max_streams_per_session
         )
         self.idle.set()
+        self.fresh_catalog = SharedRefresh(self.registry.refresh)
         if self.resolve_key is not None:
             self.resolve_key_text = resolve_sig.public_key_text(self.resolve_key.public_key())
         self.metrics.track_sessions(lambda: self.sessions.values())

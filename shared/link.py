@@ -2,9 +2,9 @@
 
 Both the CSC and the agent run one :class:`Link` per WebSocket session. The owner feeds every
 received message to :meth:`Link.feed`; a writer task sends what the multiplexer queued, one
-WebSocket message per flush, handed to the sender as a list of chunks (never joined here); a
-timer task runs heartbeats. Streams are :class:`LinkStream` objects with ``read()``/``write()``
-coroutines that respect flow control.
+WebSocket message per flush, handed to the sender as a list of chunks (never joined here); the
+heartbeats of all links of a loop share one loop timer (:mod:`shared.timerwheel`). Streams are
+:class:`LinkStream` objects with ``read()``/``write()`` coroutines that respect flow control.
 
 Invariants (docs/protocol.md §5): ``write()`` never queues more than the peer's credit, and the
 credit of received bytes is returned only when the consumer calls :meth:`LinkStream.consumed`
@@ -71,6 +71,7 @@ from shared.protocol import (
     StreamReset,
 )
 from shared.protocol.codec import HEADER_SIZE
+from shared.timerwheel import loop_timers
 from shared.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
@@ -326,10 +327,11 @@ class Link:
         self.fair_slice = FAIR_SLICE
         self._yielded_at = self.loop.time()
         self.closed: asyncio.Future[CSCError] = self.loop.create_future()
-        self._tasks = [
-            self.loop.create_task(self._writer(), name=f"{name}-writer"),
-            self.loop.create_task(self._timer(), name=f"{name}-timer"),
-        ]
+        self._tasks = [self.loop.create_task(self._writer(), name=f"{name}-writer")]
+        #: the heartbeat: one entry in the loop's shared timer (the same bound method each time)
+        self._timers = loop_timers(self.loop)
+        self._heartbeat = self._on_timer
+        self._timers.schedule(self.loop.time(), self._heartbeat)  # then at its deadlines
         self._dispatch([*(pending or ()), *conn.events()])
         self.kick()
 
@@ -458,6 +460,7 @@ class Link:
         for stream in list(self.streams.values()):
             stream.unprocessed = self._unseen_by_peer(stream)
             stream._fail(err)
+        self._timers.cancel(self._heartbeat)
         for task in self._tasks:
             task.cancel()
 
@@ -615,19 +618,21 @@ class Link:
             log.debug("%s: send failed: %r", self.name, exc)
             self.close(AgentLost(f"the link failed: {exc.__class__.__name__}"))
 
-    async def _timer(self) -> None:
+    def _on_timer(self) -> None:
+        """The heartbeat (docs/protocol.md §7): queue a PING when due, close a silent link;
+        then file the next deadline."""
         conn = self.conn
-        while conn.state is not LinkState.CLOSED:
-            delay = conn.next_deadline() - self.loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            try:
-                conn.handle_timer(self.loop.time())
-            except CSCError as err:  # silent because this side stopped reading it: stalled
-                paused = self.reading_paused
-                self.close(LinkStalled(f"{err.message}, reading paused") if paused else err)
-                return
+        if conn.state is LinkState.CLOSED or self.is_closed:
+            return
+        try:
+            conn.handle_timer(self.loop.time())
+        except CSCError as err:  # silent because this side stopped reading it: stalled
+            paused = self.reading_paused
+            self.close(LinkStalled(f"{err.message}, reading paused") if paused else err)
+            return
+        if conn.has_output:
             self.kick()
+        self._timers.schedule(conn.next_deadline(), self._heartbeat)
 
 
 async def splice(

@@ -15,6 +15,9 @@ Invariants of :func:`verify_token`:
 * Every failure raises :class:`shared.errors.AuthFailed` whose message is a short, precise
   reason ("token expired", "wrong audience", "bad signature", "missing claim 'jti'", ...), fit
   for logs; it says nothing a forger could use beyond that.
+
+:class:`VerifiedTokens` remembers successful verifications by the token's SHA-256 (bounded, least
+recently used first out) and re-checks only the expiry on a hit; see its docstring.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +53,8 @@ PUBLIC_KEY_FILE = "signing-key.pub.pem"
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 MAX_TOKEN_LENGTH = 16 * 1024
 DEFAULT_LEEWAY = 30.0
+#: Tokens a :class:`VerifiedTokens` remembers (about 300 bytes each).
+VERIFIED_TOKENS = 16384
 
 PrivateKey = Ed25519PrivateKey | RSAPrivateKey | EllipticCurvePrivateKey
 PublicKey = Ed25519PublicKey | RSAPublicKey | EllipticCurvePublicKey
@@ -391,3 +397,81 @@ def verify_token(
     tenant, jti = _check_identity(payload)
     aliases = _check_aliases(payload)
     return AgentClaims(tenant, aliases, jti, expires_at, payload["iss"])
+
+
+# --- verified tokens, remembered -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    claims: AgentClaims
+    keys: tuple[VerifyKey, ...]
+    context: tuple[str, str, tuple[str, ...], float]
+
+
+class VerifiedTokens:
+    """:func:`verify_token` that remembers what it verified, by the token's SHA-256, so that a
+    token presented again (an agent's second session, every reconnection after a restart of
+    the peer) skips the signature check and the claims' parsing.
+
+    Invariants: an entry serves only a call with the very same key objects, audience, issuer,
+    algorithms and leeway; a hit re-checks the expiry against ``now`` (an expired entry is
+    dropped and the token verified again, which then fails with "token expired"); failures
+    are never remembered; at most ``max_entries`` entries, the least recently used leave first;
+    the tokens themselves are not kept, only their digests. Revocation and the tenant's state
+    are not properties of the token: callers check them on every use, as before.
+    """
+
+    def __init__(self, max_entries: int = VERIFIED_TOKENS) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[bytes, _Verified] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def verify(
+        self,
+        token: str,
+        public_keys: Sequence[VerifyKey],
+        *,
+        audience: str,
+        issuer: str,
+        algorithms: Sequence[str] = ("EdDSA",),
+        leeway: float = DEFAULT_LEEWAY,
+        now: float | None = None,
+    ) -> AgentClaims:
+        """The claims of ``token`` as :func:`verify_token` gives them (same errors)."""
+        now = time.time() if now is None else now
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:  # refused there
+            return verify_token(
+                token, public_keys, audience=audience, issuer=issuer,
+                algorithms=algorithms, leeway=leeway, now=now,
+            )  # fmt: skip
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        keys = tuple(public_keys)
+        context = (audience, issuer, tuple(algorithms), leeway)
+        entry = self._entries.get(digest)
+        if entry is not None:
+            if (
+                entry.context == context
+                and len(entry.keys) == len(keys)
+                and all(a is b for a, b in zip(entry.keys, keys, strict=True))
+                and entry.claims.expires_at > now - leeway  # the check of verify_token
+            ):
+                self._entries.move_to_end(digest)
+                self.hits += 1
+                return entry.claims
+            del self._entries[digest]
+        self.misses += 1
+        claims = verify_token(
+            token, keys, audience=audience, issuer=issuer,
+            algorithms=algorithms, leeway=leeway, now=now,
+        )  # fmt: skip
+        self._entries[digest] = _Verified(claims, keys, context)
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return claims

@@ -68,7 +68,7 @@ from shared.errors import (
 from shared.http1 import json_response
 from shared.link import Link, max_message_size
 from shared.protocol import Connection, GoAwayReceived, HelloReceived, Side
-from shared.tokens import AgentClaims, verify_token
+from shared.tokens import AgentClaims
 
 if TYPE_CHECKING:
     from csc.cluster.node import Cluster
@@ -234,7 +234,7 @@ async def _admit(state: NodeState, request: FrontRequest) -> AgentClaims:
         state.metrics.session_refused(GoingAway.code)
         raise GoingAway("this node is draining; connect to another")
     try:
-        claims = verify_token(
+        claims = state.verified_tokens.verify(
             _bearer(request),
             state.public_keys,
             audience=state.config.token_audience,
@@ -247,8 +247,9 @@ async def _admit(state: NodeState, request: FrontRequest) -> AgentClaims:
         state.metrics.session_refused(ClusterUnavailable.code)
         raise ClusterUnavailable("the cluster's routing state (Redis) cannot be reached")
     # a revocation or suspension by another process counts at once (in a worker thread: the
-    # store may be a remote database)
-    await asyncio.to_thread(state.registry.refresh)
+    # store may be a remote database; handshakes that arrive together share one re-read that
+    # started after they arrived)
+    await state.fresh_catalog()
     refusal = admission_error(state.registry.catalog, claims.tenant, claims.jti)
     if refusal is not None:
         if isinstance(refusal, AuthFailed):

@@ -116,6 +116,8 @@ class Connection:
         self._last_received = now
         self._last_ping_sent: float | None = None
         self._ping_outstanding: tuple[bytes, float] | None = None
+        #: when the peer's last PING (not an ACK) arrived
+        self._last_peer_ping: float | None = None
 
     # -- I/O ---------------------------------------------------------------------------------
 
@@ -329,7 +331,21 @@ class Connection:
             raise HeartbeatTimeout(f"nothing received for {now - self._last_received:.1f} s")
         last = self._last_ping_sent
         if self.state is LinkState.OPEN and (last is None or now >= last + s.heartbeat_interval):
-            self.ping(now)
+            if self._peer_keeps_pinging(now):
+                self._last_ping_sent = now  # this turn is answered: our ACK went out (§7)
+            else:
+                self.ping(now)
+
+    def _peer_keeps_pinging(self, now: float) -> bool:
+        """Whether the server may skip its PING (§7): no stream is open (no RTT needed) and a
+        PING from the client arrived within 1.5 heartbeat intervals (it heard our ACK)."""
+        peer = self._last_peer_ping
+        return (
+            self.side is Side.SERVER
+            and not self.streams
+            and peer is not None
+            and now - peer <= 1.5 * self.settings.heartbeat_interval
+        )
 
     def close(self) -> list[int]:
         """Mark the link closed; return the ids of the streams that were still live."""
@@ -576,6 +592,7 @@ class Connection:
     def _on_ping(self, frame: Frame, now: float) -> None:
         if not frame.flags & FLAG_ACK:
             self._out.append(encode_frame(FrameType.PING, FLAG_ACK, 0, bytes(frame.payload)))
+            self._last_peer_ping = now
             return
         outstanding = self._ping_outstanding
         if outstanding is not None and outstanding[0] == bytes(frame.payload):
