@@ -47,6 +47,7 @@ from shared.errors import (
 )
 from shared.headers import request_id_for
 from shared.http1 import CONTINUE, error_response
+from shared.wakeup import Wakeup
 
 if TYPE_CHECKING:
     from csc.relay.http_listener import HttpFront
@@ -111,8 +112,8 @@ class FrontConnection(asyncio.Protocol):
         self.fatal: CSCError | None = None
         self.lost = False
         self._task: asyncio.Task[None] | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._waiter = Wakeup()
+        self._drain_waiter = Wakeup()
         self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -182,8 +183,7 @@ class FrontConnection(asyncio.Protocol):
         self._parser = None
         self._requests.clear()
         self.front.connections.discard(self)
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._drain_waiter.set()
         if self._task is not None and not self._aborted:
             self._task.cancel()  # the client went away: the handler resets its stream
         self._wake()
@@ -193,8 +193,7 @@ class FrontConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._drain_waiter.set()
 
     # -- httptools callbacks -----------------------------------------------------------------
 
@@ -285,8 +284,7 @@ class FrontConnection(asyncio.Protocol):
     async def drain(self) -> None:
         """Return once the client's write buffer is below its high-water mark."""
         while self._write_paused and not self.lost:
-            self._drain_waiter = self.loop.create_future()
-            await self._drain_waiter
+            await self._drain_waiter.wait()
         if self.lost:
             raise ConnectionResetError("the client went away")
 
@@ -563,12 +561,7 @@ class FrontConnection(asyncio.Protocol):
             self._rearm()
 
     async def _wait(self) -> None:
-        self._waiter = self.loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+        await self._waiter.wait()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._waiter.set()
