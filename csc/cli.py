@@ -33,7 +33,7 @@ from csc.store.sqlite import DB_FILE as SQLITE_FILE
 from csc.tenants import Actor, Conflict, NotFound, TokenRecord
 from shared import checks
 from shared.aliases import normalise_grant
-from shared.allocator import collect_less_often, keep_freed_memory
+from shared.allocator import keep_freed_memory
 from shared.cli_support import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -200,7 +200,6 @@ def _cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return EXIT_USAGE
     configure_logging(config.log_level, PROG, fmt=config.log_format)
     keep_freed_memory()
-    collect_less_often()  # many idle sessions: full collections would scan them all, often
     # lazy: keeps `csc token` free of the server's imports
     from csc.cluster.attach import ClusterStartError
     from csc.permissions import NotPrivate

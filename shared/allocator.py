@@ -1,4 +1,4 @@
-"""Process-wide allocator and garbage-collector tuning for the relay processes.
+"""Process-wide allocator tuning for the relay processes (glibc only; a no-op elsewhere).
 
 Relaying a download allocates and frees a few buffers of up to a link message (1 MiB) per
 message: the link's batch, the WebSocket masked copy and its frame, the reassembled message. With glibc's
@@ -17,21 +17,12 @@ back (``malloc_trim(0)``) once more than ``slack`` bytes that were in use are fr
 its resting size within seconds, while a steady load gives its free buffers back at most once
 per interval (a few page faults per interval).
 
-CPython's cyclic collector runs a young collection every 700 container allocations and a full
-one (every live object) every 100 young ones once the old objects grew by a quarter. A CSC
-with thousands of agent sessions holds millions of objects, so during a burst of handshakes
-(every agent reconnecting after a restart) full collections took about half the CPU (measured,
-bench/RESULTS.md). :func:`collect_less_often` raises the thresholds: a young collection every
-50,000 allocations, a middle one every 20 young ones, a full one every 100 middle ones (and
-still only after the old objects grew by a quarter). Reference counting frees everything that
-is not in a cycle at once as before; cycles wait longer, bounded by these counts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import gc
 import sys
 from functools import cache
 
@@ -43,8 +34,6 @@ TRIM_THRESHOLD = 64 * 1024 * 1024
 #: How often :func:`return_free_memory` looks, and the free heap bytes that make it trim.
 RETURN_INTERVAL = 5.0
 RETURN_SLACK = 4 * 1024 * 1024
-#: the collector's thresholds (``gc.set_threshold``) of :func:`collect_less_often`
-GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def keep_freed_memory() -> bool:
@@ -138,10 +127,3 @@ async def return_free_memory(interval: float = RETURN_INTERVAL, slack: int = RET
         if policy.due(free_heap_bytes()):
             trim_heap()
             policy.trimmed(free_heap_bytes())
-
-
-def collect_less_often() -> tuple[int, int, int]:
-    """Raise the cyclic collector's thresholds to :data:`GC_THRESHOLDS`; the previous ones."""
-    previous = gc.get_threshold()
-    gc.set_threshold(*GC_THRESHOLDS)
-    return previous
