@@ -22,18 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from harness.cluster import ClusterProcs
+from harness.factory import ProcFactory
 from harness.postgres import running_postgres
-from harness.procs import (
-    CscProc,
-    ProcFactory,
-    UpstreamProc,
-    http_request,
-    start_upstream,
-    tunnel_url,
-    wait_alias_online,
-)
+from harness.procs import CscProc, UpstreamProc, start_upstream
 from harness.redis import running
 from harness.upstream import SMALL_BODY
+from harness.waiting import http_request, tunnel_url, wait_alias_online
 
 #: (concurrency, target on the rate ratio, target on the p50 added by the hop, in ms)
 CLUSTER_ROWS = ((1, None, 0.3), (32, 0.70, None))

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import psutil
 
-from harness.procs import Proc, ProcError, http_request, wait_until
+from harness.procs import Proc, ProcError
+from harness.waiting import http_request, wait_until
 
 START_TIMEOUT = 15.0
 INSTALL_HINT = "`make bench` installs them (nginx from Debian, pproxy into the venv)"

@@ -57,15 +57,13 @@ from harness.procs import (  # noqa: E402
     CscProc,
     Proc,
     UpstreamProc,
-    http_request,
     issue_token,
     start_agent,
     start_csc,
     start_upstream,
-    tunnel_url,
-    wait_alias_online,
 )
 from harness.upstream import SMALL_BODY, expected_sha256  # noqa: E402
+from harness.waiting import http_request, tunnel_url, wait_alias_online  # noqa: E402
 
 MiB = 1024 * 1024
 RESULTS_FILE = _REPO_ROOT / "bench" / "RESULTS.md"

@@ -44,14 +44,8 @@ from harness.catalog import (
     portal_commands,
     run_portal_cli,
 )
-from harness.procs import (
-    CscProc,
-    Proc,
-    ProcError,
-    ProcFactory,
-    issue_token,
-    wait_alias_online,
-)
+from harness.factory import ProcFactory
+from harness.procs import CscProc, Proc, ProcError, issue_token
 from harness.stack import (
     ALIAS,
     TENANT,
@@ -61,6 +55,7 @@ from harness.stack import (
     run_bootloader,
     spawn_portal,
 )
+from harness.waiting import wait_alias_online
 
 USER = "alice"
 DEVICE_TYPE = "android-arm64"

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.procs import CscProc, ProcFactory, issue_token, start_csc
+from harness.factory import ProcFactory
+from harness.procs import CscProc, issue_token, start_csc
 
 CLUSTER_KEY = "cluster-secret-for-tests-" + "x" * 16
 _names = itertools.count(1)

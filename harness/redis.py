@@ -30,7 +30,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from harness.procs import Proc, ProcError, scaled, wait_until
+from harness.procs import Proc, ProcError, scaled
+from harness.waiting import wait_until
 
 READY_TIMEOUT = 15.0
 TOPOLOGY_TIMEOUT = 40.0

@@ -32,20 +32,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.procs import (
-    REPO_ROOT,
-    CscProc,
-    Proc,
-    ProcError,
-    ProcFactory,
-    child_env,
-    issue_token,
-    resolve_url,
-    scaled,
-    tunnel_url,
-    wait_alias_online,
-)
+from harness.factory import ProcFactory
+from harness.procs import REPO_ROOT, CscProc, Proc, ProcError, child_env, issue_token, scaled
 from harness.readyfile import parse_hostport
+from harness.waiting import resolve_url, tunnel_url, wait_alias_online
 
 TENANT = "acme"
 ALIAS = "acme@example.com"
