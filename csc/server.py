@@ -25,7 +25,7 @@ from pathlib import Path
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from csc.admin import api as admin_api
+from csc.admin.listener import AdminListener, start_listener
 from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
 from csc.metrics import CSCMetrics, MetricsListener, start_metrics_listener
@@ -164,7 +164,7 @@ class Node:
         self.front: HttpFront | None = None
         self.http_address = ""
         self.tcp_address: str | None = None
-        self.admin: admin_api.AdminListener | None = None
+        self.admin: AdminListener | None = None
         self.metrics_listener: MetricsListener | None = None
 
     async def start(self) -> None:
@@ -187,7 +187,7 @@ class Node:
             )
             self.tcp_address = _hostport(self.tcp_server.sockets[0].getsockname())
         if self.config.admin_listen_address is not None:
-            self.admin = await admin_api.start_listener(self.state, ssl_ctx)
+            self.admin = await start_listener(self.state, ssl_ctx)
         if self.config.metrics_listen is not None:
             self.metrics_listener = await start_metrics_listener(
                 self.state.metrics, self.config.metrics_listen, ssl_ctx

@@ -31,7 +31,6 @@ bounded by flow control (the peer's credit) and does not count towards the backl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -94,15 +93,6 @@ class LinkCounters:
     data_received: int = 0
     #: Writes that had bytes left to send and had to wait for the peer's credit.
     stalls: int = 0
-
-
-def joined(send_bytes: Callable[[bytes], Awaitable[None]]) -> SendFn:
-    """A :data:`SendFn` for a sender of whole messages (aiohttp's ``send_bytes``)."""
-
-    async def send(chunks: Sequence[bytes | memoryview]) -> None:
-        await send_bytes(b"".join(chunks))
-
-    return send
 
 
 def max_message_size(max_frame: int) -> int:
@@ -633,57 +623,3 @@ class Link:
         if conn.has_output:
             self.kick()
         self._timers.schedule(conn.next_deadline(), self._heartbeat)
-
-
-async def splice(
-    stream: TunnelStream,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    *,
-    reset_code: str,
-    chunk_size: int = 256 * 1024,
-    traffic: LinkCounters | None = None,
-) -> None:
-    """Copy bytes both ways between a socket and a stream, with half-close, until both end.
-
-    A socket error resets the stream with ``reset_code``; a stream error aborts the socket.
-    ``traffic`` (optional) counts this splice's bytes: ``data_sent`` from the socket to the
-    stream, ``data_received`` from the stream to the socket.
-    """
-    tally = traffic if traffic is not None else LinkCounters()
-
-    async def outbound() -> None:
-        while data := await reader.read(chunk_size):
-            await stream.write(data)
-            tally.data_sent += len(data)
-        stream.write_eof()
-
-    async def inbound() -> None:
-        while data := await stream.read():
-            writer.write(data)
-            await writer.drain()
-            stream.consumed(len(data))
-            tally.data_received += len(data)
-        if writer.can_write_eof():
-            writer.write_eof()
-
-    tasks = [asyncio.ensure_future(outbound()), asyncio.ensure_future(inbound())]
-    try:
-        for next_done in asyncio.as_completed(tasks):
-            await next_done
-    except CSCError:
-        writer.transport.abort()
-    except (OSError, asyncio.IncompleteReadError) as exc:
-        stream.reset(error_for_code(reset_code, f"connection reset: {exc.__class__.__name__}"))
-        writer.transport.abort()
-    finally:
-        for task in tasks:
-            await cancel_quietly(task)
-
-
-async def cancel_quietly(task: asyncio.Future[Any] | None) -> None:
-    if task is None or task.done():
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

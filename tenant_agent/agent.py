@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import runtime
+from shared.aio import cancel_quietly
 from shared.errors import CSCError, GoingAway, ProtocolError
-from shared.link import Link, cancel_quietly, max_message_size
+from shared.link import Link, max_message_size
 from shared.oserrors import describe_connect_error, describe_os_error
 from shared.protocol import Connection, Event, LinkSettings, Side, WelcomeReceived
 from tenant_agent import __version__

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 
+from shared.aio import splice
 from shared.errors import (
     CSCError,
     ProtocolError,
@@ -25,7 +26,7 @@ from shared.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from shared.link import LinkStream, splice
+from shared.link import LinkStream
 from tenant_agent.config import AgentConfig
 from tenant_agent.http_upstream import SMALL_BODY, HttpUpstream
 from tenant_agent.metrics import AgentMetrics

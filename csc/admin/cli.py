@@ -19,169 +19,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import ssl
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from csc.config import default_state_dir
-from csc.store import ADMIN_TOKEN_FILE
+from csc.admin.client import (
+    AdminApiError,
+    AdminClient,
+    Unreachable,
+    UsageProblem,
+    client_for,
+    segment,
+    with_defaults,
+)
 from shared.cli_support import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail
 from shared.cli_support import table as table  # re-exported: csc/cli.py prints with it
 
 PROG = "csc admin"
-URL_FILE = "admin-url"  # csc.admin.api.URL_FILE (not imported: keeps the CLI free of aiohttp)
-API_PREFIX = "/v1/admin"
-
-
-class UsageProblem(Exception):
-    """No URL or token could be found, or the arguments make no request."""
-
-
-class AdminApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, problems: list[str]) -> None:
-        self.status, self.code, self.message, self.problems = status, code, message, problems
-        super().__init__(message)
-
-
-class Unreachable(Exception):
-    pass
-
-
-# --- the client --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AdminClient:
-    url: str
-    token: str
-    context: ssl.SSLContext | None = None
-    timeout: float = 30.0
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        body: object = None,
-        query: Mapping[str, str] | None = None,
-    ) -> Any:
-        """One API call; the decoded JSON answer. Raises AdminApiError or Unreachable."""
-        full = self.url.rstrip("/") + API_PREFIX + path
-        if query:
-            full += "?" + urllib.parse.urlencode(query)
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(full, data=data, method=method, headers=headers)
-        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
-        if self.context is not None:
-            handlers.append(urllib.request.HTTPSHandler(context=self.context))
-        opener = urllib.request.build_opener(*handlers)
-        try:
-            with opener.open(request, timeout=self.timeout) as response:
-                return _decode(response.read(), self.url)
-        except urllib.error.HTTPError as err:
-            raise _api_error(err) from None
-        except urllib.error.URLError as err:
-            raise Unreachable(f"cannot reach the admin API at {self.url}: {err.reason}") from None
-        except OSError as err:
-            raise Unreachable(f"admin API at {self.url}: {err}") from None
-
-
-def _decode(raw: bytes, url: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise Unreachable(f"{url} did not answer with JSON: is it the admin API?") from None
-
-
-def _api_error(err: urllib.error.HTTPError) -> AdminApiError:
-    try:
-        body = json.loads(err.read())
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        return AdminApiError(err.code, "http_error", f"HTTP {err.code} {err.reason}", [])
-    problems = body.get("problems")
-    return AdminApiError(
-        err.code,
-        str(body.get("error", "error")),
-        str(body.get("message", "")),
-        [str(p) for p in problems] if isinstance(problems, list) else [],
-    )
-
-
-def _segment(text: str) -> str:
-    return urllib.parse.quote(text, safe="@*+")
-
-
-def _read_secret(path: Path, what: str) -> str:
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise UsageProblem(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
-    if not value:
-        raise UsageProblem(f"the {what} {path} is empty")
-    return value
-
-
-def _state_dir(args: argparse.Namespace, env: Mapping[str, str]) -> Path:
-    if args.state_dir:
-        return Path(args.state_dir).expanduser()
-    if env.get("CSC_STATE_DIR", "").strip():
-        return Path(env["CSC_STATE_DIR"].strip()).expanduser()
-    return default_state_dir(env)
-
-
-def _find_url(args: argparse.Namespace, env: Mapping[str, str]) -> str:
-    if args.url:
-        return str(args.url)
-    if env.get("CSC_ADMIN_URL", "").strip():
-        return env["CSC_ADMIN_URL"].strip()
-    path = _state_dir(args, env) / URL_FILE
-    if not path.exists():
-        raise UsageProblem(
-            f"no admin API URL: pass --url, set CSC_ADMIN_URL, or run where the node's state "
-            f"directory is ({path} not found: is 'csc serve' running with the admin API on?)"
-        )
-    return _read_secret(path, "admin URL file")
-
-
-def _find_token(args: argparse.Namespace, env: Mapping[str, str]) -> str:
-    if args.token_file is not None:
-        return _read_secret(args.token_file, "token file")
-    if env.get("CSC_ADMIN_TOKEN", "").strip():
-        return env["CSC_ADMIN_TOKEN"].strip()
-    if env.get("CSC_ADMIN_TOKEN_FILE", "").strip():
-        return _read_secret(Path(env["CSC_ADMIN_TOKEN_FILE"].strip()), "token file")
-    path = _state_dir(args, env) / ADMIN_TOKEN_FILE
-    if not path.exists():
-        raise UsageProblem(
-            f"no operator token: pass --token-file, set CSC_ADMIN_TOKEN or CSC_ADMIN_TOKEN_FILE, "
-            f"or run where the node's state directory is ({path} not found)"
-        )
-    return _read_secret(path, "operator token file")
-
-
-def client_for(args: argparse.Namespace, env: Mapping[str, str]) -> AdminClient:
-    args = _with_defaults(args)
-    url = _find_url(args, env)
-    if not url.startswith(("http://", "https://")):
-        raise UsageProblem(f"admin API URL {url!r}: expected http://HOST:PORT or https://...")
-    ca_file = args.ca_file or (env.get("CSC_ADMIN_CA_FILE", "").strip() or None)
-    context = None
-    if url.startswith("https://"):
-        try:
-            context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageProblem(f"CA file {ca_file}: {exc}") from None
-    return AdminClient(url, _find_token(args, env), context, args.timeout)
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -273,7 +129,7 @@ def _tenants_list(c: AdminClient, args: argparse.Namespace) -> Shown:
 
 
 def _tenants_show(c: AdminClient, args: argparse.Namespace) -> Shown:
-    t = c.call("GET", f"/tenants/{_segment(args.tenant)}")
+    t = c.call("GET", f"/tenants/{segment(args.tenant)}")
     tokens, sessions = t["tokens"], t["live_sessions"]
     text = "\n\n".join(
         [
@@ -309,13 +165,13 @@ def _tenants_update(c: AdminClient, args: argparse.Namespace) -> Shown:
     body = _tenant_body(args)
     if not body:
         raise UsageProblem("nothing to change: give --name, --contact or a limit")
-    t = c.call("PATCH", f"/tenants/{_segment(args.tenant)}", body)
+    t = c.call("PATCH", f"/tenants/{segment(args.tenant)}", body)
     return Shown(t, f"updated tenant {t['id']}\n{_tenant_text(t)}")
 
 
 def _set_state(state: str) -> Command:
     def run(c: AdminClient, args: argparse.Namespace) -> Shown:
-        t = c.call("PATCH", f"/tenants/{_segment(args.tenant)}", {"state": state})
+        t = c.call("PATCH", f"/tenants/{segment(args.tenant)}", {"state": state})
         closed = t.get("sessions_closed", 0)
         closed_text = plural(closed, "session")
         return Shown(t, f"tenant {t['id']} is {t['state']} ({closed_text} closed)")
@@ -325,7 +181,7 @@ def _set_state(state: str) -> Command:
 
 def _tenants_delete(c: AdminClient, args: argparse.Namespace) -> Shown:
     query = {"cascade": "true"} if args.cascade else None
-    d = c.call("DELETE", f"/tenants/{_segment(args.tenant)}", query=query)
+    d = c.call("DELETE", f"/tenants/{segment(args.tenant)}", query=query)
     freed = ", ".join(d["aliases_freed"]) or "none"
     text = (
         f"deleted tenant {d['deleted']}: aliases freed: {freed}; "
@@ -360,7 +216,7 @@ def _check_order(verb: str, tenant: str, aliases: Sequence[str]) -> None:
 
 def _aliases_assign(c: AdminClient, args: argparse.Namespace) -> Shown:
     _check_order("assign", args.tenant, args.aliases)
-    d = c.call("POST", f"/tenants/{_segment(args.tenant)}/aliases", {"aliases": args.aliases})
+    d = c.call("POST", f"/tenants/{segment(args.tenant)}/aliases", {"aliases": args.aliases})
     added = ", ".join(d["assigned"]) or "nothing new"
     return Shown(
         d, f"tenant {d['tenant']}: assigned {added}; aliases now {', '.join(d['aliases'])}"
@@ -369,7 +225,7 @@ def _aliases_assign(c: AdminClient, args: argparse.Namespace) -> Shown:
 
 def _aliases_unassign(c: AdminClient, args: argparse.Namespace) -> Shown:
     _check_order("unassign", args.tenant, [args.alias])
-    path = f"/tenants/{_segment(args.tenant)}/aliases/{_segment(args.alias)}"
+    path = f"/tenants/{segment(args.tenant)}/aliases/{segment(args.alias)}"
     d = c.call("DELETE", path)
     return Shown(d, f"tenant {d['tenant']}: unassigned {d['unassigned']}")
 
@@ -393,7 +249,7 @@ def _tokens_issue(c: AdminClient, args: argparse.Namespace) -> Shown:
 
 def _tokens_revoke(c: AdminClient, args: argparse.Namespace) -> Shown:
     query = {"unrecorded": "true"} if args.unrecorded else None
-    d = c.call("POST", f"/tokens/{_segment(args.jti)}/revoke", query=query)
+    d = c.call("POST", f"/tokens/{segment(args.jti)}/revoke", query=query)
     note = " (it already was)" if d["already_revoked"] else ""
     unknown = "" if d["token"] is not None else " (not in this CSC's records)"
     closed = plural(d["sessions_closed"], "session")
@@ -406,7 +262,7 @@ def _sessions_list(c: AdminClient, args: argparse.Namespace) -> Shown:
 
 
 def _sessions_disconnect(c: AdminClient, args: argparse.Namespace) -> Shown:
-    d = c.call("DELETE", f"/sessions/{_segment(args.session)}")
+    d = c.call("DELETE", f"/sessions/{segment(args.session)}")
     return Shown(d, f"disconnected session {d['disconnected']} of tenant {d['tenant']}")
 
 
@@ -467,16 +323,6 @@ def _count(text: str) -> int:
 
 
 #: The options every ``csc admin`` command takes, after ``admin`` or after the command.
-COMMON_DEFAULTS: dict[str, Any] = {
-    "url": None,
-    "token_file": None,
-    "state_dir": None,
-    "ca_file": None,
-    "timeout": 30.0,
-    "json": False,
-}
-
-
 def _common() -> argparse.ArgumentParser:
     # SUPPRESS: an option given after ``admin`` is not reset by the command's parser
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
@@ -488,13 +334,6 @@ def _common() -> argparse.ArgumentParser:
     group.add_argument("--timeout", type=float, help="seconds per request (default 30)")
     group.add_argument("--json", action="store_true", help="print the API's JSON")
     return common
-
-
-def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    for name, value in COMMON_DEFAULTS.items():
-        if not hasattr(args, name):
-            setattr(args, name, value)
-    return args
 
 
 def _tenant_options(parser: argparse.ArgumentParser) -> None:
@@ -626,7 +465,7 @@ def _usage_of(
 
 def _handler(run: Command) -> Callable[[argparse.Namespace, Mapping[str, str]], int]:
     def handle(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-        _with_defaults(args)
+        with_defaults(args)
         try:
             shown = run(client_for(args, env), args)
         except UsageProblem as exc:

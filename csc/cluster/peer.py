@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import jwt
 
+from shared.aio import cancel_quietly
 from shared.errors import (
     AuthFailed,
     Cancelled,
@@ -52,7 +53,7 @@ from shared.errors import (
     ProtocolError,
     UpstreamError,
 )
-from shared.link import Link, LinkStream, cancel_quietly
+from shared.link import Link, LinkStream
 from shared.protocol import (
     Connection,
     Event,

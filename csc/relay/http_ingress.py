@@ -29,6 +29,7 @@ from csc.relay.ingress_stream import StreamUse, refused
 from csc.relay.routing import lookup_alias, offline_error, online, open_stream
 from csc.state import NodeState
 from shared import resolve_sig
+from shared.aio import cancel_quietly
 from shared.errors import (
     UPSTREAM_CODES,
     AgentLost,
@@ -45,7 +46,7 @@ from shared.errors import (
 )
 from shared.headers import HOP_BY_HOP, content_length, header_pairs, strip_hop_by_hop
 from shared.http1 import CHUNKED, CLOSE, LAST_CHUNK, LENGTH, NONE, encode_head, json_response
-from shared.link import TunnelStream, cancel_quietly
+from shared.link import TunnelStream
 
 log = logging.getLogger("csc.http")
 

@@ -20,8 +20,9 @@ from csc.relay import accesslog
 from csc.relay.ingress_stream import StreamUse, refused
 from csc.relay.routing import lookup_alias, open_stream
 from csc.state import NodeState
+from shared.aio import splice
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
-from shared.link import LinkCounters, splice
+from shared.link import LinkCounters
 
 log = logging.getLogger("csc.tcp")
 

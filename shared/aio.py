@@ -1,0 +1,67 @@
+"""Small asyncio helpers of the relay: end a task without caring how it ended
+(:func:`cancel_quietly`), and copy bytes both ways between a socket and a link stream
+(:func:`splice`, the TCP ingress and the agent's TCP upstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from shared.errors import CSCError, error_for_code
+from shared.link import LinkCounters, TunnelStream
+
+
+async def splice(
+    stream: TunnelStream,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    reset_code: str,
+    chunk_size: int = 256 * 1024,
+    traffic: LinkCounters | None = None,
+) -> None:
+    """Copy bytes both ways between a socket and a stream, with half-close, until both end.
+
+    A socket error resets the stream with ``reset_code``; a stream error aborts the socket.
+    ``traffic`` (optional) counts this splice's bytes: ``data_sent`` from the socket to the
+    stream, ``data_received`` from the stream to the socket.
+    """
+    tally = traffic if traffic is not None else LinkCounters()
+
+    async def outbound() -> None:
+        while data := await reader.read(chunk_size):
+            await stream.write(data)
+            tally.data_sent += len(data)
+        stream.write_eof()
+
+    async def inbound() -> None:
+        while data := await stream.read():
+            writer.write(data)
+            await writer.drain()
+            stream.consumed(len(data))
+            tally.data_received += len(data)
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    tasks = [asyncio.ensure_future(outbound()), asyncio.ensure_future(inbound())]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            await next_done
+    except CSCError:
+        writer.transport.abort()
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        stream.reset(error_for_code(reset_code, f"connection reset: {exc.__class__.__name__}"))
+        writer.transport.abort()
+    finally:
+        for task in tasks:
+            await cancel_quietly(task)
+
+
+async def cancel_quietly(task: asyncio.Future[Any] | None) -> None:
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
