@@ -33,7 +33,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-from csc import accesslog  # noqa: E402
+from csc.relay import accesslog  # noqa: E402
 from shared.logsetup import configure_logging, log_event  # noqa: E402
 
 

@@ -331,8 +331,9 @@ def measure_small(
         rows.append(cpu_row(label, cpu))
         rows[0].target = Target("≥ 0.50", ratio_min=0.50)
     if concurrency == 32 and close:
-        rows[0].target = Target("≥ 0.30", ratio_min=0.30)
+        rows[0].target = Target("≥ 0.50", ratio_min=0.50)
     if concurrency == 1 and not close:
+        rows[0].target = Target("≥ 0.35", ratio_min=0.35)
         rows[1].target = Target("≤ 2.0", ratio_max=2.0)
     return rows, notes
 
