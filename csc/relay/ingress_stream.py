@@ -77,11 +77,7 @@ class StreamUse:
         tb: TracebackType | None,
     ) -> None:
         state, record, stream = self.state, self.record, self.stream
-        if (
-            exc_type is not None
-            and issubclass(exc_type, BaseException)
-            and not isinstance(exc, Exception)
-        ):
+        if exc is not None and not isinstance(exc, Exception):
             outcome = Cancelled.code  # CancelledError (or an interpreter exit)
         elif exc is not None and not isinstance(exc, CSCError):
             outcome = self.outcome or "internal"

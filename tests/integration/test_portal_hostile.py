@@ -14,32 +14,19 @@ from typing import Any
 
 import aiohttp
 import pytest
-from multidict import CIMultiDict
 
 from portal import store
 from portal.config import PortalConfig
 from portal.passwords import Passwords, Verdict
 from tests.support.portal import (
-    DEVICE,
-    PASSWORD,
     RunningPortal,
+    logon_body,
     portal_config,
+    post_logon,
     running_portal,
     seed,
 )
 from tests.support.procs import scaled
-
-
-def _logon(user: str = "alice", password: Any = PASSWORD, **over: Any) -> dict[str, Any]:
-    return {"user": user, "password": password, "device_type": DEVICE, "device_id": "dev-1", **over}
-
-
-async def _post(
-    http: aiohttp.ClientSession, portal: RunningPortal, body: Any, **headers: str
-) -> tuple[int, CIMultiDict[str], Any]:
-    kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes | str) else {"json": body}
-    async with http.post(f"{portal.url}/v1/logon", headers=headers, **kwargs) as resp:
-        return resp.status, CIMultiDict(resp.headers), await resp.json()
 
 
 @pytest.fixture
@@ -93,7 +80,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 async def test_hostile_json_is_a_400_with_the_error_shape(
     portal: RunningPortal, http: aiohttp.ClientSession, body: bytes
 ) -> None:
-    status, headers, data = await _post(http, portal, body)
+    status, headers, data = await post_logon(http, portal, body)
     assert status == 400, data
     assert set(data) == {"error", "message"} and data["error"] == "bad_request"
     assert headers["Content-Type"].startswith("application/json")
@@ -137,19 +124,19 @@ async def test_a_full_password_check_queue_answers_503_with_retry_after(
 
     monkeypatch.setattr(Passwords, "verify", slow_verify)
     async with running_portal(config) as portal:
-        first = asyncio.create_task(_post(http, portal, _logon()))
-        second = asyncio.create_task(_post(http, portal, _logon(user="bob")))
+        first = asyncio.create_task(post_logon(http, portal, logon_body()))
+        second = asyncio.create_task(post_logon(http, portal, logon_body(user="bob")))
         deadline = asyncio.get_running_loop().time() + scaled(10.0)
         while len(portal.state.hash_gate) < 2:  # one verifying, one waiting
             assert asyncio.get_running_loop().time() < deadline, "the logons never queued"
             await asyncio.sleep(0.01)
-        status, headers, data = await _post(http, portal, _logon())
+        status, headers, data = await post_logon(http, portal, logon_body())
         assert (status, data["error"]) == (503, "busy")
         assert int(headers["Retry-After"]) >= 1
         release.set()
         assert (await first)[0] == 200 and (await second)[0] == 200
         assert len(portal.state.hash_gate) == 0
-        assert (await _post(http, portal, _logon()))[0] == 200
+        assert (await post_logon(http, portal, logon_body()))[0] == 200
 
 
 def test_the_queue_default_follows_the_worker_count(tmp_path: Path) -> None:
@@ -162,21 +149,25 @@ async def test_a_user_locked_out_from_one_address_still_logs_on_from_another(
 ) -> None:
     attacker = {"X-Forwarded-For": "203.0.113.7"}
     for _ in range(5):
-        status, _, _ = await _post(http, portal, _logon(password="wrong password"), **attacker)
+        status, _, _ = await post_logon(
+            http, portal, logon_body(password="wrong password"), **attacker
+        )
         assert status == 401
-    status, headers, data = await _post(http, portal, _logon(), **attacker)
+    status, headers, data = await post_logon(http, portal, logon_body(), **attacker)
     assert (status, data["error"]) == (429, "too_many_attempts") and headers["Retry-After"]
     owner = {"X-Forwarded-For": "198.51.100.20"}
-    assert (await _post(http, portal, _logon(), **owner))[0] == 200
-    assert (await _post(http, portal, _logon(), **attacker))[0] == 429  # still locked there
+    assert (await post_logon(http, portal, logon_body(), **owner))[0] == 200
+    assert (await post_logon(http, portal, logon_body(), **attacker))[
+        0
+    ] == 429  # still locked there
 
 
 async def test_a_password_change_ends_the_users_sessions(
     portal: RunningPortal, http: aiohttp.ClientSession
 ) -> None:
-    status, _, alice = await _post(http, portal, _logon())
+    status, _, alice = await post_logon(http, portal, logon_body())
     assert status == 200
-    status, _, bob = await _post(http, portal, _logon(user="bob"))
+    status, _, bob = await post_logon(http, portal, logon_body(user="bob"))
     assert status == 200
 
     async def download(logon: dict[str, Any]) -> int:
@@ -191,7 +182,7 @@ async def test_a_password_change_ends_the_users_sessions(
         store.set_password_hash(conn, "alice", new_hash)
     assert await download(alice) == 401
     assert await download(bob) == 200  # other users keep theirs
-    status, _, again = await _post(http, portal, _logon(password="a brand new password"))
+    status, _, again = await post_logon(http, portal, logon_body(password="a brand new password"))
     assert status == 200 and await download(again) == 200
     with portal.state.db.connect() as conn:
         store.remove_user(conn, "bob")

@@ -13,7 +13,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from multidict import CIMultiDict
 
 from portal import store
 from portal.config import PortalConfig
@@ -22,7 +21,9 @@ from tests.support.portal import (
     DEVICE,
     PASSWORD,
     RunningPortal,
+    logon_body,
     portal_config,
+    post_logon,
     running_portal,
     seed,
 )
@@ -36,18 +37,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def _logon(user: str = "alice", password: Any = PASSWORD, **over: Any) -> dict[str, Any]:
-    return {"user": user, "password": password, "device_type": DEVICE, "device_id": "dev-1", **over}
-
-
-async def _post(
-    http: aiohttp.ClientSession, portal: RunningPortal, body: Any, **headers: str
-) -> tuple[int, CIMultiDict[str], Any]:
-    kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes | str) else {"json": body}
-    async with http.post(f"{portal.url}/v1/logon", headers=headers, **kwargs) as resp:
-        return resp.status, CIMultiDict(resp.headers), await resp.json()
 
 
 @pytest.fixture
@@ -90,7 +79,7 @@ async def test_portal_info(portal: RunningPortal, http: aiohttp.ClientSession) -
 async def test_logon_ok_records_the_device(
     portal: RunningPortal, http: aiohttp.ClientSession
 ) -> None:
-    status, headers, data = await _post(http, portal, _logon(user="Alice"))
+    status, headers, data = await post_logon(http, portal, logon_body(user="Alice"))
     assert status == 200, data
     assert headers["Cache-Control"] == "no-store"
     assert data["expires_in"] == 900 and len(data["session"]) >= 40
@@ -118,9 +107,9 @@ async def test_wrong_password_and_unknown_user_look_the_same(
         return real(self, stored, password)
 
     monkeypatch.setattr(Passwords, "verify", counting)
-    wrong = await _post(http, portal, _logon(password="not the password"))
-    unknown = await _post(http, portal, _logon(user="mallory"))
-    invalid = await _post(http, portal, _logon(user="not a valid name!"))
+    wrong = await post_logon(http, portal, logon_body(password="not the password"))
+    unknown = await post_logon(http, portal, logon_body(user="mallory"))
+    invalid = await post_logon(http, portal, logon_body(user="not a valid name!"))
     expected = {"error": "logon_failed", "message": "the user name or the password is wrong"}
     for status, _, body in (wrong, unknown, invalid):
         assert (status, body) == (401, expected)
@@ -134,16 +123,16 @@ async def test_wrong_password_and_unknown_user_look_the_same(
         b"[1, 2]",
         b'{"user": "alice"}',
         {"user": "alice", "password": PASSWORD, "device_type": DEVICE},
-        _logon(device_id="x" * 129),
-        _logon(device_id="dev\x1b[31m"),
-        _logon(password=123),
-        _logon(user=""),
+        logon_body(device_id="x" * 129),
+        logon_body(device_id="dev\x1b[31m"),
+        logon_body(password=123),
+        logon_body(user=""),
         b"\xff\xfe",
         b"{" + b" " * 70_000 + b"}",
     ],
 )
 async def test_bad_requests(portal: RunningPortal, http: aiohttp.ClientSession, body: Any) -> None:
-    status, _, data = await _post(http, portal, body)
+    status, _, data = await post_logon(http, portal, body)
     assert status == 400
     assert data["error"] == "bad_request" and data["message"]
 
@@ -151,11 +140,13 @@ async def test_bad_requests(portal: RunningPortal, http: aiohttp.ClientSession, 
 async def test_unknown_device_type_after_good_credentials(
     portal: RunningPortal, http: aiohttp.ClientSession
 ) -> None:
-    status, _, data = await _post(http, portal, _logon(device_type="toaster"))
+    status, _, data = await post_logon(http, portal, logon_body(device_type="toaster"))
     assert status == 404
     assert data["error"] == "unknown_device_type"
     assert "android-arm64" in data["message"] and "win-x64" in data["message"]
-    status, _, data = await _post(http, portal, _logon(device_type="toaster", password="nope"))
+    status, _, data = await post_logon(
+        http, portal, logon_body(device_type="toaster", password="nope")
+    )
     assert status == 401  # bad credentials say nothing about device types
 
 
@@ -165,17 +156,21 @@ async def test_user_lockout_grows_and_spares_other_users(
     clock = portal.state.clock
     assert isinstance(clock, Clock)
     for _ in range(5):
-        assert (await _post(http, portal, _logon(password="wrong password")))[0] == 401
-    status, headers, data = await _post(http, portal, _logon())  # the right one: still locked
+        assert (await post_logon(http, portal, logon_body(password="wrong password")))[0] == 401
+    status, headers, data = await post_logon(
+        http, portal, logon_body()
+    )  # the right one: still locked
     assert (status, data["error"], headers["Retry-After"]) == (429, "too_many_attempts", "60")
-    assert (await _post(http, portal, _logon(user="bob")))[0] == 200  # same address, other user
+    assert (await post_logon(http, portal, logon_body(user="bob")))[
+        0
+    ] == 200  # same address, other user
     clock.now += 61
     for _ in range(5):
-        assert (await _post(http, portal, _logon(password="wrong password")))[0] == 401
-    status, headers, _ = await _post(http, portal, _logon())
+        assert (await post_logon(http, portal, logon_body(password="wrong password")))[0] == 401
+    status, headers, _ = await post_logon(http, portal, logon_body())
     assert (status, headers["Retry-After"]) == (429, "120")  # the second lockout is longer
     clock.now += 121
-    assert (await _post(http, portal, _logon()))[0] == 200
+    assert (await post_logon(http, portal, logon_body()))[0] == 200
 
 
 async def test_address_lockout_uses_x_forwarded_for_from_trusted_peers(
@@ -183,12 +178,14 @@ async def test_address_lockout_uses_x_forwarded_for_from_trusted_peers(
 ) -> None:
     attacker = {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}  # rightmost counts
     for i in range(11):
-        assert (await _post(http, portal, _logon(user=f"guess{i}"), **attacker))[0] == 401
-    status, headers, _ = await _post(http, portal, _logon(), **attacker)
+        assert (await post_logon(http, portal, logon_body(user=f"guess{i}"), **attacker))[0] == 401
+    status, headers, _ = await post_logon(http, portal, logon_body(), **attacker)
     assert status == 429 and int(headers["Retry-After"]) == 60
     spoofed_left = {"X-Forwarded-For": "203.0.113.7, 192.0.2.55"}
-    assert (await _post(http, portal, _logon(), **spoofed_left))[0] == 200
-    assert (await _post(http, portal, _logon()))[0] == 200  # the proxy itself is not locked
+    assert (await post_logon(http, portal, logon_body(), **spoofed_left))[0] == 200
+    assert (await post_logon(http, portal, logon_body()))[
+        0
+    ] == 200  # the proxy itself is not locked
 
 
 async def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(
@@ -199,8 +196,10 @@ async def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(
     async with running_portal(config) as portal:
         for i in range(3):
             forged = {"X-Forwarded-For": f"192.0.2.{i}"}
-            assert (await _post(http, portal, _logon(user=f"u{i}"), **forged))[0] == 401
-        assert (await _post(http, portal, _logon(), **{"X-Forwarded-For": "192.0.2.99"}))[0] == 429
+            assert (await post_logon(http, portal, logon_body(user=f"u{i}"), **forged))[0] == 401
+        assert (await post_logon(http, portal, logon_body(), **{"X-Forwarded-For": "192.0.2.99"}))[
+            0
+        ] == 429
 
 
 async def test_request_ids_are_echoed_or_made(
@@ -213,7 +212,7 @@ async def test_request_ids_are_echoed_or_made(
         assert (await resp.json())["error"] == "not_found"
         made = resp.headers["X-Request-Id"]
         assert len(made) == 32 and made != "bad id\t!"
-    _, headers, _ = await _post(http, portal, b"junk")
+    _, headers, _ = await post_logon(http, portal, b"junk")
     assert len(headers["X-Request-Id"]) == 32
     async with http.put(f"{portal.url}/v1/logon") as resp:
         assert resp.status == 405 and (await resp.json())["error"] == "method_not_allowed"
@@ -223,14 +222,14 @@ async def test_logs_carry_request_ids_but_no_secrets(
     portal: RunningPortal, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    status, _, data = await _post(http, portal, _logon(), **{"X-Request-Id": "req-42"})
+    status, _, data = await post_logon(http, portal, logon_body(), **{"X-Request-Id": "req-42"})
     assert status == 200
     token = data["session"]
     url = f"{portal.url}/{data['package']['url']}"
     async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
         assert resp.status == 200
         await resp.read()
-    await _post(http, portal, _logon(password="wrong secret password"))
+    await post_logon(http, portal, logon_body(password="wrong secret password"))
     text = caplog.text + "".join(repr(r.__dict__) for r in caplog.records)
     assert PASSWORD not in text and "wrong secret password" not in text
     assert token not in text
@@ -246,7 +245,7 @@ async def test_outdated_password_hash_is_upgraded_on_logon(
     async with running_portal(with_cost) as portal:
         with portal.state.db.connect() as conn:
             before = store.credentials(conn, "alice")
-        assert (await _post(http, portal, _logon()))[0] == 200
+        assert (await post_logon(http, portal, logon_body()))[0] == 200
         with portal.state.db.connect() as conn:
             after = store.credentials(conn, "alice")
     assert before is not None and after is not None

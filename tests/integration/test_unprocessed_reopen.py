@@ -122,34 +122,32 @@ async def test_a_request_refused_by_a_departing_session_is_reopened_on_another(
             assert answer.status == 200
 
 
-async def test_a_get_whose_agent_link_ends_before_the_answer_is_sent_again(
-    tmp_path: Path,
-) -> None:
+async def _answer_after_the_link_ends(tmp_path: Path, method: str) -> tuple[int, str]:
+    """Status and body of a slow bodyless ``method`` request whose agent link is closed while
+    the agent may be running it (two sessions, so another one can take it again)."""
     async with relay(tmp_path) as r, aiohttp.ClientSession() as http:
         state = r.node.state
         await async_wait_until(lambda: len(state.sessions) == 2, 10, 0.01)
-        slow = asyncio.ensure_future(http.get(r.tunnel("/slow-head?delay=1")))
+        slow = asyncio.ensure_future(http.request(method, r.tunnel("/slow-head?delay=1")))
         await async_wait_until(lambda: any(s.load for s in state.sessions.values()), 10, 0.01)
         busy = next(s for s in state.sessions.values() if s.load)
         assert r.agent is not None
         dying = next(s for s in r.agent.sessions if s.id == busy.id)
         dying.link.close()  # the link ends while the agent may be running the request
         async with await slow as answer:
-            assert answer.status == 200, await answer.text()
+            return answer.status, await answer.text()
+
+
+async def test_a_get_whose_agent_link_ends_before_the_answer_is_sent_again(
+    tmp_path: Path,
+) -> None:
+    status, text = await _answer_after_the_link_ends(tmp_path, "GET")
+    assert status == 200, text
 
 
 async def test_a_post_whose_agent_link_ends_before_the_answer_is_not_sent_again(
     tmp_path: Path,
 ) -> None:
-    async with relay(tmp_path) as r, aiohttp.ClientSession() as http:
-        state = r.node.state
-        await async_wait_until(lambda: len(state.sessions) == 2, 10, 0.01)
-        slow = asyncio.ensure_future(http.post(r.tunnel("/slow-head?delay=1")))
-        await async_wait_until(lambda: any(s.load for s in state.sessions.values()), 10, 0.01)
-        busy = next(s for s in state.sessions.values() if s.load)
-        assert r.agent is not None
-        dying = next(s for s in r.agent.sessions if s.id == busy.id)
-        dying.link.close()
-        async with await slow as answer:
-            assert answer.status == 502, await answer.text()
-            assert (await answer.json())["error"] == "agent_lost"
+    status, text = await _answer_after_the_link_ends(tmp_path, "POST")
+    assert status == 502, text
+    assert json.loads(text)["error"] == "agent_lost"

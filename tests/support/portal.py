@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from portal import catalog, store
 from portal.blobs import BlobStore, collect_files
@@ -121,3 +123,18 @@ async def running_portal(
         yield RunningPortal(f"http://{host}:{port}", state, app)
     finally:
         await runner.cleanup()
+
+
+def logon_body(user: str = "alice", password: Any = PASSWORD, **over: Any) -> dict[str, Any]:
+    """A ``/v1/logon`` body for the seeded catalog (fields in ``over`` replace or add)."""
+    return {"user": user, "password": password, "device_type": DEVICE, "device_id": "dev-1", **over}
+
+
+async def post_logon(
+    http: aiohttp.ClientSession, portal: RunningPortal, body: Any, **headers: str
+) -> tuple[int, CIMultiDict[str], Any]:
+    """POST ``body`` to ``/v1/logon`` (raw when bytes or text, else as JSON): status, headers,
+    the JSON answer."""
+    kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes | str) else {"json": body}
+    async with http.post(f"{portal.url}/v1/logon", headers=headers, **kwargs) as resp:
+        return resp.status, CIMultiDict(resp.headers), await resp.json()
