@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from enum import Enum
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from shared.enums import FastEnum
 from shared.errors import (
     CSCError,
     HeadersTooLarge,
@@ -47,7 +47,7 @@ log = logging.getLogger("csc_agent.upstream.exchange")
 SMALL_BODY = 64 * 1024
 
 
-class ExchangeState(Enum):
+class ExchangeState(FastEnum):
     #: No exchange: a new connection, or one back in the pool.
     IDLE = "idle"
     #: The request head went out (its body may still be sending); no final response head yet.

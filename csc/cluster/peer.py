@@ -191,7 +191,8 @@ class PeerStream:
             return
         if len(buf) > end:
             self._pending = bytes(buf[end:])
-        self.opened.set_result(head)
+        if not self.opened.done():  # else the answer came after the ingress gave up on it
+            self.opened.set_result(head)
 
     def _fail_open(self, err: CSCError) -> None:
         if not self.opened.done():

@@ -17,6 +17,7 @@ is never reused; without a length the body is chunked (HTTP/1.1) or close-delimi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -222,6 +223,8 @@ async def tunnel(state: NodeState, conn: FrontConnection, request: FrontRequest)
         refused(state, record, tenant, err)
         return
     async with StreamUse(state, record, tenant, stream) as use:
+        answer_by = _AnswerDeadline(conn.loop, state.config.open_timeout)
+        answer_by.watch(stream)
         body: asyncio.Future[None] | None = None
         if request.has_body:
             body = asyncio.ensure_future(_send_body(conn, request, stream, limit))
@@ -230,7 +233,9 @@ async def tunnel(state: NodeState, conn: FrontConnection, request: FrontRequest)
         try:
             if body is None:
                 safe = request.method in RETRY_SAFE_METHODS
-                use.stream = await _reopen_unprocessed(state, alias, info, tenant, stream, safe)
+                use.stream = await _reopen_unprocessed(
+                    state, alias, info, tenant, stream, safe, answer_by
+                )
             await _relay_response(conn, request, state, use, body)
         except asyncio.CancelledError:
             use.stream.reset(Cancelled("the client went away"))
@@ -258,6 +263,7 @@ async def _reopen_unprocessed(
     tenant: str | None,
     stream: TunnelStream,
     safe: bool,
+    answer_by: _AnswerDeadline,
 ) -> TunnelStream:
     """Wait (up to ``open_timeout``) for the agent's answer to a request without a body; while
     the stream was refused unprocessed (its agent session, or the node relaying to it, was
@@ -265,10 +271,10 @@ async def _reopen_unprocessed(
     link ended before any answer (:data:`LINK_ENDED`), open it again on another session or
     node, up to :data:`REOPEN_ATTEMPTS` times. Returns the stream to answer from (the original
     when no other can be opened, so its error is reported)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + state.config.open_timeout
     for _ in range(REOPEN_ATTEMPTS):
-        await asyncio.wait([stream.opened], timeout=max(0.0, deadline - loop.time()))
+        if not stream.opened.done():
+            with contextlib.suppress(CSCError):  # looked at below, reported by the caller
+                await stream.opened
         if not _may_reopen(stream, safe):
             return stream
         try:
@@ -280,32 +286,45 @@ async def _reopen_unprocessed(
         why = "an agent going away" if stream.unprocessed else "its agent link ended"
         log.info("request %s: reopened after %s", info["request_id"], why)
         stream = again
+        answer_by.watch(stream)
         stream.write_eof()
     return stream
 
 
-async def _await_head(
-    stream: TunnelStream, body: asyncio.Future[None] | None, timeout: float
-) -> dict[str, Any]:
-    """The response head, or the first error of the open or of the body upload."""
+class _AnswerDeadline:
+    """The agent's answer is due ``open_timeout`` after the request's first stream was opened
+    (a stream opened again for the same request keeps that deadline): a stream whose answer
+    has not come by then has its ``opened`` failed with ``upstream_timeout``. One timer per
+    stream, cancelled by the answer, so the request's task awaits ``opened`` itself."""
+
+    __slots__ = ("deadline", "loop", "timeout")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop, self.timeout = loop, timeout
+        self.deadline = loop.time() + timeout
+
+    def watch(self, stream: TunnelStream) -> None:
+        opened = stream.opened
+        if not opened.done():
+            timer = self.loop.call_at(self.deadline, self._expire, opened)
+            opened.add_done_callback(lambda _f: timer.cancel())
+
+    def _expire(self, opened: asyncio.Future[dict[str, Any]]) -> None:
+        if not opened.done():
+            err = UpstreamTimeout(f"the portal did not answer within {self.timeout:g} s")
+            opened.set_exception(err)
+
+
+async def _await_head(stream: TunnelStream, body: asyncio.Future[None] | None) -> dict[str, Any]:
+    """The response head, or the first error of the open (``upstream_timeout`` once its
+    :class:`_AnswerDeadline` passed) or of the body upload."""
     if body is None:
-        try:
-            async with asyncio.timeout(timeout):
-                return await stream.opened
-        except TimeoutError:
-            raise UpstreamTimeout(f"the portal did not answer within {timeout:g} s") from None
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+        return await stream.opened
     while not stream.opened.done():
         waiting: set[asyncio.Future[Any]] = {stream.opened}
         if not body.done():
             waiting.add(body)
-        remaining = deadline - loop.time()
-        done, _ = await asyncio.wait(
-            waiting, timeout=max(remaining, 0), return_when="FIRST_COMPLETED"
-        )
-        if not done:
-            raise UpstreamTimeout(f"the portal did not answer within {timeout:g} s")
+        done, _ = await asyncio.wait(waiting, return_when="FIRST_COMPLETED")
         if body in done and not body.cancelled():
             exc = body.exception()
             if isinstance(exc, CSCError):
@@ -324,7 +343,7 @@ async def _relay_response(
     request_id = request.request_id
     where = {"request_id": request_id, "tenant": tenant or ""}
     try:
-        head = await _await_head(stream, body, state.config.open_timeout)
+        head = await _await_head(stream, body)
         status, reason, headers, length = _parse_head(head)
         complete = stream.read_complete() if _may_have_body(request.method, status) else None
         if complete is not None and length not in (None, len(complete)):

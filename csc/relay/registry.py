@@ -197,8 +197,13 @@ class MemoryRegistry(Generic[S]):
         if domain is not None:
             found.extend(self._live.get(f"*@{domain}", ()))
         sessions = [s for s in found if s.tenant == tenant and s.accepting]
-        random.shuffle(sessions)  # equally loaded sessions take turns (the sort is stable)
-        sessions.sort(key=lambda s: s.load)
+        if len(sessions) == 2:  # the common case (an agent's two sessions), without a shuffle
+            first, second = sessions
+            if second.load < first.load or (second.load == first.load and random.getrandbits(1)):
+                sessions.reverse()
+        elif len(sessions) > 2:
+            random.shuffle(sessions)  # equally loaded sessions take turns (the sort is stable)
+            sessions.sort(key=lambda s: s.load)
         return Lookup(tenant, tuple(sessions), self.catalog.tenants.get(tenant))
 
     def sessions(self) -> Iterable[S]:

@@ -9,9 +9,9 @@ the link's roles (:class:`Side`) and states (:class:`LinkState`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Protocol
 
+from shared.enums import FastEnum
 from shared.errors import ProtocolError, VersionUnsupported
 from shared.protocol.codec import HARD_MAX_PAYLOAD, MAX_WINDOW_INCREMENT, VERSION, VERSION_MAJOR
 
@@ -19,12 +19,12 @@ MIN_FRAME = 16 * 1024
 DEFAULT_MAX_STREAMS = 1024
 
 
-class Side(Enum):
+class Side(FastEnum):
     CLIENT = "client"  # dials the link (the agent); opens odd stream ids
     SERVER = "server"  # accepts the link (the CSC); opens even stream ids
 
 
-class LinkState(Enum):
+class LinkState(FastEnum):
     HANDSHAKE = "handshake"
     OPEN = "open"
     CLOSED = "closed"

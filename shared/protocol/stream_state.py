@@ -26,13 +26,13 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Final
 
+from shared.enums import FastEnum
 from shared.errors import InvalidState
 
 
-class StreamState(Enum):
+class StreamState(FastEnum):
     IDLE = "idle"
     #: This side sent OPEN; no OPEN_OK/OPEN_FAIL yet.
     OPEN_SENT = "open_sent"
@@ -52,7 +52,7 @@ class StreamState(Enum):
     CLOSED = "closed"
 
 
-class StreamInput(Enum):
+class StreamInput(FastEnum):
     # frames from the peer
     RECV_OPEN = "recv OPEN"
     RECV_OPEN_OK = "recv OPEN_OK"
@@ -70,7 +70,7 @@ class StreamInput(Enum):
     SEND_RST = "reset_stream"
 
 
-class Fault(Enum):
+class Fault(FastEnum):
     #: The peer broke the protocol on this stream: reset only the stream (``protocol_error``).
     STREAM = "stream"
     #: The peer broke the protocol of the link: the link fails (``protocol_error``).

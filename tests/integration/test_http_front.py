@@ -190,3 +190,30 @@ async def test_own_errors_are_json(
         error = _error(body)
         assert code is None or error == code
         writer.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_agent_that_never_answers_gets_504_after_open_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """An agent that accepts a stream and never answers: 504 ``upstream_timeout`` once
+    ``open_timeout`` passed (with and without a request body), and the stream's slot is free."""
+    answered = asyncio.Event()
+
+    async def silent(self: HttpUpstream, stream: LinkStream) -> None:
+        await answered.wait()
+
+    monkeypatch.setattr(HttpUpstream, "handle", silent)
+    async with relay(tmp_path, csc=_settings(open_timeout=1.0)) as r:
+        reader, writer = await _connect(r)
+        body = b"x" * 10 if method == "POST" else b""
+        head = f"{method} /t/{ALIAS}/x HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        started = asyncio.get_running_loop().time()
+        writer.write(head.encode() + body)
+        status, _, answer = await read_response(reader)
+        assert (status, _error(answer)) == (504, "upstream_timeout")
+        assert asyncio.get_running_loop().time() - started >= 1.0
+        async with asyncio.timeout(scaled(10)):
+            await r.node.state.idle.wait()
+        writer.close()
+        answered.set()
