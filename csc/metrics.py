@@ -32,7 +32,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     GCCollector,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
@@ -42,6 +41,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
 from csc import __version__
+from csc.requestmetrics import RequestCollector, RequestSeries
 from shared.config import parse_hostport
 from shared.errors import ERRORS, AgentLost, CSCError, GoingAway
 from shared.link import LinkCounters
@@ -193,11 +193,7 @@ class CSCMetrics:
         reg.register(_LiveCollector(self))
         if process_metrics:
             add_process_collectors(reg)
-        self._active = {kind: self.streams_active.labels(kind) for kind in KINDS}
         self._resolved = {o: self.resolves.labels(o) for o in RESOLVE_OUTCOMES}
-        self._durations = {OK: self.request_duration.labels(OK)}
-        self._requests: dict[tuple[str, ...], Counter] = {}
-        self._opened: dict[tuple[str, ...], Counter] = {}
         self._closed: dict[tuple[str, ...], Counter] = {}
         self._limits: dict[tuple[str, ...], Counter] = {}
         self._sessions_opened: dict[tuple[str, ...], Counter] = {}
@@ -230,25 +226,9 @@ class CSCMetrics:
         )
 
     def _request_metrics(self, reg: CollectorRegistry) -> None:
-        self.streams_active = Gauge(
-            "csc_streams_active", "Streams in flight on this node.", ["kind"], registry=reg
-        )
-        self.streams_opened = Counter(
-            "csc_streams_opened", "Streams opened to agents.", ["tenant", "kind"], registry=reg
-        )
-        self.requests = Counter(
-            "csc_requests",
-            "Bootloader requests (HTTP tunnel requests, TCP connections) by outcome.",
-            ["tenant", "kind", "outcome"],
-            registry=reg,
-        )
-        self.request_duration = Histogram(
-            "csc_tunnel_request_duration_seconds",
-            "Duration of HTTP tunnel requests, arrival to last response byte, by outcome.",
-            ["outcome"],
-            buckets=DURATION_BUCKETS,
-            registry=reg,
-        )
+        #: streams active / opened, requests and their durations: plain counts on the hot path
+        self.series = RequestSeries(KINDS, DURATION_BUCKETS, (OK,))
+        reg.register(RequestCollector(self.series))
         self.resolves = Counter(
             "csc_resolve", "GET /v1/resolve/{alias} answers by outcome.", ["outcome"], registry=reg
         )
@@ -323,11 +303,13 @@ class CSCMetrics:
 
     def stream_started(self, tenant: str | None, kind: str) -> None:
         """A stream was opened to the tenant's agent (pair with :meth:`stream_finished`)."""
-        self._active[kind].inc()
-        _child(self._opened, self.streams_opened, (tenant or "", kind)).inc()
+        series = self.series
+        series.active[kind] += 1
+        key = (tenant or "", kind)
+        series.opened[key] = series.opened.get(key, 0) + 1
 
     def stream_finished(self, kind: str) -> None:
-        self._active[kind].dec()
+        self.series.active[kind] -= 1
 
     def request_done(self, kind: str, tenant: str | None, outcome: str, seconds: float) -> None:
         """A bootloader request ended: ``outcome`` is ``ok`` or the error code it ended with;
@@ -336,12 +318,11 @@ class CSCMetrics:
             raise ValueError(f"unknown stream kind {kind!r}")
         outcome = known_code(outcome)
         tenant = tenant or ""
-        _child(self._requests, self.requests, (tenant, kind, outcome)).inc()
+        series = self.series
+        key = (tenant, kind, outcome)
+        series.requests[key] = series.requests.get(key, 0) + 1
         if kind == "http":
-            duration = self._durations.get(outcome)
-            if duration is None:
-                duration = self._durations[outcome] = self.request_duration.labels(outcome)
-            duration.observe(seconds)
+            series.observe(outcome, seconds)
         limit = LIMIT_OF_CODE.get(outcome)
         if limit is not None:
             self.limit_rejected(tenant, limit)
@@ -364,13 +345,12 @@ class CSCMetrics:
         for cache, metric in (
             (self._sessions_opened, self.sessions_opened),
             (self._closed, self.sessions_closed),
-            (self._opened, self.streams_opened),
-            (self._requests, self.requests),
             (self._limits, self.limit_rejections),
         ):
             for key in [k for k in cache if k[0] == tenant]:
                 metric.remove(*key)
                 del cache[key]
+        self.series.forget_tenant(tenant)
 
 
 class _LiveCollector:

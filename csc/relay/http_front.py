@@ -470,13 +470,24 @@ class FrontConnection(asyncio.Protocol):
         return True
 
     def _rearm(self) -> None:
-        """One timer per connection, at the earliest of its deadlines."""
-        self._cancel_timer()
+        """One timer per connection, due no later than the earliest of its deadlines.
+
+        The timer is moved only to an earlier time: a timer due earlier than needed (or when
+        nothing is due any more) fires, :meth:`_on_timer` finds nothing to do yet and arms it
+        again. So a kept-alive connection serving requests does not cancel and re-create its
+        timer for every request."""
         if self.lost or self.transport is None:
+            self._cancel_timer()
             return
         at = self._deadline()
-        if at is not None:
-            self._timer = self.loop.call_at(at, self._on_timer)
+        if at is None:
+            return
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= at:
+                return
+            timer.cancel()
+        self._timer = self.loop.call_at(at, self._on_timer)
 
     def _deadline(self) -> float | None:
         config = self.config
