@@ -15,7 +15,7 @@ cumulative, end with ``+Inf`` and its ``_count`` equals that last bucket.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -24,6 +24,15 @@ from prometheus_client.metrics_core import Metric
 def _edge(bound: float) -> str:
     """A bucket's ``le`` as prometheus-client writes it (``0.005``, ``1.0``, ``300.0``)."""
     return repr(float(bound))
+
+
+def _counter(
+    name: str, help_text: str, labels: list[str], table: Mapping[tuple[str, ...], int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_text, labels=labels)
+    for key, count in sorted(table.items()):
+        family.add_metric(list(key), count)
+    return family
 
 
 class _Histogram:
@@ -39,8 +48,8 @@ class RequestSeries:
 
     def __init__(self, kinds: Sequence[str], bounds: Sequence[float], outcomes: Sequence[str]):
         self.active = dict.fromkeys(kinds, 0)
-        self.opened: dict[tuple[str, str], int] = {}
-        self.requests: dict[tuple[str, str, str], int] = {}
+        self.opened: dict[tuple[str, ...], int] = {}  # (tenant, kind)
+        self.requests: dict[tuple[str, ...], int] = {}  # (tenant, kind, outcome)
         self.bounds = tuple(float(b) for b in bounds)
         self.durations = {outcome: _Histogram(len(self.bounds) + 1) for outcome in outcomes}
 
@@ -52,10 +61,9 @@ class RequestSeries:
         hist.total += seconds
 
     def forget_tenant(self, tenant: str) -> None:
-        for key in [k for k in self.opened if k[0] == tenant]:
-            del self.opened[key]
-        for rkey in [k for k in self.requests if k[0] == tenant]:
-            del self.requests[rkey]
+        for table in (self.opened, self.requests):
+            for key in [k for k in table if k[0] == tenant]:
+                del table[key]
 
 
 class RequestCollector:
@@ -78,20 +86,18 @@ class RequestCollector:
         for kind, count in list(series.active.items()):
             active.add_metric([kind], count)
         yield active
-        opened = CounterMetricFamily(
-            "csc_streams_opened", "Streams opened to agents.", labels=["tenant", "kind"]
+        yield _counter(
+            "csc_streams_opened",
+            "Streams opened to agents.",
+            ["tenant", "kind"],
+            series.opened,
         )
-        for key, count in sorted(series.opened.items()):
-            opened.add_metric(list(key), count)
-        yield opened
-        requests = CounterMetricFamily(
+        yield _counter(
             "csc_requests",
             "Bootloader requests (HTTP tunnel requests, TCP connections) by outcome.",
-            labels=["tenant", "kind", "outcome"],
+            ["tenant", "kind", "outcome"],
+            series.requests,
         )
-        for rkey, count in sorted(series.requests.items()):
-            requests.add_metric(list(rkey), count)
-        yield requests
         durations = HistogramMetricFamily(
             "csc_tunnel_request_duration_seconds",
             "Duration of HTTP tunnel requests, arrival to last response byte, by outcome.",
