@@ -75,11 +75,13 @@ _READ_ONLY = ("GET", "HEAD")
 def tunnel_target(target: str) -> str:
     """The upstream target of ``/t/{alias}{rest}``: ``rest`` (``/`` when empty), raw."""
     rest = target[3:]
-    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    cut, query = rest.find("/"), rest.find("?")
+    if cut < 0 or 0 <= query < cut:
+        cut = query
+    if cut < 0:
+        return "/"
     rest = rest[cut:]
-    if not rest.startswith("/"):
-        rest = "/" + rest
-    return rest
+    return rest if rest[0] == "/" else "/" + rest
 
 
 class Ingress:
