@@ -7,8 +7,11 @@ same upstream as *direct*, so the tunnel can be compared with what a well-known 
   upstream over HTTP/1.1 with a keep-alive upstream pool.
 * ``pproxy`` (PyPI, into the venv by ``make bench``): a Python relay, as a TCP tunnel
   (``tunnel{UPSTREAM}://127.0.0.1:PORT``) in front of the upstream, on uvloop when it is there.
+* ``floor`` (bench/floor.py): the tunnel's shape (an edge parsing HTTP, an agent it starts,
+  binary frames between them, a keep-alive pool to the upstream) with none of the product in it:
+  the least a two-process Python relay pays per request.
 
-Each is a :class:`harness.procs.Proc` (logs in files, stopped by PID). Neither writes a ready
+Each is a :class:`harness.procs.Proc` (floor: its edge, the agent a child of it) (logs in files, stopped by PID). Neither writes a ready
 file, so the bench polls until ``/small`` answers through it. :func:`cpu_seconds` reads the
 user+system CPU of a process and its children (nginx's worker) from ``/proc``, what
 ``getrusage`` reports for a child once it has been waited for.
@@ -32,6 +35,8 @@ from harness.procs import Proc, ProcError
 from harness.waiting import http_request, wait_until
 
 START_TIMEOUT = 15.0
+#: References that relay small answers only (a whole answer in one frame): no download row.
+SMALL_ONLY = frozenset({"floor"})
 INSTALL_HINT = "`make bench` installs them (nginx from Debian, pproxy into the venv)"
 
 
@@ -135,6 +140,18 @@ def start_pproxy(workdir: Path, upstream_port: int) -> tuple[Proc, str]:
     listen = f"tunnel{{127.0.0.1:{upstream_port}}}://127.0.0.1:{port}"
     argv = [sys.executable, "-c", _PPROXY_MAIN, "-l", listen]
     proc = Proc.spawn("pproxy", argv, log_dir=workdir / "logs")
+    url = f"http://127.0.0.1:{port}"
+    _wait_serving(proc, f"{url}/small")
+    return proc, url
+
+
+def start_floor(workdir: Path, upstream_port: int) -> tuple[Proc, str]:
+    """bench/floor.py, the bare two-process Python relay, in front of the upstream; (the edge
+    process, whose child is its agent; base URL)."""
+    port = free_port()
+    script = Path(__file__).with_name("floor.py")
+    argv = [sys.executable, str(script), "--upstream-port", str(upstream_port), "--port", str(port)]
+    proc = Proc.spawn("floor", argv, log_dir=workdir / "logs")
     url = f"http://127.0.0.1:{port}"
     _wait_serving(proc, f"{url}/small")
     return proc, url

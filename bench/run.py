@@ -167,12 +167,17 @@ class Rig:
     def procs(self) -> list[Proc]:
         return [p for p in (self.agent, self.csc, self.upstream) if p is not None]
 
-    def sides(self, path: str) -> list[tuple[str, str]]:
-        """(side, URL of ``path``) for direct, the tunnel (if running) and each reference."""
+    def sides(self, path: str, *, download: bool = False) -> list[tuple[str, str]]:
+        """(side, URL of ``path``) for direct, the tunnel (if running) and each reference (for
+        a ``download``, those that stream a body: not floor, which holds a whole answer)."""
         sides = [("direct", self.direct(path))]
         if self.csc is not None:
             sides.append(("tunnel", self.tunnel(path)))
-        sides += [(name, f"{url}/{path.lstrip('/')}") for name, (_, url) in self.refs.items()]
+        sides += [
+            (name, f"{url}/{path.lstrip('/')}")
+            for name, (_, url) in self.refs.items()
+            if not (download and name in refs.SMALL_ONLY)
+        ]
         return sides
 
     def relay_procs(self, side: str) -> list[Proc]:
@@ -229,7 +234,11 @@ def rig(args: argparse.Namespace, workdir: Path) -> Iterator[Rig]:
             log(f"alias {args.alias} is online")
         if not args.no_refs:
             upstream_port = int(setup.upstream.http_url.rsplit(":", 1)[1])
-            for name, start in (("nginx", refs.start_nginx), ("pproxy", refs.start_pproxy)):
+            for name, start in (
+                ("nginx", refs.start_nginx),
+                ("pproxy", refs.start_pproxy),
+                ("floor", refs.start_floor),
+            ):
                 log(f"starting {name} in front of the upstream")
                 proc, url = start(workdir, upstream_port)
                 started.append(proc)
@@ -265,7 +274,7 @@ def measure_download(rig: Rig, args: argparse.Namespace) -> Row:
     speeds: dict[str, list[float]] = {}
     for attempt in range(args.repeat):
         log(f"download {args.download_mib} MiB, run {attempt + 1}/{args.repeat}")
-        for side, url in rig.sides(path):
+        for side, url in rig.sides(path, download=True):
             speeds.setdefault(side, []).append(curl_download(url, size))
     medians = {side: statistics.median(runs) for side, runs in speeds.items()}
     row.direct = medians.pop("direct")
@@ -431,7 +440,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--agent-arg", action="append", default=[], metavar="ARG")
     parser.add_argument("--no-cluster", action="store_true", help="skip the B→A rows")
-    parser.add_argument("--no-refs", action="store_true", help="skip the nginx and pproxy rows")
+    parser.add_argument(
+        "--no-refs", action="store_true", help="skip the nginx, pproxy and floor rows"
+    )
     parser.add_argument("--cluster-only", action="store_true", help="only the B→A rows")
     args = parser.parse_args(argv)
     if args.quick:
