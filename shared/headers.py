@@ -39,8 +39,18 @@ def decode_raw(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
 
 
+class ValidPairs(list[tuple[str, str]]):
+    """Header pairs a wire decoder already checked at least as strictly as
+    :func:`header_pairs` does (shared/protocol/heads.py: token names, no CR/LF/NUL)."""
+
+    __slots__ = ()
+
+
 def header_pairs(value: object) -> list[tuple[str, str]] | None:
-    """Validate a ``[[name, value], ...]`` list from the wire; None if malformed."""
+    """Validate a ``[[name, value], ...]`` list from the wire; None if malformed. A
+    :class:`ValidPairs` is returned as it is (its decoder checked it)."""
+    if type(value) is ValidPairs:
+        return value
     if not isinstance(value, list):
         return None
     pairs: list[tuple[str, str]] = []

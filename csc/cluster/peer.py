@@ -12,7 +12,9 @@ Streams on a peer link differ from agent-link streams in one way, so that B can 
 when A cannot serve: A answers OPEN_OK as soon as it has opened the stream on one of its own agent
 sessions (*admission*), or OPEN_FAIL at once when it has none (``portal_offline``) or is draining
 (``going_away``). The agent's answer (the response head of an HTTP request, ``{}`` for TCP) then
-comes as the first DATA bytes of the stream: a 4-byte big-endian length and that JSON object;
+comes as the first DATA bytes of the stream: a 4-byte big-endian length and that JSON object
+(on a link of protocol 1.1, a response head in the binary form of shared/protocol/heads.py,
+the length's top bit set);
 an agent refusal after admission is an RST with the agent's code, except a refusal that proves
 the agent never ran the stream (it was going away: ``LinkStream.unprocessed``), which comes as
 the head ``{"unprocessed": true}`` so that B may open the stream again elsewhere.
@@ -61,7 +63,9 @@ from shared.protocol import (
     LinkSettings,
     Side,
     WelcomeReceived,
+    heads,
 )
+from shared.protocol.codec import decode_json
 from shared.units import parse_hostport
 
 log = logging.getLogger("csc.peer")
@@ -81,6 +85,8 @@ SUSPECT_FOR = 3.0
 EARLY_CREDIT = 64 * 1024
 _HEAD_LEN = struct.Struct(">I")
 MAX_HEAD = 1024 * 1024
+#: the top bit of a forwarded head's length: the head is binary (protocol 1.1, §9)
+BINARY_HEAD = 0x8000_0000
 
 #: Stream ``info`` keys that only the peer link uses (removed before the agent sees the OPEN).
 PEER_KEYS = ("tenant",)
@@ -134,9 +140,26 @@ def verify_peer_token(key: bytes, token: object, me: str) -> str:
 # -- the head of a forwarded stream ------------------------------------------------------------
 
 
-def encode_head(head: dict[str, Any]) -> bytes:
+def encode_head(head: dict[str, Any], *, binary: bool = False) -> bytes:
+    """The agent's answer as the first DATA of a forwarded stream: its length, then the head
+    as JSON or, when ``binary`` (the link speaks 1.1) and it is a response head, in the binary
+    layout of an OPEN_OK (shared/protocol/heads.py) with :data:`BINARY_HEAD` set in the
+    length (docs/protocol.md §9)."""
+    body = heads.encode_answer(head) if binary else None
+    if body is not None:
+        return _HEAD_LEN.pack(len(body) | BINARY_HEAD) + body
     body = json.dumps(head, separators=(",", ":")).encode()
     return _HEAD_LEN.pack(len(body)) + body
+
+
+def decode_head(data: bytes, flagged: bool, binary: bool) -> dict[str, Any]:
+    """A forwarded head (the bytes after its length; ``flagged``: the length carried
+    :data:`BINARY_HEAD`) on a link where ``binary`` heads were negotiated or not."""
+    if not flagged:
+        return decode_json(data, "forwarded head")
+    if not binary:
+        raise ProtocolError("binary forwarded head on a link that speaks protocol 1.0")
+    return heads.decode_answer(data)
 
 
 class PeerStream:
@@ -169,25 +192,25 @@ class PeerStream:
                 buf += chunk
                 if size is None and len(buf) >= _HEAD_LEN.size:
                     (size,) = _HEAD_LEN.unpack_from(buf)
+                    flagged = bool(size & BINARY_HEAD)
+                    size &= ~BINARY_HEAD
                     if size > MAX_HEAD:
                         raise ProtocolError(f"forwarded head of {size} bytes")
                 # credit the head's bytes now; bytes after it are credited by the reader
                 end = len(buf) if size is None else min(len(buf), _HEAD_LEN.size + size)
                 self.inner.consumed(len(chunk) - (len(buf) - end))
             end = _HEAD_LEN.size + size
-            head = json.loads(bytes(buf[_HEAD_LEN.size : end]))
-            if not isinstance(head, dict):
-                raise ProtocolError("forwarded head is not an object")
+            binary = self.inner.link.conn.binary_heads
+            try:
+                head = decode_head(bytes(buf[_HEAD_LEN.size : end]), flagged, binary)
+            except ProtocolError as bad:  # malformed: the stream cannot go on
+                self.inner.reset(bad)
+                raise
             if head.get(UNPROCESSED) is True:  # the agent there never ran it (see _relay)
                 self._unprocessed = True
                 raise GoingAway(f"node {self.node}: the agent was going away")
         except CSCError as err:
             self._fail_open(err)
-            return
-        except (ValueError, RecursionError):  # also too many digits or nested too deep
-            bad = ProtocolError("forwarded head is not JSON")
-            self.inner.reset(bad)
-            self._fail_open(bad)
             return
         if len(buf) > end:
             self._pending = bytes(buf[end:])
@@ -390,7 +413,7 @@ class PeerServer:
                     return
                 stream.reset(err)
                 return
-            await stream.write(encode_head(head))
+            await stream.write(encode_head(head, binary=stream.link.conn.binary_heads))
             await _pipe(inner, stream)
             if upload is not None:
                 await upload

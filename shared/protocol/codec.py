@@ -22,7 +22,7 @@ from typing import Any
 from shared.errors import FrameTooLarge, ProtocolError, VersionUnsupported
 
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1
 VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}"
 
 HEADER = struct.Struct("!BBBBII")
@@ -49,11 +49,14 @@ class FrameType(IntEnum):
 
 FLAG_FIN = 0x01  # DATA: last data of this direction (same as a following FIN frame)
 FLAG_ACK = 0x01  # PING: this is the answer
+FLAG_BINARY = 0x01  # OPEN, OPEN_OK: the head is binary (shared/protocol/heads.py), not JSON (1.1)
 
 LINK_TYPES = frozenset({FrameType.HELLO, FrameType.WELCOME, FrameType.GOAWAY, FrameType.PING})
 _ALLOWED_FLAGS: dict[int, int] = {t: 0 for t in FrameType}
 _ALLOWED_FLAGS[FrameType.DATA] = FLAG_FIN
 _ALLOWED_FLAGS[FrameType.PING] = FLAG_ACK
+_ALLOWED_FLAGS[FrameType.OPEN] = FLAG_BINARY
+_ALLOWED_FLAGS[FrameType.OPEN_OK] = FLAG_BINARY
 _FIXED_SIZES: dict[int, int] = {FrameType.WINDOW: 4, FrameType.PING: 8, FrameType.FIN: 0}
 _KNOWN = frozenset(int(t) for t in FrameType)
 

@@ -17,6 +17,9 @@ Invariants:
   ``session_budget - initial_window``, so the sum of the windows stays within
   ``session_budget + (live_streams - 1) * initial_window`` (§5). Credit already granted is never
   taken back, so streams opened after a window grew still get ``initial_window`` each.
+- OPEN / OPEN_OK heads are binary (shared/protocol/heads.py, flag BINARY) only when both sides
+  announced 1.1 or later (``binary_heads``), and only for heads the binary layout carries
+  exactly; all others are JSON. A binary head is accepted only under the same condition.
 - Link-level faults raise a :class:`~shared.errors.ProtocolError` subclass from
   :meth:`Connection.receive_data`; stream-level faults reset only that stream.
 - A stream's state changes only as :data:`shared.protocol.stream_state.TRANSITIONS` says; a
@@ -39,11 +42,11 @@ from shared.errors import (
     ProtocolError,
     TooManyStreams,
 )
+from shared.protocol import heads
 from shared.protocol.codec import (
     FLAG_ACK,
     FLAG_FIN,
     MAX_WINDOW_INCREMENT,
-    VERSION,
     Frame,
     FrameDecoder,
     FrameType,
@@ -76,6 +79,7 @@ from shared.protocol.settings import (
     PeerSettings,
     Side,
     check_version,
+    peer_minor,
     peer_settings,
 )
 from shared.protocol.stream_state import (
@@ -102,6 +106,9 @@ class Connection:
         self.accept_streams = accept_streams
         self.state = LinkState.HANDSHAKE
         self.peer: PeerSettings | None = None
+        #: both sides announced 1.1 or later: heads go binary (§6.1), known once the
+        #: handshake is done
+        self.binary_heads = False
         self.streams: dict[int, Stream] = {}
         self.rtt: float | None = None
         self.local_going_away = False
@@ -154,7 +161,7 @@ class Connection:
         """Queue HELLO with ``info``, version and settings (§4): the client, once, first."""
         if self.side is not Side.CLIENT or self.state is not LinkState.HANDSHAKE:
             raise InvalidState(f"send_hello on the {self.side.value} side in {self.state.value}")
-        payload = {**info, "version": VERSION, "settings": self.settings.to_wire()}
+        payload = {**info, "version": self.settings.version, "settings": self.settings.to_wire()}
         self._out.append(encode_frame(FrameType.HELLO, 0, 0, encode_json(payload)))
 
     def send_welcome(self, info: dict[str, Any], now: float) -> None:
@@ -162,7 +169,7 @@ class Connection:
         (§4): the server, once, after :class:`HelloReceived`."""
         if self.side is not Side.SERVER or self.state is not LinkState.HANDSHAKE or not self.peer:
             raise InvalidState(f"send_welcome on the {self.side.value} side before HELLO")
-        payload = {**info, "version": VERSION, "settings": self.settings.to_wire()}
+        payload = {**info, "version": self.settings.version, "settings": self.settings.to_wire()}
         self._out.append(encode_frame(FrameType.WELCOME, 0, 0, encode_json(payload)))
         self.state = LinkState.OPEN
         self.ping(now)
@@ -182,11 +189,11 @@ class Connection:
         limit = min(peer.max_streams, self.settings.max_streams)
         if self._counts[True] >= limit:
             raise TooManyStreams(f"the link allows {limit} concurrent streams")
-        payload = self._head_payload(info)
+        flags, payload = self._head_payload(info, heads.encode_open)
         sid = self._next_id
         self._next_id += 2
         self._add_stream(sid, local=True, info=info)
-        self._out.append(encode_frame(FrameType.OPEN, 0, sid, payload))
+        self._out.append(encode_frame(FrameType.OPEN, flags, sid, payload))
         return sid
 
     def accept_stream(self, sid: int, info: dict[str, Any]) -> None:
@@ -199,8 +206,8 @@ class Connection:
         stream, after = self._command(sid, StreamInput.ACCEPT)
         if stream is None:
             return
-        payload = self._head_payload(info)
-        self._out.append(encode_frame(FrameType.OPEN_OK, 0, sid, payload))
+        flags, payload = self._head_payload(info, heads.encode_answer)
+        self._out.append(encode_frame(FrameType.OPEN_OK, flags, sid, payload))
         self._enter(stream, after)
 
     def reject_stream(self, sid: int, code: str, message: str) -> None:
@@ -367,12 +374,14 @@ class Connection:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _head_payload(self, info: dict[str, Any]) -> bytes:
-        """OPEN / OPEN_OK payload; refused locally when the peer could not decode it (§6)."""
-        payload = encode_json(info)
-        if len(payload) > self._require_open().max_frame:
+    def _head_payload(self, info: dict[str, Any], binary: heads.Encoder) -> tuple[int, bytes]:
+        """OPEN / OPEN_OK flags and payload (§6.1); refused locally when the peer could not
+        decode it (§6)."""
+        max_frame = self._require_open().max_frame
+        flags, payload = heads.encode(info, binary if self.binary_heads else None)
+        if len(payload) > max_frame:
             raise HeadersTooLarge(f"{len(payload)} bytes exceed the peer's frame size")
-        return payload
+        return flags, payload
 
     def _require_open(self) -> PeerSettings:
         if self.state is LinkState.CLOSED:  # the peer may close the link at any time: no misuse
@@ -496,6 +505,8 @@ class Connection:
         info = decode_json(frame.payload, expected.name)
         check_version(info)
         self.peer = peer_settings(info)
+        minor = min(self.settings.protocol_minor, peer_minor(info))
+        self.binary_heads = minor >= heads.MINOR
         if expected is FrameType.HELLO:
             self._events.append(HelloReceived(info))
         else:
@@ -541,7 +552,7 @@ class Connection:
         if sid % 2 != remote_parity % 2 or sid <= self._max_remote_id:
             raise ProtocolError(f"OPEN with invalid stream id {sid}")
         self._max_remote_id = sid
-        info = decode_json(frame.payload, "OPEN")
+        info = heads.decode(frame, heads.decode_open, self.binary_heads)
         if not self.accept_streams:
             raise ProtocolError("this side does not accept streams")
         if self.local_going_away:
@@ -562,12 +573,12 @@ class Connection:
         if found is None:
             return
         stream, after = found
-        info = decode_json(frame.payload, FrameType(frame.type).name)
         if ok:
+            info = heads.decode(frame, heads.decode_answer, self.binary_heads)
             stream.state = after
             self._events.append(StreamAccepted(sid, info))
             return
-        code, message = code_message(info)
+        code, message = code_message(decode_json(frame.payload, "OPEN_FAIL"))
         self._enter(stream, after)
         self._events.append(StreamRejected(sid, code, message))
 

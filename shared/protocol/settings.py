@@ -3,7 +3,8 @@ the link's roles (:class:`Side`) and states (:class:`LinkState`).
 
 :class:`LinkSettings` is what this side grants (from the program's configuration),
 :class:`PeerSettings` what the peer granted, validated by :func:`peer_settings`;
-:func:`check_version` refuses a peer of another major version. Pure functions, no I/O.
+:func:`check_version` refuses a peer of another major version and :func:`peer_minor` reads
+the minor one of the same major. Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from typing import Any, Protocol
 
 from shared.enums import FastEnum
 from shared.errors import ProtocolError, VersionUnsupported
-from shared.protocol.codec import HARD_MAX_PAYLOAD, MAX_WINDOW_INCREMENT, VERSION, VERSION_MAJOR
+from shared.protocol.codec import (
+    HARD_MAX_PAYLOAD,
+    MAX_WINDOW_INCREMENT,
+    VERSION,
+    VERSION_MAJOR,
+    VERSION_MINOR,
+)
 
 MIN_FRAME = 16 * 1024
 DEFAULT_MAX_STREAMS = 1024
@@ -58,6 +65,14 @@ class LinkSettings:
     max_streams: int = DEFAULT_MAX_STREAMS
     heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 30.0
+    #: The minor protocol version this side announces (``VERSION_MINOR``; tests speak 0 to
+    #: play a 1.0 peer, which sends and accepts JSON heads only, §6.1).
+    protocol_minor: int = VERSION_MINOR
+
+    @property
+    def version(self) -> str:
+        """The version string of HELLO/WELCOME."""
+        return f"{VERSION_MAJOR}.{self.protocol_minor}"
 
     @classmethod
     def from_config(cls, config: LinkLimits, *, max_streams: int | None = None) -> LinkSettings:
@@ -118,3 +133,12 @@ def check_version(info: dict[str, Any]) -> None:
             f"peer speaks protocol {version}, this side speaks {VERSION}: "
             "please update the older side"
         )
+
+
+def peer_minor(info: dict[str, Any]) -> int:
+    """The minor version of a HELLO/WELCOME that :func:`check_version` accepted; 0 when it
+    has none or not a plain number ("1", "1.x"): such a peer gets what 1.0 defines."""
+    minor = str(info["version"]).partition(".")[2]
+    if not minor.isascii() or not minor.isdigit() or len(minor) > 6:
+        return 0
+    return int(minor)

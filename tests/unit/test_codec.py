@@ -37,7 +37,12 @@ HEADER = struct.Struct("!BBBBII")
 
 # The spec restated (docs/protocol.md §2), independently of the codec's private tables.
 LINK_TYPES = {FrameType.HELLO, FrameType.WELCOME, FrameType.GOAWAY, FrameType.PING}
-ALLOWED_FLAGS = {t: 0 for t in FrameType} | {FrameType.DATA: 0x01, FrameType.PING: 0x01}
+ALLOWED_FLAGS = {t: 0 for t in FrameType} | {
+    FrameType.DATA: 0x01,
+    FrameType.PING: 0x01,
+    FrameType.OPEN: 0x01,  # binary head (1.1)
+    FrameType.OPEN_OK: 0x01,
+}
 FIXED_SIZES = {FrameType.WINDOW: 4, FrameType.PING: 8, FrameType.FIN: 0}
 
 
@@ -53,7 +58,7 @@ def as_tuples(frames: list[Frame]) -> list[tuple[int, int, int, bytes]]:
 
 
 def test_version_string() -> None:
-    assert VERSION == "1.0"
+    assert VERSION == "1.1"
     assert HEADER_SIZE == 12
 
 

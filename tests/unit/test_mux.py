@@ -156,7 +156,8 @@ class Pair:
         self.pump()
 
     def hello_seen(self) -> dict[str, Any]:
-        return {**HELLO_INFO, "version": VERSION, "settings": self.client.settings.to_wire()}
+        client = self.client.settings
+        return {**HELLO_INFO, "version": client.version, "settings": client.to_wire()}
 
     def open(self, info: dict[str, Any] | None = None, *, accept: bool = True) -> int:
         sid = self.server.open_stream(info or HTTP_OPEN)
@@ -200,7 +201,7 @@ def test_handshake_exchanges_info_and_opens_both_sides() -> None:
     assert isinstance(event, HelloReceived)
     assert event.info["agent"] == HELLO_INFO["agent"]
     assert event.info["aliases"] == ["acme@example.com"]
-    assert event.info["version"] == "1.0"
+    assert event.info["version"] == "1.1"
     assert event.info["settings"] == {
         "initial_window": 256 * KiB,
         "max_frame": 256 * KiB,
@@ -359,18 +360,24 @@ def test_unknown_frame_type_is_ignored(pair: Pair, sid: int) -> None:
 # -- open / accept / reject ------------------------------------------------------------------------
 
 
-def test_open_accept_and_exact_open_frame(pair: Pair) -> None:
+def test_open_accept_and_exact_open_frame() -> None:
+    # A 1.0 side on the link: heads are JSON both ways (docs/protocol.md §6, §6.1).
+    pair = Pair(latency=0.01, server_settings=LinkSettings(protocol_minor=0))
+    pair.handshake()
+    assert not pair.client.binary_heads and not pair.server.binary_heads
     sid = pair.server.open_stream(HTTP_OPEN)
     assert sid == 2
     (open_frame,) = decode_all(pair.server.data_to_send())
-    assert (open_frame.type, open_frame.stream_id) == (FrameType.OPEN, 2)
+    assert (open_frame.type, open_frame.flags, open_frame.stream_id) == (FrameType.OPEN, 0, 2)
     assert bytes(open_frame.payload) == encode_json(HTTP_OPEN)
     pair.client.receive_data(frame(FrameType.OPEN, 2, bytes(open_frame.payload)), pair.now)
     assert pair.client.events() == [StreamOpened(2, HTTP_OPEN)]
     assert pair.client.send_credit(2) == 0  # not accepted yet: nothing may be sent
     pair.client.accept_stream(2, HTTP_OK)
-    pair.pump()
-    assert pair.take(pair.server) == [StreamAccepted(2, HTTP_OK)]
+    (ok_frame,) = decode_all(pair.client.data_to_send())
+    assert (ok_frame.flags, bytes(ok_frame.payload)) == (0, encode_json(HTTP_OK))
+    pair.server.receive_data(frame(FrameType.OPEN_OK, 2, bytes(ok_frame.payload)), pair.now)
+    assert pair.server.events() == [StreamAccepted(2, HTTP_OK)]
     assert pair.client.send_credit(2) == 256 * KiB
     assert pair.server.send_credit(2) == 256 * KiB
 

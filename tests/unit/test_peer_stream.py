@@ -17,9 +17,14 @@ from csc.cluster.peer import PeerStream, encode_head
 from shared.errors import CSCError, ProtocolError
 
 
+class FakeConn:
+    binary_heads = True  # the link speaks 1.1 (a 1.0 link: test_binary_heads.py)
+
+
 class FakeLink:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.conn = FakeConn()
 
 
 class FakeInner:
