@@ -24,14 +24,16 @@ HOP_BY_HOP = frozenset(
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Drop hop-by-hop fields and every field the Connection header names."""
     pairs = list(headers)
-    named = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    drop = HOP_BY_HOP | named
-    return [(n, v) for n, v in pairs if n.lower() not in drop]
+    lowered = [name.lower() for name, _ in pairs]
+    drop = HOP_BY_HOP
+    if "connection" in lowered:
+        drop = drop | {
+            token.strip().lower()
+            for (_, value), lname in zip(pairs, lowered, strict=True)
+            if lname == "connection"
+            for token in value.split(",")
+        }
+    return [pair for pair, lname in zip(pairs, lowered, strict=True) if lname not in drop]
 
 
 def decode_raw(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
