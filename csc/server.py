@@ -42,7 +42,7 @@ from csc.store import open_store
 from shared.allocator import return_free_memory
 from shared.errors import GoingAway
 from shared.metrics_http import MetricsServer
-from shared.runtime import install_uvloop, write_ready_file
+from shared.runtime import install_uvloop, listen_on, write_ready_file
 from shared.runtime import sockname_address as _hostport
 
 log = logging.getLogger("csc")
@@ -167,7 +167,7 @@ class Node:
         tcp = self.config.tcp_listen_address
         if tcp is not None:
             self.tcp_server = await asyncio.start_server(
-                make_handler(self.state), tcp[0], tcp[1], ssl=ssl_ctx, limit=READ_LIMIT
+                make_handler(self.state), **listen_on(*tcp), ssl=ssl_ctx, limit=READ_LIMIT
             )
             self.tcp_address = _hostport(self.tcp_server.sockets[0].getsockname())
         if self.config.admin_listen_address is not None:

@@ -30,6 +30,7 @@ import httptools
 
 from shared.config import parse_hostport
 from shared.oserrors import describe_os_error
+from shared.runtime import listen_on
 
 PATH = "/metrics"
 #: Bytes of request line and header fields accepted (aiohttp's default limits are similar).
@@ -195,7 +196,7 @@ async def serve_metrics(
     loop = asyncio.get_running_loop()
     try:
         listening = await loop.create_server(
-            lambda: _Connection(render, content_type, server), host, port, ssl=ssl_ctx
+            lambda: _Connection(render, content_type, server), **listen_on(host, port), ssl=ssl_ctx
         )
     except OSError as exc:
         reason = describe_os_error(exc, listen)

@@ -27,6 +27,7 @@ from typing import Any, cast
 from csc.state import NodeState
 from shared.aio import cancel_quietly
 from shared.oserrors import describe_os_error
+from shared.runtime import listen_on
 
 log = logging.getLogger("csc.admin.listener")
 
@@ -178,7 +179,7 @@ async def start_listener(state: NodeState, ssl_ctx: ssl.SSLContext | None) -> Ad
     loop = asyncio.get_running_loop()
     try:
         listener.server = await loop.create_server(
-            listener.protocol, listen[0], listen[1], ssl=ssl_ctx
+            listener.protocol, **listen_on(*listen), ssl=ssl_ctx
         )
     except OSError as exc:
         reason = describe_os_error(exc, state.config.admin_listen)
