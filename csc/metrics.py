@@ -40,9 +40,11 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
 from csc import __version__
+from shared.config import parse_hostport
 from shared.errors import ERRORS, AgentLost, CSCError, GoingAway
 from shared.link import LinkCounters
 from shared.metrics_http import MetricsServer, serve_metrics
+from shared.oserrors import describe_os_error
 
 OK = "ok"
 KINDS = ("http", "tcp")
@@ -485,4 +487,9 @@ async def start_metrics_listener(
 ) -> MetricsServer:
     """Serve ``GET /metrics`` (and nothing else) on ``listen`` (shared/metrics_http.py: no
     aiohttp); OSError naming the setting when it cannot be bound."""
-    return await serve_metrics(metrics.render, CONTENT_TYPE_LATEST, listen, ssl_ctx=ssl_ctx)
+    host, port = parse_hostport(listen)
+    try:
+        return await serve_metrics(metrics.render, CONTENT_TYPE_LATEST, host, port, ssl_ctx=ssl_ctx)
+    except OSError as exc:
+        reason = describe_os_error(exc, listen)
+        raise OSError(exc.errno, f"metrics_listen: {reason}") from None

@@ -1,7 +1,8 @@
-"""A listener that serves ``GET /metrics`` and nothing else (the CSC's ``metrics_listen``).
+"""A listener that serves ``GET /metrics`` and nothing else (``metrics_listen`` of the CSC and
+of the agent).
 
 An asyncio ``Protocol`` parsing requests with llhttp (httptools, loaded anyway for the public
-listener), so that a node at rest needs no aiohttp for its metrics. The answers are those the
+listener), so that neither program needs aiohttp for its metrics. The answers are those the
 former aiohttp route gave:
 
 * ``GET`` or ``HEAD`` of ``/metrics`` (any query string): 200, ``render()`` with the given
@@ -28,9 +29,7 @@ from typing import cast
 
 import httptools
 
-from shared.config import parse_hostport
-from shared.oserrors import describe_os_error
-from shared.runtime import listen_on
+from shared.runtime import listen_on, sockname_address
 
 PATH = "/metrics"
 #: Bytes of request line and header fields accepted (aiohttp's default limits are similar).
@@ -183,25 +182,18 @@ class MetricsServer:
 async def serve_metrics(
     render: Callable[[], bytes],
     content_type: str,
-    listen: str,
+    host: str,
+    port: int,
     *,
     ssl_ctx: ssl.SSLContext | None = None,
-    setting: str = "metrics_listen",
 ) -> MetricsServer:
-    """Serve ``render()`` at ``GET /metrics`` on ``listen`` (``host:port``, port 0: any).
-
-    Raises OSError naming ``setting`` when the address cannot be bound."""
-    host, port = parse_hostport(listen)
+    """Serve ``render()`` at ``GET /metrics`` on ``host:port`` (port 0: any); OSError as
+    ``create_server`` raises it when the address cannot be bound."""
     server = MetricsServer()
     loop = asyncio.get_running_loop()
-    try:
-        listening = await loop.create_server(
-            lambda: _Connection(render, content_type, server), **listen_on(host, port), ssl=ssl_ctx
-        )
-    except OSError as exc:
-        reason = describe_os_error(exc, listen)
-        raise OSError(exc.errno, f"{setting}: {reason}") from None
+    listening = await loop.create_server(
+        lambda: _Connection(render, content_type, server), **listen_on(host, port), ssl=ssl_ctx
+    )
     server._server = listening
-    bound = listening.sockets[0].getsockname()
-    server.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+    server.address = sockname_address(listening.sockets[0].getsockname())
     return server

@@ -1,4 +1,4 @@
-"""The ``/metrics`` listener without aiohttp (shared/metrics_http.py) over real sockets: the
+"""The ``/metrics`` listener of the CSC and the agent, without aiohttp (shared/metrics_http.py), over real sockets: the
 answers the former aiohttp route gave (paths, methods, status codes, content type), keep-alive
 and pipelining, and the bounds on what a client can make it hold."""
 
@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from csc.metrics import CSCMetrics, start_metrics_listener
 from shared.metrics_http import MAX_HEAD, MetricsServer, serve_metrics
 from tests.support.procs import scaled
 
@@ -19,7 +20,7 @@ BODY = b"# HELP x_total X.\n# TYPE x_total counter\nx_total 1.0\n"
 
 @pytest.fixture
 async def server() -> AsyncIterator[MetricsServer]:
-    running = await serve_metrics(lambda: BODY, CONTENT_TYPE_LATEST, "127.0.0.1:0")
+    running = await serve_metrics(lambda: BODY, CONTENT_TYPE_LATEST, "127.0.0.1", 0)
     try:
         yield running
     finally:
@@ -137,7 +138,7 @@ async def test_a_head_beyond_the_limit_gets_431(server: MetricsServer) -> None:
 
 
 async def test_stop_closes_open_connections() -> None:
-    running = await serve_metrics(lambda: BODY, CONTENT_TYPE_LATEST, "127.0.0.1:0")
+    running = await serve_metrics(lambda: BODY, CONTENT_TYPE_LATEST, "127.0.0.1", 0)
     host, port = running.address.rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n")
@@ -152,5 +153,7 @@ async def test_a_taken_address_names_the_setting() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(OSError, match=r"^\[Errno \d+\] metrics_listen: "):
-            await serve_metrics(lambda: BODY, CONTENT_TYPE_LATEST, f"127.0.0.1:{port}")
+        with pytest.raises(
+            OSError, match=rf"^\[Errno \d+\] metrics_listen: 127.0.0.1:{port} is already in use"
+        ):
+            await start_metrics_listener(CSCMetrics(), f"127.0.0.1:{port}", None)
