@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,38 +22,10 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def version() -> str:
-    # importlib.metadata (with email, zipfile, csv: 0.5 to 1.4 MiB resident) only when asked
-    from importlib import metadata
-
     try:
         return metadata.version("csc")
     except metadata.PackageNotFoundError:  # running from a source tree without install
         return "0+unknown"
-
-
-class VersionAction(argparse.Action):
-    """``--version``: print ``<prog> <version>`` and exit (the version is looked up only then)."""
-
-    def __init__(
-        self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kw: object
-    ) -> None:
-        super().__init__(
-            option_strings,
-            dest,
-            nargs=0,
-            default=argparse.SUPPRESS,
-            help="show the version and exit",
-        )
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: object,
-        option_string: str | None = None,
-    ) -> None:
-        print(f"{parser.prog} {version()}")  # on stdout, as argparse's own action does
-        parser.exit()
 
 
 def fail(prog: str, message: str, code: int = EXIT_FAILURE) -> int:

@@ -1,7 +1,6 @@
 """The admin API's client, as ``csc admin`` uses it: where the API is and which operator token
 to send (flags, environment, files in the state directory), and the typed errors of a request.
-Standard library only (urllib), so the CLI starts without aiohttp; ``urllib.request`` (with
-http.client and email, about 2 MiB) is imported only when a call is made, not by ``csc serve``.
+Standard library only (urllib), so the CLI starts without aiohttp.
 """
 
 from __future__ import annotations
@@ -9,17 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import ssl
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from csc.config import default_state_dir
 from csc.store import ADMIN_TOKEN_FILE
-
-if TYPE_CHECKING:
-    import urllib.error
 
 URL_FILE = "admin-url"  # csc.admin.api.URL_FILE (not imported: keeps the CLI free of aiohttp)
 API_PREFIX = "/v1/admin"
@@ -63,9 +61,6 @@ class AdminClient:
         query: Mapping[str, str] | None = None,
     ) -> Any:
         """One API call; the decoded JSON answer. Raises AdminApiError or Unreachable."""
-        import urllib.error
-        import urllib.request
-
         full = self.url.rstrip("/") + API_PREFIX + path
         if query:
             full += "?" + urllib.parse.urlencode(query)
