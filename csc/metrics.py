@@ -6,9 +6,9 @@ call one method per event (a session opened, a request done, ...). Totals that g
 (bytes relayed, flow-control stalls) are plain integers in a :class:`shared.link.LinkCounters`
 per tenant that every link of that tenant adds to; they and the gauges derived from live state
 (sessions per tenant) are read by a custom collector at scrape time, so the hot path never
-touches a labelled metric. :func:`add_metrics_route` serves the registry on any aiohttp app;
-:func:`start_metrics_listener` on the node's own ``metrics_listen`` listener (loopback by
-default), never on the public listener: the series name every tenant with its traffic.
+touches a labelled metric. :func:`start_metrics_listener` serves the registry on the node's own
+``metrics_listen`` listener (loopback by default; shared/metrics_http.py, without aiohttp), never
+on the public listener: the series name every tenant with its traffic.
 
 Invariants: every label value comes from a bounded set: tenant ids (created by the operator),
 ``kind`` (``http``/``tcp``), ``direction`` (``in``/``out``), ``outcome``/``reason`` (``ok`` or a
@@ -21,11 +21,9 @@ removes a deleted tenant's series.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol, TypeVar
 
-from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -45,6 +43,7 @@ from csc.requestmetrics import RequestCollector, RequestSeries
 from shared.config import parse_hostport
 from shared.errors import ERRORS, AgentLost, CSCError, GoingAway
 from shared.link import LinkCounters
+from shared.metrics_http import MetricsServer, serve_metrics
 from shared.oserrors import describe_os_error
 
 OK = "ok"
@@ -462,50 +461,15 @@ _CLUSTER_FAMILIES: tuple[tuple[Callable[..., Metric], str, str, str, int], ...] 
     ),
 )
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def metrics_handler(metrics: CSCMetrics) -> Handler:
-    """An aiohttp handler answering with the registry in the Prometheus text format."""
-
-    async def serve_metrics(request: web.Request) -> web.StreamResponse:
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    return serve_metrics
-
-
-def add_metrics_route(app: web.Application, metrics: CSCMetrics, path: str = "/metrics") -> None:
-    """Serve ``metrics`` at ``GET path`` of ``app`` (the metrics listener's)."""
-    app.router.add_get(path, metrics_handler(metrics))
-
-
-@dataclass(slots=True)
-class MetricsListener:
-    """The node's ``/metrics`` listener (``metrics_listen``) and its bound ``host:port``."""
-
-    runner: web.AppRunner
-    address: str
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
-
 
 async def start_metrics_listener(
     metrics: CSCMetrics, listen: str, ssl_ctx: ssl.SSLContext | None
-) -> MetricsListener:
-    """Serve ``GET /metrics`` (and nothing else) on ``listen``; OSError naming the setting
-    when it cannot be bound."""
+) -> MetricsServer:
+    """Serve ``GET /metrics`` (and nothing else) on ``listen`` (shared/metrics_http.py: no
+    aiohttp); OSError naming the setting when it cannot be bound."""
     host, port = parse_hostport(listen)
-    app = web.Application()
-    add_metrics_route(app, metrics)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, ssl_context=ssl_ctx).start()
+        return await serve_metrics(metrics.render, CONTENT_TYPE_LATEST, host, port, ssl_ctx=ssl_ctx)
     except OSError as exc:
-        await runner.cleanup()
         reason = describe_os_error(exc, listen)
         raise OSError(exc.errno, f"metrics_listen: {reason}") from None
-    bound = runner.addresses[0]
-    address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
-    return MetricsListener(runner, address)

@@ -1,13 +1,15 @@
-"""``csc serve``: the app factory, the listeners and the graceful stop.
+"""``csc serve``: the node's lifecycle, its listeners and the graceful stop.
 
-:func:`create_app` builds the aiohttp application (no routes: its lifecycle hooks join the
-cluster and enforce revocations);
-:func:`run_node` starts the public HTTP listener (csc/relay/http_listener.py: the bootloader
-routes and the agent gateway's upgrades), the TCP ingress, the admin API (its own listener,
-:mod:`csc.admin.api`) and ``/metrics`` (its own listener, ``metrics_listen``), writes the ready
-file, and on SIGTERM/SIGINT or an admin ``drain`` drains: it stops accepting, sends GOAWAY on
-every agent session, lets in-flight streams finish within ``drain_timeout``, then closes the
-links with 1001 and returns.
+:func:`build_state` opens the store and the signing key; :class:`Node` runs the node's
+lifecycle (joining the cluster, enforcing revocations, returning free memory, closing the store:
+async context managers on one exit stack, closed in reverse order) and starts the public HTTP
+listener (csc/relay/http_listener.py: the bootloader routes and the agent gateway's upgrades),
+the TCP ingress, the admin API (its own listener, csc/admin/listener.py, which loads aiohttp and
+the admin application at its first connection) and ``/metrics`` (its own listener,
+``metrics_listen``, shared/metrics_http.py); :func:`run_node` writes the ready file, and on
+SIGTERM/SIGINT or an admin ``drain`` drains: it stops accepting, sends GOAWAY on every agent
+session, lets in-flight streams finish within ``drain_timeout``, then closes the links with 1001
+and returns. A lone node at rest has not imported aiohttp (tests/unit/test_imports_at_rest.py).
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from csc.admin.listener import AdminListener, start_listener
 from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
-from csc.metrics import CSCMetrics, MetricsListener, start_metrics_listener
+from csc.metrics import CSCMetrics, start_metrics_listener
 from csc.permissions import check_private
 from csc.relay import gateway
 from csc.relay.http_ingress import Ingress
@@ -40,7 +41,8 @@ from csc.state import NodeState, default_node_id
 from csc.store import open_store
 from shared.allocator import return_free_memory
 from shared.errors import GoingAway
-from shared.runtime import install_uvloop, write_ready_file
+from shared.metrics_http import MetricsServer
+from shared.runtime import install_uvloop, listen_on, write_ready_file
 from shared.runtime import sockname_address as _hostport
 
 log = logging.getLogger("csc")
@@ -96,35 +98,16 @@ def _close_sessions(state: NodeState) -> None:
         session.link.close(GoingAway("the CSC is shutting down"))
 
 
-async def _close_store(app: web.Application) -> None:
-    store = app[NodeState.KEY].store
-    if store is not None:
-        store.close()
-
-
-def create_app(
-    config: CSCConfig, *, state: NodeState | None = None, metrics: CSCMetrics | None = None
-) -> web.Application:
-    """The node's app: no routes (the public listener, csc/relay/http_listener.py, serves the
-    bootloaders and the agents), only the node's lifecycle: joining the cluster, enforcing
-    revocations, returning free memory, closing the store. A given ``state`` brings its own
-    metrics; else ``metrics`` (default: new ones on their own registry) go into the state."""
-    app = web.Application()
-    app[NodeState.KEY] = state = state or build_state(config, metrics=metrics)
-    app.cleanup_ctx.append(cluster_context)
-    app.cleanup_ctx.append(gateway.enforce_rights)
-    app.on_cleanup.append(_close_store)
-    app.cleanup_ctx.append(_returning_free_memory)
-    return app
-
-
-async def _returning_free_memory(app: web.Application) -> AsyncIterator[None]:
+@contextlib.asynccontextmanager
+async def _returning_free_memory() -> AsyncIterator[None]:
     """Free heap pages go back to the OS after a burst (shared/allocator.py)."""
     task = asyncio.create_task(return_free_memory(), name="return-free-memory")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _ssl_context(config: CSCConfig) -> ssl.SSLContext | None:
@@ -154,22 +137,23 @@ async def _spread_goaways(state: NodeState, window: float) -> None:
 class Node:
     """A running CSC node: the HTTP site, the TCP ingress and the drain logic."""
 
-    def __init__(self, config: CSCConfig, app: web.Application) -> None:
+    def __init__(self, config: CSCConfig, state: NodeState) -> None:
         self.config = config
-        self.app = app
-        self.state = app[NodeState.KEY]
-        # the app serves no request: the runner runs its lifecycle hooks (startup, cleanup)
-        self.runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
+        self.state = state
+        #: the node's lifecycle (:meth:`_enter_lifecycle`); the store closes last
+        self.lifecycle = contextlib.AsyncExitStack()
+        if state.store is not None:
+            self.lifecycle.callback(state.store.close)
         self.tcp_server: asyncio.Server | None = None
         self.front: HttpFront | None = None
         self.http_address = ""
         self.tcp_address: str | None = None
         self.admin: AdminListener | None = None
-        self.metrics_listener: MetricsListener | None = None
+        self.metrics_listener: MetricsServer | None = None
 
     async def start(self) -> None:
         ssl_ctx = _ssl_context(self.config)
-        await self.runner.setup()
+        await self._enter_lifecycle()
         host, port = self.config.listen_address
         self.front = HttpFront(
             self.config,
@@ -183,7 +167,7 @@ class Node:
         tcp = self.config.tcp_listen_address
         if tcp is not None:
             self.tcp_server = await asyncio.start_server(
-                make_handler(self.state), tcp[0], tcp[1], ssl=ssl_ctx, limit=READ_LIMIT
+                make_handler(self.state), **listen_on(*tcp), ssl=ssl_ctx, limit=READ_LIMIT
             )
             self.tcp_address = _hostport(self.tcp_server.sockets[0].getsockname())
         if self.config.admin_listen_address is not None:
@@ -192,6 +176,15 @@ class Node:
             self.metrics_listener = await start_metrics_listener(
                 self.state.metrics, self.config.metrics_listen, ssl_ctx
             )
+
+    async def _enter_lifecycle(self) -> None:
+        """Join the cluster (alone: nothing), enforce revocations, return free memory."""
+        for context in (
+            cluster_context(self.state),
+            gateway.enforce_rights(self.state),
+            _returning_free_memory(),
+        ):
+            await self.lifecycle.enter_async_context(context)
 
     @property
     def admin_address(self) -> str | None:
@@ -241,7 +234,7 @@ class Node:
             await self.front.close()
         if self.metrics_listener is not None:
             await self.metrics_listener.stop()
-        await self.runner.cleanup()
+        await self.lifecycle.aclose()
         if self.tcp_server is not None:
             self.tcp_server.close()
             with contextlib.suppress(Exception):
@@ -251,7 +244,7 @@ class Node:
 @contextlib.asynccontextmanager
 async def running_node(config: CSCConfig) -> AsyncIterator[Node]:
     """Start a node for the duration of the block (used by tests and by :func:`serve`)."""
-    node = Node(config, create_app(config))
+    node = Node(config, build_state(config))
     try:
         await node.start()
     except BaseException:

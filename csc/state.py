@@ -1,4 +1,4 @@
-"""Per-node state shared by the gateway and the ingresses (one object, stored on the app)."""
+"""Per-node state shared by the gateway, the ingresses and the admin API (one object per node)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import asyncio
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from csc.admin.errorlog import ErrorLog
@@ -35,8 +34,6 @@ def default_node_id() -> str:
 
 @dataclass(eq=False)
 class NodeState:
-    KEY: ClassVar[web.AppKey[NodeState]]
-
     config: CSCConfig
     registry: Registry[AgentSession]
     public_keys: list[Any]
@@ -102,6 +99,3 @@ class NodeState:
         self.active_streams -= 1
         if not self.active_streams:
             self.idle.set()
-
-
-NodeState.KEY = web.AppKey("csc_node_state", NodeState)

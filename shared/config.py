@@ -30,10 +30,8 @@ field (``X | None``) the text ``""``, ``off`` or ``none`` means "not set".
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -371,11 +369,15 @@ class _Raw:
 
 
 def _suggest(name: str, known: Collection[str]) -> str:
+    import difflib  # only for a misspelt key
+
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _from_file(path: Path, fields: Collection[str], problems: list[str]) -> dict[str, _Raw]:
+    import tomllib  # only when there is a configuration file
+
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)

@@ -10,13 +10,18 @@ mode), ``csc-portal serve`` and the test suite's helper servers.
   SIGINT ask the running loop to stop (drain, then exit) instead of killing it.
 * :func:`run` / :func:`loop_factory` / :func:`install_uvloop`: the event loop is uvloop when it
   is importable (it is a dependency on Linux), else asyncio's own.
+* :func:`listen_on`: the ``host``/``port`` or ``sock`` arguments of ``create_server``, with the
+  socket bound here when the host is an IP literal (uvloop would resolve it in libuv's thread
+  pool).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
@@ -101,3 +106,39 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     """Run a program's main coroutine to its end, on the loop :func:`loop_factory` picks."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
+
+
+def listen_on(host: str | None, port: int) -> dict[str, Any]:
+    """Keyword arguments of ``loop.create_server`` / ``asyncio.start_server`` for ``host:port``:
+    for an IPv4 or IPv6 literal, ``{"sock": sock}`` with ``sock`` bound to it as create_server
+    binds its own (SO_REUSEADDR, IPV6_V6ONLY; the server calls ``listen``); for a host name (or
+    none), ``{"host": host, "port": port}``: create_server resolves it.
+
+    uvloop resolves even a literal through libuv's thread pool, whose four threads then stay for
+    the life of the process (about 0.5 MiB resident with their malloc arenas; bench/importcost.py).
+    A bind error reads as create_server words it (``error while attempting to bind on address``).
+    """
+    if not host or "%" in host:  # no host (every address), or a scoped IPv6 address
+        return {"host": host, "port": port}
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return {"host": host, "port": port}
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            reason = (err.strerror or str(err)).lower()
+            raise OSError(
+                err.errno, f"error while attempting to bind on address {(host, port)!r}: {reason}"
+            ) from None
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return {"sock": sock}

@@ -11,7 +11,6 @@ import ipaddress
 import math
 import re
 from collections.abc import Collection
-from fractions import Fraction
 from urllib.parse import urlsplit
 
 __all__ = ["PLAIN_NUMBER", "check_url", "parse_duration", "parse_hostport", "parse_size"]
@@ -90,6 +89,8 @@ def parse_size(value: str | int) -> int:
     number, unit = match.groups()
     if not unit and "." in number:
         raise ValueError(f"{value!r} is not a whole number of bytes")
+    from fractions import Fraction  # with decimal: 0.2 MiB, only for a size written out
+
     exact = Fraction(number) * _SIZE_UNITS.get(unit, 1)
     if exact.denominator != 1:
         raise ValueError(f"{value!r} is not a whole number of bytes")

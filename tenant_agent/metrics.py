@@ -6,7 +6,8 @@ link adds its bytes and flow-control stalls to the one :class:`shared.link.LinkC
 :attr:`AgentMetrics.links`. Only when they are exported (``metrics_listen``, off by default, or
 a test reading :attr:`AgentMetrics.registry`) is prometheus-client imported and a collector
 registered that turns them into metric families at scrape time; :class:`MetricsServer` answers
-``GET /metrics`` with aiohttp, imported only then. An agent without metrics pays for neither.
+``GET /metrics`` (shared/metrics_http.py, without aiohttp). An agent without metrics pays for
+neither.
 
 Invariants: counters only grow; every label value comes from a bounded set: ``slot``
 (0..sessions-1), ``state`` (:data:`SLOT_STATES`), ``kind`` (``http``/``tcp``), ``code``
@@ -18,7 +19,7 @@ or a request id is never a label value.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from shared.errors import ERRORS, AgentLost, CSCError
 from shared.link import LinkCounters
@@ -28,6 +29,8 @@ from tenant_agent.websocket import HandshakeError, HandshakeRefused
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
+
+    from shared.metrics_http import MetricsServer as MetricsHTTP
 
 KINDS = ("http", "tcp")
 #: What a session slot is doing: dialling the CSC, serving a live session, or waiting to retry.
@@ -229,42 +232,26 @@ def _stream_families(m: AgentMetrics) -> list[Metric]:
 
 
 class MetricsServer:
-    """``GET /metrics`` on its own listener (aiohttp, imported only when this is used)."""
+    """``GET /metrics`` on its own listener (shared/metrics_http.py)."""
 
     def __init__(self, metrics: AgentMetrics) -> None:
         self.metrics = metrics
         self.address = ""
-        self._runner: Any = None
+        self._server: MetricsHTTP | None = None
 
     async def start(self, host: str, port: int) -> str:
         """Listen on ``host:port`` (port 0: any); return the bound ``host:port``.
 
         Raises OSError when the address cannot be bound."""
-        from aiohttp import web
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        metrics = self.metrics
+        from shared.metrics_http import serve_metrics
 
-        async def serve_metrics(request: web.Request) -> web.Response:
-            return web.Response(
-                body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-            )
-
-        app = web.Application()
-        app.router.add_get("/metrics", serve_metrics)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound = runner.addresses[0]
-        self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+        self._server = await serve_metrics(self.metrics.render, CONTENT_TYPE_LATEST, host, port)
+        self.address = self._server.address
         return self.address
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None

@@ -61,6 +61,8 @@ log = logging.getLogger("csc.admin")
 
 PREFIX = "/v1/admin"
 URL_FILE = "admin-url"
+#: The node's state on the admin application.
+STATE = web.AppKey("csc_node_state", NodeState)
 MAX_BODY = 64 * 1024
 DEFAULT_TTL = "30d"
 OPERATOR = web.RequestKey("csc_operator", str)
@@ -129,7 +131,7 @@ def _bearer(request: web.Request) -> str:
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if console.is_console_path(request.path):
         return await handler(request)  # the console's files: no data, no token (csc.admin.console)
-    state = request.app[NodeState.KEY]
+    state = request.app[STATE]
     remote = request.remote or "?"
     try:
         operator = state.registry.operator(token_hash(_bearer(request)))
@@ -152,7 +154,7 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _state(request: web.Request) -> tuple[NodeState, Store]:
-    state = request.app[NodeState.KEY]
+    state = request.app[STATE]
     if state.store is None:  # the listener is started only with a store
         raise InvalidState("the admin API runs without a store")
     return state, state.store
@@ -590,7 +592,7 @@ def create_admin_app(state: NodeState) -> web.Application:
     if state.store is None:
         raise ValueError("the admin API needs a store")
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors, _auth])
-    app[NodeState.KEY] = state
+    app[STATE] = state
     for method, path, handler in ROUTES:
         app.router.add_route(method, PREFIX + path, handler)
     return app

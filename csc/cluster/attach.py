@@ -1,4 +1,4 @@
-"""Wiring a node into its cluster: the ``cleanup_ctx`` that connects Redis, starts the
+"""Wiring a node into its cluster: the context (for the node's life) that connects Redis, starts the
 :class:`~csc.cluster.node.Cluster` with the node's hooks, and withdraws it at the end.
 
 With ``redis_url`` unset nothing happens here and the node runs alone, exactly as before.
@@ -7,13 +7,11 @@ With ``redis_url`` unset nothing happens here and the node runs alone, exactly a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
-from csc.admin.api import session_view
 from csc.relay.gateway import end_sessions
 from csc.relay.routing import open_for_peer
 from csc.state import NodeState
@@ -30,6 +28,7 @@ class ClusterStartError(Exception):
 
 
 def _hooks(state: NodeState) -> ClusterHooks:
+    from csc.admin.api import session_view
     from csc.cluster.node import ClusterHooks
 
     async def catalog_changed() -> None:
@@ -67,9 +66,9 @@ def _hooks(state: NodeState) -> ClusterHooks:
     )
 
 
-async def cluster_context(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: join the cluster for the app's lifetime (a no-op without ``redis_url``)."""
-    state = app[NodeState.KEY]
+@contextlib.asynccontextmanager
+async def cluster_context(state: NodeState) -> AsyncIterator[None]:
+    """Join the cluster for the node's lifetime (a no-op without ``redis_url``)."""
     config = state.config
     if config.redis_url is None:
         yield

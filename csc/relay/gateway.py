@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from aiohttp import web
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
@@ -470,9 +469,11 @@ async def _enforce_forever(state: NodeState) -> None:
             end_sessions(state)
 
 
-async def enforce_rights(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: re-read the registry and end sessions every ``registry_refresh`` seconds."""
-    task = asyncio.create_task(_enforce_forever(app[NodeState.KEY]), name="enforce-rights")
+@contextlib.asynccontextmanager
+async def enforce_rights(state: NodeState) -> AsyncIterator[None]:
+    """For the node's life: re-read the registry and end sessions every ``registry_refresh``
+    seconds."""
+    task = asyncio.create_task(_enforce_forever(state), name="enforce-rights")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -16,6 +16,7 @@ from typing import Any
 from csc.config import CSCConfig
 from csc.relay.http_front import FrontConnection, Handler
 from csc.relay.http_front_request import FrontRequest
+from shared.runtime import listen_on
 
 #: Serves a request for an upgrade path; it answers it, or switches the connection.
 UpgradeHandler = Callable[[FrontConnection, FrontRequest], Awaitable[None]]
@@ -49,8 +50,8 @@ class HttpFront:
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, ssl: Any = None) -> asyncio.Server:
-        self.server = await self.loop.create_server(
-            lambda: FrontConnection(self), host, port, ssl=ssl, backlog=1024
+        self.server = await self.loop.create_server(  # listen_on: no DNS thread pool for a literal
+            lambda: FrontConnection(self), **listen_on(host, port), ssl=ssl, backlog=1024
         )
         return self.server
 

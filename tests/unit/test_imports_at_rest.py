@@ -1,5 +1,6 @@
 """A lone node loads no cluster or PostgreSQL code: redis-py and psycopg cost about 20 MiB of
-resident memory and are imported only when ``redis_url`` / ``database_url`` is set."""
+resident memory and are imported only when ``redis_url`` / ``database_url`` is set; nor aiohttp
+(tests/integration/test_admin_lazy.py checks a running node at rest)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,33 @@ print(",".join(heavy))
 def test_a_lone_node_imports_neither_redis_nor_psycopg() -> None:
     result = subprocess.run(
         [sys.executable, "-c", PROBE],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.strip() == "", result.stdout
+
+
+SERVE_PROBE = """
+import sys
+import csc.cli, csc.server, csc.relay.gateway, csc.relay.routing, csc.admin.listener, csc.metrics
+from csc.cluster.attach import cluster_context
+heavy = sorted(
+    m for m in sys.modules
+    if m.split(".")[0] in ("aiohttp", "yarl", "multidict") or m in ("csc.admin.api", "csc.admin.console")
+)
+print(",".join(heavy))
+"""
+
+
+def test_serving_code_imports_neither_aiohttp_nor_the_admin_api() -> None:
+    """aiohttp and the admin application (about 11 MiB) load at the admin listener's first
+    connection (csc/admin/listener.py); the metrics listener does without them
+    (shared/metrics_http.py)."""
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE_PROBE],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -66,3 +66,29 @@ def test_table_aligns_columns_and_says_when_empty() -> None:
     text = table(["A", "LONGER"], [["xyz", None], ["q", ["a", "b"]], ["r", []]], "(none)")
     assert text.split("\n") == ["A    LONGER", "xyz  -", "q    a,b", "r    -"]
     assert table(["A"], [], "(none)") == "(none)"
+
+
+def test_listen_on_binds_an_ip_literal_itself_and_leaves_names_to_create_server() -> None:
+    """uvloop resolves even ``127.0.0.1`` in libuv's thread pool (four threads for the rest of
+    the process's life): a literal is bound here, as create_server would bind it."""
+    import errno
+    import socket
+
+    import pytest
+
+    assert runtime.listen_on("localhost", 0) == {"host": "localhost", "port": 0}
+    assert runtime.listen_on(None, 0) == {"host": None, "port": 0}
+    assert runtime.listen_on("fe80::1%lo", 0) == {"host": "fe80::1%lo", "port": 0}
+    for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+        sock = runtime.listen_on(host, 0)["sock"]
+        with sock:
+            assert sock.family == family and sock.type == socket.SOCK_STREAM
+            assert sock.getsockname()[0] == host and not sock.getblocking()
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+            if family == socket.AF_INET6:
+                assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            sock.listen()
+            port = sock.getsockname()[1]
+            with pytest.raises(OSError, match="error while attempting to bind on address") as err:
+                runtime.listen_on(host, port)
+            assert err.value.errno == errno.EADDRINUSE
