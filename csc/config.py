@@ -139,7 +139,9 @@ class CSCConfig:
         metadata=meta(kind="size", minimum=0, help="largest request body; unset means unlimited"),
     )
     http_head_timeout: float = duration_field(
-        10.0, "time a client has to send a whole request head (from connect or its first byte)"
+        10.0,
+        "time a client has to send a whole request head (from connect or its first byte); "
+        "with TLS, also the time its handshake may take (public and TCP listeners)",
     )
     http_keepalive_timeout: float = duration_field(
         60.0, "an idle keep-alive connection of the public listener is closed after this"

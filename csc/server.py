@@ -162,12 +162,18 @@ class Node:
             tls=ssl_ctx is not None,
             upgrades={AGENT_PATH: gateway.agent_handler(self.state)},
         )
-        listening = await self.front.start(host, port, ssl=ssl_ctx)
+        # a TLS handshake gets the time a request head gets: no request deadline runs before it
+        handshake = self.config.http_head_timeout if ssl_ctx is not None else None
+        listening = await self.front.start(host, port, ssl=ssl_ctx, ssl_handshake_timeout=handshake)
         self.http_address = _hostport(listening.sockets[0].getsockname())
         tcp = self.config.tcp_listen_address
         if tcp is not None:
             self.tcp_server = await asyncio.start_server(
-                make_handler(self.state), **listen_on(*tcp), ssl=ssl_ctx, limit=READ_LIMIT
+                make_handler(self.state),
+                **listen_on(*tcp),
+                ssl=ssl_ctx,
+                limit=READ_LIMIT,
+                ssl_handshake_timeout=handshake,
             )
             self.tcp_address = _hostport(self.tcp_server.sockets[0].getsockname())
         if self.config.admin_listen_address is not None:

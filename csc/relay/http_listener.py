@@ -49,9 +49,15 @@ class HttpFront:
         self.heads_refused = 0
         self.server: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int, ssl: Any = None) -> asyncio.Server:
+    async def start(
+        self, host: str, port: int, ssl: Any = None, ssl_handshake_timeout: float | None = None
+    ) -> asyncio.Server:
         self.server = await self.loop.create_server(  # listen_on: no DNS thread pool for a literal
-            lambda: FrontConnection(self), **listen_on(host, port), ssl=ssl, backlog=1024
+            lambda: FrontConnection(self),
+            **listen_on(host, port),
+            ssl=ssl,
+            backlog=1024,
+            ssl_handshake_timeout=ssl_handshake_timeout,
         )
         return self.server
 

@@ -119,3 +119,36 @@ async def test_agent_refuses_an_untrusted_csc_certificate(
             assert await asyncio.wait_for(task, scaled(30)) == 0
     finally:
         await upstream.close()
+
+
+@pytest.mark.parametrize("listener", ["http", "tcp"])
+async def test_a_tls_handshake_that_never_comes_is_cut_at_the_head_timeout(
+    tmp_path: Path, listener: str
+) -> None:
+    """A client that connects to a TLS listener and sends nothing (or half a ClientHello) is
+    disconnected once ``http_head_timeout`` passed, not after asyncio's 60 s default: until
+    the handshake ends no request deadline runs, so this bound is the only one."""
+    cert_file, key_file, _ = _certs(tmp_path)
+    config = CSCConfig(
+        listen="127.0.0.1:0",
+        tcp_listen="127.0.0.1:0",
+        admin_listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
+        state_dir=tmp_path / "state",
+        tls_cert=cert_file,
+        tls_key=key_file,
+        http_head_timeout=1.0,
+    )
+    async with running_node(config) as node:
+        address = node.http_address if listener == "http" else node.tcp_address
+        assert address is not None
+        host, _, port = address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        for sent in (b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):  # a ClientHello's start
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(sent)
+            started = loop.time()
+            async with asyncio.timeout(scaled(20)):  # asyncio's own bound would be 60 s
+                assert await reader.read() == b""
+            assert loop.time() - started >= 0.9
+            writer.close()
