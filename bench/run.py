@@ -323,12 +323,19 @@ def measure_small(
     log(f"{label} ({args.duration}s per side)")
     results: dict[str, WrkResult] = {}
     cpu: dict[str, float] = {}
+    upstream_cpu: dict[str, float] = {}  # the upstream's own CPU per request, on each side
     for side, url in rig.sides("/small"):
-        before = [refs.cpu_seconds(p) for p in rig.relay_procs(side)]
+        procs = [*rig.relay_procs(side), rig.upstream]
+        before = [refs.cpu_seconds(p) for p in procs]
         results[side] = run_wrk(url, concurrency, args.duration, close=close)
-        after = [refs.cpu_seconds(p) for p in rig.relay_procs(side)]
-        for proc, start, end in zip(rig.relay_procs(side), before, after, strict=True):
-            cpu[proc.name.rsplit("-", 1)[0]] = (end - start) * 1e6 / max(1, results[side].requests)
+        after = [refs.cpu_seconds(p) for p in procs]
+        per_request = [
+            (end - start) * 1e6 / max(1, results[side].requests)
+            for start, end in zip(before, after, strict=True)
+        ]
+        upstream_cpu[side] = per_request.pop()
+        for proc, value in zip(rig.relay_procs(side), per_request, strict=True):
+            cpu[proc.name.rsplit("-", 1)[0]] = value
     notes = [
         f"{label}, {side}: {r.errors} socket errors, {r.non_2xx} non-2xx of {r.requests}"
         for side, r in results.items()
@@ -336,8 +343,10 @@ def measure_small(
     ]
     others = {k: v for k, v in results.items() if k not in ("direct", "tunnel")}
     rows = _wrk_rows(label, results.pop("direct"), results.pop("tunnel", None), others)
-    if concurrency == 32 and not close:
+    if not close and concurrency in (1, 32):
         rows.append(cpu_row(label, cpu))
+        rows.append(upstream_row(label, upstream_cpu))
+    if concurrency == 32 and not close:
         rows[0].target = Target("≥ 0.50", ratio_min=0.50)
     if concurrency == 32 and close:
         rows[0].target = Target("≥ 0.50", ratio_min=0.50)
@@ -352,9 +361,23 @@ def cpu_row(label: str, cpu: dict[str, float]) -> Row:
     names = [n for n in ("csc", "agent") if n in cpu]
     tunnel = sum(cpu[n] for n in names) if names else None
     split = f" ({' + '.join(f'{n} {cpu[n]:.0f}' for n in names)})" if names else ""
-    refs_cpu: dict[str, float] = {n: cpu[n] for n in ("nginx", "pproxy") if n in cpu}
+    refs_cpu: dict[str, float] = {n: cpu[n] for n in ("nginx", "pproxy", "floor") if n in cpu}
     return Row(
         f"{label}: relay CPU per request{split}", "µs", cpu["upstream"], tunnel, refs=refs_cpu
+    )
+
+
+def upstream_row(label: str, upstream_cpu: dict[str, float]) -> Row:
+    """The upstream's CPU µs per request while each side is measured: the same work (one
+    ``/small`` answer) on every side, so a side where it costs more shows what sleeping and
+    waking the processes of a longer chain costs the machine, not any relay's own code."""
+    others = {n: v for n, v in upstream_cpu.items() if n not in ("direct", "tunnel")}
+    return Row(
+        f"{label}: upstream's own CPU per request",
+        "µs",
+        upstream_cpu["direct"],
+        upstream_cpu.get("tunnel"),
+        refs=others,
     )
 
 
