@@ -94,6 +94,7 @@ class ClientConn(asyncio.Protocol):
         self.url = b""
         self.headers: list[bytes] = []
         self.body = b""
+        self.keep_alive = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -123,6 +124,7 @@ class ClientConn(asyncio.Protocol):
         edge = self.edge
         sid, edge.next_id = edge.next_id, edge.next_id + 1
         edge.waiting[sid] = self
+        self.keep_alive = self.parser.should_keep_alive()
         payload = b"\0".join([self.parser.get_method(), self.url, *self.headers, self.body])
         assert edge.link is not None
         edge.link.write(HEADER.pack(sid, len(payload)) + payload)
@@ -130,7 +132,11 @@ class ClientConn(asyncio.Protocol):
     def answer(self, payload: bytes) -> None:
         head, _, body = payload.partition(b"\0\0")
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(head + b"\r\n\r\n" + body)
+            if self.keep_alive:
+                self.transport.write(head + b"\r\n\r\n" + body)
+            else:  # the client asked to close (or spoke HTTP/1.0)
+                self.transport.write(head + b"\r\nConnection: close\r\n\r\n" + body)
+                self.transport.close()
 
 
 async def run_edge(port: int, upstream_port: int) -> None:
