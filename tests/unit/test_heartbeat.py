@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from csc.relay.websocket import ServerWebSocket, run_websocket
 from csc.relay.wsframes import OP_BINARY, frame_head
 from shared.link import Link
+from shared.linkpace import FrameCutter
 from shared.protocol import Connection, LinkSettings, LinkState, Side
 from shared.protocol.codec import FLAG_ACK, FrameDecoder, FrameType, encode_frame
 from shared.timerwheel import LoopTimers, TimerWheel, loop_timers
@@ -317,6 +318,18 @@ def test_the_short_way_sends_what_the_common_way_would(
         else:
             got.append(ack)
     assert b"".join(got) == b"".join(expected)
+
+
+def test_the_cutter_knows_when_a_message_starts_with_a_frame() -> None:
+    cutter = FrameCutter()
+    ping = ping_frame(b"abcdefgh")
+    assert cutter.at_boundary
+    cutter.cut(ping + ping[:5])  # a header cut short
+    assert not cutter.at_boundary
+    cutter.cut(ping[5:14])  # the header's end, part of the payload
+    assert not cutter.at_boundary
+    cutter.cut(ping[14:])
+    assert cutter.at_boundary
 
 
 class FakeTransport:
