@@ -156,8 +156,9 @@ class ServerWebSocket(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             answered = 0
-        if not answered or answered != items:  # lone PINGs leave the receive loop asleep
-            self._wake()
+        if answered and answered == items:
+            return  # lone PINGs only: nothing queued, the receive loop sleeps on
+        self._wake()
         link = self._link
         if not self._read_paused and (
             self._queued > RECEIVE_HIGH or (link is not None and link.reading_paused)
