@@ -244,7 +244,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         result["rss_before_mib"] = rss_before / MiB
         result["rss_after_mib"] = rss_after / MiB
         result["rss_per_session_kib"] = (rss_after - rss_before) / sessions / 1024
-        log(f"idle for {args.idle:.0f}s")
+        log(f"idle for {args.idle:.0f}s (CSC pid {csc.pid}, e.g. for py-spy)")
         csc_cpu, own_cpu, wall = cpu_of(csc.pid), cpu_of(psutil.Process().pid), time.monotonic()
         await asyncio.sleep(args.idle)
         wall = time.monotonic() - wall

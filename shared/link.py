@@ -360,6 +360,17 @@ class Link:
                 return
             self.feed(piece)
 
+    def answer_ping(self, data: bytes) -> bytes | None:
+        """The heartbeat's short way: when ``data`` is one PING alone (the most common message
+        on an idle link), the ACK to send at once as a message of its own, taken by the
+        multiplexer as :meth:`feed` would (:meth:`Connection.answer_ping`); None when it is
+        not such a message or when answers are queued or in flight (they keep their order and
+        their backpressure): then :meth:`receive` it. The caller sends the ACK only if its
+        transport takes it without waiting, and has fed every message received before."""
+        if self._answers.size or not self._cutter.at_boundary or self.closed.done():
+            return None
+        return self.conn.answer_ping(data, self.loop.time())
+
     @property
     def backlog(self) -> int:
         """Bytes of frames sent in answer to received ones that the sender has not returned

@@ -108,6 +108,11 @@ class FrameCutter:
         #: the first bytes of a header that the previous message ended in
         self._head = b""
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether the next message starts with a frame header (nothing of a frame under way)."""
+        return not self._left and not self._head
+
     def cut(self, data: bytes) -> list[bytes]:
         end = len(data)
         pos = self._start(data)

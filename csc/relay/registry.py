@@ -15,11 +15,12 @@ A Redis implementation for several nodes keeps this interface and adds leases an
 Invariants: :meth:`MemoryRegistry.lookup` returns only live, accepting sessions of the tenant
 that owns the alias *now* (an alias reassigned or unassigned stops reaching the old tenant's
 sessions at once); :meth:`MemoryRegistry.ending` names every live session whose tenant is gone
-or suspended, or whose token is revoked or expired.
+or suspended, or whose token is revoked or expired, at its first call after that became so.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -130,6 +131,12 @@ class MemoryRegistry(Generic[S]):
     _version: int | None = None
     _live: dict[str, list[S]] = field(default_factory=dict)
     _sessions: dict[int, S] = field(default_factory=dict)
+    #: :meth:`ending`'s bookkeeping: the catalog it last checked every session against, the
+    #: earliest token expiry among the sessions it found fine then, and the sessions bound
+    #: since (admitted against whatever catalog was current at their handshake)
+    _checked: Catalog | None = None
+    _next_expiry: float = math.inf
+    _fresh: dict[int, S] = field(default_factory=dict)
 
     def refresh(self, *, force: bool = False) -> bool:
         """Re-read the catalog if the source changed (or ``force``); whether it was re-read."""
@@ -175,9 +182,11 @@ class MemoryRegistry(Generic[S]):
         for grant in session.grants:
             self._live.setdefault(grant, []).append(session)
         self._sessions[id(session)] = session
+        self._fresh[id(session)] = session
 
     def unbind(self, session: S) -> None:
         self._sessions.pop(id(session), None)
+        self._fresh.pop(id(session), None)
         for grant in session.grants:
             live = self._live.get(grant)
             if live is None:
@@ -218,12 +227,27 @@ class MemoryRegistry(Generic[S]):
 
         A token expires ``DEFAULT_LEEWAY`` after its ``exp``, as at connect time, so a session
         ended for expiry cannot come straight back.
+
+        Every session is checked when the catalog changed or a token of a session found fine
+        before may have expired since; else only the sessions bound since the last call (the
+        others were found fine against this very catalog, and nothing else can end them), so
+        a node at rest with many sessions does not walk them all at every refresh. A session
+        named once is named again only when all are checked again.
         """
+        catalog, expired_before = self.catalog, now - DEFAULT_LEEWAY
+        if catalog is self._checked and expired_before < self._next_expiry:
+            sessions: Iterable[S] = self._fresh.values()
+        else:
+            sessions = self._sessions.values()
+            self._checked, self._next_expiry = catalog, math.inf
         result: list[tuple[S, CSCError]] = []
-        for session in self._sessions.values():
-            err = admission_error(self.catalog, session.tenant, session.jti)
-            if err is None and session.expires_at <= now - DEFAULT_LEEWAY:
+        for session in sessions:
+            err = admission_error(catalog, session.tenant, session.jti)
+            if err is None and session.expires_at <= expired_before:
                 err = AuthFailed("token expired", reason="expired")
             if err is not None:
                 result.append((session, err))
+            elif session.expires_at < self._next_expiry:
+                self._next_expiry = session.expires_at
+        self._fresh.clear()
         return result

@@ -5,7 +5,11 @@ and switches the transport to a :class:`ServerWebSocket`. Its frames are decoded
 :class:`csc.relay.wsframes.FrameReader` as they arrive: every binary (or continuation) payload is
 queued for :func:`run_websocket`, which hands it to :meth:`Link.receive` (the link is a byte
 stream: fragments are never joined); pings are answered at once, a close frame is echoed and
-the connection closed (the server closes TCP first, RFC 6455 §7.1.1). A link message is sent
+the connection closed (the server closes TCP first, RFC 6455 §7.1.1). A message that is one
+link PING, the usual message of an idle session, is answered in ``data_received`` with one
+write (:meth:`Link.answer_ping`), without waking the receive loop or the link's writer, when
+the receive loop waits for a payload, the link has no answers queued and the transport is not
+paused; otherwise it takes the common way. A link message is sent
 as one unmasked binary frame: its head and the link's chunks go to ``transport.writelines``
 as they are (a message of at most ``SMALL_MESSAGE`` bytes is joined into one buffer).
 
@@ -45,6 +49,7 @@ from shared.errors import CSCError, LinkStalled, ProtocolError
 from shared.link import Link, SendFn
 from shared.linkpace import PIECE_FRAMES
 from shared.protocol.codec import HEADER_SIZE
+from shared.protocol.mux import PING_SIZE
 
 #: How long closing the WebSocket may take before its transport is aborted.
 CLOSE_TIMEOUT = 5.0
@@ -59,6 +64,8 @@ ABNORMAL_CLOSURE = 1006
 #: A payload this short holds fewer than PIECE_FRAMES link frames: Link.receive takes it in
 #: one piece, without awaiting, so it may be fed from data_received (see ServerWebSocket).
 DIRECT_MAX = PIECE_FRAMES * HEADER_SIZE
+#: The WebSocket head of a message that is one link PING (its ACK is the same size).
+_ACK_MESSAGE_HEAD = frame_head(PING_SIZE)
 
 #: Drops the connection at once (the transport's ``abort``).
 AbortFn = Callable[[], None]
@@ -126,10 +133,15 @@ class ServerWebSocket(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._close_received or self.lost.done():
             return
+        items = answered = 0  # messages, and those answered as lone PINGs
         try:
             for item in self._reader.feed(data):
+                items += 1
                 if type(item) is bytes:
                     if self._close_sent or self.violation is not None:
+                        continue
+                    if len(item) == PING_SIZE and self._answer_ping(item):
+                        answered += 1
                         continue
                     if self._direct(len(item)):
                         self._feed_now(item)
@@ -143,6 +155,9 @@ class ServerWebSocket(asyncio.Protocol):
             self._send_close(err.code, err.reason)
             if self.transport is not None:
                 self.transport.close()
+            answered = 0
+        if answered and answered == items:
+            return  # lone PINGs only: nothing queued, the receive loop sleeps on
         self._wake()
         link = self._link
         if not self._read_paused and (
@@ -263,6 +278,28 @@ class ServerWebSocket(asyncio.Protocol):
             and not link.is_closed
             and not self._payloads
         )
+
+    def _answer_ping(self, data: bytes) -> bool:
+        """The heartbeat's short way: a message that is one link PING, arriving while the
+        receive loop waits for a payload (everything before it was fed), is answered here
+        with one write when the transport takes it at once (not paused); True if it was."""
+        link, transport = self._link, self.transport
+        if (
+            self._waiter is None
+            or link is None
+            or transport is None
+            or self._write_paused
+            or self._payloads
+            or transport.is_closing()
+        ):
+            return False
+        ack = link.answer_ping(data)
+        if ack is None:
+            return False
+        self.traffic.bytes_in += len(data)
+        self.traffic.bytes_out += len(ack)
+        transport.write(_ACK_MESSAGE_HEAD + ack)
+        return True
 
     def _feed_now(self, data: bytes) -> None:
         """``Link.receive`` run to its end here (it does not await for a short payload); a

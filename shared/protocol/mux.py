@@ -46,6 +46,7 @@ from shared.protocol import heads
 from shared.protocol.codec import (
     FLAG_ACK,
     FLAG_FIN,
+    HEADER_SIZE,
     MAX_WINDOW_INCREMENT,
     Frame,
     FrameDecoder,
@@ -94,6 +95,12 @@ from shared.protocol.stream_state import (
 )
 from shared.protocol.windows import update_threshold, window_growth
 
+#: A whole PING without ACK as it arrives (header, then its 8 bytes), and its answer's header
+#: (see :meth:`Connection.answer_ping`).
+PING_SIZE = HEADER_SIZE + 8
+_PING_HEAD = encode_frame(FrameType.PING, 0, 0, bytes(8))[:HEADER_SIZE]
+_ACK_HEAD = encode_frame(FrameType.PING, FLAG_ACK, 0, bytes(8))[:HEADER_SIZE]
+
 
 class Connection:
     """One side of an agent link: the stream multiplexer and its flow control."""
@@ -139,6 +146,21 @@ class Connection:
         except CSCError:
             self.state = LinkState.CLOSED
             raise
+
+    def answer_ping(self, data: bytes, now: float) -> bytes | None:
+        """The heartbeat's short way (§7): when ``data`` is exactly one PING without ACK, on an
+        open link whose decoder holds no part of a frame, take it as :meth:`receive_data`
+        would (liveness, the peer's PING time) and return its ACK, for the caller to send
+        itself (nothing is queued); else None, and nothing changed: feed ``data`` as usual."""
+        if (
+            len(data) != PING_SIZE
+            or not data.startswith(_PING_HEAD)
+            or self.state is not LinkState.OPEN
+            or self._decoder.buffered
+        ):
+            return None
+        self._last_received = self._last_peer_ping = now
+        return _ACK_HEAD + data[HEADER_SIZE:]
 
     def events(self) -> list[Event]:
         """The events since the last call, oldest first (each is returned once)."""

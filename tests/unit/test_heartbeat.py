@@ -1,10 +1,11 @@
-"""Heartbeats at rest: the shared timer (shared/timerwheel.py) and the server's skipped PINGs
-(docs/protocol.md §7)."""
+"""Heartbeats at rest: the shared timer (shared/timerwheel.py), the server's skipped PINGs
+(docs/protocol.md §7) and the short way for a lone PING (``answer_ping``)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import weakref
 from collections.abc import Sequence
 
@@ -12,11 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from csc.relay.websocket import ServerWebSocket, run_websocket
+from csc.relay.wsframes import OP_BINARY, frame_head
 from shared.link import Link
+from shared.linkpace import FrameCutter
 from shared.protocol import Connection, LinkSettings, LinkState, Side
-from shared.protocol.codec import FLAG_ACK, FrameDecoder, FrameType
+from shared.protocol.codec import FLAG_ACK, FrameDecoder, FrameType, encode_frame
 from shared.timerwheel import LoopTimers, TimerWheel, loop_timers
 from tests.unit.test_mux import Pair
+from tests.unit.test_wsframes import client_frame
 
 # -- the wheel (no loop) -------------------------------------------------------------------------
 
@@ -234,3 +239,158 @@ def test_the_client_never_skips() -> None:
         client_pings += pings(p.client.data_to_send()).count(0)
         p.pump()
     assert client_pings == 5
+
+
+# -- the short way for a lone PING (Connection.answer_ping, Link.answer_ping) --------------------
+
+
+def ping_frame(token: bytes, flags: int = 0) -> bytes:
+    return encode_frame(FrameType.PING, flags, 0, token)
+
+
+def open_server(s: LinkSettings | None = None) -> Pair:
+    p = Pair(s, s)
+    p.handshake()
+    p.take(p.server)
+    return p
+
+
+def test_a_lone_ping_is_answered_and_counts_as_the_peers_ping() -> None:
+    s = LinkSettings(heartbeat_interval=10.0, heartbeat_timeout=30.0)
+    p = open_server(s)
+    p.now += 25
+    ack = p.server.answer_ping(ping_frame(b"abcdefgh"), p.now)
+    assert ack == ping_frame(b"abcdefgh", FLAG_ACK)
+    assert not p.server.has_output and p.server.events() == []  # nothing queued
+    p.now += 10  # 35 s after the last message before the PING: no timeout, it counted
+    p.server.handle_timer(p.now)  # and the server skips its PING: the client's was recent (§7)
+    assert not p.server.has_output and p.server.state is LinkState.OPEN
+
+
+def test_other_messages_take_the_common_way_and_change_nothing() -> None:
+    p = open_server()
+    token = b"12345678"
+    others = [
+        ping_frame(token) * 2,  # two PINGs
+        ping_frame(token, FLAG_ACK),  # an answer
+        encode_frame(FrameType.DATA, 0, 1, token),  # same size, another type
+        ping_frame(token)[:-1],  # a part of one
+    ]
+    deadline = p.server.next_deadline()
+    for data in others:
+        assert p.server.answer_ping(data, p.now + 1) is None
+    assert p.server.next_deadline() == deadline
+    p.server.receive_data(ping_frame(token)[:5], p.now)  # the decoder holds part of a frame
+    assert p.server.answer_ping(ping_frame(token), p.now) is None
+    hand = Connection(Side.SERVER, LinkSettings(), accept_streams=False, now=0.0)
+    assert hand.answer_ping(ping_frame(token), 1.0) is None  # before the handshake: not taken
+
+
+@given(
+    messages=st.lists(
+        st.one_of(
+            st.binary(min_size=8, max_size=8).map(ping_frame),
+            st.binary(min_size=8, max_size=8).map(lambda t: ping_frame(t) * 2),
+            st.binary(min_size=8, max_size=8).map(lambda t: ping_frame(t, FLAG_ACK)),
+        ),
+        max_size=12,
+    ),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
+)
+@settings(max_examples=100, deadline=None)
+def test_the_short_way_sends_what_the_common_way_would(
+    messages: list[bytes], cuts: list[int]
+) -> None:
+    """Whatever the messages and their cutting, answering lone PINGs the short way gives the
+    same bytes, in the same order, as feeding everything."""
+    stream = b"".join(messages)
+    bounds = sorted({0, len(stream), *(min(c * 7, len(stream)) for c in cuts)})
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    common, short = open_server(), open_server()
+    expected, got = [], []
+    for chunk in chunks:
+        common.server.receive_data(chunk, common.now)
+        expected += common.server.data_to_send()
+        ack = short.server.answer_ping(chunk, short.now)
+        if ack is None:
+            short.server.receive_data(chunk, short.now)
+            got += short.server.data_to_send()
+        else:
+            got.append(ack)
+    assert b"".join(got) == b"".join(expected)
+
+
+def test_the_cutter_knows_when_a_message_starts_with_a_frame() -> None:
+    cutter = FrameCutter()
+    ping = ping_frame(b"abcdefgh")
+    assert cutter.at_boundary
+    cutter.cut(ping + ping[:5])  # a header cut short
+    assert not cutter.at_boundary
+    cutter.cut(ping[5:14])  # the header's end, part of the payload
+    assert not cutter.at_boundary
+    cutter.cut(ping[14:])
+    assert cutter.at_boundary
+
+
+class FakeTransport:
+    """What ServerWebSocket needs of a transport; writes recorded."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def writelines(self, chunks: Sequence[bytes | memoryview]) -> None:
+        self.written.append(b"".join(chunks))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_the_websocket_answers_a_lone_ping_without_the_links_writer() -> None:
+    loop = asyncio.get_running_loop()
+    p = open_server()
+    p.server.data_to_send()
+    transport = FakeTransport()
+    ws = ServerWebSocket(1 << 20)
+    ws.connection_made(transport)  # type: ignore[arg-type]
+    link = Link(p.server, ws.send_chunks)
+    ws.attach(link)
+    runner = asyncio.ensure_future(run_websocket(ws, link))
+    deadline = loop.time() + 5
+    while ws._waiter is None:  # the receive loop waits for a payload
+        assert loop.time() < deadline
+        await asyncio.sleep(0)
+    transport.written.clear()
+    flushes = link._flushes_started
+    ws.data_received(client_frame(OP_BINARY, ping_frame(b"lonelyPG")))
+    assert transport.written == [frame_head(20) + ping_frame(b"lonelyPG", FLAG_ACK)]
+    assert link._flushes_started == flushes and ws._waiter is not None
+    # while the transport is paused the ACK takes the common way (and its backpressure)
+    ws.pause_writing()
+    ws.data_received(client_frame(OP_BINARY, ping_frame(b"pausedPG")))
+    assert link.backlog == 20 and len(transport.written) == 1
+    ws.resume_writing()
+    while link.backlog:
+        assert loop.time() < deadline
+        await asyncio.sleep(0)
+    assert transport.written[-1] == frame_head(20) + ping_frame(b"pausedPG", FLAG_ACK)
+    link.close()
+    ws.connection_lost(None)
+    await asyncio.wait_for(runner, 5)
