@@ -461,6 +461,15 @@ async def _pipe(src: LinkStream, dst: LinkStream) -> None:
 # -- the dialling side (node B) ----------------------------------------------------------------
 
 
+class _NotAdmitted(Exception):
+    """The other node did not answer a forwarded OPEN within :data:`ADMISSION_TIMEOUT`."""
+
+
+def _admission_due(opened: asyncio.Future[dict[str, Any]]) -> None:
+    if not opened.done():
+        opened.set_exception(_NotAdmitted())
+
+
 @dataclass(eq=False)
 class _Dialled:
     address: str
@@ -503,16 +512,19 @@ class PeerPool:
         """Open a stream to ``node`` and wait for its admission; raises the refusal."""
         dialled = await self._link(node, address)
         stream = dialled.link.open(info)
+        # one timer, not an asyncio.timeout block: this runs for every forwarded request
+        timer = dialled.link.loop.call_later(ADMISSION_TIMEOUT, _admission_due, stream.opened)
         try:
-            async with asyncio.timeout(ADMISSION_TIMEOUT):
-                await stream.opened
-        except TimeoutError:
+            await stream.opened
+        except _NotAdmitted:
             stream.reset(Cancelled("no admission in time"))
             self.mark_suspect(node)  # alive enough to keep its link, too slow to use now
             raise PortalOffline(f"node {node} did not admit the stream in time") from None
         except BaseException:
             stream.finish()
             raise
+        finally:
+            timer.cancel()
         return PeerStream(stream, node)
 
     async def _link(self, node: str, address: str) -> _Dialled:

@@ -19,7 +19,6 @@ opens nothing while draining.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from typing import TYPE_CHECKING, Any
 
@@ -240,11 +239,11 @@ def open_for_peer(state: NodeState, info: dict[str, Any]) -> LinkStream:
     if not isinstance(alias, str) or not isinstance(tenant, str):
         raise ProtocolError("a forwarded OPEN must name its alias and tenant")
     found = state.registry.lookup(alias)
-    sessions = tuple(s for s in found.sessions if s.tenant == tenant)
-    if not sessions:
+    if found.tenant != tenant:  # a lookup's sessions are all its owner's
+        found = Lookup(found.tenant, (), found.owner)
+    if not found.sessions:
         raise PortalOffline(f"no agent session of {alias} on node {state.node_id}")
-    mine = dataclasses.replace(found, sessions=sessions)
-    return _open_on_session(alias, mine, strip_peer_keys(info))
+    return _open_on_session(alias, found, strip_peer_keys(info))
 
 
 def _open_on_session(alias: str, found: Lookup[AgentSession], info: dict[str, Any]) -> LinkStream:
