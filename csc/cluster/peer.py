@@ -9,9 +9,10 @@ carries a short-lived HS256 token signed with the cluster secret (``iss`` = B's 
 token meant for one node is refused by another.
 
 Streams on a peer link differ from agent-link streams in one way, so that B can try another node
-when A cannot serve: A answers OPEN_OK as soon as it has opened the stream on one of its own agent
-sessions (*admission*), or OPEN_FAIL at once when it has none (``portal_offline``) or is draining
-(``going_away``). The agent's answer (the response head of an HTTP request, ``{}`` for TCP) then
+when A cannot serve: A answers OPEN_OK once it has opened the stream on one of its own agent
+sessions (*admission*; for a stream without a body, together with the agent's answer when that
+comes within ``ADMISSION_HOLD``), or OPEN_FAIL at once when it has none (``portal_offline``) or
+is draining (``going_away``). The agent's answer (the response head of an HTTP request, ``{}`` for TCP) then
 comes as the first DATA bytes of the stream: a 4-byte big-endian length and that JSON object
 (on a link of protocol 1.1, a response head in the binary form of shared/protocol/heads.py,
 the length's top bit set);
@@ -74,9 +75,11 @@ AUDIENCE_PREFIX = "csc-peer:"
 TOKEN_TTL = 60
 HANDSHAKE_TIMEOUT = 5.0
 DIAL_TIMEOUT = 3.0
-#: A node answers OPEN without waiting for anyone (admission); one that takes longer is stuck
+#: A node answers OPEN within ADMISSION_HOLD (admission); one that takes this long is stuck
 #: (paused, overloaded) and the next node is tried.
 ADMISSION_TIMEOUT = 2.0
+#: A holds the admission of a bodyless stream this long at most, to send it with the answer.
+ADMISSION_HOLD = 0.25
 READ_SIZE = 256 * 1024
 #: How long a node whose link could not be dialled is skipped before it is tried again.
 SUSPECT_FOR = 3.0
@@ -392,18 +395,21 @@ class PeerServer:
         except CSCError as err:
             stream.reject(err)
             return
-        stream.accept({"node": self.node_id})
+        admission = _Admission(stream, self.node_id)
         self.stream_started()
         self.relaying += 1
         upload: asyncio.Future[None] | None = None
         try:
             if stream.read_done:  # B sent its FIN with the OPEN (a GET): nothing to pump
+                admission.hold()
                 inner.write_eof()
             else:
+                admission.now()  # B's body flows on B's own credit; admit at once
                 upload = asyncio.ensure_future(_pipe(stream, inner))
             try:
                 head = await inner.opened
             except CSCError as err:
+                admission.now()
                 if inner.unprocessed:  # tell the forwarding node it may try elsewhere
                     await cancel_quietly(upload)
                     if upload is not None and not upload.cancelled():
@@ -413,14 +419,17 @@ class PeerServer:
                     return
                 stream.reset(err)
                 return
+            admission.now()  # with the head, in the same write when it was held
             await stream.write(encode_head(head, binary=stream.link.conn.binary_heads))
             await _pipe(inner, stream)
             if upload is not None:
                 await upload
         except CSCError as err:
+            admission.now()
             stream.reset(err)
             inner.reset(err)
         finally:
+            admission.cancel()
             await cancel_quietly(upload)
             inner.finish()
             self.relaying -= 1
@@ -433,6 +442,36 @@ class PeerServer:
             link.close(GoingAway("the node is stopping"))
         for task in list(self._tasks):
             await cancel_quietly(task)
+
+
+class _Admission:
+    """When A answers OPEN_OK for a stream it relays. A stream that came with its FIN (no
+    body: most requests) is admitted together with its answer when the agent answers within
+    :data:`ADMISSION_HOLD`, so B reads OPEN_OK, the head and the body in one piece instead of
+    waking twice; a slower answer is admitted when the hold ends, well within B's
+    :data:`ADMISSION_TIMEOUT`. A stream with a body, and any failure, is admitted at once (an
+    error after admission reaches B as the agent's own, not as a refusal to try elsewhere)."""
+
+    __slots__ = ("_node", "_stream", "_timer", "admitted")
+
+    def __init__(self, stream: LinkStream, node: str) -> None:
+        self._stream, self._node = stream, node
+        self._timer: asyncio.TimerHandle | None = None
+        self.admitted = False
+
+    def hold(self) -> None:
+        self._timer = self._stream.link.loop.call_later(ADMISSION_HOLD, self.now)
+
+    def now(self) -> None:
+        self.cancel()
+        if not self.admitted and not self._stream.done:
+            self.admitted = True
+            self._stream.accept({"node": self._node})
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def _pipe(src: LinkStream, dst: LinkStream) -> None:
