@@ -307,6 +307,12 @@ def _end_transport(writer: asyncio.StreamWriter, link: Link) -> None:
         writer.close()
 
 
+def _transport(writer: asyncio.StreamWriter) -> str:
+    """``TLSv1.3`` or ``plain TCP``, for the link-up log lines."""
+    tls = writer.get_extra_info("ssl_object")
+    return "plain TCP" if tls is None else str(tls.version())
+
+
 E = TypeVar("E", bound=Event)
 
 
@@ -402,7 +408,7 @@ class PeerServer:
             pending=pending,
         )
         self.links.add(link)
-        log.info("peer link from node %s up", source)
+        log.info("peer link from node %s up (%s)", source, _transport(writer))
         try:
             await _pump(reader, link)
         finally:
@@ -599,7 +605,7 @@ class PeerPool:
         dialled = _Dialled(address, link, pump, writer)
         self._links[node] = dialled
         self._suspect.pop(node, None)
-        log.info("peer link to node %s (%s) up", node, address)
+        log.info("peer link to node %s (%s) up (%s)", node, address, _transport(writer))
         self.on_link_change()
         return dialled
 
