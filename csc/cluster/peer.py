@@ -4,10 +4,11 @@ on node A travels B→A over one persistent, authenticated link (docs/protocol.m
 A peer link is the agent-link protocol (shared/protocol: frames, streams, per-stream credit,
 heartbeats) carried directly over TCP, without a WebSocket: the frame codec delimits frames by
 itself. Unless ``peer_tls`` is off, that TCP connection is TLS 1.3 with a certificate required
-on both sides (csc/cluster/peertls.py), the handshake bounded by ``HANDSHAKE_TIMEOUT``. B dials (``Side.CLIENT``) and opens streams; A accepts them (``Side.SERVER``). B's HELLO
-carries a short-lived HS256 token signed with the cluster secret (``iss`` = B's node id,
-``aud`` = ``csc-peer:<A's node id>``), so only nodes holding the secret can open streams and a
-token meant for one node is refused by another.
+on both sides (csc/cluster/peertls.py), the handshake bounded by ``HANDSHAKE_TIMEOUT``. B dials
+(``Side.CLIENT``) and opens streams; A accepts them (``Side.SERVER``). B's HELLO carries a
+short-lived HS256 token signed with the cluster secret (``iss`` = B's node id, ``aud`` =
+``csc-peer:<A's node id>``), so only nodes holding the secret can open streams and a token
+meant for one node is refused by another.
 
 Streams on a peer link differ from agent-link streams in one way, so that B can try another node
 when A cannot serve: A answers OPEN_OK as soon as it has opened the stream on one of its own agent
@@ -326,7 +327,8 @@ async def _handshake_events(
         data = await reader.read(READ_SIZE)
         if not data:
             raise ProtocolError(
-                f"the peer closed the link in the handshake ({peertls.MISMATCH_HINT})"
+                "the peer closed the link in the handshake "
+                f"(another cluster secret, or {peertls.MISMATCH_HINT})"
             )
         if first and peertls.looks_like_tls(data):  # only a plain link sees TLS records
             raise ProtocolError(f"the other node speaks TLS, this one not: {peertls.MISMATCH_HINT}")

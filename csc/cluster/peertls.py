@@ -153,7 +153,6 @@ def _context(purpose: int) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False  # nodes dial pod IPs; the anchor alone decides
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.options |= ssl.OP_NO_TICKET  # links are persistent: nothing to resume
     return ctx
 
 
@@ -175,6 +174,7 @@ def contexts_from_pem(cert: bytes, key: bytes, anchors: bytes) -> PeerTLS:
     """Contexts presenting ``cert`` (with ``key``) and accepting only chains to ``anchors``."""
     pair = PeerTLS(_context(ssl.PROTOCOL_TLS_SERVER), _context(ssl.PROTOCOL_TLS_CLIENT))
     pair.server.sslobject_class = _ListenerTLS
+    pair.server.num_tickets = 0  # links are persistent: no session to resume
     with _private_file(cert + b"\n" + key) as path:
         for ctx in (pair.server, pair.client):
             ctx.load_cert_chain(path)
