@@ -8,7 +8,8 @@ named ``admin_url``, ``admin_token*`` or ``admin_ca_file`` (``csc admin`` reads 
 
 Invariants of a loaded config: addresses parse as host:port, ``initial_window <= max_window <=
 session_budget``, ``max_frame`` is within 16 KiB..16 MiB, ``heartbeat_timeout >
-heartbeat_interval``, and ``tls_cert``/``tls_key`` are both set (to existing files) or both unset.
+heartbeat_interval``, ``tls_cert``/``tls_key`` are both set (to existing files) or both unset,
+and so are ``peer_tls_cert``/``peer_tls_key``/``peer_tls_ca`` (set only with ``peer_tls``).
 """
 
 from __future__ import annotations
@@ -213,6 +214,32 @@ class CSCConfig:
     cluster_key_file: Path | None = field(
         default=None, metadata=meta(help="file holding the cluster secret (first line)")
     )
+    peer_tls: bool = field(
+        default=True,
+        metadata=meta(
+            help="TLS 1.3 with mutual authentication on peer links (keyed by the cluster secret "
+            "unless `peer_tls_cert` is set); `false` only where the network already encrypts "
+            "and authenticates pod-to-pod traffic (a service mesh)"
+        ),
+    )
+    peer_tls_cert: Path | None = field(
+        default=None,
+        metadata=meta(
+            doc_default="derived from the cluster secret",
+            help="PEM certificate (chain) this node presents on peer links; with "
+            "`peer_tls_key` and `peer_tls_ca`",
+        ),
+    )
+    peer_tls_key: Path | None = field(
+        default=None, metadata=meta(help="PEM private key of `peer_tls_cert`")
+    )
+    peer_tls_ca: Path | None = field(
+        default=None,
+        metadata=meta(
+            help="PEM CA certificate(s) a peer's certificate must chain to (no host name check: "
+            "use a CA only for this cluster's nodes)"
+        ),
+    )
     signing_key_file: Path | None = field(
         default=None,
         metadata=meta(
@@ -254,6 +281,7 @@ class CSCConfig:
         """Cross-field checks; single-field ranges are checked by the loader."""
         problems = link_problems(self)
         problems += self._tls_problems()
+        problems += self._peer_tls_problems()
         problems += self._cluster_problems()
         for name in ("token_audience", "token_issuer"):
             if not getattr(self, name).strip():
@@ -326,6 +354,25 @@ class CSCConfig:
         return [
             f"{name} {path}: no such file"
             for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key))
+            if path is not None and not path.is_file()
+        ]
+
+    def _peer_tls_problems(self) -> list[str]:
+        files = {
+            "peer_tls_cert": self.peer_tls_cert,
+            "peer_tls_key": self.peer_tls_key,
+            "peer_tls_ca": self.peer_tls_ca,
+        }
+        given = [name for name, path in files.items() if path is not None]
+        if not given:
+            return []
+        if not self.peer_tls:
+            return [f"{', '.join(given)} set but peer_tls is false"]
+        if len(given) != len(files):
+            return ["peer_tls_cert, peer_tls_key and peer_tls_ca must be set together (or none)"]
+        return [
+            f"{name} {path}: no such file"
+            for name, path in files.items()
             if path is not None and not path.is_file()
         ]
 

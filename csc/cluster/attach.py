@@ -75,6 +75,7 @@ async def cluster_context(state: NodeState) -> AsyncIterator[None]:
         return
     # a lone node never loads redis-py and the cluster code (about 20 MiB resident)
     from csc.cluster.node import Cluster
+    from csc.cluster.peertls import peer_contexts
     from csc.cluster.redisconn import RedisUnavailable, connect_redis
     from csc.cluster.routes import Keys
 
@@ -82,6 +83,14 @@ async def cluster_context(state: NodeState) -> AsyncIterator[None]:
         secret = config.cluster_secret()
     except ValueError as exc:
         raise ClusterStartError(str(exc)) from None
+    tls = None
+    if config.peer_tls:
+        try:
+            tls = peer_contexts(
+                secret, config.peer_tls_cert, config.peer_tls_key, config.peer_tls_ca
+            )
+        except ValueError as exc:
+            raise ClusterStartError(str(exc)) from None
     try:
         redis = await connect_redis(config.redis_url, client_name=f"csc:{state.node_id}")
     except RedisUnavailable as exc:
@@ -96,6 +105,7 @@ async def cluster_context(state: NodeState) -> AsyncIterator[None]:
         lease=config.route_lease,
         settings=state.link_settings,
         hooks=_hooks(state),
+        tls=tls,
     )
     state.registry.refresh_on_miss = False  # the store is remote: never read it on a hot path
     try:

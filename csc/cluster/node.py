@@ -41,6 +41,7 @@ from redis.exceptions import RedisError
 
 from csc.cluster.limits import ClusterRate, ClusterSlots
 from csc.cluster.peer import PeerPool, PeerServer, PeerStream
+from csc.cluster.peertls import PeerTLS
 from csc.cluster.routes import Keys, NodeInfo, RouteTable
 from csc.cluster.subscriber import Subscriber
 from shared.errors import CSCError, PortalOffline
@@ -94,6 +95,8 @@ class Cluster:
     lease: float
     settings: LinkSettings
     hooks: ClusterHooks
+    #: TLS of the peer links (csc/cluster/peertls.py); None: plain TCP (``peer_tls=false``)
+    tls: PeerTLS | None = None
     stats: ClusterStats = field(default_factory=ClusterStats)
     routes: RouteTable = field(init=False)
     rate: ClusterRate = field(init=False)
@@ -117,7 +120,10 @@ class Cluster:
         self.rate = ClusterRate(self.redis, self.keys.prefix)
         self.slots = ClusterSlots(self.redis, self.keys.prefix, self.lease)
         peer_settings = replace(self.settings, max_streams=PEER_MAX_STREAMS)
-        self.peers = PeerPool(self.node_id, self.key, peer_settings)
+        tls = self.tls
+        self.peers = PeerPool(
+            self.node_id, self.key, peer_settings, tls=None if tls is None else tls.client
+        )
         self.server = PeerServer(
             self.node_id,
             self.key,
@@ -125,6 +131,7 @@ class Cluster:
             self.hooks.open_local,
             self.hooks.stream_started,
             self.hooks.stream_finished,
+            tls=None if tls is None else tls.server,
         )
 
     # -- life cycle --------------------------------------------------------------------------

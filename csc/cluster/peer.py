@@ -3,10 +3,12 @@ on node A travels B→A over one persistent, authenticated link (docs/protocol.m
 
 A peer link is the agent-link protocol (shared/protocol: frames, streams, per-stream credit,
 heartbeats) carried directly over TCP, without a WebSocket: the frame codec delimits frames by
-itself. B dials (``Side.CLIENT``) and opens streams; A accepts them (``Side.SERVER``). B's HELLO
-carries a short-lived HS256 token signed with the cluster secret (``iss`` = B's node id,
-``aud`` = ``csc-peer:<A's node id>``), so only nodes holding the secret can open streams and a
-token meant for one node is refused by another.
+itself. Unless ``peer_tls`` is off, that TCP connection is TLS 1.3 with a certificate required
+on both sides (csc/cluster/peertls.py), the handshake bounded by ``HANDSHAKE_TIMEOUT``. B dials
+(``Side.CLIENT``) and opens streams; A accepts them (``Side.SERVER``). B's HELLO carries a
+short-lived HS256 token signed with the cluster secret (``iss`` = B's node id, ``aud`` =
+``csc-peer:<A's node id>``), so only nodes holding the secret can open streams and a token
+meant for one node is refused by another.
 
 Streams on a peer link differ from agent-link streams in one way, so that B can try another node
 when A cannot serve: A answers OPEN_OK once it has opened the stream on one of its own agent
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +48,7 @@ from typing import Any, TypeVar
 
 import jwt
 
+from csc.cluster import peertls
 from shared.aio import cancel_quietly
 from shared.errors import (
     AuthFailed,
@@ -307,6 +311,12 @@ def _end_transport(writer: asyncio.StreamWriter, link: Link) -> None:
         writer.close()
 
 
+def _transport(writer: asyncio.StreamWriter) -> str:
+    """``TLSv1.3`` or ``plain TCP``, for the link-up log lines."""
+    tls = writer.get_extra_info("ssl_object")
+    return "plain TCP" if tls is None else str(tls.version())
+
+
 E = TypeVar("E", bound=Event)
 
 
@@ -315,10 +325,17 @@ async def _handshake_events(
 ) -> tuple[E, list[Event]]:
     """Read until ``want`` arrives: that event and the ones after it."""
     loop = asyncio.get_running_loop()
+    first = True
     while True:
         data = await reader.read(READ_SIZE)
         if not data:
-            raise ProtocolError("the peer closed the link in the handshake")
+            raise ProtocolError(
+                "the peer closed the link in the handshake "
+                f"(another cluster secret, or {peertls.MISMATCH_HINT})"
+            )
+        if first and peertls.looks_like_tls(data):  # only a plain link sees TLS records
+            raise ProtocolError(f"the other node speaks TLS, this one not: {peertls.MISMATCH_HINT}")
+        first = False
         conn.receive_data(data, loop.time())
         events = conn.events()
         for i, event in enumerate(events):
@@ -343,16 +360,28 @@ class PeerServer:
     open_local: LocalOpener
     stream_started: Callable[[], None]
     stream_finished: Callable[[], None]
+    #: the listener's TLS context (csc/cluster/peertls.py); None: plain TCP (``peer_tls=false``)
+    tls: ssl.SSLContext | None = None
     links: set[Link] = field(default_factory=set)
+    #: the bound (host, port), once started
+    address: tuple[str, int] | None = None
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     #: streams being relayed now
     relaying: int = 0
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._accept, host, port, limit=READ_SIZE)
+        self._server = await asyncio.start_server(
+            self._accept,
+            host,
+            port,
+            limit=READ_SIZE,
+            ssl=self.tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.tls is not None else None,
+        )
         sockname = self._server.sockets[0].getsockname()
-        return sockname[0], sockname[1]
+        self.address = sockname[0], sockname[1]
+        return self.address
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
@@ -367,7 +396,11 @@ class PeerServer:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 hello, pending = await _handshake_events(reader, conn, HelloReceived)
             source = verify_peer_token(self.key, hello.info.get("token"), self.node_id)
-        except (CSCError, TimeoutError, OSError) as exc:
+        except TimeoutError:
+            log.warning("peer link from %s refused: no HELLO within %ss", peer, HANDSHAKE_TIMEOUT)
+            writer.close()
+            return
+        except (CSCError, OSError) as exc:
             log.warning("peer link from %s refused: %s", peer, getattr(exc, "message", exc))
             writer.close()
             return
@@ -380,7 +413,7 @@ class PeerServer:
             pending=pending,
         )
         self.links.add(link)
-        log.info("peer link from node %s up", source)
+        log.info("peer link from node %s up (%s)", source, _transport(writer))
         try:
             await _pump(reader, link)
         finally:
@@ -525,6 +558,8 @@ class PeerPool:
     key: bytes
     settings: LinkSettings
     on_link_change: Callable[[], None] = lambda: None
+    #: the dialler's TLS context (csc/cluster/peertls.py); None: plain TCP (``peer_tls=false``)
+    tls: ssl.SSLContext | None = None
     _links: dict[str, _Dialled] = field(default_factory=dict)
     _dialling: dict[str, asyncio.Future[_Dialled]] = field(default_factory=dict)
     _suspect: dict[str, float] = field(default_factory=dict)
@@ -584,10 +619,30 @@ class PeerPool:
             raise PortalOffline(f"node {node} cannot be reached ({exc!r})") from None
 
     async def _dial(self, node: str, address: str) -> _Dialled:
+        try:
+            return await self._dial_once(node, address)
+        except (ssl.SSLError, ConnectionResetError) as exc:
+            if self.tls is None:
+                raise
+            log.warning(
+                "peer link to node %s (%s) failed: %s", node, address, peertls.describe(exc)
+            )
+            raise
+        except ProtocolError as exc:
+            log.warning("peer link to node %s (%s) failed: %s", node, address, exc.message)
+            raise
+
+    async def _dial_once(self, node: str, address: str) -> _Dialled:
         host, port = parse_hostport(address)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(DIAL_TIMEOUT):
-            reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
+            reader, writer = await asyncio.open_connection(
+                host,
+                port,
+                limit=READ_SIZE,
+                ssl=self.tls,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.tls is not None else None,
+            )
             try:
                 conn = Connection(Side.CLIENT, self.settings, accept_streams=False, now=loop.time())
                 conn.send_hello(
@@ -603,7 +658,7 @@ class PeerPool:
         dialled = _Dialled(address, link, pump, writer)
         self._links[node] = dialled
         self._suspect.pop(node, None)
-        log.info("peer link to node %s (%s) up", node, address)
+        log.info("peer link to node %s (%s) up (%s)", node, address, _transport(writer))
         self.on_link_change()
         return dialled
 

@@ -124,6 +124,11 @@ def test_nodes_advertise_their_pod_ip_and_name(objs: list[dict[str, Any]]) -> No
     assert names.index("POD_IP") < names.index("CSC_PEER_ADVERTISE")
 
 
+def test_peer_links_use_tls_unless_turned_off(objs: list[dict[str, Any]]) -> None:
+    assert env(objs)["CSC_PEER_TLS"] == "true"
+    assert env(objects(render(CHART, values(peerTls=False))))["CSC_PEER_TLS"] == "false"
+
+
 def test_public_service_has_http_and_tcp_only(objs: list[dict[str, Any]]) -> None:
     (svc,) = [s for s in by_kind(objs, "Service") if s["metadata"]["name"] == "csc"]
     assert [(p["name"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
@@ -289,6 +294,8 @@ def test_extra_settings_become_csc_variables() -> None:
         ({"podSecurityContext": {"runAsNonRoot": False}}, "runAsNonRoot"),
         ({"extraEnv": {"LISTEN": "0.0.0.0:80"}}, "propertyName 'LISTEN'"),
         ({"extraEnv": {"log_level": "debug"}}, "propertyName 'log_level'"),
+        ({"extraEnv": {"PEER_TLS": "false"}}, "propertyName 'PEER_TLS'"),
+        ({"peerTls": "no"}, "peerTls"),
         ({"image": {"repository": "r", "digest": "latest"}}, "digest"),
         ({"serviceMonitor": {"enabled": "yes"}}, "enabled"),
         ({"replicas": 3}, "replicas"),
