@@ -40,7 +40,8 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from csc.cluster.limits import ClusterRate, ClusterSlots
-from csc.cluster.peer import PeerPool, PeerServer, PeerStream
+from csc.cluster.peer import PeerPool, PeerServer
+from csc.cluster.peerstream import PeerStream
 from csc.cluster.peertls import PeerTLS
 from csc.cluster.routes import Keys, NodeInfo, RouteTable
 from csc.cluster.subscriber import Subscriber

@@ -1,28 +1,24 @@
 """Node-to-node peer links: a bootloader stream that arrives at node B for an alias whose agent is
-on node A travels B→A over one persistent, authenticated link (docs/protocol.md §10).
+on node A travels B→A over one persistent, authenticated link (docs/protocol.md §9).
 
 A peer link is the agent-link protocol (shared/protocol: frames, streams, per-stream credit,
 heartbeats) carried directly over TCP, without a WebSocket: the frame codec delimits frames by
 itself. Unless ``peer_tls`` is off, that TCP connection is TLS 1.3 with a certificate required
 on both sides (csc/cluster/peertls.py), the handshake bounded by ``HANDSHAKE_TIMEOUT``. B dials
 (``Side.CLIENT``) and opens streams; A accepts them (``Side.SERVER``). B's HELLO carries a
-short-lived HS256 token signed with the cluster secret (``iss`` = B's node id, ``aud`` =
-``csc-peer:<A's node id>``), so only nodes holding the secret can open streams and a token
-meant for one node is refused by another.
+short-lived HS256 token signed with the cluster secret (csc/cluster/peerauth.py), so only nodes
+holding the secret can open streams and a token meant for one node is refused by another.
 
 Streams on a peer link differ from agent-link streams in one way, so that B can try another node
 when A cannot serve: A answers OPEN_OK once it has opened the stream on one of its own agent
 sessions (*admission*; for a stream without a body, together with the agent's answer when that
 comes within ``ADMISSION_HOLD``), or OPEN_FAIL at once when it has none (``portal_offline``) or
-is draining (``going_away``). The agent's answer (the response head of an HTTP request, ``{}`` for TCP) then
-comes as the first DATA bytes of the stream: a 4-byte big-endian length and that JSON object
-(on a link of protocol 1.1, a response head in the binary form of shared/protocol/heads.py,
-the length's top bit set);
-an agent refusal after admission is an RST with the agent's code, except a refusal that proves
-the agent never ran the stream (it was going away: ``LinkStream.unprocessed``), which comes as
-the head ``{"unprocessed": true}`` so that B may open the stream again elsewhere.
-:class:`PeerStream` turns that back into what the ingress expects of an agent stream
-(``opened`` resolves to the head).
+is draining (``going_away``). The agent's answer then comes as the first DATA bytes of the
+stream (csc/cluster/peerstream.py, where :class:`~csc.cluster.peerstream.PeerStream` turns it
+back into what the ingress expects of an agent stream); an agent refusal after admission is an
+RST with the agent's code, except a refusal that proves the agent never ran the stream (it was
+going away: ``LinkStream.unprocessed``), which comes as the head ``{"unprocessed": true}`` so
+that B may open the stream again elsewhere.
 
 A only relays: B has already checked the alias, the tenant and its limits, logs the request and
 counts it. A copies bytes between the two streams and returns credit only for bytes the next hop
@@ -37,28 +33,24 @@ the other with the same code).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import jwt
-
 from csc.cluster import peertls
+from csc.cluster.peerauth import peer_token, verify_peer_token
+from csc.cluster.peerstream import UNPROCESSED, PeerStream, encode_head
 from shared.aio import cancel_quietly
 from shared.errors import (
-    AuthFailed,
     Cancelled,
     CSCError,
     GoingAway,
     LinkStalled,
     PortalOffline,
     ProtocolError,
-    UpstreamError,
 )
 from shared.link import Link, LinkStream
 from shared.protocol import (
@@ -68,15 +60,11 @@ from shared.protocol import (
     LinkSettings,
     Side,
     WelcomeReceived,
-    heads,
 )
-from shared.protocol.codec import decode_json
 from shared.units import parse_hostport
 
 log = logging.getLogger("csc.peer")
 
-AUDIENCE_PREFIX = "csc-peer:"
-TOKEN_TTL = 60
 HANDSHAKE_TIMEOUT = 5.0
 DIAL_TIMEOUT = 3.0
 #: A node answers OPEN within ADMISSION_HOLD (admission); one that takes this long is stuck
@@ -90,192 +78,6 @@ SUSPECT_FOR = 3.0
 #: A relay credits its source without waiting for the flush while the next hop's link has no
 #: more than this many bytes unsent (see ``_pipe``).
 EARLY_CREDIT = 64 * 1024
-_HEAD_LEN = struct.Struct(">I")
-MAX_HEAD = 1024 * 1024
-#: the top bit of a forwarded head's length: the head is binary (protocol 1.1, §9)
-BINARY_HEAD = 0x8000_0000
-
-#: Stream ``info`` keys that only the peer link uses (removed before the agent sees the OPEN).
-PEER_KEYS = ("tenant",)
-
-
-def strip_peer_keys(info: dict[str, Any]) -> dict[str, Any]:
-    """A forwarded OPEN's info as the agent sees it."""
-    return {k: v for k, v in info.items() if k not in PEER_KEYS}
-
-
-#: the head A sends instead of the agent's answer when the agent never ran the stream
-UNPROCESSED = "unprocessed"
-
-
-# -- authentication ---------------------------------------------------------------------------
-
-
-def peer_token(key: bytes, source: str, target: str, now: float | None = None) -> str:
-    """The HELLO credential of ``source`` dialling ``target``, valid for a minute."""
-    issued = int(time.time() if now is None else now)
-    claims = {
-        "iss": source,
-        "aud": AUDIENCE_PREFIX + target,
-        "iat": issued,
-        "exp": issued + TOKEN_TTL,
-    }
-    return jwt.encode(claims, key, algorithm="HS256")
-
-
-def verify_peer_token(key: bytes, token: object, me: str) -> str:
-    """The dialling node's id, or AuthFailed (wrong secret, wrong target, expired)."""
-    if not isinstance(token, str):
-        raise AuthFailed("the peer HELLO lacks its token", reason="missing_token")
-    try:
-        claims = jwt.decode(
-            token,
-            key,
-            algorithms=["HS256"],
-            audience=AUDIENCE_PREFIX + me,
-            options={"require": ["iss", "aud", "exp"]},
-            leeway=5,
-        )
-    except jwt.PyJWTError as exc:
-        raise AuthFailed(f"peer token refused: {exc}", reason="peer_token") from None
-    source = claims.get("iss")
-    if not isinstance(source, str) or not source:
-        raise AuthFailed("peer token without a node id", reason="peer_token")
-    return source
-
-
-# -- the head of a forwarded stream ------------------------------------------------------------
-
-
-def encode_head(head: dict[str, Any], *, binary: bool = False) -> bytes:
-    """The agent's answer as the first DATA of a forwarded stream: its length, then the head
-    as JSON or, when ``binary`` (the link speaks 1.1) and it is a response head, in the binary
-    layout of an OPEN_OK (shared/protocol/heads.py) with :data:`BINARY_HEAD` set in the
-    length (docs/protocol.md §9)."""
-    body = heads.encode_answer(head) if binary else None
-    if body is not None:
-        return _HEAD_LEN.pack(len(body) | BINARY_HEAD) + body
-    body = json.dumps(head, separators=(",", ":")).encode()
-    return _HEAD_LEN.pack(len(body)) + body
-
-
-def decode_head(data: bytes, flagged: bool, binary: bool) -> dict[str, Any]:
-    """A forwarded head (the bytes after its length; ``flagged``: the length carried
-    :data:`BINARY_HEAD`) on a link where ``binary`` heads were negotiated or not."""
-    if not flagged:
-        return decode_json(data, "forwarded head")
-    if not binary:
-        raise ProtocolError("binary forwarded head on a link that speaks protocol 1.0")
-    return heads.decode_answer(data)
-
-
-class PeerStream:
-    """A stream forwarded to another node, with the interface of an agent :class:`LinkStream`.
-
-    Created once the remote node admitted the stream; ``opened`` resolves to the agent's answer
-    read from the first DATA bytes (or fails with the stream's error).
-    """
-
-    __slots__ = ("_head_task", "_pending", "_unprocessed", "info", "inner", "node", "opened")
-
-    def __init__(self, inner: LinkStream, node: str) -> None:
-        self.inner = inner
-        self.node = node
-        self.info = inner.info
-        loop = inner.link.loop
-        self.opened: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._pending: bytes | None = None
-        self._unprocessed = False
-        self._head_task = loop.create_task(self._read_head(), name=f"peer-head-{inner.id}")
-
-    async def _read_head(self) -> None:
-        buf = bytearray()
-        size: int | None = None
-        try:
-            while size is None or len(buf) < _HEAD_LEN.size + size:
-                chunk = await self.inner.read()
-                if not chunk:
-                    raise UpstreamError("the peer node ended the stream before the answer")
-                buf += chunk
-                if size is None and len(buf) >= _HEAD_LEN.size:
-                    (size,) = _HEAD_LEN.unpack_from(buf)
-                    flagged = bool(size & BINARY_HEAD)
-                    size &= ~BINARY_HEAD
-                    if size > MAX_HEAD:
-                        raise ProtocolError(f"forwarded head of {size} bytes")
-                # credit the head's bytes now; bytes after it are credited by the reader
-                end = len(buf) if size is None else min(len(buf), _HEAD_LEN.size + size)
-                self.inner.consumed(len(chunk) - (len(buf) - end))
-            end = _HEAD_LEN.size + size
-            binary = self.inner.link.conn.binary_heads
-            try:
-                head = decode_head(bytes(buf[_HEAD_LEN.size : end]), flagged, binary)
-            except ProtocolError as bad:  # malformed: the stream cannot go on
-                self.inner.reset(bad)
-                raise
-            if head.get(UNPROCESSED) is True:  # the agent there never ran it (see _relay)
-                self._unprocessed = True
-                raise GoingAway(f"node {self.node}: the agent was going away")
-        except CSCError as err:
-            self._fail_open(err)
-            return
-        if len(buf) > end:
-            self._pending = bytes(buf[end:])
-        if not self.opened.done():  # else the answer came after the ingress gave up on it
-            self.opened.set_result(head)
-
-    def _fail_open(self, err: CSCError) -> None:
-        if not self.opened.done():
-            self.opened.set_exception(err)
-            self.opened.exception()  # retrieved: the ingress reports it
-
-    # -- the LinkStream interface the ingresses use -----------------------------------------
-
-    @property
-    def error(self) -> CSCError | None:
-        return self.inner.error
-
-    @property
-    def done(self) -> bool:
-        return self.inner.done
-
-    @property
-    def unprocessed(self) -> bool:
-        """Neither the other node nor its agent ran the stream: it may be opened elsewhere."""
-        return self._unprocessed or self.inner.unprocessed
-
-    async def read(self) -> bytes | memoryview:
-        pending = self._pending
-        if pending is not None:
-            self._pending = None
-            return pending
-        return await self.inner.read()
-
-    def consumed(self, nbytes: int) -> None:
-        self.inner.consumed(nbytes)
-
-    async def write(self, data: bytes | memoryview) -> None:
-        await self.inner.write(data)
-
-    def write_eof(self) -> None:
-        self.inner.write_eof()
-
-    def read_complete(self) -> bytes | None:
-        rest = self.inner.read_complete()
-        if rest is None:
-            return None
-        pending, self._pending = self._pending or b"", None
-        return pending + rest
-
-    def reset(self, err: CSCError) -> None:
-        self.inner.reset(err)
-        self._fail_open(err)
-
-    def finish(self) -> None:
-        self._head_task.cancel()
-        self.inner.finish()
-
-
 # -- transport ---------------------------------------------------------------------------------
 
 

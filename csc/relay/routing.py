@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any
 
-from csc.cluster.peer import strip_peer_keys
+from csc.cluster.peerstream import strip_peer_keys
 from csc.relay.gateway import AgentSession
 from csc.relay.limits import (
     RETRY_AFTER_BUSY,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from csc.cluster.peer import BINARY_HEAD, PeerStream, decode_head, encode_head
+from csc.cluster.peerstream import BINARY_HEAD, PeerStream, decode_head, encode_head
 from shared.errors import HeadersTooLarge, ProtocolError
 from shared.headers import ValidPairs, header_pairs
 from shared.protocol import Connection, FrameType, LinkSettings, Side, StreamAccepted, StreamOpened

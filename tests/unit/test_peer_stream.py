@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csc.cluster.peer import PeerStream, encode_head
+from csc.cluster.peerstream import PeerStream, encode_head
 from shared.errors import CSCError, ProtocolError
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import jwt
 import pytest
 
-from csc.cluster.peer import peer_token, verify_peer_token
+from csc.cluster.peerauth import peer_token, verify_peer_token
 from shared.errors import AuthFailed
 
 KEY = b"k" * 40
