@@ -49,7 +49,7 @@ from shared.errors import CSCError, LinkStalled, ProtocolError
 from shared.link import Link, SendFn
 from shared.linkpace import PIECE_FRAMES
 from shared.protocol.codec import HEADER_SIZE
-from shared.protocol.mux import PING_SIZE
+from shared.protocol.heartbeat import PING_SIZE
 
 #: How long closing the WebSocket may take before its transport is aborted.
 CLOSE_TIMEOUT = 5.0
