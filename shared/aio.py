@@ -10,7 +10,8 @@ import contextlib
 from typing import Any
 
 from shared.errors import CSCError, error_for_code
-from shared.link import LinkCounters, TunnelStream
+from shared.link import LinkCounters
+from shared.linkstream import TunnelStream
 
 
 async def splice(

@@ -81,7 +81,7 @@ def advance(state: ExchangeState, new: ExchangeState) -> ExchangeState:
 
 class RelayedStream(Protocol):
     """What :class:`HttpUpstream` needs of the stream it serves: a link stream
-    (:class:`shared.link.LinkStream`) or a request of the local/DMZ proxy
+    (:class:`shared.linkstream.LinkStream`) or a request of the local/DMZ proxy
     (:class:`tenant_agent.proxy.exchange.InboundExchange`)."""
 
     info: dict[str, Any]

@@ -26,7 +26,7 @@ from shared.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from shared.link import LinkStream
+from shared.linkstream import LinkStream
 from tenant_agent.config import AgentConfig
 from tenant_agent.http_upstream import SMALL_BODY, HttpUpstream
 from tenant_agent.metrics import AgentMetrics

@@ -46,7 +46,7 @@ from csc.cluster.peertls import PeerTLS
 from csc.cluster.routes import Keys, NodeInfo, RouteTable
 from csc.cluster.subscriber import Subscriber
 from shared.errors import CSCError, PortalOffline
-from shared.link import LinkStream
+from shared.linkstream import LinkStream
 from shared.protocol import LinkSettings
 from shared.units import parse_hostport
 

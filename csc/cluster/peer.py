@@ -52,7 +52,8 @@ from shared.errors import (
     PortalOffline,
     ProtocolError,
 )
-from shared.link import Link, LinkStream
+from shared.link import Link
+from shared.linkstream import LinkStream
 from shared.protocol import (
     Connection,
     Event,

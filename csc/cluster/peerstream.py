@@ -21,7 +21,7 @@ import struct
 from typing import Any
 
 from shared.errors import CSCError, GoingAway, ProtocolError, UpstreamError
-from shared.link import LinkStream
+from shared.linkstream import LinkStream
 from shared.protocol import heads
 from shared.protocol.codec import decode_json
 

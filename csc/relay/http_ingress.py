@@ -47,7 +47,7 @@ from shared.errors import (
 )
 from shared.headers import HOP_BY_HOP, content_length, header_pairs, strip_hop_by_hop
 from shared.http1 import CHUNKED, CLOSE, LAST_CHUNK, LENGTH, NONE, encode_head, json_response
-from shared.link import TunnelStream
+from shared.linkstream import TunnelStream
 
 log = logging.getLogger("csc.http")
 

@@ -22,7 +22,7 @@ from csc.relay import accesslog
 from csc.relay.routing import release_stream
 from csc.state import NodeState
 from shared.errors import Cancelled, CSCError
-from shared.link import TunnelStream
+from shared.linkstream import TunnelStream
 
 
 def _log(

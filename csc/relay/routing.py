@@ -45,7 +45,7 @@ from shared.errors import (
     TenantSuspended,
     UnknownAlias,
 )
-from shared.link import LinkStream, TunnelStream
+from shared.linkstream import LinkStream, TunnelStream
 
 if TYPE_CHECKING:
     from csc.cluster.node import Cluster  # redis-py is loaded only when clustered

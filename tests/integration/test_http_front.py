@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from csc.config import CSCConfig
-from shared.link import LinkStream
+from shared.linkstream import LinkStream
 from tenant_agent.http_upstream import HttpUpstream
 from tests.support.attacks import read_response, read_until_closed
 from tests.support.inproc import ALIAS, Relay, relay

@@ -13,7 +13,7 @@ import pytest
 from csc.cluster import peer
 from csc.cluster.peer import PeerPool, PeerServer
 from shared.errors import PortalOffline, ProtocolError
-from shared.link import LinkStream
+from shared.linkstream import LinkStream
 from shared.protocol import LinkSettings
 from tests.support.procs import scaled
 

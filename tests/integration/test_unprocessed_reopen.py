@@ -19,7 +19,8 @@ from pathlib import Path
 import aiohttp
 
 from shared.errors import GoingAway
-from shared.link import Link, LinkStream, SendFn
+from shared.link import Link, SendFn
+from shared.linkstream import LinkStream
 from shared.protocol import Connection, HelloReceived, LinkSettings, Side
 from shared.protocol.codec import FrameType, encode_frame
 from tests.support.inproc import relay
