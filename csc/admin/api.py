@@ -491,8 +491,13 @@ async def _disconnect_elsewhere(
         if view is None:
             continue
         details = {"tenant": view.get("tenant"), "remote": view.get("remote"), "node": node}
+        try:
+            await state.cluster.request_disconnect(node, session_id)
+        except ClusterUnavailable as exc:
+            raise AdminError(
+                503, "cluster_unavailable", f"cannot reach node {node}: {exc}"
+            ) from None
         await _run(store.record_event, _actor(request), "session.disconnect", session_id, details)
-        await state.cluster.publish({"t": "disconnect", "session": session_id})
         log.info("admin %s disconnected session %s on node %s", request[OPERATOR], session_id, node)
         return web.json_response({"disconnected": session_id, **details})
     raise NotFound(f"no live session {session_id!r} on any node")

@@ -17,7 +17,9 @@ Events (JSON on ``P:events``, received through a
 triggers a full resync: directory, route cache and store): ``route`` (an alias's routes changed: drop the cached answer),
 ``nodes`` (the directory changed: re-read it), ``catalog`` (tenants, aliases or tokens changed
 in the store: re-read them and end the sessions that lost their right to run) and
-``disconnect`` (an operator ended a session by id, on whichever node holds it).
+``disconnect`` (an operator ended a session by id, on whichever node holds it; the request is
+also kept in Redis under ``P:nodes:disconnects:<node>`` until that node takes it on its next
+heartbeat or subscription, so a node that missed the event still acts on it).
 
 Invariants: this node's routes in Redis name exactly the grants for which it has a live
 accepting session, as of its last heartbeat or session change (``sync_routes``); a Redis failure
@@ -39,6 +41,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from csc.cluster import ClusterUnavailable
 from csc.cluster.limits import ClusterRate, ClusterSlots
 from csc.cluster.peer import PeerPool, PeerServer
 from csc.cluster.peerstream import PeerStream
@@ -56,6 +59,17 @@ log = logging.getLogger("csc.cluster.node")
 PEER_MAX_STREAMS = 8192
 #: How long a stopping node tries to withdraw itself from Redis before it lets the lease expire.
 STOP_TIMEOUT = 5.0
+#: An operator's request to end a session waits this long (seconds) for the node holding it.
+DISCONNECT_TTL = 60
+_ASK_DISCONNECT = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+_TAKE_DISCONNECTS = """
+local asked = redis.call('SMEMBERS', KEYS[1])
+redis.call('DEL', KEYS[1])
+return asked
+"""
 
 
 @dataclass(eq=False)
@@ -115,6 +129,8 @@ class Cluster:
     _sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _sync_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     _last_beat: float = 0.0
+    _ask_disconnect: Any = None
+    _take_disconnect: Any = None
 
     def __post_init__(self) -> None:
         self.routes = RouteTable(self.redis, self.keys, self.node_id, self.lease, self._redis_error)
@@ -316,6 +332,30 @@ class Cluster:
 
     # -- events ------------------------------------------------------------------------------
 
+    async def request_disconnect(self, node: str, session_id: str) -> None:
+        """Ask ``node`` to end its session ``session_id``: the request is kept in Redis until
+        that node takes it (its next heartbeat, or its next subscription), and an event asks
+        at once. A node whose subscription was down when the event went out still ends the
+        session. :class:`ClusterUnavailable` when Redis cannot take the request."""
+        if self._ask_disconnect is None:
+            self._ask_disconnect = self.redis.register_script(_ASK_DISCONNECT)
+        try:
+            await self._ask_disconnect(
+                keys=[self.keys.disconnects(node)], args=[session_id, DISCONNECT_TTL]
+            )
+        except RedisError as exc:
+            self._redis_error(exc)
+            raise ClusterUnavailable(f"cannot pass the request on: {exc}") from None
+        await self.publish({"t": "disconnect", "session": session_id})
+
+    async def _take_disconnects(self) -> None:
+        """End the sessions operators asked this node to end (see :meth:`request_disconnect`);
+        raises RedisError."""
+        if self._take_disconnect is None:
+            self._take_disconnect = self.redis.register_script(_TAKE_DISCONNECTS)
+        for raw in await self._take_disconnect(keys=[self.keys.disconnects(self.node_id)]):
+            self.hooks.disconnect(raw.decode() if isinstance(raw, bytes) else str(raw))
+
     async def publish(self, event: dict[str, Any]) -> None:
         try:
             await self.redis.publish(self.keys.events, json.dumps(event))
@@ -343,6 +383,7 @@ class Cluster:
         self.routes.forget()
         with contextlib.suppress(RedisError):
             await self.routes.read_directory()
+            await self._take_disconnects()  # asked while this node heard no events
         await self.hooks.catalog_changed()
 
     # -- heartbeat ---------------------------------------------------------------------------
@@ -373,6 +414,7 @@ class Cluster:
             if reassert:  # back after a flush or an outage: the others re-read the directory
                 await self.publish({"t": "nodes"})
             await self.routes.publish_sessions(self.hooks.session_views())
+            await self._take_disconnects()
         except RedisError as exc:
             self._redis_error(exc)
             return

@@ -99,6 +99,10 @@ class Keys:
     def sessions(self, node: str) -> str:
         return f"{self.nodes}:sessions:{node}"
 
+    def disconnects(self, node: str) -> str:
+        """Session ids operators asked ``node`` to end, until it takes them."""
+        return f"{self.nodes}:disconnects:{node}"
+
     def routes_of(self, node: str) -> str:
         return f"{self.nodes}:routes:{node}"
 
