@@ -33,6 +33,7 @@ from typing import Any
 
 from shared import runtime
 from shared.aio import cancel_quietly
+from shared.allocator import return_free_memory
 from shared.errors import CSCError, GoingAway, ProtocolError
 from shared.link import Link, max_message_size
 from shared.oserrors import describe_connect_error, describe_os_error
@@ -150,10 +151,13 @@ class Agent:
             asyncio.create_task(self._slot(i), name=f"slot-{i}")
             for i in range(self.config.sessions)
         ]
+        # free heap pages go back to the OS after a burst (a download), as in the CSC
+        trim = asyncio.create_task(return_free_memory(), name="return-free-memory")
         try:
             await self.stopping.wait()
             await self._drain()
         finally:
+            await cancel_quietly(trim)
             for task in slots:
                 await cancel_quietly(task)
             for task in list(self._draining):

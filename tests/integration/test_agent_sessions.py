@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.support.inproc import relay
+from tests.support.inproc import relay, start_agent
 from tests.support.procs import async_wait_until
 from tests.support.upstream import expected_sha256
 
@@ -58,3 +58,19 @@ async def test_agent_stop_drains_in_flight_downloads(tmp_path: Path) -> None:
         assert await stopping == 0
         async with http.get(f"{r.csc_url}/v1/resolve/acme@example.com") as resolved:
             assert resolved.status == 503
+
+
+def _trimmers() -> int:
+    return sum(t.get_name() == "return-free-memory" for t in asyncio.all_tasks() if not t.done())
+
+
+async def test_agent_returns_free_memory_while_it_runs(tmp_path: Path) -> None:
+    """Like the CSC, the agent gives free heap pages back to the OS after a burst (a download
+    leaves up to a link message of buffers per stream in the heap): its trim loop runs for the
+    agent's lifetime and ends with it (shared/allocator.py)."""
+    async with relay(tmp_path, start=False) as r:
+        node_only = _trimmers()  # the CSC's own, in this process
+        await start_agent(r)
+        await async_wait_until(lambda: _trimmers() == node_only + 1, 5)
+        assert await r.stop_agent() == 0
+        assert _trimmers() == node_only
