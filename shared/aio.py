@@ -1,12 +1,15 @@
 """Small asyncio helpers of the relay: end a task without caring how it ended
-(:func:`cancel_quietly`), and copy bytes both ways between a socket and a link stream
-(:func:`splice`, the TCP ingress and the agent's TCP upstream).
+(:func:`cancel_quietly`), fail a future that is not done by a deadline (:func:`fail_at`, one
+timer instead of an ``asyncio.timeout`` block on a per-request path), and copy bytes both ways
+between a socket and a link stream (:func:`splice`, the TCP ingress and the agent's TCP
+upstream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from shared.errors import CSCError, error_for_code
@@ -66,3 +69,17 @@ async def cancel_quietly(task: asyncio.Future[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
+
+
+def fail_at(fut: asyncio.Future[Any], when: float, error: Callable[[], BaseException]) -> None:
+    """Fail ``fut`` with ``error()`` at loop time ``when`` unless it is done by then; the
+    timer goes as soon as ``fut`` is done. Whoever awaits ``fut`` gets the error."""
+    if fut.done():
+        return
+    timer = fut.get_loop().call_at(when, _fail_if_pending, fut, error)
+    fut.add_done_callback(lambda _f: timer.cancel())
+
+
+def _fail_if_pending(fut: asyncio.Future[Any], error: Callable[[], BaseException]) -> None:
+    if not fut.done():
+        fut.set_exception(error())

@@ -129,13 +129,15 @@ class Cluster:
     _sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _sync_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     _last_beat: float = 0.0
-    _ask_disconnect: Any = None
-    _take_disconnect: Any = None
+    _ask_disconnect: Any = field(init=False)
+    _take_disconnect: Any = field(init=False)
 
     def __post_init__(self) -> None:
         self.routes = RouteTable(self.redis, self.keys, self.node_id, self.lease, self._redis_error)
         self.rate = ClusterRate(self.redis, self.keys.prefix)
         self.slots = ClusterSlots(self.redis, self.keys.prefix, self.lease)
+        self._ask_disconnect = self.redis.register_script(_ASK_DISCONNECT)
+        self._take_disconnect = self.redis.register_script(_TAKE_DISCONNECTS)
         peer_settings = replace(self.settings, max_streams=PEER_MAX_STREAMS)
         tls = self.tls
         self.peers = PeerPool(
@@ -337,8 +339,6 @@ class Cluster:
         that node takes it (its next heartbeat, or its next subscription), and an event asks
         at once. A node whose subscription was down when the event went out still ends the
         session. :class:`ClusterUnavailable` when Redis cannot take the request."""
-        if self._ask_disconnect is None:
-            self._ask_disconnect = self.redis.register_script(_ASK_DISCONNECT)
         try:
             await self._ask_disconnect(
                 keys=[self.keys.disconnects(node)], args=[session_id, DISCONNECT_TTL]
@@ -351,8 +351,6 @@ class Cluster:
     async def _take_disconnects(self) -> None:
         """End the sessions operators asked this node to end (see :meth:`request_disconnect`);
         raises RedisError."""
-        if self._take_disconnect is None:
-            self._take_disconnect = self.redis.register_script(_TAKE_DISCONNECTS)
         for raw in await self._take_disconnect(keys=[self.keys.disconnects(self.node_id)]):
             self.hooks.disconnect(raw.decode() if isinstance(raw, bytes) else str(raw))
 

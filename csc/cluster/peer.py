@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 from csc.cluster import peertls
 from csc.cluster.peerauth import peer_token, verify_peer_token
 from csc.cluster.peerstream import UNPROCESSED, PeerStream, encode_head
-from shared.aio import cancel_quietly
+from shared.aio import cancel_quietly, fail_at
 from shared.errors import (
     Cancelled,
     CSCError,
@@ -340,11 +340,6 @@ class _NotAdmitted(Exception):
     """The other node did not answer a forwarded OPEN within :data:`ADMISSION_TIMEOUT`."""
 
 
-def _admission_due(opened: asyncio.Future[dict[str, Any]]) -> None:
-    if not opened.done():
-        opened.set_exception(_NotAdmitted())
-
-
 @dataclass(eq=False)
 class _Dialled:
     address: str
@@ -389,8 +384,7 @@ class PeerPool:
         """Open a stream to ``node`` and wait for its admission; raises the refusal."""
         dialled = await self._link(node, address)
         stream = dialled.link.open(info)
-        # one timer, not an asyncio.timeout block: this runs for every forwarded request
-        timer = dialled.link.loop.call_later(ADMISSION_TIMEOUT, _admission_due, stream.opened)
+        fail_at(stream.opened, dialled.link.loop.time() + ADMISSION_TIMEOUT, _NotAdmitted)
         try:
             await stream.opened
         except _NotAdmitted:
@@ -400,8 +394,6 @@ class PeerPool:
         except BaseException:
             stream.finish()
             raise
-        finally:
-            timer.cancel()
         return PeerStream(stream, node)
 
     async def _link(self, node: str, address: str) -> _Dialled:

@@ -30,7 +30,7 @@ from csc.relay.ingress_stream import StreamUse, refused
 from csc.relay.routing import lookup_alias, offline_error, online, open_stream
 from csc.state import NodeState
 from shared import resolve_sig
-from shared.aio import cancel_quietly
+from shared.aio import cancel_quietly, fail_at
 from shared.errors import (
     UPSTREAM_CODES,
     AgentLost,
@@ -163,7 +163,7 @@ def _signed_owner(state: NodeState, alias: str, tenant: str, tunnel: str) -> dic
 
 
 def _forwarded_head(
-    conn: FrontConnection, request: FrontRequest, state: NodeState, alias: str
+    conn: FrontConnection, request: FrontRequest, state: NodeState, alias: str, target: str
 ) -> dict[str, Any]:
     pairs = [(n, v) for n, v in strip_hop_by_hop(request.headers) if n.lower() not in _REPLACED]
     client_ip = conn.client_ip
@@ -185,7 +185,7 @@ def _forwarded_head(
         "client": conn.peer or client_ip,
         "request_id": request.request_id,
         "method": request.method,
-        "target": tunnel_target(request.target),
+        "target": target,
         "headers": pairs,
         "body": request.has_body,
     }
@@ -212,13 +212,14 @@ async def tunnel(state: NodeState, conn: FrontConnection, request: FrontRequest)
     tenant: str | None = None
     record = accesslog.RequestRecord("http", request.request_id, conn.client_ip, started)
     record.alias, record.method = request.alias, request.method
-    record.path = accesslog.path_only(tunnel_target(request.target))
+    target = tunnel_target(request.target)
+    record.path = accesslog.path_only(target)
     try:
         if limit is not None and (request.length or 0) > limit:
             raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
         alias, found = lookup_alias(state, request.alias)
         tenant, record.alias = found.tenant, alias
-        info = _forwarded_head(conn, request, state, alias)
+        info = _forwarded_head(conn, request, state, alias, target)
         stream = await open_stream(state, alias, found, info)
     except CSCError as err:
         record.status = refuse(state, conn, request, "http", err, tenant)
@@ -299,22 +300,17 @@ class _AnswerDeadline:
     has not come by then has its ``opened`` failed with ``upstream_timeout``. One timer per
     stream, cancelled by the answer, so the request's task awaits ``opened`` itself."""
 
-    __slots__ = ("deadline", "loop", "timeout")
+    __slots__ = ("deadline", "timeout")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        self.loop, self.timeout = loop, timeout
+        self.timeout = timeout
         self.deadline = loop.time() + timeout
 
     def watch(self, stream: TunnelStream) -> None:
-        opened = stream.opened
-        if not opened.done():
-            timer = self.loop.call_at(self.deadline, self._expire, opened)
-            opened.add_done_callback(lambda _f: timer.cancel())
+        fail_at(stream.opened, self.deadline, self._expired)
 
-    def _expire(self, opened: asyncio.Future[dict[str, Any]]) -> None:
-        if not opened.done():
-            err = UpstreamTimeout(f"the portal did not answer within {self.timeout:g} s")
-            opened.set_exception(err)
+    def _expired(self) -> UpstreamTimeout:
+        return UpstreamTimeout(f"the portal did not answer within {self.timeout:g} s")
 
 
 async def _await_head(stream: TunnelStream, body: asyncio.Future[None] | None) -> dict[str, Any]:

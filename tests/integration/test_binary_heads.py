@@ -22,7 +22,7 @@ from tests.integration.test_cluster_forwarding import agent_on, two_nodes
 from tests.support.inproc import ALIAS, Relay, agent_config, relay, wait_online
 from tests.support.procs import async_wait_until, scaled
 from tests.support.redis import RedisTopology
-from tests.support.upstream import UpstreamServer, start_upstream_server
+from tests.support.upstream import UpstreamServer
 
 
 def _speak(settings_owner: object, attr: str, minor: int) -> None:
@@ -87,15 +87,6 @@ async def test_requests_get_through_whatever_the_versions(
         assert agent_links and all(c.binary_heads is binary for c in agent_links)
         assert all(c.binary_heads is binary for c in _csc_links(r.node))
         await _exercise(h, r.csc_url, r.tcp_address)
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamServer]:
-    server = await start_upstream_server(tcp_echo_port=0)
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 @pytest.mark.parametrize("old", [None, "A", "B"], ids=["both-1.1", "A-1.0", "B-1.0"])

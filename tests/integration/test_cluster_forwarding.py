@@ -31,7 +31,7 @@ from tenant_agent.agent import Agent
 from tests.support.inproc import ALIAS, agent_config, make_token
 from tests.support.procs import async_wait_until, scaled
 from tests.support.redis import RedisTopology
-from tests.support.upstream import UpstreamServer, start_upstream_server
+from tests.support.upstream import UpstreamServer
 
 CLUSTER_KEY = Secret("k" * 40)
 
@@ -40,16 +40,6 @@ CLUSTER_KEY = Secret("k" * 40)
 def redis_url(redis_topology: RedisTopology) -> str:
     """Every test here runs against a single server, Sentinel and Cluster in turn."""
     return redis_topology.url
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamServer]:
-    """The portal (HTTP and TCP echo) the agents of a test serve."""
-    server = await start_upstream_server(tcp_echo_port=0)
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 def node_config(state_dir: Path, redis_url: str, prefix: str, **over: Any) -> CSCConfig:

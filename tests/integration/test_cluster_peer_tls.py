@@ -35,7 +35,7 @@ from tests.integration.test_cluster_forwarding import agent_on, node_config
 from tests.support.inproc import ALIAS, make_token
 from tests.support.procs import async_wait_until, scaled
 from tests.support.redis import RedisTopology
-from tests.support.upstream import UpstreamServer, start_upstream_server
+from tests.support.upstream import UpstreamServer
 
 SECRET = b"s" * 40
 #: in the request body, a header and a TCP stream: never on the wire between nodes with TLS
@@ -228,15 +228,6 @@ class CaptureRelay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamServer]:
-    server = await start_upstream_server(tcp_echo_port=0)
-    try:
-        yield server
-    finally:
-        await server.close()
-
-
 @contextlib.asynccontextmanager
 async def nodes(
     tmp_path: Path, redis: RedisTopology, a: dict[str, Any], b: dict[str, Any]
@@ -309,6 +300,30 @@ async def test_forwarded_bytes_are_not_plaintext_on_the_wire(
         assert MARKER in relay.up and MARKER in relay.down
 
 
+@contextlib.asynccontextmanager
+async def _b_cannot_forward(
+    tmp_path: Path,
+    redis: RedisTopology,
+    a_over: dict[str, Any],
+    b_over: dict[str, Any],
+    upstream: UpstreamServer,
+) -> AsyncIterator[Node]:
+    """Nodes A (with the agent) and B configured so that they cannot link: B knows A has the
+    route, yet a request through B gets 503 (portal_offline: no node took it). Yields A."""
+    async with (
+        nodes(tmp_path, redis, a_over, b_over) as (a, b, token),
+        agent_on(a, token, upstream),
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def online() -> bool:
+            return await _resolve_status(http, b) == 200
+
+        await async_wait_until(online, 10, message="alias online through B")
+        assert await _tunnel_status(http, b) == 503
+        yield a
+
+
 def _peer_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
@@ -325,17 +340,7 @@ async def test_a_node_with_another_secret_cannot_link(
 ) -> None:
     caplog.set_level(logging.INFO, logger="csc.peer")
     other = {"cluster_key": Secret("o" * 40)}
-    async with (
-        nodes(tmp_path, redis_single, {}, other) as (a, b, token),
-        agent_on(a, token, upstream),
-        aiohttp.ClientSession() as http,
-    ):
-
-        async def online() -> bool:  # B knows A has the route (it cannot use it)
-            return await _resolve_status(http, b) == 200
-
-        await async_wait_until(online, 10, message="alias online through B")
-        assert await _tunnel_status(http, b) == 503  # portal_offline: no node took it
+    async with _b_cannot_forward(tmp_path, redis_single, {}, other, upstream) as a:
         assert a.state.cluster is not None and not a.state.cluster.server.links
     assert any("certificate was refused" in m for m in _peer_warnings(caplog)), caplog.text
 
@@ -350,17 +355,8 @@ async def test_plain_and_tls_nodes_refuse_each_other_and_say_why(
 ) -> None:
     caplog.set_level(logging.INFO, logger="csc.peer")
     a, b = ({"peer_tls": tls_on == "A"}, {"peer_tls": tls_on == "B"})
-    async with (
-        nodes(tmp_path, redis_single, a, b) as (node_a, node_b, token),
-        agent_on(node_a, token, upstream),
-        aiohttp.ClientSession() as http,
-    ):
-
-        async def online() -> bool:
-            return await _resolve_status(http, node_b) == 200
-
-        await async_wait_until(online, 10, message="alias online through B")
-        assert await _tunnel_status(http, node_b) == 503
+    async with _b_cannot_forward(tmp_path, redis_single, a, b, upstream):
+        pass
     warnings = _peer_warnings(caplog)
     assert any(peertls.MISMATCH_HINT in m for m in warnings), caplog.text
 

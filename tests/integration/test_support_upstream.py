@@ -25,15 +25,7 @@ from tests.support.upstream import (
     body_bytes,
     body_pieces,
     expected_sha256,
-    start_upstream_server,
 )
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamServer]:
-    server = await start_upstream_server(tcp_echo_port=0)
-    yield server
-    await server.close()
 
 
 @pytest.fixture

@@ -18,16 +18,22 @@ print(",".join(heavy))
 """
 
 
-def test_a_lone_node_imports_neither_redis_nor_psycopg() -> None:
+def _loaded(probe: str) -> str:
+    """What ``probe`` prints, run in a fresh interpreter: the unwanted modules it found."""
     result = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [sys.executable, "-c", probe],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    assert result.stdout.strip() == "", result.stdout
+    return result.stdout.strip()
+
+
+def test_a_lone_node_imports_neither_redis_nor_psycopg() -> None:
+    loaded = _loaded(PROBE)
+    assert loaded == "", loaded
 
 
 SERVE_PROBE = """
@@ -46,12 +52,5 @@ def test_serving_code_imports_neither_aiohttp_nor_the_admin_api() -> None:
     """aiohttp and the admin application (about 11 MiB) load at the admin listener's first
     connection (csc/admin/listener.py); the metrics listener does without them
     (shared/metrics_http.py)."""
-    result = subprocess.run(
-        [sys.executable, "-c", SERVE_PROBE],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert result.stdout.strip() == "", result.stdout
+    loaded = _loaded(SERVE_PROBE)
+    assert loaded == "", loaded
