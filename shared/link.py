@@ -101,6 +101,9 @@ def max_message_size(max_frame: int) -> int:
 
 
 StreamHandler = Callable[[LinkStream], Awaitable[None]]
+#: Serves a stream the peer opened without a task of its own when it can (returns True: it took
+#: the stream and ends it by itself); False leaves it to the :data:`StreamHandler`.
+QuickHandler = Callable[[LinkStream], bool]
 
 
 class Link:
@@ -112,6 +115,7 @@ class Link:
         send: SendFn,
         *,
         on_stream: StreamHandler | None = None,
+        on_stream_now: QuickHandler | None = None,
         on_goaway: Callable[[GoAwayReceived], None] | None = None,
         name: str = "link",
         pending: list[Event] | None = None,
@@ -129,6 +133,9 @@ class Link:
         self.name = name
         self._send = send
         self._on_stream = on_stream
+        self._on_stream_now = on_stream_now
+        #: streams the peer opened in the message being dispatched (for ``on_stream_now``)
+        self._fresh: list[LinkStream] = []
         self.on_goaway = on_goaway
         self.streams: dict[int, LinkStream] = {}
         #: ``last_stream_id`` of the peer's GOAWAY (None until one arrives)
@@ -333,6 +340,7 @@ class Link:
     def _dispatch(self, events: list[Event]) -> None:
         streams = self.streams
         counters = self.counters
+        fresh = self._fresh
         for event in events:
             if isinstance(event, DataReceived):
                 counters.data_received += len(event.data)
@@ -346,6 +354,10 @@ class Link:
                     stream._credit.set()
             else:
                 self._dispatch_control(event)
+        if fresh:  # offered once the message's events are in (a FIN after the OPEN too)
+            self._fresh = []
+            for stream in fresh:
+                self._serve_stream(stream)
 
     def _unseen_by_peer(self, stream: LinkStream) -> bool:
         """Whether ``stream`` is one this side opened that the peer's GOAWAY did not cover
@@ -385,6 +397,14 @@ class Link:
         self._track(stream)
         if self._on_stream is None:
             stream.reject(CSCError("this side does not accept streams"))
+            return
+        if self._on_stream_now is not None:
+            self._fresh.append(stream)
+        else:
+            self._serve_stream(stream)
+
+    def _serve_stream(self, stream: LinkStream) -> None:
+        if stream.done or (self._on_stream_now is not None and self._on_stream_now(stream)):
             return
         task = self.loop.create_task(self._run_handler(stream), name=f"{self.name}-s{stream.id}")
         self._handlers.add(task)

@@ -78,22 +78,27 @@ class LinkStream:
 
     async def write(self, data: bytes | memoryview) -> None:
         """Send ``data``, waiting for credit as needed. Raises the stream's error."""
-        conn = self.link.conn
         view = memoryview(data)
         while True:
-            if self._error is not None:
-                raise self._error
-            taken = conn.send_data(self.id, view)
-            if taken:
-                self.link.counters.data_sent += taken
-                self.link._queued += taken
-                self.link.kick()
-                view = view[taken:]
+            view = view[self.write_now(view) :]
             if not view:
                 return
             self.link.counters.stalls += 1
             self._credit.clear()
             await self._credit.wait()
+
+    def write_now(self, data: bytes | memoryview) -> int:
+        """Queue as much of ``data`` as the peer's credit allows now, without waiting; the
+        number of bytes queued. Raises the stream's error."""
+        if self._error is not None:
+            raise self._error
+        taken = self.link.conn.send_data(self.id, data)
+        if taken:
+            link = self.link
+            link.counters.data_sent += taken
+            link._queued += taken
+            link.kick()
+        return taken
 
     def write_eof(self) -> None:
         """Half-close: queue FIN (in the same flush as anything queued before it)."""

@@ -212,6 +212,7 @@ class PeerServer:
             conn,
             _sender(writer),
             on_stream=self._relay,
+            on_stream_now=self._relay_now,
             name=f"peer {source}",
             pending=pending,
         )
@@ -224,6 +225,19 @@ class PeerServer:
             await link.aclose()
             _end_transport(writer, link)
             log.info("peer link from node %s down", source)
+
+    def _relay_now(self, stream: LinkStream) -> bool:
+        """A stream that came with its FIN (no body: most requests) is relayed without a task
+        of its own (:class:`_QuickRelay`); False for one with a body (:meth:`_relay`)."""
+        if not stream.read_done:
+            return False
+        try:
+            inner = self.open_local(stream.info)
+        except CSCError as err:
+            stream.reject(err)
+            return True
+        _QuickRelay(self, stream, inner)
+        return True
 
     async def _relay(self, stream: LinkStream) -> None:
         try:
@@ -278,6 +292,105 @@ class PeerServer:
             link.close(GoingAway("the node is stopping"))
         for task in list(self._tasks):
             await cancel_quietly(task)
+
+
+class _QuickRelay:
+    """Relays a forwarded stream that came with its FIN by callbacks, not by a task: the FIN
+    goes on to the agent at once, and the agent's answer (head, body, FIN) goes back to B from
+    the callback of its ``opened`` when it came whole and fits B's credit, in the same write as
+    the admission when that was held. A longer answer is copied by a task as :meth:`PeerServer._relay`
+    does. Either stream failing resets the other with the same error (B's reset, or the end of
+    its link, reaches the agent at once)."""
+
+    __slots__ = ("_admission", "_ended", "_inner", "_server", "_stream")
+
+    def __init__(self, server: PeerServer, stream: LinkStream, inner: LinkStream) -> None:
+        self._server, self._stream, self._inner = server, stream, inner
+        self._ended = False
+        self._admission = _Admission(stream, server.node_id)
+        server.stream_started()
+        server.relaying += 1
+        self._admission.hold()
+        inner.write_eof()
+        inner.opened.add_done_callback(self._answered)
+        stream.opened.add_done_callback(self._source_failed)
+
+    def _source_failed(self, opened: asyncio.Future[dict[str, Any]]) -> None:
+        """B's stream failed (its reset, or the peer link's end): so does the agent's."""
+        err = self._stream.error
+        if not self._ended and err is not None:
+            self._inner.reset(err)
+            self._end()
+
+    def _answered(self, opened: asyncio.Future[dict[str, Any]]) -> None:
+        if self._ended:
+            return
+        stream, inner, admission = self._stream, self._inner, self._admission
+        admission.now()
+        if opened.cancelled() or (err := opened.exception()) is not None:
+            failure = err if isinstance(err, CSCError) else Cancelled("the relay was cancelled")
+            try:
+                if inner.unprocessed and _write_whole(stream, encode_head({UNPROCESSED: True})):
+                    stream.write_eof()  # the forwarding node may try elsewhere
+                else:
+                    stream.reset(failure)
+            except CSCError:
+                pass  # B's stream failed meanwhile: nothing to tell it
+            self._end()
+            return
+        head = encode_head(opened.result(), binary=stream.link.conn.binary_heads)
+        body = inner.read_complete()
+        try:
+            if body is not None and _write_whole(stream, head + body if body else head):
+                stream.write_eof()
+                if body:
+                    inner.consumed(len(body))
+                self._end()
+                return
+        except CSCError as gone:  # B's stream failed meanwhile
+            inner.reset(gone)
+            self._end()
+            return
+        task = stream.link.loop.create_task(self._copy(head, body))
+        self._server._tasks.add(task)
+        task.add_done_callback(self._server._tasks.discard)
+
+    async def _copy(self, head: bytes, body: bytes | None) -> None:
+        """The rest of an answer that did not fit B's credit, or is still arriving."""
+        stream, inner = self._stream, self._inner
+        try:
+            await stream.write(head)
+            if body is not None:
+                if body:
+                    await stream.write(body)
+                    inner.consumed(len(body))
+                stream.write_eof()
+            else:
+                await _pipe(inner, stream)
+        except CSCError as err:
+            stream.reset(err)
+            inner.reset(err)
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._admission.cancel()
+        self._inner.opened.remove_done_callback(self._answered)
+        self._stream.opened.remove_done_callback(self._source_failed)
+        self._inner.finish()
+        self._stream.finish()
+        self._server.relaying -= 1
+        self._server.stream_finished()
+
+
+def _write_whole(stream: LinkStream, data: bytes) -> bool:
+    """Queue all of ``data`` if the stream's credit allows it now; else queue nothing."""
+    if len(data) > stream.link.conn.send_credit(stream.id):
+        return False
+    return stream.write_now(data) == len(data)
 
 
 class _Admission:
@@ -384,6 +497,8 @@ class PeerPool:
         """Open a stream to ``node`` and wait for its admission; raises the refusal."""
         dialled = await self._link(node, address)
         stream = dialled.link.open(info)
+        if info.get("kind") == "http" and info.get("body") is False:
+            stream.write_eof()  # with the OPEN: A may admit it with the agent's answer
         fail_at(stream.opened, dialled.link.loop.time() + ADMISSION_TIMEOUT, _NotAdmitted)
         try:
             await stream.opened

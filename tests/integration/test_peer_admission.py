@@ -15,20 +15,11 @@ from csc.cluster.peer import PeerPool, PeerServer
 from shared.errors import PortalOffline, ProtocolError
 from shared.linkstream import LinkStream
 from shared.protocol import LinkSettings
+from tests.support.linkpair import FORWARDED_GET
 from tests.support.procs import scaled
 
 KEY = b"k" * 32
-INFO = {
-    "kind": "http",
-    "alias": "a@example.com",
-    "tenant": "acme",
-    "client": "127.0.0.1:1",
-    "request_id": "r1",
-    "method": "GET",
-    "target": "/",
-    "headers": [],
-    "body": False,
-}
+INFO = FORWARDED_GET
 
 
 def _no_local(info: dict[str, object]) -> LinkStream:
@@ -56,6 +47,7 @@ async def test_admitted_and_not_admitted(node_a: str, monkeypatch: pytest.Monkey
         await held.wait()
 
     monkeypatch.setattr(PeerServer, "_relay", relay)
+    monkeypatch.setattr(PeerServer, "_relay_now", lambda self, stream: False)
     monkeypatch.setattr(peer, "ADMISSION_TIMEOUT", 0.5)
     pool = PeerPool("B", KEY, LinkSettings())
     try:

@@ -13,54 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
 
 from shared.errors import GoingAway
-from shared.link import Link, SendFn
+from shared.link import Link
 from shared.linkstream import LinkStream
-from shared.protocol import Connection, HelloReceived, LinkSettings, Side
 from shared.protocol.codec import FrameType, encode_frame
 from tests.support.inproc import relay
+from tests.support.linkpair import link_pair
 from tests.support.procs import async_wait_until
+
+
+async def _serve(stream: LinkStream) -> None:
+    stream.accept({"status": 200})
+    stream.write_eof()
 
 
 async def _pair() -> tuple[Link, Link]:
     """A CSC-side link (opens streams) and an agent-side link (serves them), in memory."""
-    loop = asyncio.get_running_loop()
-    settings = LinkSettings()
-    agent_conn = Connection(Side.CLIENT, settings, accept_streams=True, now=loop.time())
-    csc_conn = Connection(Side.SERVER, settings, accept_streams=False, now=loop.time())
-    agent_conn.send_hello({"agent": "test"})
-    csc_conn.receive_data(b"".join(agent_conn.data_to_send()), loop.time())
-    assert any(isinstance(e, HelloReceived) for e in csc_conn.events())
-    csc_conn.send_welcome({"node": "test"}, loop.time())
-    agent_conn.receive_data(b"".join(csc_conn.data_to_send()), loop.time())
-    links: dict[str, Link] = {}
-
-    def sender(to: str) -> SendFn:
-        async def send(chunks: Sequence[bytes | memoryview]) -> None:
-            target = links[to]
-            if not target.is_closed:
-                target.feed(b"".join(bytes(c) for c in chunks))
-
-        return send
-
-    async def serve(stream: LinkStream) -> None:
-        stream.accept({"status": 200})
-        stream.write_eof()
-
-    links["csc"] = Link(csc_conn, sender("agent"), name="csc")
-    links["agent"] = Link(
-        agent_conn,
-        sender("csc"),
-        on_stream=serve,
-        name="agent",
-        pending=agent_conn.events(),
-    )
-    return links["csc"], links["agent"]
+    return await link_pair(_serve)
 
 
 async def test_an_open_refused_after_the_agents_goaway_is_unprocessed() -> None:
