@@ -71,6 +71,16 @@ class LinkStream:
             await self._waiter.wait()
         return self._chunks.popleft()
 
+    def read_now(self) -> bytes | memoryview | None:
+        """What :meth:`read` would return without waiting, or None when it would wait."""
+        if self._chunks:
+            return self._chunks.popleft()
+        if self._eof:
+            return b""
+        if self._error is not None:
+            raise self._error
+        return None
+
     def consumed(self, nbytes: int) -> None:
         """Report ``nbytes`` delivered to the next hop: the peer may send that much more."""
         self.link.conn.consumed(self.id, nbytes, self.link.loop.time())

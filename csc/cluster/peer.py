@@ -245,7 +245,7 @@ class PeerServer:
         except CSCError as err:
             stream.reject(err)
             return
-        admission = _Admission(stream, self.node_id)
+        admission = _Admission(stream)
         self.stream_started()
         self.relaying += 1
         upload: asyncio.Future[None] | None = None
@@ -307,7 +307,7 @@ class _QuickRelay:
     def __init__(self, server: PeerServer, stream: LinkStream, inner: LinkStream) -> None:
         self._server, self._stream, self._inner = server, stream, inner
         self._ended = False
-        self._admission = _Admission(stream, server.node_id)
+        self._admission = _Admission(stream)
         server.stream_started()
         server.relaying += 1
         self._admission.hold()
@@ -401,10 +401,10 @@ class _Admission:
     :data:`ADMISSION_TIMEOUT`. A stream with a body, and any failure, is admitted at once (an
     error after admission reaches B as the agent's own, not as a refusal to try elsewhere)."""
 
-    __slots__ = ("_node", "_stream", "_timer", "admitted")
+    __slots__ = ("_stream", "_timer", "admitted")
 
-    def __init__(self, stream: LinkStream, node: str) -> None:
-        self._stream, self._node = stream, node
+    def __init__(self, stream: LinkStream) -> None:
+        self._stream = stream
         self._timer: asyncio.TimerHandle | None = None
         self.admitted = False
 
@@ -415,7 +415,7 @@ class _Admission:
         self.cancel()
         if not self.admitted and not self._stream.done:
             self.admitted = True
-            self._stream.accept({"node": self._node})
+            self._stream.accept({})
 
     def cancel(self) -> None:
         if self._timer is not None:

@@ -72,7 +72,18 @@ class PeerStream:
     read from the first DATA bytes (or fails with the stream's error).
     """
 
-    __slots__ = ("_head_task", "_pending", "_unprocessed", "info", "inner", "node", "opened")
+    __slots__ = (
+        "_buf",
+        "_flagged",
+        "_head_task",
+        "_pending",
+        "_size",
+        "_unprocessed",
+        "info",
+        "inner",
+        "node",
+        "opened",
+    )
 
     def __init__(self, inner: LinkStream, node: str) -> None:
         self.inner = inner
@@ -82,43 +93,66 @@ class PeerStream:
         self.opened: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending: bytes | None = None
         self._unprocessed = False
-        self._head_task = loop.create_task(self._read_head(), name=f"peer-head-{inner.id}")
+        self._buf = bytearray()
+        self._size: int | None = None
+        self._flagged = False
+        self._head_task: asyncio.Task[None] | None = None
+        if not self._read_head_now():  # most answers came with the admission
+            self._head_task = loop.create_task(self._read_head(), name=f"peer-head-{inner.id}")
 
-    async def _read_head(self) -> None:
-        buf = bytearray()
-        size: int | None = None
+    def _read_head_now(self) -> bool:
+        """Take the head from what the stream holds already; True once ``opened`` is settled."""
         try:
-            while size is None or len(buf) < _HEAD_LEN.size + size:
-                chunk = await self.inner.read()
-                if not chunk:
-                    raise UpstreamError("the peer node ended the stream before the answer")
-                buf += chunk
-                if size is None and len(buf) >= _HEAD_LEN.size:
-                    (size,) = _HEAD_LEN.unpack_from(buf)
-                    flagged = bool(size & BINARY_HEAD)
-                    size &= ~BINARY_HEAD
-                    if size > MAX_HEAD:
-                        raise ProtocolError(f"forwarded head of {size} bytes")
-                # credit the head's bytes now; bytes after it are credited by the reader
-                end = len(buf) if size is None else min(len(buf), _HEAD_LEN.size + size)
-                self.inner.consumed(len(chunk) - (len(buf) - end))
-            end = _HEAD_LEN.size + size
-            binary = self.inner.link.conn.binary_heads
-            try:
-                head = decode_head(bytes(buf[_HEAD_LEN.size : end]), flagged, binary)
-            except ProtocolError as bad:  # malformed: the stream cannot go on
-                self.inner.reset(bad)
-                raise
-            if head.get(UNPROCESSED) is True:  # the agent there never ran it (see _relay)
-                self._unprocessed = True
-                raise GoingAway(f"node {self.node}: the agent was going away")
+            while (chunk := self.inner.read_now()) is not None:
+                if self._take(chunk):
+                    return True
         except CSCError as err:
             self._fail_open(err)
-            return
+            return True
+        return False
+
+    async def _read_head(self) -> None:
+        try:
+            while not self._take(await self.inner.read()):
+                pass
+        except CSCError as err:
+            self._fail_open(err)
+
+    def _take(self, chunk: bytes | memoryview) -> bool:
+        """Add ``chunk`` to the head read so far; True once the head is complete and ``opened``
+        resolved. Raises the head's error (malformed, cut short, or the agent never ran it)."""
+        if not chunk:
+            raise UpstreamError("the peer node ended the stream before the answer")
+        buf = self._buf
+        buf += chunk
+        size = self._size
+        if size is None and len(buf) >= _HEAD_LEN.size:
+            (size,) = _HEAD_LEN.unpack_from(buf)
+            self._flagged = bool(size & BINARY_HEAD)
+            size &= ~BINARY_HEAD
+            if size > MAX_HEAD:
+                raise ProtocolError(f"forwarded head of {size} bytes")
+            self._size = size
+        # credit the head's bytes now; bytes after it are credited by the reader
+        end = len(buf) if size is None else min(len(buf), _HEAD_LEN.size + size)
+        self.inner.consumed(len(chunk) - (len(buf) - end))
+        if size is None or len(buf) < _HEAD_LEN.size + size:
+            return False
+        binary = self.inner.link.conn.binary_heads
+        try:
+            head = decode_head(bytes(buf[_HEAD_LEN.size : end]), self._flagged, binary)
+        except ProtocolError as bad:  # malformed: the stream cannot go on
+            self.inner.reset(bad)
+            raise
+        if head.get(UNPROCESSED) is True:  # the agent there never ran it (see _relay)
+            self._unprocessed = True
+            raise GoingAway(f"node {self.node}: the agent was going away")
         if len(buf) > end:
             self._pending = bytes(buf[end:])
+        self._buf = bytearray()
         if not self.opened.done():  # else the answer came after the ingress gave up on it
             self.opened.set_result(head)
+        return True
 
     def _fail_open(self, err: CSCError) -> None:
         if not self.opened.done():
@@ -168,5 +202,6 @@ class PeerStream:
         self._fail_open(err)
 
     def finish(self) -> None:
-        self._head_task.cancel()
+        if self._head_task is not None:
+            self._head_task.cancel()
         self.inner.finish()

@@ -99,13 +99,21 @@ def encode_data(
     return out
 
 
+#: The payload of an empty head, encoded and recognised without the json module.
+EMPTY_OBJECT = b"{}"
+
+
 def encode_json(obj: dict[str, Any]) -> bytes:
     """A JSON payload (compact, UTF-8)."""
+    if not obj:
+        return EMPTY_OBJECT  # a TCP stream's answer, a peer link's admission
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def decode_json(payload: bytes | memoryview, what: str) -> dict[str, Any]:
     """A JSON object payload of the frame named ``what``; ProtocolError if it is not one."""
+    if payload == EMPTY_OBJECT:
+        return {}
     try:
         obj = json.loads(bytes(payload))
     except (ValueError, RecursionError) as exc:  # also int digit limit and deep nesting

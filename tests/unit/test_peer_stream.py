@@ -30,8 +30,10 @@ class FakeLink:
 class FakeInner:
     """The parts of a LinkStream that PeerStream uses."""
 
-    def __init__(self, chunks: list[bytes]) -> None:
+    def __init__(self, chunks: list[bytes], held: int = 0) -> None:
         self.link = FakeLink(asyncio.get_running_loop())
+        #: how many of the chunks had arrived when the stream was admitted (``read_now``)
+        self.held = held
         self.id = 1
         self.info: dict[str, Any] = {"alias": "a@example.com"}
         self.chunks = deque(chunks)
@@ -41,6 +43,13 @@ class FakeInner:
 
     async def read(self) -> bytes:
         await asyncio.sleep(0)
+        self.held = 0
+        return self.chunks.popleft() if self.chunks else b""
+
+    def read_now(self) -> bytes | None:
+        if self.held <= 0:
+            return None
+        self.held -= 1
         return self.chunks.popleft() if self.chunks else b""
 
     def consumed(self, n: int) -> None:
@@ -66,13 +75,16 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     head=st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=20), max_size=5),
     body=st.binary(max_size=300),
     cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+    held=st.integers(min_value=0, max_value=14),
 )
 def test_head_and_body_survive_any_chunking(
-    head: dict[str, Any], body: bytes, cuts: list[int]
+    head: dict[str, Any], body: bytes, cuts: list[int], held: int
 ) -> None:
+    """``held``: the chunks that came with the admission (read without waiting), the rest later."""
+
     async def run() -> None:
         wire = encode_head(head) + body
-        inner = FakeInner(_split(wire, cuts))
+        inner = FakeInner(_split(wire, cuts), held)
         stream = PeerStream(inner, "A")  # type: ignore[arg-type]
         assert await stream.opened == head
         received = b""
