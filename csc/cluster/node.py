@@ -41,7 +41,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from csc.cluster import ClusterUnavailable
+from csc.cluster import ClusterUnavailable, peertls
 from csc.cluster.limits import ClusterRate, ClusterSlots
 from csc.cluster.peer import PeerPool, PeerServer
 from csc.cluster.peerstream import PeerStream
@@ -390,6 +390,8 @@ class Cluster:
         period = self.lease / 3
         while not self._stopping:
             await asyncio.sleep(period * random.uniform(0.9, 1.1))
+            if self.tls is not None:
+                peertls.reload(self.tls)  # renewed peer_tls_cert files (a few stat calls)
             await self.beat()
 
     async def beat(self) -> None:

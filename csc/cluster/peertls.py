@@ -51,13 +51,49 @@ _TLS_RECORD_TYPES = (0x15, 0x16)
 MISMATCH_HINT = "is peer_tls the same on every node?"
 
 
+@dataclass(eq=False)
+class PeerFiles:
+    """The operator's certificate, key and CA, and what they were when last read (the
+    ``(inode, size, mtime)`` of each, so that a renewed file is noticed: :func:`reload`)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    stamp: tuple[tuple[int, int, int], ...] | None = None
+
+    def current(self) -> tuple[tuple[int, int, int], ...] | None:
+        """The files' stamp now (None while one of them cannot be read)."""
+        try:
+            stats = [os.stat(path) for path in (self.cert, self.key, self.ca)]
+        except OSError:
+            return None
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(certificate, key, CA); ValueError naming the file that cannot be read."""
+        return (
+            _read("peer_tls_cert", self.cert),
+            _read("peer_tls_key", self.key),
+            _read("peer_tls_ca", self.ca),
+        )
+
+
+def _read(name: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{name} {path}: {exc.strerror or exc}") from None
+
+
 @dataclass(frozen=True, eq=False)
 class PeerTLS:
     """The two contexts of a node's peer links: ``server`` for the listener, ``client`` for
-    the dialler."""
+    the dialler; ``files`` when they come from the operator's files (else the identity derived
+    from the cluster secret)."""
 
     server: ssl.SSLContext
     client: ssl.SSLContext
+    files: PeerFiles | None = None
 
 
 # -- the identity derived from the cluster secret ----------------------------------------------
@@ -170,17 +206,23 @@ class _ListenerTLS(ssl.SSLObject):
             raise
 
 
-def contexts_from_pem(cert: bytes, key: bytes, anchors: bytes) -> PeerTLS:
+def contexts_from_pem(
+    cert: bytes, key: bytes, anchors: bytes, files: PeerFiles | None = None
+) -> PeerTLS:
     """Contexts presenting ``cert`` (with ``key``) and accepting only chains to ``anchors``."""
-    pair = PeerTLS(_context(ssl.PROTOCOL_TLS_SERVER), _context(ssl.PROTOCOL_TLS_CLIENT))
+    pair = PeerTLS(_context(ssl.PROTOCOL_TLS_SERVER), _context(ssl.PROTOCOL_TLS_CLIENT), files)
     pair.server.sslobject_class = _ListenerTLS
     pair.server.num_tickets = 0  # links are persistent: no session to resume
+    _load(pair, cert, key, anchors)
+    return pair
+
+
+def _load(pair: PeerTLS, cert: bytes, key: bytes, anchors: bytes) -> None:
     with _private_file(cert + b"\n" + key) as path:
         for ctx in (pair.server, pair.client):
             ctx.load_cert_chain(path)
     for ctx in (pair.server, pair.client):
         ctx.load_verify_locations(cadata=anchors.decode("ascii"))
-    return pair
 
 
 def derived_contexts(secret: bytes) -> PeerTLS:
@@ -196,17 +238,41 @@ def peer_contexts(
     identity derived from ``secret``. Raises ValueError naming the file that cannot be used."""
     if cert is None or key is None or ca is None:
         return derived_contexts(secret)
-    files = {"peer_tls_cert": cert, "peer_tls_key": key, "peer_tls_ca": ca}
-    data: dict[str, bytes] = {}
-    for name, path in files.items():
-        try:
-            data[name] = path.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"{name} {path}: {exc.strerror or exc}") from None
+    files = PeerFiles(cert, key, ca)
+    files.stamp = files.current()
     try:
-        return contexts_from_pem(data["peer_tls_cert"], data["peer_tls_key"], data["peer_tls_ca"])
-    except (ssl.SSLError, ValueError) as exc:
+        return contexts_from_pem(*files.read(), files)
+    except ssl.SSLError as exc:
         raise ValueError(f"peer_tls_cert/peer_tls_key/peer_tls_ca cannot be used: {exc}") from None
+
+
+def reload(pair: PeerTLS) -> bool:
+    """Present a renewed certificate from now on: when the operator's files changed since they
+    were last read and make a usable set, load them into both live contexts (new handshakes
+    use them; links already up keep theirs). A CA added to ``peer_tls_ca`` is trusted from
+    then on; one removed stays trusted until the node restarts (so a CA can be rolled over).
+    A set that cannot be used (a certificate renewed before its key, say) is logged and left
+    alone until the files change again. True when the new files were loaded."""
+    files = pair.files
+    if files is None:
+        return False
+    stamp = files.current()
+    if stamp is None or stamp == files.stamp:
+        return False
+    files.stamp = stamp
+    try:
+        cert, key, anchors = files.read()
+        contexts_from_pem(cert, key, anchors)  # a trial: refuses a key of another certificate
+    except (ssl.SSLError, ValueError) as exc:
+        log.warning(
+            "peer_tls_cert/peer_tls_key/peer_tls_ca changed but cannot be used (%s); "
+            "the peer links keep the certificate loaded before",
+            exc,
+        )
+        return False
+    _load(pair, cert, key, anchors)
+    log.info("peer-link certificate reloaded from %s", files.cert)
+    return True
 
 
 # -- handshakes --------------------------------------------------------------------------------

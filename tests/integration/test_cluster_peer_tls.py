@@ -70,14 +70,14 @@ def _certificate(
     return builder.sign(issuer_key, algorithm=None)
 
 
-def _ca() -> tuple[bytes, Callable[[str], tuple[bytes, bytes]]]:
+def _ca(name: str = "operator CA") -> tuple[bytes, Callable[[str], tuple[bytes, bytes]]]:
     """An operator CA: its PEM, and a function issuing a (cert, key) PEM pair for a node."""
     ca_key = Ed25519PrivateKey.generate()
-    ca_pem = _pem(_certificate("operator CA", ca_key), ca_key)[0]
+    ca_pem = _pem(_certificate(name, ca_key), ca_key)[0]
 
     def issue(node: str) -> tuple[bytes, bytes]:
         key = Ed25519PrivateKey.generate()
-        return _pem(_certificate(node, key, ("operator CA", ca_key)), key)
+        return _pem(_certificate(node, key, (name, ca_key)), key)
 
     return ca_pem, issue
 
@@ -175,6 +175,56 @@ async def test_an_operator_ca_admits_its_certificates_only() -> None:
     stranger = peertls.contexts_from_pem(*other_issue("a"), other_ca)
     assert await _handshake(stranger.server, b.client) == "SSLCertVerificationError"
     assert await _handshake(a.server, stranger.client) != "ok"
+
+
+async def _served_name(port: int, client: ssl.SSLContext) -> str:
+    """The common name of the certificate the listener on ``port`` presents."""
+    async with asyncio.timeout(scaled(10)):
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+    try:
+        cert = writer.get_extra_info("ssl_object").getpeercert()
+        return str(dict(pair[0] for pair in cert["subject"])["commonName"])
+    finally:
+        writer.close()
+
+
+async def test_renewed_operator_files_are_presented_without_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca, issue = _ca()
+    cert, key, anchors = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    first = issue("a, first")
+    cert.write_bytes(first[0])
+    key.write_bytes(first[1])
+    anchors.write_bytes(ca)
+    a = peertls.peer_contexts(SECRET, cert, key, anchors)
+    b = peertls.contexts_from_pem(*issue("b"), ca)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=a.server)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        assert await _served_name(port, b.client) == "a, first"
+        assert not peertls.reload(a)  # nothing changed
+        renewed = issue("a, renewed")
+        cert.write_bytes(renewed[0])  # the certificate before its key: not usable yet
+        with caplog.at_level(logging.WARNING, logger="csc.peer"):
+            assert not peertls.reload(a)
+        assert "cannot be used" in caplog.text
+        assert await _served_name(port, b.client) == "a, first"
+        key.write_bytes(renewed[1])
+        assert peertls.reload(a)
+        assert await _served_name(port, b.client) == "a, renewed"  # the same listener
+        other_ca, other_issue = _ca("operator CA 2")
+        anchors.write_bytes(ca + other_ca)  # a CA rolled over: both trusted
+        assert peertls.reload(a)
+        c = peertls.contexts_from_pem(*other_issue("c"), other_ca + ca)
+        assert await _handshake(a.server, c.client) == "ok"
+        assert await _handshake(a.server, b.client) == "ok"
+    finally:
+        listener.close()
 
 
 # -- two nodes ---------------------------------------------------------------------------------
