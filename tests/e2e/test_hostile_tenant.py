@@ -24,10 +24,11 @@ Asserted:
   and the CSC still serves B.
 
 Measured on a 2-core machine (bench/RESULTS.md, "Memory after a storm"): the CSC's RSS at rest
-59 MiB (75 before a lone node stopped importing redis-py and psycopg), at the storm's peak
-101-103 MiB, 15 s after it 79-85 MiB, about 20 MiB above rest that Python's object arenas keep
-(with two busy loops on the 2 cores too); B's p99 6-13 ms at rest, 25-59 ms in the storm
-(210 ms with the busy loops), no request lost. Before csc/relay/http_front.py dropped a closed
+46 MiB, at the storm's peak 86-91 MiB, 15 s after it 52 MiB (with two busy loops on the 2
+cores too). Before the CSC ran a full collection once quiet after the storm (shared/allocator.py
+``CollectPolicy``), garbage in reference cycles that no later allocation collected kept 58-65
+MiB, and once, in a full test run, 80 (34 above rest). B's p99 2-10 ms at rest, 13-35 ms in
+the storm, no request lost. Before csc/relay/http_front.py dropped a closed
 connection's parser (a reference cycle that kept the connection and its partial head until the
 cyclic GC ran) and the CSC gave free heap pages back (shared/allocator.py), the same storm left
 it at its peak, 110 MiB; with the cyclic collector's thresholds raised 70-fold (tried for

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import subprocess
 import sys
 from pathlib import Path
 
-from shared.allocator import TrimPolicy
+import pytest
+
+from shared import allocator
+from shared.allocator import CollectPolicy, TrimPolicy
 
 MiB = 1024 * 1024
 
@@ -27,6 +32,48 @@ def test_policy_trims_once_memory_that_was_in_use_is_free() -> None:
 def test_policy_without_a_burst_never_trims() -> None:
     policy = TrimPolicy(slack=8 * MiB)
     assert not any(policy.due(free) for free in [40 * MiB] * 50)
+
+
+def test_a_full_collection_once_a_busy_process_goes_quiet() -> None:
+    policy = CollectPolicy(quiet=2)
+    assert not policy.due(100)  # the first sample only sets the mark
+    assert not policy.due(101)  # quiet, and never busy: nothing to collect
+    assert not policy.due(150)  # busy
+    assert not policy.due(190)  # still busy
+    assert policy.due(191)  # quiet again: once
+    assert not policy.due(192)
+    assert not policy.due(193)
+    assert not policy.due(300)
+    assert policy.due(300)
+
+
+async def test_the_loop_collects_the_cycles_a_burst_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Garbage in reference cycles that no allocation after the burst would have collected
+    is gone after the loop's quiet sample."""
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+            self.buffer = bytearray(1024 * 1024)
+
+    samples = iter([0, 10, 10])  # busy, then quiet
+    monkeypatch.setattr(allocator, "young_collections", lambda: next(samples, 10))
+    gc.disable()  # no automatic collection may happen to free them first
+    try:
+        for _ in range(8):
+            Cycle()
+        assert sum(isinstance(o, Cycle) for o in gc.get_objects()) >= 8
+        task = asyncio.create_task(allocator.return_free_memory(interval=0.01))
+        try:
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if not any(isinstance(o, Cycle) for o in gc.get_objects()):
+                    break
+        finally:
+            task.cancel()
+        assert not any(isinstance(o, Cycle) for o in gc.get_objects())
+    finally:
+        gc.enable()
 
 
 _PROBE = """
