@@ -82,9 +82,19 @@ EARLY_CREDIT = 64 * 1024
 # -- transport ---------------------------------------------------------------------------------
 
 
+#: A TLS link's message up to this size is joined before it is written: TLS makes a record of
+#: every piece written, so a message of many small frames would become as many records.
+JOIN_FOR_TLS = 256 * 1024
+
+
 def _sender(writer: asyncio.StreamWriter) -> Callable[[Sequence[bytes | memoryview]], Any]:
+    tls = writer.get_extra_info("ssl_object") is not None
+
     async def send(chunks: Sequence[bytes | memoryview]) -> None:
-        writer.writelines(chunks)
+        if tls and len(chunks) > 1 and sum(map(len, chunks)) <= JOIN_FOR_TLS:
+            writer.write(b"".join(chunks))
+        else:
+            writer.writelines(chunks)
         await writer.drain()
 
     return send

@@ -305,19 +305,20 @@ async def _tunnel_status(http: aiohttp.ClientSession, node: Node) -> int:
         return resp.status
 
 
-@pytest.mark.parametrize("tls", [True, False], ids=["peer_tls", "plain"])
-async def test_forwarded_bytes_are_not_plaintext_on_the_wire(
-    tls: bool, tmp_path: Path, redis_single: RedisTopology, upstream: UpstreamServer
-) -> None:
-    """HTTP and TCP through B reach A's agent either way; with TLS (the default) the relay
-    between B and A never sees the marker, without it does (so the capture would notice)."""
+@contextlib.asynccontextmanager
+async def _captured(
+    tmp_path: Path, redis: RedisTopology, upstream: UpstreamServer, over: dict[str, Any]
+) -> AsyncIterator[tuple[CaptureRelay, Node, aiohttp.ClientSession]]:
+    """Nodes A (with the agent; B dials it through a :class:`CaptureRelay`) and B, both with
+    ``over``: (the relay, B, a client session) once the alias is online through B."""
     relay = CaptureRelay()
     relay_address = await relay.start()
     try:
-        over = {"peer_tls": tls}
-        async with nodes(
-            tmp_path, redis_single, {**over, "peer_advertise": relay_address}, over
-        ) as (a, b, token):
+        async with nodes(tmp_path, redis, {**over, "peer_advertise": relay_address}, over) as (
+            a,
+            b,
+            token,
+        ):
             assert a.state.cluster is not None
             relay.target = a.state.cluster.server.address
             async with agent_on(a, token, upstream), aiohttp.ClientSession() as http:
@@ -326,28 +327,63 @@ async def test_forwarded_bytes_are_not_plaintext_on_the_wire(
                     return await _resolve_status(http, b) == 200
 
                 await async_wait_until(online, 10, message="alias online through B")
-                url = f"http://{b.http_address}/t/{ALIAS}/echo/up"
-                body = MARKER * 1000
-                async with http.post(url, data=body, headers={"X-Marker": MARKER.decode()}) as resp:
-                    assert resp.status == 200
-                    echo = await resp.json()
-                assert echo["body_bytes"] == len(body)
-                assert ["X-Marker", MARKER.decode()] in echo["headers"]
-                host, _, port = (b.tcp_address or "").rpartition(":")
-                reader, writer = await asyncio.open_connection(host, int(port))
-                writer.write(f"CONNECT {ALIAS}\r\n".encode())
-                assert await reader.readline() == b"OK\r\n"
-                writer.write(b"tcp " + MARKER)
-                assert await reader.readexactly(len(MARKER) + 4) == b"tcp " + MARKER
-                writer.close()
+                yield relay, b, http
     finally:
         await relay.close()
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["peer_tls", "plain"])
+async def test_forwarded_bytes_are_not_plaintext_on_the_wire(
+    tls: bool, tmp_path: Path, redis_single: RedisTopology, upstream: UpstreamServer
+) -> None:
+    """HTTP and TCP through B reach A's agent either way; with TLS (the default) the relay
+    between B and A never sees the marker, without it does (so the capture would notice)."""
+    async with _captured(tmp_path, redis_single, upstream, {"peer_tls": tls}) as (relay, b, http):
+        url = f"http://{b.http_address}/t/{ALIAS}/echo/up"
+        body = MARKER * 1000
+        async with http.post(url, data=body, headers={"X-Marker": MARKER.decode()}) as resp:
+            assert resp.status == 200
+            echo = await resp.json()
+        assert echo["body_bytes"] == len(body)
+        assert ["X-Marker", MARKER.decode()] in echo["headers"]
+        host, _, port = (b.tcp_address or "").rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"CONNECT {ALIAS}\r\n".encode())
+        assert await reader.readline() == b"OK\r\n"
+        writer.write(b"tcp " + MARKER)
+        assert await reader.readexactly(len(MARKER) + 4) == b"tcp " + MARKER
+        writer.close()
     assert len(relay.up) > len(body)  # the request went through the relay
     if tls:
         assert relay.up[:1] == b"\x16" and relay.down[:1] == b"\x16"  # TLS handshake records
         assert MARKER not in relay.up and MARKER not in relay.down
     else:
         assert MARKER in relay.up and MARKER in relay.down
+
+
+def _records_from(data: bytes | bytearray, start: int) -> list[int]:
+    """The content types of the TLS records in ``data`` that begin at or after ``start``."""
+    types, pos = [], 0
+    while pos + 5 <= len(data):
+        if pos >= start:
+            types.append(data[pos])
+        pos += 5 + int.from_bytes(data[pos + 3 : pos + 5], "big")
+    return types
+
+
+async def test_a_forwarded_answer_is_one_tls_record(
+    tmp_path: Path, redis_single: RedisTopology, upstream: UpstreamServer
+) -> None:
+    """A message of many small frames (admission, head, body, FIN) goes to TLS in one write:
+    TLS makes a record of every piece written, and each costs both nodes a seal or an open."""
+    counts = []
+    async with _captured(tmp_path, redis_single, upstream, {}) as (relay, b, http):
+        for _ in range(5):
+            start = len(relay.down)
+            assert await _tunnel_status(http, b) == 200
+            counts.append(_records_from(relay.down, start).count(0x17))
+    # one record per answer; a heartbeat may fall in between, not into every request
+    assert min(counts) == 1, counts
 
 
 @contextlib.asynccontextmanager
