@@ -82,6 +82,29 @@ MAX_MESSAGE = 1024 * 1024
 SendFn = Callable[[Sequence[bytes | memoryview]], Awaitable[None]]
 
 
+#: Pieces shorter than this are joined before a TLS write (:func:`coalesce`): TLS seals every
+#: piece written as a record of its own, and a record holds at most 16 KiB anyway.
+TLS_PIECE = 16 * 1024
+
+
+def coalesce(chunks: Sequence[bytes | memoryview], small: int) -> list[bytes | memoryview]:
+    """``chunks`` in order, each run of neighbours shorter than ``small`` joined into one
+    piece; longer chunks stay as they are (not copied)."""
+    out: list[bytes | memoryview] = []
+    run: list[bytes | memoryview] = []
+    for chunk in chunks:
+        if len(chunk) < small:
+            run.append(chunk)
+            continue
+        if run:
+            out.append(b"".join(run) if len(run) > 1 else run[0])
+            run = []
+        out.append(chunk)
+    if run:
+        out.append(b"".join(run) if len(run) > 1 else run[0])
+    return out
+
+
 @dataclass(slots=True)
 class LinkCounters:
     """Running totals of one or more links (never reset; only ever added to)."""

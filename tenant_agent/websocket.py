@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
 from shared.errors import CSCError, InvalidState, LinkStalled, ProtocolError
-from shared.link import Link
+from shared.link import TLS_PIECE, Link, coalesce
 from shared.wakeup import Wakeup
 from tenant_agent.writeflow import WriteFlow
 
@@ -117,22 +117,10 @@ def mask_chunks(chunks: Sequence[bytes | memoryview], key: bytes) -> list[bytes]
     """
     keys = (key, key[1:] + key[:1], key[2:] + key[:2], key[3:] + key[:3])
     out: list[bytes] = []
-    small: list[bytes | memoryview] = []
-    small_size = offset = 0
-    for chunk in chunks:
-        size = len(chunk)
-        if size < SMALL_CHUNK:
-            small.append(chunk)
-            small_size += size
-            continue
-        if small:
-            out.append(apply_mask(b"".join(small), keys[offset & 3]))
-            offset += small_size
-            small, small_size = [], 0
-        out.append(apply_mask(chunk, keys[offset & 3]))
-        offset += size
-    if small:
-        out.append(apply_mask(b"".join(small), keys[offset & 3]))
+    offset = 0
+    for piece in coalesce(chunks, SMALL_CHUNK):
+        out.append(apply_mask(piece, keys[offset & 3]))
+        offset += len(piece)
     return out
 
 
@@ -144,6 +132,7 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         self._proto = protocol
         self._headers = headers
         self._transport: asyncio.Transport | None = None
+        self._tls = False  # a TLS transport: write short pieces as one (see write_message)
         self.opened: asyncio.Future[None] = self.loop.create_future()
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self._received: deque[bytes] = deque()
@@ -159,6 +148,7 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._tls = transport.get_extra_info("ssl_object") is not None
         request = self._proto.connect()
         for name, value in self._headers.items():
             request.headers[name] = value
@@ -206,8 +196,9 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         if transport is None or transport.is_closing() or self._proto.state is not State.OPEN:
             raise ConnectionResetError("the WebSocket to the CSC is closing")
         key = os.urandom(4)
-        payload = mask_chunks(chunks, key)
-        transport.writelines([frame_header(sum(map(len, chunks)), key), *payload])
+        pieces = [frame_header(sum(map(len, chunks)), key), *mask_chunks(chunks, key)]
+        # over TLS every piece written is a record: short pieces go as one
+        transport.writelines(coalesce(pieces, TLS_PIECE) if self._tls else pieces)
         if self.writing_paused:
             await self.drain()
 

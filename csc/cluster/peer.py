@@ -52,7 +52,7 @@ from shared.errors import (
     PortalOffline,
     ProtocolError,
 )
-from shared.link import Link
+from shared.link import TLS_PIECE, Link, coalesce
 from shared.linkstream import LinkStream
 from shared.protocol import (
     Connection,
@@ -82,19 +82,12 @@ EARLY_CREDIT = 64 * 1024
 # -- transport ---------------------------------------------------------------------------------
 
 
-#: A TLS link's message up to this size is joined before it is written: TLS makes a record of
-#: every piece written, so a message of many small frames would become as many records.
-JOIN_FOR_TLS = 256 * 1024
-
-
 def _sender(writer: asyncio.StreamWriter) -> Callable[[Sequence[bytes | memoryview]], Any]:
     tls = writer.get_extra_info("ssl_object") is not None
 
     async def send(chunks: Sequence[bytes | memoryview]) -> None:
-        if tls and len(chunks) > 1 and sum(map(len, chunks)) <= JOIN_FOR_TLS:
-            writer.write(b"".join(chunks))
-        else:
-            writer.writelines(chunks)
+        # over TLS every piece written is a record: a message of small frames goes as one
+        writer.writelines(coalesce(chunks, TLS_PIECE) if tls else chunks)
         await writer.drain()
 
     return send

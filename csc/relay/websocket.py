@@ -46,7 +46,7 @@ from csc.relay.wsframes import (
     parse_close,
 )
 from shared.errors import CSCError, LinkStalled, ProtocolError
-from shared.link import Link, SendFn
+from shared.link import TLS_PIECE, Link, SendFn, coalesce
 from shared.linkpace import PIECE_FRAMES
 from shared.protocol.codec import HEADER_SIZE
 from shared.protocol.heartbeat import PING_SIZE
@@ -107,6 +107,7 @@ class ServerWebSocket(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self._reader = FrameReader(max_size)
         self.transport: asyncio.Transport | None = None
+        self._tls = False  # a TLS transport: write short pieces as one (see write_message)
         self._payloads: deque[bytes] = deque()
         self._queued = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -129,6 +130,7 @@ class ServerWebSocket(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        self._tls = transport.get_extra_info("ssl_object") is not None
 
     def data_received(self, data: bytes) -> None:
         if self._close_received or self.lost.done():
@@ -234,8 +236,9 @@ class ServerWebSocket(asyncio.Protocol):
         self.traffic.bytes_out += size
         if size <= SMALL_MESSAGE:  # one short buffer: cheaper than a vector of pieces
             transport.write(b"".join((frame_head(size), *chunks)))
-        else:
-            transport.writelines([frame_head(size), *chunks])
+        else:  # over TLS every piece written is a record: short pieces go as one
+            pieces = [frame_head(size), *chunks]
+            transport.writelines(coalesce(pieces, TLS_PIECE) if self._tls else pieces)
         while self._write_paused and not self.lost.done():
             self._drain_waiter = self.loop.create_future()
             try:
