@@ -456,7 +456,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     parser.add_argument("--download-mib", type=int, default=256, help="download size (256)")
     parser.add_argument("--repeat", type=int, default=3, help="download runs, median (3)")
-    parser.add_argument("--settle", type=float, default=1.0, help="seconds before idle RSS")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=7.0,
+        help="seconds before idle RSS (the relays give memory back every 5 s)",
+    )
     parser.add_argument("--sessions", type=int, default=2, help="agent sessions (2)")
     parser.add_argument("--alias", default="bench@example.com")
     parser.add_argument("--csc-env", action="append", default=[], metavar="KEY=VALUE")
