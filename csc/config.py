@@ -227,7 +227,7 @@ class CSCConfig:
         metadata=meta(
             doc_default="derived from the cluster secret",
             help="PEM certificate (chain) this node presents on peer links; with "
-            "`peer_tls_key` and `peer_tls_ca`",
+            "`peer_tls_key` and `peer_tls_ca`; renewed files are loaded without a restart",
         ),
     )
     peer_tls_key: Path | None = field(
