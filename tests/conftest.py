@@ -10,6 +10,8 @@
 * ``haproxy``: start Debian's HAProxy in front of backends (:mod:`tests.support.haproxy`).
 * ``upstream_proc``: one upstream process (HTTP + TCP echo) for the whole session. It is
   stateless; a test that needs to kill or restart an upstream starts its own with ``procs``.
+* Hypothesis runs without its per-example deadline (200 ms by default) in every test: a busy
+  machine can make any one example that slow, and a property test must not fail for it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("csc", deadline=None)
+settings.load_profile("csc")  # before the test modules are imported: their settings inherit it
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:  # `pytest` (not `python -m pytest`) leaves the root off

@@ -341,6 +341,9 @@ class FakeTransport:
     def set_write_buffer_limits(self, high: int, low: int) -> None:
         pass
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default  # plain TCP: no peer name, no TLS
+
     def write(self, data: bytes) -> None:
         self.written.append(bytes(data))
 
