@@ -33,6 +33,7 @@ the other with the same code).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -263,14 +264,11 @@ class PeerServer:
                 head = await inner.opened
             except CSCError as err:
                 admission.now()
-                if inner.unprocessed:  # tell the forwarding node it may try elsewhere
+                if inner.unprocessed:
                     await cancel_quietly(upload)
                     if upload is not None and not upload.cancelled():
-                        upload.exception()  # retrieved: the marker below reports the refusal
-                    await stream.write(encode_head({UNPROCESSED: True}))
-                    stream.write_eof()
-                    return
-                stream.reset(err)
+                        upload.exception()  # retrieved: the marker reports the refusal
+                _refuse(stream, inner, err)
                 return
             admission.now()  # with the head, in the same write when it was held
             await stream.write(encode_head(head, binary=stream.link.conn.binary_heads))
@@ -332,13 +330,8 @@ class _QuickRelay:
         admission.now()
         if opened.cancelled() or (err := opened.exception()) is not None:
             failure = err if isinstance(err, CSCError) else Cancelled("the relay was cancelled")
-            try:
-                if inner.unprocessed and _write_whole(stream, encode_head({UNPROCESSED: True})):
-                    stream.write_eof()  # the forwarding node may try elsewhere
-                else:
-                    stream.reset(failure)
-            except CSCError:
-                pass  # B's stream failed meanwhile: nothing to tell it
+            with contextlib.suppress(CSCError):  # B's stream failed meanwhile: nothing to tell
+                _refuse(stream, inner, failure)
             self._end()
             return
         head = encode_head(opened.result(), binary=stream.link.conn.binary_heads)
@@ -387,6 +380,15 @@ class _QuickRelay:
         self._stream.finish()
         self._server.relaying -= 1
         self._server.stream_finished()
+
+
+def _refuse(stream: LinkStream, inner: LinkStream, err: CSCError) -> None:
+    """Pass the agent's refusal of ``inner`` on to B: as the head ``{"unprocessed": true}``
+    when the agent never ran it (B may try elsewhere), else as an RST with its code."""
+    if inner.unprocessed and _write_whole(stream, encode_head({UNPROCESSED: True})):
+        stream.write_eof()
+    else:
+        stream.reset(err)
 
 
 def _write_whole(stream: LinkStream, data: bytes) -> bool:

@@ -53,21 +53,13 @@ MISMATCH_HINT = "is peer_tls the same on every node?"
 
 @dataclass(eq=False)
 class PeerFiles:
-    """The operator's certificate, key and CA, and what they were when last read (the
-    ``(inode, size, mtime)`` of each, so that a renewed file is noticed: :func:`reload`)."""
+    """The operator's certificate, key and CA, and what they held when last read (so that
+    renewed files are noticed: :func:`reload`)."""
 
     cert: Path
     key: Path
     ca: Path
-    stamp: tuple[tuple[int, int, int], ...] | None = None
-
-    def current(self) -> tuple[tuple[int, int, int], ...] | None:
-        """The files' stamp now (None while one of them cannot be read)."""
-        try:
-            stats = [os.stat(path) for path in (self.cert, self.key, self.ca)]
-        except OSError:
-            return None
-        return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
+    seen: tuple[bytes, bytes, bytes] | None = None
 
     def read(self) -> tuple[bytes, bytes, bytes]:
         """(certificate, key, CA); ValueError naming the file that cannot be read."""
@@ -239,10 +231,10 @@ def peer_contexts(
     if cert is None or key is None or ca is None:
         return derived_contexts(secret)
     files = PeerFiles(cert, key, ca)
-    files.stamp = files.current()
+    files.seen = files.read()
     try:
-        return contexts_from_pem(*files.read(), files)
-    except ssl.SSLError as exc:
+        return contexts_from_pem(*files.seen, files)
+    except (ssl.SSLError, ValueError) as exc:
         raise ValueError(f"peer_tls_cert/peer_tls_key/peer_tls_ca cannot be used: {exc}") from None
 
 
@@ -256,12 +248,15 @@ def reload(pair: PeerTLS) -> bool:
     files = pair.files
     if files is None:
         return False
-    stamp = files.current()
-    if stamp is None or stamp == files.stamp:
-        return False
-    files.stamp = stamp
     try:
-        cert, key, anchors = files.read()
+        data = files.read()  # a few KiB; compared whole, so no rewrite within a tick is missed
+    except ValueError:
+        return False  # a file missing for a moment (being replaced): looked at again next time
+    if data == files.seen:
+        return False
+    files.seen = data
+    cert, key, anchors = data
+    try:
         contexts_from_pem(cert, key, anchors)  # a trial: refuses a key of another certificate
     except (ssl.SSLError, ValueError) as exc:
         log.warning(

@@ -372,10 +372,16 @@ def _records_from(data: bytes | bytearray, start: int) -> list[int]:
 
 
 async def test_a_forwarded_answer_is_one_tls_record(
-    tmp_path: Path, redis_single: RedisTopology, upstream: UpstreamServer
+    tmp_path: Path,
+    redis_single: RedisTopology,
+    upstream: UpstreamServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A message of many small frames (admission, head, body, FIN) goes to TLS in one write:
     TLS makes a record of every piece written, and each costs both nodes a seal or an open."""
+    # the admission waits for the answer however slow a busy machine makes the agent
+    monkeypatch.setattr(peer, "ADMISSION_HOLD", scaled(30))
+    monkeypatch.setattr(peer, "ADMISSION_TIMEOUT", scaled(60))
     counts = []
     async with _captured(tmp_path, redis_single, upstream, {}) as (relay, b, http):
         for _ in range(5):

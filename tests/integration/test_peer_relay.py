@@ -63,6 +63,13 @@ def _no() -> None:
     pass
 
 
+@pytest.fixture(autouse=True)
+def _patient_admission(monkeypatch: pytest.MonkeyPatch) -> None:
+    """B waits for A's admission far longer than a busy machine can delay it (a test that
+    wants a shorter hold or wait sets its own)."""
+    monkeypatch.setattr(peer, "ADMISSION_TIMEOUT", scaled(60))
+
+
 async def test_a_request_without_a_body_is_admitted_with_its_answer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
