@@ -78,8 +78,10 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 1024 * 1024
 
 #: Sends one WebSocket message made of these chunks, in order (a sender may mask or copy them
-#: piecewise; it must not keep them after it returns).
-SendFn = Callable[[Sequence[bytes | memoryview]], Awaitable[None]]
+#: piecewise; it must not keep them after it returns). It returns None when the transport took
+#: the message without waiting (the usual case: no timer, no suspension), else an awaitable that
+#: ends once the transport can take more; an ``async def`` sender is such a function too.
+SendFn = Callable[[Sequence[bytes | memoryview]], Awaitable[None] | None]
 
 
 #: Pieces shorter than this are joined before a TLS write (:func:`coalesce`): TLS seals every
@@ -474,11 +476,14 @@ class Link:
             await self._send_message(batch)
 
     async def _send_message(self, chunks: list[bytes | memoryview]) -> None:
-        """Send one message; a sender that does not return within ``stuck_timeout`` (the peer
-        stopped reading) raises :class:`LinkStalled`."""
+        """Send one message; a sender still waiting after ``stuck_timeout`` (the peer stopped
+        reading) raises :class:`LinkStalled`. One the transport took at once needs no timer."""
+        waiting = self._send(chunks)
+        if waiting is None:
+            return
         try:
             async with asyncio.timeout(self.stuck_timeout):
-                await self._send(chunks)
+                await waiting
         except TimeoutError:
             raise LinkStalled(f"no message could be sent for {self.stuck_timeout:g} s") from None
 

@@ -446,7 +446,7 @@ class Agent:
         session: CSCSession
         link = Link(
             conn,
-            ws.send_chunks,
+            ws.send_now,
             on_stream=self.upstreams.handle,
             counters=self.metrics.links,
             on_goaway=lambda _ev: session.goaway.set(),

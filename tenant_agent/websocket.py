@@ -37,7 +37,7 @@ import os
 import ssl
 import struct
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, cast
 
 from websockets.client import ClientProtocol
@@ -190,8 +190,9 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
 
     # -- sending ------------------------------------------------------------------------------
 
-    async def send_chunks(self, chunks: Sequence[bytes | memoryview]) -> None:
-        """Send the chunks as one binary message; wait while the transport is paused."""
+    def send_now(self, chunks: Sequence[bytes | memoryview]) -> Awaitable[None] | None:
+        """Write the chunks as one binary message (a :data:`~shared.link.SendFn`): None when the
+        transport took it without pausing, else the wait for it to drain."""
         transport = self._transport
         if transport is None or transport.is_closing() or self._proto.state is not State.OPEN:
             raise ConnectionResetError("the WebSocket to the CSC is closing")
@@ -199,8 +200,13 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         pieces = [frame_header(sum(map(len, chunks)), key), *mask_chunks(chunks, key)]
         # over TLS every piece written is a record: short pieces go as one
         transport.writelines(coalesce(pieces, TLS_PIECE) if self._tls else pieces)
-        if self.writing_paused:
-            await self.drain()
+        return self.drain() if self.writing_paused else None
+
+    async def send_chunks(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """Send the chunks as one binary message; wait while the transport is paused."""
+        waiting = self.send_now(chunks)
+        if waiting is not None:
+            await waiting
 
     @property
     def write_buffer_size(self) -> int:

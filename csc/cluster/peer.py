@@ -37,7 +37,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -53,7 +53,7 @@ from shared.errors import (
     PortalOffline,
     ProtocolError,
 )
-from shared.link import TLS_PIECE, Link, coalesce
+from shared.link import TLS_PIECE, Link, SendFn, coalesce
 from shared.linkstream import LinkStream
 from shared.protocol import (
     Connection,
@@ -83,13 +83,17 @@ EARLY_CREDIT = 64 * 1024
 # -- transport ---------------------------------------------------------------------------------
 
 
-def _sender(writer: asyncio.StreamWriter) -> Callable[[Sequence[bytes | memoryview]], Any]:
+def _sender(writer: asyncio.StreamWriter) -> SendFn:
     tls = writer.get_extra_info("ssl_object") is not None
+    transport = writer.transport
 
-    async def send(chunks: Sequence[bytes | memoryview]) -> None:
+    def send(chunks: Sequence[bytes | memoryview]) -> Awaitable[None] | None:
         # over TLS every piece written is a record: a message of small frames goes as one
         writer.writelines(coalesce(chunks, TLS_PIECE) if tls else chunks)
-        await writer.drain()
+        # all of it in the socket: nothing to wait for (drain() raises once the link is lost)
+        if transport.get_write_buffer_size() or transport.is_closing():
+            return writer.drain()
+        return None
 
     return send
 

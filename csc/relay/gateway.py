@@ -371,7 +371,7 @@ def _new_session(
     traffic = ws.traffic  # counted by the WebSocket itself, both ways
     link = Link(
         conn,
-        ws.send_chunks,
+        ws.send_now,
         name=f"session {session_id}",
         counters=state.metrics.link_counters(claims.tenant),
         stuck_timeout=state.config.stuck_timeout,

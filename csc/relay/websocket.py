@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -46,7 +46,7 @@ from csc.relay.wsframes import (
     parse_close,
 )
 from shared.errors import CSCError, LinkStalled, ProtocolError
-from shared.link import TLS_PIECE, Link, SendFn, coalesce
+from shared.link import TLS_PIECE, Link, coalesce
 from shared.linkpace import PIECE_FRAMES
 from shared.protocol.codec import HEADER_SIZE
 from shared.protocol.heartbeat import PING_SIZE
@@ -77,16 +77,6 @@ class Traffic:
 
     bytes_in: int = 0
     bytes_out: int = 0
-
-
-def counting(send: SendFn, traffic: Traffic) -> SendFn:
-    """``send``, adding the size of every message to ``traffic.bytes_out``."""
-
-    async def counted(chunks: Sequence[bytes | memoryview]) -> None:
-        traffic.bytes_out += sum(map(len, chunks))
-        await send(chunks)
-
-    return counted
 
 
 class WebSocketLike(Protocol):
@@ -227,8 +217,9 @@ class ServerWebSocket(asyncio.Protocol):
                 self._pause(False)
         return data
 
-    async def send_chunks(self, chunks: Sequence[bytes | memoryview]) -> None:
-        """Send the chunks as one binary message; wait while the transport is paused."""
+    def send_now(self, chunks: Sequence[bytes | memoryview]) -> Awaitable[None] | None:
+        """Write the chunks as one binary message (a :data:`~shared.link.SendFn`): None when the
+        transport took it without pausing, else the wait for it to drain."""
         transport = self.transport
         if transport is None or self.closed or transport.is_closing():
             raise ConnectionResetError("the agent's WebSocket is closing")
@@ -239,6 +230,17 @@ class ServerWebSocket(asyncio.Protocol):
         else:  # over TLS every piece written is a record: short pieces go as one
             pieces = [frame_head(size), *chunks]
             transport.writelines(coalesce(pieces, TLS_PIECE) if self._tls else pieces)
+        if self._write_paused or self.lost.done():
+            return self._drained()
+        return None
+
+    async def send_chunks(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """Send the chunks as one binary message; wait while the transport is paused."""
+        waiting = self.send_now(chunks)
+        if waiting is not None:
+            await waiting
+
+    async def _drained(self) -> None:
         while self._write_paused and not self.lost.done():
             self._drain_waiter = self.loop.create_future()
             try:

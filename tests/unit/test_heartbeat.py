@@ -397,3 +397,27 @@ async def test_the_websocket_answers_a_lone_ping_without_the_links_writer() -> N
     link.close()
     ws.connection_lost(None)
     await asyncio.wait_for(runner, 5)
+
+
+async def test_the_websocket_sender_waits_only_while_the_transport_is_paused() -> None:
+    transport = FakeTransport()
+    ws = ServerWebSocket(1 << 20)
+    ws.connection_made(transport)  # type: ignore[arg-type]
+    assert ws.send_now([b"abc", b"def"]) is None  # taken at once: nothing to wait for
+    assert transport.written == [frame_head(6) + b"abcdef"]
+    ws.pause_writing()
+    waiting = ws.send_now([b"ghi"])
+    assert waiting is not None and transport.written[-1] == frame_head(3) + b"ghi"
+    drained = asyncio.ensure_future(waiting)
+    await asyncio.sleep(0)
+    assert not drained.done()
+    ws.resume_writing()
+    await asyncio.wait_for(drained, 5)
+    ws.pause_writing()
+    lost = asyncio.ensure_future(ws.send_chunks([b"jkl"]))
+    await asyncio.sleep(0)
+    ws.connection_lost(None)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(lost, 5)
+    with pytest.raises(ConnectionResetError):
+        ws.send_now([b"mno"])

@@ -4,7 +4,8 @@ The server side of an in-memory link answers the client's PINGs through a sender
 at a gate, like a socket whose buffer is full. Its backlog (answers not yet taken by the
 sender) must pause reading above the high-water mark and resume at the low-water mark once the
 gate opens; more than ``max_backlog`` closes the link, and so does a sender that does not
-return within ``stuck_timeout``, both with ``link_stalled``. DATA, bounded by credit, does not
+return within ``stuck_timeout``, both with ``link_stalled``; a sender that took its message at
+once arms no timer at all. DATA, bounded by credit, does not
 count. :class:`FrameCutter` pieces must concatenate to the message and hold at most its limit
 of frames whatever the chunking.
 """
@@ -12,7 +13,7 @@ of frames whatever the chunking.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import pytest
@@ -132,6 +133,59 @@ async def test_a_sender_that_makes_progress_is_not_stuck() -> None:
             await asyncio.sleep(0.05)
         assert not link.is_closed
     finally:
+        await link.aclose()
+
+
+def _counting_timeouts(monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
+    """Record every ``asyncio.timeout`` block entered from now on (the delays)."""
+    entered: list[float | None] = []
+    real = asyncio.timeout
+
+    def counted(delay: float | None) -> asyncio.Timeout:
+        entered.append(delay)
+        return real(delay)
+
+    monkeypatch.setattr(asyncio, "timeout", counted)
+    return entered
+
+
+async def test_a_message_the_transport_takes_at_once_needs_no_stuck_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    entered = _counting_timeouts(monkeypatch)
+    sent: list[bytes] = []
+
+    def at_once(chunks: Sequence[bytes | memoryview]) -> None:
+        sent.append(b"".join(chunks))
+
+    link, _ = _server_link(asyncio.Event(), send=at_once, stuck_timeout=0.2)
+    try:
+        for _ in range(5):
+            link.feed(PING)
+            await _settle()
+        assert b"".join(sent).count(b"12345678") == 5  # every answer went out
+        assert entered == [], "a timer was armed for a send that did not wait"
+        assert not link.is_closed
+    finally:
+        await link.aclose()
+
+
+async def test_a_send_that_returns_a_wait_is_timed_and_closes_when_stuck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    entered = _counting_timeouts(monkeypatch)
+    gate = asyncio.Event()
+
+    def paused(chunks: Sequence[bytes | memoryview]) -> Awaitable[None]:
+        return gate.wait()  # written, but the transport is paused until the gate opens
+
+    link, _ = _server_link(gate, send=paused, stuck_timeout=0.2)
+    try:
+        err = await asyncio.wait_for(asyncio.shield(link.closed), 5)
+        assert err.code == "link_stalled"
+        assert entered == [0.2]
+    finally:
+        gate.set()
         await link.aclose()
 
 
