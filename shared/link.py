@@ -49,6 +49,7 @@ from shared.linkpace import (
     HIGH_WATER,
     LOW_WATER,
     MAX_BACKLOG,
+    PIECE_FRAMES,
     STUCK_TIMEOUT,
     AnswerBacklog,
     FrameCutter,
@@ -76,6 +77,9 @@ log = logging.getLogger(__name__)
 
 #: Largest WebSocket message a flush builds (several frames may share one message).
 MAX_MESSAGE = 1024 * 1024
+#: A received message this short holds at most PIECE_FRAMES frame headers, so it is one piece:
+#: :meth:`Link.receive_now` takes it without awaiting (from ``data_received``).
+DIRECT_MAX = PIECE_FRAMES * HEADER_SIZE
 
 #: Sends one WebSocket message made of these chunks, in order (a sender may mask or copy them
 #: piecewise; it must not keep them after it returns). It returns None when the transport took
@@ -226,6 +230,16 @@ class Link:
             if self.is_closed:
                 return
             self.feed(piece)
+
+    def receive_now(self, data: bytes) -> None:
+        """:meth:`receive` for a message of at most :data:`DIRECT_MAX` bytes (always one piece),
+        done here without awaiting: a receiver may call it from ``data_received`` while its
+        receive loop waits (everything received before was fed) and the link reads. A link-level
+        fault closes the link and is raised, as by :meth:`feed`."""
+        if len(data) > DIRECT_MAX:
+            raise ValueError(f"{len(data)} bytes may be more than one piece")
+        self._cutter.cut(data)  # one piece; keeps the frame boundary for answer_ping
+        self.feed(data)
 
     def answer_ping(self, data: bytes) -> bytes | None:
         """The heartbeat's short way: when ``data`` is one PING alone (the most common message

@@ -46,9 +46,7 @@ from csc.relay.wsframes import (
     parse_close,
 )
 from shared.errors import CSCError, LinkStalled, ProtocolError
-from shared.link import TLS_PIECE, Link, coalesce
-from shared.linkpace import PIECE_FRAMES
-from shared.protocol.codec import HEADER_SIZE
+from shared.link import DIRECT_MAX, TLS_PIECE, Link, coalesce
 from shared.protocol.heartbeat import PING_SIZE
 
 #: How long closing the WebSocket may take before its transport is aborted.
@@ -61,9 +59,6 @@ SMALL_MESSAGE = 16 * 1024
 WRITE_HIGH, WRITE_LOW = 256 * 1024, 64 * 1024
 #: Close code when the connection ended without a close frame (RFC 6455 §7.1.5).
 ABNORMAL_CLOSURE = 1006
-#: A payload this short holds fewer than PIECE_FRAMES link frames: Link.receive takes it in
-#: one piece, without awaiting, so it may be fed from data_received (see ServerWebSocket).
-DIRECT_MAX = PIECE_FRAMES * HEADER_SIZE
 #: The WebSocket head of a message that is one link PING (its ACK is the same size).
 _ACK_MESSAGE_HEAD = frame_head(PING_SIZE)
 
@@ -307,21 +302,15 @@ class ServerWebSocket(asyncio.Protocol):
         return True
 
     def _feed_now(self, data: bytes) -> None:
-        """``Link.receive`` run to its end here (it does not await for a short payload); a
-        link-level fault closes the link, whose watcher closes the WebSocket."""
+        """Feed a short payload here (``Link.receive_now``); a link-level fault closes the link,
+        whose watcher closes the WebSocket."""
         link = self._link
         assert link is not None
         self.traffic.bytes_in += len(data)
-        step = link.receive(data)
         try:
-            step.send(None)
-        except StopIteration:
-            return
+            link.receive_now(data)
         except CSCError:
             self._wake()  # the receive loop sees the link closed
-            return
-        step.close()
-        raise RuntimeError("Link.receive awaited on a payload of one piece")
 
     def _control(self, frame: Control) -> bool:
         """Answer a control frame; True when nothing after it is to be read."""

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.errors import LinkStalled
-from shared.link import Link, SendFn
+from shared.link import DIRECT_MAX, Link, SendFn
 from shared.linkpace import FrameCutter
 from shared.protocol import Connection, LinkSettings, Side
 from shared.protocol.codec import FrameDecoder, FrameType, encode_frame
@@ -176,8 +176,11 @@ async def test_a_send_that_returns_a_wait_is_timed_and_closes_when_stuck(
     entered = _counting_timeouts(monkeypatch)
     gate = asyncio.Event()
 
+    async def drained() -> None:
+        await gate.wait()
+
     def paused(chunks: Sequence[bytes | memoryview]) -> Awaitable[None]:
-        return gate.wait()  # written, but the transport is paused until the gate opens
+        return drained()  # written, but the transport is paused until the gate opens
 
     link, _ = _server_link(gate, send=paused, stuck_timeout=0.2)
     try:
@@ -186,6 +189,19 @@ async def test_a_send_that_returns_a_wait_is_timed_and_closes_when_stuck(
         assert entered == [0.2]
     finally:
         gate.set()
+        await link.aclose()
+
+
+async def test_receive_now_takes_one_piece_and_refuses_what_may_be_more() -> None:
+    link, _ = _server_link(asyncio.Event(), send=lambda chunks: None)
+    try:
+        pings = PING * (DIRECT_MAX // len(PING))
+        link.receive_now(pings)  # at most DIRECT_MAX bytes: fed here, answered
+        assert link.backlog == len(pings)
+        with pytest.raises(ValueError):
+            link.receive_now(PING * (DIRECT_MAX // len(PING) + 1))
+        assert link.backlog == len(pings), "a refused message was fed"
+    finally:
         await link.aclose()
 
 
