@@ -110,6 +110,14 @@ class LinkStream:
             link.kick()
         return taken
 
+    def fits(self, size: int) -> bool:
+        """Whether the peer's credit takes ``size`` more bytes now."""
+        return size <= self.link.conn.send_credit(self.id)
+
+    def write_whole(self, data: bytes) -> bool:
+        """Queue all of ``data`` if the peer's credit allows it now; else queue nothing."""
+        return self.fits(len(data)) and self.write_now(data) == len(data)
+
     def write_eof(self) -> None:
         """Half-close: queue FIN (in the same flush as anything queued before it)."""
         if self._error is not None:

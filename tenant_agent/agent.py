@@ -448,6 +448,7 @@ class Agent:
             conn,
             ws.send_now,
             on_stream=self.upstreams.handle,
+            on_stream_now=self.upstreams.handle_now,
             counters=self.metrics.links,
             on_goaway=lambda _ev: session.goaway.set(),
             name=f"session {slot}",

@@ -166,8 +166,26 @@ async def drain_upload(stream: RelayedStream, timeout: float) -> None:
         stream.reset(UpstreamReset("the portal answered before the request body ended"))
 
 
+class Outcome(FastEnum):
+    """How far :meth:`Exchange.advance` took an exchange without waiting."""
+
+    #: Nothing more until the connection's state changes (its wake).
+    WAIT = "wait"
+    #: The head went to the stream and the whole body is queued on the connection.
+    WHOLE = "whole"
+    #: The head went to the stream; the body is still arriving, or too long to hold: copy it.
+    STREAM = "stream"
+    #: Answered or refused: nothing more to do on the stream.
+    DONE = "done"
+    #: The reused connection ended before the portal sent a byte: try a fresh connection.
+    RETRY = "retry"
+
+
 class Exchange:
-    """One request and its response on one connection, run by the stream's handler task."""
+    """One request and its response on one connection. :meth:`run` drives it in the stream's
+    handler task; a caller that serves the stream by callbacks (tenant_agent/http_quick.py)
+    calls :meth:`attach`, then :meth:`advance` at each wake of the connection, and
+    :meth:`finish` in a task when the outcome needs one."""
 
     __slots__ = ("conn", "request", "request_id", "sender", "stream")
 
@@ -180,47 +198,66 @@ class Exchange:
 
     async def run(self) -> bool:
         """Relay the exchange; True when it should be retried on a fresh connection."""
+        self.attach()
+        try:
+            while (outcome := self.advance()) is Outcome.WAIT:
+                await self.conn.wait()
+            return await self.finish(outcome)
+        except CSCError:
+            return False  # the CSC reset the stream while the response was written to it
+        finally:
+            await self.detach()
+
+    def attach(self) -> None:
+        """Send the request (its body by a task of its own when streamed) and watch the stream:
+        its failure fails the exchange."""
         conn, stream = self.conn, self.stream
         conn.begin(self.request)
         if self.request.streamed:
             body = send_body(conn, stream, self.request.length)
             self.sender = asyncio.get_running_loop().create_task(body)
         stream.opened.add_done_callback(conn.stream_failed)
-        try:
-            return await self._relay()
-        except CSCError:
-            return False  # the CSC reset the stream while the response was written to it
-        finally:
-            stream.opened.remove_done_callback(conn.stream_failed)
-            sender = self.sender
-            if sender is not None and not sender.done():
-                sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
 
-    async def _relay(self) -> bool:
+    async def detach(self) -> None:
+        """Undo :meth:`attach` once the exchange is over (the body's sender is stopped)."""
+        self.stream.opened.remove_done_callback(self.conn.stream_failed)
+        sender = self.sender
+        if sender is not None and not sender.done():
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+
+    def advance(self) -> Outcome:
+        """Take the exchange as far as it goes without waiting: the head to the stream once it
+        is in (with all of a short body: a response of known length up to SMALL_BODY is awaited
+        whole), or the refusal. Raises the stream's error if the CSC reset it."""
         conn, stream = self.conn, self.stream
-        while conn.state is ExchangeState.AWAITING_HEAD:
-            await conn.wait()
-        small = conn.length is not None and conn.length <= SMALL_BODY
-        while small and conn.state is ExchangeState.BODY:  # wait for all of a small body
-            await conn.wait()
+        state = conn.state
+        if state is ExchangeState.AWAITING_HEAD or (
+            state is ExchangeState.BODY and conn.length is not None and conn.length <= SMALL_BODY
+        ):
+            return Outcome.WAIT
         if conn.error is not None:
-            return self._refuse(conn.error)
+            return Outcome.RETRY if self._refuse(conn.error) else Outcome.DONE
         try:
             stream.accept(conn.response_head())
         except HeadersTooLarge:
             conn.poisoned = True
             stream.reject(UpstreamError("the portal's response head is too large"))
-            return False
-        if conn.state is ExchangeState.COMPLETE:  # the whole response: head, body, FIN at once
+            return Outcome.DONE
+        return Outcome.WHOLE if conn.state is ExchangeState.COMPLETE else Outcome.STREAM
+
+    async def finish(self, outcome: Outcome) -> bool:
+        """Relay what :meth:`advance` left (``outcome`` is not WAIT); True to retry."""
+        if outcome is Outcome.WHOLE:  # the whole response: head, body, FIN at once
+            conn, stream = self.conn, self.stream
             if conn.chunks:
                 data = conn.take_all()
                 await stream.write(data)
                 conn.delivered(len(data))
             stream.write_eof()
-            return False
-        await self._relay_body()
-        return False
+        elif outcome is Outcome.STREAM:
+            await self._relay_body()
+        return outcome is Outcome.RETRY
 
     def _refuse(self, err: CSCError) -> bool:
         """Fail the stream before its head was sent (or ask for a retry)."""

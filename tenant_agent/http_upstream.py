@@ -5,8 +5,9 @@
 :class:`UpstreamConnection`, an ``asyncio.Protocol`` around llhttp's response parser
 (``httptools``) whose exchange moves through the states of
 :class:`~tenant_agent.http_exchange.ExchangeState`; the stream's handler task runs one
-:class:`~tenant_agent.http_exchange.Exchange` at a time on it. The request head is built by
-:mod:`tenant_agent.http_request`.
+:class:`~tenant_agent.http_exchange.Exchange` at a time on it, or, for a bodyless request on an
+idle connection, callbacks do (:meth:`HttpUpstream.quick`, :mod:`tenant_agent.http_quick`).
+The request head is built by :mod:`tenant_agent.http_request`.
 
 Invariants:
 
@@ -48,16 +49,19 @@ from shared.errors import (
     UpstreamTimeout,
 )
 from shared.headers import strip_hop_by_hop
+from shared.linkstream import LinkStream
 from shared.wakeup import Wakeup
 from tenant_agent.http_exchange import (
     RECEIVING,
     SMALL_BODY,
     Exchange,
     ExchangeState,
+    Outcome,
     RelayedStream,
     advance,
     drain_upload,
 )
+from tenant_agent.http_quick import QuickExchange
 from tenant_agent.http_request import Request, build_request, parse_origin
 from tenant_agent.writeflow import WriteFlow
 
@@ -101,6 +105,9 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.idle_since = 0.0
         self._reading_paused = False
         self._waiter = Wakeup()
+        #: Called at each wake, after the waiting task is woken (an exchange served by
+        #: callbacks, tenant_agent/http_quick.py); None otherwise.
+        self.on_wake: Callable[[], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
         self._parser_stale = False
@@ -413,6 +420,8 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
 
     def _wake(self) -> None:
         self._waiter.set()
+        if self.on_wake is not None:
+            self.on_wake()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -462,6 +471,8 @@ class HttpUpstream:
         self._busy: set[UpstreamConnection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        #: Tasks that took over exchanges started by quick() (kept until they end).
+        self.tasks: set[asyncio.Task[None]] = set()
         #: Connections opened so far (tests and diagnostics).
         self.connections_opened = 0
 
@@ -494,7 +505,42 @@ class HttpUpstream:
             # the stream's FIN is in: this credit grants the CSC nothing more, it only returns
             # the session budget for bytes that now sit in the transport instead of the stream
             stream.consumed(len(whole))
-        fresh = False
+        await self._exchange(stream, request, fresh=False)
+
+    def quick(self, stream: LinkStream, ended: Callable[[], None]) -> QuickExchange | None:
+        """For a bodyless request whose FIN came with its OPEN, an exchange served by callbacks
+        on an idle pooled connection (:class:`~tenant_agent.http_quick.QuickExchange`: its
+        ``start()`` sends the request; ``ended`` is called once it is over). None, and nothing
+        done, when no connection is idle or the request is not valid: :meth:`handle` then
+        serves it (connecting, or refusing it)."""
+        if stream.info.get("body") or not stream.read_done:
+            return None
+        try:
+            request = build_request(stream.info, self.origin, None)
+        except ProtocolError:
+            return None
+        conn = self._take_idle()
+        if conn is None:
+            return None
+        return QuickExchange(self, stream, Exchange(conn, stream, request), ended)
+
+    async def resume(self, exchange: Exchange, outcome: Outcome) -> None:
+        """Go on in a task with an exchange that :meth:`quick` started and could not end
+        by callbacks (a long or slow answer, an answer over the stream's credit, a retry)."""
+        stream = exchange.stream
+        try:
+            retry = await exchange.finish(outcome)
+        except CSCError:
+            retry = False  # the CSC reset the stream while the response was written to it
+        finally:
+            await exchange.detach()
+            self.release(exchange.conn)
+        if retry:
+            await self._exchange(stream, exchange.request, fresh=True)
+        elif not stream.done:
+            await drain_upload(stream, self.read_timeout)
+
+    async def _exchange(self, stream: RelayedStream, request: Request, *, fresh: bool) -> None:
         while True:
             try:
                 conn = await (self._connect() if fresh else self._acquire())
@@ -507,7 +553,7 @@ class HttpUpstream:
             try:
                 retry = await Exchange(conn, stream, request).run()
             finally:
-                self._release(conn)
+                self.release(conn)
             if not retry:
                 break
             fresh = True
@@ -520,23 +566,31 @@ class HttpUpstream:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for conn in self._busy:
+        for conn in list(self._busy):  # an exchange served by callbacks ends at once
             conn.fail(GoingAway("the tenant agent is shutting down"))
         for conn in [*self._idle, *self._busy]:
             conn.close()
         self._idle.clear()
         self._busy.clear()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
     # -- connections -------------------------------------------------------------------------
 
     async def _acquire(self) -> UpstreamConnection:
+        conn = self._take_idle()
+        return conn if conn is not None else await self._connect()
+
+    def _take_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection that is still up (now busy), if any."""
         idle = self._idle
         while idle:
             conn = idle.pop()
             if not conn.lost and conn.transport is not None and not conn.transport.is_closing():
                 self._busy.add(conn)
                 return conn
-        return await self._connect()
+        return None
 
     async def _connect(self) -> UpstreamConnection:
         origin = self.origin
@@ -570,7 +624,8 @@ class HttpUpstream:
         self._busy.add(conn)
         return conn
 
-    def _release(self, conn: UpstreamConnection) -> None:
+    def release(self, conn: UpstreamConnection) -> None:
+        """An exchange on ``conn`` is over: back to the pool if it can be reused, else closed."""
         self._busy.discard(conn)
         if self._closed or not conn.reusable:
             conn.close()

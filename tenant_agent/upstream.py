@@ -68,9 +68,31 @@ class Upstreams:
         try:
             await (self._http(stream) if kind == "http" else self._tcp(stream))
         finally:
-            self.metrics.stream_finished(kind, stream.error)
-            if log.isEnabledFor(logging.DEBUG):
-                _log_stream(stream, kind, started)
+            self._ended(stream, kind, started)
+
+    def handle_now(self, stream: LinkStream) -> bool:
+        """The link's short way (``on_stream_now``): an ``http`` stream without a body, whose
+        FIN came with its OPEN, is served by callbacks when a pooled connection is idle
+        (tenant_agent/http_quick.py); False leaves the stream to :meth:`handle`."""
+        if stream.info.get("kind") != "http":
+            return False
+        started = time.monotonic()
+
+        def ended() -> None:
+            self._ended(stream, "http", started)
+            stream.finish()  # what the link's handler task does when it returns
+
+        quick = self.http.quick(stream, ended)
+        if quick is None:
+            return False
+        self.metrics.stream_started("http")
+        quick.start()
+        return True
+
+    def _ended(self, stream: LinkStream, kind: str, started: float) -> None:
+        self.metrics.stream_finished(kind, stream.error)
+        if log.isEnabledFor(logging.DEBUG):
+            _log_stream(stream, kind, started)
 
     async def _http(self, stream: LinkStream) -> None:
         await self.http.handle(stream)

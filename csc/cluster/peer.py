@@ -341,7 +341,7 @@ class _QuickRelay:
         head = encode_head(opened.result(), binary=stream.link.conn.binary_heads)
         body = inner.read_complete()
         try:
-            if body is not None and _write_whole(stream, head + body if body else head):
+            if body is not None and stream.write_whole(head + body if body else head):
                 stream.write_eof()
                 if body:
                     inner.consumed(len(body))
@@ -389,17 +389,10 @@ class _QuickRelay:
 def _refuse(stream: LinkStream, inner: LinkStream, err: CSCError) -> None:
     """Pass the agent's refusal of ``inner`` on to B: as the head ``{"unprocessed": true}``
     when the agent never ran it (B may try elsewhere), else as an RST with its code."""
-    if inner.unprocessed and _write_whole(stream, encode_head({UNPROCESSED: True})):
+    if inner.unprocessed and stream.write_whole(encode_head({UNPROCESSED: True})):
         stream.write_eof()
     else:
         stream.reset(err)
-
-
-def _write_whole(stream: LinkStream, data: bytes) -> bool:
-    """Queue all of ``data`` if the stream's credit allows it now; else queue nothing."""
-    if len(data) > stream.link.conn.send_credit(stream.id):
-        return False
-    return stream.write_now(data) == len(data)
 
 
 class _Admission:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from shared.link import Link, SendFn, StreamHandler
+from shared.link import Link, QuickHandler, SendFn, StreamHandler
 from shared.protocol import Connection, HelloReceived, LinkSettings, Side
 
 #: The OPEN info of a GET forwarded from one node to another (it names the tenant).
@@ -23,10 +23,15 @@ FORWARDED_GET = {
 }
 
 
-async def link_pair(serve: StreamHandler) -> tuple[Link, Link]:
-    """(CSC side, agent side); the agent side runs ``serve`` for every stream opened."""
+async def link_pair(
+    serve: StreamHandler,
+    serve_now: QuickHandler | None = None,
+    settings: LinkSettings | None = None,
+) -> tuple[Link, Link]:
+    """(CSC side, agent side); the agent side runs ``serve`` for every stream opened (offered
+    to ``serve_now`` first when given)."""
     loop = asyncio.get_running_loop()
-    settings = LinkSettings()
+    settings = settings or LinkSettings()
     agent_conn = Connection(Side.CLIENT, settings, accept_streams=True, now=loop.time())
     csc_conn = Connection(Side.SERVER, settings, accept_streams=False, now=loop.time())
     agent_conn.send_hello({"agent": "test"})
@@ -49,6 +54,7 @@ async def link_pair(serve: StreamHandler) -> tuple[Link, Link]:
         agent_conn,
         sender("csc"),
         on_stream=serve,
+        on_stream_now=serve_now,
         name="agent",
         pending=agent_conn.events(),
     )
