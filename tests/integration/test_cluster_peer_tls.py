@@ -32,6 +32,7 @@ from csc.cluster import peertls
 from csc.server import Node, running_node
 from shared.config import Secret
 from tests.integration.test_cluster_forwarding import agent_on, node_config
+from tests.support.capture import APPLICATION_DATA, CaptureRelay, tls_records
 from tests.support.inproc import ALIAS, make_token
 from tests.support.procs import async_wait_until, scaled
 from tests.support.redis import RedisTopology
@@ -230,54 +231,6 @@ async def test_renewed_operator_files_are_presented_without_a_restart(
 # -- two nodes ---------------------------------------------------------------------------------
 
 
-class CaptureRelay:
-    """A TCP relay on loopback that keeps every byte it passes, per direction."""
-
-    def __init__(self) -> None:
-        self.target: tuple[str, int] | None = None
-        self.up = bytearray()  # dialler → listener
-        self.down = bytearray()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(self._relay(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.target is None:
-            writer.close()
-            return
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        await asyncio.gather(
-            self._pipe(reader, up_writer, self.up), self._pipe(up_reader, writer, self.down)
-        )
-
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, seen: bytearray) -> None:
-        try:
-            while data := await src.read(65536):
-                seen += data
-                dst.write(data)
-                await dst.drain()
-        except OSError:
-            pass
-        finally:
-            dst.close()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
 @contextlib.asynccontextmanager
 async def nodes(
     tmp_path: Path, redis: RedisTopology, a: dict[str, Any], b: dict[str, Any]
@@ -361,16 +314,6 @@ async def test_forwarded_bytes_are_not_plaintext_on_the_wire(
         assert MARKER in relay.up and MARKER in relay.down
 
 
-def _records_from(data: bytes | bytearray, start: int) -> list[int]:
-    """The content types of the TLS records in ``data`` that begin at or after ``start``."""
-    types, pos = [], 0
-    while pos + 5 <= len(data):
-        if pos >= start:
-            types.append(data[pos])
-        pos += 5 + int.from_bytes(data[pos + 3 : pos + 5], "big")
-    return types
-
-
 async def test_a_forwarded_answer_is_one_tls_record(
     tmp_path: Path,
     redis_single: RedisTopology,
@@ -387,7 +330,7 @@ async def test_a_forwarded_answer_is_one_tls_record(
         for _ in range(5):
             start = len(relay.down)
             assert await _tunnel_status(http, b) == 200
-            counts.append(_records_from(relay.down, start).count(0x17))
+            counts.append(tls_records(relay.down, start).count(APPLICATION_DATA))
     # one record per answer; a heartbeat may fall in between, not into every request
     assert min(counts) == 1, counts
 

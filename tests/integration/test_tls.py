@@ -13,6 +13,7 @@ import trustme
 from csc.config import CSCConfig
 from csc.server import running_node
 from tenant_agent.agent import Agent
+from tests.support.capture import APPLICATION_DATA, CaptureRelay, tls_records
 from tests.support.inproc import ALIAS, agent_config, make_token
 from tests.support.procs import scaled
 from tests.support.upstream import start_upstream_server
@@ -26,6 +27,19 @@ def _certs(tmp_path: Path) -> tuple[Path, Path, Path]:
     cert.private_key_pem.write_to_path(str(key_file))
     ca.cert_pem.write_to_path(str(ca_file))
     return cert_file, key_file, ca_file
+
+
+def _https_only(state_dir: Path, cert_file: Path, key_file: Path) -> CSCConfig:
+    """A CSC with its HTTPS listener only."""
+    return CSCConfig(
+        listen="127.0.0.1:0",
+        tcp_listen=None,
+        admin_listen=None,
+        metrics_listen=None,
+        state_dir=state_dir,
+        tls_cert=cert_file,
+        tls_key=key_file,
+    )
 
 
 async def _wait_online(http: aiohttp.ClientSession, url: str) -> None:
@@ -82,6 +96,46 @@ async def test_https_and_tls_tcp_ingress_with_a_verifying_agent(tmp_path: Path) 
         await upstream.close()
 
 
+async def test_an_agent_answer_over_wss_is_one_tls_record(tmp_path: Path) -> None:
+    """The agent masks a message of small frames (OPEN_OK, body, FIN) piece by piece, then
+    joins the pieces before the TLS write: TLS makes a record of every piece written, and each
+    costs the agent a seal and the CSC an open. The agent dials the CSC through a relay that
+    keeps the bytes it passes."""
+    cert_file, key_file, ca_file = _certs(tmp_path)
+    state_dir = tmp_path / "state"
+    token = make_token(state_dir, "acme", [ALIAS])
+    config = _https_only(state_dir, cert_file, key_file)
+    client_ctx = ssl.create_default_context(cafile=str(ca_file))
+    upstream = await start_upstream_server()
+    capture = CaptureRelay()
+    try:
+        async with running_node(config) as node:
+            host, _, port = node.http_address.rpartition(":")
+            capture.target = (host, int(port))
+            base = f"https://{node.http_address}"
+            agent = Agent(
+                agent_config(f"https://{await capture.start()}", token, upstream, ca_file=ca_file)
+            )
+            task = asyncio.create_task(agent.run())
+            connector = aiohttp.TCPConnector(ssl=client_ctx)
+            counts = []
+            async with aiohttp.ClientSession(connector=connector) as http:
+                await _wait_online(http, f"{base}/v1/resolve/{ALIAS}")
+                for _ in range(5):
+                    start = len(capture.up)
+                    async with http.get(f"{base}/t/{ALIAS}/small") as resp:
+                        assert resp.status == 200
+                        await resp.read()
+                    counts.append(tls_records(capture.up, start).count(APPLICATION_DATA))
+            agent.stop()
+            assert await asyncio.wait_for(task, scaled(30)) == 0
+        # one record per answer; a heartbeat may fall in between, not into every request
+        assert min(counts) == 1, counts
+    finally:
+        await capture.close()
+        await upstream.close()
+
+
 async def test_agent_refuses_an_untrusted_csc_certificate(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -90,15 +144,7 @@ async def test_agent_refuses_an_untrusted_csc_certificate(
     trustme.CA().cert_pem.write_to_path(str(other_ca))
     state_dir = tmp_path / "state"
     token = make_token(state_dir, "acme", [ALIAS])
-    config = CSCConfig(
-        listen="127.0.0.1:0",
-        tcp_listen=None,
-        admin_listen=None,
-        metrics_listen=None,
-        state_dir=state_dir,
-        tls_cert=cert_file,
-        tls_key=key_file,
-    )
+    config = _https_only(state_dir, cert_file, key_file)
     upstream = await start_upstream_server()
     try:
         async with running_node(config) as node:
