@@ -422,6 +422,7 @@ class Link:
             return
         if isinstance(event, StreamAccepted):
             if not stream.opened.done():
+                stream.binary_head = event.binary
                 stream.opened.set_result(event.info)
         elif isinstance(event, StreamEnded):
             stream._eof = True

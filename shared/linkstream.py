@@ -34,6 +34,7 @@ class LinkStream:
         "_error",
         "_local_eof",
         "_waiter",
+        "binary_head",
         "id",
         "info",
         "link",
@@ -50,6 +51,8 @@ class LinkStream:
         #: below its id) and it failed before it was accepted (refused, or the link ended);
         #: it may be opened again elsewhere whatever the request (docs/protocol.md §7)
         self.unprocessed = False
+        #: the peer's answer head as it came, when it was binary (set with ``opened``)
+        self.binary_head: bytes | None = None
         self._chunks: deque[bytes | memoryview] = deque()
         self._eof = False
         self._local_eof = False

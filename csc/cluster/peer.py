@@ -275,7 +275,8 @@ class PeerServer:
                 _refuse(stream, inner, err)
                 return
             admission.now()  # with the head, in the same write when it was held
-            await stream.write(encode_head(head, binary=stream.link.conn.binary_heads))
+            binary = stream.link.conn.binary_heads
+            await stream.write(encode_head(head, binary=binary, raw=inner.binary_head))
             await _pipe(inner, stream)
             if upload is not None:
                 await upload
@@ -338,7 +339,8 @@ class _QuickRelay:
                 _refuse(stream, inner, failure)
             self._end()
             return
-        head = encode_head(opened.result(), binary=stream.link.conn.binary_heads)
+        binary = stream.link.conn.binary_heads
+        head = encode_head(opened.result(), binary=binary, raw=inner.binary_head)
         body = inner.read_complete()
         try:
             if body is not None and stream.write_whole(head + body if body else head):

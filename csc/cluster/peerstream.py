@@ -43,12 +43,13 @@ def strip_peer_keys(info: dict[str, Any]) -> dict[str, Any]:
 UNPROCESSED = "unprocessed"
 
 
-def encode_head(head: dict[str, Any], *, binary: bool = False) -> bytes:
+def encode_head(head: dict[str, Any], *, binary: bool = False, raw: bytes | None = None) -> bytes:
     """The agent's answer as the first DATA of a forwarded stream: its length, then the head
     as JSON or, when ``binary`` (the link speaks 1.1) and it is a response head, in the binary
     layout of an OPEN_OK (shared/protocol/heads.py) with :data:`BINARY_HEAD` set in the
-    length (docs/protocol.md §9)."""
-    body = heads.encode_answer(head) if binary else None
+    length (docs/protocol.md §9). ``raw``: that layout as the agent sent it, already decoded
+    into ``head`` by this node (:attr:`LinkStream.binary_head`), passed on as it is."""
+    body = (raw if raw is not None else heads.encode_answer(head)) if binary else None
     if body is not None:
         return _HEAD_LEN.pack(len(body) | BINARY_HEAD) + body
     body = json.dumps(head, separators=(",", ":")).encode()

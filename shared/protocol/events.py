@@ -26,6 +26,9 @@ class StreamOpened:
 class StreamAccepted:
     stream_id: int
     info: dict[str, Any]
+    #: the OPEN_OK payload ``info`` was decoded from, when it was a binary head (a relay may
+    #: pass it on as it came: csc/cluster/peer.py)
+    binary: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from shared.errors import (
 )
 from shared.protocol import heads
 from shared.protocol.codec import (
+    FLAG_BINARY,
     FLAG_FIN,
     MAX_WINDOW_INCREMENT,
     Frame,
@@ -530,7 +531,9 @@ class Connection(Heartbeat):
         if ok:
             info = heads.decode(frame, heads.decode_answer, self.binary_heads)
             stream.state = after
-            self._events.append(StreamAccepted(sid, info))
+            # a copy: a view would keep the whole received message alive with the stream
+            raw = bytes(frame.payload) if frame.flags & FLAG_BINARY else None
+            self._events.append(StreamAccepted(sid, info, raw))
             return
         code, message = code_message(decode_json(frame.payload, "OPEN_FAIL"))
         self._enter(stream, after)

@@ -26,7 +26,7 @@ from csc.cluster.peerstream import strip_peer_keys
 from shared.errors import Cancelled, CSCError, GoingAway
 from shared.link import Link, StreamHandler
 from shared.linkstream import LinkStream
-from shared.protocol import LinkSettings
+from shared.protocol import LinkSettings, heads
 from tests.support.linkpair import FORWARDED_GET, link_pair
 from tests.support.procs import async_wait_until, scaled
 
@@ -97,6 +97,44 @@ async def test_a_request_without_a_body_is_admitted_with_its_answer(
         assert head["status"] == 200 and head["reason"] == "OK"
         assert forwarded.read_complete() == b"hello"  # head, body and FIN came with it
         forwarded.finish()
+        await async_wait_until(lambda: server.relaying == 0, scaled(10), 0.01)
+
+
+async def test_a_binary_answer_head_is_passed_on_as_it_came(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decodes the agent's binary OPEN_OK head (its multiplexer checks it) but does not
+    encode it again for B: the bytes go on as they came. Only the agent encodes a head."""
+    encoded: list[dict[str, Any]] = []
+    real = heads.encode_answer
+
+    def counted(info: dict[str, Any]) -> bytes | None:
+        if info:  # not A's admission (an empty head, sent as JSON)
+            encoded.append(info)
+        return real(info)
+
+    monkeypatch.setattr(heads, "encode_answer", counted)
+
+    async def serve(stream: LinkStream) -> None:
+        while await stream.read():  # the upload, if any
+            pass
+        stream.accept(HEAD)
+        await stream.write(b"hello")
+        stream.write_eof()
+
+    async with rig(serve) as (pool, address, server):
+        # without a body (A's callbacks) and with one (A's relay task) alike
+        for info in (dict(INFO), {**INFO, "method": "POST", "body": True}):
+            encoded.clear()
+            forwarded = await asyncio.wait_for(pool.open("A", address, info), scaled(10))
+            if info["body"]:
+                await forwarded.write(b"upload")
+                forwarded.write_eof()
+            head = await forwarded.opened
+            assert (head["status"], head["reason"]) == (200, "OK")
+            assert [tuple(h) for h in head["headers"]] == HEAD["headers"]
+            assert len(encoded) == 1, "A encoded the answer head again"
+            forwarded.finish()
         await async_wait_until(lambda: server.relaying == 0, scaled(10), 0.01)
 
 

@@ -217,6 +217,9 @@ def test_heads_are_binary_only_when_both_sides_speak_1_1(client: int, server: in
     (accepted,) = pair.server.events()
     assert isinstance(accepted, StreamAccepted)
     assert (accepted.stream_id, plain(accepted.info)) == (sid, plain(RESPONSE))
+    # a binary head is kept as it came (a relay passes it on), as bytes of its own
+    assert accepted.binary == (bytes(answer.payload) if binary else None)
+    assert accepted.binary is None or type(accepted.binary) is bytes
 
 
 def test_a_head_outside_the_layout_goes_as_json_on_a_1_1_link() -> None:
