@@ -513,8 +513,8 @@ class HttpUpstream:
         ``start()`` sends the request; ``ended`` is called once it is over). None, and nothing
         done, when no connection is idle or the request is not valid: :meth:`handle` then
         serves it (connecting, or refusing it)."""
-        if stream.info.get("body") or not stream.read_done:
-            return None
+        if stream.info.get("body") or not stream.read_done or not self._idle:
+            return None  # (no idle connection: handle() builds the request and connects)
         try:
             request = build_request(stream.info, self.origin, None)
         except ProtocolError:

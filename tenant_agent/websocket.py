@@ -132,7 +132,7 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         self._proto = protocol
         self._headers = headers
         self._transport: asyncio.Transport | None = None
-        self._tls = False  # a TLS transport: write short pieces as one (see send_chunks)
+        self._tls = False  # a TLS transport: write short pieces as one (see send_now)
         self.opened: asyncio.Future[None] = self.loop.create_future()
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self._received: deque[bytes] = deque()

@@ -391,7 +391,7 @@ class Cluster:
         while not self._stopping:
             await asyncio.sleep(period * random.uniform(0.9, 1.1))
             if self.tls is not None:
-                peertls.reload(self.tls)  # renewed peer_tls_cert files (a few stat calls)
+                peertls.reload(self.tls)  # renewed peer_tls_* files (three small reads)
             await self.beat()
 
     async def beat(self) -> None:

@@ -92,7 +92,7 @@ class ServerWebSocket(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self._reader = FrameReader(max_size)
         self.transport: asyncio.Transport | None = None
-        self._tls = False  # a TLS transport: write short pieces as one (see send_chunks)
+        self._tls = False  # a TLS transport: write short pieces as one (see send_now)
         self._payloads: deque[bytes] = deque()
         self._queued = 0
         self._waiter: asyncio.Future[None] | None = None
