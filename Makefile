@@ -11,14 +11,21 @@ STAMP := $(VENV)/.installed.stamp
 export PIP_NO_INPUT := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv deploy-tools test lint fmt typecheck unit demo bench readme clean distclean
+.PHONY: venv compile deploy-tools test lint fmt typecheck unit demo bench readme clean distclean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --editable '.[test]'
 	touch $@
+
+# the data path compiled with mypyc, in place (setup.py, shared/compiled.py): the editable
+# install compiles it; this rebuilds it after one of its sources changed (until then those
+# modules are imported from source, all of them)
+compile: venv
+	@$(BIN)/python -c 'import sys, shared.compiled as c; sys.exit(not c.up_to_date())' || \
+		$(BIN)/python setup.py --quiet build_ext --inplace
 
 lint: venv
 	$(BIN)/ruff check --no-cache .
@@ -39,7 +46,8 @@ SYSTEM_DEPS := chromium:chromium redis-server:redis-server redis-sentinel:redis-
 SYSTEM_DEPS += pg_ctlcluster:postgresql
 SYSTEM_DEPS += promtool:prometheus systemd-analyze:systemd haproxy:haproxy
 
-# the deploy artefacts' checkers (tests/deploy): the `deploy` extra in .venv, and checkov in a
+# the deploy artefacts' checkers (tests/deploy): the `deploy` extra in .venv (its requirements
+# only: reinstalling the project would compile it again), and checkov in a
 # venv of its own (its pinned dependencies would otherwise clash with the project's)
 DEPLOY_STAMP := $(VENV)/.deploy-tools.stamp
 CHECKOV_VENV := $(VENV)/checkov
@@ -48,12 +56,13 @@ CHECKOV_VERSION := 3.3.30
 deploy-tools: $(DEPLOY_STAMP)
 
 $(DEPLOY_STAMP): $(STAMP) Makefile
-	$(BIN)/python -m pip install --quiet --editable '.[test,deploy]'
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["deploy"], sep="\n")' \
+		| $(BIN)/python -m pip install --quiet --requirement /dev/stdin
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/python -m pip install --quiet 'checkov==$(CHECKOV_VERSION)'
 	touch $@
 
-test: venv deploy-tools
+test: compile deploy-tools
 	scripts/system_deps.sh $(SYSTEM_DEPS)
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --check .
@@ -63,7 +72,7 @@ test: venv deploy-tools
 readme: venv
 	$(BIN)/python scripts/readme_tables.py
 
-demo: venv
+demo: compile
 	$(BIN)/python -m demo
 
 # what only `make bench` needs: load tools and the reference relays (nginx from Debian, pproxy
@@ -71,7 +80,7 @@ demo: venv
 BENCH_DEPS := wrk:wrk curl:curl nginx:nginx
 PPROXY_VERSION := 2.7.9
 
-bench: venv
+bench: compile
 	scripts/system_deps.sh $(BENCH_DEPS)
 	$(BIN)/python -c 'import pproxy' 2>/dev/null || \
 		$(BIN)/python -m pip install --quiet 'pproxy==$(PPROXY_VERSION)'
@@ -80,6 +89,8 @@ bench: venv
 	$(BIN)/python bench/sessions.py $(SESSIONS_ARGS)
 
 clean:
+	rm -f shared/compiled.json
+	find shared csc tenant_agent -name '*.so' -delete
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache .hypothesis bench/out *.egg-info
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
 

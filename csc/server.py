@@ -39,6 +39,7 @@ from csc.relay.tcp_ingress import READ_LIMIT, make_handler
 from csc.signing import signing_key
 from csc.state import NodeState, default_node_id
 from csc.store import open_store
+from shared import compiled
 from shared.allocator import return_free_memory
 from shared.errors import GoingAway
 from shared.metrics_http import MetricsServer
@@ -278,6 +279,7 @@ async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
             node.metrics_address or "off",
             config.state_dir,
         )
+        log.info("%s", compiled.describe())
         if ready_file is not None:
             write_ready_file(
                 ready_file,

@@ -6,6 +6,8 @@ import os
 import re
 from collections.abc import Iterable
 
+from shared.validpairs import ValidPairs
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -39,13 +41,6 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
 def decode_raw(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """aiohttp's ``raw_headers`` as text pairs (latin-1 keeps every byte)."""
     return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
-
-
-class ValidPairs(list[tuple[str, str]]):
-    """Header pairs a wire decoder already checked at least as strictly as
-    :func:`header_pairs` does (shared/protocol/heads.py: token names, no CR/LF/NUL)."""
-
-    __slots__ = ()
 
 
 def header_pairs(value: object) -> list[tuple[str, str]] | None:

@@ -93,7 +93,8 @@ class LinkStream:
         """Send ``data``, waiting for credit as needed. Raises the stream's error."""
         view = memoryview(data)
         while True:
-            view = view[self.write_now(view) :]
+            taken = self.write_now(view)  # not inside the slice: see shared/compiled.py
+            view = view[taken:]
             if not view:
                 return
             self.link.counters.stalls += 1

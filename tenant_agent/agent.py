@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import runtime
+from shared import compiled, runtime
 from shared.aio import cancel_quietly
 from shared.allocator import return_free_memory
 from shared.errors import CSCError, GoingAway, ProtocolError
@@ -146,6 +146,7 @@ class Agent:
             self._ssl = ssl.create_default_context(cafile=str(self.config.ca_file))
         if not await self._start_metrics():
             return EXIT_FATAL
+        log.info("%s", compiled.describe())
         await self.upstreams.start()
         slots = [
             asyncio.create_task(self._slot(i), name=f"slot-{i}")

@@ -71,6 +71,7 @@ class QuickExchange:
         if outcome is Outcome.DONE:
             self._end()
         else:
+            self._pool.taken_over[outcome] += 1
             task = asyncio.get_running_loop().create_task(self._resume(outcome))
             self._pool.tasks.add(task)
             task.add_done_callback(self._pool.tasks.discard)

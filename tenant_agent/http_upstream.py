@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -473,6 +473,8 @@ class HttpUpstream:
         self._closed = False
         #: Tasks that took over exchanges started by quick() (kept until they end).
         self.tasks: set[asyncio.Task[None]] = set()
+        #: Exchanges quick() started that a task took over, by why (tests and diagnostics).
+        self.taken_over: Counter[Outcome] = Counter()
         #: Connections opened so far (tests and diagnostics).
         self.connections_opened = 0
 

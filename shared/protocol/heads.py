@@ -20,7 +20,7 @@ Invariants:
   unknown layout or flag bits, a count that does not match the fields, invalid UTF-8, CR or LF
   anywhere, a method or header name that is not a token, a status outside 100..999. The heads
   they return have exactly the keys and types of the JSON heads, and their ``headers`` are a
-  :class:`~shared.headers.ValidPairs` (checked here; :func:`shared.headers.header_pairs` takes
+  :class:`~shared.validpairs.ValidPairs` (checked here; :func:`shared.headers.header_pairs` takes
   it as it is).
 """
 
@@ -33,8 +33,8 @@ from itertools import chain
 from typing import Any
 
 from shared.errors import ProtocolError
-from shared.headers import ValidPairs
 from shared.protocol.codec import FLAG_BINARY, Frame, FrameType, decode_json, encode_json
+from shared.validpairs import ValidPairs
 
 Encoder = Callable[[dict[str, Any]], bytes | None]
 Decoder = Callable[[bytes | memoryview], dict[str, Any]]

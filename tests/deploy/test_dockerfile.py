@@ -43,3 +43,12 @@ def test_every_package_is_copied() -> None:
     }
     copied = {c.split()[0] for c in instructions("COPY") if not c.startswith("--from")}
     assert packages <= copied
+
+
+def test_the_data_path_is_compiled_in_the_build_stage_only() -> None:
+    build, final = DOCKERFILE.split("\nFROM ", 2)[1:]
+    assert "gcc" in build and "gcc" not in final
+    copied = " ".join(c for c in instructions("COPY") if not c.startswith("--from"))
+    assert "setup.py" in copied.split()
+    # the image is refused unless every module of shared/compiled.py runs compiled
+    assert "c.up_to_date()" in build

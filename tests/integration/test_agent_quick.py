@@ -22,7 +22,7 @@ from shared.link import Link
 from shared.linkstream import LinkStream
 from shared.protocol import LinkSettings
 from tenant_agent.config import AgentConfig
-from tenant_agent.http_exchange import Exchange, Outcome
+from tenant_agent.http_exchange import Outcome
 from tenant_agent.upstream import Upstreams
 from tests.support.linkpair import FORWARDED_GET, link_pair
 from tests.support.procs import async_wait_until, scaled
@@ -74,12 +74,24 @@ async def portal(script: Script) -> AsyncIterator[tuple[str, list[int]]]:
 
 @asynccontextmanager
 async def agent(
-    url: str, settings: LinkSettings | None = None
+    url: str, settings: LinkSettings | None = None, *, seen: list[int] | None = None
 ) -> AsyncIterator[tuple[Link, Link, Upstreams]]:
-    """(CSC side, agent side, the agent's upstreams) of an in-memory link."""
+    """(CSC side, agent side, the agent's upstreams) of an in-memory link. With ``seen``, each
+    stream offered to the short way appends the tasks serving streams right after it was
+    offered (handler tasks of the link and tasks that took over an exchange): 0 when it was
+    served by callbacks alone."""
     config = AgentConfig(csc="ws://127.0.0.1:9", token=Secret("t"), upstream=url, sessions=1)
     upstreams = Upstreams(config)
-    csc, served = await link_pair(upstreams.handle, upstreams.handle_now, settings)
+    links: list[Link] = []
+
+    def handle_now(stream: LinkStream) -> bool:
+        taken = upstreams.handle_now(stream)
+        if seen is not None:
+            seen.append((0 if taken else 1) + len(links[1]._handlers) + len(upstreams.http.tasks))
+        return taken
+
+    links[:] = await link_pair(upstreams.handle, handle_now, settings)
+    csc, served = links
     try:
         yield csc, served, upstreams
     finally:
@@ -101,38 +113,21 @@ async def get(csc: Link, target: str = "/") -> tuple[dict[str, Any], bytes]:
     return head, body
 
 
-def handler_tasks(link: Link) -> int:
-    return len(link._handlers)
-
-
-def resumed(upstreams: Upstreams) -> list[Outcome]:
-    """The outcomes with which a task took over a quick exchange, from now on."""
-    seen: list[Outcome] = []
-    real = upstreams.http.resume
-
-    async def resume(exchange: Exchange, outcome: Outcome) -> None:
-        seen.append(outcome)
-        await real(exchange, outcome)
-
-    upstreams.http.resume = resume  # type: ignore[method-assign]
-    return seen
+def taken_over(upstreams: Upstreams) -> list[Outcome]:
+    """The outcomes with which tasks took over quick exchanges so far."""
+    return sorted(upstreams.http.taken_over.elements(), key=lambda o: o.value)
 
 
 async def test_a_short_answer_on_a_pooled_connection_needs_no_task() -> None:
+    seen: list[int] = []
     async with (
         portal(lambda r, w, n: answer_each(b"hello", r, w)) as (url, accepted),
-        agent(url) as (csc, served, upstreams),
+        agent(url, seen=seen) as (csc, _, upstreams),
     ):
         head, body = await get(csc)  # the pool is empty: the handler task connects
         assert (head["status"], body) == (200, b"hello")
-        seen: list[int] = []
-        real_open = served._serve_stream
-
-        def watch(stream: LinkStream) -> None:
-            real_open(stream)
-            seen.append(handler_tasks(served) + len(upstreams.http.tasks))
-
-        served._serve_stream = watch  # type: ignore[method-assign]
+        assert seen == [1]
+        seen.clear()
         for _ in range(3):
             head, body = await get(csc)
             assert (head["status"], body) == (200, b"hello")
@@ -155,11 +150,10 @@ async def test_a_long_answer_is_taken_over_by_a_task_and_arrives_whole() -> None
 
     async with portal(script) as (url, accepted), agent(url) as (csc, _, upstreams):
         assert (await get(csc))[1] == b"warm"
-        taken_over = resumed(upstreams)
         head, body = await get(csc)
         assert head["status"] == 200
         assert hashlib.sha256(body).digest() == hashlib.sha256(big).digest()
-        assert taken_over == [Outcome.STREAM]
+        assert taken_over(upstreams) == [Outcome.STREAM]
         assert (await get(csc))[1] == b"after"
         assert accepted == [1]  # the task gave the connection back to the pool
         await async_wait_until(lambda: not upstreams.http.tasks, timeout=scaled(5))
@@ -173,11 +167,10 @@ async def test_an_answer_over_the_streams_credit_is_written_by_a_task() -> None:
         portal(lambda r, w, n: answer_each(body, r, w)) as (url, _),
         agent(url, LinkSettings(initial_window=1024)) as (csc, _, upstreams),
     ):
-        taken_over = resumed(upstreams)
         for _ in range(3):
             head, got = await get(csc)
             assert (head["status"], got) == (200, body)
-        assert taken_over == [Outcome.WHOLE, Outcome.WHOLE]  # the first one connected
+        assert taken_over(upstreams) == [Outcome.WHOLE, Outcome.WHOLE]  # the first connected
         assert upstreams.metrics.active["http"] == 0
 
 
@@ -190,10 +183,9 @@ async def test_a_pooled_connection_the_portal_dropped_is_retried_on_a_fresh_one(
 
     async with portal(script) as (url, accepted), agent(url) as (csc, _, upstreams):
         assert (await get(csc))[1] == b"conn 1"
-        taken_over = resumed(upstreams)
         head, body = await get(csc)  # quick on connection 1, which drops it: retried
         assert (head["status"], body) == (200, b"conn 2")
-        assert taken_over == [Outcome.RETRY]
+        assert taken_over(upstreams) == [Outcome.RETRY]
         assert accepted == [1, 2]
         assert upstreams.metrics.active["http"] == 0
 

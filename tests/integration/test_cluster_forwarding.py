@@ -384,16 +384,6 @@ async def test_admin_api_of_b_sees_and_ends_a_session_on_a(
         assert any(b"disconnect" in raw for raw in lost) == event_lost  # it went out, unheard
 
 
-def _awaits(task: asyncio.Task[Any], name: str) -> bool:
-    """Whether ``task`` is (somewhere down its chain of awaits) inside coroutine ``name``."""
-    coro: Any = task.get_coro()
-    while coro is not None and hasattr(coro, "cr_code"):
-        if coro.cr_code.co_name == name:
-            return True
-        coro = coro.cr_await
-    return False
-
-
 def _stop_heartbeats(*clusters: Any) -> None:
     """Cancel the nodes' heartbeat tasks, so the test drives ``beat()`` alone."""
     for cluster in clusters:
@@ -480,7 +470,8 @@ async def test_a_session_cleanup_survives_the_agent_hanging_up(
         assert cluster is not None
         _stop_heartbeats(cluster)
         session = next(iter(a.state.sessions.values()))
-        handler = next(t for t in asyncio.all_tasks() if _awaits(t, "_run_session"))
+        assert a.front is not None
+        (handler,) = a.front.switched  # the task serving the agent's WebSocket (its session)
         async with cluster._sync_lock:  # holds the cleanup in sync_routes
             session.end(AuthFailed("token revoked", reason="revoked"))  # no reconnect
             await async_wait_until(lambda: session.id not in a.state.sessions, 10)

@@ -13,7 +13,7 @@ import pytest
 
 from csc.config import CSCConfig
 from shared.linkstream import LinkStream
-from tenant_agent.http_upstream import HttpUpstream
+from tenant_agent.upstream import Upstreams
 from tests.support.attacks import read_response, read_until_closed
 from tests.support.inproc import ALIAS, Relay, relay
 from tests.support.procs import scaled
@@ -122,14 +122,14 @@ async def test_body_not_matching_the_agents_length_aborts(
     """An agent announcing 10 bytes and sending 5 (or 15): the client connection is aborted and
     never reused, so the next response cannot be read as part of this one."""
 
-    async def lying(self: HttpUpstream, stream: LinkStream) -> None:
+    async def lying(self: Upstreams, stream: LinkStream) -> None:
         stream.accept({"status": 200, "headers": [["Content-Length", "10"]]})
         await stream.write(b"y" * 3)
         await asyncio.sleep(0.1)  # so that the head goes out before the body is complete
         await stream.write(b"y" * (sent - 3))
         stream.write_eof()
 
-    monkeypatch.setattr(HttpUpstream, "handle", lying)
+    monkeypatch.setattr(Upstreams, "_http", lying)
     async with relay(tmp_path) as r:
         reader, writer = await _connect(r)
         request = f"GET /t/{ALIAS}/x HTTP/1.1\r\nHost: x\r\n\r\n".encode()
@@ -200,10 +200,10 @@ async def test_agent_that_never_answers_gets_504_after_open_timeout(
     ``open_timeout`` passed (with and without a request body), and the stream's slot is free."""
     answered = asyncio.Event()
 
-    async def silent(self: HttpUpstream, stream: LinkStream) -> None:
+    async def silent(self: Upstreams, stream: LinkStream) -> None:
         await answered.wait()
 
-    monkeypatch.setattr(HttpUpstream, "handle", silent)
+    monkeypatch.setattr(Upstreams, "_http", silent)
     async with relay(tmp_path, csc=_settings(open_timeout=1.0)) as r:
         reader, writer = await _connect(r)
         body = b"x" * 10 if method == "POST" else b""

@@ -134,7 +134,7 @@ class RawAgent(threading.Thread):
                     sock.sendall(b"".join(ws.data_to_send()))
                 for event in ws.events_received():
                     if isinstance(event, Frame) and event.opcode is Opcode.BINARY:
-                        conn.receive_data(event.data, time.monotonic())
+                        conn.receive_data(bytes(event.data), time.monotonic())
                         welcomed |= any(isinstance(e, WelcomeReceived) for e in conn.events())
             self.links += 1
             self.welcomed.set()
@@ -217,7 +217,7 @@ class LyingAgent(RawAgent):
                 ws.receive_data(data)
                 for event in ws.events_received():
                     if isinstance(event, Frame) and event.opcode is Opcode.BINARY:
-                        conn.receive_data(event.data, now)
+                        conn.receive_data(bytes(event.data), now)
             if now >= conn.next_deadline():
                 conn.handle_timer(now)
             for event in conn.events():

@@ -11,11 +11,12 @@ import pytest
 
 from csc.cluster.peerstream import BINARY_HEAD, PeerStream, decode_head, encode_head
 from shared.errors import HeadersTooLarge, ProtocolError
-from shared.headers import ValidPairs, header_pairs
+from shared.headers import header_pairs
 from shared.protocol import Connection, FrameType, LinkSettings, Side, StreamAccepted, StreamOpened
 from shared.protocol.codec import FLAG_BINARY, encode_frame, encode_json
 from shared.protocol.heads import decode_answer, decode_open, encode_answer, encode_open
 from shared.protocol.settings import peer_minor
+from shared.validpairs import ValidPairs
 from tests.unit.test_mux import Pair, decode_all
 from tests.unit.test_peer_stream import FakeInner
 
