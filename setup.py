@@ -37,6 +37,9 @@ class BuildExt(build_ext):
     """build_ext that also writes the manifest of the sources it compiled."""
 
     def run(self) -> None:
+        if self.inplace:  # an older build's extension of a module no longer compiled
+            for stray in compiled.stray_extensions(compiled.MODULES, HERE):
+                stray.unlink()
         super().run()
         target = HERE if self.inplace else Path(self.build_lib)
         manifest = target / "shared" / compiled.MANIFEST

@@ -73,6 +73,8 @@ MODULES: tuple[str, ...] = (
 GROUP = "shared.native"
 #: Beside this file: ``{module: sha256 of its source}`` as compiled.
 MANIFEST = "compiled.json"
+#: How the file name of the group's library (in shared/) starts.
+GROUP_LIBRARY = GROUP.rsplit(".", 1)[1] + "__mypyc."
 
 #: The directory holding the packages ``shared``, ``csc`` and ``tenant_agent``.
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,15 +92,18 @@ def source_hashes(modules: Sequence[str] = MODULES, root: Path = ROOT) -> dict[s
 
 
 def changed_sources(modules: Sequence[str] = MODULES, root: Path = ROOT) -> list[str] | None:
-    """The modules whose source differs from the one compiled (every one the manifest lacks);
-    None when there is no manifest, i.e. nothing was compiled."""
+    """The modules whose source differs from the one compiled, every one the manifest lacks,
+    and every one it lists that ``modules`` no longer does (its compiled module, left beside
+    its source, must not be imported either); None when there is no manifest, i.e. nothing
+    was compiled."""
     manifest = root / "shared" / MANIFEST
     try:
-        recorded = json.loads(manifest.read_text())
+        recorded: dict[str, str] = json.loads(manifest.read_text())
     except FileNotFoundError:
         return None
     now = source_hashes(modules, root)
-    return [m for m in modules if recorded.get(m) != now[m]]
+    dropped = sorted(set(recorded) - set(modules))
+    return [m for m in modules if recorded.get(m) != now[m]] + dropped
 
 
 class FromSource(importlib.abc.MetaPathFinder):
@@ -125,19 +130,20 @@ class FromSource(importlib.abc.MetaPathFinder):
 
 
 def guard(modules: Sequence[str] = MODULES, root: Path = ROOT) -> list[str] | None:
-    """Import ``modules`` from source if any changed since it was compiled; returns what
-    :func:`changed_sources` found."""
+    """Import ``modules`` from source if any changed since it was compiled or an older build
+    left a stray extension; returns those modules (None when nothing was compiled)."""
     changed = changed_sources(modules, root)
-    if changed and not any(
-        isinstance(f, FromSource) and f.root == root and f.modules == frozenset(modules)
-        for f in sys.meta_path
-    ):
-        sys.meta_path.insert(0, FromSource(modules, root))
+    if changed is not None:
+        stray = [module_of(p, root) for p in stray_extensions(modules, root)]
+        changed = list(dict.fromkeys(changed + stray))
+    if changed:
+        every = frozenset(modules) | frozenset(changed)
+        if not any(
+            isinstance(f, FromSource) and f.root == root and f.modules == every
+            for f in sys.meta_path
+        ):
+            sys.meta_path.insert(0, FromSource(sorted(every), root))
     return changed
-
-
-#: What :func:`guard` found at the first import of the packages (see :func:`describe`).
-CHANGED = guard()
 
 
 def is_compiled(module: ModuleType) -> bool:
@@ -151,7 +157,7 @@ def describe() -> str:
     compiled = sum(is_compiled(m) for m in loaded)
     if CHANGED:
         names = ", ".join(CHANGED[:3]) + (" ..." if len(CHANGED) > 3 else "")
-        return f"data path: Python (changed since compiled: {names}; `make compile` rebuilds)"
+        return f"data path: Python (the compiled build is out of date: {names}; `make compile`)"
     if compiled == 0:
         return "data path: Python (not compiled; `make compile` builds it)"
     return f"data path: compiled with mypyc ({compiled} of {len(loaded)} modules loaded)"
@@ -168,7 +174,35 @@ def extension_path(module: str, root: Path = ROOT) -> Path | None:
 
 
 def up_to_date(modules: Sequence[str] = MODULES, root: Path = ROOT) -> bool:
-    """Whether every module has a compiled extension built from its present source."""
-    return changed_sources(modules, root) == [] and all(
-        extension_path(m, root) is not None for m in modules
+    """Whether every module has a compiled extension built from its present source, and no
+    other module of the packages has one."""
+    return (
+        changed_sources(modules, root) == []
+        and all(extension_path(m, root) is not None for m in modules)
+        and not stray_extensions(modules, root)
     )
+
+
+def module_of(extension: Path, root: Path = ROOT) -> str:
+    """The module an extension file under ``root`` is imported as."""
+    parts = list(extension.relative_to(root).parts)
+    parts[-1] = parts[-1].split(".", 1)[0]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def stray_extensions(modules: Sequence[str] = MODULES, root: Path = ROOT) -> list[Path]:
+    """Compiled extensions in the packages that belong to no module of ``modules`` (nor to
+    the group's shared library): left by a build that compiled more. The build removes them."""
+    wanted = {extension_path(m, root) for m in modules}
+    stray = []
+    for package in sorted({m.split(".", 1)[0] for m in modules}):
+        for found in sorted((root / package).rglob("*.so")):
+            if found not in wanted and not found.name.startswith(GROUP_LIBRARY):
+                stray.append(found)
+    return stray
+
+
+#: What :func:`guard` found at the first import of the packages (see :func:`describe`).
+CHANGED = guard()

@@ -75,12 +75,39 @@ def test_an_edited_source_sends_every_listed_module_to_its_source(tree: Path) ->
     assert importlib.import_module("pkg.a").WHERE == "source a"
     assert importlib.import_module("pkg.b").WHERE == "edited b"
     assert compiled.guard(["pkg.a", "pkg.b"], tree) == ["pkg.b"]
-    assert sum(isinstance(f, compiled.FromSource) for f in sys.meta_path) == 1  # installed once
+    mine = [f for f in sys.meta_path if isinstance(f, compiled.FromSource) and f.root == tree]
+    assert len(mine) == 1  # installed once
 
 
 def test_a_module_missing_from_the_manifest_counts_as_changed(tree: Path) -> None:
     (tree / "pkg" / "c.py").write_text("WHERE = 'source c'\n")
-    assert compiled.changed_sources(["pkg.a", "pkg.c"], tree) == ["pkg.c"]
+    # and b, which the build compiled, is no longer listed: counted too
+    assert compiled.changed_sources(["pkg.a", "pkg.c"], tree) == ["pkg.c", "pkg.b"]
+
+
+def test_a_stray_extension_of_a_module_no_longer_compiled_is_not_imported(tree: Path) -> None:
+    """A build that compiled more left pkg/c's extension; pkg.c is no longer listed."""
+    (tree / "pkg" / "c.py").write_text("WHERE = 'source c'\n")
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    (tree / "pkg" / f"c{suffix}").write_bytes(b"not an extension module")
+    assert compiled.stray_extensions(["pkg.a", "pkg.b"], tree) == [tree / "pkg" / f"c{suffix}"]
+    assert not compiled.up_to_date(["pkg.a", "pkg.b"], tree)
+    assert compiled.guard(["pkg.a", "pkg.b"], tree) == ["pkg.c"]
+    assert importlib.import_module("pkg.c").WHERE == "source c"
+    assert importlib.import_module("pkg.a").WHERE == "source a"
+
+
+def test_a_module_the_manifest_lists_but_the_build_no_longer_does_is_not_imported(
+    tree: Path,
+) -> None:
+    assert compiled.guard(["pkg.a"], tree) == ["pkg.b"]  # built with b, b since dropped
+    assert importlib.import_module("pkg.b").WHERE == "source b"
+
+
+def test_module_names_of_extension_files(tmp_path: Path) -> None:
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    assert compiled.module_of(tmp_path / "a" / f"b{suffix}", tmp_path) == "a.b"
+    assert compiled.module_of(tmp_path / "a" / f"__init__{suffix}", tmp_path) == "a"
 
 
 def test_without_a_manifest_nothing_was_compiled(tmp_path: Path) -> None:
