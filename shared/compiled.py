@@ -19,7 +19,9 @@ never compiled) everything is imported from source as before.
 mypyc compiles the source's meaning, with two rules its version here needs (the unit test
 tests/unit/test_compiled.py checks them): no call inside a slice's bounds (mypyc 2.4 evaluates
 it twice when slicing a ``bytearray`` or ``memoryview``), and no subclass of a built-in type
-such as ``list`` in a compiled module (shared/validpairs.py is why).
+such as ``list`` in a compiled module (shared/validpairs.py is why). And one for speed: a
+dataclass made per request writes its ``__init__`` out (``init=False``), since mypyc compiles
+that one but leaves the one ``dataclass`` generates to the interpreter.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def parse_origin(url: str) -> Origin:
     return Origin(host, port, tls, prefix, lines, f"{parts.scheme}://{hostport}{prefix}")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Request:
     """A request ready to send: the encoded head and how its body follows."""
 
@@ -79,6 +79,16 @@ class Request:
     whole: bytes | None
     #: Declared length of a streamed body; ``None``: it is sent chunked.
     length: int | None
+
+    # written out: mypyc compiles it (see shared/protocol/events.py)
+    def __init__(
+        self, head: bytes, is_head: bool, body: bool, whole: bytes | None, length: int | None
+    ) -> None:
+        self.head = head
+        self.is_head = is_head
+        self.body = body
+        self.whole = whole
+        self.length = length
 
     @property
     def streamed(self) -> bool:

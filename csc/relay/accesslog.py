@@ -59,7 +59,7 @@ def path_only(target: str) -> str:
     return target
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class RequestRecord:
     """What the access log says of one request, filled in as the request goes."""
 
@@ -67,12 +67,25 @@ class RequestRecord:
     request_id: str
     client: str
     started: float
-    alias: str = ""
-    method: str = ""
-    path: str = ""
-    status: int | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
+    alias: str
+    method: str
+    path: str
+    status: int | None
+    bytes_in: int
+    bytes_out: int
+
+    # written out: mypyc compiles it (see shared/protocol/events.py)
+    def __init__(
+        self, kind: str, request_id: str, client: str, started: float, alias: str = ""
+    ) -> None:
+        self.kind = kind
+        self.request_id = request_id
+        self.client = client
+        self.started = started
+        self.alias = alias
+        self.method = self.path = ""
+        self.status = None
+        self.bytes_in = self.bytes_out = 0
 
 
 def enabled(access_log: bool) -> bool:

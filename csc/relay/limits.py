@@ -249,7 +249,7 @@ def _decrement(counts: dict[str, int], tenant: str) -> None:
         counts.pop(tenant, None)
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, init=False)
 class Admission:
     """What one admitted request holds besides its tenant's node count: its client address's
     share (``client``, None when unbounded) and, in a cluster, its stream slot (``slot``).
@@ -262,8 +262,18 @@ class Admission:
     info: dict[str, Any]
     tenant: str
     client: str | None
-    slot: str | None = None
-    stream: int = 0
+    slot: str | None
+    stream: int
+
+    # written out: mypyc compiles it (see shared/protocol/events.py)
+    def __init__(
+        self, info: dict[str, Any], tenant: str, client: str | None, slot: str | None = None
+    ) -> None:
+        self.info = info
+        self.tenant = tenant
+        self.client = client
+        self.slot = slot
+        self.stream = 0
 
 
 @dataclass(slots=True)

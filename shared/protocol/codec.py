@@ -61,12 +61,19 @@ _FIXED_SIZES: dict[int, int] = {FrameType.WINDOW: 4, FrameType.PING: 8, FrameTyp
 _KNOWN = frozenset(int(t) for t in FrameType)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Frame:
     type: int
     flags: int
     stream_id: int
     payload: bytes | memoryview
+
+    # written out: mypyc compiles it (see shared/protocol/events.py)
+    def __init__(self, type: int, flags: int, stream_id: int, payload: bytes | memoryview) -> None:
+        object.__setattr__(self, "type", type)
+        object.__setattr__(self, "flags", flags)
+        object.__setattr__(self, "stream_id", stream_id)
+        object.__setattr__(self, "payload", payload)
 
 
 def encode_header(ftype: int, flags: int, stream_id: int, length: int) -> bytes:

@@ -25,7 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from shared.enums import FastEnum
@@ -176,7 +176,7 @@ def command(state: StreamState, event: StreamInput, sid: int) -> StreamState:
     return outcome
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Stream:
     id: int
     local: bool  # opened by this side
@@ -184,10 +184,35 @@ class Stream:
     send_credit: int
     recv_window: int
     recv_remaining: int
-    recv_unacked: int = 0
-    recv_buffered: int = 0
-    last_update_at: float | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    recv_unacked: int
+    recv_buffered: int
+    last_update_at: float | None
+    info: dict[str, Any]
+
+    # written out: mypyc compiles it (see shared/protocol/events.py)
+    def __init__(
+        self,
+        id: int,
+        local: bool,
+        state: StreamState,
+        send_credit: int,
+        recv_window: int,
+        recv_remaining: int,
+        recv_unacked: int = 0,
+        recv_buffered: int = 0,
+        last_update_at: float | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.id = id
+        self.local = local
+        self.state = state
+        self.send_credit = send_credit
+        self.recv_window = recv_window
+        self.recv_remaining = recv_remaining
+        self.recv_unacked = recv_unacked
+        self.recv_buffered = recv_buffered
+        self.last_update_at = last_update_at
+        self.info = {} if info is None else info
 
     @property
     def accepted(self) -> bool:
