@@ -10,9 +10,11 @@ CPU per relayed request by about a third (bench/RESULTS.md).
 
 The build writes :data:`MANIFEST` beside this file: the SHA-256 of each module's source as it
 was compiled. At the first import of ``shared``, ``csc`` or ``tenant_agent`` the sources are
-hashed against it; if any differs (a source edited after ``make compile``), every module of
-:data:`MODULES` is imported from its source instead, all of them, since compiled modules call
-each other directly and must not be mixed with a changed one. :func:`describe` says which of
+hashed against it; if any differs (a source edited after ``make compile``), or the manifest
+names a module :data:`MODULES` no longer does, or an older build left an extension of a module
+no longer compiled, every module of :data:`MODULES` (and those) is imported from its source
+instead, all of them, since compiled modules call each other directly and must not be mixed
+with a changed one. :func:`describe` says which of
 the two runs (``csc serve`` and ``csc-agent`` log it at start). Without a manifest (a checkout
 never compiled) everything is imported from source as before.
 
