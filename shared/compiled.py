@@ -152,7 +152,8 @@ def guard(modules: Sequence[str] = MODULES, root: Path = ROOT) -> list[str] | No
 
 def is_compiled(module: ModuleType) -> bool:
     """Whether ``module`` was imported from a compiled extension."""
-    return not str(getattr(module, "__file__", "") or "").endswith(".py")
+    path = str(getattr(module, "__file__", None) or "")
+    return path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
 def describe() -> str:
@@ -170,9 +171,8 @@ def describe() -> str:
 def extension_path(module: str, root: Path = ROOT) -> Path | None:
     """The compiled extension of ``module`` beside its source, if there is one."""
     source = source_path(module, root)
-    stem = "__init__" if source.name == "__init__.py" else source.stem
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        if (found := source.with_name(stem + suffix)).exists():
+        if (found := source.with_name(source.stem + suffix)).exists():
             return found
     return None
 
