@@ -24,7 +24,7 @@ from typing import Any
 from harness.cluster import ClusterProcs
 from harness.factory import ProcFactory
 from harness.postgres import running_postgres
-from harness.procs import CscProc, UpstreamProc, start_upstream
+from harness.procs import CscProc, Proc, UpstreamProc, start_upstream
 from harness.redis import running
 from harness.upstream import SMALL_BODY
 from harness.waiting import http_request, tunnel_url, wait_alias_online
@@ -38,6 +38,7 @@ class ClusterRig:
     upstream: UpstreamProc
     a: CscProc
     b: CscProc
+    agent: Proc
     alias: str
 
     def local(self, path: str) -> str:
@@ -67,7 +68,7 @@ def cluster_rig(
             b = cluster.start_node("B", env=env)
             token = cluster.token("bench", [args.alias])
             log("starting the agent on A (1 session)")
-            factory.agent(
+            agent = factory.agent(
                 a.http_url,
                 token,
                 upstream.http_url,
@@ -77,7 +78,7 @@ def cluster_rig(
             )
             wait_alias_online(a.http_url, args.alias)
             wait_alias_online(b.http_url, args.alias)
-            yield ClusterRig(upstream, a, b, args.alias)
+            yield ClusterRig(upstream, a, b, agent, args.alias)
         except BaseException:
             factory.dump_logs()
             raise

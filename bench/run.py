@@ -196,7 +196,7 @@ class Rig:
         return tunnel_url(self.csc.http_url, self.alias, path)
 
 
-def _env_pairs(pairs: Sequence[str]) -> dict[str, str]:
+def env_pairs(pairs: Sequence[str]) -> dict[str, str]:
     env = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -216,7 +216,7 @@ def rig(args: argparse.Namespace, workdir: Path) -> Iterator[Rig]:
         started.append(setup.upstream)
         if not args.direct_only:
             log("starting csc serve")
-            setup.csc = start_csc(workdir, env=_env_pairs(args.csc_env))
+            setup.csc = start_csc(workdir, env=env_pairs(args.csc_env))
             started.append(setup.csc)
             token = issue_token(setup.csc.state_dir, "bench", [args.alias])
             log(f"starting the agent ({args.sessions} sessions)")
@@ -227,7 +227,7 @@ def rig(args: argparse.Namespace, workdir: Path) -> Iterator[Rig]:
                 sessions=args.sessions,
                 extra_args=args.agent_arg,
                 log_dir=workdir / "logs",
-                env=_env_pairs(args.agent_env),
+                env=env_pairs(args.agent_env),
             )
             started.append(setup.agent)
             wait_alias_online(setup.csc.http_url, args.alias)
@@ -509,7 +509,7 @@ def run_cluster(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
     return measure_cluster(
         args,
         log,
-        _env_pairs(args.csc_env),
+        env_pairs(args.csc_env),
         run_wrk,
         _wrk_rows,
         Target,
