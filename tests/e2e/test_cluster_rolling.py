@@ -16,9 +16,12 @@ through if that timeout covers what is left of it. The test therefore pins the d
 one node N holding a session of the agent (the other HAProxy servers are set to ``drain``
 state while the request is dispatched, so N is the only choice; the stream is then local to N,
 no second node involved), restarts the other two nodes first while the download runs, and
-SIGTERMs N last, once at most :data:`LEFT_AT_LAST_DRAIN` seconds of the download remain at its
-nominal rate: N's ``drain_timeout`` (:data:`FIRST_DRAIN`) covers that several times over, and
-N must let the stream finish before it exits. Restarted nodes run with a short drain timeout.
+SIGTERMs N last. The download's client sets its pace: it reads :data:`SLOW_PACE` bytes per
+second (flow control holds the rest back, end to end) until N is draining, so the download is
+still in flight then however long the first two restarts took on a busy machine; then it reads
+the rest at full speed, which N's ``drain_timeout`` (:data:`FIRST_DRAIN`) covers many times
+over, and N must let the stream finish before it exits. Restarted nodes run with a short drain
+timeout.
 """
 
 from __future__ import annotations
@@ -56,10 +59,12 @@ pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
 TENANTS = {"acme": "acme@example.com", "beta": "beta@example.com"}
 DOWNLOAD_TENANT = "acme"
-DOWNLOAD_BYTES = 320 * MiB
-DOWNLOAD_RATE = 16 * MiB  # bytes per second: about 20 s, the first two restarts and more
-LEFT_AT_LAST_DRAIN = 3.0  # seconds of download (at the nominal rate) left when N drains
-FIRST_DRAIN = scaled(12)  # the first nodes' drain_timeout: covers LEFT_AT_LAST_DRAIN 4x
+DOWNLOAD_BYTES = 160 * MiB
+#: the client's pace until N drains (bytes per second): 320 s for the whole download, several
+#: times what the first two restarts may take; at full speed the rest takes about a second
+SLOW_PACE = MiB // 2
+PIECE = 64 * 1024
+FIRST_DRAIN = scaled(12)  # the first nodes' drain_timeout: covers the download's full-speed rest
 RESTARTED_DRAIN = "4s"
 SMALL_LOOPS = 4
 NODES = ("A", "B", "C")
@@ -127,7 +132,8 @@ class SmallLoad:
 
 @dataclass
 class Download:
-    """One paced download through HAProxy, hashed as it arrives."""
+    """One download through HAProxy, hashed as it arrives, read at :data:`SLOW_PACE` until
+    ``released``, then as fast as it comes."""
 
     address: tuple[str, int]
     path: str
@@ -136,6 +142,7 @@ class Download:
     digest: str = ""
     error: str = ""
     headers_seen: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
@@ -149,7 +156,15 @@ class Download:
             resp = conn.getresponse()
             self.status = resp.status
             self.headers_seen.set()
-            while chunk := resp.read(1 * MiB):
+            started = time.monotonic()
+            while True:
+                if not self.released.is_set():
+                    due = started + self.received / SLOW_PACE - time.monotonic()
+                    if due > 0:
+                        self.released.wait(due)
+                chunk = resp.read(MiB if self.released.is_set() else PIECE)
+                if not chunk:
+                    break
                 digest.update(chunk)
                 self.received += len(chunk)
             conn.close()
@@ -159,10 +174,6 @@ class Download:
             self.digest = digest.hexdigest()
             self.headers_seen.set()
             self.done.set()
-
-    def seconds_left(self) -> float:
-        """What is left at the nominal rate (0 once done)."""
-        return 0.0 if self.done.is_set() else (DOWNLOAD_BYTES - self.received) / DOWNLOAD_RATE
 
 
 def describe_failures(failures: list[Failure]) -> str:
@@ -220,15 +231,16 @@ def restart(
     load: SmallLoad,
     *,
     drain_timeout: float,
-    before_sigterm: Callable[[], None] = lambda: None,
+    draining: Callable[[], None] = lambda: None,
 ) -> CscProc:
-    """SIGTERM node ``name``, check it exits 0, start it again, re-point its HAProxy slot
-    and wait until HAProxy sees it UP; at least one small request must succeed meanwhile."""
+    """SIGTERM node ``name``, call ``draining`` once HAProxy sees it DOWN (its ``/readyz``
+    fails: it drains), check it exits 0, start it again, re-point its HAProxy slot and wait
+    until HAProxy sees it UP; at least one small request must succeed meanwhile."""
     old = cluster.nodes[name]
-    before_sigterm()
     ok_before = load.ok
     old.terminate()
     lb.wait_backend_state(old.ready["http"], "DOWN", timeout=10)
+    draining()
     code = old.wait(drain_timeout + 15)
     assert code == 0, f"node {name} exited with {code}\n{old.describe()}"
     new = cluster.start_node(name, env={"CSC_DRAIN_TIMEOUT": RESTARTED_DRAIN})
@@ -274,7 +286,7 @@ def test_rolling_restart_behind_haproxy_loses_no_request(
         if name != pinned:
             lb.command(f"set server {slots[name]} state drain")
     alias = TENANTS[DOWNLOAD_TENANT]
-    path = tunnel_url("", alias, f"/bytes/{DOWNLOAD_BYTES}?rate={DOWNLOAD_RATE}")
+    path = tunnel_url("", alias, f"/bytes/{DOWNLOAD_BYTES}")
     download = Download(lb.http_address, path)
     download.start()
     assert download.headers_seen.wait(scaled(20)), "the download got no response head"
@@ -294,25 +306,16 @@ def test_rolling_restart_behind_haproxy_loses_no_request(
             last = name == pinned
             if last:
                 assert not download.done.is_set(), (
-                    "the download ended before its node's drain: make it longer "
+                    "the download ended before its node's drain "
                     f"(received {download.received} bytes, error {download.error!r})"
                 )
-
-            def wait_download_near_end() -> None:
-                wait_until(
-                    lambda: download.seconds_left() <= LEFT_AT_LAST_DRAIN,
-                    DOWNLOAD_BYTES / DOWNLOAD_RATE * 3,
-                    0.05,
-                    message="the download near its end",
-                )
-
             restart(
                 cluster,
                 lb,
                 name,
                 load,
                 drain_timeout=FIRST_DRAIN,
-                before_sigterm=wait_download_near_end if last else lambda: None,
+                draining=download.released.set if last else lambda: None,
             )
             if last:
                 assert download.done.wait(scaled(10)), "node N exited before its download ended"
