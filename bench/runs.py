@@ -139,6 +139,8 @@ def trace(chains: Sequence[Chain], seconds: float, workdir: Path) -> None:
         )
         try:
             time.sleep(1.5)
+            # system-wide (per-CPU buffers): tracing only these processes (``-p``) makes perf
+            # switch its events at every context switch, which moves the runs' edges
             data = workdir / f"{chain.name}.perf"
             subprocess.run(
                 [
