@@ -170,6 +170,7 @@ def _median(values: Sequence[float]) -> str:
 
 def render(chains: Sequence[Chain], args: argparse.Namespace) -> str:
     info = machine_info()
+    columns = _columns(chains)
     settings = f"c=1, {args.trace_seconds:g} s traced per path"
     if args.csc_env:
         settings += ", " + ", ".join(args.csc_env)
@@ -183,16 +184,16 @@ def render(chains: Sequence[Chain], args: argparse.Namespace) -> str:
         "Medians over the request cycles, µs; a relay's two runs are the request's and the "
         "answer's; *between* is the cycle less every run (wake-ups, loop pass ends).",
         "",
-        "| path | cycles | cycle | " + " | ".join(_columns(chains)) + " | between |",
-        "|---|---:|---:|" + "---:|" * (len(_columns(chains)) + 1),
+        "| path | cycles | cycle | "
+        + " | ".join(title for title, _, _ in columns)
+        + " | between |",
+        "|---|---:|---:|" + "---:|" * (len(columns) + 1),
     ]
     for chain in chains:
         cells = []
-        for column in _columns(chains):
-            label, _, which = column.partition(" ")
+        for _, label, index in columns:
             runs = chain.runs.get(label)
-            index = 0 if which in ("", "(req)") else 1
-            cells.append(_median(runs[index]) if runs and index < len(runs) else "—")
+            cells.append(_median(runs[index]) if runs else "—")
         parts.append(
             f"| {chain.name} | {len(chain.cycles)} | {_median(chain.cycles)} | "
             + " | ".join(cells)
@@ -201,16 +202,19 @@ def render(chains: Sequence[Chain], args: argparse.Namespace) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _columns(chains: Sequence[Chain]) -> list[str]:
-    """``label (req)``/``label (ans)`` for relays, ``label`` for the others, each label once,
-    in the order of the longest chain."""
-    longest = max(chains, key=lambda c: len(c.actors))
-    labels = [*longest.actors] + [
-        a for c in chains for a in c.actors if a[0] not in {b[0] for b in longest.actors}
-    ]
-    columns: list[str] = []
-    for label, _, expected in labels:
-        columns += [f"{label} (req)", f"{label} (ans)"] if expected == 2 else [label]
+def _columns(chains: Sequence[Chain]) -> list[tuple[str, str, int]]:
+    """(title, label, run index) per column: ``label (req)`` and ``label (ans)`` for a relay,
+    ``label`` for the others; each label once, in the order of the longest chain first."""
+    runs_of: dict[str, int] = {}
+    for chain in sorted(chains, key=lambda c: -len(c.actors)):
+        for label, _, runs in chain.actors:
+            runs_of.setdefault(label, runs)
+    columns: list[tuple[str, str, int]] = []
+    for label, runs in runs_of.items():
+        if runs == 2:
+            columns += [(f"{label} (req)", label, 0), (f"{label} (ans)", label, 1)]
+        else:
+            columns.append((label, label, 0))
     return columns
 
 
