@@ -8,6 +8,7 @@ lookup uses its result. A *grant* (what a token lists) is an alias or a domain p
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -26,6 +27,12 @@ def normalise_alias(raw: str) -> str:
     """Return the canonical form of ``raw`` or raise :class:`BadAlias` saying what is wrong."""
     if not isinstance(raw, str):
         raise BadAlias("the alias must be a string")
+    if len(raw) > MAX_ALIAS_LENGTH:
+        return _canonical(raw)
+    return _remembered(raw)
+
+
+def _canonical(raw: str) -> str:
     alias = raw.strip().lower()
     if not alias:
         raise BadAlias("the alias is empty")
@@ -39,6 +46,13 @@ def normalise_alias(raw: str) -> str:
             "letters, digits, '.', '_', '+', '-')"
         )
     return alias
+
+
+#: Every tunneled request normalises its alias: the forms seen lately skip the regular
+#: expression. Only valid ones are kept (a refusal raises, and is not cached), of at most
+#: MAX_ALIAS_LENGTH characters, and at most this many (least recently used go first), so a
+#: client trying many aliases costs a bounded few hundred KiB.
+_remembered = functools.lru_cache(maxsize=1024)(_canonical)
 
 
 def is_pattern(grant: str) -> bool:

@@ -389,7 +389,7 @@ class Link:
                     stream._wake()
             elif isinstance(event, SendCreditAvailable):
                 stream = streams.get(event.stream_id)
-                if stream is not None:
+                if stream is not None and stream._credit is not None:
                     stream._credit.set()
             else:
                 self._dispatch_control(event)

@@ -58,7 +58,9 @@ class LinkStream:
         self._local_eof = False
         self._error: CSCError | None = None
         self._waiter = Wakeup()
-        self._credit = asyncio.Event()
+        #: set when credit comes or the stream fails; made by the first write that waits for
+        #: credit (most streams never do)
+        self._credit: asyncio.Event | None = None
 
     @property
     def error(self) -> CSCError | None:
@@ -98,8 +100,11 @@ class LinkStream:
             if not view:
                 return
             self.link.counters.stalls += 1
-            self._credit.clear()
-            await self._credit.wait()
+            credit = self._credit
+            if credit is None:
+                credit = self._credit = asyncio.Event()
+            credit.clear()
+            await credit.wait()
 
     def write_now(self, data: bytes | memoryview) -> int:
         """Queue as much of ``data`` as the peer's credit allows now, without waiting; the
@@ -179,7 +184,8 @@ class LinkStream:
             self.opened.set_exception(err)
             self.opened.exception()  # retrieved: a failed open is reported by the caller
         self._wake()
-        self._credit.set()
+        if self._credit is not None:
+            self._credit.set()
         self.link.forget(self)
 
     @property

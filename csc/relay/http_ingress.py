@@ -17,7 +17,6 @@ is never reused; without a length the body is chunked (HTTP/1.1) or close-delimi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -276,8 +275,12 @@ async def _reopen_unprocessed(
     when no other can be opened, so its error is reported)."""
     for _ in range(REOPEN_ATTEMPTS):
         if not stream.opened.done():
-            with contextlib.suppress(CSCError):  # looked at below, reported by the caller
+            # looked at below, reported by the caller; not contextlib.suppress, which makes an
+            # object per request on this path
+            try:  # noqa: SIM105
                 await stream.opened
+            except CSCError:
+                pass
         if not _may_reopen(stream, safe):
             return stream
         try:

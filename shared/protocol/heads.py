@@ -163,7 +163,8 @@ def _pairs(parts: list[str], start: int, count: int, tokens: list[str], what: st
     tokens += names
     if not _TOKENS.fullmatch("\0".join(tokens)):
         raise ProtocolError(f"binary {what} head: a method or header name is not a token")
-    return ValidPairs(zip(names, parts[start + 1 :: 2], strict=True))
+    # pairs by index: mypyc compiles it natively, zip(strict=True) it calls generically
+    return ValidPairs([(parts[i], parts[i + 1]) for i in range(start, len(parts), 2)])
 
 
 def decode_open(payload: bytes | memoryview) -> dict[str, Any]:
