@@ -72,6 +72,7 @@ from shared.protocol import (
 )
 from shared.protocol.codec import HEADER_SIZE
 from shared.timerwheel import loop_timers
+from shared.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,11 @@ class Link:
         #: ``last_stream_id`` of the peer's GOAWAY (None until one arrives)
         self.peer_last_stream_id: int | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self._kick = asyncio.Event()
+        #: something was queued since the writer last took the multiplexer's output; the
+        #: writer sleeps on ``_kick`` while it is False (a flag and a compiled waiter, not an
+        #: asyncio.Event: kick() runs several times per request)
+        self._kicked = False
+        self._kick = Wakeup(self.loop)
         self._idle = asyncio.Event()
         self._idle.set()
         #: flushes started (each takes everything queued then) and flushes finished
@@ -274,7 +279,9 @@ class Link:
             self._yielded_at = self.loop.time()
 
     def kick(self) -> None:
-        self._kick.set()
+        if not self._kicked:
+            self._kicked = True
+            self._kick.set()
 
     def open(self, info: dict[str, Any]) -> LinkStream:
         """Open a stream (raises GoingAway / TooManyStreams / ProtocolError synchronously)."""
@@ -505,8 +512,9 @@ class Link:
     async def _writer(self) -> None:
         try:
             while True:
-                await self._kick.wait()
-                self._kick.clear()
+                if not self._kicked:
+                    await self._kick.wait()
+                self._kicked = False
                 await self._send_pending()
         except asyncio.CancelledError:
             raise

@@ -57,7 +57,7 @@ class LinkStream:
         self._eof = False
         self._local_eof = False
         self._error: CSCError | None = None
-        self._waiter = Wakeup()
+        self._waiter = Wakeup(link.loop)
         #: set when credit comes or the stream fails; made by the first write that waits for
         #: credit (most streams never do)
         self._credit: asyncio.Event | None = None

@@ -15,10 +15,13 @@ import asyncio
 class Wakeup:
     """A single waiter's future, created per wait (nothing lives while nobody waits)."""
 
-    __slots__ = ("_future",)
+    __slots__ = ("_future", "_loop")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._future: asyncio.Future[None] | None = None
+        #: the loop the waiter runs on, when the owner knows it: found otherwise at each wait
+        #: (``asyncio.get_running_loop`` checks the process id, a system call each time)
+        self._loop = loop
 
     @property
     def waiting(self) -> bool:
@@ -26,7 +29,8 @@ class Wakeup:
 
     async def wait(self) -> None:
         """Sleep until :meth:`set` (or cancellation). One waiter at a time."""
-        self._future = future = asyncio.get_running_loop().create_future()
+        loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+        self._future = future = loop.create_future()
         try:
             await future
         finally:

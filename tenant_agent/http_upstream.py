@@ -95,7 +95,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float, name: str) -> None:
-        self._loop = loop
+        self.loop = loop
         self._timeout = read_timeout
         self._name = name
         self.transport: asyncio.Transport | None = None
@@ -104,7 +104,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self._reading_paused = False
-        self._waiter = Wakeup()
+        self._waiter = Wakeup(loop)
         #: Called at each wake, after the waiting task is woken (an exchange served by
         #: callbacks, tenant_agent/http_quick.py); None otherwise.
         self.on_wake: Callable[[], None] | None = None
@@ -154,7 +154,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
                 self.close()
             return
         self.received = True
-        self._last_activity = self._loop.time()
+        self._last_activity = self.loop.time()
         if self._body_left:
             self._raw_body(data)
         else:
@@ -280,9 +280,9 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         if self._parser_stale:
             self._parser = httptools.HttpResponseParser(self)
             self._parser_stale = False
-        now = self._loop.time()
+        now = self.loop.time()
         self._last_activity = now
-        self._timer = self._loop.call_at(now + self._timeout, self._on_timer)
+        self._timer = self.loop.call_at(now + self._timeout, self._on_timer)
         if request.whole:
             self.transport.writelines((request.head, request.whole))
         else:
@@ -337,7 +337,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
 
     def touch(self) -> None:
         """The request made progress: the read timeout starts again."""
-        self._last_activity = self._loop.time()
+        self._last_activity = self.loop.time()
 
     def stream_failed(self, opened: asyncio.Future[dict[str, Any]]) -> None:
         """Done-callback of the stream's ``opened`` future: it fails when the stream does."""
@@ -432,12 +432,12 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self._timer = None
         if self.state not in RECEIVING:
             return
-        now = self._loop.time()
+        now = self.loop.time()
         if self._reading_paused or self.buffered or self.waiting_for_body:
             self._last_activity = now  # the link side is the slow one, not the portal
         deadline = self._last_activity + self._timeout
         if now < deadline:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer = self.loop.call_at(deadline, self._on_timer)
             return
         what = "stopped sending" if self.state is ExchangeState.BODY else "did not answer"
         self.fail(UpstreamTimeout(f"the portal {what} within {self._timeout:g} s"))
@@ -632,7 +632,7 @@ class HttpUpstream:
         if self._closed or not conn.reusable:
             conn.close()
             return
-        loop = asyncio.get_running_loop()
+        loop = conn.loop
         now = loop.time()
         conn.park(now)
         idle = self._idle

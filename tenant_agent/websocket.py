@@ -137,7 +137,7 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self._received: deque[bytes] = deque()
         self._received_size = 0
-        self._receive_waiter = Wakeup()
+        self._receive_waiter = Wakeup(self.loop)
         self._reading_paused = False
         self._text_seen = False
         self._close_timer: asyncio.TimerHandle | None = None

@@ -112,8 +112,8 @@ class FrontConnection(asyncio.Protocol):
         self.fatal: CSCError | None = None
         self.lost = False
         self._task: asyncio.Task[None] | None = None
-        self._waiter = Wakeup()
-        self._drain_waiter = Wakeup()
+        self._waiter = Wakeup(self.loop)
+        self._drain_waiter = Wakeup(self.loop)
         self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
