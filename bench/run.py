@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -411,6 +411,8 @@ def render_report(
         settings += f", agent sessions {args.sessions}"
     if args.quick:
         settings += ", quick"
+    if args.cpus:
+        settings += f", every process on CPU {cpu_list(args.cpus)} only (`--cpus`)"
     parts = [
         f"## {info['date']}: {mode}",
         "",
@@ -472,12 +474,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-refs", action="store_true", help="skip the nginx, pproxy and floor rows"
     )
     parser.add_argument("--cluster-only", action="store_true", help="only the B→A rows")
+    parser.add_argument(
+        "--cpus",
+        type=parse_cpus,
+        metavar="LIST",
+        help="run everything the bench starts (and wrk, curl) on these CPUs, e.g. 0 or 0-1: "
+        "with one CPU no request is handed between CPUs (see README)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.download_mib, args.repeat = 2, 64, 1
     if args.duration < 1 or args.repeat < 1 or args.download_mib < 1:
         parser.error("--duration, --repeat and --download-mib must be at least 1")
     return args
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """``0``, ``0,2`` or ``0-3`` as a set of CPU numbers this process may run on."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, sep, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last if sep else first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CPU list: {text!r}") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: CPUs must be among {cpu_list(allowed)} (this process's affinity)"
+        )
+    return frozenset(cpus)
+
+
+def cpu_list(cpus: Iterable[int]) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus))
 
 
 def run(args: argparse.Namespace, setup: Rig) -> tuple[list[Row], list[Memory], list[str]]:
@@ -519,6 +549,8 @@ def run_cluster(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_tools()
+    if args.cpus:  # inherited by every process started from here on
+        os.sched_setaffinity(0, args.cpus)
     rows: list[Row] = []
     memory: list[Memory] = []
     notes: list[str] = []
