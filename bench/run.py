@@ -495,7 +495,10 @@ def parse_cpus(text: str) -> frozenset[int]:
     try:
         for part in text.split(","):
             first, sep, last = part.strip().partition("-")
-            cpus.update(range(int(first), int(last if sep else first) + 1))
+            low, high = int(first), int(last if sep else first)
+            if high < low:
+                raise ValueError(part)
+            cpus.update(range(low, high + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a CPU list: {text!r}") from None
     allowed = os.sched_getaffinity(0)

@@ -20,7 +20,7 @@ def test_a_cpu_list_names_cpus_this_process_may_use() -> None:
     assert cpu_list({3, 1, 2}) == "1,2,3"
 
 
-@pytest.mark.parametrize("text", ["", "x", "1-", "-1", "0,,1", str(max(ALLOWED) + 1)])
+@pytest.mark.parametrize("text", ["", "x", "1-", "-1", "0,,1", "1-0", str(max(ALLOWED) + 1)])
 def test_a_bad_cpu_list_is_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_cpus(text)
