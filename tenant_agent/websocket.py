@@ -2,12 +2,23 @@
 
 The agent dials out (docs/protocol.md §1), so it is the WebSocket *client* and RFC 6455 §5.3
 requires it to mask every frame it sends, and downloads (the bulk of the traffic) flow this
-way. :class:`websockets.client.ClientProtocol` does the opening handshake, parses the CSC's
-frames and answers its control frames; :meth:`AgentWebSocket.send_chunks` writes the link's
+way. :class:`websockets.client.ClientProtocol` does the opening handshake and answers the CSC's
+control frames; :meth:`AgentWebSocket.send_chunks` writes the link's
 data itself: one binary frame whose payload is the given chunks, each masked while it is copied
 (``apply_mask`` returns new bytes) with the one frame key rotated by the chunk's offset, and
 handed to ``transport.writelines``. Each payload byte is touched once in user space, then by
 the kernel; nothing joins the chunks first.
+
+Reading: websockets is handed the upgrade response's head alone; once the upgrade succeeded,
+the CSC's binary and continuation frames (all the link's messages) are read by
+:meth:`AgentWebSocket._take_frames` itself, compiled with the rest of this module, and each
+control frame is handed to websockets whole, at a frame boundary, so it answers pings and runs
+the closing handshake as before. A frame this reader does not take (text, reserved bits or
+opcodes, a masked frame, a control frame over 125 bytes) is handed to websockets with
+everything after it, which then reads the rest of the connection and fails it as it would
+have; a continuation of no message, a new message inside a fragmented one and a message over
+``max_size`` (known from its frame's head, before its payload is buffered) fail it here the
+same way, with 1002 and 1009. At most one incomplete frame is buffered.
 
 Invariants:
 
@@ -42,7 +53,7 @@ from typing import Any, cast
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
-from websockets.frames import Close, Frame, Opcode
+from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import SEND_EOF, State
 from websockets.uri import parse_uri
@@ -69,11 +80,22 @@ SMALL_CHUNK = 1024
 #: Close code when the connection ended without a close frame (RFC 6455 §7.1.5).
 ABNORMAL_CLOSURE = 1006
 
+#: The upgrade response's head longer than this is left to websockets (which refuses it).
+MAX_RESPONSE_HEAD = 64 * 1024
+
 _BINARY_FIN = 0x82
 _MASKED = 0x80
 _LEN16 = struct.Struct("!BBH")
 _LEN64 = struct.Struct("!BBQ")
+_U16 = struct.Struct("!H")
+_U64 = struct.Struct("!Q")
 _PAYLOAD_OPCODES = (Opcode.BINARY, Opcode.CONT)
+_OP_CONT = 0x0
+_FIRST_CONTROL = 0x8
+#: the longest control frame (RFC 6455 §5.5)
+_MAX_CONTROL = 125
+#: text and the reserved opcodes: websockets reads the stream from such a frame on
+_LEFT_TO_WEBSOCKETS = frozenset({0x1, 0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF})
 
 
 class HandshakeError(Exception):
@@ -143,6 +165,20 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self.close_code: int | None = None
         self.close_reason = ""
+        #: the upgrade response read so far, until its head is complete (see data_received)
+        self._response: bytearray | None = bytearray()
+        #: after the upgrade: the CSC's data frames are read here (:meth:`_take_frames`) until
+        #: one that is not binary data comes; websockets then reads everything from that frame on
+        self._own_frames = False
+        limit = protocol.max_message_size
+        self._max_size: int = limit if limit is not None else 1 << 63
+        #: bytes of a frame not complete yet, their total, and how many complete it (0: unknown)
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._pending_need = 0
+        #: a message's first frame came without FIN; its length so far
+        self._fragmented = False
+        self._message_size = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -156,7 +192,19 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         self._write_protocol_output()
 
     def data_received(self, data: bytes) -> None:
+        if self._own_frames:
+            data = self._take_frames(data)
+        elif self._response is not None:
+            data = self._upgrade_response(data)
+        if data:
+            self._protocol_receive(data)
+
+    def _protocol_receive(self, data: bytes) -> None:
+        """Let websockets parse ``data`` and act on what it made of it."""
         self._proto.receive_data(data)
+        self._after_protocol()
+
+    def _after_protocol(self) -> None:
         self._write_protocol_output()
         events = self._proto.events_received()
         self._check_handshake(events)
@@ -168,7 +216,123 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         if self._proto.state is not State.OPEN:
             self._wake_receiver()
 
+    def _upgrade_response(self, data: bytes) -> bytes:
+        """Hand websockets the upgrade response's head alone (a 101 has no body), so that it
+        has parsed no frame when the upgrade succeeds and :meth:`_take_frames` reads the frames
+        from the first one; return what follows the head (or everything, when the upgrade
+        failed or the head is not complete within ``MAX_RESPONSE_HEAD``: websockets judges it).
+        """
+        response = self._response
+        if response is None:
+            return data
+        searched = max(len(response) - 3, 0)
+        response += data
+        end = response.find(b"\r\n\r\n", searched)
+        if end < 0:
+            if len(response) <= MAX_RESPONSE_HEAD:
+                return b""
+            self._response = None
+            return bytes(response)
+        self._response = None
+        head, rest = bytes(response[: end + 4]), bytes(response[end + 4 :])
+        self._protocol_receive(head)
+        if self._proto.state is State.OPEN and self.opened.done():
+            self._own_frames = True
+            return self._take_frames(rest) if rest else b""
+        return rest
+
+    def _take_frames(self, data: bytes) -> bytes:
+        """Deliver the payloads of the complete binary and continuation frames ``data`` holds
+        (after what was pending); hand each control frame to websockets as it comes. Return the
+        bytes from the first frame this reader leaves to websockets for good (text, reserved
+        bits or opcodes, a masked frame, one over ``max_size``), which then parses everything;
+        b"" when all was taken or waits for the rest of a frame."""
+        if self._pending:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size < self._pending_need:
+                return b""
+            data = b"".join(self._pending)
+            self._pending, self._pending_size, self._pending_need = [], 0, 0
+        size = len(data)
+        pos = 0
+        while pos < size:
+            if size - pos < 2:
+                return self._keep(data, pos, 0)
+            first, second = data[pos], data[pos + 1]
+            opcode = first & 0x0F
+            length = second & 0x7F
+            head = 2
+            if length == 126:
+                head = 4
+                if size - pos < head:
+                    return self._keep(data, pos, 0)
+                length = _U16.unpack_from(data, pos + 2)[0]
+            elif length == 127:
+                head = 10
+                if size - pos < head:
+                    return self._keep(data, pos, 0)
+                length = _U64.unpack_from(data, pos + 2)[0]
+            control = opcode >= _FIRST_CONTROL
+            if (
+                first & 0x70
+                or second & 0x80
+                or opcode in _LEFT_TO_WEBSOCKETS
+                or (control and length > _MAX_CONTROL)
+            ):
+                self._own_frames = False
+                return data[pos:]
+            if control:  # ping, pong, close: websockets answers them
+                if size - pos < head + length:
+                    return self._keep(data, pos, head + length)
+                end = pos + head + length
+                self._protocol_receive(data[pos:end])
+                pos = end
+                if self._proto.state is not State.OPEN:
+                    self._own_frames = False
+                    return data[pos:]
+                continue
+            if (opcode == _OP_CONT) != self._fragmented:
+                if self._fragmented:
+                    self._fail(CloseCode.PROTOCOL_ERROR, "a new message inside a fragmented one")
+                else:
+                    self._fail(CloseCode.PROTOCOL_ERROR, "a continuation of no message")
+                return b""
+            if length > self._max_size - self._message_size:
+                total = self._message_size + length
+                self._fail(
+                    CloseCode.MESSAGE_TOO_BIG, f"message of {total} bytes over {self._max_size}"
+                )
+                return b""
+            if size - pos < head + length:
+                return self._keep(data, pos, head + length)
+            start = pos + head
+            pos = start + length
+            self._fragmented = not first & 0x80
+            self._message_size = self._message_size + length if self._fragmented else 0
+            if length and not self._text_seen:
+                self._deliver(data[start:pos])
+        return b""
+
+    def _keep(self, data: bytes, pos: int, need: int) -> bytes:
+        """Keep the incomplete frame at ``pos`` until ``need`` bytes of it are in (0: its
+        head is not complete yet, any more bytes may complete it)."""
+        rest = data[pos:]
+        self._pending, self._pending_size = [rest], len(rest)
+        self._pending_need = need if need else len(rest) + 1
+        return b""
+
+    def _fail(self, code: CloseCode, reason: str) -> None:
+        """Fail the WebSocket as websockets does for a frame it refuses: a close frame with
+        ``code``, then wait for the CSC to close; websockets discards what still arrives."""
+        self._own_frames = False
+        self._proto.fail(code, reason)
+        self._after_protocol()
+
     def eof_received(self) -> bool | None:
+        if self._response:  # an answer that ended before its head did: websockets judges it
+            self._proto.receive_data(bytes(self._response))
+        self._response = None
         self._proto.receive_eof()
         self._write_protocol_output()
         self._check_handshake(())
