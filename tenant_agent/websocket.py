@@ -149,7 +149,9 @@ def mask_chunks(chunks: Sequence[bytes | memoryview], key: bytes) -> list[bytes]
 class AgentWebSocket(WriteFlow, asyncio.Protocol):
     """One client WebSocket; make it with :func:`connect`."""
 
-    def __init__(self, protocol: ClientProtocol, headers: Mapping[str, str]) -> None:
+    def __init__(
+        self, protocol: ClientProtocol, headers: Mapping[str, str], *, max_size: int
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self._proto = protocol
         self._headers = headers
@@ -170,8 +172,8 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         #: after the upgrade: the CSC's data frames are read here (:meth:`_take_frames`) until
         #: one that is not binary data comes; websockets then reads everything from that frame on
         self._own_frames = False
-        limit = protocol.max_message_size
-        self._max_size: int = limit if limit is not None else 1 << 63
+        #: the longest message taken (``protocol`` was made with the same limit)
+        self._max_size = max_size
         #: bytes of a frame not complete yet, their total, and how many complete it (0: unknown)
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -495,7 +497,7 @@ async def connect(
     if uri.secure:
         tls = ssl_context or ssl.create_default_context()
     _, ws = await loop.create_connection(
-        lambda: AgentWebSocket(protocol, headers),
+        lambda: AgentWebSocket(protocol, headers, max_size=max_size),
         uri.host,
         uri.port,
         ssl=tls,

@@ -86,7 +86,8 @@ class Rig:
 
     def __init__(self) -> None:
         self.transport = FakeTransport()
-        self.ws = AgentWebSocket(ClientProtocol(parse_uri("ws://127.0.0.1:9/ws"), max_size=MAX), {})
+        protocol = ClientProtocol(parse_uri("ws://127.0.0.1:9/ws"), max_size=MAX)
+        self.ws = AgentWebSocket(protocol, {}, max_size=MAX)
         self.ws.connection_made(self.transport)
         self.server = ServerProtocol()
         self.server.receive_data(bytes(self.transport.written))
