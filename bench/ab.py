@@ -108,13 +108,6 @@ def checked_out(base: str, new: str | None, workdir: Path) -> Iterator[list[Side
 # --- one start of one side (a child process rooted in that side's checkout) -------------------
 
 
-def _cpu_seconds(pid: int) -> float:
-    import psutil
-
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
 def foreign_library(maps: str, tree: Path) -> str | None:
     """What is wrong with the compiled library a process mapped (``maps``: its
     ``/proc/PID/maps``) for a side built in ``tree``: None when it is ``tree``'s own."""
@@ -134,6 +127,7 @@ def _check_library(tree: Path, name: str, pid: int) -> None:
 def measure_once(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Start ``tree``'s rig, time PATH at each concurrency; CPU µs per request per process."""
     sys.path.insert(0, str(tree))  # its harness and bench: its processes run from it
+    from bench.refs import cpu_seconds
     from bench.run import parse_args as rig_args
     from bench.run import run_wrk
 
@@ -143,7 +137,7 @@ def measure_once(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
             from bench.cluster import cluster_rig
 
             c = stack.enter_context(cluster_rig(options, log, {}))
-            procs = {"a": c.a.pid, "b": c.b.pid, "agent": c.agent.pid, REFERENCE: c.upstream.pid}
+            procs = {"a": c.a, "b": c.b, "agent": c.agent, REFERENCE: c.upstream}
             url = c.forwarded(PATH)
         else:
             from bench.run import rig
@@ -151,17 +145,17 @@ def measure_once(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="csc-ab-")))
             s = stack.enter_context(rig(options, workdir))
             assert s.csc is not None and s.agent is not None
-            procs = {"csc": s.csc.pid, "agent": s.agent.pid, REFERENCE: s.upstream.pid}
+            procs = {"csc": s.csc, "agent": s.agent, REFERENCE: s.upstream}
             url = s.tunnel(PATH)
-        for name, pid in procs.items():
+        for name, proc in procs.items():
             if name != REFERENCE:
-                _check_library(tree, name, pid)
+                _check_library(tree, name, proc.pid)
         run_wrk(url, max(args.concurrency), 1)  # warm up
         runs: dict[str, Any] = {}
         for concurrency in args.concurrency:
-            before = {name: _cpu_seconds(pid) for name, pid in procs.items()}
+            before = {name: cpu_seconds(proc) for name, proc in procs.items()}
             result = run_wrk(url, concurrency, args.duration)
-            after = {name: _cpu_seconds(pid) for name, pid in procs.items()}
+            after = {name: cpu_seconds(proc) for name, proc in procs.items()}
             if result.errors or result.non_2xx or not result.requests:
                 raise RuntimeError(f"c={concurrency}: {result}")
             runs[str(concurrency)] = {

@@ -197,7 +197,7 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         if self._own_frames:
             data = self._take_frames(data)
         elif self._response is not None:
-            data = self._upgrade_response(data)
+            data = self._upgrade_response(self._response, data)
         if data:
             self._protocol_receive(data)
 
@@ -218,15 +218,12 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         if self._proto.state is not State.OPEN:
             self._wake_receiver()
 
-    def _upgrade_response(self, data: bytes) -> bytes:
+    def _upgrade_response(self, response: bytearray, data: bytes) -> bytes:
         """Hand websockets the upgrade response's head alone (a 101 has no body), so that it
         has parsed no frame when the upgrade succeeds and :meth:`_take_frames` reads the frames
         from the first one; return what follows the head (or everything, when the upgrade
         failed or the head is not complete within ``MAX_RESPONSE_HEAD``: websockets judges it).
         """
-        response = self._response
-        if response is None:
-            return data
         searched = max(len(response) - 3, 0)
         response += data
         end = response.find(b"\r\n\r\n", searched)
