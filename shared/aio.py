@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from shared.errors import CSCError, error_for_code
@@ -58,9 +58,15 @@ async def splice(
     except (OSError, asyncio.IncompleteReadError) as exc:
         stream.reset(error_for_code(reset_code, f"connection reset: {exc.__class__.__name__}"))
         writer.transport.abort()
-    finally:
-        for task in tasks:
-            await cancel_quietly(task)
+    except BaseException as exc:  # not `finally`: an await there (shared/compiled.py)
+        await _cancel_all(tasks)
+        raise exc
+    await _cancel_all(tasks)
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Future[None]]) -> None:
+    for task in tasks:
+        await cancel_quietly(task)
 
 
 async def cancel_quietly(task: asyncio.Future[Any] | None) -> None:

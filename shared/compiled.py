@@ -18,10 +18,19 @@ with a changed one. :func:`describe` says which of
 the two runs (``csc serve`` and ``csc-agent`` log it at start). Without a manifest (a checkout
 never compiled) everything is imported from source as before.
 
-mypyc compiles the source's meaning, with two rules its version here needs (the unit test
+mypyc compiles the source's meaning, with three rules its version here needs (the unit test
 tests/unit/test_compiled.py checks them): no call inside a slice's bounds (mypyc 2.4 evaluates
-it twice when slicing a ``bytearray`` or ``memoryview``), and no subclass of a built-in type
-such as ``list`` in a compiled module (shared/validpairs.py is why). And one for speed: a
+it twice when slicing a ``bytearray`` or ``memoryview``), no subclass of a built-in type such
+as ``list`` in a compiled module (shared/validpairs.py is why), and nothing in a coroutine that
+reads the exception being handled after an ``await``: no ``await`` in a ``finally`` block, no
+bare ``raise`` (nor ``log.exception``) after an ``await`` in an ``except`` block, no ``async
+with`` but ``asyncio.timeout``'s (whose exit never waits). A compiled coroutine keeps that
+exception in the thread's state, not its own, so after an await it may be another task's, or
+the one its callers handle while they pass a failed future's error down to it: an ingress
+request whose agent link ended was answered 502 and then had the link error raised again,
+after its ``finally`` awaited, and its connection dropped. Such code catches ``BaseException
+as exc``, awaits its cleanup and raises ``exc``, and does the cleanup again after the block
+(the HTTP ingress's ``tunnel``). And one for speed: a
 dataclass made per request writes its ``__init__`` out (``init=False``), since mypyc compiles
 that one but leaves the one ``dataclass`` generates to the interpreter.
 """

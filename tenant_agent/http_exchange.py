@@ -202,11 +202,14 @@ class Exchange:
         try:
             while (outcome := self.advance()) is Outcome.WAIT:
                 await self.conn.wait()
-            return await self.finish(outcome)
+            retry = await self.finish(outcome)
         except CSCError:
-            return False  # the CSC reset the stream while the response was written to it
-        finally:
+            retry = False  # the CSC reset the stream while the response was written to it
+        except BaseException as exc:  # not `finally`: an await there (shared/compiled.py)
             await self.detach()
+            raise exc
+        await self.detach()
+        return retry
 
     def attach(self) -> None:
         """Send the request (its body by a task of its own when streamed) and watch the stream:

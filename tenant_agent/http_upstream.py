@@ -534,9 +534,12 @@ class HttpUpstream:
             retry = await exchange.finish(outcome)
         except CSCError:
             retry = False  # the CSC reset the stream while the response was written to it
-        finally:
+        except BaseException as exc:  # not `finally`: an await there (shared/compiled.py)
             await exchange.detach()
             self.release(exchange.conn)
+            raise exc
+        await exchange.detach()
+        self.release(exchange.conn)
         if retry:
             await self._exchange(stream, exchange.request, fresh=True)
         elif not stream.done:

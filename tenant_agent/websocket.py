@@ -538,10 +538,19 @@ async def run_link(ws: AgentWebSocket, link: Link) -> None:
     pauses the socket), and a link closed as stalled is aborted at once."""
     watcher: asyncio.Future[Any] = asyncio.ensure_future(_close_when_link_ends(ws, link))
     try:
+        await _feed(ws, link)
+    except BaseException as exc:  # not `finally`: an await there (shared/compiled.py)
+        await _link_done(link, watcher)
+        raise exc
+    await _link_done(link, watcher)
+
+
+async def _feed(ws: AgentWebSocket, link: Link) -> None:
+    try:
         while True:
             await link.wait_readable()
             if link.is_closed or (data := await ws.receive()) is None:
-                break
+                return
             try:
                 await link.receive(data)
             except CSCError as err:
@@ -550,7 +559,9 @@ async def run_link(ws: AgentWebSocket, link: Link) -> None:
     except ProtocolError as violation:
         link.close(violation)
         await close_for(ws, violation)
-    finally:
-        link.close()
-        with contextlib.suppress(Exception):  # it closes the WebSocket (bounded) or sees it closed
-            await watcher
+
+
+async def _link_done(link: Link, watcher: asyncio.Future[Any]) -> None:
+    link.close()
+    with contextlib.suppress(Exception):  # it closes the WebSocket (bounded) or sees it closed
+        await watcher

@@ -224,27 +224,41 @@ async def tunnel(state: NodeState, conn: FrontConnection, request: FrontRequest)
         record.status = refuse(state, conn, request, "http", err, tenant)
         refused(state, record, tenant, err)
         return
-    async with StreamUse(state, record, tenant, stream) as use:
-        answer_by = _AnswerDeadline(conn.loop, state.config.open_timeout)
-        answer_by.watch(stream)
-        body: asyncio.Future[None] | None = None
-        if request.has_body:
-            body = asyncio.ensure_future(_send_body(conn, request, stream, limit))
-        else:
-            stream.write_eof()  # in the same message as OPEN
-        try:
-            if body is None:
-                safe = request.method in RETRY_SAFE_METHODS
-                use.stream = await _reopen_unprocessed(
-                    state, alias, info, tenant, stream, safe, answer_by
-                )
-            await _relay_response(conn, request, state, use, body)
-        except asyncio.CancelledError:
+    use = StreamUse(state, record, tenant, stream)
+    use.start()
+    answer_by = _AnswerDeadline(conn.loop, state.config.open_timeout)
+    answer_by.watch(stream)
+    body: asyncio.Future[None] | None = None
+    if request.has_body:
+        body = asyncio.ensure_future(_send_body(conn, request, stream, limit))
+    else:
+        stream.write_eof()  # in the same message as OPEN
+    # no `finally` nor `async with` here: their awaits would read the exception being handled
+    # from the thread, not from this coroutine (shared/compiled.py)
+    try:
+        if body is None:
+            safe = request.method in RETRY_SAFE_METHODS
+            use.stream = await _reopen_unprocessed(
+                state, alias, info, tenant, stream, safe, answer_by
+            )
+        await _relay_response(conn, request, state, use, body)
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
             use.stream.reset(Cancelled("the client went away"))
-            raise
-        finally:
-            await cancel_quietly(body)
-            record.bytes_in = request.received
+        await _tunnel_ended(use, request, body, exc)
+        raise exc
+    await _tunnel_ended(use, request, body, None)
+
+
+async def _tunnel_ended(
+    use: StreamUse,
+    request: FrontRequest,
+    body: asyncio.Future[None] | None,
+    exc: BaseException | None,
+) -> None:
+    await cancel_quietly(body)
+    use.record.bytes_in = request.received
+    await use.end(exc)
 
 
 def _may_reopen(stream: TunnelStream, safe: bool) -> bool:

@@ -1,11 +1,14 @@
 """What every ingress does around one stream: the tenant's stream slot, metrics, access log.
 
-:class:`StreamUse` is an async context manager used by the HTTP ingress (csc/relay/http_ingress.py)
-and the TCP ingress (csc/relay/tcp_ingress.py) once a stream is open. Entering counts the stream as
-active (node drain waits for it, ``csc_streams_active``); leaving finishes the stream, gives the
-tenant's slot back (csc/relay/routing.py ``release_stream``), records the request's outcome, traffic
-and access-log event, exactly once, whatever way the block ends. :func:`refused` is the same
-bookkeeping for a request that never got a stream.
+:class:`StreamUse` is what the HTTP ingress (csc/relay/http_ingress.py) and the TCP ingress
+(csc/relay/tcp_ingress.py) hold once a stream is open: :meth:`StreamUse.start` counts the stream as
+active (node drain waits for it, ``csc_streams_active``); :meth:`StreamUse.end` finishes the stream,
+gives the tenant's slot back (csc/relay/routing.py ``release_stream``), records the request's
+outcome, traffic and access-log event, exactly once, whatever way the request ended. The TCP
+ingress uses it as an async context manager; the compiled HTTP ingress calls the two itself, since
+an ``async with`` whose exit awaits is one of the constructs compiled code avoids
+(shared/compiled.py). :func:`refused` is the same bookkeeping for a request that never got a
+stream.
 
 Invariants: ``stream`` may be replaced inside the block (an unprocessed request reopened on
 another session holds its own slot); the outcome is ``cancelled`` when the block is cancelled,
@@ -44,9 +47,10 @@ def refused(
 
 
 class StreamUse:
-    """``async with StreamUse(state, record, tenant, stream) as use:`` around a relayed stream.
+    """``async with StreamUse(state, record, tenant, stream) as use:`` around a relayed stream,
+    or :meth:`start`, then :meth:`end` with the exception that ended the request, if any.
 
-    The ingress keeps ``record`` (status, bytes in and out) up to date inside the block.
+    The ingress keeps ``record`` (status, bytes in and out) up to date in between.
     """
 
     __slots__ = ("outcome", "record", "state", "stream", "tenant")
@@ -65,9 +69,12 @@ class StreamUse:
         #: Set by the ingress to override the outcome taken from the stream's error.
         self.outcome: str | None = None
 
-    async def __aenter__(self) -> StreamUse:
+    def start(self) -> None:
         self.state.stream_started()
         self.state.metrics.stream_started(self.tenant, self.record.kind)
+
+    async def __aenter__(self) -> StreamUse:
+        self.start()
         return self
 
     async def __aexit__(
@@ -76,6 +83,10 @@ class StreamUse:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self.end(exc)
+
+    async def end(self, exc: BaseException | None) -> None:
+        """The request ended, by ``exc`` (None: it ran to its end)."""
         state, record, stream = self.state, self.record, self.stream
         if exc is not None and not isinstance(exc, Exception):
             outcome = Cancelled.code  # CancelledError (or an interpreter exit)

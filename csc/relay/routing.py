@@ -114,9 +114,9 @@ async def open_stream(
             state.limits.acquire_stream(tenant, limits, alias)
         else:  # the rate and the stream cap are the whole cluster's; the node counts for drain
             state.limits.acquire_stream(tenant, UNLIMITED, alias)
-    except BaseException:
-        await _give_back(state, admission)
-        raise
+    except BaseException as exc:  # raised by name: a bare raise after an await is not safe
+        await _give_back(state, admission)  # in compiled code (shared/compiled.py)
+        raise exc
     try:
         if cluster is not None:
             await _take_cluster_token(state, cluster, tenant, limits.max_request_rate, alias)
@@ -124,10 +124,10 @@ async def open_stream(
                 state, cluster, tenant, limits.max_streams, alias
             )
         stream = await _open(state, cluster, alias, found, tenant, info)
-    except BaseException:
+    except BaseException as exc:
         state.limits.release_stream(tenant)
         await _give_back(state, admission)
-        raise
+        raise exc
     state.admissions.bind(admission, stream)
     return stream
 

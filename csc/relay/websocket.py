@@ -397,6 +397,15 @@ async def run_websocket(
     watcher = asyncio.ensure_future(_close_when_link_ends(ws, link, abort))
     counted = traffic if traffic is not None else Traffic()
     try:
+        await _feed(ws, link, counted, abort)
+    except BaseException as exc:  # not `finally`: an await there (shared/compiled.py)
+        await _link_done(link, watcher)
+        raise exc
+    await _link_done(link, watcher)
+
+
+async def _feed(ws: WebSocketLike, link: Link, counted: Traffic, abort: AbortFn | None) -> None:
+    try:
         while True:
             await link.wait_readable()
             if link.is_closed:
@@ -413,7 +422,9 @@ async def run_websocket(
     except ProtocolError as violation:
         link.close(violation)
         await close_websocket(ws, violation, abort)
-    finally:
-        link.close()
-        with contextlib.suppress(Exception):  # it closes the WebSocket (bounded) or sees it closed
-            await watcher
+
+
+async def _link_done(link: Link, watcher: asyncio.Future[None]) -> None:
+    link.close()
+    with contextlib.suppress(Exception):  # it closes the WebSocket (bounded) or sees it closed
+        await watcher

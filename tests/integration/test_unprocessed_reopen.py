@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import urllib.parse
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from shared.errors import GoingAway
 from shared.link import Link
 from shared.linkstream import LinkStream
 from shared.protocol.codec import FrameType, encode_frame
+from tests.support.attacks import read_response
 from tests.support.inproc import relay
 from tests.support.linkpair import link_pair
 from tests.support.procs import async_wait_until
@@ -125,3 +129,30 @@ async def test_a_post_whose_agent_link_ends_before_the_answer_is_not_sent_again(
     status, text = await _answer_after_the_link_ends(tmp_path, "POST")
     assert status == 502, text
     assert json.loads(text)["error"] == "agent_lost"
+
+
+async def test_a_get_whose_only_link_ends_gets_502_and_its_connection_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The link error thrown into the waiting request is handled once: the bootloader gets
+    502 ``agent_lost`` and the next request pipelined on its connection is answered (the
+    compiled ingress once raised the handled error again and dropped the connection)."""
+    async with relay(tmp_path, agent={"sessions": 1}) as r:
+        state = r.node.state
+        await async_wait_until(lambda: len(state.sessions) == 1, 10, 0.01)
+        host, port = r.node.http_address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        path = urllib.parse.urlsplit(r.tunnel("/slow-head?delay=5")).path
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        writer.write(request + request)
+        await async_wait_until(lambda: any(s.load for s in state.sessions.values()), 10, 0.01)
+        assert r.agent is not None
+        next(iter(r.agent.sessions)).link.close()
+        try:
+            status, _, body = await read_response(reader)
+            assert (status, json.loads(body)["error"]) == (502, "agent_lost")
+            status, _, body = await read_response(reader)  # the agent is back, or not yet
+            assert status in (200, 503), body
+        finally:
+            writer.close()
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]

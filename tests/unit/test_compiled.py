@@ -20,6 +20,8 @@ from shared import compiled
 #: Calls without side effects, which may stand in a slice's bounds.
 PURE_CALLS = frozenset({"len", "min", "max", "int"})
 BUILTIN_TYPES = frozenset({"list", "dict", "set", "tuple", "str", "bytes", "bytearray", "int"})
+#: Async context managers whose ``__aexit__`` never suspends.
+SYNC_EXIT_MANAGERS = frozenset({"timeout", "timeout_at"})
 
 
 def test_every_data_path_module_runs_compiled_from_its_present_source() -> None:
@@ -146,6 +148,98 @@ def _violations(source: str) -> list[str]:
     return found
 
 
+def _awaits_after(body: list[ast.stmt], line: int) -> bool:
+    return any(
+        isinstance(node, ast.Await) and node.lineno < line
+        for stmt in body
+        for node in ast.walk(stmt)
+    )
+
+
+def _exc_state_violations(source: str) -> list[str]:
+    """What in a coroutine depends on the handled exception (``sys.exc_info()``) across an
+    ``await``: a compiled coroutine does not own that state, the thread does."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Try) and any(
+                isinstance(n, ast.Await) for stmt in node.finalbody for n in ast.walk(stmt)
+            ):
+                found.append(f"line {node.lineno}: an await in a finally block")
+            if isinstance(node, ast.AsyncWith):
+                for item in node.items:
+                    call = item.context_expr
+                    name = call.func if isinstance(call, ast.Call) else call
+                    if not (isinstance(name, ast.Attribute) and name.attr in SYNC_EXIT_MANAGERS):
+                        found.append(f"line {node.lineno}: an async with that may suspend")
+            if isinstance(node, ast.ExceptHandler):
+                for inner in (n for stmt in node.body for n in ast.walk(stmt)):
+                    if isinstance(inner, ast.Raise):
+                        reads = inner.exc is None
+                    elif isinstance(inner, ast.Call):
+                        func = inner.func
+                        reads = isinstance(func, ast.Attribute) and func.attr == "exception"
+                    else:
+                        continue
+                    if reads and _awaits_after(node.body, inner.lineno):
+                        found.append(
+                            f"line {inner.lineno}: the handled exception read after an await"
+                        )
+    return found
+
+
+def test_the_exception_state_checker_finds_each_construct() -> None:
+    source = """
+async def f():
+    try:
+        await g()
+    finally:
+        await h()
+    async with lock:
+        pass
+    try:
+        pass
+    except E:
+        await h()
+        raise
+    try:
+        pass
+    except E:
+        await h()
+        log.exception("x")
+"""
+    assert _exc_state_violations(source) == [
+        "line 3: an await in a finally block",
+        "line 7: an async with that may suspend",
+        "line 13: the handled exception read after an await",
+        "line 18: the handled exception read after an await",
+    ]
+    fine = """
+async def f():
+    try:
+        await g()
+    except BaseException as exc:
+        await h()
+        raise exc
+    finally:
+        h.cancel()
+    async with asyncio.timeout(1):
+        await g()
+    try:
+        pass
+    except E:
+        raise
+def s():
+    try:
+        pass
+    finally:
+        pass
+"""
+    assert _exc_state_violations(fine) == []
+
+
 def test_the_rule_checker_finds_both_constructs() -> None:
     assert sorted(_violations("v = v[f(v):]\nclass P(list[int]): pass\n")) == [
         "line 1: a call in a slice's bounds",
@@ -160,3 +254,17 @@ def test_compiled_modules_avoid_what_mypyc_miscompiles(module: str) -> None:
     memoryview (a stream's bytes were counted twice), and cannot compile a subclass of a
     built-in type."""
     assert _violations(compiled.source_path(module).read_text()) == []
+
+
+@pytest.mark.parametrize("module", compiled.MODULES)
+def test_compiled_coroutines_never_read_the_handled_exception_across_an_await(
+    module: str,
+) -> None:
+    """mypyc 2.4 keeps the exception being handled where the interpreter does, in the
+    thread's state, not in the coroutine: an await lets other tasks change it, and an
+    exception thrown into a coroutine (a task woken by a failed future) is also the one its
+    awaiting callers handle. So after an await it may be another task's exception or none:
+    a finally block with an await re-raised, after a request's normal end, the link error
+    its callee had handled (and swallowed a real one); a bare ``raise`` or an async with
+    whose ``__aexit__`` suspends raised another task's exception."""
+    assert _exc_state_violations(compiled.source_path(module).read_text()) == []
