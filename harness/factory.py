@@ -80,6 +80,10 @@ class ProcFactory:
         for proc in self.procs:
             proc.dump_logs(stream)
 
+    def tracebacks(self) -> list[str]:
+        """Every Python traceback the processes wrote (see :meth:`Proc.tracebacks`)."""
+        return [found for proc in self.procs for found in proc.tracebacks()]
+
     def stop_all(self, timeout: float = 5.0) -> None:
         """SIGTERM every tracked process (newest first), then SIGKILL what is left."""
         for proc in reversed(self.procs):

@@ -34,8 +34,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 LOG_TAIL_CHARS = 6000
+#: How Python starts the report of an exception nobody caught (or one logged with its stack).
+TRACEBACK = "Traceback (most recent call last)"
 
-T = TypeVar("T")
 P = TypeVar("P", bound="Proc")
 FlagValue = str | int | float | bool | Path | Sequence[str] | None
 
@@ -282,6 +283,21 @@ class Proc:
     def logs(self, max_chars: int = LOG_TAIL_CHARS) -> tuple[str, str]:
         """The tails of stdout and stderr."""
         return _tail(self.stdout_path, max_chars), _tail(self.stderr_path, max_chars)
+
+    def tracebacks(self, context: int = 1500) -> list[str]:
+        """Each Python traceback in the process's whole stdout and stderr, with ``context``
+        characters after its start (a JSON log line carries it on one line)."""
+        found = []
+        for path in (self.stdout_path, self.stderr_path):
+            try:
+                text = path.read_bytes().decode("utf-8", "replace")
+            except OSError:
+                continue
+            at = text.find(TRACEBACK)
+            while at >= 0:
+                found.append(f"{self.name} pid {self.pid} ({path.name}): {text[at : at + context]}")
+                at = text.find(TRACEBACK, at + 1)
+        return found
 
     def describe(self, max_chars: int = LOG_TAIL_CHARS) -> str:
         """Command line, status and log tails, for error messages."""

@@ -74,6 +74,11 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProcFactor
     node = request.node
     if isinstance(node, pytest.Item) and _failed(node):
         factory.dump_logs(sys.stderr)
+        return
+    # an exception escaping to a process's log is a bug, whatever the test looked at
+    found = factory.tracebacks()
+    if found:
+        pytest.fail(f"{len(found)} traceback(s) in the processes' logs:\n" + "\n".join(found[:3]))
 
 
 @pytest.fixture(scope="session")

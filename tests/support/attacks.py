@@ -220,14 +220,14 @@ class LyingAgent(RawAgent):
                         conn.receive_data(bytes(event.data), now)
             if now >= conn.next_deadline():
                 conn.handle_timer(now)
-            for event in conn.events():
-                if isinstance(event, StreamOpened) and event.info.get("method") == "GET":
+            for link_event in conn.events():
+                if isinstance(link_event, StreamOpened) and link_event.info.get("method") == "GET":
                     headers = [["Content-Length", str(self.declared)]]
-                    conn.accept_stream(event.stream_id, {"status": 200, "headers": headers})
-                    conn.send_data(event.stream_id, b"y" * self.sent, fin=True)
+                    conn.accept_stream(link_event.stream_id, {"status": 200, "headers": headers})
+                    conn.send_data(link_event.stream_id, b"y" * self.sent, fin=True)
                     self.answered += 1
-                elif isinstance(event, DataReceived):
-                    conn.consumed(event.stream_id, len(event.data), now)
+                elif isinstance(link_event, DataReceived):
+                    conn.consumed(link_event.stream_id, len(link_event.data), now)
             if conn.has_output:
                 ws.send_binary(b"".join(conn.data_to_send()))
             out = b"".join(ws.data_to_send())
