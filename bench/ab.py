@@ -37,10 +37,13 @@ from pathlib import Path
 from typing import Any
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:  # `python bench/ab.py` puts bench/, not the root, first
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from bench.datapath import require_own_build  # noqa: E402  (this checkout's, for every side)
+
 #: the process every relay's CPU is divided by: the same code on both sides
 REFERENCE = "upstream"
-#: the compiled library every side's processes must have loaded from their own checkout
-LIBRARY = "native__mypyc"
 PATH = "/small"
 
 
@@ -108,22 +111,6 @@ def checked_out(base: str, new: str | None, workdir: Path) -> Iterator[list[Side
 # --- one start of one side (a child process rooted in that side's checkout) -------------------
 
 
-def foreign_library(maps: str, tree: Path) -> str | None:
-    """What is wrong with the compiled library a process mapped (``maps``: its
-    ``/proc/PID/maps``) for a side built in ``tree``: None when it is ``tree``'s own."""
-    loaded = sorted({line.split()[-1] for line in maps.splitlines() if LIBRARY in line})
-    if not loaded:
-        return "no compiled library"
-    foreign = [path for path in loaded if not path.startswith(f"{tree}/")]
-    return f"the library of another checkout: {', '.join(foreign)}" if foreign else None
-
-
-def _check_library(tree: Path, name: str, pid: int) -> None:
-    wrong = foreign_library(Path(f"/proc/{pid}/maps").read_text(), tree)
-    if wrong is not None:
-        raise RuntimeError(f"{name} (pid {pid}) runs {wrong}, not {tree}'s build")
-
-
 def measure_once(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Start ``tree``'s rig, time PATH at each concurrency; CPU µs per request per process."""
     sys.path.insert(0, str(tree))  # its harness and bench: its processes run from it
@@ -149,7 +136,7 @@ def measure_once(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
             url = s.tunnel(PATH)
         for name, proc in procs.items():
             if name != REFERENCE:
-                _check_library(tree, name, proc.pid)
+                require_own_build(name, proc.pid, tree)
         run_wrk(url, max(args.concurrency), 1)  # warm up
         runs: dict[str, Any] = {}
         for concurrency in args.concurrency:

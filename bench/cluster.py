@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.datapath import require_own_build
 from harness.cluster import ClusterProcs
 from harness.factory import ProcFactory
 from harness.postgres import running_postgres
@@ -28,6 +29,8 @@ from harness.procs import CscProc, Proc, UpstreamProc, start_upstream
 from harness.redis import running
 from harness.upstream import SMALL_BODY
 from harness.waiting import http_request, tunnel_url, wait_alias_online
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: (concurrency, target on the rate ratio, target on the p50 added by the hop, in ms)
 CLUSTER_ROWS = ((1, None, 0.3), (32, 0.70, None))
@@ -78,6 +81,8 @@ def cluster_rig(
             )
             wait_alias_online(a.http_url, args.alias)
             wait_alias_online(b.http_url, args.alias)
+            for name, proc in (("node A", a), ("node B", b), ("the agent", agent)):
+                require_own_build(name, proc.pid, _REPO_ROOT)
             yield ClusterRig(upstream, a, b, agent, args.alias)
         except BaseException:
             factory.dump_logs()

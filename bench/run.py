@@ -45,6 +45,7 @@ if str(_REPO_ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not th
     sys.path.insert(0, str(_REPO_ROOT))
 
 from bench import refs  # noqa: E402
+from bench.datapath import require_own_build  # noqa: E402
 from bench.report import (  # noqa: E402
     Memory,
     Row,
@@ -232,6 +233,8 @@ def rig(args: argparse.Namespace, workdir: Path) -> Iterator[Rig]:
             started.append(setup.agent)
             wait_alias_online(setup.csc.http_url, args.alias)
             log(f"alias {args.alias} is online")
+            require_own_build("csc serve", setup.csc.pid, _REPO_ROOT)
+            require_own_build("the agent", setup.agent.pid, _REPO_ROOT)
         if not args.no_refs:
             upstream_port = int(setup.upstream.http_url.rsplit(":", 1)[1])
             for name, start in (

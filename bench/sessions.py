@@ -47,6 +47,7 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
 from bench import refs  # noqa: E402
+from bench.datapath import require_own_build  # noqa: E402
 from bench.report import machine_info  # noqa: E402
 from csc.cli import local_actor  # noqa: E402
 from csc.config import load_csc_config  # noqa: E402
@@ -228,6 +229,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     port = refs.free_port()
     listen = f"127.0.0.1:{port}"
     csc: CscProc = start_csc(workdir, state_dir=state_dir, listen=listen, tcp_listen=None)
+    require_own_build("csc serve", csc.pid, _REPO_ROOT)
     fleet = Fleet(f"http://{listen}", tokens, 2)
     result: dict[str, Any] = {"sessions": sessions}
     try:
@@ -262,6 +264,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             start_csc, workdir, state_dir=state_dir, listen=listen, tcp_listen=None
         )
         ready, cpu_before = time.monotonic(), cpu_of(csc.pid)
+        require_own_build("csc serve (restarted)", csc.pid, _REPO_ROOT)
         await fleet.wait_up(sessions, PHASE_TIMEOUT)
         done = time.monotonic()
         result["reconnect_cpu_us"] = (cpu_of(csc.pid) - cpu_before) / sessions * 1e6
