@@ -484,7 +484,7 @@ def start_agent(
     token: str,
     upstream: str,
     tcp_upstream: str | None = None,
-    sessions: int = 2,
+    sessions: int | str = 2,
     extra_args: Sequence[str] = (),
     *,
     log_dir: Path | None = None,

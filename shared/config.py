@@ -43,6 +43,7 @@ from shared.logsetup import FORMAT_CHOICES, LEVELS
 from shared.units import PLAIN_NUMBER, check_url, parse_duration, parse_hostport, parse_size
 
 __all__ = [
+    "AUTO",
     "KIB",
     "LOG_LEVELS",
     "MIB",
@@ -60,7 +61,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-Kind = Literal["size", "duration", "hostport", "url"]
+Kind = Literal["size", "duration", "hostport", "url", "count_or_auto"]
+#: The value of a ``count_or_auto`` field set to ``auto`` (a count chosen at run time).
+AUTO = 0
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -127,7 +130,8 @@ def meta(
 ) -> dict[str, Any]:
     """Field metadata :func:`load_config` understands: ``field(default=..., metadata=meta(...))``.
 
-    ``kind`` picks the parser (size, duration, hostport, url with ``schemes``); ``minimum`` and
+    ``kind`` picks the parser (size, duration, hostport, url with ``schemes``, count_or_auto: a
+    whole number or the word ``auto``, read as :data:`AUTO`); ``minimum`` and
     ``maximum`` are inclusive bounds, ``above`` an exclusive lower bound; ``choices`` a set of
     allowed (lower-case) words; ``check`` normalises each string (or each list item) and raises
     ``ValueError``/an error with a message; ``env_default`` computes the default from the
@@ -256,15 +260,27 @@ def _convert_str(value: object, spec: Mapping[str, Any]) -> str:
 
 
 def _convert_int(value: object, spec: Mapping[str, Any]) -> int:
-    if spec.get("kind") == "size":
+    kind = spec.get("kind")
+    if kind == "size":
         if isinstance(value, str | int):
             return parse_size(value)
         raise ValueError(f"expected a size, got {type(value).__name__} {value!r}")
+    if kind == "count_or_auto":
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return AUTO
+        count = _whole_number(value, "a whole number or auto")
+        if count == AUTO:
+            raise ValueError(f"{value!r} is not a count: write auto, or a number from 1")
+        return count
+    return _whole_number(value, "a whole number")
+
+
+def _whole_number(value: object, expected: str) -> int:
     if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise ValueError(f"expected a whole number, got {value!r}")
+    raise ValueError(f"expected {expected}, got {value!r}")
 
 
 def _convert_float(value: object, spec: Mapping[str, Any]) -> float:
@@ -336,6 +352,8 @@ def _num(value: float) -> str:
 
 def _check_bounds(value: object, spec: Mapping[str, Any]) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    if spec.get("kind") == "count_or_auto" and value == AUTO:
         return
     low, high, above = spec.get("minimum"), spec.get("maximum"), spec.get("above")
     if low is not None and value < low:
@@ -581,6 +599,8 @@ def _default_text(fld: dataclasses.Field[Any]) -> str:
         return str(value).lower()
     if isinstance(value, int) and fld.metadata.get("kind") == "size":
         return _size_text(value)
+    if value == AUTO and fld.metadata.get("kind") == "count_or_auto":
+        return "auto"
     if isinstance(value, float) and fld.metadata.get("kind") == "duration":
         return f"{value:g}s"
     return str(value)

@@ -8,6 +8,11 @@ and the log line says so. On GOAWAY from the CSC the slot connects a new session
 the old one finish its streams (make-before-break). On SIGTERM the agent sends GOAWAY on every
 session, lets in-flight streams finish within ``drain_timeout`` and exits.
 
+With ``sessions = auto`` the agent starts two slots and adds one for each node a WELCOME's
+``cluster_nodes`` reports beyond them (up to 16), so every node of the cluster holds a session
+and requests reach the agent without a hop between nodes; a slot added that way which the
+tenant's session limit refuses (HTTP 429 ``tenant_limit``) ends, and the agent adds no more.
+
 In a CSC cluster the slots spread their sessions over distinct nodes (tenant_agent/spread.py
 holds the policy and explains it): a session that lands on a node another live session holds
 is sent GOAWAY and closed before it carries a stream, and the slot dials again after a short
@@ -34,6 +39,7 @@ from typing import Any
 from shared import compiled, runtime
 from shared.aio import cancel_quietly
 from shared.allocator import return_free_memory
+from shared.config import AUTO
 from shared.errors import CSCError, GoingAway, ProtocolError
 from shared.link import Link, max_message_size
 from shared.oserrors import describe_connect_error, describe_os_error
@@ -47,7 +53,7 @@ from tenant_agent.backoff import (
     parse_retry_after,
     retry_after_delay,
 )
-from tenant_agent.config import AgentConfig
+from tenant_agent.config import AUTO_SESSIONS, MAX_SESSIONS, AgentConfig
 from tenant_agent.metrics import (
     AgentMetrics,
     MetricsServer,
@@ -59,6 +65,7 @@ from tenant_agent.spread import (
     SlotSpread,
     SpreadPolicy,
     Verdict,
+    auto_sessions,
     replacement_is_better,
     welcome_cluster_nodes,
     welcome_node,
@@ -137,6 +144,9 @@ class Agent:
         self._retiring: dict[int, int] = {}  # slot -> sessions draining after a GOAWAY
         self._ssl: ssl.SSLContext | None = None
         self._announced: tuple[str, ...] = ()  # the aliases whose URLs were logged last
+        self.auto = config.sessions == AUTO
+        self._ceiling = MAX_SESSIONS  # sessions = auto: lowered by a session-limit refusal
+        self._slots: list[asyncio.Task[None]] = []
         self.metrics.track_draining(lambda: sum(self._retiring.values()))
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -148,10 +158,8 @@ class Agent:
             return EXIT_FATAL
         log.info("%s", compiled.describe())
         await self.upstreams.start()
-        slots = [
-            asyncio.create_task(self._slot(i), name=f"slot-{i}")
-            for i in range(self.config.sessions)
-        ]
+        for _ in range(AUTO_SESSIONS if self.auto else self.config.sessions):
+            self._add_slot()
         # free heap pages go back to the OS after a burst (a download), as in the CSC
         trim = asyncio.create_task(return_free_memory(), name="return-free-memory")
         try:
@@ -159,7 +167,7 @@ class Agent:
             await self._drain()
         finally:
             await cancel_quietly(trim)
-            for task in slots:
+            for task in self._slots:
                 await cancel_quietly(task)
             for task in list(self._draining):
                 await cancel_quietly(task)
@@ -172,6 +180,29 @@ class Agent:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    @property
+    def slots(self) -> int:
+        """The session slots started (``sessions``, or with ``auto`` as many as grown)."""
+        return len(self._slots)
+
+    def _add_slot(self) -> None:
+        slot = len(self._slots)
+        self._slots.append(asyncio.create_task(self._slot(slot), name=f"slot-{slot}"))
+
+    def _grow(self) -> None:
+        """``sessions = auto``: a slot more for each node of the cluster beyond the slots."""
+        if not self.auto or self.stopping.is_set():
+            return
+        wanted = auto_sessions(self.cluster.largest, self._ceiling, AUTO_SESSIONS)
+        if wanted > len(self._slots):
+            log.info(
+                "the CSC cluster has %d nodes: %d sessions (sessions = auto)",
+                self.cluster.largest,
+                wanted,
+            )
+            while len(self._slots) < wanted:
+                self._add_slot()
 
     async def handshake_once(self, context: ssl.SSLContext | None) -> CSCSession:
         """One session, connected and welcomed but not served (``csc-agent check``): the
@@ -239,6 +270,15 @@ class Agent:
                     self.stop()
                     return
                 except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
+                    if self.auto and slot >= AUTO_SESSIONS and session_limit(exc):
+                        self._ceiling = min(self._ceiling, slot)
+                        log.info(
+                            "session %d: the tenant's session limit leaves no room for it; "
+                            "the agent adds no more sessions (sessions = auto)",
+                            slot,
+                        )
+                        self.metrics.slot_ended(slot)
+                        return
                     cause = f"cannot connect to {cfg.csc}: {describe_failure(exc)}"
                     reason = reconnect_reason(exc)
                     asked = asked_wait(exc)
@@ -297,6 +337,7 @@ class Agent:
         count = self.cluster.saw(session.welcome)
         verdict = spread.on_session_up(session.node, self._other_nodes(session), count)
         self.sessions.add(session)
+        self._grow()
         if verdict is Verdict.KEEP_DUPLICATE:
             log.info(
                 "session %d: keeping a second session on node %s after %d re-dials; "
@@ -487,6 +528,11 @@ def asked_wait(exc: BaseException) -> float | None:
     if isinstance(exc, HandshakeRefused) and exc.status in RETRY_AFTER_STATUSES:
         return parse_retry_after(exc.retry_after, time.time())
     return None
+
+
+def session_limit(exc: BaseException) -> bool:
+    """Whether the CSC refused the upgrade for the tenant's session limit."""
+    return isinstance(exc, HandshakeRefused) and exc.status == 429 and exc.code == "tenant_limit"
 
 
 def describe_failure(exc: BaseException) -> str:

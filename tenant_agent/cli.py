@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--token-file", metavar="PATH", help="file holding the agent token")
     parser.add_argument("--upstream", metavar="URL", help="URL of the tenant portal")
     parser.add_argument("--tcp-upstream", metavar="HOST:PORT", help="target of TCP streams")
-    parser.add_argument("--sessions", metavar="N", help="parallel links to the CSC (1..16)")
+    parser.add_argument(
+        "--sessions", metavar="N", help="parallel links to the CSC (1..16, or auto: one per node)"
+    )
     parser.add_argument(
         "--alias",
         action="append",

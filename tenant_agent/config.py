@@ -32,6 +32,10 @@ from shared.link_config import link_field, link_problems
 ENV_PREFIX = "CSC_AGENT_"
 #: The proxy mode's prefix (tenant_agent/proxy/config.py): no agent setting starts `proxy_`.
 PROXY_ENV_PREFIX = "CSC_AGENT_PROXY_"
+#: ``sessions`` at most; ``sessions = auto`` starts with AUTO_SESSIONS and grows to one per
+#: CSC node (tenant_agent/agent.py), never past this.
+MAX_SESSIONS = 16
+AUTO_SESSIONS = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +64,13 @@ class AgentConfig:
         metadata=meta(kind="hostport", help="HOST:PORT for TCP streams; unset refuses them"),
     )
     sessions: int = field(
-        default=2, metadata=meta(minimum=1, maximum=16, help="parallel links to the CSC (1..16)")
+        default=2,
+        metadata=meta(
+            kind="count_or_auto",
+            minimum=1,
+            maximum=MAX_SESSIONS,
+            help="parallel links to the CSC (1..16), or auto: one per CSC node, at least 2",
+        ),
     )
     aliases: list[str] = field(
         default_factory=list,

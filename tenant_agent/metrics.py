@@ -131,6 +131,10 @@ class AgentMetrics:
             raise ValueError(f"unknown slot state {state!r}")
         self.slots[slot] = state
 
+    def slot_ended(self, slot: int) -> None:
+        """The slot is gone (``sessions = auto`` met the tenant's session limit): unreported."""
+        self.slots.pop(slot, None)
+
     def reconnect(self, reason: str) -> None:
         if reason not in ERRORS and reason not in CONNECT_REASONS:
             reason = "internal"

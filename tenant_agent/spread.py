@@ -26,6 +26,10 @@ as the cluster has, so that losing one node never takes the tenant offline. The 
 
 Sessions draining after a GOAWAY (either side's) do not count as live: they are going away.
 Without a ``node`` in the WELCOME, or with ``cluster_nodes`` absent or 1, nothing changes.
+
+With ``sessions = auto`` the agent also chooses N: :func:`auto_sessions`, one per node of the
+largest cluster a WELCOME reported, so that through a plain load balancer every node holds a
+session of the tenant and no request needs forwarding to another node.
 """
 
 from __future__ import annotations
@@ -122,6 +126,13 @@ class ClusterView:
     def should_move(self, node: str | None, others: Iterable[str | None]) -> bool:
         """Whether a slot whose session is on ``node`` should try a replacement now."""
         return is_duplicate(node, others, self.largest)
+
+
+def auto_sessions(largest: int, ceiling: int, least: int) -> int:
+    """The sessions ``sessions = auto`` wants: one per node of the largest cluster seen
+    (``largest``), at least ``least``, at most ``ceiling`` (the most an agent holds, or fewer
+    once the tenant's session limit refused a session)."""
+    return max(least, min(largest, ceiling))
 
 
 def replacement_is_better(

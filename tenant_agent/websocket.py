@@ -115,11 +115,20 @@ class HandshakeRefused(HandshakeError):
     @property
     def reason(self) -> str:
         """The ``message`` of the CSC's JSON error body, else the HTTP reason phrase."""
+        message = self._body_field("message")
+        return message if message is not None else self.reason_phrase
+
+    @property
+    def code(self) -> str | None:
+        """The error code (``error``) of the CSC's JSON error body, if it has one."""
+        return self._body_field("error")
+
+    def _body_field(self, name: str) -> str | None:
         with contextlib.suppress(ValueError, RecursionError):
             body = json.loads(self.body)
-            if isinstance(body, dict) and isinstance(body.get("message"), str):
-                return str(body["message"])
-        return self.reason_phrase
+            if isinstance(body, dict) and isinstance(body.get(name), str):
+                return str(body[name])
+        return None
 
 
 def frame_header(length: int, key: bytes) -> bytes:

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from csc.relay.websocket import run_websocket
+from shared.config import AUTO
 from shared.errors import CSCError
 from shared.link import Link
 from shared.protocol import Connection, HelloReceived, LinkSettings, Side
@@ -76,12 +77,20 @@ class FakeCluster:
         self.open_at_once = False
         #: per session: "served" or the error code of the stream opened at once
         self.outcomes: dict[int, str] = {}
+        #: refuse an upgrade (429 tenant_limit) while this many sessions are live
+        self.session_limit: int | None = None
+        self.admitted = self.refused = 0  # upgrades let through (and not ended yet), refused
         self._tasks: set[asyncio.Task[None]] = set()
 
     def live_nodes(self) -> list[str]:
         return sorted(s.node for s in self.sessions if s.live)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.session_limit is not None and self.admitted >= self.session_limit:
+            self.refused += 1
+            body = {"error": "tenant_limit", "message": "the tenant has its agent sessions"}
+            return web.json_response(body, status=429, headers={"Retry-After": "1"})
+        self.admitted += 1
         ws = web.WebSocketResponse(compress=False)
         await ws.prepare(request)
         loop = asyncio.get_running_loop()
@@ -109,6 +118,7 @@ class FakeCluster:
             await run_websocket(_Payloads(ws), session.link)
         finally:
             session.ended.set()
+            self.admitted -= 1
             await session.link.aclose()
         return ws
 
@@ -138,9 +148,11 @@ async def fake_cluster(
     policy: SpreadPolicy = FAST,
     sessions: int = 2,
     open_at_once: bool = False,
+    session_limit: int | None = None,
 ) -> AsyncIterator[tuple[FakeCluster, Agent]]:
     cluster = FakeCluster(nodes, cluster_nodes)
     cluster.open_at_once = open_at_once
+    cluster.session_limit = session_limit
     app = web.Application()
     app.router.add_get("/v1/agent/connect", cluster.handle)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
@@ -252,6 +264,38 @@ async def test_goaway_stays_make_before_break_and_a_returning_node_is_used_again
         script.append("b")
         await _until(lambda: _agent_nodes(agent) == ["a", "b"])
         await _until(lambda: cluster.live_nodes() == ["a", "b"])
+
+
+async def test_auto_sessions_grow_to_one_per_node() -> None:
+    """``sessions = auto``: two slots, then one per node the WELCOMEs report, each on a node
+    of its own, so no request needs a hop between nodes."""
+    async with fake_cluster(itertools.cycle("abcd"), 4, sessions=AUTO) as (cluster, agent):
+        await _until(lambda: _agent_nodes(agent) == ["a", "b", "c", "d"])
+        await _until(lambda: cluster.live_nodes() == ["a", "b", "c", "d"])
+        assert agent.slots == 4
+        assert sorted(agent.metrics.slots) == [0, 1, 2, 3]
+
+
+async def test_auto_sessions_stay_two_on_a_single_node() -> None:
+    async with fake_cluster(itertools.repeat("a"), None, sessions=AUTO) as (cluster, agent):
+        await _until(lambda: _agent_nodes(agent) == ["a", "a"])
+        await asyncio.sleep(0.2)  # a window for a wrong third slot to show up
+        assert agent.slots == 2
+        assert len(cluster.sessions) == 2
+
+
+async def test_auto_sessions_stop_at_the_tenants_session_limit() -> None:
+    """A slot added for a node that the tenant's session limit refuses ends (and is not
+    reported), instead of knocking every Retry-After; the sessions it has serve on."""
+    nodes = itertools.cycle("abcd")
+    async with fake_cluster(nodes, 4, sessions=AUTO, session_limit=3) as (cluster, agent):
+        await _until(lambda: len(_agent_nodes(agent)) == 3 and cluster.refused >= 1)
+        await _until(lambda: sorted(agent.metrics.slots) == [0, 1, 2])
+        assert agent.slots == 4
+        refused = cluster.refused
+        await asyncio.sleep(1.5)  # past the refusal's Retry-After: no slot tries again
+        assert cluster.refused == refused
+        assert len(cluster.live_nodes()) == 3
 
 
 def _follow(script: list[str]) -> Iterable[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from csc.config import OTHER_PREFIXES, CSCConfig, default_state_dir, load_csc_config
-from shared.config import ConfigError, Secret
+from shared.config import AUTO, ConfigError, Secret
 from tenant_agent.config import AgentConfig, load_agent_config
 
 AGENT_ENV = {"CSC_AGENT_CSC": "ws://127.0.0.1:8080", "CSC_AGENT_UPSTREAM": "http://127.0.0.1:9"}
@@ -150,6 +150,25 @@ def test_agent_minimal() -> None:
     assert "s3cr3t-v" not in repr(cfg) and "***" in repr(cfg)
 
 
+@pytest.mark.parametrize("raw", ["auto", " Auto ", "AUTO"])
+def test_agent_sessions_auto(raw: str) -> None:
+    cfg = load_agent_config(
+        file=None, env={**AGENT_ENV, "CSC_AGENT_TOKEN": "t", "CSC_AGENT_SESSIONS": raw}
+    )
+    assert cfg.sessions == AUTO
+
+
+def test_agent_sessions_auto_in_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('sessions = "auto"\n')
+    cfg = load_agent_config(file=path, env={**AGENT_ENV, "CSC_AGENT_TOKEN": "t"})
+    assert cfg.sessions == AUTO
+    path.write_text("sessions = 0\n")
+    with pytest.raises(ConfigError) as exc:
+        load_agent_config(file=path, env={**AGENT_ENV, "CSC_AGENT_TOKEN": "t"})
+    assert any("write auto, or a number from 1" in p for p in exc.value.problems)
+
+
 def test_agent_required_settings() -> None:
     problems = agent_problems({})
     assert len(problems) == 3
@@ -195,7 +214,9 @@ def test_agent_aliases_are_normalised_grants() -> None:
         ({"CSC_AGENT_CSC": "wss://"}, "has no host"),
         ({"CSC_AGENT_UPSTREAM": "ws://h"}, "scheme http/https"),
         ({"CSC_AGENT_SESSIONS": "17"}, "above the maximum 16"),
-        ({"CSC_AGENT_SESSIONS": "0"}, "below the minimum 1"),
+        ({"CSC_AGENT_SESSIONS": "0"}, "'0' is not a count: write auto, or a number from 1"),
+        ({"CSC_AGENT_SESSIONS": "-1"}, "below the minimum 1"),
+        ({"CSC_AGENT_SESSIONS": "many"}, "expected a whole number or auto, got 'many'"),
         ({"CSC_AGENT_TCP_UPSTREAM": "h"}, "not a host:port"),
         ({"CSC_AGENT_BACKOFF_INITIAL": "1m"}, "backoff_initial (60s) must not exceed"),
         ({"CSC_AGENT_HEARTBEAT_INTERVAL": "1m"}, "heartbeat_timeout (30s) must be greater"),

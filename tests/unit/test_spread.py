@@ -11,6 +11,7 @@ from tenant_agent.spread import (
     SlotSpread,
     SpreadPolicy,
     Verdict,
+    auto_sessions,
     is_duplicate,
     replacement_is_better,
     welcome_cluster_nodes,
@@ -109,3 +110,11 @@ def test_replacement_takes_over_only_on_a_node_of_its_own() -> None:
     assert replacement_is_better("c", "a", ["a", "b"])
     # the other session moved meanwhile: a second session on a is no gain
     assert not replacement_is_better("a", "a", ["b"])
+
+
+def test_auto_sessions_one_per_node_within_bounds() -> None:
+    assert auto_sessions(1, 16, 2) == 2  # a single node: the least
+    assert auto_sessions(3, 16, 2) == 3
+    assert auto_sessions(40, 16, 2) == 16  # never more than an agent holds
+    assert auto_sessions(5, 3, 2) == 3  # the tenant's session limit refused the fourth
+    assert auto_sessions(5, 1, 2) == 2  # but never fewer than it started with

@@ -1,0 +1,79 @@
+"""An agent with ``sessions = auto`` behind a plain load balancer holds one session on each
+node of a three-node cluster, so every request is served by the node it reached: none is
+forwarded to another node (real ``csc serve`` processes, Redis, PostgreSQL and HAProxy)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from tests.support.cluster import ClusterProcs
+from tests.support.haproxy import HaproxyProc
+from tests.support.procs import (
+    CscProc,
+    ProcFactory,
+    UpstreamProc,
+    http_request,
+    tunnel_url,
+    wait_alias_online,
+    wait_until,
+)
+from tests.support.redis import RedisTopology
+from tests.support.upstream import SMALL_BODY
+
+ALIAS = "acme@example.com"
+NODES = ("A", "B", "C")
+REQUESTS = 60
+
+
+def _active_nodes(node: CscProc, token: str) -> list[str]:
+    status, _, body = http_request(
+        node.admin_url + "/v1/admin/sessions", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert status == 200, body[:300]
+    views: list[dict[str, Any]] = json.loads(body)["sessions"]
+    return sorted(v["node"] for v in views if v.get("state") == "active")
+
+
+def _lookups(node: CscProc, result: str) -> float:
+    status, _, body = http_request(node.metrics_url)
+    assert status == 200
+    found = re.search(rf'^csc_route_lookups_total{{result="{result}"}} (\S+)$', body.decode(), re.M)
+    assert found is not None, body[:500]
+    return float(found.group(1))
+
+
+def test_auto_sessions_put_one_session_on_each_node_and_nothing_is_forwarded(
+    procs: ProcFactory,
+    upstream_proc: UpstreamProc,
+    redis_single: RedisTopology,
+    postgres_url: str,
+    haproxy: Callable[..., HaproxyProc],
+) -> None:
+    cluster = ClusterProcs(procs, redis_single.url, postgres_url)
+    for name in NODES:
+        cluster.start_node(name)
+    lb = haproxy([cluster.nodes[name].ready["http"] for name in NODES])
+    for name in NODES:
+        lb.wait_backend_state(cluster.nodes[name].ready["http"], "UP")
+    agent = procs.agent(
+        lb.http_url, cluster.token("acme", ALIAS), upstream_proc.http_url, sessions="auto"
+    )
+    for name in NODES:
+        wait_alias_online(cluster.nodes[name].http_url, ALIAS)
+    a = cluster.nodes["A"]
+    wait_until(
+        lambda: _active_nodes(a, cluster.admin_token) == sorted(NODES),
+        30,
+        0.1,
+        message="one active session on each node",
+    )
+    assert "3 sessions (sessions = auto)" in agent.logs()[1] + agent.logs()[0]
+    before = {name: _lookups(cluster.nodes[name], "remote") for name in NODES}
+    for i in range(REQUESTS):  # round robin over the three nodes
+        status, _, body = http_request(tunnel_url(lb.http_url, ALIAS, f"/small?i={i}"))
+        assert (status, body) == (200, SMALL_BODY)
+    assert {name: _lookups(cluster.nodes[name], "remote") for name in NODES} == before
+    assert sum(_lookups(cluster.nodes[name], "local") for name in NODES) >= REQUESTS
