@@ -225,14 +225,14 @@ async def tunnel(state: NodeState, conn: FrontConnection, request: FrontRequest)
         refused(state, record, tenant, err)
         return
     use = StreamUse(state, record, tenant, stream)
-    use.start()
+    use.start()  # from here on, whatever happens ends in _tunnel_ended
     answer_by = _AnswerDeadline(conn.loop, state.config.open_timeout)
     answer_by.watch(stream)
     body: asyncio.Future[None] | None = None
     if request.has_body:
         body = asyncio.ensure_future(_send_body(conn, request, stream, limit))
     else:
-        stream.write_eof()  # in the same message as OPEN
+        _end_request(stream)  # in the same message as OPEN
     # no `finally` nor `async with` here: their awaits would read the exception being handled
     # from the thread, not from this coroutine (shared/compiled.py)
     try:
@@ -248,6 +248,15 @@ async def tunnel(state: NodeState, conn: FrontConnection, request: FrontRequest)
         await _tunnel_ended(use, request, body, exc)
         raise exc
     await _tunnel_ended(use, request, body, None)
+
+
+def _end_request(stream: TunnelStream) -> None:
+    """FIN after a bodyless request's OPEN. A stream that failed already (a forwarded one whose
+    peer link ended while it opened) raises its error here: it is reported from ``opened``."""
+    try:  # noqa: SIM105  (contextlib.suppress makes an object per request)
+        stream.write_eof()
+    except CSCError:
+        pass
 
 
 async def _tunnel_ended(
@@ -307,7 +316,7 @@ async def _reopen_unprocessed(
         log.info("request %s: reopened after %s", info["request_id"], why)
         stream = again
         answer_by.watch(stream)
-        stream.write_eof()
+        _end_request(stream)
     return stream
 
 
