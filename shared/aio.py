@@ -51,13 +51,14 @@ async def splice(
 
     tasks = [asyncio.ensure_future(outbound()), asyncio.ensure_future(inbound())]
     try:
-        for next_done in asyncio.as_completed(tasks):
-            await next_done
-    except CSCError:
-        writer.transport.abort()
-    except (OSError, asyncio.IncompleteReadError) as exc:
-        stream.reset(error_for_code(reset_code, f"connection reset: {exc.__class__.__name__}"))
-        writer.transport.abort()
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                await next_done
+        except CSCError:
+            writer.transport.abort()
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            stream.reset(error_for_code(reset_code, f"connection reset: {exc.__class__.__name__}"))
+            writer.transport.abort()
     except BaseException as exc:  # not `finally`: an await there (shared/compiled.py)
         await _cancel_all(tasks)
         raise exc
