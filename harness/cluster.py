@@ -12,6 +12,7 @@ test's :class:`~harness.procs.ProcFactory`, so they are stopped by PID at teardo
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 
 from harness.factory import ProcFactory
 from harness.procs import CscProc, issue_token, start_csc
+from harness.waiting import http_request
 
 CLUSTER_KEY = "cluster-secret-for-tests-" + "x" * 16
 _names = itertools.count(1)
@@ -81,3 +83,16 @@ class ClusterProcs:
 
     def node_dir(self, name: str) -> Path:
         return self.nodes[name].state_dir
+
+
+def admin_sessions(node: CscProc, token: str, tenant: str | None = None) -> list[dict[str, Any]]:
+    """The agent sessions of the whole cluster (of ``tenant`` only, when given), as ``node``'s
+    ``GET /v1/admin/sessions`` lists them with operator ``token``."""
+    query = f"?tenant={tenant}" if tenant is not None else ""
+    status, _, body = http_request(
+        f"{node.admin_url}/v1/admin/sessions{query}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert status == 200, body[:300]
+    sessions: list[dict[str, Any]] = json.loads(body)["sessions"]
+    return sessions

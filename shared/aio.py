@@ -1,5 +1,6 @@
 """Small asyncio helpers of the relay: end a task without caring how it ended
-(:func:`cancel_quietly`), fail a future that is not done by a deadline (:func:`fail_at`, one
+(:func:`cancel_quietly`), end a link and wait for its WebSocket to close (:func:`close_link`),
+fail a future that is not done by a deadline (:func:`fail_at`, one
 timer instead of an ``asyncio.timeout`` block on a per-request path), and copy bytes both ways
 between a socket and a link stream (:func:`splice`, the TCP ingress and the agent's TCP
 upstream).
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shared.errors import CSCError, error_for_code
-from shared.link import LinkCounters
+from shared.link import Link, LinkCounters
 from shared.linkstream import TunnelStream
 
 
@@ -68,6 +69,14 @@ async def splice(
 async def _cancel_all(tasks: Sequence[asyncio.Future[None]]) -> None:
     for task in tasks:
         await cancel_quietly(task)
+
+
+async def close_link(link: Link, watcher: asyncio.Future[Any]) -> None:
+    """End a WebSocket's link and wait for ``watcher``, the task that closes the WebSocket when
+    the link ends (bounded), or sees it closed; its failure is not this caller's concern."""
+    link.close()
+    with contextlib.suppress(Exception):
+        await watcher
 
 
 async def cancel_quietly(task: asyncio.Future[Any] | None) -> None:

@@ -63,6 +63,7 @@ try:  # the C version (websockets.utils.apply_mask is its pure-Python fallback)
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
+from shared.aio import close_link
 from shared.errors import CSCError, InvalidState, LinkStalled, ProtocolError
 from shared.link import TLS_PIECE, Link, coalesce
 from shared.wakeup import Wakeup
@@ -549,9 +550,9 @@ async def run_link(ws: AgentWebSocket, link: Link) -> None:
     try:
         await _feed(ws, link)
     except BaseException as exc:  # not `finally`: an await there (shared/compiled.py)
-        await _link_done(link, watcher)
+        await close_link(link, watcher)
         raise exc
-    await _link_done(link, watcher)
+    await close_link(link, watcher)
 
 
 async def _feed(ws: AgentWebSocket, link: Link) -> None:
@@ -568,9 +569,3 @@ async def _feed(ws: AgentWebSocket, link: Link) -> None:
     except ProtocolError as violation:
         link.close(violation)
         await close_for(ws, violation)
-
-
-async def _link_done(link: Link, watcher: asyncio.Future[Any]) -> None:
-    link.close()
-    with contextlib.suppress(Exception):  # it closes the WebSocket (bounded) or sees it closed
-        await watcher

@@ -45,6 +45,7 @@ from csc.relay.wsframes import (
     frame_head,
     parse_close,
 )
+from shared.aio import close_link
 from shared.errors import CSCError, LinkStalled, ProtocolError
 from shared.link import DIRECT_MAX, TLS_PIECE, Link, coalesce
 from shared.protocol.heartbeat import PING_SIZE
@@ -399,9 +400,9 @@ async def run_websocket(
     try:
         await _feed(ws, link, counted, abort)
     except BaseException as exc:  # not `finally`: an await there (shared/compiled.py)
-        await _link_done(link, watcher)
+        await close_link(link, watcher)
         raise exc
-    await _link_done(link, watcher)
+    await close_link(link, watcher)
 
 
 async def _feed(ws: WebSocketLike, link: Link, counted: Traffic, abort: AbortFn | None) -> None:
@@ -422,9 +423,3 @@ async def _feed(ws: WebSocketLike, link: Link, counted: Traffic, abort: AbortFn 
     except ProtocolError as violation:
         link.close(violation)
         await close_websocket(ws, violation, abort)
-
-
-async def _link_done(link: Link, watcher: asyncio.Future[None]) -> None:
-    link.close()
-    with contextlib.suppress(Exception):  # it closes the WebSocket (bounded) or sees it closed
-        await watcher

@@ -4,12 +4,10 @@ forwarded to another node (real ``csc serve`` processes, Redis, PostgreSQL and H
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
-from typing import Any
 
-from tests.support.cluster import ClusterProcs
+from tests.support.cluster import ClusterProcs, admin_sessions
 from tests.support.haproxy import HaproxyProc
 from tests.support.procs import (
     CscProc,
@@ -29,12 +27,7 @@ REQUESTS = 60
 
 
 def _active_nodes(node: CscProc, token: str) -> list[str]:
-    status, _, body = http_request(
-        node.admin_url + "/v1/admin/sessions", headers={"Authorization": f"Bearer {token}"}
-    )
-    assert status == 200, body[:300]
-    views: list[dict[str, Any]] = json.loads(body)["sessions"]
-    return sorted(v["node"] for v in views if v.get("state") == "active")
+    return sorted(v["node"] for v in admin_sessions(node, token) if v.get("state") == "active")
 
 
 def _lookups(node: CscProc, result: str) -> float:
@@ -70,7 +63,7 @@ def test_auto_sessions_put_one_session_on_each_node_and_nothing_is_forwarded(
         0.1,
         message="one active session on each node",
     )
-    assert "3 sessions (sessions = auto)" in agent.logs()[1] + agent.logs()[0]
+    assert "3 sessions (sessions = auto)" in "".join(agent.logs())
     before = {name: _lookups(cluster.nodes[name], "remote") for name in NODES}
     for i in range(REQUESTS):  # round robin over the three nodes
         status, _, body = http_request(tunnel_url(lb.http_url, ALIAS, f"/small?i={i}"))

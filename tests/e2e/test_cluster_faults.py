@@ -36,7 +36,7 @@ import pytest
 import redis
 
 from csc.cluster.routes import LOOKUP_TTL
-from tests.support.cluster import ClusterProcs
+from tests.support.cluster import ClusterProcs, admin_sessions
 from tests.support.haproxy import HaproxyProc
 from tests.support.procs import (
     CscProc,
@@ -87,7 +87,7 @@ def admin(node: CscProc, token: str, method: str, path: str, body: Any = None) -
 
 def session_nodes(node: CscProc, token: str) -> list[str]:
     """The nodes of the tenant's active sessions, as ``GET /v1/admin/sessions`` lists them."""
-    views = admin(node, token, "GET", f"/sessions?tenant={TENANT}")["sessions"]
+    views = admin_sessions(node, token, TENANT)
     return sorted(v["node"] for v in views if v.get("state") == "active")
 
 

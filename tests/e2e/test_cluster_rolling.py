@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import re
 import threading
 import time
@@ -38,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import ClusterProcs
+from tests.support.cluster import ClusterProcs, admin_sessions
 from tests.support.haproxy import HTTP_BACKEND, HaproxyProc
 from tests.support.procs import (
     CscProc,
@@ -186,15 +185,6 @@ def describe_failures(failures: list[Failure]) -> str:
         f"{len(times)} x [{min(times):.3f} .. {max(times):.3f}] {kind}"
         for kind, times in kinds.items()
     )
-
-
-def admin_sessions(node: CscProc, token: str) -> list[dict[str, Any]]:
-    status, _, body = http_request(
-        node.admin_url + "/v1/admin/sessions", headers={"Authorization": f"Bearer {token}"}
-    )
-    assert status == 200, body[:300]
-    sessions: list[dict[str, Any]] = json.loads(body)["sessions"]
-    return sessions
 
 
 def spread_sessions(node: CscProc, token: str, live: set[str]) -> dict[str, list[dict[str, Any]]]:
