@@ -152,6 +152,7 @@ def run_child(out: str, mode: str, module: str, argv: list[str]) -> None:
 @contextlib.contextmanager
 def _rig(workdir: Path, mode: str) -> Iterator[dict[str, Any]]:
     """Upstream, CSC and agent as bench/run.py starts them, the two under the recorder."""
+    from bench.datapath import require_own_build
     from harness.procs import CscProc, Proc, flag_args, issue_token, start_upstream
     from harness.waiting import wait_alias_online
 
@@ -163,8 +164,9 @@ def _rig(workdir: Path, mode: str) -> Iterator[dict[str, Any]]:
         state = workdir / "csc-state"
         state.mkdir(mode=0o700)
         ready = workdir / "csc.ready.json"
-        flags = {"listen": "127.0.0.1:0", "tcp_listen": "127.0.0.1:0", "state_dir": state}
+        flags: dict[str, str | Path] = {"listen": "127.0.0.1:0", "tcp_listen": "127.0.0.1:0"}
         flags |= {"admin_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
+        flags["state_dir"] = state
         argv = [*me, str(workdir / "csc.json"), mode, "csc", "serve", *flag_args(flags)]
         csc = CscProc.spawn(
             "csc", [*argv, "--ready-file", str(ready)], log_dir=workdir, ready_file=ready
@@ -179,6 +181,8 @@ def _rig(workdir: Path, mode: str) -> Iterator[dict[str, Any]]:
         )
         started.append(agent)
         wait_alias_online(csc.http_url, ALIAS)
+        require_own_build("csc serve", csc.pid, _REPO_ROOT)
+        require_own_build("the agent", agent.pid, _REPO_ROOT)
         yield {"csc": csc, "agent": agent}
     finally:
         for proc in reversed(started):
