@@ -122,6 +122,17 @@ def connect_url(csc: str) -> str:
     return url + "/v1/agent/connect"
 
 
+def csc_tls(config: AgentConfig) -> ssl.SSLContext | None:
+    """The TLS context of every session to the CSC and of their reconnects (None for ws://):
+    made once, as loading the CA store costs tens of ms and most of a MiB per context, which
+    each TLS connection holds for as long as it lives."""
+    if config.ca_file is not None:
+        return ssl.create_default_context(cafile=str(config.ca_file))
+    if connect_url(config.csc).startswith("wss://"):
+        return ssl.create_default_context()  # the system's CAs
+    return None
+
+
 class Agent:
     def __init__(
         self,
@@ -152,8 +163,7 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> int:
-        if self.config.ca_file is not None:
-            self._ssl = ssl.create_default_context(cafile=str(self.config.ca_file))
+        self._ssl = csc_tls(self.config)
         if not await self._start_metrics():
             return EXIT_FATAL
         log.info("%s", compiled.describe())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -12,6 +13,7 @@ import trustme
 
 from csc.config import CSCConfig
 from csc.server import running_node
+from shared.errors import GoingAway
 from tenant_agent.agent import Agent
 from tests.support.capture import APPLICATION_DATA, CaptureRelay, tls_records
 from tests.support.inproc import ALIAS, agent_config, make_token
@@ -161,6 +163,52 @@ async def test_agent_refuses_an_untrusted_csc_certificate(
                 assert not node.state.sessions
                 await asyncio.sleep(0.02)
             assert not node.state.sessions
+            agent.stop()
+            assert await asyncio.wait_for(task, scaled(30)) == 0
+    finally:
+        await upstream.close()
+
+
+async def test_sessions_to_a_wss_csc_share_one_tls_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``ca_file`` (a CSC with a public certificate) the agent loads the system's CAs
+    once for all its sessions and their reconnects: each default context costs tens of ms and
+    most of a MiB, held for as long as its session lives."""
+    cert_file, key_file, ca_file = _certs(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # the "system" CAs trust the test CA
+    made: list[ssl.SSLContext] = []
+    default_context = ssl.create_default_context
+
+    def counting(purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH, **kw: Any) -> ssl.SSLContext:
+        context = default_context(purpose, **kw)
+        if purpose == ssl.Purpose.SERVER_AUTH:  # a client's, not the CSC listener's
+            made.append(context)
+        return context
+
+    state_dir = tmp_path / "state"
+    token = make_token(state_dir, "acme", [ALIAS])
+    upstream = await start_upstream_server()
+    try:
+        async with running_node(_https_only(state_dir, cert_file, key_file)) as node:
+            monkeypatch.setattr(ssl, "create_default_context", counting)
+            base = f"https://{node.http_address}"
+            agent = Agent(agent_config(base, token, upstream, sessions=3))
+            task = asyncio.create_task(agent.run())
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + scaled(10)
+            while len(node.state.sessions) < 3:
+                assert loop.time() < deadline, "the sessions did not come up over TLS"
+                assert not task.done(), task
+                await asyncio.sleep(0.02)
+            first = set(node.state.sessions)
+            for session in list(node.state.sessions.values()):  # each one reconnects
+                session.link.close(GoingAway("test"))
+            deadline = loop.time() + scaled(10)
+            while len(set(node.state.sessions) - first) < 3:
+                assert loop.time() < deadline, "the sessions did not come back"
+                await asyncio.sleep(0.02)
+            assert len(made) == 1
             agent.stop()
             assert await asyncio.wait_for(task, scaled(30)) == 0
     finally:
