@@ -51,9 +51,11 @@ from bench.datapath import require_own_build  # noqa: E402
 from bench.report import machine_info  # noqa: E402
 from csc.cli import local_actor  # noqa: E402
 from csc.config import load_csc_config  # noqa: E402
+from csc.relay.conncap import node_bound  # noqa: E402
 from csc.signing import signing_key  # noqa: E402
 from csc.store import open_store  # noqa: E402
 from harness.procs import CscProc, scaled, start_csc  # noqa: E402
+from shared.config import AUTO  # noqa: E402
 from shared.protocol.codec import (  # noqa: E402
     FLAG_ACK,
     VERSION,
@@ -327,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sessions < 2 or args.idle <= 0:
         parser.error("--sessions must be at least 2 and --idle positive")
     nofile = raise_nofile()
-    if nofile < args.sessions + 1000:
+    # the CSC inherits the limit; `max_connections = auto` keeps an eighth of it for the rest
+    bound = node_bound(AUTO)
+    if nofile < args.sessions + 1000 or (bound is not None and bound < args.sessions + 256):
         parser.error(f"RLIMIT_NOFILE hard limit {nofile} is too low for {args.sessions} sessions")
     with contextlib.suppress(ImportError):
         import uvloop

@@ -311,6 +311,7 @@ _COMMON = {
     "portal_offline": "the portal of {subject} is offline; {retry}",
     "going_away": "the CSC is restarting; {retry}",
     "too_many_streams": "the CSC is busy; {retry}",
+    "too_many_connections": "the CSC holds too many connections from this address; {retry}",
     "upstream_refused": "the portal of {subject} cannot be reached ({message}); {retry}",
     "upstream_reset": "the portal of {subject} broke off ({message}); {retry}",
     "upstream_error": "the portal of {subject} sent an invalid answer ({message}); {retry}",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import (
+    AUTO,
     KIB,
     MIB,
     Secret,
@@ -124,6 +125,25 @@ class CSCConfig:
             maximum=1.0,
             help="share of a tenant's `max_streams` one client address may hold at once "
             "(at least 1 stream; IPv6 by /64; per node in a cluster); 1 turns it off",
+        ),
+    )
+    max_connections: int = field(
+        default=AUTO,
+        metadata=meta(
+            kind="count_or_auto",
+            minimum=1,
+            help="connections the node holds at once on the public and TCP listeners, agent "
+            "links included; beyond: 503 node_full at once; auto: the open-file limit "
+            "(RLIMIT_NOFILE) less an eighth of it, at least 64, for everything else",
+        ),
+    )
+    client_max_connections: int | None = field(
+        default=1024,
+        metadata=meta(
+            minimum=1,
+            help="connections one client address may hold open at once on the public and TCP "
+            "listeners together (IPv6 by /64; an agent's link stops counting once it is one); "
+            "beyond: 429 too_many_connections at once; off: no bound",
         ),
     )
     max_streams_per_session: int = field(

@@ -187,6 +187,8 @@ class CSCMetrics:
         self._cluster: Callable[[], ClusterView | None] = lambda: None
         self.draining: Callable[[], bool] = lambda: False
         self.pending_end: int = 0
+        #: the node's open connections and their bound (None: none), read at scrape time
+        self.connections: Callable[[], tuple[int, int | None]] = lambda: (0, None)
         self._session_metrics(reg)
         self._request_metrics(reg)
         reg.register(_LiveCollector(self))
@@ -217,6 +219,13 @@ class CSCMetrics:
             ["reason"],
             registry=reg,
         )
+        self.connections_refused = Counter(
+            "csc_connections_refused",
+            "Connections refused as they were accepted, by listener and reason "
+            "(client_connections, node_connections).",
+            ["listener", "reason"],
+            registry=reg,
+        )
         self.auth_failures = Counter(
             "csc_auth_failures",
             "Agent tokens refused at /v1/agent/connect, by reason.",
@@ -243,6 +252,10 @@ class CSCMetrics:
     def track_cluster(self, source: Callable[[], ClusterView | None]) -> None:
         """Where the node's cluster membership is found at scrape time (None: alone)."""
         self._cluster = source
+
+    def connection_refused(self, listener: str, reason: str) -> None:
+        """A connection refused as it was accepted (csc/relay/conncap.py)."""
+        self.connections_refused.labels(listener, reason).inc()
 
     def track_sessions(self, source: Callable[[], Iterable[_Session]]) -> None:
         """Where the live agent sessions are found at scrape time."""
@@ -406,6 +419,18 @@ class _LiveCollector:
             "1 while this node drains (SIGTERM or admin drain).",
             value=1 if m.draining() else 0,
         )
+        open_now, bound = m.connections()
+        yield GaugeMetricFamily(
+            "csc_connections",
+            "Connections open on the public and TCP listeners, agent links included.",
+            value=open_now,
+        )
+        if bound is not None:
+            yield GaugeMetricFamily(
+                "csc_connections_max",
+                "The bound on csc_connections (max_connections); refused beyond: node_full.",
+                value=bound,
+            )
         yield GaugeMetricFamily(
             "csc_sessions_pending_end",
             "Live sessions that lost their right to run (revoked, expired, suspended) and are "

@@ -162,6 +162,7 @@ class Node:
             draining=lambda: self.state.draining,
             tls=ssl_ctx is not None,
             upgrades={AGENT_PATH: gateway.agent_handler(self.state)},
+            counts=self.state.connections,
         )
         # a TLS handshake gets the time a request head gets: no request deadline runs before it
         handshake = self.config.http_head_timeout if ssl_ctx is not None else None

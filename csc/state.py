@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from csc.admin.errorlog import ErrorLog
 from csc.config import CSCConfig
 from csc.metrics import CSCMetrics
+from csc.relay.conncap import ConnectionCounts, node_bound
 from csc.relay.freshread import SharedRefresh
 from csc.relay.limits import Admissions, TenantLimiter
 from csc.relay.registry import Registry
@@ -73,6 +74,8 @@ class NodeState:
     verified_tokens: VerifiedTokens = field(default_factory=VerifiedTokens)
     #: the registry's re-read before an admission, shared by concurrent handshakes
     fresh_catalog: SharedRefresh = field(init=False)
+    #: open connections per client address on the public and TCP listeners (csc/relay/conncap.py)
+    connections: ConnectionCounts = field(init=False)
 
     def __post_init__(self) -> None:
         self.link_settings = LinkSettings.from_config(
@@ -80,6 +83,12 @@ class NodeState:
         )
         self.idle.set()
         self.fresh_catalog = SharedRefresh(self.registry.refresh)
+        self.connections = ConnectionCounts(
+            self.config.client_max_connections,
+            node_bound(self.config.max_connections),
+            self.metrics.connection_refused,
+        )
+        self.metrics.connections = lambda: (self.connections.total, self.connections.node_cap)
         if self.resolve_key is not None:
             self.resolve_key_text = resolve_sig.public_key_text(self.resolve_key.public_key())
         self.metrics.track_sessions(lambda: self.sessions.values())

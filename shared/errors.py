@@ -46,6 +46,9 @@ ERRORS: dict[str, ErrorSpec] = {
         ErrorSpec("too_many_streams", 429, 4429, _WARN, "too many concurrent streams"),
         ErrorSpec("tenant_limit", 429, 4429, _INFO, "a limit of the tenant was reached"),
         ErrorSpec("rate_limited", 429, 4429, _INFO, "too many requests for this tenant"),
+        ErrorSpec(
+            "too_many_connections", 429, 4429, _INFO, "too many connections from your address"
+        ),
         ErrorSpec("internal", 500, 1011, _ERR, "internal error"),
         ErrorSpec("upstream_refused", 502, 4502, _WARN, "the portal refused the connection"),
         ErrorSpec("upstream_reset", 502, 4502, _WARN, "the portal reset the connection"),
@@ -59,6 +62,7 @@ ERRORS: dict[str, ErrorSpec] = {
         ErrorSpec(
             "cluster_unavailable", 503, 1013, _WARN, "the cluster's routing state is unavailable"
         ),
+        ErrorSpec("node_full", 503, 1013, _WARN, "the node holds all the connections it may"),
         ErrorSpec("upstream_timeout", 504, 4504, _WARN, "the portal did not answer in time"),
         ErrorSpec("protocol_error", 400, 4400, _WARN, "protocol violation"),
         ErrorSpec("flow_control", 400, 4400, _WARN, "flow-control violation"),
@@ -221,6 +225,20 @@ class TenantLimit(CSCError):
 class RateLimited(TenantLimit):
     code = "rate_limited"
     default_limit = "rate"
+
+
+class TooManyConnections(CSCError):
+    """A client address holds ``client_max_connections`` connections to the node already
+    (answered at once, ``Retry-After: 1``; csc/relay/conncap.py)."""
+
+    code = "too_many_connections"
+
+
+class NodeFull(CSCError):
+    """The node holds ``max_connections`` connections on its public and TCP listeners
+    (answered at once, ``Retry-After``; csc/relay/conncap.py)."""
+
+    code = "node_full"
 
 
 class InternalError(CSCError):

@@ -14,7 +14,15 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
-from shared.errors import BadRequest, CSCError, GoingAway, PortalOffline, TenantLimit
+from shared.errors import (
+    BadRequest,
+    CSCError,
+    GoingAway,
+    NodeFull,
+    PortalOffline,
+    TenantLimit,
+    TooManyConnections,
+)
 from shared.headers import HOP_BY_HOP, content_length
 
 #: Seconds a client is told to wait after ``portal_offline`` or ``going_away``.
@@ -99,10 +107,12 @@ def encode_head(
 
 def retry_after(err: CSCError) -> str | None:
     """The ``Retry-After`` value an error answer carries, if any."""
-    if isinstance(err, PortalOffline | GoingAway):
+    if isinstance(err, PortalOffline | GoingAway | NodeFull):
         return RETRY_AFTER
     if isinstance(err, TenantLimit):
         return str(err.retry_after)
+    if isinstance(err, TooManyConnections):
+        return "1"
     return None
 
 

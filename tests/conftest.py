@@ -12,17 +12,27 @@
   stateless; a test that needs to kill or restart an upstream starts its own with ``procs``.
 * Hypothesis runs without its per-example deadline (200 ms by default) in every test: a busy
   machine can make any one example that slow, and a property test must not fail for it.
+* The open-file limit's soft value is raised to its hard one (at most 65536, the deploy's
+  ``LimitNOFILE``) for the tests and the processes they start: a CSC's ``max_connections =
+  auto`` follows it, and the storms of tests/e2e/test_hostile_tenant.py hold about a thousand
+  connections, more than a login shell's usual 1024 allows.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+_SOFT, _HARD = resource.getrlimit(resource.RLIMIT_NOFILE)
+_WANT = 65536 if _HARD == resource.RLIM_INFINITY else min(_HARD, 65536)
+if _SOFT != resource.RLIM_INFINITY and _SOFT < _WANT:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_WANT, _HARD))
 
 settings.register_profile("csc", deadline=None)
 settings.load_profile("csc")  # before the test modules are imported: their settings inherit it

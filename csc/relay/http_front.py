@@ -89,6 +89,9 @@ class FrontConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.peer = ""
+        #: the address key counted for this connection (csc/relay/conncap.py) until it is given back
+        self._counted: str | None = None
+        self._lingering = False  # refused, its bytes being discarded
         #: dropped when the connection ends (it refers back to us: a cycle that would keep
         #: the connection and its partial head until the cyclic GC ran)
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
@@ -125,6 +128,11 @@ class FrontConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.client_ip, self.peer = str(peer[0]), f"{peer[0]}:{peer[1]}"
+        counted = self.front.counts.take(self.client_ip, "http")
+        if isinstance(counted, CSCError):
+            self._refuse_connection(counted)
+            return
+        self._counted = counted
         self.front.connections.add(self)
         self._rearm()
 
@@ -183,6 +191,7 @@ class FrontConnection(asyncio.Protocol):
         self._parser = None
         self._requests.clear()
         self.front.connections.discard(self)
+        self._uncount()
         self._drain_waiter.set()
         if self._task is not None and not self._aborted:
             self._task.cancel()  # the client went away: the handler resets its stream
@@ -382,6 +391,33 @@ class FrontConnection(asyncio.Protocol):
                 self._close_gently()
             self._rearm()
 
+    def _refuse_connection(self, err: CSCError) -> None:
+        """Answer ``err`` to a connection refused as it was accepted (csc/relay/conncap.py)
+        and serve nothing on it: closed, or when it may linger, half-closed at once with its
+        bytes discarded (the request it is sending, so that it reads the answer rather than a
+        reset) until it closes or :data:`LINGER` seconds pass."""
+        transport = self.transport
+        assert transport is not None
+        self._stopped = True
+        self._parser = None
+        transport.write(error_response(err, request_id_for(None), keep_alive=False, http11=True))
+        if not self.front.counts.may_linger():
+            transport.close()
+            return
+        self._lingering = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = self.loop.call_later(LINGER, transport.close)
+
+    def _uncount(self) -> None:
+        """Give the connection's place in the counts back (once)."""
+        if self._counted is not None:
+            self.front.counts.close(self._counted)
+            self._counted = None
+        if self._lingering:
+            self._lingering = False
+            self.front.counts.lingering -= 1
+
     def _close_gently(self) -> None:
         """Close after our answer; while the client may still be sending (a body we did not
         read), half-close and discard its bytes for up to :data:`LINGER` seconds first, so the
@@ -454,10 +490,18 @@ class FrontConnection(asyncio.Protocol):
         self._stopped = True
         self.transport = None
         self.front.connections.discard(self)
+        counts, counted, self._counted = self.front.counts, self._counted, None
+        if counted is not None:  # an agent's link now: its tenant's max_sessions bounds those
+            counts.leave(counted)
         task = asyncio.current_task()
         if task is not None:
             self.front.switched.add(task)
             task.add_done_callback(self.front.switched.discard)
+        if counted is not None:  # the node counts the link until the task serving it ends
+            if task is None:
+                counts.close(None)
+            else:
+                task.add_done_callback(lambda _task: counts.close(None))
         transport.write(head)
         transport.set_protocol(proto)
         proto.connection_made(transport)

@@ -31,6 +31,7 @@ rate stays ``r`` a tenant's bucket admits at most ``r * t + burst_for(r)`` reque
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -107,16 +108,27 @@ def retry_after(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
 
+#: Addresses whose :func:`address_key` is remembered (a few hundred KiB at most).
+ADDRESS_KEYS_CACHED = 4096
+
+
 def client_key(client: str) -> str:
     """The address a client's share is counted by, from ``host:port`` (the ingress's ``client``):
     the IP, an IPv6 one as its /64 network (one host usually holds a whole /64), an
     IPv4-mapped IPv6 one as the IPv4; anything that does not parse, as given."""
     host = client.rpartition(":")[0] if ":" in client else client
-    host = host.removeprefix("[").removesuffix("]")
+    return address_key(host.removeprefix("[").removesuffix("]"), client)
+
+
+@functools.lru_cache(maxsize=ADDRESS_KEYS_CACHED)
+def address_key(host: str, unparsed: str | None = None) -> str:
+    """:func:`client_key` of a bare IP (a connection's peer address); anything that does not
+    parse as ``unparsed`` (default: as given). Remembered for the most recent addresses: it
+    runs for every accepted connection, and parsing costs 5 µs for IPv4, 20-35 for IPv6."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return client
+        return host if unparsed is None else unparsed
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)

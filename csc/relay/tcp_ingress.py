@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Iterator
 
 from csc.relay import accesslog
+from csc.relay.conncap import ConnectionCounts
+from csc.relay.http_front import LINGER
 from csc.relay.ingress_stream import StreamUse, refused
 from csc.relay.routing import lookup_alias, open_stream
 from csc.state import NodeState
@@ -83,12 +85,47 @@ def _line_limit(reader: asyncio.StreamReader) -> Iterator[None]:
 
 def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        counts = state.connections
+        counted = counts.take(str(peer[0]) if peer else "", "tcp")
         try:
-            await _serve(state, reader, writer)
+            if isinstance(counted, CSCError):
+                await _refuse_connection(counts, reader, writer, counted)
+            else:
+                await _serve(state, reader, writer)
+        except asyncio.CancelledError:
+            # the node stops with the connection open: nothing awaits this task, and asyncio
+            # 3.11's stream callback would log a cancelled one as an error (traceback)
+            pass
         finally:
             writer.close()
+            if isinstance(counted, str):
+                counts.close(counted)
 
     return handle
+
+
+async def _refuse_connection(
+    counts: ConnectionCounts,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    err: CSCError,
+) -> None:
+    """The ``ERR`` line for a connection refused as it was accepted (csc/relay/conncap.py);
+    when it may linger, half-close and discard what the client sends until it closes or
+    ``LINGER`` passes, so that it reads the refusal rather than a reset."""
+    writer.write(tcp_err_line(err.code, err.message))
+    if not counts.may_linger():
+        return
+    try:
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(LINGER):
+                if writer.can_write_eof():
+                    writer.write_eof()
+                while await reader.read(READ_LIMIT):
+                    pass
+    finally:
+        counts.lingering -= 1
 
 
 async def _serve(

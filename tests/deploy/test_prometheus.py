@@ -28,7 +28,9 @@ DASHBOARD = DEPLOY / "grafana" / "csc-overview.json"
 
 #: 5xx outcomes left to their own alert (portal_offline), set on purpose (tenant_suspended), or
 #: never a request's outcome (cluster_unavailable refuses agent sessions; the Redis alert covers it).
-NOT_5XX_ALERTS = {"portal_offline", "tenant_suspended", "cluster_unavailable"}
+#: node_full is never a request's outcome: its connection is refused before any request is read
+#: (csc_connections_refused_total, CSCConnectionsRefused)
+NOT_5XX_ALERTS = {"portal_offline", "tenant_suspended", "cluster_unavailable", "node_full"}
 
 
 def alerts() -> list[dict[str, Any]]:
@@ -72,6 +74,8 @@ def test_the_alerts_the_issue_asks_for() -> None:
         "CSCRedisErrors",
         "CSCDrainStuck",
         "CSCRevocationBacklog",
+        "CSCConnectionsNearMax",
+        "CSCConnectionsRefused",
     ]
 
 

@@ -396,6 +396,8 @@ def _exercised_csc() -> CSCMetrics:
     m.stream_started("acme", "http")
     m.request_done("http", "acme", "ok", 0.1)
     m.limit_rejected("acme", "body_size")
+    m.connection_refused("http", "client_connections")
+    m.connections = lambda: (3, 100)  # csc_connections_max shows only with a bound
     return m
 
 
