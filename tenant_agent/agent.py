@@ -527,6 +527,8 @@ class Agent:
             await session.link.flush()
             await close_for(session.ws, GoingAway("drained"))
             await run
+        except (CSCError, OSError) as exc:  # the CSC closed it first, or the link broke
+            log.debug("session %d: drained session ended: %r", session.slot, exc)
         finally:
             self._retiring[session.slot] -= 1
             self.sessions.discard(session)
