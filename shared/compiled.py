@@ -66,6 +66,7 @@ MODULES: tuple[str, ...] = (
     "shared.wakeup",
     "shared.aio",
     "shared.timerwheel",
+    "shared.wsframe",
     "csc.requestmetrics",
     "csc.relay.accesslog",
     "csc.relay.http_front",

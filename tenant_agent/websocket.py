@@ -67,6 +67,7 @@ from shared.aio import close_link
 from shared.errors import CSCError, InvalidState, LinkStalled, ProtocolError
 from shared.link import TLS_PIECE, Link, coalesce
 from shared.wakeup import Wakeup
+from shared.wsframe import payload_length
 from tenant_agent.writeflow import WriteFlow
 
 #: websockets' logger for our connections, held at ``info`` whatever the agent's log level.
@@ -88,8 +89,6 @@ _BINARY_FIN = 0x82
 _MASKED = 0x80
 _LEN16 = struct.Struct("!BBH")
 _LEN64 = struct.Struct("!BBQ")
-_U16 = struct.Struct("!H")
-_U64 = struct.Struct("!Q")
 _PAYLOAD_OPCODES = (Opcode.BINARY, Opcode.CONT)
 _OP_CONT = 0x0
 _FIRST_CONTROL = 0x8
@@ -270,18 +269,10 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
                 return self._keep(data, pos, 0)
             first, second = data[pos], data[pos + 1]
             opcode = first & 0x0F
-            length = second & 0x7F
-            head = 2
-            if length == 126:
-                head = 4
-                if size - pos < head:
-                    return self._keep(data, pos, 0)
-                length = _U16.unpack_from(data, pos + 2)[0]
-            elif length == 127:
-                head = 10
-                if size - pos < head:
-                    return self._keep(data, pos, 0)
-                length = _U64.unpack_from(data, pos + 2)[0]
+            length, after = payload_length(data, pos, size)
+            if length < 0:
+                return self._keep(data, pos, 0)
+            head = after - pos
             control = opcode >= _FIRST_CONTROL
             if (
                 first & 0x70

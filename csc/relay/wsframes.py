@@ -26,6 +26,8 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from shared.wsframe import payload_length
+
 try:  # the C version (websockets.utils.apply_mask is its pure-Python fallback)
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover
@@ -111,18 +113,9 @@ class FrameReader:
         try:
             while end - pos >= 2:
                 first, second = buf[pos], buf[pos + 1]
-                length = second & 0x7F
-                at = pos + 2
-                if length == 126:
-                    if end - at < 2:
-                        break
-                    (length,) = _U16.unpack_from(buf, at)
-                    at += 2
-                elif length == 127:
-                    if end - at < 8:
-                        break
-                    (length,) = _U64.unpack_from(buf, at)
-                    at += 8
+                length, at = payload_length(buf, pos, end)
+                if length < 0:
+                    break
                 opcode, fragmented, size = self._check(first, second, length)
                 if end - at < 4 + length:
                     if at + 4 + length - pos > 4096:  # a long frame: gather its chunks
