@@ -11,7 +11,9 @@ session, lets in-flight streams finish within ``drain_timeout`` and exits.
 With ``sessions = auto`` the agent starts two slots and adds one for each node a WELCOME's
 ``cluster_nodes`` reports beyond them (up to 16), so every node of the cluster holds a session
 and requests reach the agent without a hop between nodes; a slot added that way which the
-tenant's session limit refuses (HTTP 429 ``tenant_limit``) ends, and the agent adds no more.
+tenant's session limit refuses (HTTP 429 ``tenant_limit``) ends, and the agent adds no more
+until :data:`LIMIT_RETRY` has passed (then it tries once more: an operator may have raised
+the limit).
 
 In a CSC cluster the slots spread their sessions over distinct nodes (tenant_agent/spread.py
 holds the policy and explains it): a session that lands on a node another live session holds
@@ -81,6 +83,9 @@ from tenant_agent.websocket import (
 )
 
 log = logging.getLogger("csc_agent")
+
+#: ``sessions = auto`` tries again this long after the tenant's session limit stopped it.
+LIMIT_RETRY = 600.0
 
 EXIT_FATAL = 3
 
@@ -158,6 +163,7 @@ class Agent:
         self.auto = config.sessions == AUTO
         self._ceiling = MAX_SESSIONS  # sessions = auto: lowered by a session-limit refusal
         self._slots: list[asyncio.Task[None]] = []
+        self._ceiling_retry: asyncio.TimerHandle | None = None
         self.metrics.track_draining(lambda: sum(self._retiring.values()))
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -177,6 +183,8 @@ class Agent:
             await self._drain()
         finally:
             await cancel_quietly(trim)
+            if self._ceiling_retry is not None:
+                self._ceiling_retry.cancel()
             for task in self._slots:
                 await cancel_quietly(task)
             for task in list(self._draining):
@@ -197,22 +205,41 @@ class Agent:
         return len(self._slots)
 
     def _add_slot(self) -> None:
-        slot = len(self._slots)
-        self._slots.append(asyncio.create_task(self._slot(slot), name=f"slot-{slot}"))
+        self._slots.append(self._slot_task(len(self._slots)))
+
+    def _slot_task(self, slot: int) -> asyncio.Task[None]:
+        return asyncio.create_task(self._slot(slot), name=f"slot-{slot}")
 
     def _grow(self) -> None:
-        """``sessions = auto``: a slot more for each node of the cluster beyond the slots."""
+        """``sessions = auto``: a slot more for each node of the cluster beyond the slots (a
+        slot that ended at the tenant's session limit starts again when wanted)."""
         if not self.auto or self.stopping.is_set():
             return
         wanted = auto_sessions(self.cluster.largest, self._ceiling, AUTO_SESSIONS)
-        if wanted > len(self._slots):
+        ended = [i for i, task in enumerate(self._slots[:wanted]) if task.done()]
+        if wanted > len(self._slots) or ended:
             log.info(
                 "the CSC cluster has %d nodes: %d sessions (sessions = auto)",
                 self.cluster.largest,
                 wanted,
             )
+            for slot in ended:
+                self._slots[slot] = self._slot_task(slot)
             while len(self._slots) < wanted:
                 self._add_slot()
+
+    def _retry_ceiling_later(self) -> None:
+        """``sessions = auto`` met the tenant's session limit: try to grow again after
+        :data:`LIMIT_RETRY` (the operator may have raised ``max_sessions``; one refused
+        upgrade per try if not)."""
+        if self._ceiling_retry is None and not self.stopping.is_set():
+            loop = asyncio.get_running_loop()
+            self._ceiling_retry = loop.call_later(LIMIT_RETRY, self._retry_ceiling)
+
+    def _retry_ceiling(self) -> None:
+        self._ceiling_retry = None
+        self._ceiling = MAX_SESSIONS
+        self._grow()
 
     async def handshake_once(self, context: ssl.SSLContext | None) -> CSCSession:
         """One session, connected and welcomed but not served (``csc-agent check``): the
@@ -284,10 +311,12 @@ class Agent:
                         self._ceiling = min(self._ceiling, slot)
                         log.info(
                             "session %d: the tenant's session limit leaves no room for it; "
-                            "the agent adds no more sessions (sessions = auto)",
+                            "the agent adds no more sessions for %g s (sessions = auto)",
                             slot,
+                            LIMIT_RETRY,
                         )
                         self.metrics.slot_ended(slot)
+                        self._retry_ceiling_later()
                         return
                     cause = f"cannot connect to {cfg.csc}: {describe_failure(exc)}"
                     reason = reconnect_reason(exc)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from aiohttp import WSMsgType, web
 
 from csc.relay.websocket import run_websocket
@@ -23,6 +24,7 @@ from shared.config import AUTO
 from shared.errors import CSCError
 from shared.link import Link
 from shared.protocol import Connection, HelloReceived, LinkSettings, Side
+from tenant_agent import agent as agent_module
 from tenant_agent.agent import Agent
 from tenant_agent.spread import SpreadPolicy
 from tests.support.inproc import agent_config
@@ -297,6 +299,21 @@ async def test_auto_sessions_stop_at_the_tenants_session_limit() -> None:
         await asyncio.sleep(1.5)  # past the refusal's Retry-After: no slot tries again
         assert cluster.refused == refused
         assert len(cluster.live_nodes()) == 3
+
+
+async def test_auto_sessions_grow_again_once_the_limit_is_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After ``LIMIT_RETRY`` the agent tries the refused slot again: the operator raised the
+    tenant's ``max_sessions`` meanwhile, so every node gets its session."""
+    monkeypatch.setattr(agent_module, "LIMIT_RETRY", 0.5)
+    nodes = itertools.cycle("abcd")
+    async with fake_cluster(nodes, 4, sessions=AUTO, session_limit=3) as (cluster, agent):
+        await _until(lambda: len(agent.metrics.slots) == 3 and cluster.refused >= 1)
+        cluster.session_limit = None  # max_sessions raised
+        await _until(lambda: len(_agent_nodes(agent)) == 4 and len(agent.metrics.slots) == 4)
+        assert agent.slots == 4
+        assert len(cluster.live_nodes()) == 4
 
 
 def _follow(script: list[str]) -> Iterable[str]:
