@@ -129,6 +129,14 @@ def test_peer_links_use_tls_unless_turned_off(objs: list[dict[str, Any]]) -> Non
     assert env(objects(render(CHART, values(peerTls=False))))["CSC_PEER_TLS"] == "false"
 
 
+def test_bounds_per_client_address_are_off_behind_a_proxy(objs: list[dict[str, Any]]) -> None:
+    e = env(objs)
+    assert (e["CSC_CLIENT_MAX_CONNECTIONS"], e["CSC_CLIENT_STREAM_SHARE"]) == ("off", "1")
+    direct = env(objects(render(CHART, values(clientAddresses="direct"))))
+    assert "CSC_CLIENT_MAX_CONNECTIONS" not in direct
+    assert "CSC_CLIENT_STREAM_SHARE" not in direct
+
+
 def test_public_service_has_http_and_tcp_only(objs: list[dict[str, Any]]) -> None:
     (svc,) = [s for s in by_kind(objs, "Service") if s["metadata"]["name"] == "csc"]
     assert [(p["name"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
@@ -296,6 +304,7 @@ def test_extra_settings_become_csc_variables() -> None:
         ({"extraEnv": {"log_level": "debug"}}, "propertyName 'log_level'"),
         ({"extraEnv": {"PEER_TLS": "false"}}, "propertyName 'PEER_TLS'"),
         ({"peerTls": "no"}, "peerTls"),
+        ({"clientAddresses": "nat"}, "clientAddresses"),
         ({"image": {"repository": "r", "digest": "latest"}}, "digest"),
         ({"serviceMonitor": {"enabled": "yes"}}, "enabled"),
         ({"replicas": 3}, "replicas"),
