@@ -1,6 +1,7 @@
 """Before and after on a noisy machine: two builds of the data path, fresh starts alternated.
 
-``python bench/ab.py BASE [NEW] [--rounds 4] [--duration 6] [--concurrency 32 1] [--cluster]``
+``python bench/ab.py BASE [NEW] [--rounds 4] [--duration 6] [--concurrency 32 1] [--cluster]
+[--close]``
 
 ``BASE`` and ``NEW`` are git revisions; ``NEW`` defaults to this checkout as it is (uncommitted
 changes included). Each revision is checked out in a worktree of its own (removed at the end)
@@ -8,7 +9,7 @@ and its data path compiled in place, as ``make compile`` does; then, round after
 rig of that side is started from its own checkout (bench/run.py's: upstream, ``csc serve``, an
 agent with 2 sessions; with ``--cluster`` bench/cluster.py's, timed through B so that every
 request is forwarded to A), warmed up, and ``/t/{alias}/small`` is timed with wrk at each
-concurrency. The sides take turns (BASE first in odd rounds, NEW first in even ones), so a
+concurrency (with ``--close``, a new connection per request). The sides take turns (BASE first in odd rounds, NEW first in even ones), so a
 change in the machine's load reaches both. A side whose processes did not load its own compiled
 library is an error, not a result.
 
@@ -137,11 +138,11 @@ def measure_once(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
         for name, proc in procs.items():
             if name != REFERENCE:
                 require_own_build(name, proc.pid, tree)
-        run_wrk(url, max(args.concurrency), 1)  # warm up
+        run_wrk(url, max(args.concurrency), 1, close=args.close)  # warm up
         runs: dict[str, Any] = {}
         for concurrency in args.concurrency:
             before = {name: cpu_seconds(proc) for name, proc in procs.items()}
-            result = run_wrk(url, concurrency, args.duration)
+            result = run_wrk(url, concurrency, args.duration, close=args.close)
             after = {name: cpu_seconds(proc) for name, proc in procs.items()}
             if result.errors or result.non_2xx or not result.requests:
                 raise RuntimeError(f"c={concurrency}: {result}")
@@ -226,6 +227,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=6, help="seconds per wrk run (6)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 1])
     parser.add_argument("--cluster", action="store_true", help="forwarded B→A instead")
+    parser.add_argument(
+        "--close", action="store_true", help="a new connection per request (Connection: close)"
+    )
     parser.add_argument("--alias", default="bench@example.com")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # one start, in this tree
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -239,6 +243,7 @@ def _start(side: Side, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     argv = [sys.executable, __file__, args.base, "--child", str(side.tree), "--json", str(out)]
     argv += ["--duration", str(args.duration), "--alias", args.alias, "--concurrency"]
     argv += [str(c) for c in args.concurrency] + (["--cluster"] if args.cluster else [])
+    argv += ["--close"] if args.close else []
     subprocess.run(argv, check=True)
     runs: dict[str, Any] = json.loads(out.read_text())
     return runs
