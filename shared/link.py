@@ -362,12 +362,13 @@ class Link:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def flush(self) -> None:
-        """Send whatever is queued now (used before closing the transport); a send that makes
-        no progress for ``stuck_timeout`` closes the link instead."""
-        try:
-            await self._send_pending()
-        except LinkStalled as err:
-            self.close(err)
+        """Wait until whatever is queued now has been handed to the transport (used before
+        closing it), or the link closed. The link's writer sends it, in order: a send of its
+        own here would put what was queued last (a stream's FIN) on the wire ahead of what the
+        writer still holds between two messages (that stream's last DATA). A writer that makes
+        no progress for ``stuck_timeout`` closes the link."""
+        self.kick()
+        await self.sent()
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -272,8 +272,7 @@ class Agent:
             )
             await asyncio.gather(*(s.link.wait_idle(self.config.drain_timeout) for s in sessions))
         for session in sessions:
-            with contextlib.suppress(ConnectionError):  # the CSC may be closing it meanwhile
-                await session.link.flush()
+            await session.link.flush()
             await close_for(session.ws, GoingAway("the agent is shutting down"))
 
     def _announce(self, session: CSCSession) -> None:
