@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from csc.admin.errorlog import ErrorLog
 from csc.config import CSCConfig
 from csc.metrics import CSCMetrics
-from csc.relay.conncap import ConnectionCounts, node_bound
+from csc.relay.conncap import ConnectionCounts
 from csc.relay.freshread import SharedRefresh
 from csc.relay.limits import Admissions, TenantLimiter
 from csc.relay.registry import Registry
@@ -83,10 +83,8 @@ class NodeState:
         )
         self.idle.set()
         self.fresh_catalog = SharedRefresh(self.registry.refresh)
-        self.connections = ConnectionCounts(
-            self.config.client_max_connections,
-            node_bound(self.config.max_connections),
-            self.metrics.connection_refused,
+        self.connections = ConnectionCounts.from_config(
+            self.config, self.metrics.connection_refused
         )
         self.metrics.connections = lambda: (self.connections.total, self.connections.node_cap)
         if self.resolve_key is not None:

@@ -32,10 +32,14 @@ import logging
 import resource
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from csc.relay.limits import address_key
 from shared.config import AUTO
 from shared.errors import CSCError, NodeFull, TooManyConnections
+
+if TYPE_CHECKING:
+    from csc.config import CSCConfig
 
 log = logging.getLogger("csc.ingress")
 
@@ -92,6 +96,13 @@ class ConnectionCounts:
         self._logged = float("-inf")
         self._unlogged = 0
 
+    @classmethod
+    def from_config(
+        cls, config: CSCConfig, on_refused: Callable[[str, str], None] | None = None
+    ) -> ConnectionCounts:
+        """The bounds ``config`` sets (``max_connections = auto`` resolved now)."""
+        return cls(config.client_max_connections, node_bound(config.max_connections), on_refused)
+
     def take(self, ip: str, listener: str) -> str | CSCError:
         """Count a new connection from ``ip``: its address key (hand it to :meth:`close`,
         or to :meth:`leave` first), or the refusal when a bound is reached."""
@@ -131,6 +142,10 @@ class ConnectionCounts:
             return False
         self.lingering += 1
         return True
+
+    def linger_done(self) -> None:
+        """A refused connection that :meth:`may_linger` let linger has ended."""
+        self.lingering -= 1
 
     def held(self, ip: str) -> int:
         """Connections counted for ``ip``'s address now."""

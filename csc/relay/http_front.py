@@ -416,7 +416,7 @@ class FrontConnection(asyncio.Protocol):
             self._counted = None
         if self._lingering:
             self._lingering = False
-            self.front.counts.lingering -= 1
+            self.front.counts.linger_done()
 
     def _close_gently(self) -> None:
         """Close after our answer; while the client may still be sending (a body we did not

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from csc.config import CSCConfig
-from csc.relay.conncap import ConnectionCounts, node_bound
+from csc.relay.conncap import ConnectionCounts
 from csc.relay.http_front import FrontConnection, Handler
 from csc.relay.http_front_request import FrontRequest
 from shared.runtime import listen_on
@@ -45,9 +45,7 @@ class HttpFront:
         self.loop = asyncio.get_running_loop()
         self.connections: set[FrontConnection] = set()
         #: connections per client address, shared with the TCP listener (csc/relay/conncap.py)
-        self.counts = counts or ConnectionCounts(
-            config.client_max_connections, node_bound(config.max_connections)
-        )
+        self.counts = counts or ConnectionCounts.from_config(config)
         #: Tasks serving connections switched to another protocol (agent WebSockets).
         self.switched: set[asyncio.Task[None]] = set()
         #: Bytes of unfinished request heads across connections, and connections refused for it.

@@ -125,7 +125,7 @@ async def _refuse_connection(
                 while await reader.read(READ_LIMIT):
                     pass
     finally:
-        counts.lingering -= 1
+        counts.linger_done()
 
 
 async def _serve(

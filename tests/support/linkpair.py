@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from shared.link import Link, QuickHandler, SendFn, StreamHandler
 from shared.protocol import Connection, HelloReceived, LinkSettings, Side
@@ -23,6 +24,23 @@ FORWARDED_GET = {
 }
 
 
+def handshaken(
+    settings: LinkSettings,
+    now: float,
+    hello: dict[str, Any] | None = None,
+    welcome: dict[str, Any] | None = None,
+) -> tuple[Connection, Connection]:
+    """(client, server): an agent's side that accepts streams and a CSC's that opens them,
+    past HELLO and WELCOME (their events left for whoever reads them next)."""
+    client = Connection(Side.CLIENT, settings, accept_streams=True, now=now)
+    server = Connection(Side.SERVER, settings, accept_streams=False, now=now)
+    client.send_hello(hello or {})
+    server.receive_data(b"".join(client.data_to_send()), now)
+    server.send_welcome(welcome or {}, now)
+    client.receive_data(b"".join(server.data_to_send()), now)
+    return client, server
+
+
 async def link_pair(
     serve: StreamHandler,
     serve_now: QuickHandler | None = None,
@@ -31,14 +49,10 @@ async def link_pair(
     """(CSC side, agent side); the agent side runs ``serve`` for every stream opened (offered
     to ``serve_now`` first when given)."""
     loop = asyncio.get_running_loop()
-    settings = settings or LinkSettings()
-    agent_conn = Connection(Side.CLIENT, settings, accept_streams=True, now=loop.time())
-    csc_conn = Connection(Side.SERVER, settings, accept_streams=False, now=loop.time())
-    agent_conn.send_hello({"agent": "test"})
-    csc_conn.receive_data(b"".join(agent_conn.data_to_send()), loop.time())
+    agent_conn, csc_conn = handshaken(
+        settings or LinkSettings(), loop.time(), {"agent": "test"}, {"node": "test"}
+    )
     assert any(isinstance(e, HelloReceived) for e in csc_conn.events())
-    csc_conn.send_welcome({"node": "test"}, loop.time())
-    agent_conn.receive_data(b"".join(csc_conn.data_to_send()), loop.time())
     links: dict[str, Link] = {}
 
     def sender(to: str) -> SendFn:

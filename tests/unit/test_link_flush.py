@@ -14,14 +14,8 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 
 from shared.link import MAX_MESSAGE, Link
-from shared.protocol import (
-    Connection,
-    DataReceived,
-    LinkSettings,
-    Side,
-    StreamEnded,
-    StreamOpened,
-)
+from shared.protocol import DataReceived, LinkSettings, StreamEnded, StreamOpened
+from tests.support.linkpair import handshaken
 
 PER_STREAM = 256 * 1024  # the initial window: each write is queued at once
 STREAMS = MAX_MESSAGE // PER_STREAM + 2  # more than one message in one flush
@@ -29,14 +23,7 @@ STREAMS = MAX_MESSAGE // PER_STREAM + 2  # more than one message in one flush
 
 async def test_flush_never_sends_ahead_of_what_the_writer_still_holds() -> None:
     loop = asyncio.get_running_loop()
-    settings = LinkSettings()
-    now = loop.time()
-    peer = Connection(Side.CLIENT, settings, accept_streams=True, now=now)
-    conn = Connection(Side.SERVER, settings, accept_streams=False, now=now)
-    peer.send_hello({})
-    conn.receive_data(b"".join(peer.data_to_send()), now)
-    conn.send_welcome({}, now)
-    peer.receive_data(b"".join(conn.data_to_send()), now)
+    peer, conn = handshaken(LinkSettings(), loop.time())
 
     wire: list[bytes] = []
     room: asyncio.Future[None] = loop.create_future()  # the socket's buffer is full until set

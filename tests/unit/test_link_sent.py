@@ -13,19 +13,13 @@ import asyncio
 from collections.abc import Sequence
 
 from shared.link import Link
-from shared.protocol import Connection, LinkSettings, Side
+from shared.protocol import LinkSettings
+from tests.support.linkpair import handshaken
 
 
 async def _gated_pair(gate: asyncio.Event) -> tuple[Link, Link]:
     """(client, server); what the server sends waits for ``gate``."""
-    settings = LinkSettings()
-    now = asyncio.get_running_loop().time()
-    client = Connection(Side.CLIENT, settings, accept_streams=True, now=now)
-    server = Connection(Side.SERVER, settings, accept_streams=False, now=now)
-    client.send_hello({})
-    server.receive_data(b"".join(client.data_to_send()), now)
-    server.send_welcome({}, now)
-    client.receive_data(b"".join(server.data_to_send()), now)
+    client, server = handshaken(LinkSettings(), asyncio.get_running_loop().time())
     links: dict[str, Link] = {}
 
     async def to_server(chunks: Sequence[bytes | memoryview]) -> None:

@@ -30,7 +30,7 @@ from shared.errors import (
     UpstreamTimeout,
 )
 from shared.link import Link, LinkCounters
-from shared.protocol import Connection, LinkSettings, Side
+from shared.protocol import LinkSettings
 from shared.tokens import issue_token, verify_token
 from tenant_agent.cli import _overrides, build_parser
 from tenant_agent.config import load_agent_config
@@ -41,6 +41,7 @@ from tenant_agent.metrics import (
     session_end_reason,
 )
 from tenant_agent.websocket import HandshakeError
+from tests.support.linkpair import handshaken
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
@@ -305,13 +306,7 @@ async def _linked_pair(
     settings: LinkSettings, counters: tuple[LinkCounters, LinkCounters]
 ) -> tuple[Link, Link]:
     """Two links joined back to back in memory (client, server), handshake done."""
-    now = asyncio.get_running_loop().time()
-    client = Connection(Side.CLIENT, settings, accept_streams=True, now=now)
-    server = Connection(Side.SERVER, settings, accept_streams=False, now=now)
-    client.send_hello({})
-    server.receive_data(b"".join(client.data_to_send()), now)
-    server.send_welcome({}, now)
-    client.receive_data(b"".join(server.data_to_send()), now)
+    client, server = handshaken(settings, asyncio.get_running_loop().time())
     links: dict[str, Link] = {}
 
     def sender(peer: str):  # type: ignore[no-untyped-def]
