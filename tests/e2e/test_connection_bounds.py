@@ -8,7 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from harness.factory import ProcFactory
+from harness.procs import CscProc
+from harness.waiting import async_wait_until, http_request
 from tests.support.procs import scaled
 
 OTHER = "127.0.0.2"
@@ -41,11 +45,27 @@ async def _until_served(addr: tuple[str, int]) -> bytes:
         await asyncio.sleep(0.05)
 
 
+async def _until_open(csc: CscProc, count: int) -> None:
+    """Until the node counts ``count`` open connections (``csc_connections``): accepted, not
+    merely connected, however busy the machine."""
+    await async_wait_until(
+        lambda: _open_connections(csc) == count, scaled(10), message=f"{count} accepted"
+    )
+
+
+def _open_connections(csc: CscProc) -> float:
+    _, _, body = http_request(csc.metrics_url)
+    (family,) = [
+        f for f in text_string_to_metric_families(body.decode()) if f.name == "csc_connections"
+    ]
+    return family.samples[0].value
+
+
 async def test_one_address_is_bounded_and_a_refusal_is_read_whole(procs: ProcFactory) -> None:
     csc = procs.csc(env={"CSC_CLIENT_MAX_CONNECTIONS": "2"})
     http, tcp = csc.http_addr, csc.tcp_addr
     held = [await _open(http), await _open(tcp)]
-    await asyncio.sleep(0.2)  # both accepted
+    await _until_open(csc, 2)
     # the refused client is still sending a body far larger than the socket buffers
     body = b"x" * (4 * 1024 * 1024)
     head = b"POST /t/acme@example.com/up HTTP/1.1\r\nHost: csc\r\nContent-Length: %d\r\n\r\n"
@@ -67,7 +87,7 @@ async def test_a_full_node_refuses_at_once(procs: ProcFactory) -> None:
     csc = procs.csc(env={"CSC_MAX_CONNECTIONS": "2", "CSC_CLIENT_MAX_CONNECTIONS": "off"})
     http, tcp = csc.http_addr, csc.tcp_addr
     held = [await _open(http), await _open(tcp, source="127.0.0.1")]
-    await asyncio.sleep(0.2)
+    await _until_open(csc, 2)
     answer = await _answer(http, REQUEST, source="127.0.0.3")
     assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer[:300]
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "node_full"
@@ -85,6 +105,6 @@ async def test_a_tcp_connection_open_when_the_node_stops_ends_quietly(procs: Pro
     fixture fails the test on any)."""
     csc = procs.csc()
     _, writer = await _open(csc.tcp_addr, source="127.0.0.1")
-    await asyncio.sleep(0.2)
+    await _until_open(csc, 1)
     csc.stop()
     writer.close()
