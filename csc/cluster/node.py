@@ -281,7 +281,7 @@ class Cluster:
         waiting for Redis."""
         known = None if self.healthy else self.routes.last_known(alias)
         found = known if known is not None else await self.routes.nodes_for(alias)
-        nodes = [n for n in found if not self.peers.suspect(n.id)]
+        nodes = [n for n in found if not self.peers.suspect(n.id, n.epoch)]
         random.shuffle(nodes)
         return nodes
 
@@ -292,7 +292,7 @@ class Cluster:
         forwarded = {**info, "tenant": tenant}
         for node in await self.nodes_for(alias):
             try:
-                return await self.peers.open(node.id, node.peer, forwarded)
+                return await self.peers.open(node.id, node.peer, node.epoch, forwarded)
             except CSCError as err:
                 last = err
                 log.info("node %s did not take a stream for %s: %s", node.id, alias, err.code)

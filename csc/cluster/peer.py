@@ -75,7 +75,8 @@ ADMISSION_TIMEOUT = 2.0
 #: A holds the admission of a bodyless stream this long at most, to send it with the answer.
 ADMISSION_HOLD = 0.25
 READ_SIZE = 256 * 1024
-#: How long a node whose link could not be dialled is skipped before it is tried again.
+#: How long a node whose link could not be dialled (or broke) is skipped before it is tried
+#: again: that incarnation of it only (its epoch), since one back under the same id is new.
 SUSPECT_FOR = 3.0
 #: A relay credits its source without waiting for the flush while the next hop's link has no
 #: more than this many bytes unsent (see ``_pipe``).
@@ -463,6 +464,8 @@ class _Dialled:
     link: Link
     pump: asyncio.Task[None]
     writer: asyncio.StreamWriter
+    #: the epoch of the node's incarnation that the latest stream was opened for
+    epoch: int
 
 
 @dataclass(eq=False)
@@ -477,29 +480,31 @@ class PeerPool:
     tls: ssl.SSLContext | None = None
     _links: dict[str, _Dialled] = field(default_factory=dict)
     _dialling: dict[str, asyncio.Future[_Dialled]] = field(default_factory=dict)
-    _suspect: dict[str, float] = field(default_factory=dict)
+    _suspect: dict[str, tuple[int, float]] = field(default_factory=dict)  # node: epoch, until
 
     @property
     def up(self) -> int:
         return sum(1 for d in self._links.values() if not d.link.is_closed)
 
-    def suspect(self, node: str) -> bool:
-        """Whether ``node``'s link broke or could not be dialled moments ago (it is then
-        skipped for a few seconds, sooner than its lease would tell)."""
-        until = self._suspect.get(node)
-        if until is None:
+    def suspect(self, node: str, epoch: int) -> bool:
+        """Whether the link to ``node`` under ``epoch`` broke or could not be dialled moments
+        ago (it is then skipped for a few seconds, sooner than its lease would tell). The
+        node back under the same id with another epoch (restarted, or fenced) is not."""
+        mark = self._suspect.get(node)
+        if mark is None:
             return False
-        if until < time.monotonic():
+        if mark[1] < time.monotonic():
             del self._suspect[node]
             return False
-        return True
+        return mark[0] == epoch
 
-    def mark_suspect(self, node: str) -> None:
-        self._suspect[node] = time.monotonic() + SUSPECT_FOR
+    def mark_suspect(self, node: str, epoch: int) -> None:
+        self._suspect[node] = (epoch, time.monotonic() + SUSPECT_FOR)
 
-    async def open(self, node: str, address: str, info: dict[str, Any]) -> PeerStream:
-        """Open a stream to ``node`` and wait for its admission; raises the refusal."""
-        dialled = await self._link(node, address)
+    async def open(self, node: str, address: str, epoch: int, info: dict[str, Any]) -> PeerStream:
+        """Open a stream to ``node`` (its incarnation ``epoch``, as the directory names it)
+        and wait for its admission; raises the refusal."""
+        dialled = await self._link(node, address, epoch)
         stream = dialled.link.open(info)
         if info.get("kind") == "http" and info.get("body") is False:
             stream.write_eof()  # with the OPEN: A may admit it with the agent's answer
@@ -508,33 +513,34 @@ class PeerPool:
             await stream.opened
         except _NotAdmitted:
             stream.reset(Cancelled("no admission in time"))
-            self.mark_suspect(node)  # alive enough to keep its link, too slow to use now
+            self.mark_suspect(node, epoch)  # alive enough to keep its link, too slow to use now
             raise PortalOffline(f"node {node} did not admit the stream in time") from None
         except BaseException:
             stream.finish()
             raise
         return PeerStream(stream, node)
 
-    async def _link(self, node: str, address: str) -> _Dialled:
+    async def _link(self, node: str, address: str, epoch: int) -> _Dialled:
         current = self._links.get(node)
         if current is not None and not current.link.is_closed and current.address == address:
+            current.epoch = epoch  # a fenced node takes a new epoch and keeps its listener
             return current
         if current is not None:
             await self._drop(node)
         waiting = self._dialling.get(node)
         if waiting is None:
-            waiting = asyncio.ensure_future(self._dial(node, address))
+            waiting = asyncio.ensure_future(self._dial(node, address, epoch))
             self._dialling[node] = waiting
             waiting.add_done_callback(lambda _f: self._dialling.pop(node, None))
         try:
             return await asyncio.shield(waiting)
         except (OSError, TimeoutError, CSCError) as exc:
-            self.mark_suspect(node)
+            self.mark_suspect(node, epoch)
             raise PortalOffline(f"node {node} cannot be reached ({exc!r})") from None
 
-    async def _dial(self, node: str, address: str) -> _Dialled:
+    async def _dial(self, node: str, address: str, epoch: int) -> _Dialled:
         try:
-            return await self._dial_once(node, address)
+            return await self._dial_once(node, address, epoch)
         except (ssl.SSLError, ConnectionResetError) as exc:
             if self.tls is None:
                 raise
@@ -546,7 +552,7 @@ class PeerPool:
             log.warning("peer link to node %s (%s) failed: %s", node, address, exc.message)
             raise
 
-    async def _dial_once(self, node: str, address: str) -> _Dialled:
+    async def _dial_once(self, node: str, address: str, epoch: int) -> _Dialled:
         host, port = parse_hostport(address)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(DIAL_TIMEOUT):
@@ -569,7 +575,7 @@ class PeerPool:
                 raise
         link = Link(conn, _sender(writer), name=f"peer to {node}", pending=pending)
         pump = loop.create_task(self._run(node, reader, link), name=f"peer-pump-{node}")
-        dialled = _Dialled(address, link, pump, writer)
+        dialled = _Dialled(address, link, pump, writer, epoch)
         self._links[node] = dialled
         self._suspect.pop(node, None)
         log.info("peer link to node %s (%s) up (%s)", node, address, _transport(writer))
@@ -584,7 +590,7 @@ class PeerPool:
             if current is not None and current.link is link:
                 del self._links[node]
                 _end_transport(current.writer, link)
-                self.mark_suspect(node)  # skipped until it answers a dial again
+                self.mark_suspect(node, current.epoch)  # skipped until it answers a dial again
                 log.info("peer link to node %s down", node)
                 self.on_link_change()
 

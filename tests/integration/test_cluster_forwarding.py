@@ -19,6 +19,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import csc.cluster.node as cluster_node
+from csc.cluster import peer
 from csc.config import CSCConfig
 from csc.relay.limits import burst_for
 from csc.server import Node, running_node
@@ -522,3 +523,51 @@ async def test_a_dead_nodes_routes_are_deleted_by_whoever_finds_it_dead(
 
 def _text_key(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+async def test_a_node_back_under_its_id_is_used_at_once(
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B's peer link to A ends when A stops, so B skips A for a while (a node that just went
+    away is suspect). A started again under the same id is another incarnation (a new
+    epoch): B forwards to it as soon as its agent is up, not once the old one's mark runs
+    out. (A rolling restart met this: the other session of the tenant drained while the
+    only one left was on a node restarted moments before, and B answered portal_offline.)
+    The mark is made to outlast the test, so the test cannot pass by waiting it out."""
+    monkeypatch.setattr(peer, "SUSPECT_FOR", 3600.0)
+    state_dir = tmp_path / "state"
+    token = make_token(state_dir, "acme", [ALIAS])
+    prefix = "t" + os.urandom(4).hex()
+
+    def config(node_id: str) -> CSCConfig:
+        return node_config(state_dir, redis_url, prefix, node_id=node_id)
+
+    async with (
+        asyncio.timeout(scaled(60)),
+        running_node(config("B")) as b,
+        aiohttp.ClientSession() as http,
+    ):
+        cluster_b = b.state.cluster
+        assert cluster_b is not None
+        resolve = f"http://{b.http_address}/v1/resolve/{ALIAS}"
+        tunnel = f"http://{b.http_address}/t/{ALIAS}/small"
+
+        async def online() -> bool:
+            return await _status(http, resolve) == 200
+
+        async with running_node(config("A")) as a, agent_on(a, token, upstream):
+            assert a.state.cluster is not None
+            first_epoch = a.state.cluster.routes.epoch
+            await async_wait_until(online, 10, message="alias online through B")
+            assert await _status(http, tunnel) == 200  # B dials its peer link to A
+        await async_wait_until(
+            lambda: cluster_b.peers.suspect("A", first_epoch),
+            10,
+            message="B marks A suspect when its link goes down",
+        )
+
+        async with running_node(config("A")) as a, agent_on(a, token, upstream):
+            assert a.state.cluster is not None
+            assert a.state.cluster.routes.epoch != first_epoch
+            await async_wait_until(online, 10, message="alias online through B again")
+            assert await _status(http, tunnel) == 200

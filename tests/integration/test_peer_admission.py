@@ -51,17 +51,17 @@ async def test_admitted_and_not_admitted(node_a: str, monkeypatch: pytest.Monkey
     monkeypatch.setattr(peer, "ADMISSION_TIMEOUT", 0.5)
     pool = PeerPool("B", KEY, LinkSettings())
     try:
-        admitted = await pool.open("A", address, dict(INFO))
-        assert admitted.node == "A" and not pool.suspect("A")
+        admitted = await pool.open("A", address, 1, dict(INFO))
+        assert admitted.node == "A" and not pool.suspect("A", 1)
         admitted.finish()
         admit = False
         loop = asyncio.get_running_loop()
         started = loop.time()
         async with asyncio.timeout(scaled(10)):
             with pytest.raises(PortalOffline, match="did not admit"):
-                await pool.open("A", address, dict(INFO))
+                await pool.open("A", address, 1, dict(INFO))
         assert loop.time() - started >= 0.45
-        assert pool.suspect("A")
+        assert pool.suspect("A", 1)
     finally:
         held.set()
         await pool.aclose()

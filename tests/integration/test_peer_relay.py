@@ -86,7 +86,7 @@ async def test_a_request_without_a_body_is_admitted_with_its_answer(
         stream.write_eof()
 
     async with rig(serve) as (pool, address, server):
-        opening = asyncio.ensure_future(pool.open("A", address, dict(INFO)))
+        opening = asyncio.ensure_future(pool.open("A", address, 1, dict(INFO)))
         await async_wait_until(lambda: fin_with_open, scaled(10), 0.01)
         assert fin_with_open == [True], "the agent got the OPEN without its FIN"
         await asyncio.sleep(0.2)
@@ -126,7 +126,7 @@ async def test_a_binary_answer_head_is_passed_on_as_it_came(
         # without a body (A's callbacks) and with one (A's relay task) alike
         for info in (dict(INFO), {**INFO, "method": "POST", "body": True}):
             encoded.clear()
-            forwarded = await asyncio.wait_for(pool.open("A", address, info), scaled(10))
+            forwarded = await asyncio.wait_for(pool.open("A", address, 1, info), scaled(10))
             if info["body"]:
                 await forwarded.write(b"upload")
                 forwarded.write_eof()
@@ -149,7 +149,7 @@ async def test_b_giving_up_reaches_the_agent_at_once(monkeypatch: pytest.MonkeyP
             failed.set_result(err.code)
 
     async with rig(serve) as (pool, address, server):
-        forwarded = await asyncio.wait_for(pool.open("A", address, dict(INFO)), scaled(10))
+        forwarded = await asyncio.wait_for(pool.open("A", address, 1, dict(INFO)), scaled(10))
         forwarded.reset(Cancelled("the client went away"))
         assert await asyncio.wait_for(failed, scaled(10)) == "cancelled"
         await async_wait_until(lambda: server.relaying == 0, scaled(10), 0.01)
@@ -164,7 +164,7 @@ async def test_an_answer_longer_than_the_credit_arrives_whole() -> None:
         stream.write_eof()
 
     async with rig(serve) as (pool, address, server):
-        forwarded = await asyncio.wait_for(pool.open("A", address, dict(INFO)), scaled(10))
+        forwarded = await asyncio.wait_for(pool.open("A", address, 1, dict(INFO)), scaled(10))
         assert (await forwarded.opened)["status"] == 200
         digest, size = hashlib.sha256(), 0
         async with asyncio.timeout(scaled(30)):
@@ -185,7 +185,7 @@ async def test_an_open_the_agent_never_ran_comes_back_unprocessed() -> None:
         agent.conn.go_away("going_away", "moving")  # queued: it crosses A's OPEN
 
     async with rig(serve, leave) as (pool, address, server):
-        forwarded = await asyncio.wait_for(pool.open("A", address, dict(INFO)), scaled(10))
+        forwarded = await asyncio.wait_for(pool.open("A", address, 1, dict(INFO)), scaled(10))
         with pytest.raises(GoingAway):
             await asyncio.wait_for(forwarded.opened, scaled(10))
         assert forwarded.unprocessed
