@@ -39,11 +39,11 @@ from shared.cli_support import (
     EXIT_OK,
     EXIT_USAGE,
     add_log_format_arg,
+    add_version_arg,
     config_file,
     fail,
     load_or_report,
     run_parser,
-    version,
 )
 from shared.config import ConfigError
 from shared.errors import AuthFailed, BadAlias
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="CSC, the alias switching center: relay and token tool."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    add_version_arg(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(commands)
     _check_parser(commands)

@@ -27,10 +27,10 @@ from shared import checks
 from shared.cli_support import (
     EXIT_USAGE,
     add_log_format_arg,
+    add_version_arg,
     config_file,
     load_or_report,
     run_parser,
-    version,
 )
 from shared.config import LOG_LEVELS, ConfigError
 from shared.units import parse_duration
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The reference provisioning portal: users, apps, policies, deployments; "
         "logon and package download for bootloaders. Settings: --config, CSC_PORTAL_<NAME>.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    add_version_arg(parser)
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, Subparsers] = {}
     for spec in COMMANDS:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from shared.config import ConfigError
 
@@ -22,10 +21,31 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def version() -> str:
+    # imported here: importlib.metadata brings email, zipfile, csv and inspect (about 1 MiB
+    # resident), and a serving process never needs it
+    from importlib import metadata
+
     try:
         return metadata.version("csc")
     except metadata.PackageNotFoundError:  # running from a source tree without install
         return "0+unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed package's version, looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show the program's version and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        print(f"{parser.prog} {version()}")
+        parser.exit()
+
+
+def add_version_arg(parser: argparse.ArgumentParser) -> None:
+    """``--version`` (prints ``PROG VERSION`` and exits 0)."""
+    parser.add_argument("--version", action=_VersionAction)
 
 
 def fail(prog: str, message: str, code: int = EXIT_FAILURE) -> int:

@@ -25,10 +25,10 @@ from shared.cli_support import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     add_log_format_arg,
+    add_version_arg,
     config_file,
     load_or_report,
     run_parser,
-    version,
 )
 from shared.config import LOG_LEVELS, ConfigError
 from shared.logsetup import configure_logging
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"The local/DMZ proxy mode has its own options: {PROG} proxy --help. "
         f"{PROG} check [OPTIONS] tries the configuration once without serving.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    add_version_arg(parser)
     parser.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML file (or $CSC_AGENT_CONFIG)"
     )

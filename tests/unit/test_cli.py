@@ -309,3 +309,31 @@ def test_operator_list_on_a_missing_state_dir_creates_nothing(
         assert f"no CSC state in {missing} (csc.db is missing)" in err
         assert "--state-dir" in err and "CSC_STATE_DIR" in err
         assert not missing.exists()
+
+
+# --- --version ---------------------------------------------------------------------------------
+
+
+def test_version_is_looked_up_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Building a parser leaves the installed package's metadata alone (the lookup imports
+    importlib.metadata and scans site-packages at every start); ``--version`` prints it."""
+    from portal import cli as portal_cli
+    from shared import cli_support
+
+    looked_up: list[str] = []
+
+    def version() -> str:
+        looked_up.append("yes")
+        return "9.9.9"
+
+    monkeypatch.setattr(cli_support, "version", version)
+    for module, prog in ((csc_cli, "csc"), (agent_cli, "csc-agent"), (portal_cli, "csc-portal")):
+        parser = module.build_parser()
+        assert not looked_up, prog
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(["--version"])
+        assert exited.value.code == 0
+        assert capsys.readouterr().out == f"{prog} 9.9.9\n"
+        looked_up.clear()
