@@ -20,6 +20,7 @@ opens nothing while draining.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import TYPE_CHECKING, Any
 
 from csc.cluster.peerstream import strip_peer_keys
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
     from csc.cluster.node import Cluster  # redis-py is loaded only when clustered
 
 _slot_ids = itertools.count(1)
+#: in the names of this process's stream slots: a node started again under its id never takes
+#: the name of a slot its last life left in Redis (those expire within the lease)
+_slot_life = os.urandom(4).hex()
 
 
 def lookup_alias(state: NodeState, raw_alias: str) -> tuple[str, Lookup[AgentSession]]:
@@ -204,7 +208,7 @@ async def _take_cluster_slot(
     """A cluster-wide stream slot of ``tenant`` when it has a ``max_streams`` cap."""
     if cap is None:
         return None
-    member = f"{state.node_id}:{next(_slot_ids)}"
+    member = f"{state.node_id}:{_slot_life}:{next(_slot_ids)}"
     taken = await cluster.acquire_slot(tenant, STREAMS, member, cap)
     if taken is None:  # Redis is away: this node's share of the cap
         share = max(1, cap // max(1, cluster.live_nodes))

@@ -21,7 +21,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 import csc.cluster.node as cluster_node
 from csc.cluster import peer
 from csc.config import CSCConfig
-from csc.relay.limits import burst_for
+from csc.relay import routing
+from csc.relay.limits import STREAMS, burst_for
 from csc.server import Node, running_node
 from csc.store import Store
 from csc.tenants import Actor, TenantUpdate
@@ -574,3 +575,32 @@ async def test_a_node_back_under_its_id_is_used_at_once(
             assert a.state.cluster.routes.epoch != first_epoch
             await async_wait_until(online, 10, message="alias online through B again")
             assert await _status(http, tunnel) == 200
+
+
+async def test_stream_slots_of_a_node_back_under_its_id_are_its_own(
+    tmp_path: Path, redis_url: str, upstream: UpstreamServer
+) -> None:
+    """A node killed while streams were open leaves their slots in Redis until they expire;
+    started again under the same id, its new streams must not take those slots' names (one
+    would then count once for two streams and the cap would let one more through)."""
+    async with two_nodes(tmp_path, redis_url) as (a, b, token):
+        cluster_a = a.state.cluster
+        assert cluster_a is not None
+        # slots of the node's last life under the names this life's next streams would take
+        upcoming = next(routing._slot_ids) + 1
+        left = [f"A:{n}" for n in range(upcoming, upcoming + 50)]  # as 0.1.0 named them
+        last_life = "0" * 8 if routing._slot_life != "0" * 8 else "1" * 8
+        left += [f"A:{last_life}:{n}" for n in range(upcoming, upcoming + 50)]
+        key = cluster_a.slots.key("acme", STREAMS)
+        far = time.time() + 3600
+        await cluster_a.redis.zadd(key, {member: far for member in left})
+        _set_limits(tmp_path, (a, b), max_streams=len(left) + 1)
+        async with agent_on(a, token, upstream), aiohttp.ClientSession() as http:
+            await async_wait_until(lambda: len(a.state.sessions) == 1, 10)
+            slow = f"http://{a.http_address}/t/{ALIAS}/bytes/400000?rate=200000"
+            async with http.get(slow) as held:
+                assert held.status == 200
+                async with http.get(f"http://{a.http_address}/t/{ALIAS}/small") as refused:
+                    assert refused.status == 429, "the cap let one stream more through"
+                    assert (await refused.json())["error"] == "tenant_limit"
+                assert len(await held.read()) == 400000
