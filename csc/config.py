@@ -134,7 +134,8 @@ class CSCConfig:
             minimum=1,
             help="connections the node holds at once on the public and TCP listeners, agent "
             "links included; beyond: 503 node_full at once; auto: the open-file limit "
-            "(RLIMIT_NOFILE) less an eighth of it, at least 64, for everything else",
+            "(RLIMIT_NOFILE, whose soft value `csc serve` raises to the hard one at start) "
+            "less an eighth of it, at least 64, for everything else",
         ),
     )
     client_max_connections: int | None = field(

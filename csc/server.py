@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import random
+import resource
 import signal
 import ssl
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from csc.config import CSCConfig
 from csc.metrics import CSCMetrics, start_metrics_listener
 from csc.permissions import check_private
 from csc.relay import gateway
+from csc.relay.conncap import LOW_NODE_BOUND, raise_open_file_limit
 from csc.relay.http_ingress import Ingress
 from csc.relay.http_listener import HttpFront
 from csc.relay.registry import MemoryRegistry
@@ -41,6 +43,7 @@ from csc.state import NodeState, default_node_id
 from csc.store import open_store
 from shared import compiled
 from shared.allocator import return_free_memory
+from shared.config import AUTO
 from shared.errors import GoingAway
 from shared.metrics_http import MetricsServer
 from shared.runtime import install_uvloop, listen_on, write_ready_file
@@ -265,7 +268,27 @@ async def running_node(config: CSCConfig) -> AsyncIterator[Node]:
             await node.stop()
 
 
-async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
+def _log_connection_bounds(state: NodeState, raised: tuple[int, int] | None) -> None:
+    """The open-file limit if ``csc serve`` raised it, the connection bounds in effect, and a
+    warning when ``max_connections = auto`` leaves the node few connections."""
+    if raised is not None:
+        log.info("open files: soft limit raised from %d to %d (the hard limit)", *raised)
+    counts = state.connections
+    log.info("%s", counts.describe())
+    if state.config.max_connections == AUTO and (counts.node_cap or 0) < LOW_NODE_BOUND:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.warning(
+            "the open-file limit (%d) leaves this node %d connections, agent links included: "
+            "raise it (LimitNOFILE in a systemd unit, the container's nofile ulimit) or set "
+            "max_connections",
+            soft,
+            counts.node_cap or 0,
+        )
+
+
+async def run_node(
+    config: CSCConfig, ready_file: Path | None, raised: tuple[int, int] | None = None
+) -> int:
     loop = asyncio.get_running_loop()
     async with running_node(config) as node:
         stop = node.state.stop_requested  # set by a signal or by the admin API's drain
@@ -281,6 +304,7 @@ async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
             config.state_dir,
         )
         log.info("%s", compiled.describe())
+        _log_connection_bounds(node.state, raised)
         if ready_file is not None:
             write_ready_file(
                 ready_file,
@@ -302,4 +326,5 @@ async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
 
 def serve(config: CSCConfig, *, ready_file: Path | None = None) -> int:
     install_uvloop()
-    return asyncio.run(run_node(config, ready_file))
+    raised = raise_open_file_limit()  # before the node's bounds follow it
+    return asyncio.run(run_node(config, ready_file, raised))

@@ -420,18 +420,20 @@ def start_csc(
     metrics_listen: str = "127.0.0.1:0",
     env: Mapping[str, str] | None = None,
     ready_timeout: float = READY_TIMEOUT,
+    launcher: Sequence[str] = (),
     **flags: FlagValue,
 ) -> CscProc:
     """Start ``python -m csc serve`` and wait until it is listening.
 
     ``state_dir`` defaults to ``tmp_path / "csc-state"`` (shared by CSCs of one test, so a
     restarted CSC keeps its keys); the admin API and ``/metrics`` listen on free ports (``"off"``: none);
-    other keyword arguments become flags (see :func:`flag_args`).
+    ``launcher`` is a command that execs the rest (``prlimit --nofile=256:``); other keyword
+    arguments become flags (see :func:`flag_args`).
     """
     state = state_dir if state_dir is not None else tmp_path / "csc-state"
     state.mkdir(mode=0o700, parents=True, exist_ok=True)  # csc serve refuses an open one
     ready = tmp_path / f"csc-{next(_names)}.ready.json"
-    argv = [sys.executable, "-m", "csc", "serve"]
+    argv = [*launcher, sys.executable, "-m", "csc", "serve"]
     argv += flag_args({"listen": listen, "tcp_listen": tcp_listen, "state_dir": state})
     argv += flag_args({"admin_listen": admin_listen, "metrics_listen": metrics_listen})
     argv += flag_args({"ready_file": ready, **flags})

@@ -51,6 +51,28 @@ LOG_EVERY = 10.0
 #: Descriptors ``max_connections = auto`` leaves to everything else, at least
 #: (:data:`MAX_LINGERING` refusals included).
 RESERVED_FDS = 64
+#: What ``csc serve`` raises its soft open-file limit to when the hard one is unlimited (Linux's
+#: default ``fs.nr_open``, the most a process may have).
+NOFILE_CEILING = 1 << 20
+#: A node bound from ``auto`` below this is worth a warning at start (a login shell's usual
+#: limit of 1024 leaves 960).
+LOW_NODE_BOUND = 4096
+
+
+def raise_open_file_limit() -> tuple[int, int] | None:
+    """Raise the soft open-file limit to the hard one (at most :data:`NOFILE_CEILING`), as
+    ``csc serve`` does at start: systemd's own default is 1024 soft, 524288 hard, and expects
+    a program that needs many descriptors to raise the soft limit itself. ``(before, after)``
+    when raised; None when it already was that high or the system refused."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        return None
+    return soft, want
 
 
 def node_bound(setting: int) -> int | None:
@@ -102,6 +124,12 @@ class ConnectionCounts:
     ) -> ConnectionCounts:
         """The bounds ``config`` sets (``max_connections = auto`` resolved now)."""
         return cls(config.client_max_connections, node_bound(config.max_connections), on_refused)
+
+    def describe(self) -> str:
+        """The bounds, for the start-up log."""
+        node = "no bound" if self.node_cap is None else f"at most {self.node_cap}"
+        client = "off" if self.cap is None else f"at most {self.cap}"
+        return f"connections on the public and TCP listeners: {node}; per client address: {client}"
 
     def take(self, ip: str, listener: str) -> str | CSCError:
         """Count a new connection from ``ip``: its address key (hand it to :meth:`close`,

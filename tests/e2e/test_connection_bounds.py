@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from csc.relay import conncap
 from harness.factory import ProcFactory
 from harness.procs import CscProc
 from harness.waiting import async_wait_until, http_request
@@ -54,10 +56,12 @@ async def _until_open(csc: CscProc, count: int) -> None:
 
 
 def _open_connections(csc: CscProc) -> float:
+    return _gauge(csc, "csc_connections")
+
+
+def _gauge(csc: CscProc, name: str) -> float:
     _, _, body = http_request(csc.metrics_url)
-    (family,) = [
-        f for f in text_string_to_metric_families(body.decode()) if f.name == "csc_connections"
-    ]
+    (family,) = [f for f in text_string_to_metric_families(body.decode()) if f.name == name]
     return family.samples[0].value
 
 
@@ -108,3 +112,24 @@ async def test_a_tcp_connection_open_when_the_node_stops_ends_quietly(procs: Pro
     await _until_open(csc, 1)
     csc.stop()
     writer.close()
+
+
+def test_serve_raises_its_open_file_limit_and_says_what_it_allows(procs: ProcFactory) -> None:
+    """``csc serve`` raises its soft open-file limit to the hard one (a systemd service's
+    default soft limit is 1024), ``max_connections = auto`` follows the raised one, and the
+    start-up log says so; a low hard limit gets a warning."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = conncap.NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
+    csc = procs.csc(launcher=["prlimit", "--nofile=256:"])
+    bound = want - max(conncap.RESERVED_FDS, want // 8)
+    assert _gauge(csc, "csc_connections_max") == bound
+    log = csc.stderr_path.read_text()
+    assert f"open files: soft limit raised from 256 to {want} (the hard limit)" in log
+    assert f"on the public and TCP listeners: at most {bound}; per client address: at most " in log
+    assert "leaves this node" not in log
+
+    low = procs.csc(launcher=["prlimit", "--nofile=512:512"])
+    assert _gauge(low, "csc_connections_max") == 512 - conncap.RESERVED_FDS
+    log = low.stderr_path.read_text()
+    assert "soft limit raised" not in log
+    assert "the open-file limit (512) leaves this node 448 connections" in log
