@@ -33,7 +33,7 @@ from csc.config import CSCConfig
 from csc.metrics import CSCMetrics, start_metrics_listener
 from csc.permissions import check_private
 from csc.relay import gateway
-from csc.relay.conncap import LOW_NODE_BOUND, raise_open_file_limit
+from csc.relay.conncap import LOW_NODE_BOUND
 from csc.relay.http_ingress import Ingress
 from csc.relay.http_listener import HttpFront
 from csc.relay.registry import MemoryRegistry
@@ -46,7 +46,7 @@ from shared.allocator import return_free_memory
 from shared.config import AUTO
 from shared.errors import GoingAway
 from shared.metrics_http import MetricsServer
-from shared.runtime import install_uvloop, listen_on, write_ready_file
+from shared.runtime import install_uvloop, listen_on, raise_open_file_limit, write_ready_file
 from shared.runtime import sockname_address as _hostport
 
 log = logging.getLogger("csc")

@@ -491,10 +491,12 @@ def start_agent(
     *,
     log_dir: Path | None = None,
     env: Mapping[str, str] | None = None,
+    launcher: Sequence[str] = (),
 ) -> Proc:
     """Start ``python -m tenant_agent``; it is ready once its alias resolves
-    (see :func:`wait_alias_online`). Logs go to ``log_dir`` (default: a new temp dir)."""
-    argv = [sys.executable, "-m", "tenant_agent"]
+    (see :func:`wait_alias_online`). Logs go to ``log_dir`` (default: a new temp dir);
+    ``launcher`` is a command that execs the rest, as for :func:`start_csc`."""
+    argv = [*launcher, sys.executable, "-m", "tenant_agent"]
     argv += flag_args({"csc": csc_url, "token": token, "upstream": upstream})
     argv += flag_args({"tcp_upstream": tcp_upstream, "sessions": sessions})
     argv += list(extra_args)

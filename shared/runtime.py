@@ -10,6 +10,8 @@ mode), ``csc-portal serve`` and the test suite's helper servers.
   SIGINT ask the running loop to stop (drain, then exit) instead of killing it.
 * :func:`run` / :func:`loop_factory` / :func:`install_uvloop`: the event loop is uvloop when it
   is importable (it is a dependency on Linux), else asyncio's own.
+* :func:`raise_open_file_limit`: the soft open-file limit raised to the hard one (``csc serve``
+  and ``csc-agent`` hold a descriptor per connection).
 * :func:`listen_on`: the ``host``/``port`` or ``sock`` arguments of ``create_server``, with the
   socket bound here when the host is an IP literal (uvloop would resolve it in libuv's thread
   pool).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import resource
 import signal
 import socket
 import sys
@@ -106,6 +109,27 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     """Run a program's main coroutine to its end, on the loop :func:`loop_factory` picks."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
+
+
+#: What :func:`raise_open_file_limit` raises the soft limit to when the hard one is unlimited
+#: (Linux's default ``fs.nr_open``, the most a process may have).
+NOFILE_CEILING = 1 << 20
+
+
+def raise_open_file_limit() -> tuple[int, int] | None:
+    """Raise the soft open-file limit to the hard one (at most :data:`NOFILE_CEILING`):
+    systemd's own default is 1024 soft, 524288 hard, and it expects a program that needs many
+    descriptors to raise the soft limit itself. ``(before, after)`` when raised; None when it
+    already was that high or the system refused."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        return None
+    return soft, want
 
 
 def listen_on(host: str | None, port: int) -> dict[str, Any]:

@@ -51,28 +51,9 @@ LOG_EVERY = 10.0
 #: Descriptors ``max_connections = auto`` leaves to everything else, at least
 #: (:data:`MAX_LINGERING` refusals included).
 RESERVED_FDS = 64
-#: What ``csc serve`` raises its soft open-file limit to when the hard one is unlimited (Linux's
-#: default ``fs.nr_open``, the most a process may have).
-NOFILE_CEILING = 1 << 20
 #: A node bound from ``auto`` below this is worth a warning at start (a login shell's usual
 #: limit of 1024 leaves 960).
 LOW_NODE_BOUND = 4096
-
-
-def raise_open_file_limit() -> tuple[int, int] | None:
-    """Raise the soft open-file limit to the hard one (at most :data:`NOFILE_CEILING`), as
-    ``csc serve`` does at start: systemd's own default is 1024 soft, 524288 hard, and expects
-    a program that needs many descriptors to raise the soft limit itself. ``(before, after)``
-    when raised; None when it already was that high or the system refused."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
-    if soft == resource.RLIM_INFINITY or soft >= want:
-        return None
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ValueError, OSError):
-        return None
-    return soft, want
 
 
 def node_bound(setting: int) -> int | None:

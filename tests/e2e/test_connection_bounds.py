@@ -13,8 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from csc.relay import conncap
 from harness.factory import ProcFactory
-from harness.procs import CscProc
-from harness.waiting import async_wait_until, http_request
+from harness.procs import CscProc, issue_token
+from harness.waiting import async_wait_until, http_request, wait_alias_online
+from shared.runtime import NOFILE_CEILING
 from tests.support.procs import scaled
 
 OTHER = "127.0.0.2"
@@ -117,9 +118,9 @@ async def test_a_tcp_connection_open_when_the_node_stops_ends_quietly(procs: Pro
 def test_serve_raises_its_open_file_limit_and_says_what_it_allows(procs: ProcFactory) -> None:
     """``csc serve`` raises its soft open-file limit to the hard one (a systemd service's
     default soft limit is 1024), ``max_connections = auto`` follows the raised one, and the
-    start-up log says so; a low hard limit gets a warning."""
+    start-up log says so; a low hard limit gets a warning. The agent raises its own too."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = conncap.NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
+    want = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
     csc = procs.csc(launcher=["prlimit", "--nofile=256:"])
     bound = want - max(conncap.RESERVED_FDS, want // 8)
     assert _gauge(csc, "csc_connections_max") == bound
@@ -127,6 +128,13 @@ def test_serve_raises_its_open_file_limit_and_says_what_it_allows(procs: ProcFac
     assert f"open files: soft limit raised from 256 to {want} (the hard limit)" in log
     assert f"on the public and TCP listeners: at most {bound}; per client address: at most " in log
     assert "leaves this node" not in log
+
+    token = issue_token(csc.state_dir, "acme", "acme@example.com")
+    agent = procs.agent(
+        csc.http_url, token, "http://127.0.0.1:9", launcher=["prlimit", "--nofile=256:"]
+    )
+    wait_alias_online(csc.http_url, "acme@example.com")  # logged at start, before connecting
+    assert f"open files: soft limit raised from 256 to {want}" in agent.stderr_path.read_text()
 
     low = procs.csc(launcher=["prlimit", "--nofile=512:512"])
     assert _gauge(low, "csc_connections_max") == 512 - conncap.RESERVED_FDS
