@@ -62,7 +62,8 @@ LOOKUP_TIMEOUT = 1.0
 DIRECTORY_FRESH = 5.0
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
-#: Deletes a route field only if it still holds the given (stale) epoch.
+#: Deletes a hash field only if it still holds the given value (a route's stale epoch, a dead
+#: node's directory entry): what a node wrote since stays.
 _DELETE_IF = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   return redis.call('HDEL', KEYS[1], ARGV[1])
@@ -253,11 +254,14 @@ class RouteTable:
 
     async def read_directory(self) -> dict[str, NodeInfo]:
         """Re-read the live nodes; drops the lookup cache when the route version moved."""
-        raw = await self.redis.hgetall(self.keys.nodes)
+        raw = {
+            _text(node): value
+            for node, value in (await self.redis.hgetall(self.keys.nodes)).items()
+        }
         entries = {
             info.id: info
             for node, value in raw.items()
-            if (info := NodeInfo.from_json(_text(node), value)) is not None
+            if (info := NodeInfo.from_json(node, value)) is not None
         }
         names = sorted(entries)
         leases = await self.redis.mget([self.keys.lease(n) for n in names]) if names else []
@@ -271,8 +275,8 @@ class RouteTable:
         for name, lease in zip(names, leases, strict=True):
             if lease is None and name != self.node_id:  # gone for good: its routes go too
                 await self._clean_after(entries[name])
-        if dead:  # their entries go; a live node writes its own back on its next heartbeat
-            await self.redis.hdel(self.keys.nodes, *dead)
+        for name in dead:  # their entries go, unless rewritten since (a node back under its id)
+            await self._delete_field_if(self.keys.nodes, name, raw[name])
         self.directory = live
         self.directory_read_at = self.clock()
         current = int(version) if version is not None else 0
@@ -359,9 +363,12 @@ class RouteTable:
         lease = await self.redis.get(self.keys.lease(node))
         if lease is not None and _text(lease) == epoch:
             return
+        await self._delete_field_if(self.keys.route(grant), node, epoch)
+
+    async def _delete_field_if(self, key: str, name: str, value: Any) -> None:
         if self._delete_if is None:
             self._delete_if = self.redis.register_script(_DELETE_IF)
-        await self._delete_if(keys=[self.keys.route(grant)], args=[node, epoch])
+        await self._delete_if(keys=[key], args=[name, value])
 
     async def other_sessions(self) -> dict[str, list[dict[str, Any]]]:
         """The session views other live nodes published: node id -> sessions

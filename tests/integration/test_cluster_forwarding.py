@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 import csc.cluster.node as cluster_node
 from csc.cluster import peer
+from csc.cluster.routes import NodeInfo
 from csc.config import CSCConfig
 from csc.relay import routing
 from csc.relay.limits import STREAMS, burst_for
@@ -604,3 +605,30 @@ async def test_stream_slots_of_a_node_back_under_its_id_are_its_own(
                     assert refused.status == 429, "the cap let one stream more through"
                     assert (await refused.json())["error"] == "tenant_limit"
                 assert len(await held.read()) == 400000
+
+
+async def test_a_dead_entry_is_deleted_only_while_it_is_the_same(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B reads the directory, finds A's entry without a matching lease and deletes it. If A
+    (back under its id) wrote a new entry between B's two reads, the new entry stays: B may
+    not hide a live node from everyone until its next heartbeat."""
+    async with two_nodes(tmp_path, redis_url) as (a, b, _token):
+        cluster_a, cluster_b = a.state.cluster, b.state.cluster
+        assert cluster_a is not None and cluster_b is not None
+        nodes = cluster_b.keys.nodes
+        current = cluster_a.routes.me
+        last_life = NodeInfo(current.id, "127.0.0.1:9", current.epoch - 1, False, current.since)
+        await cluster_b.redis.hset(nodes, "A", last_life.to_json())  # what a killed A left
+        mget = cluster_b.redis.mget
+
+        async def a_joins_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            await cluster_a.redis.hset(nodes, "A", current.to_json())
+            return await mget(*args, **kwargs)
+
+        monkeypatch.setattr(cluster_b.redis, "mget", a_joins_meanwhile)
+        await cluster_b.routes.read_directory()
+        monkeypatch.undo()
+        stored = await cluster_b.redis.hget(nodes, "A")
+        assert stored is not None, "B deleted the entry A had just written"
+        assert NodeInfo.from_json("A", stored) == current
