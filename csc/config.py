@@ -147,6 +147,15 @@ class CSCConfig:
             "beyond: 429 too_many_connections at once; off: no bound",
         ),
     )
+    default_max_sessions: int | None = field(
+        default=32,
+        metadata=meta(
+            minimum=1,
+            help="agent sessions one tenant may hold at once on one node when it has no "
+            "`max_sessions` of its own (its link budgets are the node's memory); beyond: 429 "
+            "tenant_limit; off: no bound",
+        ),
+    )
     max_streams_per_session: int = field(
         default=256, metadata=meta(minimum=1, help="concurrent streams on one agent session")
     )

@@ -269,13 +269,17 @@ async def agent_connect(state: NodeState, conn: FrontConnection, request: FrontR
         return
     owner = state.registry.tenant(claims.tenant)
     limits = owner.limits if owner else UNLIMITED
+    own = limits.max_sessions is not None
+    default = state.config.default_max_sessions
+    # a tenant without a cap of its own has the node's default, on this node
+    node_cap = UNLIMITED if own or default is None else Limits(max_sessions=default)
     slot: str | None = None
     try:
         if state.cluster is None:
-            state.limits.acquire_session(claims.tenant, limits)
-        else:  # the cap is the whole cluster's
+            state.limits.acquire_session(claims.tenant, limits if own else node_cap)
+        else:  # the tenant's own cap is the whole cluster's
             slot = await _cluster_session_slot(state, state.cluster, claims.tenant, limits)
-            state.limits.acquire_session(claims.tenant, UNLIMITED)
+            state.limits.acquire_session(claims.tenant, node_cap)
     except TenantLimit as err:
         state.metrics.session_refused(err.code)
         state.metrics.limit_rejected(claims.tenant, err.limit)

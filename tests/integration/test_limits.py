@@ -189,6 +189,8 @@ async def test_the_stream_count_returns_to_zero_on_every_path(tmp_path: Path) ->
 
 
 async def _upgrade(t: TwoTenants) -> tuple[int, str, Any]:
+    """An agent's upgrade request with acme's token: the status, Retry-After and JSON body of
+    a refusal, or (101, "", None) when the CSC switched protocols."""
     headers = {
         "Authorization": f"Bearer {t.relay.token}",
         "Connection": "Upgrade",
@@ -197,6 +199,8 @@ async def _upgrade(t: TwoTenants) -> tuple[int, str, Any]:
         "Sec-WebSocket-Key": "MDEyMzQ1Njc4OWFiY2RlZg==",
     }
     async with t.http.get(f"{t.relay.csc_url}/v1/agent/connect", headers=headers) as resp:
+        if resp.status == 101:
+            return 101, "", None
         return resp.status, resp.headers.get("Retry-After", ""), await resp.json()
 
 
@@ -286,3 +290,27 @@ async def test_one_address_holds_only_its_share_of_a_tenants_streams(tmp_path: P
         await t.streams_drop_to("acme", 0)
         assert t.limiter.client_streams("acme", "127.0.0.1") == 0
         assert (await t.get(ACME))[0] == 200
+
+
+async def test_a_tenant_without_a_cap_holds_at_most_the_nodes_default_sessions(
+    tmp_path: Path,
+) -> None:
+    """A tenant without ``max_sessions`` of its own cannot open sessions without end (each
+    holds a descriptor and link budgets of the node): ``default_max_sessions`` bounds it on
+    the node, and the other tenant still connects. Its own cap, once set, replaces the
+    default."""
+    async with two_tenants(tmp_path, csc={"default_max_sessions": 2}, sessions=2) as t:
+        await async_wait_until(lambda: _acme_sessions(t) == 2, 10, message="two sessions")
+        status, retry, body = await _upgrade(t)
+        assert (status, retry, body["error"]) == (429, "1", "tenant_limit")
+        assert "at most 2" in body["message"]
+        assert _acme_sessions(t) == 2
+        assert (await t.get(ACME))[0] == 200 and (await t.get(BETA))[0] == 200
+
+        await t.set_limits("acme", max_sessions=3)
+        await async_wait_until(
+            lambda: t.relay.node.state.registry.tenant("acme").limits.max_sessions == 3,  # type: ignore[union-attr]
+            10,
+            message="the new cap seen",
+        )
+        assert (await _upgrade(t))[0] == 101
