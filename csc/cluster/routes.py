@@ -56,6 +56,9 @@ log = logging.getLogger("csc.cluster.routes")
 
 #: Seconds a lookup answer (positive or negative) is reused without asking Redis.
 LOOKUP_TTL = 1.0
+#: Lookup answers kept at most (the least recently asked go first): under a ``*@domain`` grant
+#: anyone can ask for aliases without end, each one a lookup of its own.
+LOOKUP_CACHE_MAX = 10_000
 #: Longest wait for Redis on a request's path before the last known answer is used instead.
 LOOKUP_TIMEOUT = 1.0
 #: A directory read older than this is not trusted to tell dead route entries apart.
@@ -331,7 +334,11 @@ class RouteTable:
             self.on_error(exc if isinstance(exc, RedisError) else RedisTimeoutError(slow))
             return self.last_known(alias) or ()
         answer = tuple({n.id: n for n in found}.values())
-        self._cache[alias] = (self.clock() + LOOKUP_TTL, answer)
+        cache = self._cache
+        cache.pop(alias, None)  # to the end: the order is the order of asking
+        if len(cache) >= LOOKUP_CACHE_MAX:
+            del cache[next(iter(cache))]
+        cache[alias] = (self.clock() + LOOKUP_TTL, answer)
         return answer
 
     async def _valid(self, grant: str, entries: dict[Any, Any]) -> list[NodeInfo]:

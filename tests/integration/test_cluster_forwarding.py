@@ -19,7 +19,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import csc.cluster.node as cluster_node
-from csc.cluster import peer
+from csc.cluster import peer, routes
 from csc.cluster.routes import NodeInfo
 from csc.config import CSCConfig
 from csc.relay import routing
@@ -632,3 +632,19 @@ async def test_a_dead_entry_is_deleted_only_while_it_is_the_same(
         stored = await cluster_b.redis.hget(nodes, "A")
         assert stored is not None, "B deleted the entry A had just written"
         assert NodeInfo.from_json("A", stored) == current
+
+
+async def test_lookups_under_a_wildcard_grant_keep_a_bounded_cache(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone may ask for any alias under a ``*@domain`` grant, each a lookup of its own: the
+    answers a node keeps are bounded (the least recently asked go), and the latest stays."""
+    monkeypatch.setattr(routes, "LOOKUP_CACHE_MAX", 20)
+    async with two_nodes(tmp_path, redis_url) as (_a, b, _token):
+        cluster_b = b.state.cluster
+        assert cluster_b is not None
+        for i in range(100):
+            assert await cluster_b.routes.nodes_for(f"device-{i}@wild.example") == ()
+        assert len(cluster_b.routes._cache) == 20
+        assert cluster_b.routes.cached("device-99@wild.example") == ()
+        assert cluster_b.routes.cached("device-0@wild.example") is None
