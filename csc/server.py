@@ -272,17 +272,18 @@ def _log_connection_bounds(state: NodeState, raised: tuple[int, int] | None) -> 
     """The open-file limit if ``csc serve`` raised it, the connection bounds in effect, and a
     warning when ``max_connections = auto`` leaves the node few connections."""
     if raised is not None:
-        log.info("open files: soft limit raised from %d to %d (the hard limit)", *raised)
+        log.info("open files: soft limit raised from %d to %d", *raised)
     counts = state.connections
     log.info("%s", counts.describe())
-    if state.config.max_connections == AUTO and (counts.node_cap or 0) < LOW_NODE_BOUND:
+    cap = counts.node_cap
+    if state.config.max_connections == AUTO and cap is not None and cap < LOW_NODE_BOUND:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         log.warning(
             "the open-file limit (%d) leaves this node %d connections, agent links included: "
             "raise it (LimitNOFILE in a systemd unit, the container's nofile ulimit) or set "
             "max_connections",
             soft,
-            counts.node_cap or 0,
+            cap,
         )
 
 

@@ -633,5 +633,5 @@ async def run_async(config: AgentConfig) -> int:
 def run(config: AgentConfig) -> int:
     raised = runtime.raise_open_file_limit()  # a descriptor per portal connection
     if raised is not None:
-        log.info("open files: soft limit raised from %d to %d (the hard limit)", *raised)
+        log.info("open files: soft limit raised from %d to %d", *raised)
     return runtime.run(run_async(config))

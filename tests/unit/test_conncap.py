@@ -3,12 +3,17 @@ agent link and closes."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from types import SimpleNamespace
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from csc.relay.conncap import MAX_LINGERING, ConnectionCounts
+from csc import server
+from csc.relay.conncap import LOW_NODE_BOUND, MAX_LINGERING, ConnectionCounts
+from shared.config import AUTO
 from shared.errors import NodeFull, TooManyConnections
 
 IPS = ["192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::2", "::ffff:192.0.2.1"]
@@ -69,3 +74,20 @@ def test_lingering_is_bounded() -> None:
         assert counts.may_linger()
     assert not counts.may_linger()
     assert counts.lingering == MAX_LINGERING
+
+
+@pytest.mark.parametrize(
+    ("node_cap", "warned"), [(None, False), (448, True), (LOW_NODE_BOUND, False)]
+)
+def test_the_start_up_log_warns_only_of_a_low_bound(
+    node_cap: int | None, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``auto`` with an unlimited open-file limit has no bound, which is no reason to warn."""
+    state = SimpleNamespace(
+        connections=ConnectionCounts(1024, node_cap), config=SimpleNamespace(max_connections=AUTO)
+    )
+    with caplog.at_level(logging.INFO, logger="csc"):
+        server._log_connection_bounds(state, None)  # type: ignore[arg-type]
+    bound = "no bound" if node_cap is None else f"at most {node_cap}"
+    assert f"public and TCP listeners: {bound}; per client address: at most 1024" in caplog.text
+    assert ("leaves this node" in caplog.text) is warned
