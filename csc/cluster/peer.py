@@ -479,7 +479,9 @@ class PeerPool:
     #: the dialler's TLS context (csc/cluster/peertls.py); None: plain TCP (``peer_tls=false``)
     tls: ssl.SSLContext | None = None
     _links: dict[str, _Dialled] = field(default_factory=dict)
-    _dialling: dict[str, asyncio.Future[_Dialled]] = field(default_factory=dict)
+    #: dials in progress by (node, address): a node back under its id at another address is
+    #: dialled there at once, whatever became of a dial to its old one
+    _dialling: dict[tuple[str, str], asyncio.Future[_Dialled]] = field(default_factory=dict)
     _suspect: dict[str, tuple[int, float]] = field(default_factory=dict)  # node: epoch, until
 
     @property
@@ -527,11 +529,12 @@ class PeerPool:
             return current
         if current is not None:
             await self._drop(node)
-        waiting = self._dialling.get(node)
+        key = (node, address)
+        waiting = self._dialling.get(key)
         if waiting is None:
             waiting = asyncio.ensure_future(self._dial(node, address, epoch))
-            self._dialling[node] = waiting
-            waiting.add_done_callback(lambda _f: self._dialling.pop(node, None))
+            self._dialling[key] = waiting
+            waiting.add_done_callback(lambda _f: self._dialling.pop(key, None))
         try:
             return await asyncio.shield(waiting)
         except (OSError, TimeoutError, CSCError) as exc:
@@ -576,7 +579,11 @@ class PeerPool:
         link = Link(conn, _sender(writer), name=f"peer to {node}", pending=pending)
         pump = loop.create_task(self._run(node, reader, link), name=f"peer-pump-{node}")
         dialled = _Dialled(address, link, pump, writer, epoch)
+        replaced = self._links.get(node)
         self._links[node] = dialled
+        if replaced is not None:  # a dial to the node's other address finished first
+            replaced.link.close(GoingAway("peer link replaced"))
+            replaced.writer.close()
         self._suspect.pop(node, None)
         log.info("peer link to node %s (%s) up (%s)", node, address, _transport(writer))
         self.on_link_change()

@@ -23,7 +23,7 @@ import pytest
 from csc.cluster import peer
 from csc.cluster.peer import PeerPool, PeerServer
 from csc.cluster.peerstream import strip_peer_keys
-from shared.errors import Cancelled, CSCError, GoingAway
+from shared.errors import Cancelled, CSCError, GoingAway, PortalOffline
 from shared.link import Link, StreamHandler
 from shared.linkstream import LinkStream
 from shared.protocol import LinkSettings, heads
@@ -191,3 +191,44 @@ async def test_an_open_the_agent_never_ran_comes_back_unprocessed() -> None:
         assert forwarded.unprocessed
         forwarded.finish()
         await async_wait_until(lambda: server.relaying == 0, scaled(10), 0.01)
+
+
+async def test_a_node_at_a_new_address_is_not_held_up_by_a_dial_to_its_old_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node back under its id at another address: B dials the new address at once, even
+    while a dial to the old one (which accepts and never answers the handshake) still waits,
+    and the old dial's failure, when it comes, marks only the old incarnation suspect."""
+    monkeypatch.setattr(peer, "DIAL_TIMEOUT", scaled(3))
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    async def serve(stream: LinkStream) -> None:
+        stream.accept(HEAD)
+        stream.write_eof()
+
+    old = await asyncio.start_server(silent, "127.0.0.1", 0)
+    old_address = f"127.0.0.1:{old.sockets[0].getsockname()[1]}"
+    try:
+        async with rig(serve) as (pool, address, _server):
+            stale = asyncio.ensure_future(pool.open("A", old_address, 1, dict(INFO)))
+            await asyncio.sleep(0.1)  # the old dial is under way
+            assert not stale.done()
+            started = asyncio.get_running_loop().time()
+            forwarded = await asyncio.wait_for(pool.open("A", address, 2, dict(INFO)), scaled(10))
+            assert (await forwarded.opened)["status"] == 200
+            assert asyncio.get_running_loop().time() - started < peer.DIAL_TIMEOUT / 2
+            forwarded.finish()
+            with pytest.raises(PortalOffline):
+                await stale
+            assert pool.suspect("A", 1) and not pool.suspect("A", 2)
+            again = await asyncio.wait_for(pool.open("A", address, 2, dict(INFO)), scaled(10))
+            assert (await again.opened)["status"] == 200
+            again.finish()
+    finally:
+        for writer in held:
+            writer.close()
+        old.close()
+        await old.wait_closed()
