@@ -268,11 +268,9 @@ async def running_node(config: CSCConfig) -> AsyncIterator[Node]:
             await node.stop()
 
 
-def _log_connection_bounds(state: NodeState, raised: tuple[int, int] | None) -> None:
-    """The open-file limit if ``csc serve`` raised it, the connection bounds in effect, and a
-    warning when ``max_connections = auto`` leaves the node few connections."""
-    if raised is not None:
-        log.info("open files: soft limit raised from %d to %d", *raised)
+def _log_connection_bounds(state: NodeState) -> None:
+    """The connection bounds in effect, and a warning when ``max_connections = auto`` leaves
+    the node few connections."""
     counts = state.connections
     log.info("%s", counts.describe())
     cap = counts.node_cap
@@ -287,9 +285,7 @@ def _log_connection_bounds(state: NodeState, raised: tuple[int, int] | None) -> 
         )
 
 
-async def run_node(
-    config: CSCConfig, ready_file: Path | None, raised: tuple[int, int] | None = None
-) -> int:
+async def run_node(config: CSCConfig, ready_file: Path | None) -> int:
     loop = asyncio.get_running_loop()
     async with running_node(config) as node:
         stop = node.state.stop_requested  # set by a signal or by the admin API's drain
@@ -305,7 +301,7 @@ async def run_node(
             config.state_dir,
         )
         log.info("%s", compiled.describe())
-        _log_connection_bounds(node.state, raised)
+        _log_connection_bounds(node.state)
         if ready_file is not None:
             write_ready_file(
                 ready_file,
@@ -327,5 +323,5 @@ async def run_node(
 
 def serve(config: CSCConfig, *, ready_file: Path | None = None) -> int:
     install_uvloop()
-    raised = raise_open_file_limit()  # before the node's bounds follow it
-    return asyncio.run(run_node(config, ready_file, raised))
+    raise_open_file_limit()  # before the node's bounds follow it
+    return asyncio.run(run_node(config, ready_file))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import resource
 import signal
 import socket
@@ -116,20 +117,22 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 NOFILE_CEILING = 1 << 20
 
 
-def raise_open_file_limit() -> tuple[int, int] | None:
-    """Raise the soft open-file limit to the hard one (at most :data:`NOFILE_CEILING`):
-    systemd's own default is 1024 soft, 524288 hard, and it expects a program that needs many
-    descriptors to raise the soft limit itself. ``(before, after)`` when raised; None when it
-    already was that high or the system refused."""
+def raise_open_file_limit() -> None:
+    """Raise the soft open-file limit to the hard one (at most :data:`NOFILE_CEILING`), and log
+    it: systemd's own default is 1024 soft, 524288 hard, and it expects a program that needs
+    many descriptors to raise the soft limit itself. Nothing when it already was that high or
+    the system refused."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
     if soft == resource.RLIM_INFINITY or soft >= want:
-        return None
+        return
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     except (ValueError, OSError):
-        return None
-    return soft, want
+        return
+    logging.getLogger("shared.runtime").info(
+        "open files: soft limit raised from %d to %d", soft, want
+    )
 
 
 def listen_on(host: str | None, port: int) -> dict[str, Any]:

@@ -631,7 +631,5 @@ async def run_async(config: AgentConfig) -> int:
 
 
 def run(config: AgentConfig) -> int:
-    raised = runtime.raise_open_file_limit()  # a descriptor per portal connection
-    if raised is not None:
-        log.info("open files: soft limit raised from %d to %d", *raised)
+    runtime.raise_open_file_limit()  # a descriptor per portal connection
     return runtime.run(run_async(config))

@@ -52,12 +52,8 @@ async def _until_open(csc: CscProc, count: int) -> None:
     """Until the node counts ``count`` open connections (``csc_connections``): accepted, not
     merely connected, however busy the machine."""
     await async_wait_until(
-        lambda: _open_connections(csc) == count, scaled(10), message=f"{count} accepted"
+        lambda: _gauge(csc, "csc_connections") == count, scaled(10), message=f"{count} accepted"
     )
-
-
-def _open_connections(csc: CscProc) -> float:
-    return _gauge(csc, "csc_connections")
 
 
 def _gauge(csc: CscProc, name: str) -> float:

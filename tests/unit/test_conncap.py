@@ -87,7 +87,7 @@ def test_the_start_up_log_warns_only_of_a_low_bound(
         connections=ConnectionCounts(1024, node_cap), config=SimpleNamespace(max_connections=AUTO)
     )
     with caplog.at_level(logging.INFO, logger="csc"):
-        server._log_connection_bounds(state, None)  # type: ignore[arg-type]
+        server._log_connection_bounds(state)  # type: ignore[arg-type]
     bound = "no bound" if node_cap is None else f"at most {node_cap}"
     assert f"public and TCP listeners: {bound}; per client address: at most 1024" in caplog.text
     assert ("leaves this node" in caplog.text) is warned
