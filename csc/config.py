@@ -196,6 +196,11 @@ class CSCConfig:
     http_body_grace: float = duration_field(
         10.0, "how long a request body may be slower than `http_body_min_rate`"
     )
+    client_send_timeout: float = duration_field(
+        60.0,
+        "longest a client on the public or TCP listener may take none of the bytes waiting for "
+        "it (an answer, tunnelled bytes); then its connection is closed and its stream ended",
+    )
     log_level: str = log_level_field()
     log_format: str = log_format_field()
     access_log: bool = field(

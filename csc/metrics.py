@@ -226,6 +226,15 @@ class CSCMetrics:
             ["listener", "reason"],
             registry=reg,
         )
+        self.connections_stalled = Counter(
+            "csc_connections_stalled",
+            "Client connections closed because the client took none of the bytes waiting for "
+            "it for client_send_timeout, by listener.",
+            ["listener"],
+            registry=reg,
+        )
+        for listener in ("http", "tcp"):
+            self.connections_stalled.labels(listener)  # both series from the start, at 0
         self.auth_failures = Counter(
             "csc_auth_failures",
             "Agent tokens refused at /v1/agent/connect, by reason.",
@@ -256,6 +265,10 @@ class CSCMetrics:
     def connection_refused(self, listener: str, reason: str) -> None:
         """A connection refused as it was accepted (csc/relay/conncap.py)."""
         self.connections_refused.labels(listener, reason).inc()
+
+    def connection_stalled(self, listener: str) -> None:
+        """A client connection closed by its send deadline (shared/sendwatch.py)."""
+        self.connections_stalled.labels(listener).inc()
 
     def track_sessions(self, source: Callable[[], Iterable[_Session]]) -> None:
         """Where the live agent sessions are found at scrape time."""

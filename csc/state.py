@@ -84,7 +84,7 @@ class NodeState:
         self.idle.set()
         self.fresh_catalog = SharedRefresh(self.registry.refresh)
         self.connections = ConnectionCounts.from_config(
-            self.config, self.metrics.connection_refused
+            self.config, self.metrics.connection_refused, self.metrics.connection_stalled
         )
         self.metrics.connections = lambda: (self.connections.total, self.connections.node_cap)
         if self.resolve_key is not None:

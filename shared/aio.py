@@ -16,6 +16,7 @@ from typing import Any
 from shared.errors import CSCError, error_for_code
 from shared.link import Link, LinkCounters
 from shared.linkstream import TunnelStream
+from shared.sendwatch import SendWatch
 
 
 async def splice(
@@ -26,12 +27,14 @@ async def splice(
     reset_code: str,
     chunk_size: int = 256 * 1024,
     traffic: LinkCounters | None = None,
+    watch: SendWatch | None = None,
 ) -> None:
     """Copy bytes both ways between a socket and a stream, with half-close, until both end.
 
     A socket error resets the stream with ``reset_code``; a stream error aborts the socket.
     ``traffic`` (optional) counts this splice's bytes: ``data_sent`` from the socket to the
-    stream, ``data_received`` from the stream to the socket.
+    stream, ``data_received`` from the stream to the socket. ``watch`` (optional) is the
+    socket's send deadline, started whenever bytes wait for the socket's peer.
     """
     tally = traffic if traffic is not None else LinkCounters()
 
@@ -44,6 +47,8 @@ async def splice(
     async def inbound() -> None:
         while data := await stream.read():
             writer.write(data)
+            if watch is not None:
+                watch.start()
             await writer.drain()
             stream.consumed(len(data))
             tally.data_received += len(data)

@@ -78,6 +78,7 @@ class ConnectionCounts:
         "lingering",
         "node_cap",
         "on_refused",
+        "on_stalled",
         "total",
     )
 
@@ -86,12 +87,15 @@ class ConnectionCounts:
         cap: int | None,
         node_cap: int | None = None,
         on_refused: Callable[[str, str], None] | None = None,
+        on_stalled: Callable[[str], None] | None = None,
     ) -> None:
         #: ``client_max_connections``, and the node's bound (None: no bound)
         self.cap, self.node_cap = cap, node_cap
         #: called with the listener (``http``, ``tcp``) and the reason of every refusal
         #: (``client_connections``, ``node_connections``)
         self.on_refused = on_refused
+        #: called with the listener of every connection closed by its send deadline
+        self.on_stalled = on_stalled
         self.total = 0
         #: refused connections lingering now (see the module docstring)
         self.lingering = 0
@@ -101,10 +105,20 @@ class ConnectionCounts:
 
     @classmethod
     def from_config(
-        cls, config: CSCConfig, on_refused: Callable[[str, str], None] | None = None
+        cls,
+        config: CSCConfig,
+        on_refused: Callable[[str, str], None] | None = None,
+        on_stalled: Callable[[str], None] | None = None,
     ) -> ConnectionCounts:
         """The bounds ``config`` sets (``max_connections = auto`` resolved now)."""
-        return cls(config.client_max_connections, node_bound(config.max_connections), on_refused)
+        bound = node_bound(config.max_connections)
+        return cls(config.client_max_connections, bound, on_refused, on_stalled)
+
+    def stalled(self, listener: str) -> None:
+        """A connection of ``listener`` was closed because its client stopped taking the
+        bytes waiting for it (``client_send_timeout``, shared/sendwatch.py)."""
+        if self.on_stalled is not None:
+            self.on_stalled(listener)
 
     def describe(self) -> str:
         """The bounds, for the start-up log."""

@@ -47,6 +47,7 @@ from shared.errors import (
 )
 from shared.headers import request_id_for
 from shared.http1 import CONTINUE, error_response
+from shared.sendwatch import SendWatch
 from shared.wakeup import Wakeup
 
 if TYPE_CHECKING:
@@ -118,6 +119,9 @@ class FrontConnection(asyncio.Protocol):
         self._waiter = Wakeup(self.loop)
         self._drain_waiter = Wakeup(self.loop)
         self._timer: asyncio.TimerHandle | None = None
+        #: bytes handed to the transport, and the send deadline's watch (made when needed)
+        self.handed = 0
+        self._watch: SendWatch | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -188,6 +192,8 @@ class FrontConnection(asyncio.Protocol):
         self.lost = True
         self._release_head()
         self._cancel_timer()
+        if self._watch is not None:
+            self._watch.stop()
         self._parser = None
         self._requests.clear()
         self.front.connections.discard(self)
@@ -199,6 +205,7 @@ class FrontConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._watch_send()
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -286,8 +293,10 @@ class FrontConnection(asyncio.Protocol):
     def send(self, *parts: bytes | memoryview) -> None:
         if not self.lost and self.transport is not None:
             if len(parts) == 1:
+                self.handed += len(parts[0])
                 self.transport.write(parts[0])
             else:
+                self.handed += sum(len(part) for part in parts)
                 self.transport.writelines(parts)
 
     async def drain(self) -> None:
@@ -425,7 +434,7 @@ class FrontConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         if (self._in_head and not self._head_bytes) or not transport.can_write_eof():
-            transport.close()
+            self._close_now()
             return
         try:
             transport.write_eof()
@@ -435,9 +444,45 @@ class FrontConnection(asyncio.Protocol):
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
-        self.loop.call_later(LINGER, transport.close)
+        self._watch_send()
+        self.loop.call_later(LINGER, self._close_now)
+
+    def _close_now(self) -> None:
+        """Close; the send deadline holds while the answer's last bytes wait to be flushed."""
+        if self.transport is not None and not self.lost:
+            self.transport.close()
+            self._watch_send()
 
     # -- bounds ------------------------------------------------------------------------------
+
+    def _watch_send(self) -> None:
+        """Start the send deadline (shared/sendwatch.py) if bytes wait for the client."""
+        if self.transport is None or self.lost:
+            return
+        watch = self._watch
+        if watch is None:
+            timeout = self.config.client_send_timeout
+            watch = self._watch = SendWatch(self.transport, timeout, self._handed, self._stalled)
+        watch.start()
+
+    def _handed(self) -> int:
+        return self.handed
+
+    def _stalled(self) -> None:
+        """The client took no byte for ``client_send_timeout``: it went away, as far as the
+        relay is concerned (the handler resets its stream)."""
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        log.info(
+            "closing %s: it took none of the %d bytes waiting for it in %g s",
+            self.peer,
+            transport.get_write_buffer_size(),
+            self.config.client_send_timeout,
+        )
+        self.front.counts.stalled("http")
+        self._stopped = True
+        transport.abort()
 
     def _idle(self) -> bool:
         """No request is being read, waits or is being answered: a request boundary."""
@@ -473,8 +518,7 @@ class FrontConnection(asyncio.Protocol):
         self._release_head()
         if self._task is None and self.fatal is not None and not self._requests:
             self.error(None, self.fatal)
-            if self.transport is not None:
-                self.transport.close()
+            self._close_now()
         self._wake()
 
     def switch_protocol(self, head: bytes, proto: asyncio.Protocol) -> bool:
@@ -487,6 +531,8 @@ class FrontConnection(asyncio.Protocol):
             return False
         self._release_head()
         self._cancel_timer()
+        if self._watch is not None:  # the link has its own deadlines (stuck_timeout)
+            self._watch.stop()
         self._stopped = True
         self.transport = None
         self.front.connections.discard(self)
@@ -562,7 +608,7 @@ class FrontConnection(asyncio.Protocol):
         elif idle:
             if now >= self._idle_since + config.http_keepalive_timeout:
                 self._stopped = True
-                self.transport.close()
+                self._close_now()
                 return
         elif (
             (request := self._parsing) is not None

@@ -25,6 +25,7 @@ from csc.state import NodeState
 from shared.aio import splice
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
 from shared.link import LinkCounters
+from shared.sendwatch import SendWatch
 
 log = logging.getLogger("csc.tcp")
 
@@ -88,21 +89,41 @@ def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
         peer = writer.get_extra_info("peername")
         counts = state.connections
         counted = counts.take(str(peer[0]) if peer else "", "tcp")
+        traffic = LinkCounters()
+        watch = SendWatch(
+            writer.transport,
+            state.config.client_send_timeout,
+            lambda: traffic.data_received,
+            lambda: _stalled(state, writer),
+        )
         try:
             if isinstance(counted, CSCError):
                 await _refuse_connection(counts, reader, writer, counted)
             else:
-                await _serve(state, reader, writer)
+                await _serve(state, reader, writer, traffic, watch)
         except asyncio.CancelledError:
             # the node stops with the connection open: nothing awaits this task, and asyncio
             # 3.11's stream callback would log a cancelled one as an error (traceback)
             pass
         finally:
             writer.close()
+            watch.start()  # the last bytes must leave too
             if isinstance(counted, str):
                 counts.close(counted)
 
     return handle
+
+
+def _stalled(state: NodeState, writer: asyncio.StreamWriter) -> None:
+    """The client took no byte for ``client_send_timeout`` (shared/sendwatch.py)."""
+    log.info(
+        "closing %s: it took none of the %d bytes waiting for it in %g s",
+        writer.get_extra_info("peername"),
+        writer.transport.get_write_buffer_size(),
+        state.config.client_send_timeout,
+    )
+    state.connections.stalled("tcp")
+    writer.transport.abort()
 
 
 async def _refuse_connection(
@@ -129,7 +150,11 @@ async def _refuse_connection(
 
 
 async def _serve(
-    state: NodeState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    state: NodeState,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    traffic: LinkCounters,
+    watch: SendWatch,
 ) -> None:
     request_id = uuid.uuid4().hex
     started = time.monotonic()
@@ -137,7 +162,6 @@ async def _serve(
     client = f"{peer[0]}:{peer[1]}" if peer else "?"
     tenant: str | None = None
     record = accesslog.RequestRecord("tcp", request_id, client, started)
-    traffic = LinkCounters()
     try:
         raw_alias = record.alias = await _read_alias(reader, state.config.tcp_handshake_timeout)
         alias, found = lookup_alias(state, raw_alias)
@@ -163,7 +187,9 @@ async def _serve(
                 record.status = exc.spec.http_status
                 return
             writer.write(b"OK\r\n")
-            await splice(stream, reader, writer, reset_code=Cancelled.code, traffic=traffic)
+            await splice(
+                stream, reader, writer, reset_code=Cancelled.code, traffic=traffic, watch=watch
+            )
         finally:
             record.bytes_in, record.bytes_out = traffic.data_sent, traffic.data_received
 

@@ -5,7 +5,9 @@ JSON shape of every answer the listener gives by itself (csc/relay/http_front.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,13 @@ def _settings(**given: Any) -> dict[str, Any]:
     return {k: v for k, v in given.items() if k in CSCConfig.__dataclass_fields__}
 
 
-async def _connect(r: Relay) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+def _http_address(r: Relay) -> tuple[str, int]:
     host, _, port = r.node.http_address.rpartition(":")
-    return await asyncio.open_connection(host.strip("[]"), int(port))
+    return host.strip("[]"), int(port)
+
+
+async def _connect(r: Relay) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(*_http_address(r))
 
 
 def _error(body: bytes) -> str:
@@ -217,3 +223,99 @@ async def test_agent_that_never_answers_gets_504_after_open_timeout(
             await r.node.state.idle.wait()
         writer.close()
         answered.set()
+
+
+def _small_window_socket() -> socket.socket:
+    """A client socket that takes few bytes before the sender must wait for it to read."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    return sock
+
+
+def _stalled(r: Relay, listener: str) -> float | None:
+    name = "csc_connections_stalled_total"
+    return r.node.state.metrics.registry.get_sample_value(name, {"listener": listener})
+
+
+def _connections(r: Relay) -> int:
+    """Connections the node counts (its agent's links among them)."""
+    return r.node.state.connections.total
+
+
+async def _until_connections(r: Relay, count: int, limit: float) -> None:
+    """Wait until the node counts ``count`` connections and has no stream."""
+    async with asyncio.timeout(limit):
+        while _connections(r) != count:
+            await asyncio.sleep(0.05)
+        await r.node.state.idle.wait()
+
+
+async def test_a_client_that_stops_reading_a_response_is_closed(tmp_path: Path) -> None:
+    """A bootloader that asks for a big download and reads none of it: once no byte has left
+    for ``client_send_timeout``, the connection is closed and the stream ended (before: the
+    connection, its stream and the window's bytes were held for as long as the client lived)."""
+    csc = _settings(client_send_timeout=1.0)
+    async with relay(tmp_path, csc=csc) as r:
+        loop, before = asyncio.get_running_loop(), _connections(r)
+        sock = _small_window_socket()
+        await loop.sock_connect(sock, _http_address(r))
+        request = f"GET /t/{ALIAS}/bytes/{256 * 1024 * 1024} HTTP/1.1\r\nHost: x\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        assert (await loop.sock_recv(sock, 1024)).startswith(b"HTTP/1.1 200")
+        await _until_connections(r, before, scaled(20))
+        assert (_stalled(r, "http"), _stalled(r, "tcp")) == (1, 0)
+        sock.close()
+        # the node serves on: the next client gets its answer
+        reader, writer = await _connect(r)
+        writer.write(f"GET /t/{ALIAS}/small HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+
+
+async def test_a_slow_reader_that_keeps_reading_is_served(tmp_path: Path) -> None:
+    """The send deadline counts from the last byte the client took, not from when the CSC
+    started to wait: a client reading slowly but steadily is never cut off."""
+    timeout = scaled(2.0)
+    async with relay(tmp_path, csc=_settings(client_send_timeout=timeout)) as r:
+        loop, before = asyncio.get_running_loop(), _connections(r)
+        sock = _small_window_socket()
+        await loop.sock_connect(sock, _http_address(r))
+        request = f"GET /t/{ALIAS}/bytes/{256 * 1024 * 1024} HTTP/1.1\r\nHost: x\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        got, until = 0, loop.time() + 3 * timeout
+        while loop.time() < until:  # a few KiB every 50 ms: far slower than the relay
+            chunk = await loop.sock_recv(sock, 4096)
+            assert chunk, f"closed by the CSC after {got} bytes"
+            got += len(chunk)
+            await asyncio.sleep(0.05)
+        assert _connections(r) == before + 1
+        assert _stalled(r, "http") == 0
+        sock.close()
+        await _until_connections(r, before, scaled(20))
+
+
+async def test_a_tcp_client_that_stops_reading_is_closed(tmp_path: Path) -> None:
+    """The TCP listener too: a client that sends to an echo portal and never reads what comes
+    back is closed once nothing has left for ``client_send_timeout``."""
+    async with relay(tmp_path, csc=_settings(client_send_timeout=1.0)) as r:
+        loop, before = asyncio.get_running_loop(), _connections(r)
+        sock = _small_window_socket()
+        await loop.sock_connect(sock, r.tcp_address)
+        await loop.sock_sendall(sock, f"CONNECT {ALIAS}\r\n".encode())
+        assert await loop.sock_recv(sock, 4) == b"OK\r\n"
+
+        async def flood() -> None:
+            with contextlib.suppress(OSError):
+                while True:  # the echo sends it all back; none of it is read
+                    await loop.sock_sendall(sock, b"x" * 65536)
+
+        sending = asyncio.ensure_future(flood())
+        try:
+            await _until_connections(r, before, scaled(20))
+            assert (_stalled(r, "http"), _stalled(r, "tcp")) == (0, 1)
+        finally:
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending
+            sock.close()

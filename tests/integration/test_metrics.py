@@ -47,6 +47,7 @@ ALLOWED_LABELS = {
         "state",
         "code",
         "result",
+        "listener",
     ),
     *("version", "le"),
     # prometheus-client: python_info, python_gc_*

@@ -58,6 +58,9 @@ class FakeTransport(asyncio.Transport):
         for part in parts:
             self.write(part)
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # every write is taken at once
+
     def can_write_eof(self) -> bool:
         return True
 
