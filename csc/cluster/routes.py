@@ -356,11 +356,18 @@ class RouteTable:
 
     async def _clean_after(self, dead: NodeInfo) -> None:
         """Delete the routes a node without a lease left (those of its epoch only: were it to
-        come back, it would register under a new one)."""
+        come back, it would register under a new one), and take them out of its route list:
+        only those read, since the node back under its id may have listed routes since, and
+        not one it registered again meanwhile (its route names the node still)."""
         routes = self.keys.routes_of(dead.id)
-        for grant in await self.redis.smembers(routes):
+        grants = await self.redis.smembers(routes)
+        for grant in grants:
             await self._delete_stale(_text(grant), dead.id, str(dead.epoch))
-        await self.redis.delete(routes)
+        if grants:
+            await self.redis.srem(routes, *grants)
+        for grant in grants:  # listed again meanwhile by the node back under its id: it stays
+            if await self.redis.hget(self.keys.route(_text(grant)), dead.id) is not None:
+                await self.redis.sadd(routes, grant)
 
     async def _delete_stale(self, grant: str, node: str, epoch: str) -> None:
         if node == self.node_id and epoch == str(self.epoch):

@@ -634,6 +634,45 @@ async def test_a_dead_entry_is_deleted_only_while_it_is_the_same(
         assert NodeInfo.from_json("A", stored) == current
 
 
+async def test_routes_a_node_adds_while_its_last_life_is_cleaned_stay_listed(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node cleans up after a node X whose lease is gone (read_directory): it deletes X's
+    old routes and takes them out of X's route list. If X, back under its id, listed routes between B's read of
+    that list and its cleanup (a new one, and one of its last life again), both stay listed
+    (before: the whole list was deleted, so X's routes were never cleaned up after its next
+    death)."""
+    async with two_nodes(tmp_path, redis_url) as (_a, b, _token):
+        cluster_b = b.state.cluster
+        assert cluster_b is not None
+        keys, redis = cluster_b.keys, cluster_b.redis
+        gone = NodeInfo("X", "127.0.0.1:9", 7, False, 0.0)  # left out of the directory:
+        # only this test's cleanup runs, not the nodes' own directory reads
+        for grant in ("old@x.example", "again@x.example"):
+            await redis.sadd(keys.routes_of("X"), grant)
+            await redis.hset(keys.route(grant), "X", "7")
+        smembers = redis.smembers
+
+        async def x_registers_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            members = await smembers(*args, **kwargs)
+            for grant in ("new@x.example", "again@x.example"):  # as register() does
+                await redis.sadd(keys.routes_of("X"), grant)
+                await redis.hset(keys.route(grant), "X", "8")
+            return members
+
+        monkeypatch.setattr(redis, "smembers", x_registers_meanwhile)
+        await cluster_b.routes._clean_after(gone)
+        monkeypatch.undo()
+        assert await redis.hget(keys.route("old@x.example"), "X") is None
+        assert _texts([await redis.hget(keys.route("again@x.example"), "X")]) == {"8"}
+        listed = _texts(await redis.smembers(keys.routes_of("X")))
+        assert listed == {"new@x.example", "again@x.example"}
+
+
+def _texts(values: Any) -> set[str]:
+    return {v.decode() if isinstance(v, bytes) else str(v) for v in values}
+
+
 async def test_lookups_under_a_wildcard_grant_keep_a_bounded_cache(
     tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
