@@ -15,6 +15,7 @@ from csc.config import CSCConfig
 from csc.metrics import CSCMetrics
 from csc.relay.conncap import ConnectionCounts
 from csc.relay.freshread import SharedRefresh
+from csc.relay.growth import GrowthPools
 from csc.relay.limits import Admissions, TenantLimiter
 from csc.relay.registry import Registry
 from csc.relay.traffic import LastSeen, TrafficHistory
@@ -76,12 +77,16 @@ class NodeState:
     fresh_catalog: SharedRefresh = field(init=False)
     #: open connections per client address on the public and TCP listeners (csc/relay/conncap.py)
     connections: ConnectionCounts = field(init=False)
+    #: bounds on the stream-window growth of the agent sessions, per tenant and in all
+    #: (csc/relay/growth.py)
+    growth: GrowthPools = field(init=False)
 
     def __post_init__(self) -> None:
         self.link_settings = LinkSettings.from_config(
             self.config, max_streams=self.config.max_streams_per_session
         )
         self.idle.set()
+        self.growth = GrowthPools(self.config.tenant_window_growth, self.config.node_window_growth)
         self.fresh_catalog = SharedRefresh(self.registry.refresh)
         self.connections = ConnectionCounts.from_config(
             self.config, self.metrics.connection_refused, self.metrics.connection_stalled

@@ -350,6 +350,7 @@ async def _run_session(
         await _close(ws, err, ws.abort)
         return
     _welcome(state, session)
+    conn.pool = state.growth.take(session.tenant)  # given back in _session_down
     try:
         await run_websocket(ws, session.link, session.traffic, ws.abort)
     finally:
@@ -434,6 +435,8 @@ async def _session_down(state: NodeState, session: AgentSession, ws: ServerWebSo
     reason = link.closed.result() if link.closed.done() else None
     state.metrics.session_closed(session.tenant, reason, ws.close_code)
     await link.aclose()
+    if link.conn.pool is not None:  # the link's growth went back with its streams
+        state.growth.give(session.tenant)
     if not ws.closed:
         await _close(ws, reason or GoingAway("session ended"), ws.abort)
     why = reason.message if reason else "closed"

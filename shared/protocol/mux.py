@@ -17,6 +17,9 @@ Invariants:
   ``session_budget - initial_window``, so the sum of the windows stays within
   ``session_budget + (live_streams - 1) * initial_window`` (§5). Credit already granted is never
   taken back, so streams opened after a window grew still get ``initial_window`` each.
+- With a :class:`~shared.protocol.windows.GrowthPool` (``pool``), growth also stays within
+  the pool's room, and the pool holds exactly the growth of this link's live streams (given
+  back when a stream ends or the link closes).
 - OPEN / OPEN_OK heads are binary (shared/protocol/heads.py, flag BINARY) only when both sides
   announced 1.1 or later (``binary_heads``), and only for heads the binary layout carries
   exactly; all others are JSON. A binary head is accepted only under the same condition.
@@ -90,7 +93,7 @@ from shared.protocol.stream_state import (
     command,
     transition,
 )
-from shared.protocol.windows import update_threshold, window_growth
+from shared.protocol.windows import GrowthPool, update_threshold, window_growth
 
 
 class Connection(Heartbeat):
@@ -118,6 +121,8 @@ class Connection(Heartbeat):
         self._max_remote_id = 0
         self._counts = {True: 0, False: 0}  # live streams opened locally / by the peer
         self._window_total = 0
+        #: shared bound on window growth with other links (None: this link's budget only)
+        self.pool: GrowthPool | None = None
         self._last_received = now
         self._last_ping_sent: float | None = None
         self._ping_outstanding: tuple[bytes, float] | None = None
@@ -365,6 +370,9 @@ class Connection(Heartbeat):
         if stream is not None:
             self._window_total -= stream.recv_window
             self._counts[stream.local] -= 1
+            pool = self.pool
+            if pool is not None and stream.recv_window > self.settings.initial_window:
+                pool.give(stream.recv_window - self.settings.initial_window)
 
     def _state_of(self, sid: int) -> tuple[Stream | None, StreamState]:
         """The live stream ``sid`` and its state, or None and IDLE (never opened) or CLOSED."""
@@ -409,16 +417,22 @@ class Connection(Heartbeat):
         s = self.settings
         if self.rtt is None or stream.last_update_at is None:
             return 0
+        room = s.session_budget - self._window_total
+        pool = self.pool
+        if pool is not None:
+            room = min(room, pool.room())
         delta = window_growth(
             window=stream.recv_window,
             unacked=stream.recv_unacked,
             interval=now - stream.last_update_at,
             rtt=self.rtt,
             max_window=s.max_window,
-            room=max(s.session_budget - self._window_total, 0),
+            room=max(room, 0),
         )
         stream.recv_window += delta
         self._window_total += delta
+        if pool is not None and delta:
+            pool.take(delta)
         return delta
 
     def _stream_error(self, sid: int, err: CSCError) -> None:

@@ -32,3 +32,38 @@ def window_growth(
     rate = unacked / max(interval, 1e-6)  # bytes/s consumed since the last update
     target = min(MAX_GROWTH * window, max(2 * window, int(2 * rate * rtt)))
     return max(min(target - window, max_window - window, room), 0)
+
+
+class GrowthPool:
+    """Bytes by which receive windows may grow beyond ``initial_window``, shared by links.
+
+    A link's ``session_budget`` bounds its own windows; a pool bounds the growth of every link
+    that draws on it (the CSC: one per tenant, for the tenant's agent sessions on the node,
+    under one for the whole node), so that many sessions do not multiply what one may buffer.
+    Invariant: ``held`` is the growth of the live streams of the links on the pool (and its
+    children's, for a parent) and never exceeds ``budget`` through :meth:`take` of at most
+    :meth:`room`.
+    """
+
+    def __init__(self, budget: int, parent: GrowthPool | None = None) -> None:
+        self.budget = budget
+        self.parent = parent
+        self.held = 0
+
+    def room(self) -> int:
+        """Growth still allowed, here and in every parent."""
+        room = self.budget - self.held
+        parent = self.parent
+        while parent is not None:
+            room = min(room, parent.budget - parent.held)
+            parent = parent.parent
+        return max(room, 0)
+
+    def take(self, size: int) -> None:
+        pool: GrowthPool | None = self
+        while pool is not None:
+            pool.held += size
+            pool = pool.parent
+
+    def give(self, size: int) -> None:
+        self.take(-size)

@@ -63,6 +63,7 @@ from shared.protocol import (
 )
 from shared.protocol.codec import FLAG_ACK, FLAG_FIN, HARD_MAX_PAYLOAD, encode_json, encode_u32
 from shared.protocol.stream_state import transition
+from shared.protocol.windows import GrowthPool
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -964,6 +965,43 @@ def test_new_streams_after_growth_still_get_the_initial_window() -> None:
     assert extra <= 256 * KiB
 
 
+def test_growth_of_links_on_one_pool_stays_within_it() -> None:
+    """Two links (two sessions of one tenant) on one pool: together they grow their windows by
+    no more than the pool allows, although each link's own budget would allow more; the pool
+    gets back what a stream held when it ends, and all of it when a link closes."""
+    pool = GrowthPool(256 * KiB)
+    links = [Pair(tuned(session_budget=4 * MiB), tuned(), latency=0.02) for _ in range(2)]
+    for p in links:
+        p.handshake()
+        p.client.pool = pool
+    first = [links[0].open(), links[0].open()]
+    for sid in first:
+        stream_download(links[0], sid, 4 * MiB)
+    assert pool.held == 256 * KiB == links[0].client.window_total - 2 * 64 * KiB
+    other = links[1].open()
+    assert stream_download(links[1], other, 2 * MiB) == [64 * KiB]  # the pool is spent
+    p = links[0]
+    p.server.send_fin(first[0])
+    p.client.send_fin(first[0])
+    p.pump()
+    assert pool.held == p.client.window_total - 64 * KiB < 256 * KiB
+    assert stream_download(links[1], other, 4 * MiB)[-1] > 64 * KiB  # room again: it grows
+    p.client.close()
+    links[1].client.close()
+    assert pool.held == 0
+
+
+def test_a_pool_bounds_its_children_through_its_parent() -> None:
+    node = GrowthPool(100)
+    a, b = GrowthPool(80, node), GrowthPool(80, node)
+    a.take(70)
+    assert (a.room(), b.room(), node.room()) == (10, 30, 30)
+    b.take(30)
+    assert (a.room(), b.room(), node.held) == (0, 0, 100)
+    a.give(70)
+    assert (a.room(), b.room(), node.held) == (70, 50, 30)
+
+
 def test_window_returns_to_the_budget_when_a_stream_ends() -> None:
     p = Pair(tuned(), tuned(), latency=0.02)
     p.handshake()
@@ -1285,6 +1323,8 @@ SM_SETTINGS = LinkSettings(
     heartbeat_timeout=1e9,
 )
 PATTERN = bytes(i % 251 for i in range(64 * KiB))
+#: Growth pools of the state machine: each side's, and the one both sides' are under.
+SM_POOL = (12 * KiB, 16 * KiB)
 
 
 class LinkMachine(RuleBasedStateMachine):
@@ -1296,6 +1336,10 @@ class LinkMachine(RuleBasedStateMachine):
         super().__init__()
         self.p = Pair(SM_SETTINGS, SM_SETTINGS, latency=0.005)
         self.p.handshake()
+        # both sides draw on pools smaller than their budget, under one they share
+        self.node = GrowthPool(SM_POOL[1])
+        self.p.client.pool = GrowthPool(SM_POOL[0], self.node)
+        self.p.server.pool = GrowthPool(SM_POOL[0], self.node)
         self.sent: dict[tuple[str, int], bytearray] = {}
         self.got: dict[tuple[str, int], bytearray] = {}
         self.ended: set[tuple[str, int]] = set()
@@ -1459,6 +1503,10 @@ class LinkMachine(RuleBasedStateMachine):
             extra = sum(st_.recv_window - s.initial_window for st_ in live)
             assert extra <= max(s.session_budget - s.initial_window, 0)
             assert total <= s.session_budget + max(len(live) - 1, 0) * s.initial_window
+            assert conn.pool is not None
+            assert conn.pool.held == extra <= conn.pool.budget
+        assert self.node.held == self.p.client.pool.held + self.p.server.pool.held  # type: ignore[union-attr]
+        assert self.node.held <= self.node.budget
 
     @invariant()
     def data_in_order_and_complete(self) -> None:
