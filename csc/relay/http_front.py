@@ -474,11 +474,13 @@ class FrontConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.lost:
             return
+        answering = self._requests[0].request_id if self._requests else ""
         log.info(
             "closing %s: it took none of the %d bytes waiting for it in %g s",
             self.peer,
             transport.get_write_buffer_size(),
             self.config.client_send_timeout,
+            extra={"request_id": answering},
         )
         self.front.counts.stalled("http")
         self._stopped = True
