@@ -350,7 +350,8 @@ async def _run_session(
         await _close(ws, err, ws.abort)
         return
     _welcome(state, session)
-    conn.pool = state.growth.take(session.tenant)  # given back in _session_down
+    # no await since the bind: no stream has opened on the link yet; given back in _session_down
+    conn.pool = state.growth.take(session.tenant)
     try:
         await run_websocket(ws, session.link, session.traffic, ws.abort)
     finally:
