@@ -165,13 +165,13 @@ class CSCConfig:
         "session_budget", help="buffered bytes allowed per agent session"
     )
     tenant_window_growth: int = size_field(
-        256 * MIB,
+        64 * MIB,
         "bytes by which the stream windows of one tenant's agent sessions on this node may "
         "grow beyond `initial_window`, all sessions together",
         minimum=0,
     )
     node_window_growth: int = size_field(
-        1024 * MIB,
+        256 * MIB,
         "bytes by which the stream windows of all agent sessions on this node may grow beyond "
         "`initial_window`, all tenants together",
         minimum=0,

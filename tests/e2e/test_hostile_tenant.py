@@ -8,7 +8,8 @@ connections, oversized heads, unfinished heads just under the per-connection bou
 request bodies to A's alias, request-smuggling shapes, endless ``CONNECT`` lines on the TCP
 ingress, a connect/close loop; A's agents: one floods PINGs and never reads (connecting again
 each time the CSC drops it), two answer with a body shorter / longer than their
-``Content-Length``, and A's clients keep asking them.
+``Content-Length``, and A's clients keep asking them; anonymous clients ask B's portal for
+big downloads and stop reading (ended by the CSC's send deadline, ``client_send_timeout``).
 
 Asserted:
 
@@ -19,6 +20,9 @@ Asserted:
   stalled link or a full head buffer shows as seconds or as failures) and far above the
   scheduling noise of a 2-core machine running the attackers, the CSC and two busy loops.
 * The CSC's RSS, sampled every 0.5 s, stays under :data:`RSS_CEILING` during the storm.
+  The stalled downloads take windows that grew while the clients' socket buffers filled:
+  bounded by B's `tenant_window_growth` (64 MiB by default; at 256 MiB the peak was 239 MiB).
+* Every stalled download is ended by the send deadline (a short body), none served whole.
 * :data:`SETTLE_SECONDS` after the storm (every attack connection closed), the CSC's RSS is
   within :data:`RSS_RETURN_MARGIN` of its size at rest (measured after the baseline phase),
   and the CSC still serves B.
@@ -78,7 +82,16 @@ IDLE_CONNECTIONS = 500
 UNFINISHED_HEADS = 400
 
 #: every attack client tallies under its kind; each must have run
-ATTACK_KINDS = ("slowloris", "idle", "oversized", "unfinished", "slowbody", "smuggling", "connect")
+ATTACK_KINDS = (
+    "slowloris",
+    "idle",
+    "oversized",
+    "unfinished",
+    "slowbody",
+    "smuggling",
+    "connect",
+    "stalled",
+)
 
 B_ALIAS = "app@bravo.example"
 A_SHORT = "short@alpha.example"
@@ -88,6 +101,10 @@ A_FLOOD = "flood@alpha.example"
 #: The CSC's hardening settings are its defaults but for these (scaled): the flooding agent is
 #: dropped after STUCK_TIMEOUT, so it connects and floods again several times per storm.
 STUCK_TIMEOUT = 5.0
+#: Anonymous clients stall downloads of B's portal: the CSC closes them after SEND_TIMEOUT.
+SEND_TIMEOUT = 3.0
+STALLED_DOWNLOADS = 10
+STALLED_SIZE = 64 * MiB
 
 
 @dataclass
@@ -153,7 +170,11 @@ async def test_hostile_tenant_harms_neither_b_nor_the_csc(
     # every client here, B's included, is 127.0.0.1: a bound per client address would count
     # them as one (tests/integration/test_connection_cap.py checks that bound apart)
     csc = procs.csc(
-        env={"CSC_STUCK_TIMEOUT": str(scaled(STUCK_TIMEOUT)), "CSC_CLIENT_MAX_CONNECTIONS": "off"}
+        env={
+            "CSC_STUCK_TIMEOUT": str(scaled(STUCK_TIMEOUT)),
+            "CSC_CLIENT_SEND_TIMEOUT": str(scaled(SEND_TIMEOUT)),
+            "CSC_CLIENT_MAX_CONNECTIONS": "off",
+        }
     )
     b_token = issue_token(csc.state_dir, "bravo", B_ALIAS)
     a_token = issue_token(csc.state_dir, "alpha", [A_SHORT, A_LONG, A_FLOOD])
@@ -196,6 +217,16 @@ async def test_hostile_tenant_harms_neither_b_nor_the_csc(
         attacks.reconnect_loop(host, port, stop, tally),
         attacks.pipelined_gets(host, port, short_path, stop, tally),
         attacks.pipelined_gets(host, port, long_path, stop, tally),
+        attacks.stalled_downloads(
+            host,
+            port,
+            _path(B_ALIAS, f"/bytes/{STALLED_SIZE}"),
+            STALLED_SIZE,
+            2 * scaled(SEND_TIMEOUT),
+            stop,
+            tally,
+            count=STALLED_DOWNLOADS,
+        ),
     ]
     storm_task = asyncio.gather(*storm)
     with contextlib.suppress(TimeoutError):  # the storm's length
@@ -242,6 +273,8 @@ async def test_hostile_tenant_harms_neither_b_nor_the_csc(
     assert tally["pipelined:garbage"] == 0, "a lying agent's body was read as a response"
     assert tally["pipelined:502"] + tally["pipelined:aborted"] > 0
     assert not any(k.startswith("smuggling:200") for k in tally), tally
+    assert tally["stalled:closed"] >= STALLED_DOWNLOADS, "too few stalled downloads ended"
+    assert tally["stalled:served"] == 0, "the CSC kept a stalled download open"
     assert all(a.links >= 1 for a in agents)
     assert agents[0].links >= 2, "the flooding agent was never dropped"
     # healthy afterwards

@@ -394,6 +394,40 @@ async def slow_bodies(
     await _held("slowbody", host, port, stop, tally, count, feed)
 
 
+async def stalled_downloads(
+    host: str,
+    port: int,
+    alias_path: str,
+    size: int,
+    stall: float,
+    stop: asyncio.Event,
+    tally: Tally,
+    count: int = 10,
+) -> None:
+    """GETs of a ``size``-byte download at ``alias_path`` whose client reads the head and then
+    nothing for ``stall`` seconds (past the CSC's send deadline), then reads what it can: a
+    connection the CSC ended meanwhile gives a short body (``stalled:closed``, whether by
+    reset or by the end of what the kernel still held), one it went on serving the whole body
+    (``stalled:served``)."""
+
+    async def feed(conn: Conn) -> None:
+        reader, writer = conn
+        writer.write(f"GET {alias_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), scaled(10))
+        tally[f"stalled:{_status(head)}"] += 1
+        await _pause(stop, stall)  # not a byte read: the CSC's buffers and ours fill up
+        if stop.is_set():
+            return  # cut short by the storm's end: no verdict
+        got = 0
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(scaled(20)):
+                while chunk := await reader.read(256 * 1024):
+                    got += len(chunk)
+        tally["stalled:served" if got >= size else "stalled:closed"] += 1
+
+    await _held("stalled", host, port, stop, tally, count, feed)
+
+
 #: Request shapes a smuggler tries: each must be refused or answered once, never relayed twice.
 SMUGGLING = (
     b"POST /t/{alias}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
