@@ -21,6 +21,9 @@ Invariants:
 * A request body that stalls for ``http_body_timeout`` while the CSC waits for it, or that runs
   slower than ``http_body_min_rate`` after ``http_body_grace``, fails with 408
   ``request_timeout`` (an abort once the response has begun), so its stream slot is freed.
+* While bytes wait for the client (an answer, or the last bytes of a closed connection), it
+  must acknowledge some within ``client_send_timeout``, or the connection is aborted and the
+  handler resets its stream (shared/sendwatch.py).
 * Everything the listener answers by itself is the JSON error shape of shared/errors.py
   (400, 404, 405, 408, 413, 431); a malformed request (llhttp's strict parser, plus
   ``Transfer-Encoding`` other than ``chunked``) ends the connection after the answer.

@@ -4,7 +4,8 @@ The first line (at most :data:`MAX_LINE` bytes, enforced while reading, within t
 timeout) names the alias; every refusal is one ``ERR <status> <code>: <message>\\r\\n`` line
 (shared/errors.py) followed by a close. After ``OK`` the connection is spliced to a ``tcp``
 stream with half-close both ways; the CSC never interprets those bytes (they are usually TLS
-end to end).
+end to end). A client that acknowledges none of the bytes waiting for it within
+``client_send_timeout`` is aborted (shared/sendwatch.py), also after the tunnel's end.
 """
 
 from __future__ import annotations
