@@ -189,6 +189,8 @@ class CSCMetrics:
         self.pending_end: int = 0
         #: the node's open connections and their bound (None: none), read at scrape time
         self.connections: Callable[[], tuple[int, int | None]] = lambda: (0, None)
+        #: the node's window growth held and its bound (csc/relay/growth.py), at scrape time
+        self.window_growth: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._session_metrics(reg)
         self._request_metrics(reg)
         reg.register(_LiveCollector(self))
@@ -444,6 +446,19 @@ class _LiveCollector:
                 "The bound on csc_connections (max_connections); refused beyond: node_full.",
                 value=bound,
             )
+        held, budget = m.window_growth()
+        yield GaugeMetricFamily(
+            "csc_window_growth_bytes",
+            "Bytes by which the stream windows of this node's agent sessions have grown beyond "
+            "initial_window, all tenants together.",
+            value=held,
+        )
+        yield GaugeMetricFamily(
+            "csc_window_growth_max_bytes",
+            "The bound on csc_window_growth_bytes (node_window_growth); past it windows stop "
+            "growing.",
+            value=budget,
+        )
         yield GaugeMetricFamily(
             "csc_sessions_pending_end",
             "Live sessions that lost their right to run (revoked, expired, suspended) and are "

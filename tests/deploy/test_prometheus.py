@@ -76,6 +76,7 @@ def test_the_alerts_the_issue_asks_for() -> None:
         "CSCRevocationBacklog",
         "CSCConnectionsNearMax",
         "CSCConnectionsRefused",
+        "CSCWindowGrowthNearMax",
     ]
 
 

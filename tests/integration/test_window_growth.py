@@ -66,4 +66,7 @@ async def test_a_tenants_sessions_grow_their_windows_within_one_budget(tmp_path:
         pool = state.growth.of("acme")
         assert pool is not None
         assert pool.held == _growth(state) == 0  # every stream ended: all given back
+        registry = state.metrics.registry
+        assert registry.get_sample_value("csc_window_growth_bytes") == 0
+        assert registry.get_sample_value("csc_window_growth_max_bytes") == 256 * MIB
     assert state.growth.node.held == 0 and state.growth.of("acme") is None
