@@ -407,6 +407,8 @@ class Cluster:
             if status != "ok" and (gap > self.lease or status == "taken"):
                 await self._fence(gap, status)
             reassert = status != "ok" or not self.healthy
+            if reassert:  # whatever took this node's lease took the others' too: give them
+                self.routes.grace_until = self.routes.clock() + self.lease  # a lease to renew
             await self.routes.read_directory()
             await self.peers.retain(set(self.routes.directory))
             await self.sync_routes(reassert=reassert)
@@ -450,6 +452,7 @@ class Cluster:
 
     def _redis_error(self, exc: Exception) -> None:
         self.stats.redis_errors += 1
+        self.routes.grace_until = float("inf")  # until a heartbeat gets through (beat())
         if self.healthy:
             log.warning("Redis error: %s; serving on what this node knows", exc)
         self.healthy = False

@@ -167,6 +167,10 @@ class RouteTable:
     #: live nodes (this one included) from the last directory read
     directory: dict[str, NodeInfo] = field(default_factory=dict)
     directory_read_at: float = float("-inf")
+    #: until then (``clock``), a node whose lease is missing but whose entry is there stays
+    #: live: set while Redis lost or could not keep this node's own lease (an outage, a
+    #: failover, a flush), when every node's lease went for the same reason (Cluster.beat)
+    grace_until: float = float("-inf")
     _version: int | None = None
     _cache: dict[str, tuple[float, tuple[NodeInfo, ...]]] = field(default_factory=dict)
     _delete_if: Any = None
@@ -270,14 +274,20 @@ class RouteTable:
         leases = await self.redis.mget([self.keys.lease(n) for n in names]) if names else []
         version = await self.redis.get(self.keys.version)
         live: dict[str, NodeInfo] = {}
+        if self.node_id in names and leases[names.index(self.node_id)] is None:
+            # this node's own lease is gone too (its heartbeat has not re-asserted it yet):
+            # whatever took it took the others', who get a lease period to renew theirs
+            self.grace_until = max(self.grace_until, self.clock() + self.lease)
+        waiting = self.clock() < self.grace_until  # for the others to re-assert their leases
         for name, lease in zip(names, leases, strict=True):
             info = entries[name]
-            if lease is not None and _text(lease) == str(info.epoch):
+            renewed = lease is not None and _text(lease) == str(info.epoch)
+            if renewed or (lease is None and waiting):
                 live[name] = info
         dead = [n for n in names if n not in live]
         for name, lease in zip(names, leases, strict=True):
-            if lease is None and name != self.node_id:  # gone for good: its routes go too
-                await self._clean_after(entries[name])
+            if lease is None and name not in live and name != self.node_id:  # gone for good:
+                await self._clean_after(entries[name])  # its routes go too
         for name in dead:  # their entries go, unless rewritten since (a node back under its id)
             await self._delete_field_if(self.keys.nodes, name, raw[name])
         self.directory = live
