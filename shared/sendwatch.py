@@ -68,14 +68,17 @@ class SendWatch:
         buffered = self.transport.get_write_buffer_size()
         if buffered == 0:
             return
-        self._left = self.handed() - buffered - _unacknowledged(self.transport)
-        self._since = self.loop.time()
+        self._left, self._since = self._taken(buffered), self.loop.time()
         self._arm()
 
     def stop(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+    def _taken(self, buffered: int) -> int:
+        """Bytes the client took, give or take a constant (see the module docstring)."""
+        return self.handed() - buffered - _unacknowledged(self.transport)
 
     def _arm(self) -> None:
         self._handle = self.loop.call_later(self.timeout / CHECKS_PER_TIMEOUT, self._check)
@@ -85,7 +88,7 @@ class SendWatch:
         buffered = self.transport.get_write_buffer_size()
         if buffered == 0:
             return  # nothing waits (flushed, or the connection is gone)
-        left, now = self.handed() - buffered - _unacknowledged(self.transport), self.loop.time()
+        left, now = self._taken(buffered), self.loop.time()
         if left != self._left:
             self._left, self._since = left, now
         elif now - self._since >= self.timeout:
