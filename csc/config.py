@@ -213,6 +213,17 @@ class CSCConfig:
         "longest a client on the public or TCP listener may take none of the bytes waiting for "
         "it (an answer, tunnelled bytes); then its connection is closed and its stream ended",
     )
+    client_buffer_limit: int | None = field(
+        default=256 * MIB,
+        metadata=meta(
+            kind="size",
+            minimum=0,
+            help="bytes waiting for slow clients of the public and TCP listeners (write "
+            "buffers and their streams' windows), all together; past it, clients that took "
+            "nothing for a twelfth of `client_send_timeout` are closed, longest stalled first; "
+            "off: no bound",
+        ),
+    )
     log_level: str = log_level_field()
     log_format: str = log_format_field()
     access_log: bool = field(

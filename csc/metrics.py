@@ -191,6 +191,8 @@ class CSCMetrics:
         self.connections: Callable[[], tuple[int, int | None]] = lambda: (0, None)
         #: the node's window growth held and its bound (csc/relay/growth.py), at scrape time
         self.window_growth: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        #: bytes waiting for slow clients and their bound (shared/sendwatch.py; None: none)
+        self.client_buffers: Callable[[], tuple[int, int | None]] = lambda: (0, None)
         self._session_metrics(reg)
         self._request_metrics(reg)
         reg.register(_LiveCollector(self))
@@ -235,8 +237,16 @@ class CSCMetrics:
             ["listener"],
             registry=reg,
         )
-        for listener in ("http", "tcp"):
-            self.connections_stalled.labels(listener)  # both series from the start, at 0
+        self.connections_shed = Counter(
+            "csc_connections_shed",
+            "Client connections closed before their send deadline, to bring the bytes waiting "
+            "for slow clients back under client_buffer_limit, by listener.",
+            ["listener"],
+            registry=reg,
+        )
+        for listener in ("http", "tcp"):  # every series from the start, at 0
+            self.connections_stalled.labels(listener)
+            self.connections_shed.labels(listener)
         self.auth_failures = Counter(
             "csc_auth_failures",
             "Agent tokens refused at /v1/agent/connect, by reason.",
@@ -268,9 +278,10 @@ class CSCMetrics:
         """A connection refused as it was accepted (csc/relay/conncap.py)."""
         self.connections_refused.labels(listener, reason).inc()
 
-    def connection_stalled(self, listener: str) -> None:
-        """A client connection closed by its send deadline (shared/sendwatch.py)."""
-        self.connections_stalled.labels(listener).inc()
+    def connection_stalled(self, listener: str, shed: bool) -> None:
+        """A client connection closed by its send deadline, or early for the node's bound
+        (``shed``; shared/sendwatch.py)."""
+        (self.connections_shed if shed else self.connections_stalled).labels(listener).inc()
 
     def track_sessions(self, source: Callable[[], Iterable[_Session]]) -> None:
         """Where the live agent sessions are found at scrape time."""
@@ -459,6 +470,20 @@ class _LiveCollector:
             "growing.",
             value=budget,
         )
+        waiting, limit = m.client_buffers()
+        yield GaugeMetricFamily(
+            "csc_client_buffered_bytes",
+            "Bytes waiting for slow clients of the public and TCP listeners (write buffers "
+            "and their streams), as of the last look.",
+            value=waiting,
+        )
+        if limit is not None:
+            yield GaugeMetricFamily(
+                "csc_client_buffer_limit_bytes",
+                "The bound on csc_client_buffered_bytes (client_buffer_limit); past it, "
+                "stalled clients are closed early.",
+                value=limit,
+            )
         yield GaugeMetricFamily(
             "csc_sessions_pending_end",
             "Live sessions that lost their right to run (revoked, expired, suspended) and are "

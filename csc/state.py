@@ -94,6 +94,8 @@ class NodeState:
         self.metrics.connections = lambda: (self.connections.total, self.connections.node_cap)
         node_pool = self.growth.node
         self.metrics.window_growth = lambda: (node_pool.held, node_pool.budget)
+        watches = self.connections.watches
+        self.metrics.client_buffers = lambda: (watches.held, watches.limit)
         if self.resolve_key is not None:
             self.resolve_key_text = resolve_sig.public_key_text(self.resolve_key.public_key())
         self.metrics.track_sessions(lambda: self.sessions.values())

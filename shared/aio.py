@@ -37,6 +37,8 @@ async def splice(
     socket's send deadline, started whenever bytes wait for the socket's peer.
     """
     tally = traffic if traffic is not None else LinkCounters()
+    if watch is not None:
+        watch.pending = stream.buffered
 
     async def outbound() -> None:
         while data := await reader.read(chunk_size):

@@ -86,6 +86,10 @@ class LinkStream:
             raise self._error
         return None
 
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return sum(len(chunk) for chunk in self._chunks)
+
     def consumed(self, nbytes: int) -> None:
         """Report ``nbytes`` delivered to the next hop: the peer may send that much more."""
         self.link.conn.consumed(self.id, nbytes, self.link.loop.time())
@@ -207,6 +211,8 @@ class TunnelStream(Protocol):
     def unprocessed(self) -> bool: ...
 
     async def read(self) -> bytes | memoryview: ...
+
+    def buffered(self) -> int: ...
 
     def consumed(self, nbytes: int) -> None: ...
 

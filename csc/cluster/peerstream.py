@@ -182,6 +182,10 @@ class PeerStream:
             return pending
         return await self.inner.read()
 
+    def buffered(self) -> int:
+        pending = self._pending
+        return self.inner.buffered() + (0 if pending is None else len(pending))
+
     def consumed(self, nbytes: int) -> None:
         self.inner.consumed(nbytes)
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from csc.relay.limits import address_key
 from shared.config import AUTO
 from shared.errors import CSCError, NodeFull, TooManyConnections
+from shared.sendwatch import SendWatches
 
 if TYPE_CHECKING:
     from csc.config import CSCConfig
@@ -80,6 +81,7 @@ class ConnectionCounts:
         "on_refused",
         "on_stalled",
         "total",
+        "watches",
     )
 
     def __init__(
@@ -87,15 +89,19 @@ class ConnectionCounts:
         cap: int | None,
         node_cap: int | None = None,
         on_refused: Callable[[str, str], None] | None = None,
-        on_stalled: Callable[[str], None] | None = None,
+        on_stalled: Callable[[str, bool], None] | None = None,
+        watches: SendWatches | None = None,
     ) -> None:
         #: ``client_max_connections``, and the node's bound (None: no bound)
         self.cap, self.node_cap = cap, node_cap
         #: called with the listener (``http``, ``tcp``) and the reason of every refusal
         #: (``client_connections``, ``node_connections``)
         self.on_refused = on_refused
-        #: called with the listener of every connection closed by its send deadline
+        #: called with the listener of every connection closed by its send deadline, and
+        #: whether it was closed early for ``client_buffer_limit`` (shed)
         self.on_stalled = on_stalled
+        #: the send deadlines running, and their bound in all (shared/sendwatch.py)
+        self.watches = watches if watches is not None else SendWatches(None, 60.0)
         self.total = 0
         #: refused connections lingering now (see the module docstring)
         self.lingering = 0
@@ -108,23 +114,30 @@ class ConnectionCounts:
         cls,
         config: CSCConfig,
         on_refused: Callable[[str, str], None] | None = None,
-        on_stalled: Callable[[str], None] | None = None,
+        on_stalled: Callable[[str, bool], None] | None = None,
     ) -> ConnectionCounts:
         """The bounds ``config`` sets (``max_connections = auto`` resolved now)."""
         bound = node_bound(config.max_connections)
-        return cls(config.client_max_connections, bound, on_refused, on_stalled)
+        watches = SendWatches(config.client_buffer_limit, config.client_send_timeout)
+        return cls(config.client_max_connections, bound, on_refused, on_stalled, watches)
 
-    def stalled(self, listener: str) -> None:
+    def stalled(self, listener: str, shed: bool) -> None:
         """A connection of ``listener`` was closed because its client stopped taking the
-        bytes waiting for it (``client_send_timeout``, shared/sendwatch.py)."""
+        bytes waiting for it: at its send deadline (``client_send_timeout``), or early, to
+        bring the node back under ``client_buffer_limit`` (``shed``; shared/sendwatch.py)."""
         if self.on_stalled is not None:
-            self.on_stalled(listener)
+            self.on_stalled(listener, shed)
 
     def describe(self) -> str:
         """The bounds, for the start-up log."""
         node = "no bound" if self.node_cap is None else f"at most {self.node_cap}"
         client = "off" if self.cap is None else f"at most {self.cap}"
-        return f"connections on the public and TCP listeners: {node}; per client address: {client}"
+        limit = self.watches.limit
+        held = "no bound" if limit is None else f"at most {limit} bytes"
+        return (
+            f"connections on the public and TCP listeners: {node}; per client address: "
+            f"{client}; waiting for slow clients: {held}"
+        )
 
     def take(self, ip: str, listener: str) -> str | CSCError:
         """Count a new connection from ``ip``: its address key (hand it to :meth:`close`,

@@ -50,11 +50,12 @@ from shared.errors import (
 )
 from shared.headers import request_id_for
 from shared.http1 import CONTINUE, error_response
-from shared.sendwatch import SendWatch
+from shared.sendwatch import SendWatch, stall_reason
 from shared.wakeup import Wakeup
 
 if TYPE_CHECKING:
     from csc.relay.http_listener import HttpFront
+    from shared.linkstream import TunnelStream
 
 log = logging.getLogger("csc.http.front")
 
@@ -125,6 +126,8 @@ class FrontConnection(asyncio.Protocol):
         #: bytes handed to the transport, and the send deadline's watch (made when needed)
         self.handed = 0
         self._watch: SendWatch | None = None
+        #: the stream whose bytes are being relayed to the client (set by the handler)
+        self.upstream: TunnelStream | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -465,27 +468,34 @@ class FrontConnection(asyncio.Protocol):
         watch = self._watch
         if watch is None:
             timeout = self.config.client_send_timeout
-            watch = self._watch = SendWatch(self.transport, timeout, self._handed, self._stalled)
+            watch = self._watch = SendWatch(
+                self.transport, timeout, self._handed, self._stalled, self.front.counts.watches
+            )
+            watch.pending = self._pending
         watch.start()
 
     def _handed(self) -> int:
         return self.handed
 
-    def _stalled(self) -> None:
-        """The client took no byte for ``client_send_timeout``: it went away, as far as the
-        relay is concerned (the handler resets its stream)."""
+    def _pending(self) -> int:
+        upstream = self.upstream
+        return 0 if upstream is None else upstream.buffered()
+
+    def _stalled(self, shed: bool) -> None:
+        """The client took no byte for ``client_send_timeout``, or for less while the node
+        holds too much for slow clients (``shed``): it went away, as far as the relay is
+        concerned (the handler resets its stream)."""
         transport = self.transport
         if transport is None or self.lost:
             return
         answering = self._requests[0].request_id if self._requests else ""
         log.info(
-            "closing %s: it took none of the %d bytes waiting for it in %g s",
+            "closing %s: %s",
             self.peer,
-            transport.get_write_buffer_size(),
-            self.config.client_send_timeout,
+            stall_reason(transport, self.front.counts.watches, shed),
             extra={"request_id": answering},
         )
-        self.front.counts.stalled("http")
+        self.front.counts.stalled("http", shed)
         self._stopped = True
         transport.abort()
 

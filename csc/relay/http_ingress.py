@@ -416,6 +416,7 @@ async def _relay_response(
         return
     if mode == CLOSE:
         request.keep_alive = False  # the end of the body is the end of the connection
+    conn.upstream = stream  # what waits behind the client's write buffer
     try:
         await _relay_body(conn, stream, mode, length, record)
     except CSCError as err:
@@ -426,6 +427,8 @@ async def _relay_response(
     except ConnectionError:
         log.info("request %s: the client went away mid-response", request_id, extra=where)
         stream.reset(Cancelled("the client went away"))
+    finally:
+        conn.upstream = None
 
 
 async def _relay_body(

@@ -26,7 +26,7 @@ from csc.state import NodeState
 from shared.aio import splice
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
 from shared.link import LinkCounters
-from shared.sendwatch import SendWatch
+from shared.sendwatch import SendWatch, stall_reason
 
 log = logging.getLogger("csc.tcp")
 
@@ -95,7 +95,8 @@ def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
             writer.transport,
             state.config.client_send_timeout,
             lambda: traffic.data_received,
-            lambda: _stalled(state, writer),
+            lambda shed: _stalled(state, writer, shed),
+            counts.watches,
         )
         try:
             if isinstance(counted, CSCError):
@@ -115,15 +116,13 @@ def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
     return handle
 
 
-def _stalled(state: NodeState, writer: asyncio.StreamWriter) -> None:
-    """The client took no byte for ``client_send_timeout`` (shared/sendwatch.py)."""
-    log.info(
-        "closing %s: it took none of the %d bytes waiting for it in %g s",
-        writer.get_extra_info("peername"),
-        writer.transport.get_write_buffer_size(),
-        state.config.client_send_timeout,
-    )
-    state.connections.stalled("tcp")
+def _stalled(state: NodeState, writer: asyncio.StreamWriter, shed: bool) -> None:
+    """The client took no byte for ``client_send_timeout``, or for less while the node holds
+    too much for slow clients (``shed``; shared/sendwatch.py)."""
+    counts = state.connections
+    reason = stall_reason(writer.transport, counts.watches, shed)
+    log.info("closing %s: %s", writer.get_extra_info("peername"), reason)
+    counts.stalled("tcp", shed)
     writer.transport.abort()
 
 

@@ -77,6 +77,7 @@ def test_the_alerts_the_issue_asks_for() -> None:
         "CSCConnectionsNearMax",
         "CSCConnectionsRefused",
         "CSCWindowGrowthNearMax",
+        "CSCClientsShed",
     ]
 
 

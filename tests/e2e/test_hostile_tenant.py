@@ -22,7 +22,9 @@ Asserted:
 * The CSC's RSS, sampled every 0.5 s, stays under :data:`RSS_CEILING` during the storm.
   The stalled downloads take windows that grew while the clients' socket buffers filled:
   bounded by B's `tenant_window_growth` (64 MiB by default; at 256 MiB the peak was 239 MiB).
-* Every stalled download is ended by the send deadline (a short body), none served whole.
+* Every stalled download is ended by the CSC (a short body), none served whole, some of them
+  early: the storm's ``client_buffer_limit`` (:data:`CLIENT_BUFFER_LIMIT`) is below what they
+  hold at once, so those that took nothing for a twelfth of the send deadline are shed.
 * :data:`SETTLE_SECONDS` after the storm (every attack connection closed), the CSC's RSS is
   within :data:`RSS_RETURN_MARGIN` of its size at rest (measured after the baseline phase),
   and the CSC still serves B.
@@ -51,6 +53,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import attacks
 from tests.support.procs import (
@@ -103,6 +106,8 @@ A_FLOOD = "flood@alpha.example"
 STUCK_TIMEOUT = 5.0
 #: Anonymous clients stall downloads of B's portal: the CSC closes them after SEND_TIMEOUT.
 SEND_TIMEOUT = 3.0
+#: Below what the stalled downloads hold at once: the CSC closes them early (shared/sendwatch.py).
+CLIENT_BUFFER_LIMIT = "16MiB"
 STALLED_DOWNLOADS = 10
 STALLED_SIZE = 64 * MiB
 
@@ -164,6 +169,21 @@ def _path(alias: str, path: str) -> str:
     return urllib.parse.urlsplit(tunnel_url("http://x", alias, path)).path
 
 
+async def _closed_stalled(csc: CscProc) -> dict[str, float]:
+    """Connections the CSC closed at their send deadline and early (client_buffer_limit)."""
+    timeout = aiohttp.ClientTimeout(total=scaled(10))
+    async with aiohttp.ClientSession(timeout=timeout) as http, http.get(csc.metrics_url) as resp:
+        text = await resp.text()
+    closed = {"deadline": 0.0, "shed": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "csc_connections_stalled_total":
+                closed["deadline"] += sample.value
+            elif sample.name == "csc_connections_shed_total":
+                closed["shed"] += sample.value
+    return closed
+
+
 async def test_hostile_tenant_harms_neither_b_nor_the_csc(
     procs: ProcFactory, upstream_proc: UpstreamProc
 ) -> None:
@@ -173,6 +193,7 @@ async def test_hostile_tenant_harms_neither_b_nor_the_csc(
         env={
             "CSC_STUCK_TIMEOUT": str(scaled(STUCK_TIMEOUT)),
             "CSC_CLIENT_SEND_TIMEOUT": str(scaled(SEND_TIMEOUT)),
+            "CSC_CLIENT_BUFFER_LIMIT": CLIENT_BUFFER_LIMIT,
             "CSC_CLIENT_MAX_CONNECTIONS": "off",
         }
     )
@@ -275,6 +296,9 @@ async def test_hostile_tenant_harms_neither_b_nor_the_csc(
     assert not any(k.startswith("smuggling:200") for k in tally), tally
     assert tally["stalled:closed"] >= STALLED_DOWNLOADS, "too few stalled downloads ended"
     assert tally["stalled:served"] == 0, "the CSC kept a stalled download open"
+    closed = await _closed_stalled(csc)
+    print(f"stalled clients closed: {closed}")
+    assert closed["shed"] > 0, f"no stalled download was closed early for its bytes: {closed}"
     assert all(a.links >= 1 for a in agents)
     assert agents[0].links >= 2, "the flooding agent was never dropped"
     # healthy afterwards

@@ -233,6 +233,15 @@ def _small_window_socket() -> socket.socket:
     return sock
 
 
+async def _ask_download(r: Relay) -> socket.socket:
+    """A client with a small receive buffer that has asked for a 256 MiB download."""
+    loop, sock = asyncio.get_running_loop(), _small_window_socket()
+    await loop.sock_connect(sock, _http_address(r))
+    request = f"GET /t/{ALIAS}/bytes/{256 * 1024 * 1024} HTTP/1.1\r\nHost: x\r\n\r\n"
+    await loop.sock_sendall(sock, request.encode())
+    return sock
+
+
 def _stalled(r: Relay, listener: str) -> float | None:
     name = "csc_connections_stalled_total"
     return r.node.state.metrics.registry.get_sample_value(name, {"listener": listener})
@@ -258,10 +267,7 @@ async def test_a_client_that_stops_reading_a_response_is_closed(tmp_path: Path) 
     csc = _settings(client_send_timeout=1.0)
     async with relay(tmp_path, csc=csc) as r:
         loop, before = asyncio.get_running_loop(), _connections(r)
-        sock = _small_window_socket()
-        await loop.sock_connect(sock, _http_address(r))
-        request = f"GET /t/{ALIAS}/bytes/{256 * 1024 * 1024} HTTP/1.1\r\nHost: x\r\n\r\n"
-        await loop.sock_sendall(sock, request.encode())
+        sock = await _ask_download(r)
         assert (await loop.sock_recv(sock, 1024)).startswith(b"HTTP/1.1 200")
         await _until_connections(r, before, scaled(20))
         assert (_stalled(r, "http"), _stalled(r, "tcp")) == (1, 0)
@@ -279,10 +285,7 @@ async def test_a_slow_reader_that_keeps_reading_is_served(tmp_path: Path) -> Non
     timeout = scaled(2.0)
     async with relay(tmp_path, csc=_settings(client_send_timeout=timeout)) as r:
         loop, before = asyncio.get_running_loop(), _connections(r)
-        sock = _small_window_socket()
-        await loop.sock_connect(sock, _http_address(r))
-        request = f"GET /t/{ALIAS}/bytes/{256 * 1024 * 1024} HTTP/1.1\r\nHost: x\r\n\r\n"
-        await loop.sock_sendall(sock, request.encode())
+        sock = await _ask_download(r)
         got, until = 0, loop.time() + 3 * timeout
         while loop.time() < until:  # a few KiB every 50 ms: far slower than the relay
             chunk = await loop.sock_recv(sock, 4096)
@@ -319,3 +322,82 @@ async def test_a_tcp_client_that_stops_reading_is_closed(tmp_path: Path) -> None
             with contextlib.suppress(asyncio.CancelledError):
                 await sending
             sock.close()
+
+
+def _shed(r: Relay, listener: str) -> float | None:
+    name = "csc_connections_shed_total"
+    return r.node.state.metrics.registry.get_sample_value(name, {"listener": listener})
+
+
+async def _stalled_download(r: Relay) -> socket.socket:
+    """A client that asks for a big download, reads the status line and then nothing."""
+    sock = await _ask_download(r)
+    assert (await asyncio.get_running_loop().sock_recv(sock, 12)).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+async def _stalled_tunnel(r: Relay) -> tuple[socket.socket, asyncio.Future[None]]:
+    """A TCP client that floods the echo portal and reads none of what comes back."""
+    loop, sock = asyncio.get_running_loop(), _small_window_socket()
+    await loop.sock_connect(sock, r.tcp_address)
+    await loop.sock_sendall(sock, f"CONNECT {ALIAS}\r\n".encode())
+    assert await loop.sock_recv(sock, 4) == b"OK\r\n"
+
+    async def flood() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                await loop.sock_sendall(sock, b"x" * 65536)
+
+    return sock, asyncio.ensure_future(flood())
+
+
+async def test_past_the_client_buffer_limit_stalled_clients_are_closed_early(
+    tmp_path: Path,
+) -> None:
+    """Clients that stop reading hold their stream's window and their write buffer (about
+    0.5 MiB each) until ``client_send_timeout``: a few thousand of them are a node's memory.
+    Past ``client_buffer_limit`` the clients that took nothing for a twelfth of that timeout
+    are closed, the longest stalled first, while a slow reader that keeps reading is served on
+    (before: every stalled client was held for the whole send deadline, 60 s here)."""
+    csc = _settings(client_send_timeout=60.0, client_buffer_limit=0)
+    async with relay(tmp_path, csc=csc) as r:
+        loop, before = asyncio.get_running_loop(), _connections(r)
+        slow = await _ask_download(r)
+        got = 0
+
+        async def read_slowly() -> None:
+            nonlocal got
+            while chunk := await loop.sock_recv(slow, 4096):  # far slower than the relay
+                got += len(chunk)
+                await asyncio.sleep(0.05)
+
+        reading = asyncio.ensure_future(read_slowly())
+        downloads = [await _stalled_download(r) for _ in range(4)]
+        tunnels = [await _stalled_tunnel(r) for _ in range(2)]
+        try:
+            async with asyncio.timeout(40):  # well before the send deadline
+                while _connections(r) != before + 1:
+                    assert not reading.done(), f"the slow reader was closed after {got} bytes"
+                    await asyncio.sleep(0.1)
+            assert (_shed(r, "http"), _shed(r, "tcp")) == (4, 2)
+            assert (_stalled(r, "http"), _stalled(r, "tcp")) == (0, 0)
+            for sock in downloads:  # each was cut off
+                taken = 0
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := await loop.sock_recv(sock, 65536):
+                        taken += len(chunk)
+                assert taken < 16 * 1024 * 1024
+            progress = got
+            await asyncio.sleep(1.0)
+            assert not reading.done() and got > progress  # still served
+        finally:
+            reading.cancel()
+            for sock, flooding in tunnels:
+                flooding.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flooding
+                sock.close()
+            for sock in downloads:
+                sock.close()
+            slow.close()
+        await _until_connections(r, before, scaled(20))

@@ -393,6 +393,7 @@ def _exercised_csc() -> CSCMetrics:
     m.limit_rejected("acme", "body_size")
     m.connection_refused("http", "client_connections")
     m.connections = lambda: (3, 100)  # csc_connections_max shows only with a bound
+    m.client_buffers = lambda: (0, 1 << 28)  # and csc_client_buffer_limit_bytes with one
     return m
 
 

@@ -1,11 +1,13 @@
-"""The send deadline (shared/sendwatch.py) against a transport whose buffer the test moves."""
+"""The send deadline and the node's bound on what slow clients hold (shared/sendwatch.py),
+against transports whose buffers the test moves."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
-from shared.sendwatch import SendWatch
+from shared.sendwatch import PRESSURE_SHARE, SendWatch, SendWatches
 
 TIMEOUT = 0.2
 
@@ -24,9 +26,20 @@ class Buffer(asyncio.WriteTransport):
         return default
 
 
-def _watch(transport: Buffer, handed: list[int], stalls: list[float]) -> SendWatch:
+def _watch(
+    transport: Buffer,
+    handed: list[int],
+    stalls: list[float],
+    group: SendWatches | None = None,
+    timeout: float = TIMEOUT,
+) -> SendWatch:
     loop = asyncio.get_running_loop()
-    return SendWatch(transport, TIMEOUT, lambda: handed[0], lambda: stalls.append(loop.time()))
+
+    def stalled(shed: bool) -> None:
+        assert not shed
+        stalls.append(loop.time())
+
+    return SendWatch(transport, timeout, lambda: handed[0], stalled, group)
 
 
 async def test_a_buffer_that_never_drains_stalls_once_and_not_before_the_timeout() -> None:
@@ -62,3 +75,89 @@ async def test_the_watch_ends_when_nothing_waits() -> None:
     transport.size = 0
     await asyncio.sleep(TIMEOUT)
     assert not watch.watching and stalls == []
+
+
+class Client:
+    """A watched connection in a group: its buffer, its stream's bytes, and how it ended."""
+
+    def __init__(self, group: SendWatches, size: int, pending: int = 0) -> None:
+        self.transport, self.handed = Buffer(size), [size]
+        self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
+        self.ended: float | None = None  # when the group closed it
+        self.watch = SendWatch(self.transport, LONG, lambda: self.handed[0], self._end, group)
+        self.watch.pending = lambda: pending
+        self.watch.start()
+
+    def _end(self, shed: bool) -> None:
+        assert shed  # the deadline is never reached here
+        self.ended = self.loop.time()
+        self.transport.size = 0  # aborted: the buffer is dropped
+
+
+#: a send deadline the tests never reach: only the group closes connections
+LONG = 12.0
+STALL = LONG / PRESSURE_SHARE
+
+
+async def _until(done: Callable[[], bool], limit: float = 10.0) -> None:
+    async with asyncio.timeout(limit):
+        while not done():
+            await asyncio.sleep(0.01)
+
+
+async def test_under_the_limit_nobody_is_closed_and_the_sum_is_kept() -> None:
+    group = SendWatches(10_000, LONG)
+    clients = [Client(group, 1000, pending=500) for _ in range(4)]
+    await asyncio.sleep(STALL * 1.5)
+    assert [c.ended for c in clients] == [None] * 4
+    assert (group.held, len(group)) == (6000, 4)
+    for client in clients:
+        client.watch.stop()
+    assert len(group) == 0
+    await _until(lambda: group.held == 0)
+
+
+async def test_past_the_limit_the_longest_stalled_go_first_and_only_until_the_rest_fit() -> None:
+    group = SendWatches(2500, LONG)
+    first = Client(group, 1000)
+    await asyncio.sleep(STALL / 2)
+    later = [Client(group, 1000) for _ in range(2)]
+    reading = Client(group, 1000)
+    everyone = [first, *later, reading]
+
+    async def read() -> None:
+        while True:  # takes bytes all along, however few
+            reading.handed[0] += 1
+            await asyncio.sleep(group.interval / 4)
+
+    task = asyncio.ensure_future(read())
+    try:
+        await _until(lambda: sum(c.ended is not None for c in everyone) == 2)
+        await asyncio.sleep(STALL)  # and no more
+    finally:
+        task.cancel()
+    # 4000 held: the oldest stall went first, then one of the later two; then 2000 fit
+    assert first.ended is not None and first.ended - first.started >= STALL
+    (gone,) = [c for c in later if c.ended is not None]
+    assert gone.ended is not None and gone.ended >= first.ended
+    assert gone.ended - gone.started >= STALL
+    assert reading.ended is None and reading.watch.watching
+    assert group.held == 2000 and len(group) == 2
+
+
+async def test_a_client_is_closed_only_once_it_has_stalled_long_enough() -> None:
+    group = SendWatches(0, LONG)
+    client = Client(group, 1000)
+    await _until(lambda: client.ended is not None)
+    assert client.ended is not None and client.ended - client.started >= STALL
+    assert len(group) == 0
+
+
+async def test_without_a_limit_only_the_deadline_closes() -> None:
+    group, stalls = SendWatches(None, TIMEOUT), []
+    watch = _watch(Buffer(10**9), [0], stalls, group)
+    started = asyncio.get_running_loop().time()
+    watch.start()
+    await _until(lambda: bool(stalls))
+    assert stalls[0] - started >= TIMEOUT and len(group) == 0
