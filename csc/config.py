@@ -219,9 +219,9 @@ class CSCConfig:
             kind="size",
             minimum=0,
             help="bytes waiting for slow clients of the public and TCP listeners (write "
-            "buffers and their streams' windows), all together; past it, clients that took "
-            "nothing for a twelfth of `client_send_timeout` are closed, longest stalled first; "
-            "off: no bound",
+            "buffers and their streams' windows), all together; past it, clients behind for a "
+            "twelfth of `client_send_timeout` are closed: those that took nothing meanwhile, "
+            "then the slowest of the tenant holding the most; off: no bound",
         ),
     )
     log_level: str = log_level_field()

@@ -25,17 +25,24 @@ Invariants:
 together (``client_buffer_limit``): the bytes in their write buffers and in the streams behind
 them (``SendWatch.pending``). A stalled client holds its stream's window and its write buffer
 (about half a MiB) for up to 1.25 send deadlines, so without that bound a few thousand of them,
-from a handful of addresses, would be the node's memory. Past the limit, the clients that took
-nothing for a twelfth of the send deadline (:data:`PRESSURE_SHARE`: 5 s of 60) are closed, the
-longest stalled first, until the rest fit; a client that keeps taking bytes is never chosen,
-however slow. The set is looked at every quarter of that shorter wait, only while it has
-members: a sum per member, and while over the limit an ``ioctl`` per member.
+from a handful of addresses, would be the node's memory; and a tenant's own clients reading a
+byte now and then (a hostile tenant has its portal answer them) would hold as much without
+ever stalling. Past the limit, among the clients behind for at least a twelfth of the send
+deadline (:data:`PRESSURE_SHARE`: 5 s of 60), those that took nothing in that time are closed
+first, the longest stalled first; if that is not enough, the slowest clients (bytes taken per
+second of being behind) of the tenant holding the most go next, the tenant being chosen again
+after each, until the rest fit. So one tenant's clients, or clients of one tenant, cannot take
+the memory of the others' downloads, and a client that keeps reading is closed only when the
+node is over its bound without any stalled one. The set is looked at every quarter of that
+shorter wait, only while it has members: a sum per member, and while over the limit an
+``ioctl`` per member.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import heapq
 import struct
 import termios
 from collections.abc import Callable
@@ -51,14 +58,18 @@ class SendWatch:
     """Watch one transport's write buffer (see the module docstring)."""
 
     __slots__ = (
+        "_first",
         "_handle",
         "_left",
         "_since",
+        "_started",
+        "_why",
         "group",
         "handed",
         "loop",
         "on_stall",
         "pending",
+        "tenant",
         "timeout",
         "transport",
     )
@@ -82,9 +93,12 @@ class SendWatch:
         self.group = group
         #: the bytes waiting for the client behind the write buffer (its stream's), if known
         self.pending: Callable[[], int] | None = None
+        #: whose bytes wait (the tenant of the stream being relayed; "" when none)
+        self.tenant = ""
         self.loop = asyncio.get_running_loop()
-        self._left = 0
-        self._since = 0.0
+        self._left = self._first = 0
+        self._since = self._started = 0.0
+        self._why = ""
         self._handle: asyncio.TimerHandle | None = None
 
     @property
@@ -104,6 +118,7 @@ class SendWatch:
         if buffered == 0:
             return
         self._left, self._since = self._taken(buffered), self.loop.time()
+        self._first, self._started = self._left, self._since
         self._arm()
         if self.group is not None:
             self.group.join(self)
@@ -120,6 +135,15 @@ class SendWatch:
         pending = self.pending
         return self.transport.get_write_buffer_size() + (0 if pending is None else pending())
 
+    @property
+    def behind_since(self) -> float:
+        """When the watch started: bytes have waited for the client since (loop time)."""
+        return self._started
+
+    def rate(self, now: float) -> float:
+        """Bytes per second the client took since the watch started (as of the last look)."""
+        return (self._left - self._first) / max(now - self._started, 1e-3)
+
     def look(self, now: float) -> int:
         """Look at the buffer now: note any progress; the bytes in it (0: nothing waits)."""
         buffered = self.transport.get_write_buffer_size()
@@ -129,10 +153,24 @@ class SendWatch:
                 self._left, self._since = left, now
         return buffered
 
-    def shed(self) -> None:
-        """Close the connection for the node's bound (:class:`SendWatches`)."""
+    def shed(self, why: str) -> None:
+        """Close the connection for the node's bound (:class:`SendWatches`), ``why`` being
+        the choice, for :meth:`reason`."""
         self.stop()
+        self._why = why
         self.on_stall(True)
+
+    def reason(self, shed: bool) -> str:
+        """Why the connection is closed, for the log."""
+        waiting = self.transport.get_write_buffer_size()
+        if not shed:
+            return f"it took none of the {waiting} bytes waiting for it in {self.timeout:g} s"
+        group = self.group
+        held, limit = (0, None) if group is None else (group.held, group.limit)
+        return (
+            f"{self._why}, while {held} bytes waited for slow clients (client_buffer_limit "
+            f"{limit}); {waiting} bytes were waiting for it"
+        )
 
     def _taken(self, buffered: int) -> int:
         """Bytes the client took, give or take a constant (see the module docstring)."""
@@ -191,31 +229,47 @@ class SendWatches:
         self._handle = loop.call_later(self.interval, self._look, loop)
 
     def _shed(self, held: int, limit: int, now: float) -> int:
-        """Close stalled clients, longest stalled first, until ``held`` fits ``limit``;
-        what is held then."""
-        stalled = [w for w in self._members if w.look(now) and now - w.since >= self.stall]
-        stalled.sort(key=_since)
+        """Close clients behind for ``stall`` or more (see the module docstring) until
+        ``held`` fits ``limit``; what is held then."""
+        behind = [w for w in self._members if w.look(now) and now - w.behind_since >= self.stall]
+        stalled = sorted((w for w in behind if now - w.since >= self.stall), key=_since)
         for watch in stalled:
             if held <= limit:
-                break
+                return held
             held -= watch.held()
-            watch.shed()
+            watch.shed(f"it took nothing in {now - watch.since:.1f} s")
+        if held <= limit:
+            return held
+        # the slowest clients of the tenant holding the most, chosen again after each
+        tenants: dict[str, list[tuple[float, int, SendWatch]]] = {}
+        for watch in behind:
+            if watch.watching:
+                rate = watch.rate(now)
+                tenants.setdefault(watch.tenant, []).append((rate, watch.held(), watch))
+        heaviest = [(-sum(c[1] for c in cs), tenant) for tenant, cs in tenants.items()]
+        heapq.heapify(heaviest)
+        for clients in tenants.values():
+            clients.sort(key=_by_rate, reverse=True)  # the slowest last
+        while held > limit and heaviest:
+            weight, tenant = heapq.heappop(heaviest)
+            clients = tenants[tenant]
+            rate, size, watch = clients.pop()
+            held -= size
+            watch.shed(
+                f"it took {rate:.0f} bytes/s, the slowest client of the tenant holding the most "
+                f"for slow clients ({-weight} bytes)"
+            )
+            if clients:
+                heapq.heappush(heaviest, (weight + size, tenant))
         return held
+
+
+def _by_rate(client: tuple[float, int, SendWatch]) -> float:
+    return client[0]
 
 
 def _since(watch: SendWatch) -> float:
     return watch.since
-
-
-def stall_reason(transport: asyncio.WriteTransport, watches: SendWatches, shed: bool) -> str:
-    """Why a watched connection is closed, for the log (``shed``: see :class:`SendWatches`)."""
-    waiting = transport.get_write_buffer_size()
-    if not shed:
-        return f"it took none of the {waiting} bytes waiting for it in {watches.timeout:g} s"
-    return (
-        f"it took none of the {waiting} bytes waiting for it in {watches.stall:g} s, while "
-        f"{watches.held} bytes waited for slow clients (client_buffer_limit {watches.limit})"
-    )
 
 
 def _unacknowledged(transport: asyncio.BaseTransport) -> int:

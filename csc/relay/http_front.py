@@ -50,7 +50,7 @@ from shared.errors import (
 )
 from shared.headers import request_id_for
 from shared.http1 import CONTINUE, error_response
-from shared.sendwatch import SendWatch, stall_reason
+from shared.sendwatch import SendWatch
 from shared.wakeup import Wakeup
 
 if TYPE_CHECKING:
@@ -126,8 +126,10 @@ class FrontConnection(asyncio.Protocol):
         #: bytes handed to the transport, and the send deadline's watch (made when needed)
         self.handed = 0
         self._watch: SendWatch | None = None
-        #: the stream whose bytes are being relayed to the client (set by the handler)
+        #: the stream whose bytes are being relayed to the client, and its tenant: the last
+        #: one's until the next relay (:meth:`relay_from`)
         self.upstream: TunnelStream | None = None
+        self.tenant = ""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -471,11 +473,18 @@ class FrontConnection(asyncio.Protocol):
             watch = self._watch = SendWatch(
                 self.transport, timeout, self._handed, self._stalled, self.front.counts.watches
             )
-            watch.pending = self._pending
+            watch.pending, watch.tenant = self._pending, self.tenant
         watch.start()
 
     def _handed(self) -> int:
         return self.handed
+
+    def relay_from(self, stream: TunnelStream | None, tenant: str) -> None:
+        """The handler relays ``stream``'s bytes of ``tenant`` to the client (None: no more,
+        although its last bytes may wait): what the send deadline's watch counts."""
+        self.upstream, self.tenant = stream, tenant
+        if self._watch is not None:
+            self._watch.tenant = tenant
 
     def _pending(self) -> int:
         upstream = self.upstream
@@ -485,15 +494,15 @@ class FrontConnection(asyncio.Protocol):
         """The client took no byte for ``client_send_timeout``, or for less while the node
         holds too much for slow clients (``shed``): it went away, as far as the relay is
         concerned (the handler resets its stream)."""
-        transport = self.transport
-        if transport is None or self.lost:
+        transport, watch = self.transport, self._watch
+        if transport is None or watch is None or self.lost:
             return
         answering = self._requests[0].request_id if self._requests else ""
         log.info(
             "closing %s: %s",
             self.peer,
-            stall_reason(transport, self.front.counts.watches, shed),
-            extra={"request_id": answering},
+            watch.reason(shed),
+            extra={"request_id": answering, "tenant": self.tenant},
         )
         self.front.counts.stalled("http", shed)
         self._stopped = True

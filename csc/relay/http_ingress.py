@@ -416,7 +416,7 @@ async def _relay_response(
         return
     if mode == CLOSE:
         request.keep_alive = False  # the end of the body is the end of the connection
-    conn.upstream = stream  # what waits behind the client's write buffer
+    conn.relay_from(stream, tenant or "")  # what waits behind the client's write buffer
     try:
         await _relay_body(conn, stream, mode, length, record)
     except CSCError as err:
@@ -428,7 +428,7 @@ async def _relay_response(
         log.info("request %s: the client went away mid-response", request_id, extra=where)
         stream.reset(Cancelled("the client went away"))
     finally:
-        conn.upstream = None
+        conn.relay_from(None, tenant or "")
 
 
 async def _relay_body(

@@ -26,7 +26,7 @@ from csc.state import NodeState
 from shared.aio import splice
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
 from shared.link import LinkCounters
-from shared.sendwatch import SendWatch, stall_reason
+from shared.sendwatch import SendWatch
 
 log = logging.getLogger("csc.tcp")
 
@@ -95,7 +95,7 @@ def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
             writer.transport,
             state.config.client_send_timeout,
             lambda: traffic.data_received,
-            lambda shed: _stalled(state, writer, shed),
+            lambda shed: _stalled(state, writer, watch, shed),
             counts.watches,
         )
         try:
@@ -116,12 +116,12 @@ def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
     return handle
 
 
-def _stalled(state: NodeState, writer: asyncio.StreamWriter, shed: bool) -> None:
+def _stalled(state: NodeState, writer: asyncio.StreamWriter, watch: SendWatch, shed: bool) -> None:
     """The client took no byte for ``client_send_timeout``, or for less while the node holds
     too much for slow clients (``shed``; shared/sendwatch.py)."""
     counts = state.connections
-    reason = stall_reason(writer.transport, counts.watches, shed)
-    log.info("closing %s: %s", writer.get_extra_info("peername"), reason)
+    peer = writer.get_extra_info("peername")
+    log.info("closing %s: %s", peer, watch.reason(shed), extra={"tenant": watch.tenant})
     counts.stalled("tcp", shed)
     writer.transport.abort()
 
@@ -187,6 +187,7 @@ async def _serve(
                 record.status = exc.spec.http_status
                 return
             writer.write(b"OK\r\n")
+            watch.tenant = tenant or ""
             await splice(
                 stream, reader, writer, reset_code=Cancelled.code, traffic=traffic, watch=watch
             )

@@ -80,14 +80,20 @@ async def test_the_watch_ends_when_nothing_waits() -> None:
 class Client:
     """A watched connection in a group: its buffer, its stream's bytes, and how it ended."""
 
-    def __init__(self, group: SendWatches, size: int, pending: int = 0) -> None:
+    def __init__(self, group: SendWatches, size: int, pending: int = 0, tenant: str = "") -> None:
         self.transport, self.handed = Buffer(size), [size]
         self.loop = asyncio.get_running_loop()
         self.started = self.loop.time()
         self.ended: float | None = None  # when the group closed it
         self.watch = SendWatch(self.transport, LONG, lambda: self.handed[0], self._end, group)
-        self.watch.pending = lambda: pending
+        self.watch.pending, self.watch.tenant = (lambda: pending), tenant
         self.watch.start()
+
+    async def read(self, step: int, every: float) -> None:
+        """Take ``step`` bytes every ``every`` seconds (its buffer refilled as fast)."""
+        while self.ended is None:
+            self.handed[0] += step
+            await asyncio.sleep(every)
 
     def _end(self, shed: bool) -> None:
         assert shed  # the deadline is never reached here
@@ -161,3 +167,44 @@ async def test_without_a_limit_only_the_deadline_closes() -> None:
     watch.start()
     await _until(lambda: bool(stalls))
     assert stalls[0] - started >= TIMEOUT and len(group) == 0
+
+
+async def test_then_the_slowest_readers_of_the_tenant_holding_the_most_go() -> None:
+    """No client stalled, still over the limit: the tenant holding the most gives back first,
+    its slowest reader first, the tenant chosen again after each (a's two slower readers go:
+    3000 against b's 1000, then 2000 against 1000); b's reader, the slowest of all, stays."""
+    group = SendWatches(2500, LONG)
+    slow, medium, fast = (Client(group, 1000, tenant="a") for _ in range(3))
+    other = Client(group, 1000, tenant="b")
+    tick = group.interval / 4
+    readers = [
+        asyncio.ensure_future(slow.read(10, tick)),
+        asyncio.ensure_future(medium.read(100, tick)),
+        asyncio.ensure_future(fast.read(1000, tick)),
+        asyncio.ensure_future(other.read(1, tick)),
+    ]
+    try:
+        await _until(lambda: slow.ended is not None and medium.ended is not None)
+        await asyncio.sleep(STALL)  # and no more
+    finally:
+        for reader in readers:
+            reader.cancel()
+    assert slow.ended is not None and medium.ended is not None
+    assert slow.ended - slow.started >= STALL  # behind long enough to be chosen
+    assert (fast.ended, other.ended) == (None, None)
+    assert group.held == 2000
+
+
+async def test_a_stalled_client_goes_before_the_readers_of_a_heavier_tenant() -> None:
+    group = SendWatches(3500, LONG)
+    readers = [Client(group, 1000, tenant="a") for _ in range(3)]
+    stalled = Client(group, 1000, tenant="b")
+    tasks = [asyncio.ensure_future(c.read(1, group.interval / 4)) for c in readers]
+    try:
+        await _until(lambda: stalled.ended is not None)
+        await asyncio.sleep(STALL)
+    finally:
+        for task in tasks:
+            task.cancel()
+    assert [c.ended for c in readers] == [None] * 3
+    assert group.held == 3000
