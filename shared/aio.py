@@ -74,8 +74,13 @@ async def splice(
 
 
 async def _cancel_all(tasks: Sequence[asyncio.Future[None]]) -> None:
+    """Cancel the directions still running; read the error of one that failed too (the
+    first failure is what the splice reports), so asyncio does not log it as lost."""
     for task in tasks:
-        await cancel_quietly(task)
+        if not task.done():
+            await cancel_quietly(task)
+        elif not task.cancelled():
+            task.exception()
 
 
 async def close_link(link: Link, watcher: asyncio.Future[Any]) -> None:
