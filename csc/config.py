@@ -218,10 +218,11 @@ class CSCConfig:
         metadata=meta(
             kind="size",
             minimum=0,
-            help="bytes waiting for slow clients of the public and TCP listeners (write "
-            "buffers and their streams' windows), all together; past it, clients behind for a "
-            "twelfth of `client_send_timeout` are closed: those that took nothing meanwhile, "
-            "then the slowest of the tenant holding the most; off: no bound",
+            help="bytes the public and TCP listeners hold that the other end does not take "
+            "(answers for slow clients: write buffers and their streams; request bodies and "
+            "tunnelled bytes for slow portals), all together; past it, connections behind for "
+            "a twelfth of `client_send_timeout` are closed: those whose bytes nobody took "
+            "meanwhile, then the slowest of the tenant holding the most; off: no bound",
         ),
     )
     log_level: str = log_level_field()

@@ -191,7 +191,7 @@ class CSCMetrics:
         self.connections: Callable[[], tuple[int, int | None]] = lambda: (0, None)
         #: the node's window growth held and its bound (csc/relay/growth.py), at scrape time
         self.window_growth: Callable[[], tuple[int, int]] = lambda: (0, 0)
-        #: bytes waiting for slow clients and their bound (shared/sendwatch.py; None: none)
+        #: bytes held for slow clients and portals, and their bound (shared/sendwatch.py)
         self.client_buffers: Callable[[], tuple[int, int | None]] = lambda: (0, None)
         self._session_metrics(reg)
         self._request_metrics(reg)
@@ -239,8 +239,8 @@ class CSCMetrics:
         )
         self.connections_shed = Counter(
             "csc_connections_shed",
-            "Client connections closed before their send deadline, to bring the bytes waiting "
-            "for slow clients back under client_buffer_limit, by listener.",
+            "Client connections closed early to bring the bytes held for slow clients and "
+            "slow portals back under client_buffer_limit, by listener.",
             ["listener"],
             registry=reg,
         )
@@ -473,15 +473,16 @@ class _LiveCollector:
         waiting, limit = m.client_buffers()
         yield GaugeMetricFamily(
             "csc_client_buffered_bytes",
-            "Bytes waiting for slow clients of the public and TCP listeners (write buffers "
-            "and their streams), as of the last look.",
+            "Bytes the public and TCP listeners hold that the other end does not take "
+            "(answers for slow clients, request bodies and tunnelled bytes for slow portals), "
+            "as of the last look.",
             value=waiting,
         )
         if limit is not None:
             yield GaugeMetricFamily(
                 "csc_client_buffer_limit_bytes",
                 "The bound on csc_client_buffered_bytes (client_buffer_limit); past it, "
-                "stalled clients are closed early.",
+                "connections whose bytes do not move are closed early.",
                 value=limit,
             )
         yield GaugeMetricFamily(

@@ -16,7 +16,7 @@ from typing import Any
 from shared.errors import CSCError, error_for_code
 from shared.link import Link, LinkCounters
 from shared.linkstream import TunnelStream
-from shared.sendwatch import SendWatch
+from shared.sendwatch import Hold, SendWatch
 
 
 async def splice(
@@ -28,13 +28,16 @@ async def splice(
     chunk_size: int = 256 * 1024,
     traffic: LinkCounters | None = None,
     watch: SendWatch | None = None,
+    hold: Hold | None = None,
 ) -> None:
     """Copy bytes both ways between a socket and a stream, with half-close, until both end.
 
     A socket error resets the stream with ``reset_code``; a stream error aborts the socket.
     ``traffic`` (optional) counts this splice's bytes: ``data_sent`` from the socket to the
     stream, ``data_received`` from the stream to the socket. ``watch`` (optional) is the
-    socket's send deadline, started whenever bytes wait for the socket's peer.
+    socket's send deadline, started whenever bytes wait for the socket's peer; ``hold``
+    (optional) counts, while the stream has no credit for them, the bytes read from the socket
+    (shared/sendwatch.py).
     """
     tally = traffic if traffic is not None else LinkCounters()
     if watch is not None:
@@ -42,7 +45,12 @@ async def splice(
 
     async def outbound() -> None:
         while data := await reader.read(chunk_size):
+            if hold is not None:
+                hold.waiting = len(data)
+                hold.join()
             await stream.write(data)
+            if hold is not None:
+                hold.leave()
             tally.data_sent += len(data)
         stream.write_eof()
 

@@ -21,21 +21,24 @@ Invariants:
 * The watch runs only while bytes wait: it ends by itself when the buffer is empty, and costs
   nothing to a connection whose client keeps up.
 
-:class:`SendWatches` is a node's set of running watches and its bound on what they hold
-together (``client_buffer_limit``): the bytes in their write buffers and in the streams behind
-them (``SendWatch.pending``). A stalled client holds its stream's window and its write buffer
-(about half a MiB) for up to 1.25 send deadlines, so without that bound a few thousand of them,
-from a handful of addresses, would be the node's memory; and a tenant's own clients reading a
-byte now and then (a hostile tenant has its portal answer them) would hold as much without
-ever stalling. Past the limit, among the clients behind for at least a twelfth of the send
-deadline (:data:`PRESSURE_SHARE`: 5 s of 60), those that took nothing in that time are closed
-first, the longest stalled first; if that is not enough, the slowest clients (bytes taken per
-second of being behind) of the tenant holding the most go next, the tenant being chosen again
-after each, until the rest fit. So one tenant's clients, or clients of one tenant, cannot take
-the memory of the others' downloads, and a client that keeps reading is closed only when the
-node is over its bound without any stalled one. The set is looked at every quarter of that
-shorter wait, only while it has members: a sum per member, and while over the limit an
-``ioctl`` per member.
+:class:`SendWatches` is a node's bound on the bytes its client connections hold because the
+other end does not take them (``client_buffer_limit``): answers waiting for slow clients (each
+running :class:`SendWatch`: its write buffer and the stream behind it, ``SendWatch.pending``)
+and bytes from clients waiting for slow portals (each joined :class:`Hold`: a request body read
+ahead of its stream's credit). A stalled client holds its stream's window and its write buffer
+(about half a MiB) for up to 1.25 send deadlines, a portal that does not read a request body
+holds up to half a MiB of it for as long as it likes, so without that bound a few thousand
+connections, from a handful of addresses, would be the node's memory; and a tenant's own
+clients reading a byte now and then (a hostile tenant has its portal answer them) would hold
+as much without ever stalling. Past the limit, among the members behind for at least a twelfth
+of the send deadline (:data:`PRESSURE_SHARE`: 5 s of 60), those whose bytes nobody took in that
+time are closed first, the longest stalled first; if that is not enough, the slowest (bytes
+taken per second of being behind) of the tenant holding the most go next, the tenant being
+chosen again after each, until the rest fit. So one tenant's clients or portal, or clients of
+one tenant, cannot take the memory of the others' traffic, and a connection that moves is
+closed only when the node is over its bound without any stalled one. The set is looked at
+every quarter of that shorter wait, only while it has members: a sum per member, and while
+over the limit an ``ioctl`` per watch.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import heapq
 import struct
 import termios
 from collections.abc import Callable
+from typing import Protocol
 
 #: Checks per timeout: the deadline is met within this fraction of it.
 CHECKS_PER_TIMEOUT = 4
@@ -54,16 +58,78 @@ CHECKS_PER_TIMEOUT = 4
 PRESSURE_SHARE = 12
 
 
-class SendWatch:
+class Holder(Protocol):
+    """What :class:`SendWatches` needs of a member: bytes a connection holds that its other
+    end does not take (answers for a slow client, a request body for a slow portal)."""
+
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def tenant(self) -> str:
+        """Whose bytes they are ("" when not known)."""
+
+    @property
+    def key(self) -> object:
+        """The connection's transport: a connection closed for one member is not closed (and
+        counted) again for another in the same look."""
+
+    @property
+    def watching(self) -> bool: ...
+
+    @property
+    def since(self) -> float: ...
+
+    @property
+    def behind_since(self) -> float: ...
+
+    def held(self) -> int: ...
+
+    def look(self, now: float) -> int: ...
+
+    def rate(self, now: float) -> float: ...
+
+    def shed(self, why: str) -> None: ...
+
+
+class Progress:
+    """Progress in bytes taken, from the moment bytes started to wait (:meth:`begin`), as
+    seen at each look (:meth:`note`): for :class:`SendWatches`."""
+
+    __slots__ = ("_first", "_left", "_since", "_started", "_why")
+
+    def __init__(self) -> None:
+        self._left = self._first = 0
+        self._since = self._started = 0.0
+        self._why = ""
+
+    @property
+    def since(self) -> float:
+        """When bytes were last taken, as far as the looks have seen (loop time)."""
+        return self._since
+
+    @property
+    def behind_since(self) -> float:
+        """When bytes started to wait (loop time)."""
+        return self._started
+
+    def rate(self, now: float) -> float:
+        """Bytes per second taken since bytes started to wait (as of the last look)."""
+        return (self._left - self._first) / max(now - self._started, 1e-3)
+
+    def begin(self, taken: int, now: float) -> None:
+        self._left = self._first = taken
+        self._since = self._started = now
+
+    def note(self, taken: int, now: float) -> None:
+        if taken != self._left:
+            self._left, self._since = taken, now
+
+
+class SendWatch(Progress):
     """Watch one transport's write buffer (see the module docstring)."""
 
     __slots__ = (
-        "_first",
         "_handle",
-        "_left",
-        "_since",
-        "_started",
-        "_why",
         "group",
         "handed",
         "loop",
@@ -84,6 +150,7 @@ class SendWatch:
     ) -> None:
         """``on_stall(shed)`` closes the connection: ``shed`` is False at the send deadline,
         True when ``group`` chose it to bring the node back under its bound."""
+        super().__init__()
         self.transport, self.timeout, self.handed, self.on_stall = (
             transport,
             timeout,
@@ -96,9 +163,6 @@ class SendWatch:
         #: whose bytes wait (the tenant of the stream being relayed; "" when none)
         self.tenant = ""
         self.loop = asyncio.get_running_loop()
-        self._left = self._first = 0
-        self._since = self._started = 0.0
-        self._why = ""
         self._handle: asyncio.TimerHandle | None = None
 
     @property
@@ -106,9 +170,8 @@ class SendWatch:
         return self._handle is not None
 
     @property
-    def since(self) -> float:
-        """When the client last took a byte, as far as the watch has seen (loop time)."""
-        return self._since
+    def key(self) -> object:
+        return self.transport
 
     def start(self) -> None:
         """Watch from now on, if bytes wait and the watch is not running already."""
@@ -117,8 +180,7 @@ class SendWatch:
         buffered = self.transport.get_write_buffer_size()
         if buffered == 0:
             return
-        self._left, self._since = self._taken(buffered), self.loop.time()
-        self._first, self._started = self._left, self._since
+        self.begin(self._taken(buffered), self.loop.time())
         self._arm()
         if self.group is not None:
             self.group.join(self)
@@ -135,22 +197,11 @@ class SendWatch:
         pending = self.pending
         return self.transport.get_write_buffer_size() + (0 if pending is None else pending())
 
-    @property
-    def behind_since(self) -> float:
-        """When the watch started: bytes have waited for the client since (loop time)."""
-        return self._started
-
-    def rate(self, now: float) -> float:
-        """Bytes per second the client took since the watch started (as of the last look)."""
-        return (self._left - self._first) / max(now - self._started, 1e-3)
-
     def look(self, now: float) -> int:
         """Look at the buffer now: note any progress; the bytes in it (0: nothing waits)."""
         buffered = self.transport.get_write_buffer_size()
         if buffered:
-            left = self._taken(buffered)
-            if left != self._left:
-                self._left, self._since = left, now
+            self.note(self._taken(buffered), now)
         return buffered
 
     def shed(self, why: str) -> None:
@@ -168,8 +219,8 @@ class SendWatch:
         group = self.group
         held, limit = (0, None) if group is None else (group.held, group.limit)
         return (
-            f"{self._why}, while {held} bytes waited for slow clients (client_buffer_limit "
-            f"{limit}); {waiting} bytes were waiting for it"
+            f"{waiting} bytes waiting for it, {self._why}, while the node held {held} bytes "
+            f"(client_buffer_limit {limit})"
         )
 
     def _taken(self, buffered: int) -> int:
@@ -190,6 +241,81 @@ class SendWatch:
             self._arm()
 
 
+class Hold(Progress):
+    """Bytes a connection holds until another party takes them (a request body waiting for
+    its stream's credit): counted by a :class:`SendWatches` from :meth:`join` to
+    :meth:`leave`, which may call ``on_shed(why)`` to close the connection."""
+
+    __slots__ = (
+        "_held",
+        "_owner",
+        "_taken",
+        "group",
+        "joined",
+        "key",
+        "loop",
+        "on_shed",
+        "waiting",
+    )
+
+    def __init__(
+        self,
+        group: SendWatches,
+        key: object,
+        held: Callable[[], int] | None,
+        taken: Callable[[], int],
+        owner: Callable[[], str],
+        on_shed: Callable[[str], None],
+    ) -> None:
+        """``key``: the connection's transport; ``held()``: the bytes held now (None:
+        :attr:`waiting`, set by the user); ``taken()``: bytes taken in all so far;
+        ``owner()``: their tenant."""
+        super().__init__()
+        self.key = key
+        self.waiting = 0
+        self.group, self._held, self._taken, self._owner, self.on_shed = (
+            group,
+            held,
+            taken,
+            owner,
+            on_shed,
+        )
+        self.loop = asyncio.get_running_loop()
+        self.joined = False
+
+    @property
+    def tenant(self) -> str:
+        return self._owner()
+
+    @property
+    def watching(self) -> bool:
+        return self.joined
+
+    def join(self) -> None:
+        if not self.joined:
+            self.joined = True
+            self.begin(self._taken(), self.loop.time())
+            self.group.join(self)
+
+    def leave(self) -> None:
+        if self.joined:
+            self.joined = False
+            self.group.leave(self)
+
+    def held(self) -> int:
+        held = self._held
+        return self.waiting if held is None else held()
+
+    def look(self, now: float) -> int:
+        self.note(self._taken(), now)
+        return self.held()
+
+    def shed(self, why: str) -> None:
+        self.leave()
+        self._why = why
+        self.on_shed(why)
+
+
 class SendWatches:
     """A node's running watches and the bound on the bytes they hold (see the module
     docstring); ``limit`` None: no bound."""
@@ -203,19 +329,19 @@ class SendWatches:
         self.interval = self.stall / CHECKS_PER_TIMEOUT
         #: what the members held at the last look (0 when there is none)
         self.held = 0
-        self._members: set[SendWatch] = set()
+        self._members: set[Holder] = set()
         self._handle: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._members)
 
-    def join(self, watch: SendWatch) -> None:
-        self._members.add(watch)
+    def join(self, member: Holder) -> None:
+        self._members.add(member)
         if self._handle is None:
-            self._handle = watch.loop.call_later(self.interval, self._look, watch.loop)
+            self._handle = member.loop.call_later(self.interval, self._look, member.loop)
 
-    def leave(self, watch: SendWatch) -> None:
-        self._members.discard(watch)
+    def leave(self, member: Holder) -> None:
+        self._members.discard(member)
 
     def _look(self, loop: asyncio.AbstractEventLoop) -> None:
         self._handle = None
@@ -233,17 +359,18 @@ class SendWatches:
         ``held`` fits ``limit``; what is held then."""
         behind = [w for w in self._members if w.look(now) and now - w.behind_since >= self.stall]
         stalled = sorted((w for w in behind if now - w.since >= self.stall), key=_since)
+        cut: set[object] = set()  # connections closed in this look
         for watch in stalled:
             if held <= limit:
                 return held
             held -= watch.held()
-            watch.shed(f"it took nothing in {now - watch.since:.1f} s")
+            _cut(watch, f"nothing taken in {now - watch.since:.1f} s", cut)
         if held <= limit:
             return held
         # the slowest clients of the tenant holding the most, chosen again after each
-        tenants: dict[str, list[tuple[float, int, SendWatch]]] = {}
+        tenants: dict[str, list[tuple[float, int, Holder]]] = {}
         for watch in behind:
-            if watch.watching:
+            if watch.watching and watch.key not in cut:
                 rate = watch.rate(now)
                 tenants.setdefault(watch.tenant, []).append((rate, watch.held(), watch))
         heaviest = [(-sum(c[1] for c in cs), tenant) for tenant, cs in tenants.items()]
@@ -255,20 +382,26 @@ class SendWatches:
             clients = tenants[tenant]
             rate, size, watch = clients.pop()
             held -= size
-            watch.shed(
-                f"it took {rate:.0f} bytes/s, the slowest client of the tenant holding the most "
-                f"for slow clients ({-weight} bytes)"
-            )
+            why = f"{rate:.0f} bytes/s taken, the slowest of the tenant holding the most"
+            _cut(watch, f"{why} ({-weight} bytes)", cut)
             if clients:
                 heapq.heappush(heaviest, (weight + size, tenant))
         return held
 
 
-def _by_rate(client: tuple[float, int, SendWatch]) -> float:
+def _cut(member: Holder, why: str, cut: set[object]) -> None:
+    """Close ``member``'s connection unless another member closed it in this look."""
+    if member.key in cut:
+        return
+    cut.add(member.key)
+    member.shed(why)
+
+
+def _by_rate(client: tuple[float, int, Holder]) -> float:
     return client[0]
 
 
-def _since(watch: SendWatch) -> float:
+def _since(watch: Holder) -> float:
     return watch.since
 
 

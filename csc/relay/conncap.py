@@ -136,7 +136,7 @@ class ConnectionCounts:
         held = "no bound" if limit is None else f"at most {limit} bytes"
         return (
             f"connections on the public and TCP listeners: {node}; per client address: "
-            f"{client}; waiting for slow clients: {held}"
+            f"{client}; held for slow clients and portals: {held}"
         )
 
     def take(self, ip: str, listener: str) -> str | CSCError:

@@ -50,7 +50,7 @@ from shared.errors import (
 )
 from shared.headers import request_id_for
 from shared.http1 import CONTINUE, error_response
-from shared.sendwatch import SendWatch
+from shared.sendwatch import Hold, SendWatch
 from shared.wakeup import Wakeup
 
 if TYPE_CHECKING:
@@ -112,6 +112,10 @@ class FrontConnection(asyncio.Protocol):
         self._head_started: float | None = self.loop.time()  # the first head is due from now
         self._idle_since = self.loop.time()
         self._queued = 0
+        #: request body bytes the handler has taken, in all (the progress of a held body)
+        self.body_taken = 0
+        #: the request body held while the stream takes none of it (made when needed)
+        self._body_hold: Hold | None = None
         self._read_paused = False
         self._write_paused = False
         self._stopped = False  # parse no further request
@@ -202,6 +206,8 @@ class FrontConnection(asyncio.Protocol):
         self._cancel_timer()
         if self._watch is not None:
             self._watch.stop()
+        if self._body_hold is not None:
+            self._body_hold.leave()
         self._parser = None
         self._requests.clear()
         self.front.connections.discard(self)
@@ -282,6 +288,19 @@ class FrontConnection(asyncio.Protocol):
         self._queued += len(body)
         if self._queued > HIGH_WATER:
             self._pause_reading()
+            hold = self._body_hold
+            if hold is None:
+                watches = self.front.counts.watches
+                hold = Hold(
+                    watches,
+                    self.transport,
+                    self._held_body,
+                    self._taken_body,
+                    self._tenant,
+                    self.shed_body,
+                )
+                self._body_hold = hold
+            hold.join()
 
     def on_message_complete(self) -> None:
         if self._parsing is not None:
@@ -341,6 +360,7 @@ class FrontConnection(asyncio.Protocol):
                 chunk = request.chunks.popleft()
                 request.queued -= len(chunk)
                 self._queued -= len(chunk)
+                self.body_taken += len(chunk)
                 self._maybe_resume()
                 return chunk
             if request.body_error is not None:
@@ -489,6 +509,37 @@ class FrontConnection(asyncio.Protocol):
     def _pending(self) -> int:
         upstream = self.upstream
         return 0 if upstream is None else upstream.buffered()
+
+    def _held_body(self) -> int:
+        return self._queued
+
+    def _taken_body(self) -> int:
+        return self.body_taken
+
+    def _tenant(self) -> str:
+        return self.tenant
+
+    def shed_body(self, why: str) -> None:
+        """Close the connection: the request body it holds waits for a stream that does not
+        take it (the tenant's agent gives no credit: its portal reads slowly, or not at all),
+        and the node is over ``client_buffer_limit`` (shared/sendwatch.py ``Hold``)."""
+        transport, watches = self.transport, self.front.counts.watches
+        if transport is None or self.lost:
+            return
+        answering = self._requests[0].request_id if self._requests else ""
+        log.info(
+            "closing %s: %d bytes of its request body waiting for the portal, %s, while the "
+            "node held %d bytes (client_buffer_limit %s)",
+            self.peer,
+            self._queued,
+            why,
+            watches.held,
+            watches.limit,
+            extra={"request_id": answering, "tenant": self.tenant},
+        )
+        self.front.counts.stalled("http", True)
+        self._stopped = True
+        transport.abort()
 
     def _stalled(self, shed: bool) -> None:
         """The client took no byte for ``client_send_timeout``, or for less while the node
@@ -678,6 +729,8 @@ class FrontConnection(asyncio.Protocol):
             and not self.lost
         ):
             self._read_paused = False
+            if self._body_hold is not None:
+                self._body_hold.leave()
             now = self.loop.time()
             if (request := self._parsing) is not None:  # the pause was ours, not the client's
                 request.last_body = now

@@ -218,6 +218,7 @@ async def tunnel(state: NodeState, conn: FrontConnection, request: FrontRequest)
             raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
         alias, found = lookup_alias(state, request.alias)
         tenant, record.alias = found.tenant, alias
+        conn.relay_from(None, tenant or "")  # whose the bytes held for this request are
         info = _forwarded_head(conn, request, state, alias, target)
         stream = await open_stream(state, alias, found, info)
     except CSCError as err:

@@ -26,7 +26,8 @@ from csc.state import NodeState
 from shared.aio import splice
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
 from shared.link import LinkCounters
-from shared.sendwatch import SendWatch
+from shared.linkstream import TunnelStream
+from shared.sendwatch import Hold, SendWatch
 
 log = logging.getLogger("csc.tcp")
 
@@ -98,17 +99,26 @@ def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
             lambda shed: _stalled(state, writer, watch, shed),
             counts.watches,
         )
+        upload = Hold(
+            counts.watches,
+            writer.transport,
+            None,
+            lambda: traffic.data_sent,
+            lambda: watch.tenant,
+            lambda why: None,  # set once there is a stream (_serve)
+        )
         try:
             if isinstance(counted, CSCError):
                 await _refuse_connection(counts, reader, writer, counted)
             else:
-                await _serve(state, reader, writer, traffic, watch)
+                await _serve(state, reader, writer, traffic, watch, upload)
         except asyncio.CancelledError:
             # the node stops with the connection open: nothing awaits this task, and asyncio
             # 3.11's stream callback would log a cancelled one as an error (traceback)
             pass
         finally:
             writer.close()
+            upload.leave()
             watch.start()  # the last bytes must leave too
             if isinstance(counted, str):
                 counts.close(counted)
@@ -124,6 +134,28 @@ def _stalled(state: NodeState, writer: asyncio.StreamWriter, watch: SendWatch, s
     log.info("closing %s: %s", peer, watch.reason(shed), extra={"tenant": watch.tenant})
     counts.stalled("tcp", shed)
     writer.transport.abort()
+
+
+def _shed_upload(
+    state: NodeState, writer: asyncio.StreamWriter, upload: Hold, stream: TunnelStream, why: str
+) -> None:
+    """Bytes from the client wait for a stream that takes none of them (the portal does not
+    read), and the node is over ``client_buffer_limit`` (shared/sendwatch.py): the connection
+    is aborted and the stream reset, which ends the splice."""
+    counts = state.connections
+    log.info(
+        "closing %s: %d bytes from it waiting for the portal, %s, while the node held %d "
+        "bytes (client_buffer_limit %s)",
+        writer.get_extra_info("peername"),
+        upload.waiting,
+        why,
+        counts.watches.held,
+        counts.watches.limit,
+        extra={"tenant": upload.tenant},
+    )
+    counts.stalled("tcp", True)
+    writer.transport.abort()
+    stream.reset(Cancelled("the client was closed: the node holds too much for slow portals"))
 
 
 async def _refuse_connection(
@@ -155,6 +187,7 @@ async def _serve(
     writer: asyncio.StreamWriter,
     traffic: LinkCounters,
     watch: SendWatch,
+    upload: Hold,
 ) -> None:
     request_id = uuid.uuid4().hex
     started = time.monotonic()
@@ -188,8 +221,15 @@ async def _serve(
                 return
             writer.write(b"OK\r\n")
             watch.tenant = tenant or ""
+            upload.on_shed = lambda why: _shed_upload(state, writer, upload, stream, why)
             await splice(
-                stream, reader, writer, reset_code=Cancelled.code, traffic=traffic, watch=watch
+                stream,
+                reader,
+                writer,
+                reset_code=Cancelled.code,
+                traffic=traffic,
+                watch=watch,
+                hold=upload,
             )
         finally:
             record.bytes_in, record.bytes_out = traffic.data_sent, traffic.data_received

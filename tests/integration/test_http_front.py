@@ -352,6 +352,31 @@ async def _stalled_tunnel(r: Relay) -> tuple[socket.socket, asyncio.Future[None]
     return sock, asyncio.ensure_future(flood())
 
 
+async def _stop(clients: list[tuple[socket.socket, asyncio.Future[None]]]) -> None:
+    """Stop each client's sending task and close its socket."""
+    for sock, sending in clients:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        sock.close()
+
+
+async def _until_closed(r: Relay, count: int, limit: float) -> None:
+    """Wait until the node counts ``count`` connections (its streams may still end)."""
+    async with asyncio.timeout(limit):
+        while _connections(r) != count:
+            await asyncio.sleep(0.1)
+
+
+def _closed_for(caplog: pytest.LogCaptureFixture, text: str, count: int) -> list[logging.LogRecord]:
+    """The log lines of connections closed early that contain ``text``: ``count`` of them,
+    each naming the relay's tenant."""
+    closing = [rec for rec in caplog.records if text in rec.getMessage()]
+    assert len(closing) == count
+    assert {getattr(rec, "tenant", None) for rec in closing} == {"acme"}
+    return closing
+
+
 async def test_past_the_client_buffer_limit_stalled_clients_are_closed_early(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -368,9 +393,7 @@ async def test_past_the_client_buffer_limit_stalled_clients_are_closed_early(
         downloads = [await _stalled_download(r) for _ in range(4)]
         tunnels = [await _stalled_tunnel(r) for _ in range(2)]
         try:
-            async with asyncio.timeout(40):  # well before the send deadline
-                while _connections(r) != before:
-                    await asyncio.sleep(0.1)
+            await _until_closed(r, before, 40)  # well before the send deadline
             assert (_shed(r, "http"), _shed(r, "tcp")) == (4, 2)
             assert (_stalled(r, "http"), _stalled(r, "tcp")) == (0, 0)
             for sock in downloads:  # each was cut off
@@ -380,19 +403,91 @@ async def test_past_the_client_buffer_limit_stalled_clients_are_closed_early(
                         taken += len(chunk)
                 assert taken < 16 * 1024 * 1024
         finally:
-            for sock, flooding in tunnels:
-                flooding.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flooding
-                sock.close()
+            await _stop(tunnels)
             for sock in downloads:
                 sock.close()
         await _until_connections(r, before, scaled(20))
-    closing = [rec for rec in caplog.records if "client_buffer_limit" in rec.getMessage()]
-    assert len(closing) == 6
-    assert {getattr(rec, "tenant", None) for rec in closing} == {"acme"}
+    closing = _closed_for(caplog, "client_buffer_limit", 6)
     # a stalled client that still took a few bytes in the last seconds goes as a slow one
     assert all(
-        "it took nothing in" in rec.getMessage() or "the slowest client" in rec.getMessage()
+        "nothing taken in" in rec.getMessage() or "the slowest of" in rec.getMessage()
         for rec in closing
     )
+
+
+#: How long the portal leaves the request bodies of the next test unread.
+PORTAL_DELAY = 15.0
+
+
+async def test_past_the_client_buffer_limit_bodies_a_portal_does_not_take_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request body the portal does not read (a slow portal, or a hostile tenant answering
+    its own clients late) holds up to 0.5 MiB per connection in the CSC, read ahead of the
+    stream's credit: past ``client_buffer_limit``, a connection whose body nobody took for a
+    twelfth of ``client_send_timeout`` is closed, its tenant named (before: held until the
+    portal answered, ``open_timeout`` at most, 75 s, or for as long as it trickled an
+    answer)."""
+    caplog.set_level(logging.INFO, logger="csc")
+    csc = _settings(client_send_timeout=24.0, client_buffer_limit=0)  # 2 s without progress
+    async with relay(tmp_path, csc=csc) as r:
+        loop, before = asyncio.get_running_loop(), _connections(r)
+        socks: list[socket.socket] = []
+        for _ in range(3):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, _http_address(r))
+            head = (
+                f"POST /t/{ALIAS}/slow-head?delay={PORTAL_DELAY:g} HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Length: {64 * 1024 * 1024}\r\n\r\n"
+            )
+            await loop.sock_sendall(sock, head.encode())
+            socks.append(sock)
+
+        async def push(sock: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while True:  # until the CSC stops reading, then until it closes
+                    await loop.sock_sendall(sock, b"x" * 65536)
+
+        pushing = [(sock, asyncio.ensure_future(push(sock))) for sock in socks]
+        try:
+            await _until_closed(r, before, PORTAL_DELAY - 3)  # before the portal reads
+            assert (_shed(r, "http"), _stalled(r, "http")) == (3, 0)
+        finally:
+            await _stop(pushing)
+        await _until_connections(r, before, scaled(20))
+    _closed_for(caplog, "request body waiting", 3)
+
+
+async def test_past_the_client_buffer_limit_tcp_bytes_a_portal_does_not_take_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The TCP listener too: bytes a client sends that the portal does not read (up to 384
+    KiB per connection: a read ahead of the stream's credit and the reader's buffer) count
+    toward ``client_buffer_limit``, and the connection goes once nothing was taken for a
+    twelfth of ``client_send_timeout`` (before: held for as long as the tunnel lived)."""
+    caplog.set_level(logging.INFO, logger="csc")
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_reads(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    sink = await asyncio.start_server(never_reads, "127.0.0.1", 0)
+    port = sink.sockets[0].getsockname()[1]
+    csc = _settings(client_send_timeout=24.0, client_buffer_limit=0)  # 2 s without progress
+    try:
+        async with relay(tmp_path, csc=csc, agent={"tcp_upstream": f"127.0.0.1:{port}"}) as r:
+            before = _connections(r)
+            tunnels = [await _stalled_tunnel(r) for _ in range(2)]
+            try:
+                await _until_closed(r, before, 20)
+                assert (_shed(r, "tcp"), _stalled(r, "tcp")) == (2, 0)
+            finally:
+                await _stop(tunnels)
+            await _until_connections(r, before, scaled(20))
+    finally:
+        for writer in held:
+            writer.close()
+        sink.close()
+        await sink.wait_closed()
+    _closed_for(caplog, "waiting for the portal", 2)
