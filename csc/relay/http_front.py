@@ -24,6 +24,9 @@ Invariants:
 * While bytes wait for the client (an answer, or the last bytes of a closed connection), it
   must acknowledge some within ``client_send_timeout``, or the connection is aborted and the
   handler resets its stream (shared/sendwatch.py).
+* Those bytes, and request body bytes queued while the stream takes none of them (reading
+  paused), count toward the node's ``client_buffer_limit``; past it the connection may be
+  closed earlier (shared/sendwatch.py ``SendWatches``).
 * Everything the listener answers by itself is the JSON error shape of shared/errors.py
   (400, 404, 405, 408, 413, 431); a malformed request (llhttp's strict parser, plus
   ``Transfer-Encoding`` other than ``chunked``) ends the connection after the answer.

@@ -5,7 +5,9 @@ timeout) names the alias; every refusal is one ``ERR <status> <code>: <message>\
 (shared/errors.py) followed by a close. After ``OK`` the connection is spliced to a ``tcp``
 stream with half-close both ways; the CSC never interprets those bytes (they are usually TLS
 end to end). A client that acknowledges none of the bytes waiting for it within
-``client_send_timeout`` is aborted (shared/sendwatch.py), also after the tunnel's end.
+``client_send_timeout`` is aborted (shared/sendwatch.py), also after the tunnel's end. The
+bytes waiting for it, and those read from it that wait for the stream's credit, count toward
+the node's ``client_buffer_limit``; past it the connection may be closed earlier.
 """
 
 from __future__ import annotations

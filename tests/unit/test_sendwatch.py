@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from shared.sendwatch import PRESSURE_SHARE, SendWatch, SendWatches
+from shared.sendwatch import PRESSURE_SHARE, Hold, SendWatch, SendWatches
 
 TIMEOUT = 0.2
 
@@ -208,3 +208,54 @@ async def test_a_stalled_client_goes_before_the_readers_of_a_heavier_tenant() ->
             task.cancel()
     assert [c.ended for c in readers] == [None] * 3
     assert group.held == 3000
+
+
+async def test_a_held_body_nobody_takes_is_dropped_and_one_that_moves_is_kept() -> None:
+    group = SendWatches(1000, LONG)
+    taken = {"stuck": 0, "moving": 0}
+    dropped: list[tuple[str, float]] = []
+    loop = asyncio.get_running_loop()
+
+    def hold(name: str) -> Hold:
+        def drop(why: str) -> None:
+            dropped.append((name, loop.time()))
+
+        return Hold(group, name, lambda: 800, lambda: taken[name], lambda: "t", drop)
+
+    stuck, moving = hold("stuck"), hold("moving")
+    started = loop.time()
+    stuck.join()
+    moving.join()
+
+    async def take() -> None:
+        while True:
+            taken["moving"] += 100
+            await asyncio.sleep(group.interval / 4)
+
+    task = asyncio.ensure_future(take())
+    try:
+        await _until(lambda: bool(dropped))
+        await asyncio.sleep(STALL)  # 800 fit once the stuck one went
+    finally:
+        task.cancel()
+    assert [name for name, _ in dropped] == ["stuck"]
+    assert dropped[0][1] - started >= STALL
+    assert not stuck.watching and moving.watching and len(group) == 1
+    moving.leave()
+    assert len(group) == 0
+
+
+async def test_a_connection_with_two_members_is_closed_once() -> None:
+    """An echo tunnel nobody reads has a send watch and a held upload, both stalled: one
+    close, one count."""
+    group = SendWatches(0, LONG)
+    closed: list[str] = []
+    first = Client(group, 1000)
+    second = Hold(group, first.transport, None, lambda: 0, lambda: "", closed.append)
+    second.waiting = 1000
+    second.join()
+    await _until(lambda: first.ended is not None or bool(closed))
+    # whichever went first, the other was not closed again in the same look
+    assert (first.ended is None) != (closed == [])
+    first.watch.stop()  # as the connection's end does, long before the next look
+    second.leave()
