@@ -32,7 +32,7 @@ from csc.cluster.attach import cluster_context
 from csc.config import CSCConfig
 from csc.metrics import CSCMetrics, start_metrics_listener
 from csc.permissions import check_private
-from csc.relay import gateway
+from csc.relay import accesslog, gateway
 from csc.relay.conncap import LOW_NODE_BOUND
 from csc.relay.http_ingress import Ingress
 from csc.relay.http_listener import HttpFront
@@ -250,6 +250,7 @@ class Node:
             self.tcp_server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.tcp_server.wait_closed(), 1.0)
+        accesslog.flush()  # the last requests' events now, not when the process exits
 
 
 @contextlib.asynccontextmanager
