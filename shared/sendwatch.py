@@ -216,12 +216,8 @@ class SendWatch(Progress):
         waiting = self.transport.get_write_buffer_size()
         if not shed:
             return f"it took none of the {waiting} bytes waiting for it in {self.timeout:g} s"
-        group = self.group
-        held, limit = (0, None) if group is None else (group.held, group.limit)
-        return (
-            f"{waiting} bytes waiting for it, {self._why}, while the node held {held} bytes "
-            f"(client_buffer_limit {limit})"
-        )
+        state = "" if self.group is None else self.group.state()
+        return f"{waiting} bytes waiting for it, {self._why}, {state}"
 
     def _taken(self, buffered: int) -> int:
         """Bytes the client took, give or take a constant (see the module docstring)."""
@@ -334,6 +330,11 @@ class SendWatches:
 
     def __len__(self) -> int:
         return len(self._members)
+
+    def state(self) -> str:
+        """What the members held at the last look and the bound, for the log lines of the
+        connections closed for it."""
+        return f"while the node held {self.held} bytes (client_buffer_limit {self.limit})"
 
     def join(self, member: Holder) -> None:
         self._members.add(member)

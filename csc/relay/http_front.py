@@ -526,18 +526,16 @@ class FrontConnection(asyncio.Protocol):
         """Close the connection: the request body it holds waits for a stream that does not
         take it (the tenant's agent gives no credit: its portal reads slowly, or not at all),
         and the node is over ``client_buffer_limit`` (shared/sendwatch.py ``Hold``)."""
-        transport, watches = self.transport, self.front.counts.watches
+        transport = self.transport
         if transport is None or self.lost:
             return
         answering = self._requests[0].request_id if self._requests else ""
         log.info(
-            "closing %s: %d bytes of its request body waiting for the portal, %s, while the "
-            "node held %d bytes (client_buffer_limit %s)",
+            "closing %s: %d bytes of its request body waiting for the portal, %s, %s",
             self.peer,
             self._queued,
             why,
-            watches.held,
-            watches.limit,
+            self.front.counts.watches.state(),
             extra={"request_id": answering, "tenant": self.tenant},
         )
         self.front.counts.stalled("http", True)

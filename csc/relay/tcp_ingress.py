@@ -101,26 +101,17 @@ def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
             lambda shed: _stalled(state, writer, watch, shed),
             counts.watches,
         )
-        upload = Hold(
-            counts.watches,
-            writer.transport,
-            None,
-            lambda: traffic.data_sent,
-            lambda: watch.tenant,
-            lambda why: None,  # set once there is a stream (_serve)
-        )
         try:
             if isinstance(counted, CSCError):
                 await _refuse_connection(counts, reader, writer, counted)
             else:
-                await _serve(state, reader, writer, traffic, watch, upload)
+                await _serve(state, reader, writer, traffic, watch)
         except asyncio.CancelledError:
             # the node stops with the connection open: nothing awaits this task, and asyncio
             # 3.11's stream callback would log a cancelled one as an error (traceback)
             pass
         finally:
             writer.close()
-            upload.leave()
             watch.start()  # the last bytes must leave too
             if isinstance(counted, str):
                 counts.close(counted)
@@ -146,13 +137,11 @@ def _shed_upload(
     is aborted and the stream reset, which ends the splice."""
     counts = state.connections
     log.info(
-        "closing %s: %d bytes from it waiting for the portal, %s, while the node held %d "
-        "bytes (client_buffer_limit %s)",
+        "closing %s: %d bytes from it waiting for the portal, %s, %s",
         writer.get_extra_info("peername"),
         upload.waiting,
         why,
-        counts.watches.held,
-        counts.watches.limit,
+        counts.watches.state(),
         extra={"tenant": upload.tenant},
     )
     counts.stalled("tcp", True)
@@ -189,7 +178,6 @@ async def _serve(
     writer: asyncio.StreamWriter,
     traffic: LinkCounters,
     watch: SendWatch,
-    upload: Hold,
 ) -> None:
     request_id = uuid.uuid4().hex
     started = time.monotonic()
@@ -207,6 +195,15 @@ async def _serve(
         await _refuse(state, writer, err, request_id, tenant)
         refused(state, record, tenant, err)
         return
+    # the bytes read from the client while the stream has no credit for them (the splice)
+    upload = Hold(
+        state.connections.watches,
+        writer.transport,
+        None,
+        lambda: traffic.data_sent,
+        lambda: watch.tenant,
+        lambda why: _shed_upload(state, writer, upload, stream, why),
+    )
     async with StreamUse(state, record, tenant, stream):
         try:
             try:
@@ -223,7 +220,6 @@ async def _serve(
                 return
             writer.write(b"OK\r\n")
             watch.tenant = tenant or ""
-            upload.on_shed = lambda why: _shed_upload(state, writer, upload, stream, why)
             await splice(
                 stream,
                 reader,
@@ -235,6 +231,7 @@ async def _serve(
             )
         finally:
             record.bytes_in, record.bytes_out = traffic.data_sent, traffic.data_received
+            upload.leave()  # a splice that failed while it waited for credit
 
 
 async def _refuse(
