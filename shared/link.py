@@ -56,6 +56,7 @@ from shared.linkpace import (
 )
 from shared.linkstream import LinkStream
 from shared.protocol import (
+    ClusterChanged,
     Connection,
     DataReceived,
     Event,
@@ -147,6 +148,7 @@ class Link:
         on_stream: StreamHandler | None = None,
         on_stream_now: QuickHandler | None = None,
         on_goaway: Callable[[GoAwayReceived], None] | None = None,
+        on_cluster: Callable[[ClusterChanged], None] | None = None,
         name: str = "link",
         pending: list[Event] | None = None,
         counters: LinkCounters | None = None,
@@ -167,6 +169,8 @@ class Link:
         #: streams the peer opened in the message being dispatched (for ``on_stream_now``)
         self._fresh: list[LinkStream] = []
         self.on_goaway = on_goaway
+        #: called with the server's new count of nodes that take agents (CLUSTER, 1.2)
+        self.on_cluster = on_cluster
         self.streams: dict[int, LinkStream] = {}
         #: ``last_stream_id`` of the peer's GOAWAY (None until one arrives)
         self.peer_last_stream_id: int | None = None
@@ -424,6 +428,10 @@ class Link:
                 self.on_goaway(event)
             return
         if isinstance(event, PongReceived):
+            return
+        if isinstance(event, ClusterChanged):
+            if self.on_cluster is not None:
+                self.on_cluster(event)
             return
         stream = self.streams.get(getattr(event, "stream_id", -1))
         if stream is None:

@@ -8,12 +8,14 @@ and the log line says so. On GOAWAY from the CSC the slot connects a new session
 the old one finish its streams (make-before-break). On SIGTERM the agent sends GOAWAY on every
 session, lets in-flight streams finish within ``drain_timeout`` and exits.
 
-With ``sessions = auto`` the agent starts two slots and adds one for each node a WELCOME's
-``cluster_nodes`` reports beyond them (up to 16), so every node of the cluster holds a session
-and requests reach the agent without a hop between nodes; a slot added that way which the
-tenant's session limit refuses (HTTP 429 ``tenant_limit``) ends, and the agent adds no more
-until :data:`LIMIT_RETRY` has passed (then it tries once more: an operator may have raised
-the limit).
+With ``sessions = auto`` the agent starts two slots and adds one for each node of the cluster
+beyond them (up to 16; the size as tenant_agent/spread.py's ``ClusterView`` reads the WELCOMEs'
+``cluster_nodes`` and the CLUSTER frames of nodes of 1.2 or later), so every node of the cluster
+holds a session and requests reach the agent without a hop between nodes; a slot added that way
+which the tenant's session limit refuses (HTTP 429 ``tenant_limit``) ends, and the agent adds no
+more until :data:`LIMIT_RETRY` has passed (then it tries once more: an operator may have raised
+the limit). Once the cluster has been smaller than the slots for ``shrink_after`` (the spread
+policy's), the slots beyond it leave: their sessions get GOAWAY, finish their streams and close.
 
 In a CSC cluster the slots spread their sessions over distinct nodes (tenant_agent/spread.py
 holds the policy and explains it): a session that lands on a node another live session holds
@@ -30,7 +32,6 @@ agent with a clear message and exit status 3.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import ssl
@@ -45,7 +46,8 @@ from shared.config import AUTO
 from shared.errors import CSCError, GoingAway, ProtocolError
 from shared.link import Link, max_message_size
 from shared.oserrors import describe_connect_error, describe_os_error
-from shared.protocol import Connection, Event, LinkSettings, Side, WelcomeReceived
+from shared.protocol import ClusterChanged, Connection, Event, LinkSettings, Side, WelcomeReceived
+from shared.protocol.codec import CLUSTER_MINOR
 from tenant_agent import __version__
 from tenant_agent.backoff import (
     FATAL_CLOSE_CODES,
@@ -68,6 +70,7 @@ from tenant_agent.spread import (
     SpreadPolicy,
     Verdict,
     auto_sessions,
+    is_duplicate,
     replacement_is_better,
     welcome_cluster_nodes,
     welcome_node,
@@ -86,6 +89,9 @@ log = logging.getLogger("csc_agent")
 
 #: ``sessions = auto`` tries again this long after the tenant's session limit stopped it.
 LIMIT_RETRY = 600.0
+#: The GOAWAY messages of the agent's own session moves and of a slot let go.
+MOVING = "the agent moves this session to another node"
+LEAVING = "the agent needs fewer sessions (sessions = auto)"
 
 EXIT_FATAL = 3
 
@@ -101,6 +107,8 @@ class CSCSession:
     link: Link
     welcome: dict[str, Any]
     goaway: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the node's count of live nodes that take agents, as it last told this session
+    cluster_nodes: int = 1
 
     @property
     def id(self) -> str:
@@ -115,6 +123,19 @@ class CSCSession:
         """Serving new streams: not draining after a GOAWAY from either side, not closed."""
         link = self.link
         return not (self.goaway.is_set() or link.is_closed or link.conn.local_going_away)
+
+    @property
+    def announces(self) -> bool:
+        """Whether its node tells each change of its count (CLUSTER, protocol 1.2)."""
+        return self.link.conn.minor >= CLUSTER_MINOR
+
+
+@dataclass(eq=False)
+class Slot:
+    """One session slot: its task, and the event that lets it go (``sessions = auto``)."""
+
+    task: asyncio.Task[None]
+    leave: asyncio.Event
 
 
 def connect_url(csc: str) -> str:
@@ -162,8 +183,13 @@ class Agent:
         self._announced: tuple[str, ...] = ()  # the aliases whose URLs were logged last
         self.auto = config.sessions == AUTO
         self._ceiling = MAX_SESSIONS  # sessions = auto: lowered by a session-limit refusal
-        self._slots: list[asyncio.Task[None]] = []
+        self._slots: list[Slot] = []
+        self._gone: set[asyncio.Task[None]] = set()  # tasks of slots let go, until they end
         self._ceiling_retry: asyncio.TimerHandle | None = None
+        self._shrink_timer: asyncio.TimerHandle | None = None
+        self._size = 1  # the cluster's size (ClusterView) when last looked at
+        #: set (and replaced) when serving slots should look for a move at once
+        self._recheck = asyncio.Event()
         self.metrics.track_draining(lambda: sum(self._retiring.values()))
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -183,9 +209,10 @@ class Agent:
             await self._drain()
         finally:
             await cancel_quietly(trim)
-            if self._ceiling_retry is not None:
-                self._ceiling_retry.cancel()
-            for task in self._slots:
+            for timer in (self._ceiling_retry, self._shrink_timer):
+                if timer is not None:
+                    timer.cancel()
+            for task in [s.task for s in self._slots] + list(self._gone):
                 await cancel_quietly(task)
             for task in list(self._draining):
                 await cancel_quietly(task)
@@ -205,28 +232,91 @@ class Agent:
         return len(self._slots)
 
     def _add_slot(self) -> None:
-        self._slots.append(self._slot_task(len(self._slots)))
+        self._slots.append(self._new_slot(len(self._slots)))
 
-    def _slot_task(self, slot: int) -> asyncio.Task[None]:
-        return asyncio.create_task(self._slot(slot), name=f"slot-{slot}")
+    def _new_slot(self, slot: int) -> Slot:
+        leave = asyncio.Event()
+        return Slot(asyncio.create_task(self._slot(slot, leave), name=f"slot-{slot}"), leave)
+
+    def _wanted(self, ceiling: int | None = None) -> int:
+        """``sessions = auto``: the slots the cluster's size asks for, within the tenant's
+        session limit as met so far (``ceiling``: another bound)."""
+        bound = self._ceiling if ceiling is None else ceiling
+        return auto_sessions(self._size, bound, AUTO_SESSIONS)
+
+    def _cluster_size(self) -> int:
+        told = (s.cluster_nodes for s in self.sessions if s.live and s.announces)
+        return self.cluster.update(told)
+
+    def _cluster_changed(self) -> None:
+        """A WELCOME or a CLUSTER frame came: with ``sessions = auto`` grow at once, or plan
+        to shrink; when the cluster grew, serving slots holding a duplicate try to move now
+        (a node joined, or one is back after a restart)."""
+        size = self._cluster_size()
+        old, self._size = self._size, size
+        if size != old:
+            log.info("the CSC cluster has %d nodes that take agents", size)
+        self._grow()
+        if size > old:
+            self._wake_moves()
+        self._plan_shrink()
+
+    def _wake_moves(self) -> None:
+        self._recheck.set()
+        self._recheck = asyncio.Event()
 
     def _grow(self) -> None:
         """``sessions = auto``: a slot more for each node of the cluster beyond the slots (a
         slot that ended at the tenant's session limit starts again when wanted)."""
         if not self.auto or self.stopping.is_set():
             return
-        wanted = auto_sessions(self.cluster.largest, self._ceiling, AUTO_SESSIONS)
-        ended = [i for i, task in enumerate(self._slots[:wanted]) if task.done()]
+        wanted = self._wanted()
+        ended = [i for i, s in enumerate(self._slots[:wanted]) if s.task.done()]
         if wanted > len(self._slots) or ended:
             log.info(
-                "the CSC cluster has %d nodes: %d sessions (sessions = auto)",
-                self.cluster.largest,
-                wanted,
+                "the CSC cluster has %d nodes: %d sessions (sessions = auto)", self._size, wanted
             )
             for slot in ended:
-                self._slots[slot] = self._slot_task(slot)
+                self._slots[slot] = self._new_slot(slot)
             while len(self._slots) < wanted:
                 self._add_slot()
+
+    def _plan_shrink(self) -> None:
+        """``sessions = auto`` with more slots than the cluster asks for: let the extra ones
+        go if that still holds after ``shrink_after`` (a rolling restart takes each node out
+        for a while and costs no session)."""
+        if not self.auto or self.stopping.is_set():
+            return
+        if self._wanted(MAX_SESSIONS) < len(self._slots):  # fewer nodes, not the tenant's limit
+            if self._shrink_timer is None:
+                loop = asyncio.get_running_loop()
+                self._shrink_timer = loop.call_later(self.spread.shrink_after, self._shrink)
+        elif self._shrink_timer is not None:
+            self._shrink_timer.cancel()
+            self._shrink_timer = None
+
+    def _shrink(self) -> None:
+        """Let the slots beyond the cluster's size go: each sends GOAWAY on its session,
+        which finishes its streams and closes; the slot does not reconnect."""
+        self._shrink_timer = None
+        self._size = self._cluster_size()
+        wanted = self._wanted(MAX_SESSIONS)
+        if self.stopping.is_set() or wanted >= len(self._slots):
+            return
+        log.info(
+            "the CSC cluster has had fewer nodes for %g s (now %d): %d sessions (sessions = auto)",
+            self.spread.shrink_after,
+            self._size,
+            wanted,
+        )
+        while len(self._slots) > wanted:
+            gone = self._slots.pop()
+            gone.leave.set()
+            self.metrics.slot_ended(len(self._slots))
+            if not gone.task.done():
+                self._gone.add(gone.task)
+                gone.task.add_done_callback(self._gone.discard)
+        self._wake_moves()  # a kept duplicate may take a node that a leaving session held
 
     def _retry_ceiling_later(self) -> None:
         """``sessions = auto`` met the tenant's session limit: try to grow again after
@@ -286,7 +376,9 @@ class Agent:
 
     # -- one session slot --------------------------------------------------------------------
 
-    async def _slot(self, slot: int) -> None:
+    async def _slot(self, slot: int, leave: asyncio.Event) -> None:
+        """Hold one session, reconnecting, until the agent stops or ``leave`` is set (the slot
+        then touches no metric of its number, which a new slot may take)."""
         cfg = self.config
         backoff = Backoff(cfg.backoff_initial, cfg.backoff_max, cfg.backoff_reset_after)
         spread = SlotSpread(self.spread)
@@ -297,6 +389,10 @@ class Agent:
             started = loop.time()
             session, successor = successor, None
             asked: float | None = None  # the Retry-After of a 429/503 refusal
+            if leave.is_set():
+                if session is not None:
+                    self._dismiss(session, None, LEAVING)
+                return
             if session is None:
                 self.metrics.slot_state(slot, "connecting")
                 try:
@@ -320,7 +416,12 @@ class Agent:
                     cause = f"cannot connect to {cfg.csc}: {describe_failure(exc)}"
                     reason = reconnect_reason(exc)
                     asked = asked_wait(exc)
+                    if leave.is_set():
+                        return
                 else:
+                    if leave.is_set():
+                        self._dismiss(session, None, LEAVING)
+                        return
                     if outage.failures:
                         log.info("session %d: reconnected; %s", slot, outage.summary(loop.time()))
                     outage = Outage()
@@ -330,10 +431,12 @@ class Agent:
                         continue
             if session is not None:
                 self.metrics.slot_state(slot, "up")
-                outcome = await self._serve(session)
+                outcome = await self._serve(session, leave)
                 if isinstance(outcome, CSCSession):
                     successor = outcome
                     continue
+                if outcome == "left":
+                    return
                 if outcome == "drained":
                     backoff.attempt = 0
                     self.metrics.reconnect("goaway")
@@ -344,7 +447,7 @@ class Agent:
                     closed.result() if closed.done() else None, session.ws.close_reason
                 )
                 cause = _down_cause(session)
-            if self.fatal is not None or self.stopping.is_set():
+            if self.fatal is not None or self.stopping.is_set() or leave.is_set():
                 if session is not None:
                     log.info("session %d: %s", slot, cause)
                 return
@@ -359,12 +462,16 @@ class Agent:
                 cause += f" (Retry-After: {asked:g} s{capped})"
             outage.failed(cause, loop.time())
             log.warning("session %d: %s; retrying in %.1f s", slot, cause, delay)
-            await self._pause(delay)
+            await self._pause(delay, leave)
 
-    async def _pause(self, delay: float) -> None:
-        """Wait ``delay`` seconds or until the agent stops."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), delay)
+    async def _pause(self, delay: float, leave: asyncio.Event | None = None) -> None:
+        """Wait ``delay`` seconds or until the agent stops (or ``leave`` is set)."""
+        waits = [asyncio.create_task(e.wait()) for e in (self.stopping, leave) if e is not None]
+        try:
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                await cancel_quietly(task)
 
     def _other_nodes(self, *exclude: CSCSession) -> list[str | None]:
         """The nodes of the live sessions other than ``exclude``."""
@@ -372,10 +479,10 @@ class Agent:
 
     def _place(self, session: CSCSession, spread: SlotSpread) -> Verdict:
         """Judge a new session against the live ones and enter it, in one step (no await)."""
-        count = self.cluster.saw(session.welcome)
+        count = self.cluster.saw(session.welcome, announces=session.announces)
         verdict = spread.on_session_up(session.node, self._other_nodes(session), count)
         self.sessions.add(session)
-        self._grow()
+        self._cluster_changed()
         if verdict is Verdict.KEEP_DUPLICATE:
             log.info(
                 "session %d: keeping a second session on node %s after %d re-dials; "
@@ -404,34 +511,48 @@ class Agent:
         self._dismiss(session, None)
         await self._pause(delay)
 
-    def _dismiss(self, session: CSCSession, run: asyncio.Task[None] | None) -> None:
+    def _dismiss(
+        self, session: CSCSession, run: asyncio.Task[None] | None, why: str = MOVING
+    ) -> None:
         """Send GOAWAY on a session of ours and let it drain and close in the background."""
-        session.link.go_away("going_away", "the agent moves this session to another node")
+        session.link.go_away("going_away", why)
         task = asyncio.create_task(self._retire(session, run))
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
 
-    async def _serve(self, session: CSCSession) -> CSCSession | str:
+    async def _serve(self, session: CSCSession, leave: asyncio.Event) -> CSCSession | str:
         """Serve until the link ends (``"ended"``), the CSC asks to drain (``"drained"``: the
-        slot connects a successor) or a replacement on a node of its own took over (returned:
-        the slot serves it; this one drains)."""
+        slot connects a successor), the slot is let go (``"left"``: the session drains) or a
+        replacement on a node of its own took over (returned: the slot serves it; this one
+        drains). A duplicate looks for a move every ``move_interval`` and when the cluster
+        grows."""
         self.sessions.add(session)
         run = asyncio.create_task(run_link(session.ws, session.link))
-        goaway = asyncio.create_task(session.goaway.wait())
+        ends: set[asyncio.Task[Any]] = {run}
+        ends |= {asyncio.create_task(session.goaway.wait()), asyncio.create_task(leave.wait())}
         moved: CSCSession | None = None
         try:
             while moved is None:
-                done, _ = await asyncio.wait(
-                    {run, goaway},
-                    timeout=self.spread.move_delay(random.random()),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if done:
+                recheck = asyncio.create_task(self._recheck.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        ends | {recheck},
+                        timeout=self.spread.move_delay(random.random()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    await cancel_quietly(recheck)
+                if done & ends:
                     break
-                if self.cluster.should_move(session.node, self._other_nodes(session)):
+                if is_duplicate(session.node, self._other_nodes(session), self._size):
                     moved = await self._try_move(session)
         finally:
-            await cancel_quietly(goaway)
+            for task in ends - {run}:
+                await cancel_quietly(task)
+        if moved is None and leave.is_set() and not run.done():
+            log.info("session %d: the agent needs fewer sessions; draining this one", session.slot)
+            self._dismiss(session, run, LEAVING)
+            return "left"
         if moved is not None:
             if run.done():
                 self.sessions.discard(session)
@@ -470,8 +591,9 @@ class Agent:
         except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
             log.warning("session %d: no replacement: %s", slot, describe_failure(exc))
             return None
-        self.cluster.saw(new.welcome)
+        self.cluster.saw(new.welcome, announces=new.announces)
         self.sessions.add(new)
+        self._cluster_changed()
         if replacement_is_better(new.node, session.node, self._other_nodes(session, new)):
             log.info("session %d: moved from node %s to node %s", slot, session.node, new.node)
             return new
@@ -531,10 +653,11 @@ class Agent:
             on_stream_now=self.upstreams.handle_now,
             counters=self.metrics.links,
             on_goaway=lambda _ev: session.goaway.set(),
+            on_cluster=lambda ev: self._told(session, ev),
             name=f"session {slot}",
             pending=pending,
         )
-        session = CSCSession(slot, ws, link, welcome)
+        session = CSCSession(slot, ws, link, welcome, cluster_nodes=welcome_cluster_nodes(welcome))
         log.info(
             "session %d up: %s on node %s, aliases %s",
             slot,
@@ -543,6 +666,15 @@ class Agent:
             ",".join(map(str, welcome.get("aliases", []))),
         )
         return session
+
+    def _told(self, session: CSCSession, event: ClusterChanged) -> None:
+        """A CLUSTER frame: the session's node counts another number of nodes."""
+        log.debug(
+            "session %d: node %s counts %d nodes", session.slot, session.node, event.cluster_nodes
+        )
+        session.cluster_nodes = event.cluster_nodes
+        if session in self.sessions:
+            self._cluster_changed()
 
     async def _retire(self, session: CSCSession, run: asyncio.Task[None] | None) -> None:
         """Let a draining session finish its streams, then close it (the CSC closes it first

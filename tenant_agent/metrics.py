@@ -132,7 +132,8 @@ class AgentMetrics:
         self.slots[slot] = state
 
     def slot_ended(self, slot: int) -> None:
-        """The slot is gone (``sessions = auto`` met the tenant's session limit): unreported."""
+        """The slot is gone (``sessions = auto`` met the tenant's session limit, or the
+        cluster shrank): unreported."""
         self.slots.pop(slot, None)
 
     def reconnect(self, reason: str) -> None:

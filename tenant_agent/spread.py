@@ -2,7 +2,8 @@
 
 A CSC cluster sits behind a plain load balancer, so where a new session lands is chance. The
 WELCOME names the node (``node``) and, in a cluster, how many live nodes accept agents
-(``cluster_nodes``; absent means one). The agent wants its N sessions on as many distinct nodes
+(``cluster_nodes``; absent means one); a node of protocol 1.2 or later also tells each later
+change of that count (CLUSTER). The agent wants its N sessions on as many distinct nodes
 as the cluster has, so that losing one node never takes the tenant offline. The design:
 
 1. **Re-dial a duplicate at once.** When a session comes up on a node that another live
@@ -15,21 +16,23 @@ as the cluster has, so that losing one node never takes the tenant offline. The 
 2. **Then keep it.** After that many, the slot keeps the duplicate: being connected beats
    being spread. Any kept session resets the count.
 3. **Move it later, make-before-break.** A slot holding a duplicate dials a replacement about
-   every :attr:`SpreadPolicy.move_interval` (jittered ±25 %), while the largest
-   ``cluster_nodes`` any WELCOME has reported is larger than the distinct nodes held. The
-   largest, not the latest: after a rolling restart every session may sit on the node that
-   stayed up, whose WELCOMEs said one node; the restarted node's return is announced to no
-   one. If the replacement lands on a node no other session holds, it takes over and the
-   duplicate drains (GOAWAY, its streams finish, then it closes); otherwise the replacement
-   is closed and the duplicate keeps serving. The cost in a cluster that shrank for good is
-   one short extra connection per duplicate slot and interval.
+   every :attr:`SpreadPolicy.move_interval` (jittered ±25 %), and at once when the cluster
+   grows, while the cluster's size (:class:`ClusterView`) is larger than the distinct nodes
+   held. Nodes of protocol 1.2 or later tell their sessions each change of their count (the
+   CLUSTER frame), so a node that joins, or returns after a rolling restart, is known at
+   once, and a cluster that shrank stops the moves. If the replacement lands on a node no
+   other session holds, it takes over and the duplicate drains (GOAWAY, its streams finish,
+   then it closes); otherwise the replacement is closed and the duplicate keeps serving.
 
 Sessions draining after a GOAWAY (either side's) do not count as live: they are going away.
 Without a ``node`` in the WELCOME, or with ``cluster_nodes`` absent or 1, nothing changes.
 
 With ``sessions = auto`` the agent also chooses N: :func:`auto_sessions`, one per node of the
-largest cluster a WELCOME reported, so that through a plain load balancer every node holds a
-session of the tenant and no request needs forwarding to another node.
+cluster, so that through a plain load balancer every node holds a session of the tenant and no
+request needs forwarding to another node. It adds sessions as soon as the cluster grows, and
+lets the extra ones go (GOAWAY, drained) once it has been smaller for
+:attr:`SpreadPolicy.shrink_after`: a rolling restart, which takes each node out for a while,
+costs no session.
 """
 
 from __future__ import annotations
@@ -48,12 +51,14 @@ class SpreadPolicy:
     redial_max: float = 0.25
     max_redials: int = 8
     move_interval: float = 30.0
+    #: ``sessions = auto``: how long the cluster must have been smaller before sessions go
+    shrink_after: float = 300.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.redial_min <= self.redial_max:
             raise ValueError("need 0 <= redial_min <= redial_max")
-        if self.max_redials < 0 or self.move_interval <= 0:
-            raise ValueError("need max_redials >= 0 and move_interval > 0")
+        if self.max_redials < 0 or self.move_interval <= 0 or self.shrink_after <= 0:
+            raise ValueError("need max_redials >= 0, move_interval > 0 and shrink_after > 0")
 
     def redial_delay(self, rand: float) -> float:
         """The pause before re-dialling a duplicate; ``rand`` is uniform in [0, 1)."""
@@ -113,19 +118,39 @@ class SlotSpread:
 
 @dataclass(slots=True)
 class ClusterView:
-    """What the agent knows of the cluster's size: the largest ``cluster_nodes`` seen."""
+    """What the agent knows of the cluster's size (its live nodes that take agents).
 
-    largest: int = 1
+    A node of protocol 1.2 or later tells each session its count in the WELCOME and again,
+    in a CLUSTER frame, whenever the count changes. The size is the largest count the live
+    sessions on such nodes were last told: nodes agree within a heartbeat, and the largest,
+    so that one node's stale count never hides a node that joined; it shrinks once they all
+    say so. While no session is live it is the last size known.
 
-    def saw(self, welcome: Mapping[str, Any]) -> int:
-        """Record a WELCOME; return its own ``cluster_nodes``."""
+    An older node says its count only in the WELCOME. After a rolling restart every session
+    may sit on the node that stayed up, whose WELCOMEs said one node, and the restarted
+    node's return is told to no one; so the largest count such a WELCOME reported stays in
+    the size (:attr:`older`) for the agent's life, as before 1.2.
+    """
+
+    #: the largest ``cluster_nodes`` of a WELCOME from a node that tells no change (< 1.2)
+    older: int = 1
+    #: the size the live sessions on nodes of 1.2 or later gave last
+    last: int = 1
+
+    def saw(self, welcome: Mapping[str, Any], *, announces: bool) -> int:
+        """Record a WELCOME (``announces``: its node tells changes); return its count."""
         count = welcome_cluster_nodes(welcome)
-        self.largest = max(self.largest, count)
+        if not announces:
+            self.older = max(self.older, count)
         return count
 
-    def should_move(self, node: str | None, others: Iterable[str | None]) -> bool:
-        """Whether a slot whose session is on ``node`` should try a replacement now."""
-        return is_duplicate(node, others, self.largest)
+    def update(self, told: Iterable[int]) -> int:
+        """The size now; ``told``: the count each live session on a node that tells changes
+        was given last."""
+        counts = list(told)
+        if counts:
+            self.last = max(counts)
+        return max(self.last, self.older)
 
 
 def auto_sessions(largest: int, ceiling: int, least: int) -> int:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from csc.relay.gateway import end_sessions
+from csc.relay.gateway import end_sessions, tell_cluster_size
 from csc.relay.routing import open_for_peer
 from csc.state import NodeState
 from shared.errors import GoingAway
@@ -61,6 +61,7 @@ def _hooks(state: NodeState) -> ClusterHooks:
         catalog_changed=catalog_changed,
         disconnect=disconnect,
         fenced=fenced,
+        cluster_size=lambda count: tell_cluster_size(state, count),
         stream_started=state.stream_started,
         stream_finished=state.stream_finished,
     )

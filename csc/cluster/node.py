@@ -88,6 +88,9 @@ class ClusterHooks:
     disconnect: Callable[[str], bool]
     #: this node was paused past its lease: end every session it holds
     fenced: Callable[[], None]
+    #: the count of live nodes that take agents changed: tell this node's sessions (how many
+    #: were told)
+    cluster_size: Callable[[int], int]
     stream_started: Callable[[], None]
     stream_finished: Callable[[], None]
 
@@ -129,6 +132,8 @@ class Cluster:
     _sync_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _sync_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     _last_beat: float = 0.0
+    #: the count of nodes that take agents this node's sessions were told last
+    _told: int = 1
     _ask_disconnect: Any = field(init=False)
     _take_disconnect: Any = field(init=False)
 
@@ -169,6 +174,7 @@ class Cluster:
         self.advertised = advertise
         await self.routes.join(advertise)
         await self.routes.read_directory()
+        self._told = self.accepting_nodes
         await self.publish({"t": "nodes"})
         self._last_beat = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -332,6 +338,18 @@ class Cluster:
         """Live nodes that take agents (this one included while it is not draining)."""
         return max(1, len(self.routes.live_nodes(accepting=True)))
 
+    def _tell_size(self) -> None:
+        """After a directory read: when the count of nodes that take agents changed, tell
+        this node's sessions (CLUSTER), so that their agents spread over a cluster that grew
+        and stop looking for nodes that left. A draining node tells nothing: its sessions
+        are on their way to other nodes."""
+        count = self.accepting_nodes
+        if count == self._told or self.draining:
+            return
+        before, self._told = self._told, count
+        told = self.hooks.cluster_size(count)
+        log.info("%d live nodes take agents now (%d before); told %d sessions", count, before, told)
+
     # -- events ------------------------------------------------------------------------------
 
     async def request_disconnect(self, node: str, session_id: str) -> None:
@@ -371,6 +389,7 @@ class Cluster:
         elif kind == "nodes":
             with contextlib.suppress(RedisError):
                 await self.routes.read_directory()
+                self._tell_size()
                 await self.peers.retain(set(self.routes.directory))
         elif kind == "catalog":
             await self.hooks.catalog_changed()
@@ -381,6 +400,7 @@ class Cluster:
         self.routes.forget()
         with contextlib.suppress(RedisError):
             await self.routes.read_directory()
+            self._tell_size()
             await self._take_disconnects()  # asked while this node heard no events
         await self.hooks.catalog_changed()
 
@@ -410,6 +430,7 @@ class Cluster:
             if reassert:  # whatever took this node's lease took the others' too: give them
                 self.routes.grace_until = self.routes.clock() + self.lease  # a lease to renew
             await self.routes.read_directory()
+            self._tell_size()
             await self.peers.retain(set(self.routes.directory))
             await self.sync_routes(reassert=reassert)
             await self.slots.refresh()

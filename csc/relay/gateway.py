@@ -446,6 +446,18 @@ async def _session_down(state: NodeState, session: AgentSession, ws: ServerWebSo
     log.info("agent session %s down (%s)", session.id, why)
 
 
+def tell_cluster_size(state: NodeState, count: int) -> int:
+    """Tell every session of this node that speaks 1.2 or later the cluster's new count of
+    nodes that take agents (CLUSTER); returns how many were told."""
+    told = 0
+    for session in state.sessions.values():
+        link = session.link
+        if link.conn.send_cluster(count):
+            link.kick()
+            told += 1
+    return told
+
+
 def _on_agent_goaway(session: AgentSession, event: GoAwayReceived) -> None:
     log.info("agent session %s is draining: %s", session.id, event.message or event.code)
 

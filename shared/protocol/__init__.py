@@ -2,6 +2,7 @@
 
 from shared.protocol.codec import VERSION, Frame, FrameDecoder, FrameType, encode_frame
 from shared.protocol.events import (
+    ClusterChanged,
     DataReceived,
     Event,
     GoAwayReceived,
@@ -22,6 +23,7 @@ from shared.protocol.stream_state import TRANSITIONS, Fault, Stream, StreamInput
 __all__ = [
     "TRANSITIONS",
     "VERSION",
+    "ClusterChanged",
     "Connection",
     "DataReceived",
     "Event",

@@ -22,7 +22,7 @@ from typing import Any
 from shared.errors import FrameTooLarge, ProtocolError, VersionUnsupported
 
 VERSION_MAJOR = 1
-VERSION_MINOR = 1
+VERSION_MINOR = 2
 VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}"
 
 HEADER = struct.Struct("!BBBBII")
@@ -45,13 +45,20 @@ class FrameType(IntEnum):
     RST = 9
     GOAWAY = 10
     PING = 11
+    CLUSTER = 12  # 1.2: the server's count of nodes that take agents (§7)
 
 
 FLAG_FIN = 0x01  # DATA: last data of this direction (same as a following FIN frame)
 FLAG_ACK = 0x01  # PING: this is the answer
 FLAG_BINARY = 0x01  # OPEN, OPEN_OK: the head is binary (shared/protocol/heads.py), not JSON (1.1)
 
-LINK_TYPES = frozenset({FrameType.HELLO, FrameType.WELCOME, FrameType.GOAWAY, FrameType.PING})
+LINK_TYPES = frozenset(
+    {FrameType.HELLO, FrameType.WELCOME, FrameType.GOAWAY, FrameType.PING, FrameType.CLUSTER}
+)
+#: The minor version from which CLUSTER is sent and read (docs/protocol.md §7).
+CLUSTER_MINOR = 2
+#: The most nodes a CLUSTER frame may name.
+MAX_CLUSTER_NODES = 65535
 _ALLOWED_FLAGS: dict[int, int] = {t: 0 for t in FrameType}
 _ALLOWED_FLAGS[FrameType.DATA] = FLAG_FIN
 _ALLOWED_FLAGS[FrameType.PING] = FLAG_ACK

@@ -100,6 +100,13 @@ class PongReceived:
     rtt: float
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterChanged:
+    """The server's count of live nodes that take agents changed (CLUSTER, 1.2)."""
+
+    cluster_nodes: int
+
+
 Event = (
     HelloReceived
     | WelcomeReceived
@@ -112,4 +119,5 @@ Event = (
     | SendCreditAvailable
     | GoAwayReceived
     | PongReceived
+    | ClusterChanged
 )

@@ -45,8 +45,10 @@ from shared.errors import (
 )
 from shared.protocol import heads
 from shared.protocol.codec import (
+    CLUSTER_MINOR,
     FLAG_BINARY,
     FLAG_FIN,
+    MAX_CLUSTER_NODES,
     MAX_WINDOW_INCREMENT,
     Frame,
     FrameDecoder,
@@ -61,6 +63,7 @@ from shared.protocol.codec import (
     error_payload,
 )
 from shared.protocol.events import (
+    ClusterChanged,
     DataReceived,
     Event,
     GoAwayReceived,
@@ -110,6 +113,9 @@ class Connection(Heartbeat):
         #: both sides announced 1.1 or later: heads go binary (§6.1), known once the
         #: handshake is done
         self.binary_heads = False
+        #: the minor version both sides speak (the smaller one announced), known once the
+        #: handshake is done
+        self.minor = 0
         self.streams: dict[int, Stream] = {}
         self.rtt: float | None = None
         self.local_going_away = False
@@ -314,6 +320,20 @@ class Connection(Heartbeat):
         payload = error_payload(code, message, last_stream_id=self._max_remote_id)
         self._out.append(encode_frame(FrameType.GOAWAY, 0, 0, payload))
 
+    def send_cluster(self, cluster_nodes: int) -> bool:
+        """Queue CLUSTER: the server's count of live nodes that take agents changed (§7).
+
+        Only the server sends it, only on an open link whose peer speaks 1.2 or later; it
+        returns whether a frame was queued (False: the peer is older, the link not open yet,
+        whose WELCOME will say it, or closed). :class:`InvalidState` on the client side."""
+        if self.side is not Side.SERVER:
+            raise InvalidState("send_cluster on the client side")
+        if self.state is not LinkState.OPEN or self.minor < CLUSTER_MINOR:
+            return False
+        payload = encode_json({"cluster_nodes": cluster_nodes})
+        self._out.append(encode_frame(FrameType.CLUSTER, 0, 0, payload))
+        return True
+
     def close(self) -> list[int]:
         """Mark the link closed; return the ids of the streams that were still live."""
         self.state = LinkState.CLOSED
@@ -460,6 +480,9 @@ class Connection(Heartbeat):
             self._on_ping(frame, now)
         elif ftype == FrameType.GOAWAY:
             self._on_goaway(frame)
+        elif ftype == FrameType.CLUSTER:
+            if self.minor >= CLUSTER_MINOR:  # an older side ignores it as an unknown type
+                self._on_cluster(frame)
         elif ftype in (FrameType.HELLO, FrameType.WELCOME):
             raise ProtocolError(f"{FrameType(ftype).name} after the handshake")
         # unknown types of a newer minor version are ignored (§2)
@@ -474,8 +497,8 @@ class Connection(Heartbeat):
         info = decode_json(frame.payload, expected.name)
         check_version(info)
         self.peer = peer_settings(info)
-        minor = min(self.settings.protocol_minor, peer_minor(info))
-        self.binary_heads = minor >= heads.MINOR
+        self.minor = min(self.settings.protocol_minor, peer_minor(info))
+        self.binary_heads = self.minor >= heads.MINOR
         if expected is FrameType.HELLO:
             self._events.append(HelloReceived(info))
         else:
@@ -579,3 +602,11 @@ class Connection(Heartbeat):
             raise ProtocolError("GOAWAY last_stream_id must be an integer")
         self.peer_going_away = True
         self._events.append(GoAwayReceived(last, code, message))
+
+    def _on_cluster(self, frame: Frame) -> None:
+        if self.side is Side.SERVER:
+            raise ProtocolError("CLUSTER from the client")
+        count = decode_json(frame.payload, "CLUSTER").get("cluster_nodes")
+        if type(count) is not int or not 1 <= count <= MAX_CLUSTER_NODES:
+            raise ProtocolError(f"CLUSTER cluster_nodes must be an integer 1..{MAX_CLUSTER_NODES}")
+        self._events.append(ClusterChanged(count))

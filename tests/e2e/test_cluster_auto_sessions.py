@@ -1,11 +1,12 @@
 """An agent with ``sessions = auto`` behind a plain load balancer holds one session on each
 node of a three-node cluster, so every request is served by the node it reached: none is
-forwarded to another node (real ``csc serve`` processes, Redis, PostgreSQL and HAProxy)."""
+forwarded to another node; and when a fourth node joins, it holds one there too (real ``csc
+serve`` processes, Redis, PostgreSQL and HAProxy)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tests.support.cluster import ClusterProcs, admin_sessions
 from tests.support.haproxy import HaproxyProc
@@ -28,6 +29,15 @@ REQUESTS = 60
 
 def _active_nodes(node: CscProc, token: str) -> list[str]:
     return sorted(v["node"] for v in admin_sessions(node, token) if v.get("state") == "active")
+
+
+def _wait_one_session_on_each(node: CscProc, token: str, names: Sequence[str]) -> None:
+    wait_until(
+        lambda: _active_nodes(node, token) == sorted(names),
+        30,
+        0.1,
+        message=f"one active session on each of {', '.join(names)}",
+    )
 
 
 def _lookups(node: CscProc, result: str) -> float:
@@ -57,12 +67,7 @@ def test_auto_sessions_put_one_session_on_each_node_and_nothing_is_forwarded(
     for name in NODES:
         wait_alias_online(cluster.nodes[name].http_url, ALIAS)
     a = cluster.nodes["A"]
-    wait_until(
-        lambda: _active_nodes(a, cluster.admin_token) == sorted(NODES),
-        30,
-        0.1,
-        message="one active session on each node",
-    )
+    _wait_one_session_on_each(a, cluster.admin_token, NODES)
     assert "3 sessions (sessions = auto)" in "".join(agent.logs())
     before = {name: _lookups(cluster.nodes[name], "remote") for name in NODES}
     for i in range(REQUESTS):  # round robin over the three nodes
@@ -70,3 +75,12 @@ def test_auto_sessions_put_one_session_on_each_node_and_nothing_is_forwarded(
         assert (status, body) == (200, SMALL_BODY)
     assert {name: _lookups(cluster.nodes[name], "remote") for name in NODES} == before
     assert sum(_lookups(cluster.nodes[name], "local") for name in NODES) >= REQUESTS
+
+    # a fourth node joins: the nodes tell the agent's sessions (CLUSTER, protocol 1.2) and it
+    # adds a session there at once; its WELCOMEs alone had said three nodes for good
+    cluster.start_node("D")
+    every = (*NODES, "D")
+    lb.set_backends([cluster.nodes[name].ready["http"] for name in every])
+    lb.wait_backend_state(cluster.nodes["D"].ready["http"], "UP")
+    _wait_one_session_on_each(a, cluster.admin_token, every)
+    assert "4 sessions (sessions = auto)" in "".join(agent.logs())

@@ -87,6 +87,14 @@ class FakeCluster:
     def live_nodes(self) -> list[str]:
         return sorted(s.node for s in self.sessions if s.live)
 
+    def announce(self, count: int) -> None:
+        """Every node now counts ``count`` nodes: WELCOMEs say so, and each live session is
+        told (CLUSTER), as csc/cluster/node.py does after a directory read."""
+        self.cluster_nodes = count
+        for session in self.sessions:
+            if not session.ended.is_set() and session.link.conn.send_cluster(count):
+                session.link.kick()
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if self.session_limit is not None and self.admitted >= self.session_limit:
             self.refused += 1
@@ -320,3 +328,91 @@ def _follow(script: list[str]) -> Iterable[str]:
     """The script's nodes in order; past its end, its last node again."""
     for i in itertools.count():
         yield script[min(i, len(script) - 1)]
+
+
+# -- the cluster's size told after the WELCOME (CLUSTER, protocol 1.2) -------------------------
+
+
+async def test_auto_sessions_grow_when_the_cluster_tells_it_grew() -> None:
+    """A node joined: the nodes tell the agent's sessions, and ``sessions = auto`` adds one
+    for it at once (before 1.2 the WELCOMEs of the sessions it held said two, for good)."""
+    script = ["a", "b"]
+    async with fake_cluster(_cycle(script), 2, sessions=AUTO) as (cluster, agent):
+        await _until(lambda: cluster.live_nodes() == ["a", "b"])
+        script.append("c")  # the load balancer sends new connections to c too
+        cluster.announce(3)
+        await _until(lambda: _agent_nodes(agent) == ["a", "b", "c"])
+        await _until(lambda: cluster.live_nodes() == ["a", "b", "c"])
+        assert agent.slots == 3
+
+
+async def test_a_duplicate_moves_at_once_when_the_cluster_grows() -> None:
+    """Both sessions on the only node; a second node joins: one session moves there without
+    waiting out ``move_interval`` (30 s here)."""
+    script = ["a"]
+    async with fake_cluster(_cycle(script), 1) as (cluster, agent):
+        await _until(lambda: _agent_nodes(agent) == ["a", "a"])
+        script[:] = ["b"]
+        cluster.announce(2)
+        await _until(lambda: _agent_nodes(agent) == ["a", "b"], timeout=scaled(10))
+        await _until(lambda: cluster.live_nodes() == ["a", "b"])
+
+
+async def test_no_more_moves_once_the_cluster_shrank() -> None:
+    """Two sessions kept on one node of a two-node cluster look for the other node every
+    ``move_interval``; once the nodes say the cluster has one node, the looking stops."""
+    policy = SpreadPolicy(redial_min=0.0, redial_max=0.02, max_redials=1, move_interval=0.2)
+    async with fake_cluster(itertools.repeat("a"), 2, policy) as (cluster, agent):
+        await _until(lambda: agent.metrics.reconnects.get("duplicate_node", 0) >= 3)
+        cluster.announce(1)
+        await asyncio.sleep(0.5)  # a move under way when the news came may still finish
+        looked = agent.metrics.reconnects["duplicate_node"]
+        await asyncio.sleep(1.5)  # more than seven move intervals
+        assert agent.metrics.reconnects["duplicate_node"] == looked
+        assert _agent_nodes(agent) == ["a", "a"]
+
+
+async def test_auto_sessions_let_the_extra_ones_go_once_the_cluster_stayed_smaller() -> None:
+    """Two of four nodes leave for good: their sessions come back as duplicates on the other
+    two, and after ``shrink_after`` the two extra slots go: GOAWAY, drained, closed, unreported,
+    and no new connection for them."""
+    policy = SpreadPolicy(redial_min=0.0, redial_max=0.02, shrink_after=0.5)
+    script = ["a", "b", "c", "d"]
+    async with fake_cluster(_cycle(script), 4, policy, sessions=AUTO) as (cluster, agent):
+        await _until(lambda: cluster.live_nodes() == ["a", "b", "c", "d"])
+        script[:] = ["a", "b"]
+        cluster.announce(2)
+        for session in [s for s in cluster.sessions if s.node in "cd"]:
+            await session.ws.close(code=1001, message=b"node leaves")
+        await _until(lambda: agent.slots == 2, timeout=scaled(10))
+        await _until(lambda: len(cluster.live_nodes()) == 2)
+        assert sorted(agent.metrics.slots) == [0, 1]
+        assert cluster.live_nodes() == ["a", "b"]
+        let_go = [s for s in cluster.sessions if s.goaway_seen_with is not None]
+        assert len(let_go) == 2, [(s.node, s.goaway_seen_with) for s in cluster.sessions]
+        for session in let_go:
+            await asyncio.wait_for(session.ended.wait(), scaled(10))
+            assert session.ws.close_code == 1001
+        connections = len(cluster.sessions)
+        await asyncio.sleep(0.5)
+        assert len(cluster.sessions) == connections
+
+
+async def test_auto_sessions_ride_out_a_dip_shorter_than_shrink_after() -> None:
+    """A rolling restart: one node out for less than ``shrink_after``, then back; no slot goes."""
+    policy = SpreadPolicy(redial_min=0.0, redial_max=0.02, shrink_after=1.0)
+    async with fake_cluster(_cycle(["a", "b", "c"]), 3, policy, sessions=AUTO) as (cluster, agent):
+        await _until(lambda: cluster.live_nodes() == ["a", "b", "c"])
+        cluster.announce(2)
+        await asyncio.sleep(0.4)
+        cluster.announce(3)
+        await asyncio.sleep(1.2)
+        assert agent.slots == 3
+        assert not [s for s in cluster.sessions if s.goaway_seen_with is not None]
+        assert cluster.live_nodes() == ["a", "b", "c"]
+
+
+def _cycle(script: list[str]) -> Iterable[str]:
+    """Round robin over the script's nodes as they are when each connection comes."""
+    for i in itertools.count():
+        yield script[i % len(script)]

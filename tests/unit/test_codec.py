@@ -36,7 +36,13 @@ MAX = 4096
 HEADER = struct.Struct("!BBBBII")
 
 # The spec restated (docs/protocol.md §2), independently of the codec's private tables.
-LINK_TYPES = {FrameType.HELLO, FrameType.WELCOME, FrameType.GOAWAY, FrameType.PING}
+LINK_TYPES = {
+    FrameType.HELLO,
+    FrameType.WELCOME,
+    FrameType.GOAWAY,
+    FrameType.PING,
+    FrameType.CLUSTER,
+}
 ALLOWED_FLAGS = {t: 0 for t in FrameType} | {
     FrameType.DATA: 0x01,
     FrameType.PING: 0x01,
@@ -58,7 +64,7 @@ def as_tuples(frames: list[Frame]) -> list[tuple[int, int, int, bytes]]:
 
 
 def test_version_string() -> None:
-    assert VERSION == "1.1"
+    assert VERSION == "1.2"
     assert HEADER_SIZE == 12
 
 
@@ -76,6 +82,7 @@ def test_version_string() -> None:
         (FrameType.RST, 9),
         (FrameType.GOAWAY, 10),
         (FrameType.PING, 11),
+        (FrameType.CLUSTER, 12),
     ],
 )
 def test_type_numbers_are_stable(ftype: FrameType, value: int) -> None:
@@ -205,8 +212,8 @@ def test_too_large_is_detected_from_the_header_alone() -> None:
 
 
 def test_unknown_type_is_returned_raw() -> None:
-    data = raw(1, 200, 0xFF, 0, 0, 3) + b"new" + raw(1, 12, 0, 0, 7, 0)
-    assert as_tuples(FrameDecoder(MAX).feed(data)) == [(200, 0xFF, 0, b"new"), (12, 0, 7, b"")]
+    data = raw(1, 200, 0xFF, 0, 0, 3) + b"new" + raw(1, 13, 0, 0, 7, 0)
+    assert as_tuples(FrameDecoder(MAX).feed(data)) == [(200, 0xFF, 0, b"new"), (13, 0, 7, b"")]
 
 
 def test_unknown_type_still_respects_max_payload() -> None:
@@ -299,7 +306,7 @@ def test_decode_json_rejects_with_protocol_error(payload: bytes) -> None:
 
 @st.composite
 def valid_frames(draw: st.DrawFn) -> tuple[int, int, int, bytes]:
-    ftype: int = draw(st.sampled_from(list(FrameType)) | st.integers(12, 255))
+    ftype: int = draw(st.sampled_from(list(FrameType)) | st.integers(13, 255))
     if ftype in FrameType.__members__.values():
         known = FrameType(ftype)
         flags = draw(st.sampled_from(sorted({0, ALLOWED_FLAGS[known]})))

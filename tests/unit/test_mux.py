@@ -37,6 +37,7 @@ from shared.errors import (
 )
 from shared.protocol import (
     VERSION,
+    ClusterChanged,
     Connection,
     DataReceived,
     Event,
@@ -202,7 +203,7 @@ def test_handshake_exchanges_info_and_opens_both_sides() -> None:
     assert isinstance(event, HelloReceived)
     assert event.info["agent"] == HELLO_INFO["agent"]
     assert event.info["aliases"] == ["acme@example.com"]
-    assert event.info["version"] == "1.1"
+    assert event.info["version"] == "1.2"
     assert event.info["settings"] == {
         "initial_window": 256 * KiB,
         "max_frame": 256 * KiB,
@@ -685,6 +686,83 @@ def test_goaway_last_stream_id_is_the_highest_remote_id(pair: Pair) -> None:
 def test_bad_goaway_is_a_link_error(pair: Pair, payload: bytes) -> None:
     with pytest.raises(ProtocolError):
         pair.client.receive_data(frame(FrameType.GOAWAY, 0, payload), pair.now)
+
+
+# -- CLUSTER (1.2) ---------------------------------------------------------------------------------
+
+
+def test_the_server_tells_a_1_2_client_the_cluster_size(pair: Pair) -> None:
+    assert pair.server.minor == pair.client.minor == 2
+    assert pair.server.send_cluster(3)
+    (cluster,) = decode_all(pair.server.data_to_send())
+    assert (cluster.type, cluster.flags, cluster.stream_id) == (FrameType.CLUSTER, 0, 0)
+    assert bytes(cluster.payload) == b'{"cluster_nodes":3}'
+    pair.client.receive_data(frame(FrameType.CLUSTER, 0, bytes(cluster.payload)), pair.now)
+    assert pair.client.events() == [ClusterChanged(3)]
+    sid = pair.open()  # streams carry on
+    assert pair.client.stream_state(sid) is StreamState.OPEN
+
+
+@pytest.mark.parametrize(("client_minor", "server_minor"), [(1, 2), (0, 2), (2, 1)])
+def test_the_cluster_size_is_not_sent_to_a_side_older_than_1_2(
+    client_minor: int, server_minor: int
+) -> None:
+    p = Pair(LinkSettings(protocol_minor=client_minor), LinkSettings(protocol_minor=server_minor))
+    p.handshake()
+    assert p.server.minor == p.client.minor == min(client_minor, server_minor)
+    assert not p.server.send_cluster(3)
+    assert not p.server.has_output
+
+
+def test_a_1_1_client_ignores_a_cluster_frame() -> None:
+    p = Pair(LinkSettings(protocol_minor=1))
+    p.handshake()
+    p.take(p.client)
+    events, sent = p.inject(p.client, frame(FrameType.CLUSTER, 0, b'{"cluster_nodes":3}'))
+    assert (events, sent) == ([], [])
+
+
+def test_only_the_server_sends_the_cluster_size(pair: Pair) -> None:
+    with pytest.raises(InvalidState):
+        pair.client.send_cluster(2)
+    with pytest.raises(ProtocolError, match="CLUSTER"):
+        pair.server.receive_data(frame(FrameType.CLUSTER, 0, b'{"cluster_nodes":2}'), pair.now)
+
+
+def test_no_cluster_size_before_welcome_or_after_close() -> None:
+    p = Pair()
+    p.client.send_hello(HELLO_INFO)
+    p.step()
+    assert not p.server.send_cluster(2)  # the WELCOME says it
+    p.server.send_welcome(WELCOME_INFO, p.now)
+    p.pump()
+    p.server.close()
+    assert not p.server.send_cluster(2)
+    assert not p.server.has_output
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"{}",
+        b"[3]",
+        b"3",
+        b'{"cluster_nodes":0}',
+        b'{"cluster_nodes":-1}',
+        b'{"cluster_nodes":true}',
+        b'{"cluster_nodes":"3"}',
+        b'{"cluster_nodes":3.0}',
+        b'{"cluster_nodes":65536}',
+    ],
+)
+def test_a_bad_cluster_size_is_a_link_error(pair: Pair, payload: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        pair.client.receive_data(frame(FrameType.CLUSTER, 0, payload), pair.now)
+
+
+def test_a_cluster_frame_on_a_stream_is_a_link_error(pair: Pair) -> None:
+    with pytest.raises(ProtocolError, match="stream id 0"):
+        pair.client.receive_data(frame(FrameType.CLUSTER, 1, b'{"cluster_nodes":2}'), pair.now)
 
 
 # -- ping, heartbeat, deadlines -------------------------------------------------------------------

@@ -90,16 +90,36 @@ def test_policy_rejects_nonsense() -> None:
         SpreadPolicy(max_redials=-1)
 
 
-def test_cluster_view_remembers_the_largest_size() -> None:
+def test_cluster_view_of_older_nodes_remembers_the_largest_size() -> None:
+    """Nodes before 1.2 say their count only in WELCOME: the largest one stays."""
     view = ClusterView()
-    assert not view.should_move("a", ["a"])  # no cluster seen yet
-    assert view.saw({"cluster_nodes": 2}) == 2
+    assert view.update([]) == 1  # no cluster seen yet
+    assert not is_duplicate("a", ["a"], view.update([]))
+    assert view.saw({"cluster_nodes": 2}, announces=False) == 2
     # a rolling restart: the node that stayed up says it is alone, both sessions land there
-    assert view.saw({"cluster_nodes": 1}) == 1
-    assert view.largest == 2
-    assert view.should_move("a", ["a"])
-    assert not view.should_move("a", ["b"])
-    assert not view.should_move("a", ["a", "b"])  # as spread as two nodes allow
+    assert view.saw({"cluster_nodes": 1}, announces=False) == 1
+    assert view.update([]) == 2
+    assert is_duplicate("a", ["a"], view.update([]))
+    assert not is_duplicate("a", ["b"], view.update([]))
+    assert not is_duplicate("a", ["a", "b"], view.update([]))  # as spread as two nodes allow
+
+
+def test_cluster_view_of_announcing_nodes_follows_their_count() -> None:
+    """Nodes of 1.2 tell every change: the size is the largest count the live sessions were
+    last told, the last one known while none is live, and it shrinks with the cluster."""
+    view = ClusterView()
+    assert view.saw({"cluster_nodes": 3}, announces=True) == 3
+    assert view.update([3, 3]) == 3
+    assert view.update([3, 2]) == 3  # one node has not seen the change yet: the largest
+    assert view.update([2, 2]) == 2  # the cluster shrank
+    assert view.update([]) == 2  # no live session: the last size known
+    assert view.update([4]) == 4  # grown, told on one session
+
+
+def test_cluster_view_of_a_cluster_being_upgraded_keeps_the_older_nodes_largest() -> None:
+    view = ClusterView()
+    view.saw({"cluster_nodes": 3}, announces=False)
+    assert view.update([2]) == 3  # the older node is never told of the change
 
 
 def test_replacement_takes_over_only_on_a_node_of_its_own() -> None:
