@@ -177,7 +177,10 @@ class SendWatch(Progress):
         """Watch from now on, if bytes wait and the watch is not running already."""
         if self._handle is not None:
             return
-        buffered = self.transport.get_write_buffer_size()
+        try:
+            buffered = self.transport.get_write_buffer_size()
+        except AttributeError:  # asyncio's own TLS transport once its connection was lost
+            return
         if buffered == 0:
             return
         self.begin(self._taken(buffered), self.loop.time())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,9 @@ from csc.server import running_node
 from shared.errors import GoingAway
 from tenant_agent.agent import Agent
 from tests.support.capture import APPLICATION_DATA, CaptureRelay, tls_records
-from tests.support.inproc import ALIAS, agent_config, make_token
-from tests.support.procs import scaled
+from tests.support.inproc import ALIAS, agent_config, make_token, tls_certs, tls_listeners
+from tests.support.procs import async_wait_until, scaled
 from tests.support.upstream import start_upstream_server
-
-
-def _certs(tmp_path: Path) -> tuple[Path, Path, Path]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    ca.cert_pem.write_to_path(str(ca_file))
-    return cert_file, key_file, ca_file
 
 
 def _https_only(state_dir: Path, cert_file: Path, key_file: Path) -> CSCConfig:
@@ -56,7 +47,7 @@ async def _wait_online(http: aiohttp.ClientSession, url: str) -> None:
 
 
 async def test_https_and_tls_tcp_ingress_with_a_verifying_agent(tmp_path: Path) -> None:
-    cert_file, key_file, ca_file = _certs(tmp_path)
+    cert_file, key_file, ca_file = tls_certs(tmp_path)
     state_dir = tmp_path / "state"
     token = make_token(state_dir, "acme", [ALIAS])
     config = CSCConfig(
@@ -103,7 +94,7 @@ async def test_an_agent_answer_over_wss_is_one_tls_record(tmp_path: Path) -> Non
     joins the pieces before the TLS write: TLS makes a record of every piece written, and each
     costs the agent a seal and the CSC an open. The agent dials the CSC through a relay that
     keeps the bytes it passes."""
-    cert_file, key_file, ca_file = _certs(tmp_path)
+    cert_file, key_file, ca_file = tls_certs(tmp_path)
     state_dir = tmp_path / "state"
     token = make_token(state_dir, "acme", [ALIAS])
     config = _https_only(state_dir, cert_file, key_file)
@@ -141,7 +132,7 @@ async def test_an_agent_answer_over_wss_is_one_tls_record(tmp_path: Path) -> Non
 async def test_agent_refuses_an_untrusted_csc_certificate(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cert_file, key_file, _ = _certs(tmp_path)
+    cert_file, key_file, _ = tls_certs(tmp_path)
     other_ca = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
     state_dir = tmp_path / "state"
@@ -175,7 +166,7 @@ async def test_sessions_to_a_wss_csc_share_one_tls_context(
     """Without ``ca_file`` (a CSC with a public certificate) the agent loads the system's CAs
     once for all its sessions and their reconnects: each default context costs tens of ms and
     most of a MiB, held for as long as its session lives."""
-    cert_file, key_file, ca_file = _certs(tmp_path)
+    cert_file, key_file, ca_file = tls_certs(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # the "system" CAs trust the test CA
     made: list[ssl.SSLContext] = []
     default_context = ssl.create_default_context
@@ -222,7 +213,7 @@ async def test_a_tls_handshake_that_never_comes_is_cut_at_the_head_timeout(
     """A client that connects to a TLS listener and sends nothing (or half a ClientHello) is
     disconnected once ``http_head_timeout`` passed, not after asyncio's 60 s default: until
     the handshake ends no request deadline runs, so this bound is the only one."""
-    cert_file, key_file, _ = _certs(tmp_path)
+    cert_file, key_file, _ = tls_certs(tmp_path)
     config = CSCConfig(
         listen="127.0.0.1:0",
         tcp_listen="127.0.0.1:0",
@@ -246,3 +237,22 @@ async def test_a_tls_handshake_that_never_comes_is_cut_at_the_head_timeout(
                 assert await reader.read() == b""
             assert loop.time() - started >= 0.9
             writer.close()
+
+
+async def test_a_tls_client_of_the_tcp_ingress_that_leaves_before_connect_ends_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its handler used to fail on asyncio's TLS transport (not uvloop's) once the connection
+    was gone, and asyncio logged the AttributeError as an unhandled exception."""
+    config, ca_file = tls_listeners(tmp_path)
+    client_ctx = ssl.create_default_context(cafile=str(ca_file))
+    async with running_node(config) as node:
+        assert node.tcp_address is not None
+        host, _, port = node.tcp_address.rpartition(":")
+        _, writer = await asyncio.open_connection(
+            host, int(port), ssl=client_ctx, server_hostname="127.0.0.1"
+        )
+        writer.close()
+        counts = node.state.connections
+        await async_wait_until(lambda: counts.total == 0, scaled(10), message="still counted")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

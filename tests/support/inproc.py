@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import trustme
 
 from csc.config import CSCConfig
 from csc.server import Node, running_node
@@ -149,3 +150,32 @@ async def relay(
                 await r.stop_agent()
     finally:
         await upstream.close()
+
+
+def tls_certs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A certificate for 127.0.0.1 and localhost from a new CA (trustme): its file, its key's
+    and the CA's."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return cert_file, key_file, ca_file
+
+
+def tls_listeners(tmp_path: Path, **over: Any) -> tuple[CSCConfig, Path]:
+    """A CSC with TLS on its public and TCP listeners only (``over``: more settings), and the
+    CA file a client trusts."""
+    cert_file, key_file, ca_file = tls_certs(tmp_path)
+    config = CSCConfig(
+        listen="127.0.0.1:0",
+        tcp_listen="127.0.0.1:0",
+        admin_listen=None,
+        metrics_listen=None,
+        state_dir=tmp_path / "state",
+        tls_cert=cert_file,
+        tls_key=key_file,
+        **over,
+    )
+    return config, ca_file
