@@ -25,6 +25,7 @@ from shared.config import (
     KIB,
     MIB,
     Secret,
+    check_network,
     duration_field,
     load_config,
     log_format_field,
@@ -125,6 +126,17 @@ class CSCConfig:
             maximum=1.0,
             help="share of a tenant's `max_streams` one client address may hold at once "
             "(at least 1 stream; IPv6 by /64; per node in a cluster); 1 turns it off",
+        ),
+    )
+    proxy_protocol: list[str] = field(
+        default_factory=list,
+        metadata=meta(
+            check=check_network,
+            help="balancers (IP addresses or networks) that start each connection to the public "
+            "and TCP listeners with a PROXY protocol header (v1 or v2), which then names the "
+            "client for the bounds per address, the access log and X-Forwarded-For; required "
+            "from them, not read from other peers; empty: none",
+            doc_default="none",
         ),
     )
     max_connections: int = field(

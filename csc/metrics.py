@@ -226,7 +226,7 @@ class CSCMetrics:
         self.connections_refused = Counter(
             "csc_connections_refused",
             "Connections refused as they were accepted, by listener and reason "
-            "(client_connections, node_connections).",
+            "(client_connections, node_connections, proxy_header).",
             ["listener", "reason"],
             registry=reg,
         )

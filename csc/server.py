@@ -36,8 +36,9 @@ from csc.relay import accesslog, gateway
 from csc.relay.conncap import LOW_NODE_BOUND
 from csc.relay.http_ingress import Ingress
 from csc.relay.http_listener import HttpFront
+from csc.relay.proxied import ProxiedServer
 from csc.relay.registry import MemoryRegistry
-from csc.relay.tcp_ingress import READ_LIMIT, make_handler
+from csc.relay.tcp_ingress import start_tcp_listener
 from csc.signing import signing_key
 from csc.state import NodeState, default_node_id
 from csc.store import open_store
@@ -46,7 +47,7 @@ from shared.allocator import return_free_memory
 from shared.config import AUTO
 from shared.errors import GoingAway
 from shared.metrics_http import MetricsServer
-from shared.runtime import install_uvloop, listen_on, raise_open_file_limit, write_ready_file
+from shared.runtime import install_uvloop, raise_open_file_limit, write_ready_file
 from shared.runtime import sockname_address as _hostport
 
 log = logging.getLogger("csc")
@@ -148,7 +149,7 @@ class Node:
         self.lifecycle = contextlib.AsyncExitStack()
         if state.store is not None:
             self.lifecycle.callback(state.store.close)
-        self.tcp_server: asyncio.Server | None = None
+        self.tcp_server: asyncio.Server | ProxiedServer | None = None
         self.front: HttpFront | None = None
         self.http_address = ""
         self.tcp_address: str | None = None
@@ -173,13 +174,7 @@ class Node:
         self.http_address = _hostport(listening.sockets[0].getsockname())
         tcp = self.config.tcp_listen_address
         if tcp is not None:
-            self.tcp_server = await asyncio.start_server(
-                make_handler(self.state),
-                **listen_on(*tcp),
-                ssl=ssl_ctx,
-                limit=READ_LIMIT,
-                ssl_handshake_timeout=handshake,
-            )
+            self.tcp_server = await start_tcp_listener(self.state, *tcp, ssl_ctx, handshake)
             self.tcp_address = _hostport(self.tcp_server.sockets[0].getsockname())
         if self.config.admin_listen_address is not None:
             self.admin = await start_listener(self.state, ssl_ctx)

@@ -11,7 +11,6 @@ and never together with ``sms_alias``; every ``trusted_proxies`` entry is an IP 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from shared.aliases import normalise_alias
 from shared.config import (
+    check_network,
     duration_field,
     load_config,
     log_format_field,
@@ -43,14 +43,6 @@ def default_state_dir(env: Mapping[str, str]) -> Path:
 def _state_dir_from_process_env() -> Path:
     # Only for direct construction (tests, embedding); the loader uses the env passed in.
     return default_state_dir(os.environ)
-
-
-def check_network(text: str) -> str:
-    """Normalise one trusted-proxy entry: an IP address or network (``10.0.0.0/8``)."""
-    try:
-        return str(ipaddress.ip_network(text, strict=False))
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
 
 
 @dataclass(frozen=True, kw_only=True)

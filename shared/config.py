@@ -30,6 +30,7 @@ field (``X | None``) the text ``""``, ``off`` or ``none`` means "not set".
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import re
 import types
@@ -155,6 +156,14 @@ def meta(
         if value is not None:
             result[key] = value
     return result
+
+
+def check_network(text: str) -> str:
+    """Normalise one entry of a list of peers: an IP address or network (``10.0.0.0/8``)."""
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
 
 
 def xdg_state_dir(env: Mapping[str, str], program: str) -> Path:

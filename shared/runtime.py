@@ -145,27 +145,58 @@ def listen_on(host: str | None, port: int) -> dict[str, Any]:
     the life of the process (about 0.5 MiB resident with their malloc arenas; bench/importcost.py).
     A bind error reads as create_server words it (``error while attempting to bind on address``).
     """
-    if not host or "%" in host:  # no host (every address), or a scoped IPv6 address
+    family = _literal_family(host)
+    if family is None:
         return {"host": host, "port": port}
+    return {"sock": _bind(family, (host, port))}
+
+
+def bound_sockets(host: str | None, port: int) -> list[socket.socket]:
+    """Sockets bound to ``host:port`` as create_server binds them, for a listener that accepts
+    by itself: one for a literal, one per address a name (or no host: every interface)
+    resolves to. Not listening yet; a bind error is worded as :func:`listen_on` words it."""
+    family = _literal_family(host)
+    if family is not None:
+        return [_bind(family, (host, port))]
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, _, _, _, address in dict.fromkeys(infos):
+            sockets.append(_bind(family, address))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _literal_family(host: str | None) -> socket.AddressFamily | None:
+    """The family of an IPv4 or IPv6 literal (not a scoped one); None for a name or none."""
+    if not host or "%" in host:  # no host (every address), or a scoped IPv6 address
+        return None
     try:
         version = ipaddress.ip_address(host).version
     except ValueError:
-        return {"host": host, "port": port}
-    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+        return None
+    return socket.AF_INET6 if version == 6 else socket.AF_INET
+
+
+def _bind(family: socket.AddressFamily, address: Any) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
-            sock.bind((host, port))
+            sock.bind(address)
         except OSError as err:
             reason = (err.strerror or str(err)).lower()
+            where = address[:2]
             raise OSError(
-                err.errno, f"error while attempting to bind on address {(host, port)!r}: {reason}"
+                err.errno, f"error while attempting to bind on address {where!r}: {reason}"
             ) from None
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
-    return {"sock": sock}
+    return sock

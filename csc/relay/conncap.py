@@ -68,13 +68,32 @@ def node_bound(setting: int) -> int | None:
     return max(1, soft - max(RESERVED_FDS, soft // 8))
 
 
+class LogTally:
+    """Events worth a log line that may come by the thousand: at most one line per
+    :data:`LOG_EVERY`, saying how many came since the last."""
+
+    __slots__ = ("_logged", "_unlogged")
+
+    def __init__(self) -> None:
+        self._logged = float("-inf")
+        self._unlogged = 0
+
+    def due(self) -> int:
+        """Count one event; how many to report now (0: no line yet)."""
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged < LOG_EVERY:
+            return 0
+        count, self._logged, self._unlogged = self._unlogged, now, 0
+        return count
+
+
 class ConnectionCounts:
     """Open connections of one node's public and TCP listeners, in all and per address."""
 
     __slots__ = (
-        "_logged",
         "_open",
-        "_unlogged",
+        "_tally",
         "cap",
         "lingering",
         "node_cap",
@@ -106,8 +125,7 @@ class ConnectionCounts:
         #: refused connections lingering now (see the module docstring)
         self.lingering = 0
         self._open: dict[str, int] = {}
-        self._logged = float("-inf")
-        self._unlogged = 0
+        self._tally = LogTally()
 
     @classmethod
     def from_config(
@@ -195,16 +213,13 @@ class ConnectionCounts:
     def _refused(self, listener: str, reason: str) -> None:
         if self.on_refused is not None:
             self.on_refused(listener, reason)
-        self._unlogged += 1
-        now = time.monotonic()
-        if now - self._logged >= LOG_EVERY:
+        if count := self._tally.due():
             log.warning(
                 "refused %d connection(s) in the last %g s: the node holds %d (max_connections "
                 "%s), or an address held client_max_connections (%s)",
-                self._unlogged,
+                count,
                 LOG_EVERY,
                 self.total,
                 self.node_cap,
                 self.cap,
             )
-            self._logged, self._unlogged = now, 0

@@ -90,8 +90,10 @@ class Handler(Protocol):
 class FrontConnection(asyncio.Protocol):
     """One client connection: requests parsed by llhttp, served in order by one task at a time."""
 
-    def __init__(self, front: HttpFront) -> None:
+    def __init__(self, front: HttpFront, client: tuple[str, int] | None = None) -> None:
         self.front = front
+        #: the client a balancer's PROXY header named (csc/relay/proxied.py), else None
+        self._client = client
         self.config = front.config
         self.loop = front.loop
         self.transport: asyncio.Transport | None = None
@@ -144,7 +146,7 @@ class FrontConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
-        peer = transport.get_extra_info("peername")
+        peer = self._client or transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.client_ip, self.peer = str(peer[0]), f"{peer[0]}:{peer[1]}"
         counted = self.front.counts.take(self.client_ip, "http")

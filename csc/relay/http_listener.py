@@ -17,6 +17,7 @@ from csc.config import CSCConfig
 from csc.relay.conncap import ConnectionCounts
 from csc.relay.http_front import FrontConnection, Handler
 from csc.relay.http_front_request import FrontRequest
+from csc.relay.proxied import ProxiedServer, listen_proxied
 from shared.runtime import listen_on
 
 #: Serves a request for an upgrade path; it answers it, or switches the connection.
@@ -51,11 +52,24 @@ class HttpFront:
         #: Bytes of unfinished request heads across connections, and connections refused for it.
         self.head_bytes = 0
         self.heads_refused = 0
-        self.server: asyncio.Server | None = None
+        self.server: asyncio.Server | ProxiedServer | None = None
 
     async def start(
         self, host: str, port: int, ssl: Any = None, ssl_handshake_timeout: float | None = None
-    ) -> asyncio.Server:
+    ) -> asyncio.Server | ProxiedServer:
+        proxied = listen_proxied(  # behind a balancer that names the client
+            self.config,
+            host,
+            port,
+            lambda client: lambda: FrontConnection(self, client),
+            ssl=ssl,
+            handshake=ssl_handshake_timeout,
+            listener="http",
+            on_refused=self.counts.on_refused,
+        )
+        if proxied is not None:
+            self.server = proxied
+            return proxied
         self.server = await self.loop.create_server(  # listen_on: no DNS thread pool for a literal
             lambda: FrontConnection(self),
             **listen_on(host, port),

@@ -15,20 +15,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl as ssl_module
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from csc.relay import accesslog
 from csc.relay.conncap import ConnectionCounts
 from csc.relay.http_front import LINGER
 from csc.relay.ingress_stream import StreamUse, refused
+from csc.relay.proxied import ProxiedServer, listen_proxied
 from csc.relay.routing import lookup_alias, open_stream
 from csc.state import NodeState
 from shared.aio import splice
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
 from shared.link import LinkCounters
 from shared.linkstream import TunnelStream
+from shared.runtime import listen_on
 from shared.sendwatch import Hold, SendWatch
 
 log = logging.getLogger("csc.tcp")
@@ -88,9 +92,50 @@ def _line_limit(reader: asyncio.StreamReader) -> Iterator[None]:
         reader._limit = saved  # type: ignore[attr-defined]
 
 
+async def start_tcp_listener(
+    state: NodeState,
+    host: str | None,
+    port: int,
+    ssl: ssl_module.SSLContext | None,
+    handshake: float | None,
+) -> asyncio.Server | ProxiedServer:
+    """The TCP listener: ``asyncio.start_server``, or behind a balancer that sends the PROXY
+    protocol (``proxy_protocol``) a listener that reads it first (csc/relay/proxied.py)."""
+    handle = make_handler(state)
+    loop = asyncio.get_running_loop()
+
+    def protocol_for(client: tuple[str, int] | None) -> Callable[[], asyncio.BaseProtocol]:
+        def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Awaitable[None]:
+            return handle(reader, writer, client)  # type: ignore[no-any-return]
+
+        return lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(READ_LIMIT, loop), serve)
+
+    proxied = listen_proxied(
+        state.config,
+        host,
+        port,
+        protocol_for,
+        ssl=ssl,
+        handshake=handshake,
+        listener="tcp",
+        on_refused=state.connections.on_refused,
+    )
+    if proxied is not None:
+        return proxied
+    return await asyncio.start_server(
+        handle, **listen_on(host, port), ssl=ssl, limit=READ_LIMIT, ssl_handshake_timeout=handshake
+    )
+
+
 def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+    async def handle(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client: tuple[str, int] | None = None,
+    ) -> None:
+        """Serve one connection; ``client``: what a balancer's PROXY header named (else the
+        peer's own address stands)."""
+        peer = client or writer.get_extra_info("peername")
         counts = state.connections
         counted = counts.take(str(peer[0]) if peer else "", "tcp")
         traffic = LinkCounters()
@@ -98,14 +143,14 @@ def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
             writer.transport,
             state.config.client_send_timeout,
             lambda: traffic.data_received,
-            lambda shed: _stalled(state, writer, watch, shed),
+            lambda shed: _stalled(state, writer, watch, shed, peer),
             counts.watches,
         )
         try:
             if isinstance(counted, CSCError):
                 await _refuse_connection(counts, reader, writer, counted)
             else:
-                await _serve(state, reader, writer, traffic, watch)
+                await _serve(state, reader, writer, traffic, watch, peer)
         except asyncio.CancelledError:
             # the node stops with the connection open: nothing awaits this task, and asyncio
             # 3.11's stream callback would log a cancelled one as an error (traceback)
@@ -119,18 +164,24 @@ def make_handler(state: NodeState):  # type: ignore[no-untyped-def]
     return handle
 
 
-def _stalled(state: NodeState, writer: asyncio.StreamWriter, watch: SendWatch, shed: bool) -> None:
+def _stalled(
+    state: NodeState, writer: asyncio.StreamWriter, watch: SendWatch, shed: bool, peer: Any
+) -> None:
     """The client took no byte for ``client_send_timeout``, or for less while the node holds
     too much for slow clients (``shed``; shared/sendwatch.py)."""
     counts = state.connections
-    peer = writer.get_extra_info("peername")
     log.info("closing %s: %s", peer, watch.reason(shed), extra={"tenant": watch.tenant})
     counts.stalled("tcp", shed)
     writer.transport.abort()
 
 
 def _shed_upload(
-    state: NodeState, writer: asyncio.StreamWriter, upload: Hold, stream: TunnelStream, why: str
+    state: NodeState,
+    writer: asyncio.StreamWriter,
+    peer: Any,
+    upload: Hold,
+    stream: TunnelStream,
+    why: str,
 ) -> None:
     """Bytes from the client wait for a stream that takes none of them (the portal does not
     read), and the node is over ``client_buffer_limit`` (shared/sendwatch.py): the connection
@@ -138,7 +189,7 @@ def _shed_upload(
     counts = state.connections
     log.info(
         "closing %s: %d bytes from it waiting for the portal, %s, %s",
-        writer.get_extra_info("peername"),
+        peer,
         upload.waiting,
         why,
         counts.watches.state(),
@@ -178,10 +229,10 @@ async def _serve(
     writer: asyncio.StreamWriter,
     traffic: LinkCounters,
     watch: SendWatch,
+    peer: Any,
 ) -> None:
     request_id = uuid.uuid4().hex
     started = time.monotonic()
-    peer = writer.get_extra_info("peername")
     client = f"{peer[0]}:{peer[1]}" if peer else "?"
     tenant: str | None = None
     record = accesslog.RequestRecord("tcp", request_id, client, started)
@@ -202,7 +253,7 @@ async def _serve(
         None,
         lambda: traffic.data_sent,
         lambda: watch.tenant,
-        lambda why: _shed_upload(state, writer, upload, stream, why),
+        lambda why: _shed_upload(state, writer, peer, upload, stream, why),
     )
     async with StreamUse(state, record, tenant, stream):
         try:

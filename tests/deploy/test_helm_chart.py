@@ -135,6 +135,15 @@ def test_bounds_per_client_address_are_off_behind_a_proxy(objs: list[dict[str, A
     direct = env(objects(render(CHART, values(clientAddresses="direct"))))
     assert "CSC_CLIENT_MAX_CONNECTIONS" not in direct
     assert "CSC_CLIENT_STREAM_SHARE" not in direct
+    assert "CSC_PROXY_PROTOCOL" not in e | direct
+
+
+def test_behind_a_proxy_protocol_balancer_the_pods_read_the_devices_address() -> None:
+    chosen = values(clientAddresses="proxy-protocol", proxyProtocolFrom=["10.0.0.0/16", "fd00::/8"])
+    e = env(objects(render(CHART, chosen)))
+    assert e["CSC_PROXY_PROTOCOL"] == "10.0.0.0/16,fd00::/8"
+    assert "CSC_CLIENT_MAX_CONNECTIONS" not in e
+    assert "CSC_CLIENT_STREAM_SHARE" not in e
 
 
 def test_public_service_has_http_and_tcp_only(objs: list[dict[str, Any]]) -> None:
@@ -305,6 +314,10 @@ def test_extra_settings_become_csc_variables() -> None:
         ({"extraEnv": {"PEER_TLS": "false"}}, "propertyName 'PEER_TLS'"),
         ({"peerTls": "no"}, "peerTls"),
         ({"clientAddresses": "nat"}, "clientAddresses"),
+        ({"clientAddresses": "proxy-protocol"}, "proxyProtocolFrom"),
+        ({"clientAddresses": "proxy-protocol", "proxyProtocolFrom": []}, "proxyProtocolFrom"),
+        ({"proxyProtocolFrom": ["balancer.example"]}, "proxyProtocolFrom"),
+        ({"extraEnv": {"PROXY_PROTOCOL": "10.0.0.0/8"}}, "propertyName 'PROXY_PROTOCOL'"),
         ({"image": {"repository": "r", "digest": "latest"}}, "digest"),
         ({"serviceMonitor": {"enabled": "yes"}}, "enabled"),
         ({"replicas": 3}, "replicas"),

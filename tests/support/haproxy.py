@@ -106,8 +106,10 @@ def render_config(
     timeout_client: str,
     timeout_server: str,
     timeout_tunnel: str,
+    server_options: str = "",
 ) -> str:
-    """The configuration text; unused slots are servers in maintenance on a placeholder."""
+    """The configuration text; unused slots are servers in maintenance on a placeholder;
+    ``server_options`` go on every server line (``send-proxy-v2``, ``source ADDR``)."""
 
     def servers(backends: Sequence[tuple[str, int]], checks: Sequence[int | None]) -> str:
         lines = []
@@ -120,7 +122,8 @@ def render_config(
             check_port = checks[i] if i < len(checks) else None
             port_opt = f" port {check_port}" if check_port is not None else ""
             address = _server_address(host, port)
-            lines.append(f"    server n{i} {address} check{port_opt}{state}")
+            options = f" {server_options}" if server_options else ""
+            lines.append(f"    server n{i} {address} check{port_opt}{options}{state}")
         return "\n".join(lines)
 
     http_check = (
@@ -347,6 +350,7 @@ def start_haproxy(
     timeout_client: str = "30s",
     timeout_server: str = "30s",
     timeout_tunnel: str = "1h",
+    server_options: str = "",
 ) -> HaproxyProc:
     """Start HAProxy in front of ``http_backends`` (and ``tcp_backends``: a TCP frontend too)
     and return once its runtime API answers. ``slots`` (default: 4 or more if needed) bounds
@@ -378,6 +382,7 @@ def start_haproxy(
             timeout_client=timeout_client,
             timeout_server=timeout_server,
             timeout_tunnel=timeout_tunnel,
+            server_options=server_options,
         )
         config_path = tmp_dir / f"{unique}.cfg"
         config_path.write_text(config, encoding="utf-8")
