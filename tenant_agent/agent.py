@@ -191,6 +191,7 @@ class Agent:
         #: set (and replaced) when serving slots should look for a move at once
         self._recheck = asyncio.Event()
         self.metrics.track_draining(lambda: sum(self._retiring.values()))
+        self.metrics.track_spread(lambda: (self._size, len(set(self._other_nodes()))))
 
     # -- lifecycle ---------------------------------------------------------------------------
 

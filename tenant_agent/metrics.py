@@ -88,6 +88,7 @@ class AgentMetrics:
         self.opened = dict.fromkeys(KINDS, 0)
         self.upstream_errors: dict[tuple[str, str], int] = {}
         self._draining: Callable[[], int] = lambda: 0
+        self._spread: Callable[[], tuple[int, int]] = lambda: (1, 0)
         self._registry = registry
         self._process_metrics = process_metrics
         self._exported = False
@@ -117,6 +118,15 @@ class AgentMetrics:
     @property
     def draining(self) -> int:
         return self._draining()
+
+    def track_spread(self, source: Callable[[], tuple[int, int]]) -> None:
+        """How to read, at scrape time, the CSC cluster's size as the agent knows it and the
+        distinct CSC nodes its live sessions are on."""
+        self._spread = source
+
+    @property
+    def spread(self) -> tuple[int, int]:
+        return self._spread()
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""
@@ -201,7 +211,16 @@ def _session_families(m: AgentMetrics) -> list[Metric]:
         "Sessions the CSC asked to drain that still finish their streams.",
         value=m.draining,
     )
-    return [info, reconnects, states, draining]
+    cluster, held = m.spread
+    nodes = GaugeMetricFamily(
+        "csc_agent_cluster_nodes",
+        "Live CSC nodes that take agents, as the CSC told this agent (1: a lone node).",
+        value=cluster,
+    )
+    spread = GaugeMetricFamily(
+        "csc_agent_session_nodes", "Distinct CSC nodes the live sessions are on.", value=held
+    )
+    return [info, reconnects, states, draining, nodes, spread]
 
 
 def _stream_families(m: AgentMetrics) -> list[Metric]:

@@ -344,6 +344,7 @@ async def test_auto_sessions_grow_when_the_cluster_tells_it_grew() -> None:
         await _until(lambda: _agent_nodes(agent) == ["a", "b", "c"])
         await _until(lambda: cluster.live_nodes() == ["a", "b", "c"])
         assert agent.slots == 3
+        assert agent.metrics.spread == (3, 3)
 
 
 async def test_a_duplicate_moves_at_once_when_the_cluster_grows() -> None:
@@ -352,10 +353,12 @@ async def test_a_duplicate_moves_at_once_when_the_cluster_grows() -> None:
     script = ["a"]
     async with fake_cluster(_cycle(script), 1) as (cluster, agent):
         await _until(lambda: _agent_nodes(agent) == ["a", "a"])
+        assert agent.metrics.spread == (1, 1)
         script[:] = ["b"]
         cluster.announce(2)
         await _until(lambda: _agent_nodes(agent) == ["a", "b"], timeout=scaled(10))
         await _until(lambda: cluster.live_nodes() == ["a", "b"])
+        assert agent.metrics.spread == (2, 2)
 
 
 async def test_no_more_moves_once_the_cluster_shrank() -> None:

@@ -292,11 +292,14 @@ def test_agent_live_series() -> None:
     m = AgentMetrics(process_metrics=False)
     m.links.data_received, m.links.data_sent, m.links.stalls = 7, 9, 2
     m.track_draining(lambda: 1)
+    m.track_spread(lambda: (3, 2))
     reg = m.registry
     assert value(reg, "csc_agent_bytes_total", direction="in") == 7
     assert value(reg, "csc_agent_bytes_total", direction="out") == 9
     assert value(reg, "csc_agent_flow_control_stalls_total") == 2
     assert value(reg, "csc_agent_sessions_draining") == 1
+    assert value(reg, "csc_agent_cluster_nodes") == 3
+    assert value(reg, "csc_agent_session_nodes") == 2
 
 
 # --- the link's counters -------------------------------------------------------------------
