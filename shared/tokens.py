@@ -295,7 +295,7 @@ def _verified_payload(token: str, keys: Sequence[VerifyKey], alg: str) -> bytes:
             result = jws.decode_complete(token, key, algorithms=[alg])
         except (jwt.InvalidSignatureError, jwt.InvalidKeyError, jwt.InvalidAlgorithmError):
             continue  # not this key: try the next one
-        except jwt.DecodeError:
+        except jwt.PyJWTError:  # DecodeError, and header members PyJWT refuses (kid, crit)
             raise AuthFailed("malformed token") from None
         payload: bytes = result["payload"]
         return payload

@@ -105,6 +105,12 @@ def _alg_none(state_dir: Path) -> str:
     return f"{_segment({'alg': 'none', 'typ': 'JWT'})}.{_segment(_claims())}."
 
 
+def _kid_null(state_dir: Path) -> str:
+    """A header member PyJWT refuses with its base InvalidTokenError (the token is anonymous:
+    no key signed it)."""
+    return f"{_segment({'alg': 'EdDSA', 'kid': None})}.{_segment(_claims())}.c2ln"
+
+
 def _hs256_with_public_key(state_dir: Path) -> str:
     """The key-confusion attack: HMAC keyed with the CSC's public key PEM (public knowledge)."""
     pem = (state_dir / PUBLIC_KEY_FILE).read_bytes()
@@ -171,6 +177,7 @@ BAD_TOKENS: dict[str, tuple[Callable[[Path], str], str]] = {
     "expired": (_expired, "token expired"),
     "wrong_audience": (_wrong_audience, "wrong audience"),
     "alg_none": (_alg_none, "algorithm 'none' not allowed"),
+    "kid_null": (_kid_null, "malformed token"),
     "hs256_public_key_as_secret": (_hs256_with_public_key, "algorithm 'HS256' not allowed"),
 }
 

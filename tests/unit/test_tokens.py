@@ -278,6 +278,10 @@ def test_bad_claims(key: Ed25519PrivateKey, changes: dict[str, Any], expected: s
         b64(b"[1]") + "." + b64(b"{}") + ".x",
         "x" * 20_000,
         b64(b"[" * 5000) + "." + b64(b"{}") + ".x",  # nested beyond the JSON decoder's depth
+        # header members PyJWT refuses with its base InvalidTokenError, not a DecodeError
+        b64(b'{"alg": "EdDSA", "kid": null}') + "." + b64(b"{}") + "." + b64(b"sig"),
+        b64(b'{"alg": "EdDSA", "crit": null}') + "." + b64(b"{}") + "." + b64(b"sig"),
+        b64(b'{"alg": "EdDSA", "crit": ["exp"]}') + "." + b64(b"{}") + "." + b64(b"sig"),
     ],
 )
 def test_garbage(key: Ed25519PrivateKey, garbage: str) -> None:
