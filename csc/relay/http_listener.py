@@ -57,7 +57,7 @@ class HttpFront:
     async def start(
         self, host: str, port: int, ssl: Any = None, ssl_handshake_timeout: float | None = None
     ) -> asyncio.Server | ProxiedServer:
-        proxied = listen_proxied(  # behind a balancer that names the client
+        proxied = await listen_proxied(  # behind a balancer that names the client
             self.config,
             host,
             port,
@@ -66,6 +66,7 @@ class HttpFront:
             handshake=ssl_handshake_timeout,
             listener="http",
             on_refused=self.counts.on_refused,
+            backlog=1024,
         )
         if proxied is not None:
             self.server = proxied

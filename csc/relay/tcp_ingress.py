@@ -110,7 +110,7 @@ async def start_tcp_listener(
 
         return lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(READ_LIMIT, loop), serve)
 
-    proxied = listen_proxied(
+    proxied = await listen_proxied(
         state.config,
         host,
         port,
@@ -119,6 +119,7 @@ async def start_tcp_listener(
         handshake=handshake,
         listener="tcp",
         on_refused=state.connections.on_refused,
+        backlog=100,  # asyncio.start_server's
     )
     if proxied is not None:
         return proxied

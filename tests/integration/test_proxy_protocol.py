@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from csc.relay.proxyheader import V2_SIGNATURE
 from csc.server import running_node
@@ -61,6 +62,12 @@ async def _closed_unanswered(reader: asyncio.StreamReader, writer: asyncio.Strea
         return True
     finally:
         writer.close()
+
+
+def _refused(registry: CollectorRegistry, listener: str) -> float:
+    """Connections of the listener closed for their PROXY header (the metric)."""
+    labels = {"listener": listener, "reason": "proxy_header"}
+    return registry.get_sample_value("csc_connections_refused_total", labels) or 0.0
 
 
 def _forwarded_for(answer: bytes) -> str:
@@ -120,13 +127,13 @@ async def test_a_balancers_connection_without_a_valid_header_is_closed_unanswere
 ) -> None:
     settings = {"proxy_protocol": [BALANCER], "http_head_timeout": 1.0}
     async with relay(tmp_path, csc=settings) as r:
-        server = r.node.tcp_server if tcp else r.node.front.server  # type: ignore[union-attr]
+        listener = "tcp" if tcp else "http"
         first = f"CONNECT {ALIAS}\r\n" if tcp else f"GET /t/{ALIAS}/small HTTP/1.1\r\n\r\n"
         for start in (first.encode(), b"PROXY TCP4 203.0.113.9 10.0.0.1 080 443\r\n"):
             assert await _closed_unanswered(*await _open(r, start, tcp=tcp))
         # a header that never ends: closed once http_head_timeout has passed
         assert await _closed_unanswered(*await _open(r, b"PROXY TCP4 ", tcp=tcp))
-        assert server is not None and server.refused == 3
+        assert _refused(r.node.state.metrics.registry, listener) == 3
         # the node serves on
         answer = await _get(*await _open(r, v2(DEVICE)), f"/t/{ALIAS}/echo/x")
         assert _forwarded_for(answer) == DEVICE
@@ -157,3 +164,13 @@ async def test_under_tls_the_header_comes_before_the_handshake(tmp_path: Path) -
             await async_wait_until(
                 lambda: counts.held(DEVICE) == 0, scaled(10), message="the device still counted"
             )
+        # a TLS ClientHello where the header should be: closed unanswered, counted
+        for address, listener in ((node.http_address, "http"), (node.tcp_address, "tcp")):
+            host, _, port = address.rpartition(":")
+            reader, writer = await asyncio.open_connection(
+                host, int(port), local_addr=(BALANCER, 0)
+            )
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await writer.start_tls(client_ctx, server_hostname="127.0.0.1")
+            writer.close()
+            assert _refused(node.state.metrics.registry, listener) == 1
