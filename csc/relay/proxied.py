@@ -144,6 +144,8 @@ class HeaderFirst(asyncio.Protocol):
         self._timer = loop.call_later(gate.timeout, self._late)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:  # refused: what a transport still delivers is dropped
+            return
         self._data += data
         try:
             found = parse(self._data)
@@ -155,13 +157,15 @@ class HeaderFirst(asyncio.Protocol):
             self._hand_over(found.client, self._data[found.length :])
 
     def eof_received(self) -> bool | None:
-        self._refuse("the connection closed within its PROXY protocol header")
+        if self.transport is not None:
+            self._refuse("the connection closed within its PROXY protocol header")
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._done_reading()
 
     def _late(self) -> None:
+        self.gate.reading -= 1
         self._timer = None
         self._refuse(f"no header within {self.gate.timeout:g} s")
 
@@ -174,8 +178,9 @@ class HeaderFirst(asyncio.Protocol):
     def _refuse(self, why: object) -> None:
         self._done_reading()
         self.gate.refuse(self.peer, why)
-        if self.transport is not None:
-            self.transport.abort()
+        transport, self.transport, self._data = self.transport, None, b""
+        if transport is not None:
+            transport.abort()
 
     def _hand_over(self, client: tuple[str, int] | None, rest: bytes) -> None:
         transport = self.transport
