@@ -39,11 +39,11 @@ from portal.state import (
     REQUEST_ID,
     STATE,
     ApiError,
-    IPNetwork,
     PortalState,
     build_state,
 )
 from shared import resolve_sig, runtime
+from shared.peers import TrustedPeers
 
 log = logging.getLogger("portal")
 
@@ -80,17 +80,11 @@ HTTP_LOG.addFilter(_ClientErrorsOneLine())
 RUNNER_OPTIONS: dict[str, Any] = {"access_log": None, "logger": HTTP_LOG}
 
 
-def _peer_trusted(request: web.Request, trusted: list[IPNetwork]) -> bool:
-    try:
-        peer_ip = ipaddress.ip_address(request.remote or "")
-    except ValueError:
-        return False
-    if isinstance(peer_ip, ipaddress.IPv6Address) and peer_ip.ipv4_mapped is not None:
-        peer_ip = peer_ip.ipv4_mapped  # a dual-stack listener's view of an IPv4 peer
-    return any(peer_ip in net for net in trusted)
+def _peer_trusted(request: web.Request, trusted: TrustedPeers) -> bool:
+    return (request.remote or "") in trusted
 
 
-def client_address(request: web.Request, trusted: list[IPNetwork]) -> str:
+def client_address(request: web.Request, trusted: TrustedPeers) -> str:
     """The client: the rightmost ``X-Forwarded-For`` entry if the peer is trusted, else the peer."""
     peer = request.remote or ""
     try:

@@ -9,7 +9,6 @@ replaced by tests.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -27,8 +26,7 @@ from portal.packages import PackageBuilder
 from portal.passwords import Passwords
 from portal.sessions import Sessions
 from portal.throttle import HashGate, Throttle
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from shared.peers import TrustedPeers
 
 #: Per-request values the middleware sets.
 REQUEST_ID = web.RequestKey("portal_request_id", str)
@@ -66,7 +64,7 @@ class PortalState:
     #: keyed by :func:`user_address_key` (a user at one client address)
     user_throttle: Throttle
     address_throttle: Throttle
-    trusted: list[IPNetwork]
+    trusted: TrustedPeers
     #: logons verifying or waiting for a verification (at most workers + queue)
     hash_gate: HashGate
     executor: ThreadPoolExecutor | None = None
@@ -144,7 +142,7 @@ def build_state(config: PortalConfig) -> tuple[PortalState, bool]:
         sessions=Sessions(config.session_ttl),
         user_throttle=_throttle(config, config.throttle_failures),
         address_throttle=_throttle(config, config.throttle_address_failures),
-        trusted=[ipaddress.ip_network(n) for n in config.trusted_proxies],
+        trusted=TrustedPeers(config.trusted_proxies),
         hash_gate=HashGate(config.hash_workers + config.hash_queue_limit),
     )
     return state, created

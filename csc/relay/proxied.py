@@ -24,10 +24,9 @@ Two ways in, by whether the node terminates TLS on the listener:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from ssl import SSLContext
 from typing import cast
 
@@ -35,6 +34,7 @@ from csc.config import CSCConfig
 from csc.relay.conncap import LOG_EVERY, LogTally
 from csc.relay.proxyheader import ProxyHeader, ProxyHeaderError, parse
 from shared.aio import cancel_quietly
+from shared.peers import TrustedPeers
 from shared.runtime import bound_sockets, listen_on
 
 log = logging.getLogger("csc.relay")
@@ -48,25 +48,6 @@ ProtocolFor = Callable[["tuple[str, int] | None"], Callable[[], asyncio.BaseProt
 PENDING = 1024
 #: after an error of ``accept`` itself (out of file descriptors), wait this long before the next
 ACCEPT_PAUSE = 0.1
-
-
-class TrustedPeers:
-    """The addresses allowed, and required, to send a PROXY header."""
-
-    def __init__(self, networks: Iterable[str]) -> None:
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
-
-    def __bool__(self) -> bool:
-        return bool(self.networks)
-
-    def __contains__(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host.partition("%")[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
 
 
 class ProxyGate:
@@ -165,8 +146,6 @@ class HeaderFirst(asyncio.Protocol):
         self._done_reading()
 
     def _late(self) -> None:
-        self.gate.reading -= 1
-        self._timer = None
         self._refuse(f"no header within {self.gate.timeout:g} s")
 
     def _done_reading(self) -> None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from csc.relay.proxied import HeaderFirst, ProxyGate, TrustedPeers
+from csc.relay.proxied import HeaderFirst, ProxyGate
+from shared.peers import TrustedPeers
 
 BALANCER = "192.0.2.1"
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import ipaddress
 import json
 import zipfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from portal.getsite import PRESET_ENTRY, build_bootloader_pyz
 from portal.server import csc_preset
 from portal.state import PortalState
 from shared import resolve_sig
+from shared.peers import TrustedPeers
 from tests.support.portal import fake_bootloader
 
 ALIAS, TUNNEL = "acme@example.com", "/t/acme@example.com/"
@@ -92,7 +92,7 @@ def test_the_preset_goes_into_the_zipapp(tmp_path: Path) -> None:
 
 
 def _state(csc_ca: str | None = None) -> PortalState:
-    trusted = [ipaddress.ip_network("127.0.0.0/8")]
+    trusted = TrustedPeers(["127.0.0.0/8"])
     return cast(PortalState, SimpleNamespace(trusted=trusted, csc_ca=csc_ca))
 
 
