@@ -25,8 +25,14 @@ make-before-break. The check of a new session against the live ones and its entr
 :attr:`Agent.sessions` happen in one step (no ``await`` between), so two slots never both
 keep, or both drop, sessions that came up on the same node at once.
 
+A new token put in ``token_file`` is taken up without a restart (tenant_agent/token.py): the
+file is looked at every few seconds and on SIGHUP; the first session the CSC welcomes with the
+new token makes it the token in use, and the slots then replace their sessions one at a time,
+make-before-break, so that revoking the old token afterwards cuts nothing.
+
 Errors that retrying cannot fix (token refused, alias not covered, protocol version) stop the
-agent with a clear message and exit status 3.
+agent with a clear message and exit status 3, unless ``token_file`` holds a token not tried yet
+(a renewal that came late): the agent then dials with that one first.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import signal
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -42,7 +49,7 @@ from typing import Any
 from shared import compiled, runtime
 from shared.aio import cancel_quietly
 from shared.allocator import return_free_memory
-from shared.config import AUTO
+from shared.config import AUTO, Secret
 from shared.errors import CSCError, GoingAway, ProtocolError
 from shared.link import Link, max_message_size
 from shared.oserrors import describe_connect_error, describe_os_error
@@ -75,6 +82,7 @@ from tenant_agent.spread import (
     welcome_cluster_nodes,
     welcome_node,
 )
+from tenant_agent.token import CHECK_INTERVAL, AgentToken, describe_expiry
 from tenant_agent.upstream import Upstreams
 from tenant_agent.websocket import (
     AgentWebSocket,
@@ -91,6 +99,7 @@ log = logging.getLogger("csc_agent")
 LIMIT_RETRY = 600.0
 #: The GOAWAY messages of the agent's own session moves and of a slot let go.
 MOVING = "the agent moves this session to another node"
+RENEWING = "the agent renews this session with its new token"
 LEAVING = "the agent needs fewer sessions (sessions = auto)"
 
 EXIT_FATAL = 3
@@ -106,6 +115,8 @@ class CSCSession:
     ws: AgentWebSocket
     link: Link
     welcome: dict[str, Any]
+    #: the token the session was made with (tenant_agent/token.py)
+    token: Secret = field(default_factory=lambda: Secret(""))
     goaway: asyncio.Event = field(default_factory=asyncio.Event)
     #: the node's count of live nodes that take agents, as it last told this session
     cluster_nodes: int = 1
@@ -176,6 +187,9 @@ class Agent:
         self.upstreams = Upstreams(config, metrics=self.metrics)
         self.sessions: set[CSCSession] = set()
         self.stopping = asyncio.Event()
+        self.token = AgentToken(config.token, config.token_file)
+        #: one slot at a time replaces its session with one of a new token
+        self._renewing = asyncio.Lock()
         self.fatal: str | None = None
         self._draining: set[asyncio.Task[None]] = set()
         self._retiring: dict[int, int] = {}  # slot -> sessions draining after a GOAWAY
@@ -192,6 +206,7 @@ class Agent:
         self._recheck = asyncio.Event()
         self.metrics.track_draining(lambda: sum(self._retiring.values()))
         self.metrics.track_spread(lambda: (self._size, len(set(self._other_nodes()))))
+        self.metrics.track_token_expiry(lambda: self.token.expires)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -200,15 +215,18 @@ class Agent:
         if not await self._start_metrics():
             return EXIT_FATAL
         log.info("%s", compiled.describe())
+        log.info("agent token: %s", describe_expiry(self.token.expires, time.time()))
         await self.upstreams.start()
         for _ in range(AUTO_SESSIONS if self.auto else self.config.sessions):
             self._add_slot()
         # free heap pages go back to the OS after a burst (a download), as in the CSC
         trim = asyncio.create_task(return_free_memory(), name="return-free-memory")
+        watch = asyncio.create_task(self._watch_token(), name="token-file")
         try:
             await self.stopping.wait()
             await self._drain()
         finally:
+            await cancel_quietly(watch)
             await cancel_quietly(trim)
             for timer in (self._ceiling_retry, self._shrink_timer):
                 if timer is not None:
@@ -226,6 +244,23 @@ class Agent:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def check_token(self) -> None:
+        """Look at ``token_file`` now (SIGHUP, and every :data:`CHECK_INTERVAL`): a new token
+        there is dialled with, and once the CSC took it the sessions are renewed."""
+        if self.token.check_file():
+            self._wake_moves()
+        self.token.warn_if_expiring(time.time())
+
+    async def _watch_token(self) -> None:
+        while True:
+            self.check_token()
+            await asyncio.sleep(CHECK_INTERVAL)
+
+    def _stale(self, session: CSCSession) -> bool:
+        """Whether a serving session is to be renewed: made with a token other than the one
+        in use, or a new token waits to be tried."""
+        return session.token != self.token.current or self.token.candidate is not None
 
     @property
     def slots(self) -> int:
@@ -532,6 +567,7 @@ class Agent:
         ends: set[asyncio.Task[Any]] = {run}
         ends |= {asyncio.create_task(session.goaway.wait()), asyncio.create_task(leave.wait())}
         moved: CSCSession | None = None
+        why = MOVING
         try:
             while moved is None:
                 recheck = asyncio.create_task(self._recheck.wait())
@@ -545,7 +581,10 @@ class Agent:
                     await cancel_quietly(recheck)
                 if done & ends:
                     break
-                if is_duplicate(session.node, self._other_nodes(session), self._size):
+                if self._stale(session) and not self._renewing.locked():
+                    async with self._renewing:
+                        moved, why = await self._try_renew(session), RENEWING
+                elif is_duplicate(session.node, self._other_nodes(session), self._size):
                     moved = await self._try_move(session)
         finally:
             for task in ends - {run}:
@@ -558,12 +597,12 @@ class Agent:
             if run.done():
                 self.sessions.discard(session)
             else:
-                self._dismiss(session, run)
+                self._dismiss(session, run, why)
             return moved
         if run.done():
             self.sessions.discard(session)
             code = session.ws.close_code
-            if code in FATAL_CLOSE_CODES:
+            if code in FATAL_CLOSE_CODES and not self._new_token_to_try(session.token):
                 self.fatal = f"the CSC closed the session ({code}): {session.ws.close_reason}"
                 self.stop()
             return "ended"
@@ -572,6 +611,47 @@ class Agent:
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
         return "drained"
+
+    def _new_token_to_try(self, refused: Secret) -> bool:
+        """After the CSC refused ``refused`` for good: whether another token is there to try
+        (``token_file`` renewed late), rather than stopping."""
+        self.token.check_file()
+        candidate = self.token.candidate
+        return candidate is not None and candidate != refused
+
+    async def _replacement(self, slot: int, failed: str) -> CSCSession | None:
+        """Dial a session to take over from one of ``slot``'s (a move or a renewal), entered
+        in :attr:`sessions`; None when it could not be made now (logged with ``failed``)."""
+        try:
+            new = await self._connect(slot)
+        except FatalError as exc:
+            self.fatal = str(exc)
+            self.stop()
+            return None
+        except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
+            log.warning("session %d: %s: %s", slot, failed, describe_failure(exc))
+            return None
+        self.cluster.saw(new.welcome, announces=new.announces)
+        self.sessions.add(new)
+        self._cluster_changed()
+        return new
+
+    async def _try_renew(self, session: CSCSession) -> CSCSession | None:
+        """Dial a session with the token to use now in place of ``session`` (made with an
+        older one); the new session, or None when it could not be made now (tried again at
+        the next wake or move interval)."""
+        slot = session.slot
+        log.info("session %d: renewing it with the new agent token", slot)
+        self.metrics.reconnect("token_renewed")
+        new = await self._replacement(slot, "not renewed now")
+        if new is None:
+            return None
+        if new.token != self.token.current:  # that token was refused meanwhile
+            self._dismiss(new, None, RENEWING)
+            return None
+        log.info("session %d: renewed on node %s (was on %s)", slot, new.node, session.node)
+        self._wake_moves()  # the next slot renews at once
+        return new
 
     async def _try_move(self, session: CSCSession) -> CSCSession | None:
         """Dial a replacement for a duplicate; the replacement if it is on a node of its own
@@ -583,18 +663,9 @@ class Agent:
             session.node,
         )
         self.metrics.reconnect("duplicate_node")
-        try:
-            new = await self._connect(slot)
-        except FatalError as exc:
-            self.fatal = str(exc)
-            self.stop()
+        new = await self._replacement(slot, "no replacement")
+        if new is None:
             return None
-        except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
-            log.warning("session %d: no replacement: %s", slot, describe_failure(exc))
-            return None
-        self.cluster.saw(new.welcome, announces=new.announces)
-        self.sessions.add(new)
-        self._cluster_changed()
         if replacement_is_better(new.node, session.node, self._other_nodes(session, new)):
             log.info("session %d: moved from node %s to node %s", slot, session.node, new.node)
             return new
@@ -605,8 +676,9 @@ class Agent:
     async def _connect(self, slot: int) -> CSCSession:
         """Upgrade, then HELLO/WELCOME, each within ``connect_timeout``."""
         cfg = self.config
+        token = self.token.dial
         headers = {
-            "Authorization": f"Bearer {cfg.token.reveal()}",
+            "Authorization": f"Bearer {token.reveal()}",
             "User-Agent": f"csc-agent/{__version__}",
         }
         url = connect_url(cfg.csc)
@@ -618,16 +690,27 @@ class Agent:
             )
         except HandshakeRefused as exc:
             if exc.status in FATAL_HTTP_STATUSES:
+                why = f"HTTP {exc.status}: {exc.reason}"
+                if self.token.refused(token, why) or self._new_token_to_try(token):
+                    raise  # another token to dial with: retried like any refusal
                 message = f"the CSC refused the agent (HTTP {exc.status}): {exc.reason}"
                 raise FatalError(message) from None
             raise
         try:
-            return await asyncio.wait_for(self._handshake(slot, ws), cfg.connect_timeout)
+            session = await asyncio.wait_for(self._handshake(slot, ws, token), cfg.connect_timeout)
         except BaseException:
             await ws.close()
             raise
+        if self.token.proven(token):
+            log.info(
+                "session %d: the CSC took the new agent token (%s); renewing the other sessions",
+                slot,
+                describe_expiry(self.token.expires, time.time()),
+            )
+            self._wake_moves()
+        return session
 
-    async def _handshake(self, slot: int, ws: AgentWebSocket) -> CSCSession:
+    async def _handshake(self, slot: int, ws: AgentWebSocket, token: Secret) -> CSCSession:
         loop = asyncio.get_running_loop()
         conn = Connection(Side.CLIENT, self.settings, accept_streams=True, now=loop.time())
         conn.send_hello({"agent": f"csc-agent/{__version__}", "aliases": self.config.aliases})
@@ -639,7 +722,9 @@ class Agent:
             if data is None:
                 code, reason = ws.close_code, ws.close_reason
                 if code in FATAL_CLOSE_CODES:
-                    raise FatalError(f"the CSC refused the session ({code}): {reason}")
+                    why = f"close {code}: {reason}"
+                    if not (self.token.refused(token, why) or self._new_token_to_try(token)):
+                        raise FatalError(f"the CSC refused the session ({code}): {reason}")
                 raise ProtocolError(f"the CSC closed the link in the handshake ({code}): {reason}")
             conn.receive_data(data, loop.time())
             events = conn.events()
@@ -658,7 +743,9 @@ class Agent:
             name=f"session {slot}",
             pending=pending,
         )
-        session = CSCSession(slot, ws, link, welcome, cluster_nodes=welcome_cluster_nodes(welcome))
+        session = CSCSession(
+            slot, ws, link, welcome, token=token, cluster_nodes=welcome_cluster_nodes(welcome)
+        )
         log.info(
             "session %d up: %s on node %s, aliases %s",
             slot,
@@ -760,6 +847,8 @@ def portal_urls(csc: str, aliases: list[str]) -> list[str]:
 async def run_async(config: AgentConfig) -> int:
     agent = Agent(config)
     runtime.on_stop_signals(agent.stop)
+    # SIGHUP: look at token_file now (a renewal without waiting for the next look)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, agent.check_token)
     return await agent.run()
 
 

@@ -54,7 +54,11 @@ class AgentConfig:
         ),
     )
     token_file: Path | None = field(
-        default=None, metadata=meta(help="file holding the agent token")
+        default=None,
+        metadata=meta(
+            help="file holding the agent token; a new token written there is taken up "
+            "without a restart (looked at every 10 s and on SIGHUP)"
+        ),
     )
     upstream: str = field(
         metadata=meta(kind="url", schemes=("http", "https"), help="URL of the tenant portal")

@@ -40,8 +40,9 @@ UPSTREAM_CODES = frozenset(
     {"upstream_refused", "upstream_reset", "upstream_error", "upstream_timeout"}
 )
 #: Reconnect reasons that are not error codes: why a connection attempt failed, ``goaway``
-#: (the CSC drained the session and the slot connected its successor) or ``duplicate_node``
-#: (the session shared a CSC node with another of the agent's: tenant_agent/spread.py).
+#: (the CSC drained the session and the slot connected its successor), ``duplicate_node``
+#: (the session shared a CSC node with another of the agent's: tenant_agent/spread.py) or
+#: ``token_renewed`` (the session was replaced by one with the new token: tenant_agent/token.py).
 CONNECT_REASONS = (
     "connect_failed",
     "connect_timeout",
@@ -49,6 +50,7 @@ CONNECT_REASONS = (
     "refused",
     "goaway",
     "duplicate_node",
+    "token_renewed",
 )
 
 
@@ -89,6 +91,7 @@ class AgentMetrics:
         self.upstream_errors: dict[tuple[str, str], int] = {}
         self._draining: Callable[[], int] = lambda: 0
         self._spread: Callable[[], tuple[int, int]] = lambda: (1, 0)
+        self._token_expiry: Callable[[], float | None] = lambda: None
         self._registry = registry
         self._process_metrics = process_metrics
         self._exported = False
@@ -127,6 +130,14 @@ class AgentMetrics:
     @property
     def spread(self) -> tuple[int, int]:
         return self._spread()
+
+    def track_token_expiry(self, source: Callable[[], float | None]) -> None:
+        """How to read, at scrape time, the expiry of the token in use (None: unknown)."""
+        self._token_expiry = source
+
+    @property
+    def token_expiry(self) -> float | None:
+        return self._token_expiry()
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""
@@ -220,7 +231,17 @@ def _session_families(m: AgentMetrics) -> list[Metric]:
     spread = GaugeMetricFamily(
         "csc_agent_session_nodes", "Distinct CSC nodes the live sessions are on.", value=held
     )
-    return [info, reconnects, states, draining, nodes, spread]
+    families: list[Metric] = [info, reconnects, states, draining, nodes, spread]
+    expiry = m.token_expiry
+    if expiry is not None:
+        families.append(
+            GaugeMetricFamily(
+                "csc_agent_token_expiry_timestamp_seconds",
+                "When the agent token in use expires (its exp claim), in Unix seconds.",
+                value=expiry,
+            )
+        )
+    return families
 
 
 def _stream_families(m: AgentMetrics) -> list[Metric]:

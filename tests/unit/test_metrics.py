@@ -406,7 +406,15 @@ def _exercised_agent() -> AgentMetrics:
     m.reconnect("goaway")
     m.stream_started("http")
     m.stream_finished("http", UpstreamRefused())
+    m.track_token_expiry(lambda: 1_800_000_000.0)
     return m
+
+
+def test_the_token_expiry_is_exported_only_when_known() -> None:
+    m = AgentMetrics(process_metrics=False)
+    assert b"csc_agent_token_expiry_timestamp_seconds" not in m.render()
+    m.track_token_expiry(lambda: 1_800_000_000.0)
+    assert b"csc_agent_token_expiry_timestamp_seconds 1.8e+09" in m.render()
 
 
 def test_docs_list_every_csc_metric_with_its_type_and_labels() -> None:
