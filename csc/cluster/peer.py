@@ -204,6 +204,7 @@ class PeerServer:
         peer = writer.get_extra_info("peername")
         loop = asyncio.get_running_loop()
         conn = Connection(Side.SERVER, self.settings, accept_streams=True, now=loop.time())
+        conn.pass_opens = True  # this node only relays: the agent reads the heads
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 hello, pending = await _handshake_events(reader, conn, HelloReceived)

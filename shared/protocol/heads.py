@@ -16,6 +16,12 @@ Invariants:
   any field, a status outside 100..999, text that is not encodable): the sender then sends the
   head as JSON, which carries anything a 1.0 head could. Whatever they do return is accepted by
   the decoder, so a binary head can never end a link by being malformed.
+- A node that only relays a forwarded stream to its agent (docs/protocol.md §9) need not
+  decode its head: :func:`peek_open` reads the alias and the tenant of a binary OPEN that names
+  a tenant and keeps the rest as the bytes the agent is to get (:data:`RAW_OPEN`: the same
+  payload with the tenant field and flag removed, byte for byte what :func:`encode_open` makes
+  of the head without its tenant), which :func:`encode_open` then sends as they are. The agent
+  decodes and checks them as any head.
 - :func:`decode_open` / :func:`decode_answer` raise only :class:`~shared.errors.ProtocolError`:
   unknown layout or flag bits, a count that does not match the fields, invalid UTF-8, CR or LF
   anywhere, a method or header name that is not a token, a status outside 100..999. The heads
@@ -63,6 +69,8 @@ _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 #: the method and the header names, joined by NUL: each an RFC 9110 token
 _TOKENS = re.compile(f"(?:{_TOKEN}(?:\0{_TOKEN})*)?")
 MAX_COUNT = 0xFFFF
+#: The key of a head :func:`peek_open` read: its binary OPEN as the agent is to get it.
+RAW_OPEN = "raw_open"
 
 
 def _pack(layout: int, flags: int, status: int, fields: list[str], count: int) -> bytes | None:
@@ -98,6 +106,9 @@ def _header_fields(fields: list[str], headers: object, tokens: list[str]) -> int
 
 def encode_open(info: dict[str, Any]) -> bytes | None:
     """The binary OPEN payload of an ``http`` or ``tcp`` stream, or None (send it as JSON)."""
+    raw = info.get(RAW_OPEN)
+    if raw is not None:  # a forwarded head, passed on as it came (peek_open)
+        return bytes(raw)
     keys = info.keys() - {"tenant"}
     tenant = info.get("tenant")
     flags = 0 if tenant is None else TENANT
@@ -202,6 +213,37 @@ def decode_open(payload: bytes | memoryview) -> dict[str, Any]:
     return head
 
 
+def peek_open(payload: bytes | memoryview) -> dict[str, Any] | None:
+    """The routing fields of a binary OPEN that names a tenant (a forwarded one): ``kind``,
+    ``alias``, ``tenant``, ``body`` and, under :data:`RAW_OPEN`, the payload without the
+    tenant; None for any other payload (decode it with :func:`decode_open`). Only the prefix,
+    the alias and the tenant are looked at: the agent checks the rest."""
+    data = bytes(payload)
+    if len(data) < PREFIX_SIZE:
+        return None
+    layout, flags, status, count = PREFIX.unpack_from(data)
+    allowed = _OPEN_FLAGS.get(layout)
+    if allowed is None or not flags & TENANT or flags & ~allowed or status:
+        return None
+    before = _REQUEST_FIELDS if layout == REQUEST else 3  # the fields before the tenant
+    parts = data[PREFIX_SIZE:].split(b"\0", before + 1)
+    if len(parts) != before + 2 or (layout == TCP and (count or parts[-1])):
+        return None
+    try:
+        alias, tenant = str(parts[0], "utf-8"), str(parts[before], "utf-8")
+    except UnicodeDecodeError:
+        return None
+    fields = b"\0".join(parts[:before])
+    raw = PREFIX.pack(layout, flags & ~TENANT, 0, count) + fields + b"\0" + parts[-1]
+    return {
+        "kind": "http" if layout == REQUEST else "tcp",
+        "alias": alias,
+        "tenant": tenant,
+        "body": bool(flags & BODY),
+        RAW_OPEN: raw,
+    }
+
+
 def decode_answer(payload: bytes | memoryview) -> dict[str, Any]:
     """An OPEN_OK's response head from its binary payload; ProtocolError if malformed."""
     layout, flags, status, count, parts = _fields(payload, "OPEN_OK")
@@ -215,7 +257,8 @@ def encode(info: dict[str, Any], binary: Encoder | None) -> tuple[int, bytes]:
     negotiated binary heads (``binary`` given) and the head fits, else 0 and JSON."""
     payload = binary(info) if binary is not None else None
     if payload is None:
-        return 0, encode_json(info)
+        raw = info.get(RAW_OPEN)
+        return 0, encode_json(info if raw is None else decode_open(raw))
     return FLAG_BINARY, payload
 
 

@@ -113,6 +113,9 @@ class Connection(Heartbeat):
         #: both sides announced 1.1 or later: heads go binary (§6.1), known once the
         #: handshake is done
         self.binary_heads = False
+        #: a node relaying forwarded streams (csc/cluster/peer.py): binary OPENs that name a
+        #: tenant are only peeked at (:func:`heads.peek_open`), their rest passed on as it is
+        self.pass_opens = False
         #: the minor version both sides speak (the smaller one announced), known once the
         #: handshake is done
         self.minor = 0
@@ -544,7 +547,12 @@ class Connection(Heartbeat):
         if sid % 2 != remote_parity % 2 or sid <= self._max_remote_id:
             raise ProtocolError(f"OPEN with invalid stream id {sid}")
         self._max_remote_id = sid
-        info = heads.decode(frame, heads.decode_open, self.binary_heads)
+        peeked = None
+        if self.pass_opens and self.binary_heads and frame.flags & FLAG_BINARY:
+            peeked = heads.peek_open(frame.payload)
+        info = (
+            heads.decode(frame, heads.decode_open, self.binary_heads) if peeked is None else peeked
+        )
         if not self.accept_streams:
             raise ProtocolError("this side does not accept streams")
         if self.local_going_away:

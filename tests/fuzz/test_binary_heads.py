@@ -5,7 +5,9 @@ surrogates) survives encode and decode unchanged; an arbitrary head either stays
 encoder returns None) or round-trips; arbitrary bytes, truncations and byte flips of valid heads
 decode to a head or raise ``ProtocolError`` only (a truncation always raises); a 1.1 side that
 gets any binary OPEN payload opens a stream or ends the link with ``ProtocolError``, nothing
-else.
+else; a relaying node's peek at a forwarded OPEN gives its alias and tenant and, byte for byte,
+the OPEN the agent would get from the head without its tenant, and arbitrary bytes give that
+or None, never an exception.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from shared.errors import ProtocolError
 from shared.headers import header_pairs
 from shared.protocol import FrameType, LinkSettings, StreamOpened
 from shared.protocol.codec import FLAG_BINARY, encode_frame
-from shared.protocol.heads import decode_answer, decode_open, encode_answer, encode_open
+from shared.protocol.heads import (
+    RAW_OPEN,
+    decode_answer,
+    decode_open,
+    encode_answer,
+    encode_open,
+    peek_open,
+)
 from tests.fuzz.budget import fuzz, only
 from tests.unit.test_mux import Pair
 
@@ -145,3 +154,36 @@ def test_a_1_1_side_opens_a_stream_or_ends_the_link(data: bytes) -> None:
         assert isinstance(event, StreamOpened)
     else:
         assert pair.client.state.value == "closed"
+
+
+@fuzz(300)
+@given(head=requests | tcps, tenant=texts)
+def test_a_peek_at_a_forwarded_open_passes_on_the_agents_bytes(
+    head: dict[str, Any], tenant: str
+) -> None:
+    forwarded = {**head, "tenant": tenant}
+    payload = encode_open(forwarded)
+    assert payload is not None
+    peeked = peek_open(memoryview(payload))
+    assert peeked is not None
+    assert (peeked["kind"], peeked["alias"], peeked["tenant"]) == (
+        head["kind"],
+        head["alias"],
+        tenant,
+    )
+    assert peeked["body"] is bool(head.get("body", False))
+    without = {k: v for k, v in head.items() if k != "tenant"}
+    assert peeked[RAW_OPEN] == encode_open(without)
+    assert encode_open(peeked) == peeked[RAW_OPEN]  # sent on as it is
+    # an OPEN without a tenant (an agent's own) is not peeked at
+    assert peek_open(encode_open(without) or b"") is None
+
+
+@fuzz(500)
+@given(data=st.binary(max_size=80))
+def test_a_peek_at_arbitrary_bytes_gives_fields_or_none(data: bytes) -> None:
+    for prefix in (b"", b"\x01\x03\x00\x00\x00\x01", b"\x03\x02\x00\x00\x00\x00"):
+        peeked = peek_open(prefix + data)  # never raises
+        if peeked is not None:
+            assert isinstance(peeked["alias"], str) and isinstance(peeked["tenant"], str)
+            assert type(peeked[RAW_OPEN]) is bytes

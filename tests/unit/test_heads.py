@@ -286,6 +286,39 @@ def test_forwarded_head_is_binary_only_on_a_1_1_link() -> None:
         decode_head(b"\x02", True, True)
 
 
+@pytest.mark.parametrize("agent_minor", [1, 0])
+@pytest.mark.parametrize("head", [REQUEST, {**REQUEST, "body": False, "headers": []}, TCP])
+def test_a_relaying_node_passes_a_forwarded_open_on_without_decoding_it(
+    head: dict[str, Any], agent_minor: int
+) -> None:
+    """B→A→agent: A (``pass_opens``) only peeks at B's OPEN; the agent gets the same head as
+    if A had decoded it, dropped its tenant and encoded it again (JSON for a 1.0 agent)."""
+    peer, agent = _pair(1, 1), _pair(1, agent_minor)
+    peer.client.pass_opens = True  # A accepts B's streams on the client side of this pair
+    sid = peer.server.open_stream({**head, "tenant": "acme"})
+    (opened,) = decode_all(peer.server.data_to_send())
+    peer.client.receive_data(
+        encode_frame(FrameType.OPEN, opened.flags, sid, bytes(opened.payload)), 0
+    )
+    (event,) = peer.client.events()
+    assert isinstance(event, StreamOpened)
+    assert (event.info["alias"], event.info["tenant"], event.info["kind"]) == (
+        head["alias"],
+        "acme",
+        head["kind"],
+    )
+    assert "headers" not in event.info  # not decoded
+    relayed = agent.server.open_stream({k: v for k, v in event.info.items() if k != "tenant"})
+    (sent,) = decode_all(agent.server.data_to_send())
+    agent.client.receive_data(
+        encode_frame(FrameType.OPEN, sent.flags, relayed, bytes(sent.payload)), 0
+    )
+    (got,) = agent.client.events()
+    assert isinstance(got, StreamOpened)
+    assert plain(got.info) == plain(head)
+    assert sent.flags == (FLAG_BINARY if agent_minor else 0)
+
+
 def test_peer_stream_reads_a_binary_head_and_refuses_it_on_a_1_0_link() -> None:
     async def run(link_binary: bool) -> dict[str, Any] | ProtocolError:
         inner = FakeInner([encode_head(RESPONSE, binary=True) + b"hello"])
