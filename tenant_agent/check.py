@@ -3,7 +3,8 @@
 After the configuration loaded (every problem reported at once), it reports, one finding per
 line (shared/checks.py): the CA bundle, the CSC's ``/healthz`` over HTTP, one real handshake
 with the token (upgrade, HELLO, WELCOME: the token is accepted and the aliases are bound; the
-session is closed with GOAWAY at once, before any stream) and one TCP connection to the upstream
+session is closed with GOAWAY at once, before any stream; the finding says when the token
+expires) and one TCP connection to the upstream
 (and ``tcp_upstream``). Exit 0 when nothing is wrong, 1 otherwise.
 
 Invariants: each server is tried once, each try bounded by ``connect_timeout`` (the upstream by
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +26,7 @@ from shared.oserrors import describe_connect_error, hostport
 from shared.units import parse_hostport
 from tenant_agent.agent import Agent, FatalError, describe_failure, portal_urls
 from tenant_agent.config import AgentConfig
+from tenant_agent.token import describe_expiry, token_expiry
 from tenant_agent.websocket import HandshakeError, close_for
 
 
@@ -65,7 +68,10 @@ async def _handshake(config: AgentConfig, context: ssl.SSLContext | None) -> Fin
     await close_for(session.ws, GoingAway("csc-agent check: done"))
     node = session.welcome.get("node", "?")
     urls = ", ".join(portal_urls(config.csc, aliases))
-    return ok("token", f"accepted by node {node}; the portal would be reachable at {urls}")
+    expiry = describe_expiry(token_expiry(config.token.reveal()), time.time())
+    return ok(
+        "token", f"accepted by node {node}, {expiry}; the portal would be reachable at {urls}"
+    )
 
 
 async def _tcp(name: str, host: str, port: int, timeout: float) -> Finding:

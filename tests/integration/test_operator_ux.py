@@ -227,6 +227,7 @@ def test_agent_check_tries_the_csc_the_token_and_the_upstream_once(
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"{csc.http_url}/healthz answered HTTP 200" in run.stdout
     assert f"the portal would be reachable at {csc.http_url}/t/acme@example.com/" in run.stdout
+    assert ", expires 20" in run.stdout and "(in 24.0 h)" in run.stdout  # issued for 1 day
     assert token not in run.stdout + run.stderr
     closed = f"http://127.0.0.1:{_free_port()}"
     run = _run([*base[:-1], closed, "--token", token[:-4] + "AAAA"])
