@@ -102,7 +102,7 @@ class Demo:
 
     def assign_alias(self) -> list[str]:
         assert self.csc is not None
-        token = issue_token(self.csc.state_dir, TENANT, ALIAS, ttl="1d")
+        token = issue_token(self.csc.state_dir, TENANT, ALIAS, ttl="30d")
         self.token_file.write_text(token + "\n")
         self.token_file.chmod(0o600)
         return [f"tenant {TENANT} owns {ALIAS}; its agent token is in {self.token_file.name}"]
