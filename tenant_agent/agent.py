@@ -583,9 +583,11 @@ class Agent:
                     break
                 if self._stale(session) and not self._renewing.locked():
                     async with self._renewing:
-                        moved, why = await self._try_renew(session), RENEWING
+                        moved = await self._try_renew(session)
+                    why = RENEWING
                 elif is_duplicate(session.node, self._other_nodes(session), self._size):
                     moved = await self._try_move(session)
+                    why = MOVING
         finally:
             for task in ends - {run}:
                 await cancel_quietly(task)
