@@ -133,6 +133,9 @@ class _Session(Protocol):
     @property
     def tenant(self) -> str: ...
 
+    @property
+    def expires_at(self) -> float: ...
+
 
 class ClusterView(Protocol):
     """What the metrics read of a node's cluster membership (csc/cluster/node.py)."""
@@ -398,24 +401,38 @@ class _LiveCollector:
         self._metrics = metrics
 
     def describe(self) -> list[Metric]:
-        return [*self._families({}, {}), *self._node_families()]
+        return [*self._families({}, {}, {}), *self._node_families()]
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
         per_tenant = dict.fromkeys(m._links, 0)
+        expiry: dict[str, float] = {}
         for session in m._sessions():
-            per_tenant[session.tenant] = per_tenant.get(session.tenant, 0) + 1
-        yield from self._families(per_tenant, m._links)
+            tenant = session.tenant
+            per_tenant[tenant] = per_tenant.get(tenant, 0) + 1
+            expiry[tenant] = min(expiry.get(tenant, session.expires_at), session.expires_at)
+        yield from self._families(per_tenant, m._links, expiry)
         yield from self._node_families()
 
     @staticmethod
-    def _families(per_tenant: dict[str, int], links: dict[str, LinkCounters]) -> Iterator[Metric]:
+    def _families(
+        per_tenant: dict[str, int], links: dict[str, LinkCounters], expiry: dict[str, float]
+    ) -> Iterator[Metric]:
         sessions = GaugeMetricFamily(
             "csc_agent_sessions", "Live agent sessions on this node.", labels=["tenant"]
         )
         for tenant, count in sorted(per_tenant.items()):
             sessions.add_metric([tenant], count)
         yield sessions
+        expires = GaugeMetricFamily(
+            "csc_session_token_expiry_timestamp_seconds",
+            "The earliest expiry (Unix seconds) of the tokens of the tenant's live agent "
+            "sessions on this node: when the first of them will be ended unless renewed.",
+            labels=["tenant"],
+        )
+        for tenant, when in sorted(expiry.items()):
+            expires.add_metric([tenant], when)
+        yield expires
         yield GaugeMetricFamily(
             "csc_agents_connected",
             "Tenants with at least one live agent session on this node.",

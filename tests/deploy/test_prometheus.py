@@ -70,6 +70,7 @@ def test_the_alerts_the_issue_asks_for() -> None:
         "CSCNodeDown",
         "CSCAgentsFlapping",
         "CSCPortalOffline",
+        "CSCAgentTokenExpiring",
         "CSCHigh5xxRate",
         "CSCRedisErrors",
         "CSCDrainStuck",

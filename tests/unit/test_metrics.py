@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -176,9 +177,10 @@ def test_streams_active_goes_up_and_down() -> None:
     assert value(m.registry, "csc_streams_opened_total", tenant="acme", kind="http") == 1
 
 
+@dataclass
 class _Session:
-    def __init__(self, tenant: str) -> None:
-        self.tenant = tenant
+    tenant: str
+    expires_at: float = 1_800_000_000.0
 
 
 def test_live_series_come_from_sessions_and_link_counters() -> None:
@@ -384,6 +386,20 @@ def _registered(registry: CollectorRegistry, prefix: str) -> dict[str, tuple[str
     return found
 
 
+def test_the_earliest_token_expiry_per_tenant_is_exported() -> None:
+    m = CSCMetrics()
+    m.track_sessions(
+        lambda: [
+            _Session("acme", 1_800_000_900.0),
+            _Session("acme", 1_800_000_000.0),
+            _Session("beta", 1_900_000_000.0),
+        ]
+    )
+    text = m.render().decode()
+    assert 'csc_session_token_expiry_timestamp_seconds{tenant="acme"} 1.8e+09' in text
+    assert 'csc_session_token_expiry_timestamp_seconds{tenant="beta"} 1.9e+09' in text
+
+
 def _exercised_csc() -> CSCMetrics:
     """Metrics with one sample in every labelled family (labels show only on samples)."""
     m = CSCMetrics()
@@ -395,6 +411,7 @@ def _exercised_csc() -> CSCMetrics:
     m.request_done("http", "acme", "ok", 0.1)
     m.limit_rejected("acme", "body_size")
     m.connection_refused("http", "client_connections")
+    m.track_sessions(lambda: [_Session("acme", 1_800_000_000.0)])
     m.connections = lambda: (3, 100)  # csc_connections_max shows only with a bound
     m.client_buffers = lambda: (0, 1 << 28)  # and csc_client_buffer_limit_bytes with one
     return m
