@@ -159,3 +159,20 @@ def test_expiry_warnings_come_once_a_day_from_a_week_before(
         without_file.warn_if_expiring(now)
     assert "restart the agent with a new one" in caplog.records[-1].getMessage()
     assert AgentToken(Secret("no.exp.here"), None).expires is None
+
+
+def test_a_kubernetes_secret_volume_update_is_seen(tmp_path: Path) -> None:
+    """The kubelet writes a Secret's new content to a new directory and swaps the ``..data``
+    symlink to it; the file the agent names (``token`` → ``..data/token``) then reads new."""
+    mount = tmp_path / "token"
+    (mount / "..2026_12_01").mkdir(parents=True)
+    (mount / "..2026_12_01" / "token").write_text("old.token.x")
+    (mount / "..data").symlink_to("..2026_12_01")
+    (mount / "token").symlink_to("..data/token")
+    token = AgentToken(Secret("old.token.x"), mount / "token")
+    assert not token.check_file()
+    (mount / "..2026_12_30").mkdir()
+    (mount / "..2026_12_30" / "token").write_text("new.token.y")
+    (mount / "..data_tmp").symlink_to("..2026_12_30")
+    os.replace(mount / "..data_tmp", mount / "..data")
+    assert token.check_file() and token.dial == Secret("new.token.y")
