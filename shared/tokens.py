@@ -22,7 +22,6 @@ recently used first out) and re-checks only the expiry on a hit; see its docstri
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -47,6 +46,7 @@ from shared.aliases import normalise_grant
 from shared.config import parse_duration
 from shared.errors import AuthFailed, BadAlias
 from shared.files import create_exclusive, ensure_private_dir, write_atomic
+from shared.jwtsegment import segment_json
 
 SIGNING_KEY_FILE = "signing-key.pem"
 PUBLIC_KEY_FILE = "signing-key.pub.pem"
@@ -255,11 +255,6 @@ def issue_token(
 # --- verify ------------------------------------------------------------------------------------
 
 
-def _b64_json(segment: str) -> object:
-    padded = segment + "=" * (-len(segment) % 4)
-    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-
-
 def _header(token: object) -> dict[str, Any]:
     if not isinstance(token, str) or not token:
         raise AuthFailed("malformed token")
@@ -269,7 +264,7 @@ def _header(token: object) -> dict[str, Any]:
     if len(parts) != 3:
         raise AuthFailed("malformed token: expected three dot-separated parts")
     try:
-        header = _b64_json(parts[0])
+        header = segment_json(parts[0])
     except (ValueError, UnicodeError, RecursionError):  # RecursionError: deeply nested JSON
         raise AuthFailed("malformed token: bad header") from None
     if not isinstance(header, dict) or not isinstance(header.get("alg"), str):

@@ -22,9 +22,6 @@ ever logged.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import os
 import time
@@ -32,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import Secret
+from shared.jwtsegment import segment_json
+from shared.timefmt import iso
 
 log = logging.getLogger("csc_agent")
 
@@ -48,11 +47,9 @@ def token_expiry(token: str) -> float | None:
     parts = token.split(".")
     if len(parts) != 3:
         return None
-    payload = parts[1]
     try:
-        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-        claims = json.loads(raw)
-    except (binascii.Error, ValueError, RecursionError):
+        claims = segment_json(parts[1])
+    except (ValueError, RecursionError):
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
     if isinstance(exp, bool) or not isinstance(exp, (int, float)):
@@ -64,7 +61,7 @@ def describe_expiry(expires: float | None, now: float) -> str:
     """``expires 2027-01-05T10:00:00Z (in 29.9 days)``, ``expired …``, or ``no expiry``."""
     if expires is None:
         return "no expiry (exp) that the agent can read"
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
+    stamp = iso(expires)
     left = expires - now
     if left < 0:
         return f"expired {stamp}"
