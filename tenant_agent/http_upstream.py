@@ -51,6 +51,7 @@ from shared.errors import (
 from shared.headers import strip_hop_by_hop
 from shared.linkstream import LinkStream
 from shared.wakeup import Wakeup
+from shared.writeflow import WriteFlow
 from tenant_agent.http_exchange import (
     RECEIVING,
     SMALL_BODY,
@@ -63,7 +64,6 @@ from tenant_agent.http_exchange import (
 )
 from tenant_agent.http_quick import QuickExchange
 from tenant_agent.http_request import Request, build_request, parse_origin
-from tenant_agent.writeflow import WriteFlow
 
 log = logging.getLogger("csc_agent.upstream.http")
 

@@ -67,8 +67,8 @@ from shared.aio import close_link
 from shared.errors import CSCError, InvalidState, LinkStalled, ProtocolError
 from shared.link import TLS_PIECE, Link, coalesce
 from shared.wakeup import Wakeup
+from shared.writeflow import WriteFlow
 from shared.wsframe import payload_length
-from tenant_agent.writeflow import WriteFlow
 
 #: websockets' logger for our connections, held at ``info`` whatever the agent's log level.
 WIRE_LOG = logging.getLogger("csc_agent.websocket")

@@ -37,13 +37,14 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from csc.cluster import peertls
 from csc.cluster.peerauth import peer_token, verify_peer_token
 from csc.cluster.peerstream import UNPROCESSED, PeerStream, encode_head
+from csc.cluster.peerwire import PeerWire
 from shared.aio import cancel_quietly, fail_at
 from shared.errors import (
     Cancelled,
@@ -53,7 +54,7 @@ from shared.errors import (
     PortalOffline,
     ProtocolError,
 )
-from shared.link import TLS_PIECE, Link, SendFn, coalesce
+from shared.link import Link
 from shared.linkstream import LinkStream
 from shared.protocol import (
     Connection,
@@ -74,7 +75,6 @@ DIAL_TIMEOUT = 3.0
 ADMISSION_TIMEOUT = 2.0
 #: A holds the admission of a bodyless stream this long at most, to send it with the answer.
 ADMISSION_HOLD = 0.25
-READ_SIZE = 256 * 1024
 #: How long a node whose link could not be dialled (or broke) is skipped before it is tried
 #: again: that incarnation of it only (its epoch), since one back under the same id is new.
 SUSPECT_FOR = 3.0
@@ -84,28 +84,15 @@ EARLY_CREDIT = 64 * 1024
 # -- transport ---------------------------------------------------------------------------------
 
 
-def _sender(writer: asyncio.StreamWriter) -> SendFn:
-    tls = writer.get_extra_info("ssl_object") is not None
-    transport = writer.transport
-
-    def send(chunks: Sequence[bytes | memoryview]) -> Awaitable[None] | None:
-        # over TLS every piece written is a record: a message of small frames goes as one
-        writer.writelines(coalesce(chunks, TLS_PIECE) if tls else chunks)
-        # all of it in the socket: nothing to wait for (drain() raises once the link is lost)
-        if transport.get_write_buffer_size() or transport.is_closing():
-            return writer.drain()
-        return None
-
-    return send
-
-
-async def _pump(reader: asyncio.StreamReader, link: Link) -> None:
+async def _pump(wire: PeerWire, link: Link) -> None:
     """Feed the socket's bytes to the link until either ends; then close the link. Reading
-    waits while the link's answers cannot be sent (:meth:`Link.wait_readable`)."""
+    waits while the link's answers cannot be sent (:meth:`Link.wait_readable`); a short chunk
+    that arrives while this waits is fed by the wire itself (csc/cluster/peerwire.py)."""
+    wire.attach(link)
     try:
         while True:
             await link.wait_readable()
-            if link.is_closed or not (data := await reader.read(READ_SIZE)):
+            if link.is_closed or not (data := await wire.read()):
                 break
             await link.receive(data)
     except (CSCError, OSError):
@@ -114,18 +101,18 @@ async def _pump(reader: asyncio.StreamReader, link: Link) -> None:
         link.close()
 
 
-def _end_transport(writer: asyncio.StreamWriter, link: Link) -> None:
+def _end_transport(wire: PeerWire, link: Link) -> None:
     """Close the socket of a link that ended; abort it when the peer stopped reading (what is
     still buffered for it would never leave)."""
     if link.closed.done() and isinstance(link.closed.result(), LinkStalled):
-        writer.transport.abort()
+        wire.abort()
     else:
-        writer.close()
+        wire.close()
 
 
-def _transport(writer: asyncio.StreamWriter) -> str:
+def _transport(wire: PeerWire) -> str:
     """``TLSv1.3`` or ``plain TCP``, for the link-up log lines."""
-    tls = writer.get_extra_info("ssl_object")
+    tls = wire.get_extra_info("ssl_object")
     return "plain TCP" if tls is None else str(tls.version())
 
 
@@ -133,13 +120,13 @@ E = TypeVar("E", bound=Event)
 
 
 async def _handshake_events(
-    reader: asyncio.StreamReader, conn: Connection, want: type[E]
+    wire: PeerWire, conn: Connection, want: type[E]
 ) -> tuple[E, list[Event]]:
     """Read until ``want`` arrives: that event and the ones after it."""
     loop = asyncio.get_running_loop()
     first = True
     while True:
-        data = await reader.read(READ_SIZE)
+        data = await wire.read()
         if not data:
             raise ProtocolError(
                 "the peer closed the link in the handshake "
@@ -183,11 +170,10 @@ class PeerServer:
     relaying: int = 0
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.start_server(
-            self._accept,
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: PeerWire(self._accept),
             host,
             port,
-            limit=READ_SIZE,
             ssl=self.tls,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.tls is not None else None,
         )
@@ -195,45 +181,45 @@ class PeerServer:
         self.address = sockname[0], sockname[1]
         return self.address
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+    def _accept(self, wire: PeerWire) -> None:
+        task = wire.loop.create_task(self._serve(wire))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+    async def _serve(self, wire: PeerWire) -> None:
+        peer = wire.get_extra_info("peername")
         loop = asyncio.get_running_loop()
         conn = Connection(Side.SERVER, self.settings, accept_streams=True, now=loop.time())
         conn.pass_opens = True  # this node only relays: the agent reads the heads
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                hello, pending = await _handshake_events(reader, conn, HelloReceived)
+                hello, pending = await _handshake_events(wire, conn, HelloReceived)
             source = verify_peer_token(self.key, hello.info.get("token"), self.node_id)
         except TimeoutError:
             log.warning("peer link from %s refused: no HELLO within %ss", peer, HANDSHAKE_TIMEOUT)
-            writer.close()
+            wire.close()
             return
         except (CSCError, OSError) as exc:
             log.warning("peer link from %s refused: %s", peer, getattr(exc, "message", exc))
-            writer.close()
+            wire.close()
             return
         conn.send_welcome({"node": self.node_id}, loop.time())
         link = Link(
             conn,
-            _sender(writer),
+            wire.send,
             on_stream=self._relay,
             on_stream_now=self._relay_now,
             name=f"peer {source}",
             pending=pending,
         )
         self.links.add(link)
-        log.info("peer link from node %s up (%s)", source, _transport(writer))
+        log.info("peer link from node %s up (%s)", source, _transport(wire))
         try:
-            await _pump(reader, link)
+            await _pump(wire, link)
         finally:
             self.links.discard(link)
             await link.aclose()
-            _end_transport(writer, link)
+            _end_transport(wire, link)
             log.info("peer link from node %s down", source)
 
     def _relay_now(self, stream: LinkStream) -> bool:
@@ -464,7 +450,7 @@ class _Dialled:
     address: str
     link: Link
     pump: asyncio.Task[None]
-    writer: asyncio.StreamWriter
+    wire: PeerWire
     #: the epoch of the node's incarnation that the latest stream was opened for
     epoch: int
 
@@ -560,10 +546,10 @@ class PeerPool:
         host, port = parse_hostport(address)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(DIAL_TIMEOUT):
-            reader, writer = await asyncio.open_connection(
+            _, wire = await loop.create_connection(
+                PeerWire,
                 host,
                 port,
-                limit=READ_SIZE,
                 ssl=self.tls,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.tls is not None else None,
             )
@@ -572,32 +558,32 @@ class PeerPool:
                 conn.send_hello(
                     {"node": self.node_id, "token": peer_token(self.key, self.node_id, node)}
                 )
-                writer.writelines(conn.data_to_send())
-                _, pending = await _handshake_events(reader, conn, WelcomeReceived)
+                wire.write(conn.data_to_send())
+                _, pending = await _handshake_events(wire, conn, WelcomeReceived)
             except BaseException:
-                writer.close()
+                wire.close()
                 raise
-        link = Link(conn, _sender(writer), name=f"peer to {node}", pending=pending)
-        pump = loop.create_task(self._run(node, reader, link), name=f"peer-pump-{node}")
-        dialled = _Dialled(address, link, pump, writer, epoch)
+        link = Link(conn, wire.send, name=f"peer to {node}", pending=pending)
+        pump = loop.create_task(self._run(node, wire, link), name=f"peer-pump-{node}")
+        dialled = _Dialled(address, link, pump, wire, epoch)
         replaced = self._links.get(node)
         self._links[node] = dialled
         if replaced is not None:  # a dial to the node's other address finished first
             replaced.link.close(GoingAway("peer link replaced"))
-            replaced.writer.close()
+            replaced.wire.close()
         self._suspect.pop(node, None)
-        log.info("peer link to node %s (%s) up (%s)", node, address, _transport(writer))
+        log.info("peer link to node %s (%s) up (%s)", node, address, _transport(wire))
         self.on_link_change()
         return dialled
 
-    async def _run(self, node: str, reader: asyncio.StreamReader, link: Link) -> None:
+    async def _run(self, node: str, wire: PeerWire, link: Link) -> None:
         try:
-            await _pump(reader, link)
+            await _pump(wire, link)
         finally:
             current = self._links.get(node)
             if current is not None and current.link is link:
                 del self._links[node]
-                _end_transport(current.writer, link)
+                _end_transport(current.wire, link)
                 self.mark_suspect(node, current.epoch)  # skipped until it answers a dial again
                 log.info("peer link to node %s down", node)
                 self.on_link_change()
@@ -607,7 +593,7 @@ class PeerPool:
         if dialled is None:
             return
         dialled.link.close(GoingAway("peer link replaced"))
-        dialled.writer.close()
+        dialled.wire.close()
         await cancel_quietly(dialled.pump)
         await dialled.link.aclose()
 

@@ -53,6 +53,7 @@ from shared.errors import (
 )
 from shared.headers import request_id_for
 from shared.wakeup import Wakeup
+from shared.writeflow import WriteFlow
 from tenant_agent.http_upstream import HIGH_WATER, LOW_WATER, RelayedStream
 from tenant_agent.proxy.config import ProxyConfig
 from tenant_agent.proxy.exchange import InboundExchange
@@ -65,7 +66,6 @@ from tenant_agent.proxy.messages import (
     header_value,
     origin_form,
 )
-from tenant_agent.writeflow import WriteFlow
 
 log = logging.getLogger("csc_agent.proxy.http")
 

@@ -22,11 +22,12 @@ import pytest
 
 from csc.cluster import peer
 from csc.cluster.peer import PeerPool, PeerServer
+from csc.cluster.peerauth import peer_token
 from csc.cluster.peerstream import strip_peer_keys
 from shared.errors import Cancelled, CSCError, GoingAway, PortalOffline
 from shared.link import Link, StreamHandler
 from shared.linkstream import LinkStream
-from shared.protocol import LinkSettings, heads
+from shared.protocol import Connection, LinkSettings, Side, heads
 from tests.support.linkpair import FORWARDED_GET, link_pair
 from tests.support.procs import async_wait_until, scaled
 
@@ -232,3 +233,30 @@ async def test_a_node_at_a_new_address_is_not_held_up_by_a_dial_to_its_old_one(
             writer.close()
         old.close()
         await old.wait_closed()
+
+
+async def test_a_silent_dialler_is_cut_off_when_its_link_times_out() -> None:
+    """A node that dialled, passed the handshake and then fell silent (paused, or its network
+    gone without a reset): A's heartbeat ends the link, and A closes the connection then,
+    instead of holding it until TCP gives up on it."""
+    settings = LinkSettings(heartbeat_interval=0.2, heartbeat_timeout=scaled(1.0))
+    server = PeerServer("A", KEY, settings, lambda info: _never(), _no, _no)
+    host, port = await server.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        loop = asyncio.get_running_loop()
+        conn = Connection(Side.CLIENT, LinkSettings(), accept_streams=False, now=loop.time())
+        conn.send_hello({"node": "B", "token": peer_token(KEY, "B", "A")})
+        writer.writelines(conn.data_to_send())
+        await async_wait_until(lambda: len(server.links) == 1, timeout=scaled(10))
+        # silent from now on: reads what A sends (its PINGs), never answers
+        while await asyncio.wait_for(reader.read(65536), scaled(20)):
+            pass
+        await async_wait_until(lambda: not server.links, timeout=scaled(10))
+    finally:
+        writer.close()
+        await server.stop()
+
+
+def _never() -> LinkStream:
+    raise AssertionError("no stream is opened")

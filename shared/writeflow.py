@@ -1,4 +1,5 @@
-"""Write flow control for the agent's own asyncio protocols (upstream HTTP, WebSocket to the CSC).
+"""Write flow control for asyncio protocols (the agent's upstream HTTP and WebSocket to the CSC,
+the CSC's peer links).
 
 The transport calls ``pause_writing``/``resume_writing`` around its high/low water marks;
 :meth:`WriteFlow.drain` waits while writing is paused and raises ``ConnectionResetError`` once
