@@ -114,8 +114,13 @@ def request_done(record: RequestRecord, tenant: str | None, outcome: str) -> Non
             outcome,
         )
     )
+    due = _timer_loop[0]
+    if due is not None and due.is_running():  # a flush is due on the loop that runs this
+        if len(_pending) >= MAX_BATCH:
+            flush()
+        return
     try:
-        loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()  # a system call (getpid): only when none is due
     except RuntimeError:
         flush()
         return

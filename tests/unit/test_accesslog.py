@@ -222,3 +222,21 @@ async def test_flush_writes_what_is_buffered_and_a_full_buffer_writes_at_once() 
     for _ in range(accesslog.MAX_BATCH):
         accesslog.request_done(_entry_record(200, "http", "/c"), "acme", "ok")
     assert out.getvalue().count("\n") == 1 + accesslog.MAX_BATCH
+
+
+async def test_a_flush_due_on_a_loop_that_ended_is_due_again_on_the_next() -> None:
+    """Events buffered on a loop that ended before its flush (a test's, or a restart's)
+    are written by a flush due on the loop that runs now."""
+    out = io.StringIO()
+    configure_logging("info", "csc", stream=out)
+
+    async def one_event() -> None:
+        accesslog.request_done(_entry_record(200, "http", "/gone"), "acme", "ok")
+
+    await asyncio.to_thread(asyncio.run, one_event())  # its loop ends, the flush never ran
+    assert out.getvalue() == ""
+    accesslog.request_done(_entry_record(200, "http", "/now"), "acme", "ok")
+    deadline = time.monotonic() + 10
+    while out.getvalue().count("\n") < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert [json.loads(line)["path"] for line in out.getvalue().splitlines()] == ["/gone", "/now"]
