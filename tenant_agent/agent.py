@@ -28,7 +28,8 @@ keep, or both drop, sessions that came up on the same node at once.
 A new token put in ``token_file`` is taken up without a restart (tenant_agent/token.py): the
 file is looked at every few seconds and on SIGHUP; the first session the CSC welcomes with the
 new token makes it the token in use, and the slots then replace their sessions one at a time,
-make-before-break, so that revoking the old token afterwards cuts nothing.
+make-before-break, so that revoking the old token afterwards cuts nothing (break-before-make,
+one session at a time, when the tenant's session limit leaves no room for one more).
 
 Errors that retrying cannot fix (token refused, alias not covered, protocol version) stop the
 agent with a clear message and exit status 3, unless ``token_file`` holds a token not tried yet
@@ -583,7 +584,7 @@ class Agent:
                     break
                 if self._stale(session) and not self._renewing.locked():
                     async with self._renewing:
-                        moved = await self._try_renew(session)
+                        moved = await self._try_renew(session, run)
                     why = RENEWING
                 elif is_duplicate(session.node, self._other_nodes(session), self._size):
                     moved = await self._try_move(session)
@@ -621,32 +622,53 @@ class Agent:
         candidate = self.token.candidate
         return candidate is not None and candidate != refused
 
-    async def _replacement(self, slot: int, failed: str) -> CSCSession | None:
+    async def _replacement(self, slot: int, failed: str) -> CSCSession | Exception:
         """Dial a session to take over from one of ``slot``'s (a move or a renewal), entered
-        in :attr:`sessions`; None when it could not be made now (logged with ``failed``)."""
+        in :attr:`sessions`; else why it could not be made now (logged with ``failed``)."""
         try:
             new = await self._connect(slot)
         except FatalError as exc:
             self.fatal = str(exc)
             self.stop()
-            return None
+            return exc
         except (CSCError, HandshakeError, OSError, TimeoutError) as exc:
             log.warning("session %d: %s: %s", slot, failed, describe_failure(exc))
-            return None
+            return exc
         self.cluster.saw(new.welcome, announces=new.announces)
         self.sessions.add(new)
         self._cluster_changed()
         return new
 
-    async def _try_renew(self, session: CSCSession) -> CSCSession | None:
+    async def _try_renew(self, session: CSCSession, run: asyncio.Task[None]) -> CSCSession | None:
         """Dial a session with the token to use now in place of ``session`` (made with an
         older one); the new session, or None when it could not be made now (tried again at
-        the next wake or move interval)."""
+        the next wake or move interval).
+
+        When the tenant's session limit leaves no room for the new session beside the old
+        one (429 ``tenant_limit``) and another session of the agent is up, the old one is
+        closed first (its streams finish, the others carry the new ones) and the new one
+        dialled in its place: else the renewal could never happen, and the old token's
+        expiry would cut every session at once."""
         slot = session.slot
         log.info("session %d: renewing it with the new agent token", slot)
         self.metrics.reconnect("token_renewed")
         new = await self._replacement(slot, "not renewed now")
-        if new is None:
+        if (
+            isinstance(new, Exception)
+            and session_limit(new)
+            and self._other_nodes(session)
+            and not self.stopping.is_set()
+        ):
+            log.info(
+                "session %d: the tenant's session limit leaves no room for a new session "
+                "beside this one; closing it first (the agent's other sessions carry the "
+                "streams meanwhile), then renewing it",
+                slot,
+            )
+            session.link.go_away("going_away", RENEWING)
+            await self._retire(session, run)
+            new = await self._replacement(slot, "not renewed now")
+        if not isinstance(new, CSCSession):
             return None
         if new.token != self.token.current:  # that token was refused meanwhile
             self._dismiss(new, None, RENEWING)
@@ -666,7 +688,7 @@ class Agent:
         )
         self.metrics.reconnect("duplicate_node")
         new = await self._replacement(slot, "no replacement")
-        if new is None:
+        if not isinstance(new, CSCSession):
             return None
         if replacement_is_better(new.node, session.node, self._other_nodes(session, new)):
             log.info("session %d: moved from node %s to node %s", slot, session.node, new.node)

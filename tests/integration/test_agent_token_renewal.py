@@ -14,7 +14,7 @@ import aiohttp
 import jwt
 
 from csc.store import Store
-from csc.tenants import Actor
+from csc.tenants import Actor, TenantUpdate
 from tests.support.inproc import ALIAS, Relay, make_token, relay, start_agent, wait_online
 from tests.support.procs import async_wait_until, scaled
 
@@ -73,31 +73,39 @@ class _Load:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
+async def _renew_under_load(r: Relay, http: aiohttp.ClientSession, token_file: Path) -> str:
+    """Put a new token in ``token_file`` while requests flow: both sessions take it up, the old
+    one is revoked, nothing is cut and no request fails. The new token."""
+    assert r.agent is not None
+    old = r.token
+    new = make_token(r.state_dir, "acme", [ALIAS])
+    load = _Load(http, r)
+    try:
+        await async_wait_until(lambda: load.ok > 5, 10, message="requests flowing")
+        _write(token_file, new)
+        r.agent.check_token()  # what SIGHUP and the periodic look do
+        await async_wait_until(
+            lambda: _jtis(r) == [_jti(new)] * 2, 30, message="both sessions renewed"
+        )
+        _revoke(r, old)
+        before = load.ok
+        await asyncio.sleep(scaled(3))  # past a registry_refresh: the revocation applied
+        assert load.ok > before
+        assert _jtis(r) == [_jti(new)] * 2
+    finally:
+        await load.stop()
+    assert load.failed == 0, (load.ok, load.failed)
+    assert r.agent.fatal is None and r.agent_task is not None and not r.agent_task.done()
+    return new
+
+
 async def test_a_new_token_renews_every_session_without_a_gap(tmp_path: Path) -> None:
     token_file = tmp_path / "agent-token"
     async with relay(tmp_path, start=False) as r, aiohttp.ClientSession() as http:
         await _start(r, token_file)
+        new = await _renew_under_load(r, http, token_file)
         assert r.agent is not None
-        old = r.token
-        new = make_token(r.state_dir, "acme", [ALIAS])
-        load = _Load(http, r)
-        try:
-            await async_wait_until(lambda: load.ok > 5, 10, message="requests flowing")
-            _write(token_file, new)
-            r.agent.check_token()  # what SIGHUP and the periodic look do
-            await async_wait_until(
-                lambda: _jtis(r) == [_jti(new)] * 2, 20, message="both sessions renewed"
-            )
-            assert r.agent.token.current.reveal() == new and r.agent.token.candidate is None
-            _revoke(r, old)
-            before = load.ok
-            await asyncio.sleep(scaled(3))  # past a registry_refresh: the revocation applied
-            assert load.ok > before
-            assert _jtis(r) == [_jti(new)] * 2
-        finally:
-            await load.stop()
-        assert load.failed == 0, (load.ok, load.failed)
-        assert r.agent.fatal is None and r.agent_task is not None and not r.agent_task.done()
+        assert r.agent.token.current.reveal() == new and r.agent.token.candidate is None
         assert r.agent.metrics.reconnects.get("token_renewed") == 2
 
 
@@ -151,3 +159,24 @@ async def test_without_a_new_token_a_revocation_still_stops_the_agent(tmp_path: 
         assert await asyncio.wait_for(task, scaled(15)) == 3
         assert agent.fatal is not None and "token revoked" in agent.fatal
         r.agent = r.agent_task = None
+
+
+async def test_at_the_session_limit_each_session_is_renewed_in_its_place(
+    tmp_path: Path,
+) -> None:
+    """max_sessions = 2 and two sessions: no room for a new session beside an old one (429
+    tenant_limit). Each slot in turn closes its old session (the other one carries the
+    requests meanwhile) and dials the new token in its place, so the renewal still happens
+    without a failed request, instead of waiting for the old token's expiry to cut both."""
+    token_file = tmp_path / "agent-token"
+    async with relay(tmp_path, start=False) as r, aiohttp.ClientSession() as http:
+        store = Store(r.state_dir)
+        try:
+            store.update_tenant(
+                "acme", TenantUpdate(limits={"max_sessions": 2}), Actor("test", "local")
+            )
+        finally:
+            store.close()
+        r.node.state.registry.refresh(force=True)
+        await _start(r, token_file)
+        await _renew_under_load(r, http, token_file)
