@@ -645,25 +645,22 @@ class Agent:
         the next wake or move interval).
 
         When the tenant's session limit leaves no room for the new session beside the old
-        one (429 ``tenant_limit``) and another session of the agent is up, the old one is
-        closed first (its streams finish, the others carry the new ones) and the new one
-        dialled in its place: else the renewal could never happen, and the old token's
-        expiry would cut every session at once."""
+        one (429 ``tenant_limit``), the old one is closed first (its streams finish, the
+        agent's other sessions carry the new ones) and the new one dialled in its place:
+        else the renewal could never happen, and the old token's expiry would cut every
+        session at once, streams in flight included."""
         slot = session.slot
         log.info("session %d: renewing it with the new agent token", slot)
         self.metrics.reconnect("token_renewed")
         new = await self._replacement(slot, "not renewed now")
-        if (
-            isinstance(new, Exception)
-            and session_limit(new)
-            and self._other_nodes(session)
-            and not self.stopping.is_set()
-        ):
+        if isinstance(new, Exception) and session_limit(new) and not self.stopping.is_set():
             log.info(
                 "session %d: the tenant's session limit leaves no room for a new session "
-                "beside this one; closing it first (the agent's other sessions carry the "
-                "streams meanwhile), then renewing it",
+                "beside this one; closing it first (%s), then renewing it",
                 slot,
+                "the agent's other sessions carry the streams meanwhile"
+                if self._other_nodes(session)
+                else "the agent's only session: none for the moment of its reconnect",
             )
             session.link.go_away("going_away", RENEWING)
             await self._retire(session, run)

@@ -170,13 +170,36 @@ async def test_at_the_session_limit_each_session_is_renewed_in_its_place(
     without a failed request, instead of waiting for the old token's expiry to cut both."""
     token_file = tmp_path / "agent-token"
     async with relay(tmp_path, start=False) as r, aiohttp.ClientSession() as http:
-        store = Store(r.state_dir)
-        try:
-            store.update_tenant(
-                "acme", TenantUpdate(limits={"max_sessions": 2}), Actor("test", "local")
-            )
-        finally:
-            store.close()
-        r.node.state.registry.refresh(force=True)
+        _limit_sessions(r, 2)
         await _start(r, token_file)
         await _renew_under_load(r, http, token_file)
+
+
+async def test_a_single_session_at_the_session_limit_is_renewed_in_its_place(
+    tmp_path: Path,
+) -> None:
+    """max_sessions = 1, one session: it is closed (its streams finish) and the new token
+    dialled at once, rather than waiting for the old token's expiry to cut it."""
+    token_file = tmp_path / "agent-token"
+    async with relay(tmp_path, start=False) as r, aiohttp.ClientSession() as http:
+        _limit_sessions(r, 1)
+        _write(token_file, r.token)
+        await start_agent(r, token_file=token_file, sessions=1)
+        await wait_online(r.csc_url)
+        assert r.agent is not None
+        new = make_token(r.state_dir, "acme", [ALIAS])
+        _write(token_file, new)
+        r.agent.check_token()
+        await async_wait_until(lambda: _jtis(r) == [_jti(new)], 20, message="renewed")
+        assert r.agent.fatal is None and r.agent.token.current.reveal() == new
+        async with http.get(r.tunnel("/small")) as resp:
+            assert resp.status == 200
+
+
+def _limit_sessions(r: Relay, cap: int) -> None:
+    store = Store(r.state_dir)
+    try:
+        store.update_tenant("acme", TenantUpdate(limits={"max_sessions": cap}), Actor("t", "local"))
+    finally:
+        store.close()
+    r.node.state.registry.refresh(force=True)
