@@ -15,6 +15,9 @@ from pathlib import Path
 
 MiB = 1024 * 1024
 IDLE_RSS_TARGET_MIB = 80
+#: the targets read against a reference relay or per process rather than against direct
+NGINX_DOWNLOAD_MIN = 0.6  # the tunnel's download at least this share of nginx's
+CPU_PER_REQUEST_MAX = 40.0  # µs of CPU per small request at c=32, for the CSC and the agent
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +45,8 @@ class Row:
     target: Target | None = None
     #: the same through each reference relay (bench/refs.py)
     refs: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: the tunnel's figure by process, when it is their sum (relay CPU: csc, agent)
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def ratio(self) -> float | None:
@@ -94,6 +99,44 @@ def render_table(rows: Sequence[Row], sides: tuple[str, str] = ("tunnel", "direc
             f"{row.target.text if row.target else ''} | {verdict} |"
         )
     return "\n".join(lines)
+
+
+def render_other_targets(rows: Sequence[Row]) -> str:
+    """The targets that are not a ratio to direct, each met or missed: the download against
+    nginx's, the keep-alive rate at c=32 against pproxy's, and each relay's CPU per small
+    request at c=32. Empty when the rows to read them from are not there."""
+    by_metric = {row.metric: row for row in rows}
+    lines: list[str] = []
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "**missed**"
+
+    download = next((r for r in rows if r.metric.startswith("download")), None)
+    if download is not None and download.tunnel and download.refs.get("nginx"):
+        share = download.tunnel / download.refs["nginx"]
+        lines.append(
+            f"- download: {share:.2f} of nginx's (target ≥ {NGINX_DOWNLOAD_MIN}: "
+            f"{verdict(share >= NGINX_DOWNLOAD_MIN)})"
+        )
+    rate = by_metric.get("1 KiB keep-alive, c=32: rate")
+    if rate is not None and rate.tunnel and rate.refs.get("pproxy"):
+        share = rate.tunnel / rate.refs["pproxy"]
+        lines.append(
+            f"- keep-alive c=32 rate: {share:.2f} of pproxy's (target: ahead of it, > 1: "
+            f"{verdict(share > 1)})"
+        )
+    cpu = next((r for r in rows if r.metric.startswith("1 KiB keep-alive, c=32: relay CPU")), None)
+    if cpu is not None and cpu.parts:
+        each = ", ".join(
+            f"{name} {value:.0f} µs ({verdict(value <= CPU_PER_REQUEST_MAX)})"
+            for name, value in cpu.parts.items()
+        )
+        lines.append(
+            f"- relay CPU per request at c=32 (target ≤ {CPU_PER_REQUEST_MAX:.0f} µs each): {each}"
+        )
+    return (
+        "\n".join(["Targets against the references and per process:", "", *lines]) if lines else ""
+    )
 
 
 def render_memory(memory: Sequence[Memory], relay_names: Sequence[str]) -> str:

@@ -52,6 +52,7 @@ from bench.report import (  # noqa: E402
     Target,
     machine_info,
     render_memory,
+    render_other_targets,
     render_table,
 )
 from harness.procs import (  # noqa: E402
@@ -366,7 +367,12 @@ def cpu_row(label: str, cpu: dict[str, float]) -> Row:
     split = f" ({' + '.join(f'{n} {cpu[n]:.0f}' for n in names)})" if names else ""
     refs_cpu: dict[str, float] = {n: cpu[n] for n in ("nginx", "pproxy", "floor") if n in cpu}
     return Row(
-        f"{label}: relay CPU per request{split}", "µs", cpu["upstream"], tunnel, refs=refs_cpu
+        f"{label}: relay CPU per request{split}",
+        "µs",
+        cpu["upstream"],
+        tunnel,
+        refs=refs_cpu,
+        parts={n: cpu[n] for n in names},
     )
 
 
@@ -425,6 +431,9 @@ def render_report(
     ]
     if rows:
         parts += ["", render_table(rows), "", render_memory(memory, ("csc", "agent"))]
+        others = render_other_targets(rows)
+        if others:
+            parts += ["", others]
     if cluster_rows:
         parts += [
             "",
