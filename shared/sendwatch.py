@@ -147,9 +147,11 @@ class SendWatch(Progress):
         handed: Callable[[], int],
         on_stall: Callable[[bool], None],
         group: SendWatches | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         """``on_stall(shed)`` closes the connection: ``shed`` is False at the send deadline,
-        True when ``group`` chose it to bring the node back under its bound."""
+        True when ``group`` chose it to bring the node back under its bound. ``loop``: the
+        running one, when the caller has it (else looked up: a system call on CPython 3.11)."""
         super().__init__()
         self.transport, self.timeout, self.handed, self.on_stall = (
             transport,
@@ -162,7 +164,7 @@ class SendWatch(Progress):
         self.pending: Callable[[], int] | None = None
         #: whose bytes wait (the tenant of the stream being relayed; "" when none)
         self.tenant = ""
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
 
     @property

@@ -494,9 +494,19 @@ class FrontConnection(asyncio.Protocol):
             return
         watch = self._watch
         if watch is None:
+            try:
+                if not self.transport.get_write_buffer_size():
+                    return  # nothing waits (most answers): no watch made for this connection
+            except AttributeError:  # asyncio's own TLS transport once its connection was lost
+                return
             timeout = self.config.client_send_timeout
             watch = self._watch = SendWatch(
-                self.transport, timeout, self._handed, self._stalled, self.front.counts.watches
+                self.transport,
+                timeout,
+                self._handed,
+                self._stalled,
+                self.front.counts.watches,
+                self.loop,
             )
             watch.pending, watch.tenant = self._pending, self.tenant
         watch.start()
