@@ -64,6 +64,7 @@ MODULES: tuple[str, ...] = (
     "shared.http1",
     "shared.headers",
     "shared.wakeup",
+    "shared.randpool",
     "shared.aio",
     "shared.timerwheel",
     "shared.wsframe",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 
+from shared.randpool import random_bytes
 from shared.validpairs import ValidPairs
 
 HOP_BY_HOP = frozenset(
@@ -89,4 +89,4 @@ def request_id_for(given: str | None) -> str:
     """
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return os.urandom(16).hex()
+    return random_bytes(16).hex()

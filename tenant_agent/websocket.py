@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import ssl
 import struct
 from collections import deque
@@ -66,6 +65,7 @@ except ImportError:  # pragma: no cover
 from shared.aio import close_link
 from shared.errors import CSCError, InvalidState, LinkStalled, ProtocolError
 from shared.link import TLS_PIECE, Link, coalesce
+from shared.randpool import random_bytes
 from shared.wakeup import Wakeup
 from shared.writeflow import WriteFlow
 from shared.wsframe import payload_length
@@ -360,7 +360,7 @@ class AgentWebSocket(WriteFlow, asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing() or self._proto.state is not State.OPEN:
             raise ConnectionResetError("the WebSocket to the CSC is closing")
-        key = os.urandom(4)
+        key = random_bytes(4)
         pieces = [frame_header(sum(map(len, chunks)), key), *mask_chunks(chunks, key)]
         # over TLS every piece written is a record: short pieces go as one
         transport.writelines(coalesce(pieces, TLS_PIECE) if self._tls else pieces)

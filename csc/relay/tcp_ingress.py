@@ -17,7 +17,6 @@ import contextlib
 import logging
 import ssl as ssl_module
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -30,6 +29,7 @@ from csc.relay.routing import lookup_alias, open_stream
 from csc.state import NodeState
 from shared.aio import splice
 from shared.errors import BadRequest, Cancelled, CSCError, UpstreamTimeout, tcp_err_line
+from shared.headers import request_id_for
 from shared.link import LinkCounters
 from shared.linkstream import TunnelStream
 from shared.runtime import listen_on
@@ -232,7 +232,7 @@ async def _serve(
     watch: SendWatch,
     peer: Any,
 ) -> None:
-    request_id = uuid.uuid4().hex
+    request_id = request_id_for(None)  # the HTTP ingress's rule: a new random one
     started = time.monotonic()
     client = f"{peer[0]}:{peer[1]}" if peer else "?"
     tenant: str | None = None
