@@ -664,6 +664,8 @@ class Agent:
             )
             session.link.go_away("going_away", RENEWING)
             await self._retire(session, run)
+            if self.stopping.is_set():  # the agent is stopping: no new session now
+                return None
             new = await self._replacement(slot, "not renewed now")
         if not isinstance(new, CSCSession):
             return None
