@@ -18,7 +18,8 @@ MiB = 1024 * 1024
 
 def test_policy_trims_once_memory_that_was_in_use_is_free() -> None:
     policy = TrimPolicy(slack=8 * MiB)
-    assert not policy.due(2 * MiB)  # the first sample only sets the low mark
+    assert policy.due(2 * MiB)  # the first sample trims what start-up left free, once
+    policy.trimmed(2 * MiB)
     assert not policy.due(1 * MiB)
     assert not policy.due(9 * MiB)  # 8 MiB above the low: not more than the slack
     assert policy.due(10 * MiB)
@@ -29,8 +30,10 @@ def test_policy_trims_once_memory_that_was_in_use_is_free() -> None:
     assert policy.due(12 * MiB)  # ...and freed again
 
 
-def test_policy_without_a_burst_never_trims() -> None:
+def test_policy_without_a_burst_trims_only_at_the_first_sample() -> None:
     policy = TrimPolicy(slack=8 * MiB)
+    assert policy.due(40 * MiB)
+    policy.trimmed(40 * MiB)
     assert not any(policy.due(free) for free in [40 * MiB] * 50)
 
 
