@@ -22,6 +22,7 @@ from typing import Any, cast
 
 from shared.errors import CSCError
 from shared.link import DIRECT_MAX, TLS_PIECE, Link, coalesce
+from shared.wakeup import Wakeup
 from shared.writeflow import WriteFlow
 
 #: Bytes held for the receive loop beyond which the socket is no longer read.
@@ -39,11 +40,10 @@ class PeerWire(WriteFlow, asyncio.Protocol):
         self._chunks: deque[bytes] = deque()
         self._queued = 0
         self._eof = False
-        self._waiter: asyncio.Future[None] | None = None
+        #: the receive loop, while it waits in :meth:`read` (a chunk may then be fed at once)
+        self._reader = Wakeup(self.loop)
         self._read_paused = False
         self._link: Link | None = None
-        #: set once the transport is gone, whatever the cause
-        self.lost: asyncio.Future[None] = self.loop.create_future()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ class PeerWire(WriteFlow, asyncio.Protocol):
         link = self._link
         if (
             link is not None
-            and self._waiter is not None
+            and self._reader.waiting
             and not self._chunks
             and len(data) <= DIRECT_MAX
             and not link.reading_paused
@@ -87,8 +87,6 @@ class PeerWire(WriteFlow, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
-        if not self.lost.done():
-            self.lost.set_result(None)
         self._wake()
         self.writing_lost()
 
@@ -111,11 +109,7 @@ class PeerWire(WriteFlow, asyncio.Protocol):
                 return b""
             if self._read_paused:
                 self._pause_reading(False)
-            self._waiter = self.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._reader.wait()
             link = self._link
             if not self._chunks and link is not None and link.reading_paused:
                 await link.wait_readable()  # a chunk fed at once backed its answers up
@@ -135,7 +129,7 @@ class PeerWire(WriteFlow, asyncio.Protocol):
             raise ConnectionResetError("the peer link is closing")
         # over TLS every piece written is a record: a message of small frames goes as one
         transport.writelines(coalesce(chunks, TLS_PIECE) if self._tls else chunks)
-        if self.writing_paused or self.lost.done():
+        if self.writing_paused:  # drain() raises once the connection is lost
             return self.drain()
         return None
 
@@ -158,9 +152,7 @@ class PeerWire(WriteFlow, asyncio.Protocol):
     # -- internals ----------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._reader.set()
 
     def _pause_reading(self, pause: bool) -> None:
         transport = self.transport
