@@ -16,6 +16,7 @@ from csc.metrics import CSCMetrics
 from csc.relay.conncap import ConnectionCounts
 from csc.relay.freshread import SharedRefresh
 from csc.relay.growth import GrowthPools
+from csc.relay.handover import Handovers
 from csc.relay.limits import Admissions, TenantLimiter
 from csc.relay.registry import Registry
 from csc.relay.traffic import LastSeen, TrafficHistory
@@ -80,12 +81,16 @@ class NodeState:
     #: bounds on the stream-window growth of the agent sessions, per tenant and in all
     #: (csc/relay/growth.py)
     growth: GrowthPools = field(init=False)
+    #: sessions that may give, or gave, their place to the session renewing them
+    #: (csc/relay/handover.py)
+    handovers: Handovers = field(init=False)
 
     def __post_init__(self) -> None:
         self.link_settings = LinkSettings.from_config(
             self.config, max_streams=self.config.max_streams_per_session
         )
         self.idle.set()
+        self.handovers = Handovers(self.config.drain_timeout)
         self.growth = GrowthPools(self.config.tenant_window_growth, self.config.node_window_growth)
         self.fresh_catalog = SharedRefresh(self.registry.refresh)
         self.connections = ConnectionCounts.from_config(

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from csc.relay.gateway import end_sessions, tell_cluster_size
+from csc.relay.limits import SESSIONS
 from csc.relay.routing import open_for_peer
 from csc.state import NodeState
 from shared.errors import GoingAway
@@ -51,6 +52,10 @@ def _hooks(state: NodeState) -> ClusterHooks:
         for session in list(state.sessions.values()):
             session.end(GoingAway("this node lost its cluster lease; reconnect"))
 
+    def slot_gone(tenant: str, kind: str, member: str) -> None:
+        if kind == SESSIONS:  # a hand-over on another node: this session's grace starts
+            state.handovers.slot_taken(tenant, member)
+
     def views() -> list[dict[str, Any]]:
         return [session_view(s, state.node_id) for s in state.sessions.values()]
 
@@ -64,6 +69,7 @@ def _hooks(state: NodeState) -> ClusterHooks:
         cluster_size=lambda count: tell_cluster_size(state, count),
         stream_started=state.stream_started,
         stream_finished=state.stream_finished,
+        slot_gone=slot_gone,
     )
 
 

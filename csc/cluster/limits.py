@@ -77,15 +77,62 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
 return 1
 """
 
-#: Push the expiry of the members still held (``ARGV[2..]``) to ``ARGV[1]`` seconds from now.
+#: Push the expiry of the members still held (``ARGV[2..]``) to ``ARGV[1]`` seconds from now;
+#: returns those no longer in the set (moved to another session, or lost with Redis's data).
 _REFRESH = """
 local t = redis.call('TIME')
 local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+local gone = {}
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', until_, ARGV[i])
+  if redis.call('ZADD', KEYS[1], 'XX', 'CH', until_, ARGV[i]) == 0
+      and not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    table.insert(gone, ARGV[i])
+  end
 end
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
+return gone
+"""
+
+#: A member (``ARGV[2]``) whose session may give its place: kept ``ARGV[1]`` seconds.
+_YIELDING = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
 return 0
+"""
+
+#: The set (``KEYS[1]``) is full: move the place of a yielding member (``KEYS[2]``) that
+#: still holds one to ``ARGV[3]`` (expiring ``ARGV[2]`` seconds from now), unless a member
+#: that gave its place in the last ``ARGV[4]`` seconds (``KEYS[3]``) may still run. Returns
+#: the member that gave its place, or false. ``ARGV[1]`` is the cap (room meanwhile: taken,
+#: and "" returned).
+_TAKE_OVER = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[2])
+for i = 1, 3 do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+end
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+  return ''
+end
+if redis.call('ZCARD', KEYS[3]) > 0 then
+  return false
+end
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  redis.call('ZREM', KEYS[2], member)
+  if redis.call('ZREM', KEYS[1], member) == 1 then
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), member)
+    for i = 1, 3 do
+      redis.call('PEXPIRE', KEYS[i], math.ceil(math.max(ttl, tonumber(ARGV[4])) * 1000) + 1000)
+    end
+    return member
+  end
+end
+return false
 """
 
 
@@ -102,6 +149,8 @@ class ClusterSlots:
         self._redis = redis
         self._acquire = redis.register_script(_ACQUIRE)
         self._refresh = redis.register_script(_REFRESH)
+        self._yielding = redis.register_script(_YIELDING)
+        self._take_over = redis.register_script(_TAKE_OVER)
         self._prefix = prefix
         self.ttl = ttl
         #: (tenant, kind) -> members this node holds
@@ -130,10 +179,42 @@ class ClusterSlots:
                 del self.held[(tenant, kind)]
         await self._redis.zrem(self.key(tenant, kind), member)
 
-    async def refresh(self) -> None:
-        """Keep this node's slots alive (called at every heartbeat)."""
+    async def yielding(self, tenant: str, kind: str, member: str) -> None:
+        """``member``'s session may give its place to a new one (:meth:`take_over`), for the
+        next ``ttl`` seconds; raises RedisError."""
+        await self._yielding(keys=[self.key(tenant, kind) + ":yielding"], args=[self.ttl, member])
+
+    async def take_over(
+        self, tenant: str, kind: str, member: str, cap: int, grace: float
+    ) -> str | None:
+        """With ``cap`` slots held: the place of a yielding member (:meth:`yielding`) for
+        ``member``; the member that gave it ("" when a slot came free meanwhile), or None (no
+        yielding member, or one that gave its place may still run: ``grace`` seconds after it
+        gave it, and ``ttl`` more for its node to find out). Raises RedisError."""
+        key = self.key(tenant, kind)
+        keys = [key, key + ":yielding", key + ":given"]
+        taken = await self._take_over(
+            keys=keys, args=[cap, repr(self.ttl), member, grace + self.ttl]
+        )
+        if taken is None:
+            return None
+        self.held.setdefault((tenant, kind), set()).add(member)
+        return taken.decode() if isinstance(taken, bytes) else str(taken)
+
+    async def refresh(self) -> list[tuple[str, str, str]]:
+        """Keep this node's slots alive (called at every heartbeat); returns those that are
+        gone from Redis (tenant, kind, member), no longer held from then on: moved to another
+        session by :meth:`take_over`, or lost with Redis's data."""
+        gone: list[tuple[str, str, str]] = []
         for (tenant, kind), members in list(self.held.items()):
             if members:
-                await self._refresh(
+                lost = await self._refresh(
                     keys=[self.key(tenant, kind)], args=[repr(self.ttl), *sorted(members)]
                 )
+                for raw in lost:
+                    member = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    members.discard(member)
+                    gone.append((tenant, kind, member))
+                if not members:
+                    self.held.pop((tenant, kind), None)
+        return gone

@@ -93,6 +93,9 @@ class ClusterHooks:
     cluster_size: Callable[[int], int]
     stream_started: Callable[[], None]
     stream_finished: Callable[[], None]
+    #: a slot of this node (tenant, kind, member) is gone from Redis: moved to another node's
+    #: session by a hand-over (csc/relay/handover.py), or lost with Redis's data
+    slot_gone: Callable[[str, str, str], None] = lambda tenant, kind, member: None
 
 
 @dataclass(eq=False)
@@ -325,6 +328,26 @@ class Cluster:
             self._redis_error(exc)
             return None
 
+    async def yielding_slot(self, tenant: str, kind: str, member: str) -> None:
+        """Let ``member``'s place go to a new session of the tenant (csc/relay/handover.py)."""
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await self.slots.yielding(tenant, kind, member)
+        except (RedisError, TimeoutError) as exc:  # no hand-over then: the agent waits
+            if isinstance(exc, RedisError):
+                self._redis_error(exc)
+
+    async def take_over_slot(
+        self, tenant: str, kind: str, member: str, cap: int, grace: float
+    ) -> str | None:
+        """With ``cap`` slots of ``tenant`` held: a yielding member's place for ``member``
+        (see ClusterSlots.take_over); the member that gave it, or None."""
+        try:
+            return await self.slots.take_over(tenant, kind, member, cap, grace)
+        except RedisError as exc:
+            self._redis_error(exc)
+            return None
+
     async def release_slot(self, tenant: str, kind: str, member: str) -> None:
         try:
             async with asyncio.timeout(STOP_TIMEOUT):
@@ -433,7 +456,8 @@ class Cluster:
             self._tell_size()
             await self.peers.retain(set(self.routes.directory))
             await self.sync_routes(reassert=reassert)
-            await self.slots.refresh()
+            for tenant, kind, member in await self.slots.refresh():
+                self.hooks.slot_gone(tenant, kind, member)
             if reassert:  # back after a flush or an outage: the others re-read the directory
                 await self.publish({"t": "nodes"})
             await self.routes.publish_sessions(self.hooks.session_views())

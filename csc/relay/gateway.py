@@ -41,6 +41,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
+from csc.relay.handover import Seat
 from csc.relay.http_front import FrontConnection
 from csc.relay.http_front_request import FrontRequest
 from csc.relay.http_listener import UpgradeHandler
@@ -98,6 +99,12 @@ class AgentSession:
     #: wall-clock time the session came up
     since: float = 0.0
     traffic: Traffic = field(default_factory=Traffic)
+    #: what it holds against its tenant's session limits
+    seat: Seat = field(default_factory=lambda: Seat(""))
+
+    @property
+    def closed(self) -> bool:
+        return self.link.is_closed
 
     @property
     def accepting(self) -> bool:
@@ -267,19 +274,9 @@ async def agent_connect(state: NodeState, conn: FrontConnection, request: FrontR
     except CSCError as err:
         _refuse(conn, request, err)
         return
-    owner = state.registry.tenant(claims.tenant)
-    limits = owner.limits if owner else UNLIMITED
-    own = limits.max_sessions is not None
-    default = state.config.default_max_sessions
-    # a tenant without a cap of its own has the node's default, on this node
-    node_cap = UNLIMITED if own or default is None else Limits(max_sessions=default)
-    slot: str | None = None
+    seat = Seat(claims.tenant)
     try:
-        if state.cluster is None:
-            state.limits.acquire_session(claims.tenant, limits if own else node_cap)
-        else:  # the tenant's own cap is the whole cluster's
-            slot = await _cluster_session_slot(state, state.cluster, claims.tenant, limits)
-            state.limits.acquire_session(claims.tenant, node_cap)
+        await _take_seat(state, seat)
     except TenantLimit as err:
         state.metrics.session_refused(err.code)
         state.metrics.limit_rejected(claims.tenant, err.limit)
@@ -293,18 +290,53 @@ async def agent_connect(state: NodeState, conn: FrontConnection, request: FrontR
             return
         ws = ServerWebSocket(max_message_size(state.config.max_frame))
         if conn.switch_protocol(head, ws):
-            await _run_session(state, ws, claims, conn.client_ip or "?")
+            await _run_session(state, ws, claims, conn.client_ip or "?", seat)
     finally:
-        state.limits.release_session(claims.tenant)
-        if slot is not None and state.cluster is not None:
-            await state.cluster.release_slot(claims.tenant, SESSIONS, slot)
+        await _give_back(state, seat)
+
+
+async def _take_seat(state: NodeState, seat: Seat) -> None:
+    """Count a new session of ``seat.tenant`` against its limits, or raise TenantLimit.
+
+    At a limit, the place of a session whose agent sent GOAWAY (it renews it) goes to the new
+    one (csc/relay/handover.py)."""
+    tenant = seat.tenant
+    owner = state.registry.tenant(tenant)
+    limits = owner.limits if owner else UNLIMITED
+    own = limits.max_sessions is not None
+    default = state.config.default_max_sessions
+    # a tenant without a cap of its own has the node's default, on this node
+    node_cap = UNLIMITED if own or default is None else Limits(max_sessions=default)
+    if state.cluster is None:
+        node_cap = limits if own else node_cap
+    else:  # the tenant's own cap is the whole cluster's
+        seat.slot = await _cluster_session_slot(state, state.cluster, tenant, limits)
+    try:
+        state.limits.acquire_session(tenant, node_cap)
+    except TenantLimit:
+        if state.handovers.take_local(tenant) is None:
+            await _give_back(state, seat)
+            raise
+        # the count of the session that gave its place is this one's now
+    seat.local = True
+
+
+async def _give_back(state: NodeState, seat: Seat) -> None:
+    """Give back what ``seat`` holds (nothing of what it gave to a successor)."""
+    if seat.local:
+        seat.local = False
+        state.limits.release_session(seat.tenant)
+    slot, seat.slot = seat.slot, None
+    if slot is not None and state.cluster is not None:
+        await state.cluster.release_slot(seat.tenant, SESSIONS, slot)
 
 
 async def _cluster_session_slot(
     state: NodeState, cluster: Cluster, tenant: str, limits: Limits
 ) -> str | None:
     """A cluster-wide session slot when the tenant has a ``max_sessions`` cap (None: no cap,
-    or Redis is away and this node's share of the cap still has room)."""
+    or Redis is away and this node's share of the cap still has room); at the cap, the slot of
+    a session whose agent sent GOAWAY, if there is one to take."""
     cap = limits.max_sessions
     if cap is None:
         return None
@@ -312,6 +344,13 @@ async def _cluster_session_slot(
     taken = await cluster.acquire_slot(tenant, SESSIONS, member, cap)
     if taken:
         return member
+    if taken is False:
+        grace = state.handovers.grace
+        given = await cluster.take_over_slot(tenant, SESSIONS, member, cap, grace)
+        if given is not None:
+            if given.startswith(f"{state.node_id}:"):  # here: its grace starts now
+                state.handovers.slot_taken(tenant, given)
+            return member  # elsewhere: that node finds out at its next heartbeat
     if taken is None and state.limits.sessions(tenant) < max(1, cap // max(1, cluster.live_nodes)):
         return None
     raise TenantLimit(
@@ -328,7 +367,7 @@ def _refused_session(state: NodeState, claims: AgentClaims, remote: str, err: CS
 
 
 async def _run_session(
-    state: NodeState, ws: ServerWebSocket, claims: AgentClaims, remote: str
+    state: NodeState, ws: ServerWebSocket, claims: AgentClaims, remote: str, seat: Seat
 ) -> None:
     """HELLO, bind, WELCOME, serve, teardown: one session on an upgraded connection."""
     loop = asyncio.get_running_loop()
@@ -341,7 +380,7 @@ async def _run_session(
         _refused_session(state, claims, remote, err)
         await _close(ws, err, ws.abort)
         return
-    session = _new_session(state, ws, conn, claims, remote, grants, hello)
+    session = _new_session(state, ws, conn, claims, remote, grants, hello, seat)
     try:
         state.registry.bind(session)
     except CSCError as err:
@@ -371,6 +410,7 @@ def _new_session(
     remote: str,
     grants: tuple[str, ...],
     hello: dict[str, Any],
+    seat: Seat,
 ) -> AgentSession:
     """The session and its link (not yet bound)."""
     session_id = f"{state.node_id}-{next(_session_ids)}-{os.urandom(3).hex()}"
@@ -393,13 +433,14 @@ def _new_session(
         agent=str(hello.get("agent", ""))[:100],
         since=time.time(),
         traffic=traffic,
+        seat=seat,
     )
 
 
 def _welcome(state: NodeState, session: AgentSession) -> None:
     """Answer WELCOME to a bound session and make it serve."""
     link = session.link
-    link.on_goaway = lambda ev: _on_agent_goaway(session, ev)
+    link.on_goaway = lambda ev: _on_agent_goaway(state, session, ev)
     link.conn.send_welcome(
         {
             "session_id": session.id,
@@ -430,6 +471,7 @@ async def _session_down(state: NodeState, session: AgentSession, ws: ServerWebSo
     """Unbind a session that ended, withdraw its routes, count and log it."""
     link = session.link
     state.registry.unbind(session)
+    state.handovers.ended(session)
     state.sessions.pop(session.id, None)
     if state.cluster is not None:
         state.cluster.routes_changed()
@@ -458,8 +500,15 @@ def tell_cluster_size(state: NodeState, count: int) -> int:
     return told
 
 
-def _on_agent_goaway(session: AgentSession, event: GoAwayReceived) -> None:
+def _on_agent_goaway(state: NodeState, session: AgentSession, event: GoAwayReceived) -> None:
+    """The agent winds the session down: its place may go to the agent's next session."""
     log.info("agent session %s is draining: %s", session.id, event.message or event.code)
+    state.handovers.yielding(session)
+    slot = session.seat.slot
+    if slot is not None and state.cluster is not None:
+        task = asyncio.create_task(state.cluster.yielding_slot(session.tenant, SESSIONS, slot))
+        _cleanups.add(task)
+        task.add_done_callback(_cleanups.discard)
 
 
 def end_sessions(state: NodeState) -> int:

@@ -24,7 +24,7 @@ from csc.cluster.node import Cluster
 from csc.cluster.routes import NodeInfo
 from csc.config import CSCConfig
 from csc.relay import routing
-from csc.relay.limits import STREAMS, burst_for
+from csc.relay.limits import SESSIONS, STREAMS, burst_for
 from csc.server import Node, running_node
 from csc.store import Store
 from csc.tenants import Actor, TenantUpdate
@@ -32,6 +32,7 @@ from shared import resolve_sig
 from shared.config import Secret
 from shared.errors import AuthFailed
 from tenant_agent.agent import Agent
+from tests.support.attacks import Yielder
 from tests.support.inproc import ALIAS, agent_config, make_token
 from tests.support.procs import async_wait_until, scaled
 from tests.support.redis import RedisTopology
@@ -357,6 +358,57 @@ async def test_tenant_session_cap_holds_across_nodes(
         await async_wait_until(lambda: not a.state.sessions, 10)
         async with agent_on(b, token, upstream):
             await async_wait_until(lambda: len(b.state.sessions) == 1, 10)
+
+
+async def _yielder(node: Node, token: str, *, seen_by: Cluster | None = None) -> Yielder:
+    """A raw agent on ``node`` that sends GOAWAY once welcomed (refused: its ``refusal``);
+    with ``seen_by``, returned once that cluster recorded the GOAWAY in Redis."""
+    host, _, port = node.http_address.rpartition(":")
+    agent = Yielder(host, int(port), token, ALIAS)
+    agent.start()
+    await async_wait_until(
+        lambda: agent.welcomed.is_set() or not agent.is_alive(), 10, message="dialled"
+    )
+    if seen_by is not None and agent.welcomed.is_set():
+        key = seen_by.slots.key("acme", SESSIONS) + ":yielding"
+        deadline = asyncio.get_running_loop().time() + scaled(10)
+        while not await seen_by.redis.zcard(key):
+            assert asyncio.get_running_loop().time() < deadline, "GOAWAY not recorded"
+            await asyncio.sleep(0.02)
+    return agent
+
+
+async def test_a_session_on_a_hands_its_place_to_its_successor_on_b(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """max_sessions=1 across the cluster: a session on A sends GOAWAY (its agent renews it);
+    a new session of the tenant on B gets its slot (csc/relay/handover.py), a third is
+    refused 429 while A's still runs, and A closes its session at the grace (drain_timeout)
+    after its next heartbeat found the slot gone."""
+    grace = 3.0
+    async with two_nodes(tmp_path, redis_url, drain_timeout=grace) as (a, b, token):
+        _set_limits(tmp_path, (a, b), max_sessions=1)
+        agents: list[Yielder] = []
+        try:
+            first = await _yielder(a, token, seen_by=_clusters(a)[0])
+            agents.append(first)
+            assert first.welcomed.is_set(), first.error
+            second = await _yielder(b, token)
+            agents.append(second)
+            assert second.welcomed.is_set(), second.error
+            third = await _yielder(a, token)
+            agents.append(third)
+            assert third.refused_status() == 429, third.error
+            await async_wait_until(
+                lambda: first.closed_at is not None, grace + 15, message="A closed it"
+            )
+            assert second.closed_at is None and len(b.state.sessions) == 1
+            assert not a.state.sessions
+        finally:
+            for agent in agents:
+                agent.stop.set()
+            for agent in agents:
+                agent.join(scaled(10))
 
 
 @pytest.mark.parametrize("event_lost", [False, True])

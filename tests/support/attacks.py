@@ -3,7 +3,8 @@
 Agents (threads with plain blocking sockets, speaking the WebSocket through websockets'
 sans-I/O client and the link through :class:`shared.protocol.Connection`): :class:`Flooder`
 completes the real handshake, then sends messages full of PINGs (each needs a PONG) and never
-reads again; :class:`LyingAgent` reads its link and answers every GET with a body shorter or
+reads again; :class:`Yielder` sends GOAWAY at once and keeps its link; :class:`LyingAgent`
+reads its link and answers every GET with a body shorter or
 longer than the ``Content-Length`` it announced, and leaves requests with a body unanswered.
 
 Clients (coroutines on the test's loop, each running until its ``stop`` event is set and
@@ -27,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
@@ -98,6 +100,8 @@ class RawAgent(threading.Thread):
         self.links = 0  # handshakes completed
         self.dropped_at: float | None = None
         self.error: BaseException | None = None
+        #: why the upgrade failed (websockets' exception: ``InvalidStatus`` for a refusal)
+        self.refusal: BaseException | None = None
 
     def run(self) -> None:
         try:
@@ -127,6 +131,7 @@ class RawAgent(threading.Thread):
             while not welcomed:
                 data = sock.recv(65536)
                 if not data:
+                    self.refusal = ws.handshake_exc
                     raise ConnectionError("the CSC closed the link during the handshake")
                 ws.receive_data(data)
                 if conn.has_output and ws.state is State.OPEN:  # upgraded: HELLO
@@ -144,6 +149,12 @@ class RawAgent(threading.Thread):
 
     def after_welcome(self, sock: socket.socket, ws: ClientProtocol, conn: Connection) -> None:
         raise NotImplementedError
+
+    def refused_status(self) -> int | None:
+        """Once its thread ended (waited for): the HTTP status that refused the upgrade."""
+        self.join(scaled(10))
+        refusal = self.refusal
+        return refusal.response.status_code if isinstance(refusal, InvalidStatus) else None
 
 
 class Flooder(RawAgent):
@@ -183,6 +194,43 @@ class Flooder(RawAgent):
             if pos == len(message):
                 pos = 0
                 self.sent += 1
+
+
+class Yielder(RawAgent):
+    """Sends GOAWAY right after WELCOME (what an agent renewing the session does), then keeps
+    the link (answering the CSC's PINGs) until the CSC closes it (``closed_at``) or ``stop``
+    is set."""
+
+    def __init__(self, host: str, port: int, token: str, alias: str, *, go_away: bool = True):
+        super().__init__(host, port, token, alias)
+        self.go_away = go_away
+        self.closed_at: float | None = None
+
+    def after_welcome(self, sock: socket.socket, ws: ClientProtocol, conn: Connection) -> None:
+        if self.go_away:
+            conn.go_away("going_away", "renewing")
+        sock.settimeout(0.1)
+        while not self.stop.is_set():
+            if conn.has_output:
+                ws.send_binary(b"".join(conn.data_to_send()))
+            out = b"".join(ws.data_to_send())
+            if out:
+                sock.sendall(out)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            ws.receive_data(data)
+            for event in ws.events_received():
+                if isinstance(event, Frame) and event.opcode is Opcode.BINARY:
+                    conn.receive_data(bytes(event.data), time.monotonic())
+            conn.events()
+        if not self.stop.is_set():
+            self.closed_at = time.monotonic()
 
 
 class LyingAgent(RawAgent):

@@ -19,7 +19,7 @@ import trustme
 from csc.config import CSCConfig
 from csc.server import Node, running_node
 from csc.store import Store
-from csc.tenants import Actor
+from csc.tenants import Actor, TenantUpdate
 from shared.config import Secret
 from shared.tokens import load_or_create_signing_key
 from tenant_agent.agent import Agent
@@ -84,6 +84,16 @@ def make_token(state_dir: Path, tenant: str, aliases: list[str], ttl: float = 36
     finally:
         store.close()
     return token
+
+
+def limit_sessions(r: Relay, cap: int) -> None:
+    """Give the tenant ``acme`` ``max_sessions = cap`` and have the node read it at once."""
+    store = Store(r.state_dir)
+    try:
+        store.update_tenant("acme", TenantUpdate(limits={"max_sessions": cap}), Actor("t", "local"))
+    finally:
+        store.close()
+    r.node.state.registry.refresh(force=True)
 
 
 def agent_config(csc_url: str, token: str, server: UpstreamServer, **over: Any) -> AgentConfig:

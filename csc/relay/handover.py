@@ -1,0 +1,138 @@
+"""A session's place against its tenant's session limit, handed to the session renewing it.
+
+An agent renews its token by dialling a session with the new token beside the old one, then
+closing the old one once its streams finished. A tenant whose sessions fill its
+``max_sessions`` (or, without a cap of its own, the node's ``default_max_sessions``) has no
+room for the new one: the dial is refused 429 ``tenant_limit``. The agent then sends GOAWAY on
+the old session (it takes no new streams from then on) and dials again. This module lets that
+second dial take the old session's place: its count on this node (:class:`Seat` ``local``)
+or, in a cluster, its slot (``slot``, moved in Redis by csc/cluster/limits.py). The old
+session keeps running so that its streams finish, but only for ``grace`` seconds (the node's
+``drain_timeout``) from the hand-over; then the node closes it.
+
+The bounds, against a tenant that would use this to hold more than its limit: only a session
+whose agent sent GOAWAY can give its place; a tenant has at most one session at a time that
+gave its place and still runs (a second hand-over waits until it ended), so it holds at most
+its limit plus one session, the extra one for at most ``grace`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.errors import CSCError, GoingAway
+
+log = logging.getLogger("csc.relay.handover")
+
+
+@dataclass(eq=False, slots=True)
+class Seat:
+    """What one agent session holds against its tenant's session limits."""
+
+    tenant: str
+    #: counted in the node's sessions of the tenant (csc/relay/limits.py)
+    local: bool = False
+    #: its member in the cluster's session slots of the tenant; None: none (no cap, no cluster,
+    #: or given to a successor)
+    slot: str | None = None
+
+
+class Giver(Protocol):
+    """The side of an agent session this module uses (csc/relay/gateway.py's AgentSession)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def seat(self) -> Seat: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def end(self, err: CSCError) -> None: ...
+
+
+class Handovers:
+    """The sessions of this node whose agent sent GOAWAY (they may give their place), and per
+    tenant the one that gave it and still runs."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._yielding: dict[str, dict[str, Giver]] = {}
+        self._given: dict[str, tuple[Giver, asyncio.TimerHandle]] = {}
+
+    def yielding(self, session: Giver) -> None:
+        """``session``'s agent sent GOAWAY: it may give its place to a new session."""
+        self._yielding.setdefault(session.seat.tenant, {})[session.id] = session
+
+    def ended(self, session: Giver) -> None:
+        """``session`` is down: forget it (and its deadline)."""
+        tenant = session.seat.tenant
+        self._not_yielding(session)
+        given = self._given.get(tenant)
+        if given is not None and given[0] is session:
+            given[1].cancel()
+            del self._given[tenant]
+
+    def waiting(self, tenant: str) -> int:
+        """How many sessions of ``tenant`` may give their place."""
+        return len(self._yielding.get(tenant, {}))
+
+    def can_give(self, tenant: str) -> bool:
+        """Whether a session of ``tenant`` may give its place now (none that gave it runs)."""
+        return tenant not in self._given
+
+    def take_local(self, tenant: str) -> Giver | None:
+        """A yielding session of ``tenant`` counted on this node whose count a new session
+        takes over (given: it ends within ``grace``), or None."""
+        if not self.can_give(tenant):
+            return None
+        for session in self._yielding.get(tenant, {}).values():
+            if session.seat.local and not session.closed:
+                session.seat.local = False
+                self.give(session)
+                return session
+        return None
+
+    def slot_taken(self, tenant: str, member: str) -> Giver | None:
+        """The cluster moved slot ``member`` of ``tenant`` to a new session: the yielding
+        session of this node that held it, now given (None: no such session here)."""
+        for session in self._yielding.get(tenant, {}).values():
+            if session.seat.slot == member:
+                session.seat.slot = None
+                self.give(session)
+                return session
+        return None
+
+    def give(self, session: Giver) -> None:
+        """``session`` gave its place: close it ``grace`` seconds from now if still running."""
+        tenant = session.seat.tenant
+        self._not_yielding(session)
+        timer = asyncio.get_running_loop().call_later(self.grace, self._deadline, session)
+        self._given[tenant] = (session, timer)  # one that gave it before still ends in time
+        log.info(
+            "agent session %s gave its place to its agent's new session; it ends within %.0f s",
+            session.id,
+            self.grace,
+        )
+
+    def _not_yielding(self, session: Giver) -> None:
+        tenant = session.seat.tenant
+        waiting = self._yielding.get(tenant)
+        if waiting is not None:
+            waiting.pop(session.id, None)
+            if not waiting:
+                del self._yielding[tenant]
+
+    def _deadline(self, session: Giver) -> None:
+        given = self._given.get(session.seat.tenant)
+        if given is not None and given[0] is session:
+            del self._given[session.seat.tenant]
+        if not session.closed:
+            log.info(
+                "agent session %s: it gave its place %.0f s ago; closing it", session.id, self.grace
+            )
+            session.end(GoingAway("this session gave its place to its agent's new session"))

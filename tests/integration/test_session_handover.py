@@ -1,0 +1,92 @@
+"""A session's place handed to the session renewing it (csc/relay/handover.py), against a
+tenant that would use it to hold more sessions than its limit: raw agents over real sockets on
+one node (tests/support/attacks.py ``Yielder``: GOAWAY right after WELCOME, then it keeps its
+link). The agent's own renewal through it is tested in test_agent_token_renewal.py, and across
+a cluster in tests/cluster/test_cluster_limits.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from tests.support.attacks import Yielder
+from tests.support.inproc import ALIAS, Relay, limit_sessions, relay
+from tests.support.procs import async_wait_until, scaled
+
+GRACE = 4.0
+
+
+async def _dial(r: Relay, *, go_away: bool = True) -> Yielder:
+    """A raw agent of the tenant: welcomed, or refused (its ``refusal``)."""
+    host, _, port = r.node.http_address.rpartition(":")
+    agent = Yielder(host, int(port), r.token, ALIAS, go_away=go_away)
+    agent.start()
+    deadline = time.monotonic() + scaled(10)
+    while not agent.welcomed.is_set() and agent.is_alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    if go_away and agent.welcomed.is_set():  # the node has read its GOAWAY
+        await async_wait_until(
+            lambda: (
+                len(r.node.state.handovers._yielding.get("acme", {})) > 0 or not agent.is_alive()
+            ),
+            10,
+            message="the GOAWAY seen",
+        )
+    return agent
+
+
+async def test_a_tenant_at_its_limit_holds_one_session_more_only_for_the_grace(
+    tmp_path: Path,
+) -> None:
+    """max_sessions = 1: the first session sends GOAWAY and a second one gets its place; the
+    second sends GOAWAY at once too, but a third is refused 429 while the first still runs
+    its grace (``drain_timeout``), after which the node closes it; then the third gets the
+    second's place."""
+    async with relay(tmp_path, start=False, csc={"drain_timeout": GRACE}) as r:
+        limit_sessions(r, 1)
+        agents: list[Yielder] = []
+        try:
+            first = await _dial(r)
+            agents.append(first)
+            assert first.welcomed.is_set(), first.error
+            second = await _dial(r)
+            agents.append(second)
+            assert second.welcomed.is_set(), second.error  # the first's place
+            given_at = time.monotonic()
+            third = await _dial(r)
+            agents.append(third)
+            assert third.refused_status() == 429, third.error
+            assert first.closed_at is None  # still in its grace
+            await async_wait_until(
+                lambda: first.closed_at is not None, GRACE + 10, message="closed"
+            )
+            assert first.closed_at is not None and first.closed_at - given_at >= GRACE * 0.9
+            assert second.closed_at is None
+            fourth = await _dial(r)
+            agents.append(fourth)
+            assert fourth.welcomed.is_set(), fourth.error  # the second's place
+            assert r.node.state.limits.sessions("acme") == 1
+        finally:
+            for agent in agents:
+                agent.stop.set()
+            for agent in agents:
+                agent.join(scaled(10))
+
+
+async def test_a_session_that_did_not_go_away_gives_no_place(tmp_path: Path) -> None:
+    """max_sessions = 1 and a session that serves on (no GOAWAY): a second dial is refused
+    429, and the first is left alone."""
+    async with relay(tmp_path, start=False, csc={"drain_timeout": GRACE}) as r:
+        limit_sessions(r, 1)
+        first = await _dial(r, go_away=False)
+        try:
+            assert first.welcomed.is_set(), first.error
+            second = await _dial(r)
+            assert second.refused_status() == 429, second.error
+            await asyncio.sleep(scaled(GRACE) + 0.5)
+            assert first.closed_at is None and first.is_alive()
+            assert [s.accepting for s in r.node.state.sessions.values()] == [True]
+        finally:
+            first.stop.set()
+            first.join(scaled(10))
