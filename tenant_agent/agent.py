@@ -101,6 +101,9 @@ LIMIT_RETRY = 600.0
 #: The GOAWAY messages of the agent's own session moves and of a slot let go.
 MOVING = "the agent moves this session to another node"
 RENEWING = "the agent renews this session with its new token"
+#: Seconds before a renewal at the session limit dials once more for the old session's place
+#: (the CSC's node may not have seen its GOAWAY yet), before closing the old session first.
+HANDOVER_RETRY = 0.5
 LEAVING = "the agent needs fewer sessions (sessions = auto)"
 
 EXIT_FATAL = 3
@@ -645,10 +648,13 @@ class Agent:
         the next wake or move interval).
 
         When the tenant's session limit leaves no room for the new session beside the old
-        one (429 ``tenant_limit``), the old one is closed first (its streams finish, the
-        agent's other sessions carry the new ones) and the new one dialled in its place:
-        else the renewal could never happen, and the old token's expiry would cut every
-        session at once, streams in flight included."""
+        one (429 ``tenant_limit``), the old one is sent GOAWAY (it takes no new streams; its
+        streams finish) and the new one dialled again: the CSC gives it the old one's place
+        (csc/relay/handover.py). A CSC that does not (or whose node had not yet seen the
+        GOAWAY, after one more try) gets the old session closed first, its streams finished,
+        and the new one dialled then (the agent's other sessions carry the streams
+        meanwhile). Else the renewal could never happen, and the old token's expiry would
+        cut every session at once, streams in flight included."""
         slot = session.slot
         log.info("session %d: renewing it with the new agent token", slot)
         self.metrics.reconnect("token_renewed")
@@ -656,17 +662,31 @@ class Agent:
         if isinstance(new, Exception) and session_limit(new) and not self.stopping.is_set():
             log.info(
                 "session %d: the tenant's session limit leaves no room for a new session "
-                "beside this one; closing it first (%s), then renewing it",
+                "beside this one; it takes no new streams now, and the new one its place",
                 slot,
-                "the agent's other sessions carry the streams meanwhile"
-                if self._other_nodes(session)
-                else "the agent's only session: none for the moment of its reconnect",
             )
             session.link.go_away("going_away", RENEWING)
-            await self._retire(session, run)
-            if self.stopping.is_set():  # the agent is stopping: no new session now
-                return None
-            new = await self._replacement(slot, "not renewed now")
+            await session.link.flush()
+            for pause in (0.0, HANDOVER_RETRY):
+                await asyncio.sleep(pause)
+                if self.stopping.is_set():
+                    return None
+                new = await self._replacement(slot, "not renewed now")
+                if not (isinstance(new, Exception) and session_limit(new)):
+                    break
+            if not isinstance(new, CSCSession):  # it takes no new streams: close it first
+                log.info(
+                    "session %d: the new session got no place; closing the old one first "
+                    "(%s), then renewing it",
+                    slot,
+                    "the agent's other sessions carry the streams meanwhile"
+                    if self._other_nodes(session)
+                    else "the agent's only session: none for the moment of its reconnect",
+                )
+                await self._retire(session, run)
+                if self.stopping.is_set():  # the agent is stopping: no new session now
+                    return None
+                new = await self._replacement(slot, "not renewed now")
         if not isinstance(new, CSCSession):
             return None
         if new.token != self.token.current:  # that token was refused meanwhile

@@ -14,8 +14,16 @@ import aiohttp
 import jwt
 
 from csc.store import Store
-from csc.tenants import Actor, TenantUpdate
-from tests.support.inproc import ALIAS, Relay, make_token, relay, start_agent, wait_online
+from csc.tenants import Actor
+from tests.support.inproc import (
+    ALIAS,
+    Relay,
+    limit_sessions,
+    make_token,
+    relay,
+    start_agent,
+    wait_online,
+)
 from tests.support.procs import async_wait_until, scaled
 
 
@@ -170,36 +178,50 @@ async def test_at_the_session_limit_each_session_is_renewed_in_its_place(
     without a failed request, instead of waiting for the old token's expiry to cut both."""
     token_file = tmp_path / "agent-token"
     async with relay(tmp_path, start=False) as r, aiohttp.ClientSession() as http:
-        _limit_sessions(r, 2)
+        limit_sessions(r, 2)
         await _start(r, token_file)
         await _renew_under_load(r, http, token_file)
 
 
-async def test_a_single_session_at_the_session_limit_is_renewed_in_its_place(
+async def test_a_single_session_at_the_session_limit_hands_its_place_to_the_new_one(
     tmp_path: Path,
 ) -> None:
-    """max_sessions = 1, one session: it is closed (its streams finish) and the new token
-    dialled at once, rather than waiting for the old token's expiry to cut it."""
+    """max_sessions = 1, one session with a request in flight: the old session takes no new
+    streams (GOAWAY) and the new one gets its place at once (csc/relay/handover.py), so the
+    requests that follow never find the alias offline and the one in flight finishes on the
+    old session. Before the hand-over the old session was closed first, after its slow
+    request, and requests failed 503 meanwhile."""
     token_file = tmp_path / "agent-token"
     async with relay(tmp_path, start=False) as r, aiohttp.ClientSession() as http:
-        _limit_sessions(r, 1)
+        limit_sessions(r, 1)
         _write(token_file, r.token)
         await start_agent(r, token_file=token_file, sessions=1)
         await wait_online(r.csc_url)
         assert r.agent is not None
-        new = make_token(r.state_dir, "acme", [ALIAS])
-        _write(token_file, new)
-        r.agent.check_token()
-        await async_wait_until(lambda: _jtis(r) == [_jti(new)], 20, message="renewed")
+        old, new = r.token, make_token(r.state_dir, "acme", [ALIAS])
+        delay = scaled(6)
+        slow = asyncio.create_task(http.get(r.tunnel(f"/slow-head?delay={delay}")))
+        await async_wait_until(
+            lambda: any(s.load for s in r.node.state.sessions.values()), 10, message="in flight"
+        )
+        load = _Load(http, r)
+        try:
+            await async_wait_until(lambda: load.ok > 5, 10, message="requests flowing")
+            _write(token_file, new)
+            r.agent.check_token()
+            await async_wait_until(
+                lambda: _jti(new) in _jtis(r), delay / 2, message="the new session up"
+            )
+            assert not slow.done()  # the old session still runs it
+            async with await slow as resp:
+                assert resp.status == 200
+                assert await resp.json() == {"delayed": delay}
+            await async_wait_until(lambda: _jtis(r) == [_jti(new)], 10, message="old one gone")
+            _revoke(r, old)
+            before = load.ok
+            await asyncio.sleep(scaled(3))  # past a registry_refresh: the revocation applied
+            assert load.ok > before
+        finally:
+            await load.stop()
+        assert load.failed == 0, (load.ok, load.failed)
         assert r.agent.fatal is None and r.agent.token.current.reveal() == new
-        async with http.get(r.tunnel("/small")) as resp:
-            assert resp.status == 200
-
-
-def _limit_sessions(r: Relay, cap: int) -> None:
-    store = Store(r.state_dir)
-    try:
-        store.update_tenant("acme", TenantUpdate(limits={"max_sessions": cap}), Actor("t", "local"))
-    finally:
-        store.close()
-    r.node.state.registry.refresh(force=True)
