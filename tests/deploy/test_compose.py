@@ -4,6 +4,8 @@ every CSC_* variable it and the chart set is a real setting."""
 
 from __future__ import annotations
 
+import ipaddress
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,6 +66,27 @@ def test_three_nodes_share_redis_postgres_and_keys(compose: dict[str, Any]) -> N
         assert "ports" not in node  # only HAProxy publishes ports
         assert node["environment"]["CSC_METRICS_LISTEN"] == "0.0.0.0:9464"  # not on 8080
     assert all(p.startswith("127.0.0.1:") for p in services["haproxy"]["ports"])
+
+
+def test_nodes_count_devices_by_the_address_haproxy_names(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """HAProxy names each device in a PROXY v2 header (its health checks send one too); the
+    nodes take it from HAProxy's pinned address only, in the compose network's subnet, and
+    keep the bounds per client address at their defaults."""
+    cfg = HAPROXY.read_text(encoding="utf-8")
+    (default_server,) = [line for line in cfg.splitlines() if line.startswith("    default-server")]
+    assert {"send-proxy-v2", "check-send-proxy"} <= set(default_server.split())
+    services = compose["services"]
+    pinned = services["haproxy"]["networks"]["default"]["ipv4_address"]
+    (subnet,) = [c["subnet"] for c in compose["networks"]["default"]["ipam"]["config"]]
+    assert ipaddress.ip_address(pinned) in ipaddress.ip_network(subnet)
+    for n in NODES:
+        env = services[n]["environment"]
+        assert env["CSC_PROXY_PROTOCOL"] == pinned
+        assert "CSC_CLIENT_MAX_CONNECTIONS" not in env and "CSC_CLIENT_STREAM_SHARE" not in env
+        config = CSCConfig(state_dir=tmp_path, proxy_protocol=[env["CSC_PROXY_PROTOCOL"]])
+        assert config.proxy_protocol == [pinned]
 
 
 def test_compose_sets_only_known_settings(compose: dict[str, Any]) -> None:

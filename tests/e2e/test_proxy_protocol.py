@@ -87,3 +87,66 @@ def test_haproxy_send_proxy_v2_names_the_device(
     # HAProxy's health checks (with their own header) kept the CSC up throughout
     states = lb.server_states()  # the spare slots are in maintenance
     assert [states[(backend, "n0")] for backend in (HTTP_BACKEND, TCP_BACKEND)] == ["UP", "UP"]
+
+
+def _keep_alive_request(sock: socket.socket, path: str) -> dict[str, str]:
+    """One request on an open connection; the echo's view of the request's headers."""
+    sock.sendall(f"GET /t/{ALIAS}/echo/{path} HTTP/1.1\r\nHost: csc\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, body
+        body += chunk
+    return {k.lower(): v for k, v in json.loads(body)["headers"]}
+
+
+def test_devices_on_keep_alive_connections_are_never_named_for_each_other(
+    procs: ProcFactory,
+    upstream_proc: UpstreamProc,
+    haproxy: Callable[..., HaproxyProc],
+) -> None:
+    """Two devices, each on its own keep-alive connection to HAProxy (HTTP mode, as
+    deploy/haproxy.cfg runs it), take turns: HAProxy could carry one device's request on a
+    server connection another device's PROXY header opened, and the CSC would count it
+    against the wrong address. Every request reaches the portal with its own device's
+    address, and the access log names it too."""
+    csc = procs.csc(env={"CSC_PROXY_PROTOCOL": BALANCER})
+    token = issue_token(csc.state_dir, "acme", ALIAS)
+    procs.agent(csc.http_url, token, upstream_proc.http_url)
+    wait_alias_online(csc.http_url, ALIAS)
+    lb = haproxy(
+        [csc.ready["http"]], [], server_options=f"send-proxy-v2 check-send-proxy source {BALANCER}"
+    )
+    lb.wait_backend_state(csc.ready["http"], "UP")
+    devices = ["127.0.0.2", "127.0.0.3"]
+    socks = {
+        d: socket.create_connection(lb.http_address, timeout=scaled(10), source_address=(d, 0))
+        for d in devices
+    }
+    try:
+        for round_ in range(20):
+            for device, sock in socks.items():
+                seen = _keep_alive_request(sock, f"{device}-{round_}")
+                assert seen["x-forwarded-for"] == device, (round_, seen)
+    finally:
+        for sock in socks.values():
+            sock.close()
+
+    def events() -> list[dict[str, object]]:
+        lines = "".join(csc.logs(max_chars=1 << 20)).splitlines()
+        return [json.loads(line) for line in lines if '"csc.access"' in line]
+
+    wait_until(lambda: len(events()) >= 40, 10, 0.1, message="forty access events")
+    for event in events():
+        assert str(event["path"]).rpartition("/")[2].rpartition("-")[0] == event["client"]
