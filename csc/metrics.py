@@ -205,6 +205,7 @@ class CSCMetrics:
         self._closed: dict[tuple[str, ...], Counter] = {}
         self._limits: dict[tuple[str, ...], Counter] = {}
         self._sessions_opened: dict[tuple[str, ...], Counter] = {}
+        self._handovers: dict[tuple[str, ...], Counter] = {}
 
     def _session_metrics(self, reg: CollectorRegistry) -> None:
         info = Gauge(
@@ -218,6 +219,13 @@ class CSCMetrics:
             "csc_sessions_closed",
             "Agent sessions ended, by the error code that ended them.",
             ["tenant", "reason"],
+            registry=reg,
+        )
+        self.session_handovers = Counter(
+            "csc_session_handovers",
+            "Agent sessions that gave their place against the tenant's session limit to their "
+            "agent's new session (a token renewal at the limit).",
+            ["tenant"],
             registry=reg,
         )
         self.sessions_refused = Counter(
@@ -311,6 +319,9 @@ class CSCMetrics:
         reason = session_close_reason(error, close_code)
         _child(self._closed, self.sessions_closed, (tenant, reason)).inc()
 
+    def session_handover(self, tenant: str) -> None:
+        _child(self._handovers, self.session_handovers, (tenant,)).inc()
+
     def session_refused(self, code: str) -> None:
         self.sessions_refused.labels(known_code(code)).inc()
 
@@ -385,6 +396,7 @@ class CSCMetrics:
         self._links.pop(tenant, None)
         for cache, metric in (
             (self._sessions_opened, self.sessions_opened),
+            (self._handovers, self.session_handovers),
             (self._closed, self.sessions_closed),
             (self._limits, self.limit_rejections),
         ):

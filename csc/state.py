@@ -90,7 +90,7 @@ class NodeState:
             self.config, max_streams=self.config.max_streams_per_session
         )
         self.idle.set()
-        self.handovers = Handovers(self.config.drain_timeout)
+        self.handovers = Handovers(self.config.drain_timeout, self.metrics.session_handover)
         self.growth = GrowthPools(self.config.tenant_window_growth, self.config.node_window_growth)
         self.fresh_catalog = SharedRefresh(self.registry.refresh)
         self.connections = ConnectionCounts.from_config(

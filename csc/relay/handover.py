@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,8 +60,10 @@ class Handovers:
     """The sessions of this node whose agent sent GOAWAY (they may give their place), and per
     tenant the one that gave it and still runs."""
 
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, counted: Callable[[str], None] = lambda tenant: None) -> None:
         self.grace = grace
+        #: called with the tenant of each session that gave its place (a metric)
+        self._counted = counted
         self._yielding: dict[str, dict[str, Giver]] = {}
         self._given: dict[str, tuple[Giver, asyncio.TimerHandle]] = {}
 
@@ -111,6 +114,7 @@ class Handovers:
         """``session`` gave its place: close it ``grace`` seconds from now if still running."""
         tenant = session.seat.tenant
         self._not_yielding(session)
+        self._counted(tenant)
         timer = asyncio.get_running_loop().call_later(self.grace, self._deadline, session)
         self._given[tenant] = (session, timer)  # one that gave it before still ends in time
         log.info(

@@ -10,6 +10,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import aiohttp
+
 from tests.support.attacks import Yielder
 from tests.support.inproc import ALIAS, Relay, limit_sessions, relay
 from tests.support.procs import async_wait_until, scaled
@@ -67,6 +69,9 @@ async def test_a_tenant_at_its_limit_holds_one_session_more_only_for_the_grace(
             agents.append(fourth)
             assert fourth.welcomed.is_set(), fourth.error  # the second's place
             assert r.node.state.limits.sessions("acme") == 1
+            async with aiohttp.ClientSession() as http, http.get(r.metrics_url) as resp:
+                text = await resp.text()
+            assert 'csc_session_handovers_total{tenant="acme"} 2.0' in text
         finally:
             for agent in agents:
                 agent.stop.set()

@@ -406,6 +406,7 @@ def _exercised_csc() -> CSCMetrics:
     m.link_counters("acme")
     m.session_opened("acme")
     m.session_closed("acme", None, 1001)
+    m.session_handover("acme")
     m.auth_failed(AuthFailed("token expired"))
     m.stream_started("acme", "http")
     m.request_done("http", "acme", "ok", 0.1)
