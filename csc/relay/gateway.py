@@ -101,6 +101,8 @@ class AgentSession:
     traffic: Traffic = field(default_factory=Traffic)
     #: what it holds against its tenant's session limits
     seat: Seat = field(default_factory=lambda: Seat(""))
+    #: its agent sent GOAWAY (the first one counts; an agent may send more)
+    agent_going_away: bool = False
 
     @property
     def closed(self) -> bool:
@@ -501,7 +503,11 @@ def tell_cluster_size(state: NodeState, count: int) -> int:
 
 
 def _on_agent_goaway(state: NodeState, session: AgentSession, event: GoAwayReceived) -> None:
-    """The agent winds the session down: its place may go to the agent's next session."""
+    """The agent winds the session down: its place may go to the agent's next session. Only
+    its first GOAWAY is acted on (a flood of them costs one log line and one Redis call)."""
+    if session.agent_going_away:
+        return
+    session.agent_going_away = True
     log.info("agent session %s is draining: %s", session.id, event.message or event.code)
     state.handovers.yielding(session)
     slot = session.seat.slot

@@ -7,10 +7,12 @@ a cluster in tests/cluster/test_cluster_limits.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.support.attacks import Yielder
 from tests.support.inproc import ALIAS, Relay, limit_sessions, relay
@@ -19,10 +21,10 @@ from tests.support.procs import async_wait_until, scaled
 GRACE = 4.0
 
 
-async def _dial(r: Relay, *, go_away: bool = True) -> Yielder:
+async def _dial(r: Relay, *, go_away: bool = True, repeat: int = 1) -> Yielder:
     """A raw agent of the tenant: welcomed, or refused (its ``refusal``)."""
     host, _, port = r.node.http_address.rpartition(":")
-    agent = Yielder(host, int(port), r.token, ALIAS, go_away=go_away)
+    agent = Yielder(host, int(port), r.token, ALIAS, go_away=go_away, repeat=repeat)
     agent.start()
     deadline = time.monotonic() + scaled(10)
     while not agent.welcomed.is_set() and agent.is_alive() and time.monotonic() < deadline:
@@ -95,3 +97,24 @@ async def test_a_session_that_did_not_go_away_gives_no_place(tmp_path: Path) -> 
         finally:
             first.stop.set()
             first.join(scaled(10))
+
+
+async def test_a_flood_of_goaway_frames_is_acted_on_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent sending a thousand GOAWAY frames in one message: the node logs its draining
+    once and records it once (before: one log line, and with the hand-over one Redis call in a
+    cluster, per frame), and the session carries on."""
+    caplog.set_level(logging.INFO, logger="csc.relay.gateway")
+    async with relay(tmp_path, start=False) as r:
+        agent = await _dial(r, repeat=1000)
+        try:
+            assert agent.welcomed.is_set(), agent.error
+            await asyncio.sleep(scaled(1))
+            draining = [m for m in caplog.messages if "is draining" in m]
+            assert len(draining) == 1, len(draining)
+            assert r.node.state.handovers.waiting("acme") == 1
+            assert agent.closed_at is None and len(r.node.state.sessions) == 1
+        finally:
+            agent.stop.set()
+            agent.join(scaled(10))

@@ -201,14 +201,20 @@ class Yielder(RawAgent):
     the link (answering the CSC's PINGs) until the CSC closes it (``closed_at``) or ``stop``
     is set."""
 
-    def __init__(self, host: str, port: int, token: str, alias: str, *, go_away: bool = True):
+    def __init__(
+        self, host: str, port: int, token: str, alias: str, *, go_away: bool = True, repeat: int = 1
+    ):
         super().__init__(host, port, token, alias)
         self.go_away = go_away
+        self.repeat = repeat  # GOAWAY frames sent (more than one: a flood)
         self.closed_at: float | None = None
 
     def after_welcome(self, sock: socket.socket, ws: ClientProtocol, conn: Connection) -> None:
         if self.go_away:
             conn.go_away("going_away", "renewing")
+            goaway = encode_frame(FrameType.GOAWAY, 0, 0, b'{"code": "going_away"}')
+            if self.repeat > 1:
+                ws.send_binary(b"".join(conn.data_to_send()) + goaway * (self.repeat - 1))
         sock.settimeout(0.1)
         while not self.stop.is_set():
             if conn.has_output:
