@@ -201,6 +201,11 @@ class ClusterSlots:
         self.held.setdefault((tenant, kind), set()).add(member)
         return taken.decode() if isinstance(taken, bytes) else str(taken)
 
+    async def given_ended(self, tenant: str, kind: str, member: str) -> None:
+        """The session that gave ``member``'s place ended: the tenant's next hand-over
+        (:meth:`take_over`) need not wait for its record to expire. Raises RedisError."""
+        await self._redis.zrem(self.key(tenant, kind) + ":given", member)
+
     async def refresh(self) -> list[tuple[str, str, str]]:
         """Keep this node's slots alive (called at every heartbeat); returns those that are
         gone from Redis (tenant, kind, member), no longer held from then on: moved to another

@@ -348,6 +348,16 @@ class Cluster:
             self._redis_error(exc)
             return None
 
+    async def given_ended(self, tenant: str, kind: str, member: str) -> None:
+        """The session that gave slot ``member`` to a successor ended (ClusterSlots.given_ended;
+        else its record expires by itself)."""
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await self.slots.given_ended(tenant, kind, member)
+        except (RedisError, TimeoutError) as exc:
+            if isinstance(exc, RedisError):
+                self._redis_error(exc)
+
     async def release_slot(self, tenant: str, kind: str, member: str) -> None:
         try:
             async with asyncio.timeout(STOP_TIMEOUT):

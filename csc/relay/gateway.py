@@ -329,8 +329,16 @@ async def _give_back(state: NodeState, seat: Seat) -> None:
         seat.local = False
         state.limits.release_session(seat.tenant)
     slot, seat.slot = seat.slot, None
-    if slot is not None and state.cluster is not None:
-        await state.cluster.release_slot(seat.tenant, SESSIONS, slot)
+    gave, seat.gave = seat.gave, None
+    cluster = state.cluster
+    if cluster is None:
+        return
+    if slot is not None:
+        await cluster.release_slot(seat.tenant, SESSIONS, slot)
+    # its record of a hand-over, if it gave its place (perhaps before this node heard of it)
+    member = gave if gave is not None else slot
+    if member is not None:
+        await cluster.given_ended(seat.tenant, SESSIONS, member)
 
 
 async def _cluster_session_slot(

@@ -39,6 +39,9 @@ class Seat:
     #: its member in the cluster's session slots of the tenant; None: none (no cap, no cluster,
     #: or given to a successor)
     slot: str | None = None
+    #: the member it gave to a successor (the cluster's record of the hand-over, dropped when
+    #: the session ends so that the tenant's next hand-over need not wait for it to expire)
+    gave: str | None = None
 
 
 class Giver(Protocol):
@@ -105,7 +108,7 @@ class Handovers:
         session of this node that held it, now given (None: no such session here)."""
         for session in self._yielding.get(tenant, {}).values():
             if session.seat.slot == member:
-                session.seat.slot = None
+                session.seat.slot, session.seat.gave = None, member
                 self.give(session)
                 return session
         return None

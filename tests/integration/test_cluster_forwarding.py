@@ -403,7 +403,42 @@ async def test_a_session_on_a_hands_its_place_to_its_successor_on_b(
                 lambda: first.closed_at is not None, grace + 15, message="A closed it"
             )
             assert second.closed_at is None and len(b.state.sessions) == 1
-            assert not a.state.sessions
+            await async_wait_until(lambda: not a.state.sessions, 10, message="A's gone")
+        finally:
+            for agent in agents:
+                agent.stop.set()
+            for agent in agents:
+                agent.join(scaled(10))
+
+
+async def test_a_session_that_gave_its_place_and_ended_lets_the_next_hand_over_through(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """max_sessions=1: the session on A gives its place to one on B and its agent then closes
+    it (its streams done) at once: the record that holds the tenant's next hand-over back goes
+    with it, so a new session takes B's place without waiting for the record to expire
+    (``drain_timeout`` plus the lease, 31.5 s here)."""
+    async with two_nodes(tmp_path, redis_url, drain_timeout=30.0) as (a, b, token):
+        _set_limits(tmp_path, (a, b), max_sessions=1)
+        cluster = _clusters(a)[0]
+        given = cluster.slots.key("acme", SESSIONS) + ":given"
+        agents: list[Yielder] = []
+        try:
+            first = await _yielder(a, token, seen_by=cluster)
+            agents.append(first)
+            second = await _yielder(b, token, seen_by=cluster)
+            agents.append(second)
+            assert first.welcomed.is_set() and second.welcomed.is_set(), second.error
+            assert await cluster.redis.zcard(given) == 1
+            first.stop.set()  # its agent closes it
+            first.join(scaled(10))
+            deadline = asyncio.get_running_loop().time() + scaled(10)
+            while await cluster.redis.zcard(given):
+                assert asyncio.get_running_loop().time() < deadline, "the record stayed"
+                await asyncio.sleep(0.02)
+            third = await _yielder(a, token)
+            agents.append(third)
+            assert third.welcomed.is_set(), third.error  # B's place
         finally:
             for agent in agents:
                 agent.stop.set()
