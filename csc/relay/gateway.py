@@ -336,7 +336,7 @@ async def _give_back(state: NodeState, seat: Seat) -> None:
     if slot is not None:
         await cluster.release_slot(seat.tenant, SESSIONS, slot)
     # its record of a hand-over, if it gave its place (perhaps before this node heard of it)
-    member = gave if gave is not None else slot
+    member = gave if gave is not None else slot if seat.yielded else None
     if member is not None:
         await cluster.given_ended(seat.tenant, SESSIONS, member)
 

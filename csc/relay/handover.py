@@ -42,6 +42,8 @@ class Seat:
     #: the member it gave to a successor (the cluster's record of the hand-over, dropped when
     #: the session ends so that the tenant's next hand-over need not wait for it to expire)
     gave: str | None = None
+    #: its agent sent GOAWAY: it may have given its place before this node heard of it
+    yielded: bool = False
 
 
 class Giver(Protocol):
@@ -72,6 +74,7 @@ class Handovers:
 
     def yielding(self, session: Giver) -> None:
         """``session``'s agent sent GOAWAY: it may give its place to a new session."""
+        session.seat.yielded = True
         self._yielding.setdefault(session.seat.tenant, {})[session.id] = session
 
     def ended(self, session: Giver) -> None:
