@@ -101,6 +101,8 @@ LIMIT_RETRY = 600.0
 #: The GOAWAY messages of the agent's own session moves and of a slot let go.
 MOVING = "the agent moves this session to another node"
 RENEWING = "the agent renews this session with its new token"
+#: The upgrade request's header naming the session a renewal replaces (csc/relay/handover.py)
+REPLACES_HEADER = "CSC-Replaces"
 #: Seconds before a renewal at the session limit dials once more for the old session's place
 #: (the CSC's node may not have seen its GOAWAY yet), before closing the old session first.
 HANDOVER_RETRY = 0.5
@@ -625,11 +627,15 @@ class Agent:
         candidate = self.token.candidate
         return candidate is not None and candidate != refused
 
-    async def _replacement(self, slot: int, failed: str) -> CSCSession | Exception:
+    async def _replacement(
+        self, slot: int, failed: str, replaces: CSCSession | None = None
+    ) -> CSCSession | Exception:
         """Dial a session to take over from one of ``slot``'s (a move or a renewal), entered
-        in :attr:`sessions`; else why it could not be made now (logged with ``failed``)."""
+        in :attr:`sessions`; else why it could not be made now (logged with ``failed``).
+        ``replaces``: the session it renews, named to the CSC (``CSC-Replaces``), which at
+        the tenant's session limit gives the new one its place."""
         try:
-            new = await self._connect(slot)
+            new = await self._connect(slot, replaces.id if replaces is not None else None)
         except FatalError as exc:
             self.fatal = str(exc)
             self.stop()
@@ -647,18 +653,20 @@ class Agent:
         older one); the new session, or None when it could not be made now (tried again at
         the next wake or move interval).
 
-        When the tenant's session limit leaves no room for the new session beside the old
-        one (429 ``tenant_limit``), the old one is sent GOAWAY (it takes no new streams; its
-        streams finish) and the new one dialled again: the CSC gives it the old one's place
-        (csc/relay/handover.py). A CSC that does not (or whose node had not yet seen the
-        GOAWAY, after one more try) gets the old session closed first, its streams finished,
-        and the new one dialled then (the agent's other sessions carry the streams
-        meanwhile). Else the renewal could never happen, and the old token's expiry would
-        cut every session at once, streams in flight included."""
+        The dial names ``session`` (``CSC-Replaces``): at the tenant's session limit the CSC
+        gives the new session its place (csc/relay/handover.py), the old one serving until
+        the caller sends it GOAWAY. If the CSC still refuses for the limit (429
+        ``tenant_limit``: an earlier version, or another hand-over of the tenant running),
+        the old one is sent GOAWAY (it takes no new streams; its streams finish) and the new
+        one dialled again, for the place of a session that went away; failing that (after one
+        more try), the old session is closed first, its streams finished, and the new one
+        dialled then (the agent's other sessions carry the streams meanwhile). Else the
+        renewal could never happen, and the old token's expiry would cut every session at
+        once, streams in flight included."""
         slot = session.slot
         log.info("session %d: renewing it with the new agent token", slot)
         self.metrics.reconnect("token_renewed")
-        new = await self._replacement(slot, "not renewed now")
+        new = await self._replacement(slot, "not renewed now", replaces=session)
         if isinstance(new, Exception) and session_limit(new) and not self.stopping.is_set():
             log.info(
                 "session %d: the tenant's session limit leaves no room for a new session "
@@ -716,7 +724,7 @@ class Agent:
         self._dismiss(new, None)
         return None
 
-    async def _connect(self, slot: int) -> CSCSession:
+    async def _connect(self, slot: int, replaces: str | None = None) -> CSCSession:
         """Upgrade, then HELLO/WELCOME, each within ``connect_timeout``."""
         cfg = self.config
         token = self.token.dial
@@ -724,6 +732,8 @@ class Agent:
             "Authorization": f"Bearer {token.reveal()}",
             "User-Agent": f"csc-agent/{__version__}",
         }
+        if replaces is not None:
+            headers[REPLACES_HEADER] = replaces
         url = connect_url(cfg.csc)
         max_size = max_message_size(cfg.max_frame)
         try:

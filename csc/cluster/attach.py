@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from csc.relay.gateway import end_sessions, tell_cluster_size
+from csc.relay.gateway import end_sessions, slot_taken, tell_cluster_size
 from csc.relay.limits import SESSIONS
 from csc.relay.routing import open_for_peer
 from csc.state import NodeState
@@ -54,7 +54,7 @@ def _hooks(state: NodeState) -> ClusterHooks:
 
     def slot_gone(tenant: str, kind: str, member: str) -> None:
         if kind == SESSIONS:  # a hand-over on another node: this session's grace starts
-            state.handovers.slot_taken(tenant, member)
+            slot_taken(state, tenant, member)
 
     def views() -> list[dict[str, Any]]:
         return [session_view(s, state.node_id) for s in state.sessions.values()]

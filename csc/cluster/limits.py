@@ -78,14 +78,16 @@ return 1
 """
 
 #: Push the expiry of the members still held (``ARGV[2..]``) to ``ARGV[1]`` seconds from now;
-#: returns those no longer in the set (moved to another session, or lost with Redis's data).
+#: returns those no longer in the set that a hand-over moved to another session (recorded in
+#: ``KEYS[2]``; one lost with Redis's data is not named).
 _REFRESH = """
 local t = redis.call('TIME')
 local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
 local gone = {}
 for i = 2, #ARGV do
   if redis.call('ZADD', KEYS[1], 'XX', 'CH', until_, ARGV[i]) == 0
-      and not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+      and not redis.call('ZSCORE', KEYS[1], ARGV[i])
+      and redis.call('ZSCORE', KEYS[2], ARGV[i]) then
     table.insert(gone, ARGV[i])
   end
 end
@@ -102,11 +104,11 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
 return 0
 """
 
-#: The set (``KEYS[1]``) is full: move the place of a yielding member (``KEYS[2]``) that
-#: still holds one to ``ARGV[3]`` (expiring ``ARGV[2]`` seconds from now), unless a member
-#: that gave its place in the last ``ARGV[4]`` seconds (``KEYS[3]``) may still run. Returns
-#: the member that gave its place, or false. ``ARGV[1]`` is the cap (room meanwhile: taken,
-#: and "" returned).
+#: The set (``KEYS[1]``) is full: move the place of the member the dial names (``ARGV[5]``,
+#: "" for none) if it holds one, or else of a yielding member (``KEYS[2]``) that does, to
+#: ``ARGV[3]`` (expiring ``ARGV[2]`` seconds from now), unless a member that gave its place in
+#: the last ``ARGV[4]`` seconds (``KEYS[3]``) may still run. Returns the member that gave its
+#: place, or false. ``ARGV[1]`` is the cap (room meanwhile: taken, and "" returned).
 _TAKE_OVER = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -121,7 +123,11 @@ end
 if redis.call('ZCARD', KEYS[3]) > 0 then
   return false
 end
-for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+local candidates = redis.call('ZRANGE', KEYS[2], 0, -1)
+if ARGV[5] ~= '' then
+  table.insert(candidates, 1, ARGV[5])
+end
+for _, member in ipairs(candidates) do
   redis.call('ZREM', KEYS[2], member)
   if redis.call('ZREM', KEYS[1], member) == 1 then
     redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
@@ -185,17 +191,17 @@ class ClusterSlots:
         await self._yielding(keys=[self.key(tenant, kind) + ":yielding"], args=[self.ttl, member])
 
     async def take_over(
-        self, tenant: str, kind: str, member: str, cap: int, grace: float
+        self, tenant: str, kind: str, member: str, cap: int, grace: float, named: str | None
     ) -> str | None:
-        """With ``cap`` slots held: the place of a yielding member (:meth:`yielding`) for
-        ``member``; the member that gave it ("" when a slot came free meanwhile), or None (no
-        yielding member, or one that gave its place may still run: ``grace`` seconds after it
-        gave it, and ``ttl`` more for its node to find out). Raises RedisError."""
+        """With ``cap`` slots held: for ``member``, the place of ``named`` if it holds one, or
+        else of a yielding member (:meth:`yielding`); the member that gave it ("" when a slot
+        came free meanwhile), or None (none to take, or one that gave its place may still
+        run: ``grace`` seconds after it gave it, and ``ttl`` more for its node to find out).
+        Raises RedisError."""
         key = self.key(tenant, kind)
         keys = [key, key + ":yielding", key + ":given"]
-        taken = await self._take_over(
-            keys=keys, args=[cap, repr(self.ttl), member, grace + self.ttl]
-        )
+        args = [cap, repr(self.ttl), member, grace + self.ttl, named or ""]
+        taken = await self._take_over(keys=keys, args=args)
         if taken is None:
             return None
         self.held.setdefault((tenant, kind), set()).add(member)
@@ -207,14 +213,15 @@ class ClusterSlots:
         await self._redis.zrem(self.key(tenant, kind) + ":given", member)
 
     async def refresh(self) -> list[tuple[str, str, str]]:
-        """Keep this node's slots alive (called at every heartbeat); returns those that are
-        gone from Redis (tenant, kind, member), no longer held from then on: moved to another
-        session by :meth:`take_over`, or lost with Redis's data."""
+        """Keep this node's slots alive (called at every heartbeat); returns those that
+        :meth:`take_over` moved to another session (tenant, kind, member), no longer held from
+        then on."""
         gone: list[tuple[str, str, str]] = []
         for (tenant, kind), members in list(self.held.items()):
             if members:
+                key = self.key(tenant, kind)
                 lost = await self._refresh(
-                    keys=[self.key(tenant, kind)], args=[repr(self.ttl), *sorted(members)]
+                    keys=[key, key + ":given"], args=[repr(self.ttl), *sorted(members)]
                 )
                 for raw in lost:
                     member = raw.decode() if isinstance(raw, bytes) else str(raw)

@@ -93,8 +93,8 @@ class ClusterHooks:
     cluster_size: Callable[[int], int]
     stream_started: Callable[[], None]
     stream_finished: Callable[[], None]
-    #: a slot of this node (tenant, kind, member) is gone from Redis: moved to another node's
-    #: session by a hand-over (csc/relay/handover.py), or lost with Redis's data
+    #: a slot of this node (tenant, kind, member) went to another node's session by a
+    #: hand-over (csc/relay/handover.py)
     slot_gone: Callable[[str, str, str], None] = lambda tenant, kind, member: None
 
 
@@ -338,12 +338,12 @@ class Cluster:
                 self._redis_error(exc)
 
     async def take_over_slot(
-        self, tenant: str, kind: str, member: str, cap: int, grace: float
+        self, tenant: str, kind: str, member: str, cap: int, grace: float, named: str | None
     ) -> str | None:
-        """With ``cap`` slots of ``tenant`` held: a yielding member's place for ``member``
-        (see ClusterSlots.take_over); the member that gave it, or None."""
+        """With ``cap`` slots of ``tenant`` held: for ``member``, the place of ``named`` or of
+        a yielding member (see ClusterSlots.take_over); the member that gave it, or None."""
         try:
-            return await self.slots.take_over(tenant, kind, member, cap, grace)
+            return await self.slots.take_over(tenant, kind, member, cap, grace, named)
         except RedisError as exc:
             self._redis_error(exc)
             return None

@@ -80,6 +80,10 @@ HANDSHAKE_TIMEOUT = 10.0
 WIRE_LOG = logging.getLogger("csc.relay.gateway.websocket")
 WIRE_LOG.setLevel(logging.INFO)
 _session_ids = itertools.count(1)
+#: the upgrade request's header naming the session a renewal replaces (csc/relay/handover.py)
+REPLACES_HEADER = "csc-replaces"
+#: at most so long a session id is looked for (this node's: its node id, a count, 6 hex digits)
+MAX_SESSION_ID = 256
 #: cleanups of ended sessions still running (referenced until done; see _run_session)
 _cleanups: set[asyncio.Task[None]] = set()
 
@@ -276,9 +280,9 @@ async def agent_connect(state: NodeState, conn: FrontConnection, request: FrontR
     except CSCError as err:
         _refuse(conn, request, err)
         return
-    seat = Seat(claims.tenant)
+    seat = Seat(claims.tenant, f"{state.node_id}-{next(_session_ids)}-{os.urandom(3).hex()}")
     try:
-        await _take_seat(state, seat)
+        await _take_seat(state, seat, _replaces(state, request, claims.tenant))
     except TenantLimit as err:
         state.metrics.session_refused(err.code)
         state.metrics.limit_rejected(claims.tenant, err.limit)
@@ -297,11 +301,23 @@ async def agent_connect(state: NodeState, conn: FrontConnection, request: FrontR
         await _give_back(state, seat)
 
 
-async def _take_seat(state: NodeState, seat: Seat) -> None:
+def _replaces(state: NodeState, request: FrontRequest, tenant: str) -> str | None:
+    """The id of the session of ``tenant`` the dial says it replaces (``CSC-Replaces``;
+    anything else, as a session of another tenant, names none)."""
+    named = request.header(REPLACES_HEADER)
+    if named is None or not 0 < len(named) <= MAX_SESSION_ID:
+        return None
+    here = state.sessions.get(named)
+    if here is not None and here.tenant != tenant:
+        return None
+    return named  # on another node of a cluster: only a slot of this tenant is ever taken
+
+
+async def _take_seat(state: NodeState, seat: Seat, replaces: str | None = None) -> None:
     """Count a new session of ``seat.tenant`` against its limits, or raise TenantLimit.
 
-    At a limit, the place of a session whose agent sent GOAWAY (it renews it) goes to the new
-    one (csc/relay/handover.py)."""
+    At a limit, the place of the session the dial replaces (``replaces``, its id), or else of
+    one whose agent sent GOAWAY, goes to the new one (csc/relay/handover.py)."""
     tenant = seat.tenant
     owner = state.registry.tenant(tenant)
     limits = owner.limits if owner else UNLIMITED
@@ -312,11 +328,12 @@ async def _take_seat(state: NodeState, seat: Seat) -> None:
     if state.cluster is None:
         node_cap = limits if own else node_cap
     else:  # the tenant's own cap is the whole cluster's
-        seat.slot = await _cluster_session_slot(state, state.cluster, tenant, limits)
+        seat.slot = await _cluster_session_slot(state, state.cluster, seat, limits, replaces)
     try:
         state.limits.acquire_session(tenant, node_cap)
     except TenantLimit:
-        if state.handovers.take_local(tenant) is None:
+        named = state.sessions.get(replaces) if replaces is not None else None
+        if state.handovers.take_local(tenant, named) is None:
             await _give_back(state, seat)
             raise
         # the count of the session that gave its place is this one's now
@@ -342,25 +359,25 @@ async def _give_back(state: NodeState, seat: Seat) -> None:
 
 
 async def _cluster_session_slot(
-    state: NodeState, cluster: Cluster, tenant: str, limits: Limits
+    state: NodeState, cluster: Cluster, seat: Seat, limits: Limits, replaces: str | None
 ) -> str | None:
-    """A cluster-wide session slot when the tenant has a ``max_sessions`` cap (None: no cap,
-    or Redis is away and this node's share of the cap still has room); at the cap, the slot of
-    a session whose agent sent GOAWAY, if there is one to take."""
+    """A cluster-wide session slot (its member: the session's id) when the tenant has a
+    ``max_sessions`` cap (None: no cap, or Redis is away and this node's share of the cap
+    still has room); at the cap, the slot of the session the dial replaces, or else of one
+    whose agent sent GOAWAY, if there is one to take."""
+    tenant, member = seat.tenant, seat.id
     cap = limits.max_sessions
     if cap is None:
         return None
-    member = f"{state.node_id}:{next(_session_ids)}:{os.urandom(3).hex()}"
     taken = await cluster.acquire_slot(tenant, SESSIONS, member, cap)
     if taken:
         return member
     if taken is False:
         grace = state.handovers.grace
-        given = await cluster.take_over_slot(tenant, SESSIONS, member, cap, grace)
+        given = await cluster.take_over_slot(tenant, SESSIONS, member, cap, grace, replaces)
         if given is not None:
-            if given.startswith(f"{state.node_id}:"):  # here: its grace starts now
-                state.handovers.slot_taken(tenant, given)
-            return member  # elsewhere: that node finds out at its next heartbeat
+            slot_taken(state, tenant, given)  # here: its grace starts now; elsewhere: that
+            return member  # node finds out at its next heartbeat
     if taken is None and state.limits.sessions(tenant) < max(1, cap // max(1, cluster.live_nodes)):
         return None
     raise TenantLimit(
@@ -423,7 +440,7 @@ def _new_session(
     seat: Seat,
 ) -> AgentSession:
     """The session and its link (not yet bound)."""
-    session_id = f"{state.node_id}-{next(_session_ids)}-{os.urandom(3).hex()}"
+    session_id = seat.id
     traffic = ws.traffic  # counted by the WebSocket itself, both ways
     link = Link(
         conn,
@@ -508,6 +525,14 @@ def tell_cluster_size(state: NodeState, count: int) -> int:
             link.kick()
             told += 1
     return told
+
+
+def slot_taken(state: NodeState, tenant: str, member: str) -> None:
+    """The cluster moved slot ``member`` of ``tenant`` to a new session: if it is a session
+    of this node (a slot's member is its session's id), that session gave its place."""
+    session = state.sessions.get(member)
+    if session is not None and session.tenant == tenant and session.seat.slot == member:
+        state.handovers.slot_taken(session)
 
 
 def _on_agent_goaway(state: NodeState, session: AgentSession, event: GoAwayReceived) -> None:

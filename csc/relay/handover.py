@@ -3,17 +3,22 @@
 An agent renews its token by dialling a session with the new token beside the old one, then
 closing the old one once its streams finished. A tenant whose sessions fill its
 ``max_sessions`` (or, without a cap of its own, the node's ``default_max_sessions``) has no
-room for the new one: the dial is refused 429 ``tenant_limit``. The agent then sends GOAWAY on
-the old session (it takes no new streams from then on) and dials again. This module lets that
-second dial take the old session's place: its count on this node (:class:`Seat` ``local``)
-or, in a cluster, its slot (``slot``, moved in Redis by csc/cluster/limits.py). The old
-session keeps running so that its streams finish, but only for ``grace`` seconds (the node's
-``drain_timeout``) from the hand-over; then the node closes it.
+room for the new one. So the renewal's dial names the session it replaces (the
+``CSC-Replaces`` header: its session id), and the new session takes that one's place, while
+the old one keeps serving until the agent, once the new one is up, sends it GOAWAY: there is
+no moment without a session. A dial that names none (an agent of an earlier version, or a
+retry after a refusal) takes the place of a session whose agent sent GOAWAY.
+
+The place is the session's count on this node (:class:`Seat` ``local``) or, in a cluster, its
+slot (``slot``, moved in Redis by csc/cluster/limits.py; the node holding the old session
+finds out at its next heartbeat). The old session keeps running so that its streams finish,
+but only for ``grace`` seconds (the node's ``drain_timeout``); then the node closes it.
 
 The bounds, against a tenant that would use this to hold more than its limit: only a session
-whose agent sent GOAWAY can give its place; a tenant has at most one session at a time that
-gave its place and still runs (a second hand-over waits until it ended), so it holds at most
-its limit plus one session, the extra one for at most ``grace`` seconds.
+of the same tenant that the dial names, or whose agent sent GOAWAY, can give its place; a
+tenant has at most one session at a time that gave its place and still runs (a second
+hand-over waits until it ended), so it holds at most its limit plus one session, the extra
+one for at most ``grace`` seconds (and a heartbeat, in a cluster).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class Seat:
     """What one agent session holds against its tenant's session limits."""
 
     tenant: str
+    #: the session's id, given at admission (in a cluster also its slot's member)
+    id: str = ""
     #: counted in the node's sessions of the tenant (csc/relay/limits.py)
     local: bool = False
     #: its member in the cluster's session slots of the tenant; None: none (no cap, no cluster,
@@ -94,27 +101,26 @@ class Handovers:
         """Whether a session of ``tenant`` may give its place now (none that gave it runs)."""
         return tenant not in self._given
 
-    def take_local(self, tenant: str) -> Giver | None:
-        """A yielding session of ``tenant`` counted on this node whose count a new session
-        takes over (given: it ends within ``grace``), or None."""
+    def take_local(self, tenant: str, named: Giver | None = None) -> Giver | None:
+        """A session of ``tenant`` counted on this node whose count a new session takes over
+        (given: it ends within ``grace``): ``named`` (the session the new one says it
+        replaces, a session of ``tenant``) or else one that yields; None if there is none."""
         if not self.can_give(tenant):
             return None
-        for session in self._yielding.get(tenant, {}).values():
+        candidates = list(self._yielding.get(tenant, {}).values())
+        if named is not None and named.seat.tenant == tenant:
+            candidates.insert(0, named)
+        for session in candidates:
             if session.seat.local and not session.closed:
                 session.seat.local = False
                 self.give(session)
                 return session
         return None
 
-    def slot_taken(self, tenant: str, member: str) -> Giver | None:
-        """The cluster moved slot ``member`` of ``tenant`` to a new session: the yielding
-        session of this node that held it, now given (None: no such session here)."""
-        for session in self._yielding.get(tenant, {}).values():
-            if session.seat.slot == member:
-                session.seat.slot, session.seat.gave = None, member
-                self.give(session)
-                return session
-        return None
+    def slot_taken(self, session: Giver) -> None:
+        """The cluster moved ``session``'s slot to a new session: it is given."""
+        session.seat.slot, session.seat.gave = None, session.seat.slot
+        self.give(session)
 
     def give(self, session: Giver) -> None:
         """``session`` gave its place: close it ``grace`` seconds from now if still running."""

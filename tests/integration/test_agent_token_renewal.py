@@ -191,12 +191,11 @@ async def test_at_the_session_limit_each_session_is_renewed_in_its_place(
 async def test_a_single_session_at_the_session_limit_hands_its_place_to_the_new_one(
     tmp_path: Path,
 ) -> None:
-    """max_sessions = 1, one session with a request in flight: the old session takes no new
-    streams (GOAWAY) and the new one gets its place at once (csc/relay/handover.py), and the
-    one in flight finishes on the old session. Before the hand-over the old session was
-    closed first, after its slow request, and requests failed 503 for all that time; now
-    only for the moment of the new session's dial (a request that comes in it finds no
-    session: at most a few, within a fraction of the slow request's time)."""
+    """max_sessions = 1, one session with a request in flight: the renewal's dial names the
+    old session and gets its place at once (csc/relay/handover.py); the old one serves until
+    the new one is up, then drains, and the request in flight finishes on it. Before the
+    hand-over the old session was closed first, after its slow request, and requests failed
+    503 for all that time; now none does."""
     token_file = tmp_path / "agent-token"
     async with relay(tmp_path, start=False) as r, aiohttp.ClientSession() as http:
         limit_sessions(r, 1)
@@ -229,7 +228,5 @@ async def test_a_single_session_at_the_session_limit_hands_its_place_to_the_new_
             assert load.ok > before
         finally:
             await load.stop()
-        if load.failed_at:  # the dial's moment only
-            assert max(load.failed_at) - min(load.failed_at) < delay / 3, load.failed_at
-        assert load.ok > 10 * load.failed, (load.ok, load.failed)
+        assert load.failed == 0, (load.ok, load.failed, load.failed_at)
         assert r.agent.fatal is None and r.agent.token.current.reveal() == new

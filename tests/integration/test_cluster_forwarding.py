@@ -360,11 +360,18 @@ async def test_tenant_session_cap_holds_across_nodes(
             await async_wait_until(lambda: len(b.state.sessions) == 1, 10)
 
 
-async def _yielder(node: Node, token: str, *, seen_by: Cluster | None = None) -> Yielder:
+async def _yielder(
+    node: Node,
+    token: str,
+    *,
+    seen_by: Cluster | None = None,
+    go_away: bool = True,
+    replaces: str | None = None,
+) -> Yielder:
     """A raw agent on ``node`` that sends GOAWAY once welcomed (refused: its ``refusal``);
     with ``seen_by``, returned once that cluster recorded the GOAWAY in Redis."""
     host, _, port = node.http_address.rpartition(":")
-    agent = Yielder(host, int(port), token, ALIAS)
+    agent = Yielder(host, int(port), token, ALIAS, go_away=go_away, replaces=replaces)
     agent.start()
     await async_wait_until(
         lambda: agent.welcomed.is_set() or not agent.is_alive(), 10, message="dialled"
@@ -404,6 +411,36 @@ async def test_a_session_on_a_hands_its_place_to_its_successor_on_b(
             )
             assert second.closed_at is None and len(b.state.sessions) == 1
             await async_wait_until(lambda: not a.state.sessions, 10, message="A's gone")
+        finally:
+            for agent in agents:
+                agent.stop.set()
+            for agent in agents:
+                agent.join(scaled(10))
+
+
+async def test_a_dial_on_b_takes_the_place_of_the_session_on_a_it_names(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """max_sessions=1 across the cluster and a session on A that serves on: a dial on B
+    naming it (``CSC-Replaces``, what the agent's renewal sends) takes its slot at once; A
+    finds out at its next heartbeat and closes its session at the grace."""
+    grace = 3.0
+    async with two_nodes(tmp_path, redis_url, drain_timeout=grace) as (a, b, token):
+        _set_limits(tmp_path, (a, b), max_sessions=1)
+        agents: list[Yielder] = []
+        try:
+            first = await _yielder(a, token, go_away=False)
+            agents.append(first)
+            assert first.welcomed.is_set(), first.error
+            (named,) = a.state.sessions
+            second = await _yielder(b, token, go_away=False, replaces=named)
+            agents.append(second)
+            assert second.welcomed.is_set(), second.error
+            assert first.closed_at is None  # both serve for now
+            await async_wait_until(
+                lambda: first.closed_at is not None, grace + 15, message="A closed it"
+            )
+            assert second.closed_at is None and len(b.state.sessions) == 1
         finally:
             for agent in agents:
                 agent.stop.set()

@@ -15,16 +15,32 @@ import aiohttp
 import pytest
 
 from tests.support.attacks import Yielder
-from tests.support.inproc import ALIAS, Relay, limit_sessions, relay
+from tests.support.inproc import ALIAS, Relay, limit_sessions, make_token, relay
 from tests.support.procs import async_wait_until, scaled
 
 GRACE = 4.0
 
 
-async def _dial(r: Relay, *, go_away: bool = True, repeat: int = 1) -> Yielder:
+async def _dial(
+    r: Relay,
+    *,
+    go_away: bool = True,
+    repeat: int = 1,
+    replaces: str | None = None,
+    token: str | None = None,
+    alias: str = ALIAS,
+) -> Yielder:
     """A raw agent of the tenant: welcomed, or refused (its ``refusal``)."""
     host, _, port = r.node.http_address.rpartition(":")
-    agent = Yielder(host, int(port), r.token, ALIAS, go_away=go_away, repeat=repeat)
+    agent = Yielder(
+        host,
+        int(port),
+        token or r.token,
+        alias,
+        go_away=go_away,
+        repeat=repeat,
+        replaces=replaces,
+    )
     agent.start()
     deadline = time.monotonic() + scaled(10)
     while not agent.welcomed.is_set() and agent.is_alive() and time.monotonic() < deadline:
@@ -118,3 +134,40 @@ async def test_a_flood_of_goaway_frames_is_acted_on_once(
         finally:
             agent.stop.set()
             agent.join(scaled(10))
+
+
+async def test_a_dial_takes_the_place_of_the_session_it_names(tmp_path: Path) -> None:
+    """max_sessions = 1 and a session that serves on: a dial naming it (``CSC-Replaces``,
+    what the agent's renewal sends) takes its place at once, without its GOAWAY, and both
+    serve until the node closes the old one at the grace; a dial naming another tenant's
+    session takes nothing (429)."""
+    async with relay(tmp_path, start=False, csc={"drain_timeout": GRACE}) as r:
+        limit_sessions(r, 1)
+        other = make_token(r.state_dir, "globex", ["globex@example.com"])
+        agents: list[Yielder] = []
+        try:
+            theirs = await _dial(r, go_away=False, token=other, alias="globex@example.com")
+            agents.append(theirs)
+            first = await _dial(r, go_away=False)
+            agents.append(first)
+            assert first.welcomed.is_set() and theirs.welcomed.is_set(), first.error
+            ids = {s.tenant: s.id for s in r.node.state.sessions.values()}
+            stranger = await _dial(r, go_away=False, replaces=ids["globex"])
+            agents.append(stranger)
+            assert stranger.refused_status() == 429, stranger.error
+            second = await _dial(r, go_away=False, replaces=ids["acme"])
+            agents.append(second)
+            assert second.welcomed.is_set(), second.error
+            given_at = time.monotonic()
+            acme = [s for s in r.node.state.sessions.values() if s.tenant == "acme"]
+            assert len(acme) == 2 and all(s.accepting for s in acme)  # no moment without one
+            await async_wait_until(
+                lambda: first.closed_at is not None, GRACE + 10, message="closed"
+            )
+            assert first.closed_at is not None and first.closed_at - given_at >= GRACE * 0.9
+            assert second.closed_at is None and theirs.closed_at is None
+        finally:
+            for agent in agents:
+                agent.stop.set()
+            for agent in agents:
+                agent.join(scaled(10))

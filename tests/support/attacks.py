@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
@@ -91,10 +92,20 @@ class RawAgent(threading.Thread):
 
     ``rounds`` > 1 connects again each time the CSC drops the link (until ``stop``)."""
 
-    def __init__(self, host: str, port: int, token: str, alias: str, *, rounds: int = 1) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        alias: str,
+        *,
+        rounds: int = 1,
+        replaces: str | None = None,
+    ) -> None:
         super().__init__(name=type(self).__name__, daemon=True)
         self.host, self.port, self.token, self.alias = host, port, token, alias
         self.rounds = rounds
+        self.replaces = replaces  # the session its upgrade names as the one it replaces
         self.welcomed = threading.Event()
         self.stop = threading.Event()
         self.links = 0  # handshakes completed
@@ -121,6 +132,8 @@ class RawAgent(threading.Thread):
             ws = ClientProtocol(parse_uri(f"ws://{self.host}:{self.port}/v1/agent/connect"))
             request = ws.connect()
             request.headers["Authorization"] = f"Bearer {self.token}"
+            if self.replaces is not None:
+                request.headers["CSC-Replaces"] = self.replaces
             ws.send_request(request)
             sock.sendall(b"".join(ws.data_to_send()))
             conn = Connection(
@@ -161,16 +174,9 @@ class Flooder(RawAgent):
     """PINGs until the CSC drops the link (``dropped_at``) or ``stop`` is set; never reads."""
 
     def __init__(
-        self,
-        host: str,
-        port: int,
-        token: str,
-        alias: str,
-        *,
-        rounds: int = 1,
-        pings_per_message: int = PINGS_PER_MESSAGE,
+        self, *args: Any, pings_per_message: int = PINGS_PER_MESSAGE, **options: Any
     ) -> None:
-        super().__init__(host, port, token, alias, rounds=rounds)
+        super().__init__(*args, **options)
         self.pings_per_message = pings_per_message
         self.sent = 0  # flood messages sent whole
 
@@ -201,10 +207,8 @@ class Yielder(RawAgent):
     the link (answering the CSC's PINGs) until the CSC closes it (``closed_at``) or ``stop``
     is set."""
 
-    def __init__(
-        self, host: str, port: int, token: str, alias: str, *, go_away: bool = True, repeat: int = 1
-    ):
-        super().__init__(host, port, token, alias)
+    def __init__(self, *args: Any, go_away: bool = True, repeat: int = 1, **options: Any):
+        super().__init__(*args, **options)
         self.go_away = go_away
         self.repeat = repeat  # GOAWAY frames sent (more than one: a flood)
         self.closed_at: float | None = None
@@ -243,18 +247,8 @@ class LyingAgent(RawAgent):
     """Answers each GET with ``Content-Length: declared`` and ``sent`` body bytes; a request
     with a body is never answered (its bytes are taken, so only the CSC's deadlines end it)."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        token: str,
-        alias: str,
-        *,
-        declared: int,
-        sent: int,
-        rounds: int = 1,
-    ) -> None:
-        super().__init__(host, port, token, alias, rounds=rounds)
+    def __init__(self, *args: Any, declared: int, sent: int, **options: Any) -> None:
+        super().__init__(*args, **options)
         self.declared, self.sent = declared, sent
         self.answered = 0
 

@@ -72,11 +72,23 @@ async def test_a_session_that_ended_is_no_candidate_and_its_deadline_is_dropped(
 
 async def test_a_slot_moved_by_the_cluster_starts_the_grace_of_the_session_holding_it() -> None:
     handovers = Handovers(0.05)
-    holder, bystander = _session("a", slot="A:1:aa"), _session("b", slot="A:2:bb")
-    handovers.yielding(holder)
-    assert handovers.slot_taken("acme", "A:9:zz") is None  # not a slot of a yielding session
-    assert handovers.slot_taken("acme", "A:2:bb") is None  # serving on: not given
-    assert handovers.slot_taken("acme", "A:1:aa") is holder
-    assert holder.seat.slot is None and bystander.seat.slot == "A:2:bb"
+    holder, bystander = _session("a", slot="A-1-aa"), _session("b", slot="A-2-bb")
+    handovers.slot_taken(holder)
+    assert holder.seat.slot is None and holder.seat.gave == "A-1-aa"
+    assert bystander.seat.slot == "A-2-bb" and not handovers.can_give("acme")
     await asyncio.sleep(0.15)
     assert holder.closed and not bystander.closed
+
+
+async def test_the_session_a_dial_names_gives_its_place_before_one_that_yields() -> None:
+    handovers = Handovers(60)
+    yielding, named, foreign = _session("a"), _session("b"), _session("c", "globex")
+    handovers.yielding(yielding)
+    assert handovers.take_local("acme", foreign) is yielding  # another tenant's: not taken
+    handovers.ended(yielding)
+    handovers.yielding(yielding := _session("d"))
+    assert handovers.take_local("acme", named) is named  # named first, without GOAWAY
+    assert not named.seat.local and yielding.seat.local and foreign.seat.local
+    assert handovers.take_local("acme", yielding) is None  # one at a time
+    handovers.ended(named)
+    handovers.ended(yielding)
