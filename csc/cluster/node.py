@@ -329,13 +329,9 @@ class Cluster:
             return None
 
     async def yielding_slot(self, tenant: str, kind: str, member: str) -> None:
-        """Let ``member``'s place go to a new session of the tenant (csc/relay/handover.py)."""
-        try:
-            async with asyncio.timeout(STOP_TIMEOUT):
-                await self.slots.yielding(tenant, kind, member)
-        except (RedisError, TimeoutError) as exc:  # no hand-over then: the agent waits
-            if isinstance(exc, RedisError):
-                self._redis_error(exc)
+        """Let ``member``'s place go to a new session of the tenant (csc/relay/handover.py;
+        if Redis cannot be told, no hand-over: the agent closes the old session first)."""
+        await self._best_effort(self.slots.yielding(tenant, kind, member))
 
     async def take_over_slot(
         self, tenant: str, kind: str, member: str, cap: int, grace: float, named: str | None
@@ -351,18 +347,18 @@ class Cluster:
     async def given_ended(self, tenant: str, kind: str, member: str) -> None:
         """The session that gave slot ``member`` to a successor ended (ClusterSlots.given_ended;
         else its record expires by itself)."""
-        try:
-            async with asyncio.timeout(STOP_TIMEOUT):
-                await self.slots.given_ended(tenant, kind, member)
-        except (RedisError, TimeoutError) as exc:
-            if isinstance(exc, RedisError):
-                self._redis_error(exc)
+        await self._best_effort(self.slots.given_ended(tenant, kind, member))
 
     async def release_slot(self, tenant: str, kind: str, member: str) -> None:
+        """Give a slot back (else it expires with the next missed refresh)."""
+        await self._best_effort(self.slots.release(tenant, kind, member))
+
+    async def _best_effort(self, write: Awaitable[None]) -> None:
+        """A write to Redis that may fail (counted): within STOP_TIMEOUT, or not at all."""
         try:
             async with asyncio.timeout(STOP_TIMEOUT):
-                await self.slots.release(tenant, kind, member)
-        except (RedisError, TimeoutError) as exc:  # it expires with the next missed refresh
+                await write
+        except (RedisError, TimeoutError) as exc:
             if isinstance(exc, RedisError):
                 self._redis_error(exc)
 

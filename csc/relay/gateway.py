@@ -103,10 +103,8 @@ class AgentSession:
     #: wall-clock time the session came up
     since: float = 0.0
     traffic: Traffic = field(default_factory=Traffic)
-    #: what it holds against its tenant's session limits
+    #: what it holds against its tenant's session limits (``yielded``: its agent sent GOAWAY)
     seat: Seat = field(default_factory=lambda: Seat(""))
-    #: its agent sent GOAWAY (the first one counts; an agent may send more)
-    agent_going_away: bool = False
 
     @property
     def closed(self) -> bool:
@@ -282,7 +280,7 @@ async def agent_connect(state: NodeState, conn: FrontConnection, request: FrontR
         return
     seat = Seat(claims.tenant, f"{state.node_id}-{next(_session_ids)}-{os.urandom(3).hex()}")
     try:
-        await _take_seat(state, seat, _replaces(state, request, claims.tenant))
+        await _take_seat(state, seat, _replaces(request))
     except TenantLimit as err:
         state.metrics.session_refused(err.code)
         state.metrics.limit_rejected(claims.tenant, err.limit)
@@ -301,16 +299,12 @@ async def agent_connect(state: NodeState, conn: FrontConnection, request: FrontR
         await _give_back(state, seat)
 
 
-def _replaces(state: NodeState, request: FrontRequest, tenant: str) -> str | None:
-    """The id of the session of ``tenant`` the dial says it replaces (``CSC-Replaces``;
-    anything else, as a session of another tenant, names none)."""
+def _replaces(request: FrontRequest) -> str | None:
+    """The id of the session the dial says it replaces (``CSC-Replaces``). Only a session of
+    the dial's own tenant ever gives its place: Handovers.take_local checks it, and in a
+    cluster the slots looked in are the tenant's own."""
     named = request.header(REPLACES_HEADER)
-    if named is None or not 0 < len(named) <= MAX_SESSION_ID:
-        return None
-    here = state.sessions.get(named)
-    if here is not None and here.tenant != tenant:
-        return None
-    return named  # on another node of a cluster: only a slot of this tenant is ever taken
+    return named if named is not None and 0 < len(named) <= MAX_SESSION_ID else None
 
 
 async def _take_seat(state: NodeState, seat: Seat, replaces: str | None = None) -> None:
@@ -538,9 +532,8 @@ def slot_taken(state: NodeState, tenant: str, member: str) -> None:
 def _on_agent_goaway(state: NodeState, session: AgentSession, event: GoAwayReceived) -> None:
     """The agent winds the session down: its place may go to the agent's next session. Only
     its first GOAWAY is acted on (a flood of them costs one log line and one Redis call)."""
-    if session.agent_going_away:
+    if session.seat.yielded:  # an agent may send more than one
         return
-    session.agent_going_away = True
     log.info("agent session %s is draining: %s", session.id, event.message or event.code)
     state.handovers.yielding(session)
     slot = session.seat.slot

@@ -32,7 +32,7 @@ from shared import resolve_sig
 from shared.config import Secret
 from shared.errors import AuthFailed
 from tenant_agent.agent import Agent
-from tests.support.attacks import Yielder
+from tests.support.attacks import Yielder, raw_agents
 from tests.support.inproc import ALIAS, agent_config, make_token
 from tests.support.procs import async_wait_until, scaled
 from tests.support.redis import RedisTopology
@@ -395,8 +395,7 @@ async def test_a_session_on_a_hands_its_place_to_its_successor_on_b(
     grace = 3.0
     async with two_nodes(tmp_path, redis_url, drain_timeout=grace) as (a, b, token):
         _set_limits(tmp_path, (a, b), max_sessions=1)
-        agents: list[Yielder] = []
-        try:
+        with raw_agents() as agents:
             first = await _yielder(a, token, seen_by=_clusters(a)[0])
             agents.append(first)
             assert first.welcomed.is_set(), first.error
@@ -411,11 +410,6 @@ async def test_a_session_on_a_hands_its_place_to_its_successor_on_b(
             )
             assert second.closed_at is None and len(b.state.sessions) == 1
             await async_wait_until(lambda: not a.state.sessions, 10, message="A's gone")
-        finally:
-            for agent in agents:
-                agent.stop.set()
-            for agent in agents:
-                agent.join(scaled(10))
 
 
 async def test_a_dial_on_b_takes_the_place_of_the_session_on_a_it_names(
@@ -427,8 +421,7 @@ async def test_a_dial_on_b_takes_the_place_of_the_session_on_a_it_names(
     grace = 3.0
     async with two_nodes(tmp_path, redis_url, drain_timeout=grace) as (a, b, token):
         _set_limits(tmp_path, (a, b), max_sessions=1)
-        agents: list[Yielder] = []
-        try:
+        with raw_agents() as agents:
             first = await _yielder(a, token, go_away=False)
             agents.append(first)
             assert first.welcomed.is_set(), first.error
@@ -441,11 +434,6 @@ async def test_a_dial_on_b_takes_the_place_of_the_session_on_a_it_names(
                 lambda: first.closed_at is not None, grace + 15, message="A closed it"
             )
             assert second.closed_at is None and len(b.state.sessions) == 1
-        finally:
-            for agent in agents:
-                agent.stop.set()
-            for agent in agents:
-                agent.join(scaled(10))
 
 
 async def test_a_session_that_gave_its_place_and_ended_lets_the_next_hand_over_through(
@@ -459,8 +447,7 @@ async def test_a_session_that_gave_its_place_and_ended_lets_the_next_hand_over_t
         _set_limits(tmp_path, (a, b), max_sessions=1)
         cluster = _clusters(a)[0]
         given = cluster.slots.key("acme", SESSIONS) + ":given"
-        agents: list[Yielder] = []
-        try:
+        with raw_agents() as agents:
             first = await _yielder(a, token, seen_by=cluster)
             agents.append(first)
             second = await _yielder(b, token, seen_by=cluster)
@@ -476,11 +463,6 @@ async def test_a_session_that_gave_its_place_and_ended_lets_the_next_hand_over_t
             third = await _yielder(a, token)
             agents.append(third)
             assert third.welcomed.is_set(), third.error  # B's place
-        finally:
-            for agent in agents:
-                agent.stop.set()
-            for agent in agents:
-                agent.join(scaled(10))
 
 
 @pytest.mark.parametrize("event_lost", [False, True])

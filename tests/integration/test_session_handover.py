@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support.attacks import Yielder
+from tests.support.attacks import Yielder, raw_agents
 from tests.support.inproc import ALIAS, Relay, limit_sessions, make_token, relay
 from tests.support.procs import async_wait_until, scaled
 
@@ -65,8 +65,7 @@ async def test_a_tenant_at_its_limit_holds_one_session_more_only_for_the_grace(
     second's place."""
     async with relay(tmp_path, start=False, csc={"drain_timeout": GRACE}) as r:
         limit_sessions(r, 1)
-        agents: list[Yielder] = []
-        try:
+        with raw_agents() as agents:
             first = await _dial(r)
             agents.append(first)
             assert first.welcomed.is_set(), first.error
@@ -90,11 +89,6 @@ async def test_a_tenant_at_its_limit_holds_one_session_more_only_for_the_grace(
             async with aiohttp.ClientSession() as http, http.get(r.metrics_url) as resp:
                 text = await resp.text()
             assert 'csc_session_handovers_total{tenant="acme"} 2.0' in text
-        finally:
-            for agent in agents:
-                agent.stop.set()
-            for agent in agents:
-                agent.join(scaled(10))
 
 
 async def test_a_session_that_did_not_go_away_gives_no_place(tmp_path: Path) -> None:
@@ -144,8 +138,7 @@ async def test_a_dial_takes_the_place_of_the_session_it_names(tmp_path: Path) ->
     async with relay(tmp_path, start=False, csc={"drain_timeout": GRACE}) as r:
         limit_sessions(r, 1)
         other = make_token(r.state_dir, "globex", ["globex@example.com"])
-        agents: list[Yielder] = []
-        try:
+        with raw_agents() as agents:
             theirs = await _dial(r, go_away=False, token=other, alias="globex@example.com")
             agents.append(theirs)
             first = await _dial(r, go_away=False)
@@ -166,8 +159,3 @@ async def test_a_dial_takes_the_place_of_the_session_it_names(tmp_path: Path) ->
             )
             assert first.closed_at is not None and first.closed_at - given_at >= GRACE * 0.9
             assert second.closed_at is None and theirs.closed_at is None
-        finally:
-            for agent in agents:
-                agent.stop.set()
-            for agent in agents:
-                agent.join(scaled(10))

@@ -25,7 +25,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from websockets.client import ClientProtocol
@@ -168,6 +168,19 @@ class RawAgent(threading.Thread):
         self.join(scaled(10))
         refusal = self.refusal
         return refusal.response.status_code if isinstance(refusal, InvalidStatus) else None
+
+
+@contextlib.contextmanager
+def raw_agents() -> Iterator[list[RawAgent]]:
+    """A list for the raw agents a test starts; each is stopped and waited for at the end."""
+    agents: list[RawAgent] = []
+    try:
+        yield agents
+    finally:
+        for agent in agents:
+            agent.stop.set()
+        for agent in agents:
+            agent.join(scaled(10))
 
 
 class Flooder(RawAgent):
